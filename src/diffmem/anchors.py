@@ -1,0 +1,93 @@
+"""A file cache of base-weight anchors, keyed by the base's content hash, so the next LoRA on a base reuses them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffmem.cache import default_cache_dir
+from diffmem.errors import DiffmemError
+from diffmem.formats.safetensors_io import SafetensorsFile, load_file, save_file
+from diffmem.spectral import Anchors, principal_subspace
+
+CACHE_VERSION = "1"
+
+
+def target_id(target) -> str:
+    """A stable, readable id of the base rows a target covers, e.g. ``double_blocks.0.img_attn.qkv.weight[0:3072]``."""
+    return "+".join(f"{key}[{first}:{end}]" for key, first, end in target.parts)
+
+
+class AnchorStore:
+    """Anchors of one base checkpoint: from memory, else from the cache file, else computed and saved by `flush`.
+
+    One file per (base content hash, anchor rule): ``anchors-<sha256[:16]>-<rule>.safetensors`` under
+    ``cache_dir/anchors``. A corrupt cache file is ignored and rewritten, never trusted.
+    """
+
+    def __init__(self, base, cache_dir: str | Path | None = None, use_cache: bool = True) -> None:
+        self.base = base
+        self.use_cache = use_cache
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.memory: dict[tuple[str, str], Anchors] = {}
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.files: dict[str, SafetensorsFile | None] = {}
+        self.computed = 0
+        self.loaded = 0
+
+    def rule_name(self, energy: float, k: int | None) -> str:
+        return f"k{k}" if k is not None else f"e{energy:g}"
+
+    def path_for(self, rule: str) -> Path:
+        return self.cache_dir / "anchors" / f"anchors-v{CACHE_VERSION}-{self.base.content_hash()[:16]}-{rule}.safetensors"
+
+    def cached_file(self, rule: str) -> SafetensorsFile | None:
+        if rule not in self.files:
+            path = self.path_for(rule)
+            try:
+                self.files[rule] = SafetensorsFile(path) if path.exists() else None
+            except DiffmemError:
+                self.files[rule] = None
+        return self.files[rule]
+
+    def get(self, target, energy: float = 0.5, k: int | None = None) -> Anchors:
+        """Anchors of the base weight behind ``target``."""
+        rule = self.rule_name(energy, k)
+        key = target_id(target)
+        if (rule, key) in self.memory:
+            return self.memory[(rule, key)]
+        cached = self.cached_file(rule) if self.use_cache else None
+        if cached is not None and f"{key}.u" in cached:
+            anchors = Anchors(u=cached[f"{key}.u"], v=cached[f"{key}.v"], spectrum=cached[f"{key}.spectrum"])
+            self.loaded += 1
+        else:
+            anchors = principal_subspace(self.base.weight(target), energy=energy, k=k)
+            self.pending.setdefault(rule, {}).update(
+                {f"{key}.u": anchors.u, f"{key}.v": anchors.v, f"{key}.spectrum": anchors.spectrum}
+            )
+            self.computed += 1
+        self.memory[(rule, key)] = anchors
+        return anchors
+
+    def flush(self) -> None:
+        """Merge newly computed anchors into their cache files (atomic rewrite; concurrent writers lose nothing
+        worse than a recomputation)."""
+        if not self.use_cache:
+            return
+        for rule, tensors in self.pending.items():
+            if not tensors:
+                continue
+            path = self.path_for(rule)
+            merged: dict[str, torch.Tensor] = {}
+            if path.exists():
+                try:
+                    merged, _ = load_file(path)
+                except DiffmemError:
+                    merged = {}
+            merged.update(tensors)
+            metadata = {"diffmem.base_sha256": self.base.content_hash(), "diffmem.anchor_rule": rule,
+                        "diffmem.cache_version": CACHE_VERSION}
+            save_file(merged, path, metadata)
+            self.files.pop(rule, None)
+        self.pending.clear()

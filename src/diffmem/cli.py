@@ -1,0 +1,177 @@
+"""The ``diffmem`` command line: argument parsing only; every command calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffmem import __version__
+from diffmem.errors import DiffmemError
+
+# Subpackages that add their own sub-commands through `register(subparsers)`.
+COMMAND_MODULES = ("diffmem.world.commands", "diffmem.metrics.commands")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def add_filter_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `filter` and `inspect` (defaults: each method's own, see docs/filter.md)."""
+    from diffmem.filters import FILTERS
+
+    group = parser.add_argument_group("filter method")
+    group.add_argument("--method", choices=sorted(FILTERS), default="baf",
+                       help="channel filter: baf (default) or a baseline")
+    group.add_argument("--side", choices=["both", "left", "right"],
+                       help="BAF: score output (left), input (right) or both sides of each channel (default both)")
+    group.add_argument("--combine", choices=["mean", "min", "product"],
+                       help="BAF with --side both: how the two side scores are merged (default mean)")
+    group.add_argument("--energy", type=float,
+                       help="BAF: anchors are the base's top singular directions holding this share of its energy "
+                            "(default 0.5)")
+    group.add_argument("--anchor-rank", type=int, help="BAF: a fixed number of anchor directions instead of --energy")
+    group.add_argument("--seed", type=int, help="random: seed of the draw (default 0)")
+    group = parser.add_argument_group("selection rule")
+    group.add_argument("--rule", choices=["threshold", "fraction", "energy", "soft", "uniform", "all"],
+                       help="keep channels scoring >= --threshold, the top --keep-fraction of channels or of energy, "
+                            "scale softly, scale uniformly, or keep all (default: the method's own)")
+    group.add_argument("--threshold", type=float,
+                       help="score needed to keep a channel; for BAF relative to a random direction (default 1.0)")
+    group.add_argument("--keep-fraction", type=float, help="share of channels or energy to keep (default 0.5)")
+    group.add_argument("--scope", choices=["layer", "global"],
+                       help="rank channels within each module (layer, default) or across the whole LoRA")
+    group = parser.add_argument_group("anchor cache")
+    group.add_argument("--cache-dir", type=Path, help="where anchors are cached (default $DIFFMEM_CACHE or ~/.cache/diffmem)")
+    group.add_argument("--no-cache", action="store_true", help="neither read nor write the anchor cache")
+
+
+def build_config(args: argparse.Namespace):
+    """The filter config the options describe; an option the method does not take is a usage error."""
+    from diffmem.filters import FILTERS
+
+    config = FILTERS[args.method]()
+    fields = {f.name for f in dataclasses.fields(config)}
+    for option in ("side", "combine", "energy", "anchor_rank", "seed"):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if option not in fields:
+            raise DiffmemError(f"--{option.replace('_', '-')} does not apply to --method {args.method}")
+        setattr(config, option, value)
+    selection = {
+        name: getattr(args, name) for name in ("rule", "threshold", "keep_fraction", "scope") if getattr(args, name) is not None
+    }
+    try:
+        config.selection = dataclasses.replace(config.selection, **selection)
+    except ValueError as exc:
+        raise DiffmemError(str(exc)) from None
+    return config
+
+
+def module_table(report, limit: int | None = None) -> str:
+    """A plain-text table of per-module results."""
+    rows = [("module", "kind", "rank", "kept", "energy kept", "mean score")]
+    for m in report.modules[:limit]:
+        mean = sum(m.scores) / len(m.scores) if m.scores else float("nan")
+        rows.append((m.module, m.kind, str(m.rank), f"{m.kept}/{m.channels}", f"{m.energy_kept:.1%}", f"{mean:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    if limit is not None and len(report.modules) > limit:
+        lines.append(f"... {len(report.modules) - limit} more modules (use --json for all)")
+    return "\n".join(lines)
+
+
+def run_filter(args: argparse.Namespace) -> int:
+    from diffmem.pipeline import filter_file
+
+    report = filter_file(
+        args.lora, args.base, args.output, build_config(args), reduce_rank=args.reduce_rank,
+        cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet and not args.json,
+    )
+    if args.json:
+        print(json.dumps({"output": str(args.output), **report.to_dict()}, indent=2))
+    elif not args.quiet:
+        print(report.summary())
+        print(f"wrote {args.output}" + (" (smaller rank)" if args.reduce_rank else " (same rank; dropped channels are zero)"))
+    return EXIT_OK
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from diffmem.pipeline import inspect_lora
+
+    report = inspect_lora(
+        args.lora, args.base, build_config(args), cache_dir=args.cache_dir, use_cache=not args.no_cache,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(module_table(report, limit=args.limit))
+        print(report.summary())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffmem",
+        description="Find, attack and remove training-data memorization in fine-tuned diffusion models.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffmem {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    filter_parser = commands.add_parser(
+        "filter", help="filter a LoRA against its base checkpoint (Base-Anchored Filtering by default)",
+        description="Suppress the spectral channels of a LoRA that are weakly aligned with its base model's "
+                    "principal subspace, and write a LoRA that every front-end loads like the original.",
+    )
+    filter_parser.add_argument("lora", type=Path, help="LoRA file (.safetensors) or PEFT adapter folder")
+    filter_parser.add_argument("--base", type=Path, required=True,
+                               help="base checkpoint: single .safetensors/.ckpt file or diffusers folder")
+    filter_parser.add_argument("-o", "--output", type=Path, required=True, help="where to write the filtered LoRA")
+    filter_parser.add_argument("--reduce-rank", action="store_true",
+                               help="write only the kept channels (smaller file; alpha rescaled so the scale is unchanged)")
+    filter_parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    filter_parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    add_filter_options(filter_parser)
+    filter_parser.set_defaults(handler=run_filter)
+
+    inspect_parser = commands.add_parser(
+        "inspect", help="score a LoRA's channels against its base and report what a filter would keep",
+        description="Per-module report of channel alignment with the base model, without writing a file.",
+    )
+    inspect_parser.add_argument("lora", type=Path, help="LoRA file (.safetensors) or PEFT adapter folder")
+    inspect_parser.add_argument("--base", type=Path, required=True, help="base checkpoint file or diffusers folder")
+    inspect_parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    inspect_parser.add_argument("--limit", type=int, default=40, help="modules shown in the table (default 40)")
+    add_filter_options(inspect_parser)
+    inspect_parser.set_defaults(handler=run_inspect)
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # the module exists but something it imports is missing: a real error
+                raise
+            continue
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.handler(args)
+    except DiffmemError as exc:
+        print(f"diffmem: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("diffmem: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,217 @@
+"""Validated reading and atomic, deterministic writing of safetensors files.
+
+Every file diffmem opens goes through here, so every bad file gets the same clear error: what the file
+is, and what is wrong with it. The header is checked against the file's size before any tensor is
+touched, so a truncated download or a header that lies about offsets never reaches the maths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+
+from diffmem.errors import BadWeightsError, DiffmemError, FileFormatError
+
+# Bytes per element of each safetensors dtype name.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def sniff_pickle(path: Path, head: bytes) -> str | None:
+    """Say what kind of pickle container `head` starts, or None when it is not one."""
+    if head[:2] == b"PK":
+        return "a zip archive (a PyTorch .pt/.ckpt pickle)"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
+        return "a Python pickle"
+    return None
+
+
+def read_header(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """Return (tensor entries, metadata) of a safetensors file after checking the header against the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DiffmemError("no such file", path)
+    if path.is_dir():
+        raise FileFormatError("is a folder, not a .safetensors file", path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        kind = sniff_pickle(path, head)
+        if kind is not None:
+            raise FileFormatError(
+                f"is {kind}, not safetensors; pickles can run code when loaded, so diffmem reads them only "
+                "through torch.load(weights_only=True) for .ckpt/.pt/.pth bases, and never for LoRAs",
+                path,
+            )
+        if len(head) < 8:
+            raise FileFormatError(f"is {size} bytes long: too short to be a safetensors file (truncated?)", path)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise FileFormatError(
+                f"not a safetensors file, or truncated: the header claims {header_len} bytes but the file has {size}",
+                path,
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"not a safetensors file: its header is not JSON ({exc})", path) from None
+    if not isinstance(header, dict):
+        raise FileFormatError("not a safetensors file: its header is not a JSON object", path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FileFormatError("safetensors metadata must map strings to strings", path)
+    data_len = size - 8 - header_len
+    for name, entry in header.items():
+        check_entry(path, name, entry, data_len)
+    return header, metadata
+
+
+def check_entry(path: Path, name: str, entry: object, data_len: int) -> None:
+    """Raise when one header entry's dtype, shape and offsets do not describe bytes inside the file."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise FileFormatError(f"header entry {name!r} is malformed", path)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        raise FileFormatError(f"tensor {name!r} has unknown dtype {dtype!r}", path)
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise FileFormatError(f"tensor {name!r} has an invalid shape {shape!r}", path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise FileFormatError(f"tensor {name!r} has invalid data offsets {offsets!r}", path)
+    begin, end = offsets
+    expected = DTYPE_SIZES[dtype]
+    for dim in shape:
+        expected *= dim
+    if not 0 <= begin <= end or end - begin != expected:
+        raise FileFormatError(
+            f"header lies about tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, "
+            f"offsets {offsets} give {end - begin}",
+            path,
+        )
+    if end > data_len:
+        raise FileFormatError(
+            f"truncated: tensor {name!r} ends at byte {end} of the data but the file holds only {data_len}", path
+        )
+
+
+def check_finite(tensor: torch.Tensor, name: str, path: str | Path | None) -> torch.Tensor:
+    """Return `tensor`, or raise when it holds NaN or Inf (a broken training run or a corrupted file)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise BadWeightsError(f"tensor {name!r} holds {bad} NaN or Inf values", path)
+    return tensor
+
+
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A memory-mapped, validated safetensors file: tensors are read on access, one at a time."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.header, self.metadata = read_header(self.path)
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as exc:  # the library's own message is precise but names no file
+            raise FileFormatError(f"cannot be opened as safetensors: {exc}", self.path) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of `key` from the header, without reading the tensor."""
+        return tuple(self.header[key]["shape"])
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.header:
+            raise KeyError(key)
+        return check_finite(self._handle.get_tensor(key), key, self.path)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.header)
+
+    def __len__(self) -> int:
+        return len(self.header)
+
+
+def load_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the metadata of a (small) safetensors file, checking each tensor is finite."""
+    handle = SafetensorsFile(path)
+    return {key: handle[key] for key in handle}, dict(handle.metadata)
+
+
+def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Bytes of a safetensors file; the same tensors and metadata always give the same bytes."""
+    contiguous = {key: tensors[key].detach().contiguous() for key in sorted(tensors)}
+    return safetensors.torch.save(contiguous, metadata=dict(sorted((metadata or {}).items())) or None)
+
+
+def refuse_overwriting(path: str | Path, protect: tuple[str | Path, ...]) -> None:
+    """Raise when ``path`` is one of the input files in ``protect`` (the same path, or the same file by a link)."""
+    path = Path(path)
+    for other in protect:
+        other = Path(other)
+        same = other.resolve() == path.resolve() or (other.exists() and path.exists() and os.path.samefile(other, path))
+        if same:
+            raise DiffmemError(f"refusing to overwrite the input file {other}; choose another output path", path)
+
+
+def write_atomic(data: bytes, path: str | Path, protect: tuple[str | Path, ...] = ()) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename.
+
+    `protect` lists input files: writing over one of them is refused, so a typo never destroys a user's LoRA.
+    """
+    path = Path(path)
+    refuse_overwriting(path, protect)
+    if path.is_dir():
+        raise DiffmemError("output path is a folder; give a file name", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_file(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+    protect: tuple[str | Path, ...] = (),
+) -> Path:
+    """Atomically write tensors and metadata as safetensors (see `write_atomic`)."""
+    return write_atomic(serialize(tensors, metadata), path, protect=protect)
+
+
+def addnet_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """kohya's `sshs_model_hash` and `sshs_legacy_hash`: sha256 of the tensor bytes of the file written with
+    only the `ss_*` metadata, and the first 8 hex digits of sha256 over bytes 1 MiB..1 MiB+64 KiB of it."""
+    training_metadata = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = serialize(tensors, training_metadata)
+    (header_len,) = struct.unpack("<Q", data[:8])
+    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
+    legacy = hashlib.sha256(io.BytesIO(data).getbuffer()[0x100000 : 0x110000]).hexdigest()[:8]
+    return model_hash, legacy
+
+
+def sha256_file(path: str | Path, block: int = 1 << 24) -> str:
+    """sha256 of a whole file, read in blocks so a multi-GB checkpoint is never held in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,194 @@
+"""Spectral channels of low-rank updates and their alignment with a base weight: pure functions on tensors.
+
+Notation (../docs/filter.md): base weight ``W0`` (out x in, convs flattened to out x in*kh*kw), update
+``dW = s * B @ A`` with ``B`` out x r, ``A`` r x in, ``s`` the LoRA scale. A *spectral channel* is one rank-1 term
+``sigma_i u_i v_i^T`` of the SVD of ``dW``; an *anchor* is the top-k left/right singular subspace of ``W0``.
+Base-Anchored Filtering (BAF, arXiv 2605.10439) keeps the channels aligned with the anchors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Above this many rows or columns, anchors use a randomized SVD when the anchor rank is a small share of the matrix.
+RANDOMIZED_MIN_DIM = 1024
+RANDOMIZED_MAX_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Channels:
+    """The SVD ``dW = U diag(sigma) V^T`` of an update, channels sorted by decreasing ``sigma``."""
+
+    u: torch.Tensor  # [out, c], orthonormal columns
+    sigma: torch.Tensor  # [c], includes the LoRA scale
+    v: torch.Tensor  # [in, c], orthonormal columns
+
+    @property
+    def count(self) -> int:
+        return int(self.sigma.numel())
+
+    def dense(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``U diag(w * sigma) V^T``: the update carried by the channels, each scaled by ``weights`` (default 1)."""
+        sigma = self.sigma if weights is None else self.sigma * weights.to(self.sigma)
+        return (self.u * sigma) @ self.v.T
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """Top-k singular subspaces of a base weight and its whole spectrum."""
+
+    u: torch.Tensor  # [out, k]
+    v: torch.Tensor  # [in, k]
+    spectrum: torch.Tensor  # [min(out, in)], all singular values of W0, decreasing
+
+    @property
+    def k(self) -> int:
+        return int(self.u.shape[1])
+
+
+def lowrank_channels(up: torch.Tensor, down: torch.Tensor, scale: float) -> Channels:
+    """Channels of ``scale * up @ down`` without forming it: QR of both factors, SVD of the r x r core.
+
+    Cost O((out + in) r^2) instead of O(out * in * min(out, in)) for a dense SVD (elias-gaeros/resize_lora's QR trick).
+    """
+    b = up.reshape(up.shape[0], -1).to(torch.float64)
+    a = down.reshape(down.shape[0], -1).to(torch.float64)
+    if b.shape[1] != a.shape[0]:
+        raise ValueError(f"rank mismatch: up is {tuple(up.shape)}, down is {tuple(down.shape)}")
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    core_u, core_s, core_vh = torch.linalg.svd(r_b @ r_a.T)
+    return Channels(
+        u=(q_b @ core_u).to(torch.float32),
+        sigma=(abs(scale) * core_s).to(torch.float32),
+        v=(q_a @ core_vh.T * math.copysign(1.0, scale)).to(torch.float32),
+    )
+
+
+def dense_channels(delta: torch.Tensor, max_channels: int | None = None, rtol: float = 1e-6) -> Channels:
+    """Channels of a dense update (LoHa, LoKr, Tucker), dropping those below ``rtol * sigma_max``."""
+    matrix = delta.reshape(delta.shape[0], -1).to(torch.float64)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    if max_channels is not None:
+        keep = min(keep, max_channels)
+    return Channels(u=u[:, :keep].float(), sigma=s[:keep].float(), v=vh[:keep].T.float())
+
+
+def energy_rank(spectrum: torch.Tensor, energy: float) -> int:
+    """Smallest k whose top-k singular values hold ``energy`` of ``||W||_F^2`` (at least 1)."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    power = spectrum.to(torch.float64).square()
+    total = float(power.sum())
+    if total == 0.0:
+        return 1
+    cumulative = torch.cumsum(power, 0) / total
+    return max(1, min(int((cumulative < energy - 1e-12).sum()) + 1, int(spectrum.numel())))
+
+
+def principal_subspace(weight: torch.Tensor, energy: float = 0.5, k: int | None = None) -> Anchors:
+    """Top-k left and right singular subspaces of ``weight`` (flattened), k fixed or chosen by ``energy``.
+
+    Uses a randomized SVD (Halko et al. 2011, ``torch.svd_lowrank``) when k is a small share of a large matrix.
+    """
+    matrix = weight.reshape(weight.shape[0], -1).to(torch.float32)
+    small = min(matrix.shape)
+    spectrum = torch.linalg.svdvals(matrix)
+    rank = k if k is not None else energy_rank(spectrum, energy)
+    rank = max(1, min(rank, small))
+    if small >= RANDOMIZED_MIN_DIM and rank <= RANDOMIZED_MAX_SHARE * small:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # anchors must not depend on the caller's random state
+        u, _, v = torch.svd_lowrank(matrix, q=min(small, rank + 16), niter=4)
+        torch.random.set_rng_state(generator_state)
+        return Anchors(u=u[:, :rank].contiguous(), v=v[:, :rank].contiguous(), spectrum=spectrum)
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return Anchors(u=u[:, :rank].contiguous(), v=vh[:rank].T.contiguous(), spectrum=spectrum)
+
+
+def left_alignment(channels: Channels, anchors: Anchors) -> torch.Tensor:
+    """``||U0_k^T u_i||^2`` per channel: the share of each output direction inside the base's top-k subspace."""
+    return (anchors.u.T @ channels.u).square().sum(0)
+
+
+def right_alignment(channels: Channels, anchors: Anchors) -> torch.Tensor:
+    """``||V0_k^T v_i||^2`` per channel: the share of each input direction inside the base's top-k subspace."""
+    return (anchors.v.T @ channels.v).square().sum(0)
+
+
+def chance_alignment(k: int, dim: int) -> float:
+    """Expected alignment of a uniformly random unit vector in R^dim with a fixed k-dimensional subspace: k / dim."""
+    return min(1.0, k / dim)
+
+
+def relative_alignment(channels: Channels, anchors: Anchors, side: str = "both", combine: str = "mean") -> torch.Tensor:
+    """Alignment per channel divided by its chance level (1 = a random direction; > 1 = anchored in the base).
+
+    ``side`` is "left", "right" or "both"; "both" combines the two relative scores by ``combine``:
+    "mean" (arithmetic), "min", or "product" (geometric mean).
+    """
+    left = left_alignment(channels, anchors) / chance_alignment(anchors.k, anchors.u.shape[0])
+    right = right_alignment(channels, anchors) / chance_alignment(anchors.k, anchors.v.shape[0])
+    if side == "left":
+        return left
+    if side == "right":
+        return right
+    if side != "both":
+        raise ValueError(f"side must be 'left', 'right' or 'both', got {side!r}")
+    if combine == "mean":
+        return (left + right) / 2
+    if combine == "min":
+        return torch.minimum(left, right)
+    if combine == "product":
+        return (left * right).sqrt()
+    raise ValueError(f"combine must be 'mean', 'min' or 'product', got {combine!r}")
+
+
+def base_gain(channels: Channels, weight: torch.Tensor) -> torch.Tensor:
+    """``|u_i^T W0 v_i|`` per channel: how strongly the base already maps along the channel (elias-gaeros/resize_lora)."""
+    matrix = weight.reshape(weight.shape[0], -1).to(torch.float32)
+    return ((channels.u.T @ matrix) * channels.v.T).sum(1).abs()
+
+
+def max_cosine_to_base(channels: Channels, weight: torch.Tensor) -> torch.Tensor:
+    """``max_j |<u_i, u0_j>|`` over all left singular vectors of W0; low values mark intruder dimensions
+    (Shuttleworth et al., arXiv 2410.21228)."""
+    matrix = weight.reshape(weight.shape[0], -1).to(torch.float32)
+    u0, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+    return (u0.T @ channels.u).abs().amax(0)
+
+
+def rebuild_factors(
+    channels: Channels, weights: torch.Tensor, scale: float, rank: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(B, A)`` with ``scale * B @ A == sum_i w_i sigma_i u_i v_i^T``, zero-padded to ``rank`` columns.
+
+    With ``rank=None`` only channels with a non-zero weight are written (a smaller rank). The square root of each
+    channel's gain is split evenly between the factors, as kohya's resize_lora does.
+    """
+    if scale == 0:
+        raise ValueError("a LoRA scale of 0 cannot carry an update")
+    gains = channels.sigma * weights.to(channels.sigma)
+    kept = torch.nonzero(gains > 0).flatten()
+    if rank is None:
+        rank = max(1, int(kept.numel()))
+    if kept.numel() > rank:
+        raise ValueError(f"{kept.numel()} channels kept but the rank is {rank}")
+    root = (gains[kept] / abs(scale)).sqrt()
+    sign = math.copysign(1.0, scale)
+    up = torch.zeros(channels.u.shape[0], rank, dtype=torch.float32)
+    down = torch.zeros(rank, channels.v.shape[0], dtype=torch.float32)
+    up[:, : kept.numel()] = channels.u[:, kept] * root
+    down[: kept.numel()] = (channels.v[:, kept] * root * sign).T
+    return up, down
+
+
+def channel_energy(channels: Channels) -> torch.Tensor:
+    """Each channel's share of ``||dW||_F^2`` (``sigma_i^2 / sum sigma^2``)."""
+    power = channels.sigma.square()
+    total = power.sum()
+    return power / total if total > 0 else power

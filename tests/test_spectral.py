@@ -1,0 +1,179 @@
+"""The spectral maths of the filter, checked against dense linear algebra and hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from diffmem.spectral import (
+    Channels,
+    base_gain,
+    chance_alignment,
+    channel_energy,
+    dense_channels,
+    energy_rank,
+    left_alignment,
+    lowrank_channels,
+    max_cosine_to_base,
+    principal_subspace,
+    rebuild_factors,
+    relative_alignment,
+    right_alignment,
+)
+
+
+def factors(out=24, inner=40, rank=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, rank, generator=g), torch.randn(rank, inner, generator=g)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, -2.0])
+def test_lowrank_channels_match_dense_svd(scale):
+    up, down = factors()
+    dense = scale * up @ down
+    channels = lowrank_channels(up, down, scale)
+    expected = torch.linalg.svdvals(dense)[: channels.count]
+    torch.testing.assert_close(channels.sigma, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(channels.dense(), dense, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(channels.u.T @ channels.u, torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(channels.v.T @ channels.v, torch.eye(6), atol=1e-5, rtol=0)
+    assert torch.all(channels.sigma[:-1] >= channels.sigma[1:])
+
+
+def test_lowrank_channels_of_conv_factors_flatten_the_kernel():
+    g = torch.Generator().manual_seed(1)
+    down = torch.randn(4, 3, 3, 3, generator=g)  # [r, in, kh, kw]
+    up = torch.randn(8, 4, 1, 1, generator=g)  # [out, r, 1, 1]
+    dense = (up.flatten(1) @ down.flatten(1)) * 0.25
+    torch.testing.assert_close(lowrank_channels(up, down, 0.25).dense(), dense, rtol=1e-4, atol=1e-5)
+
+
+def test_lowrank_channels_rejects_mismatched_ranks():
+    with pytest.raises(ValueError, match="rank mismatch"):
+        lowrank_channels(torch.randn(5, 3), torch.randn(4, 7), 1.0)
+
+
+def test_dense_channels_drop_null_directions():
+    up, down = factors(rank=3)
+    channels = dense_channels(up @ down)
+    assert channels.count == 3
+    torch.testing.assert_close(channels.dense(), up @ down, rtol=1e-4, atol=1e-4)
+    assert dense_channels(up @ down, max_channels=2).count == 2
+    assert dense_channels(torch.zeros(4, 5)).count == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.125, -1.0])
+def test_rebuild_with_all_channels_reproduces_the_update(scale):
+    up, down = factors()
+    channels = lowrank_channels(up, down, scale)
+    new_up, new_down = rebuild_factors(channels, torch.ones(channels.count), scale, rank=6)
+    torch.testing.assert_close(scale * new_up @ new_down, scale * up @ down, rtol=1e-4, atol=1e-4)
+
+
+def test_rebuild_keeps_exactly_the_sum_of_kept_channels_and_pads_the_rank():
+    up, down = factors()
+    channels = lowrank_channels(up, down, 0.5)
+    weights = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.0])
+    new_up, new_down = rebuild_factors(channels, weights, 0.5, rank=6)
+    assert new_up.shape == (24, 6) and new_down.shape == (6, 40)
+    kept = sum(w * s * torch.outer(channels.u[:, i], channels.v[:, i])
+               for i, (w, s) in enumerate(zip(weights, channels.sigma)))
+    torch.testing.assert_close(0.5 * new_up @ new_down, kept, rtol=1e-4, atol=1e-5)
+    assert torch.count_nonzero(new_up.abs().sum(0)) == 3  # three kept channels, three zero columns
+    smaller_up, smaller_down = rebuild_factors(channels, weights, 0.5, rank=None)
+    assert smaller_up.shape == (24, 3)
+    torch.testing.assert_close(0.5 * smaller_up @ smaller_down, kept, rtol=1e-4, atol=1e-5)
+
+
+def test_rebuild_refuses_a_rank_smaller_than_the_kept_channels():
+    channels = lowrank_channels(*factors(), 1.0)
+    with pytest.raises(ValueError, match="channels kept"):
+        rebuild_factors(channels, torch.ones(6), 1.0, rank=4)
+
+
+def test_energy_rank_by_hand():
+    spectrum = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0])  # energies 9, 4, 1, 1, 1 of 16
+    assert energy_rank(spectrum, 0.5) == 1  # 9/16 = 0.5625
+    assert energy_rank(spectrum, 0.6) == 2  # 13/16 = 0.8125
+    assert energy_rank(spectrum, 0.9) == 4  # 15/16
+    assert energy_rank(spectrum, 1.0) == 5
+    with pytest.raises(ValueError):
+        energy_rank(spectrum, 0.0)
+
+
+def known_weight(out=30, inner=20, seed=0):
+    """A weight with singular values 10, 9, ..., and its singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out, inner, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(inner, inner, generator=g))
+    s = torch.linspace(10, 0.5, inner)
+    return (u * s) @ v.T, u, s, v
+
+
+def test_principal_subspace_spans_the_top_singular_vectors():
+    weight, u, s, v = known_weight()
+    anchors = principal_subspace(weight, k=4)
+    assert anchors.k == 4
+    projector = anchors.u @ anchors.u.T
+    torch.testing.assert_close(projector @ u[:, :4], u[:, :4], atol=1e-4, rtol=0)
+    torch.testing.assert_close(anchors.spectrum, s, rtol=1e-4, atol=1e-4)
+    by_energy = principal_subspace(weight, energy=0.5)
+    assert by_energy.k == energy_rank(s, 0.5)
+
+
+def test_randomized_anchors_agree_with_exact_ones_on_a_large_matrix():
+    g = torch.Generator().manual_seed(3)
+    left, _ = torch.linalg.qr(torch.randn(1100, 60, generator=g))
+    right, _ = torch.linalg.qr(torch.randn(1030, 60, generator=g))
+    s = torch.cat([torch.linspace(50, 20, 10), torch.linspace(1, 0.1, 50)])
+    weight = (left * s) @ right.T
+    anchors = principal_subspace(weight, k=10)  # randomized path: min dim >= 1024, k small
+    projector = anchors.u @ anchors.u.T
+    assert torch.linalg.matrix_norm(projector @ left[:, :10] - left[:, :10]) < 1e-3
+
+
+def test_alignment_inside_outside_and_at_chance():
+    weight, u, _, v = known_weight()
+    anchors = principal_subspace(weight, k=5)
+    inside = Channels(u=u[:, :2], sigma=torch.ones(2), v=v[:, :2])
+    outside = Channels(u=u[:, 10:12], sigma=torch.ones(2), v=v[:, 10:12])
+    torch.testing.assert_close(left_alignment(inside, anchors), torch.ones(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(right_alignment(outside, anchors), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(relative_alignment(inside, anchors, "left"), torch.full((2,), 30 / 5), atol=1e-3, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    rand_u = torch.nn.functional.normalize(torch.randn(30, 4000, generator=g), dim=0)
+    rand_v = torch.nn.functional.normalize(torch.randn(20, 4000, generator=g), dim=0)
+    random = Channels(u=rand_u, sigma=torch.ones(4000), v=rand_v)
+    assert abs(float(relative_alignment(random, anchors, "both").mean()) - 1.0) < 0.05
+    assert chance_alignment(5, 30) == pytest.approx(5 / 30)
+
+
+def test_combining_two_sided_scores():
+    weight, u, _, v = known_weight()
+    anchors = principal_subspace(weight, k=5)
+    half = Channels(u=u[:, :1], sigma=torch.ones(1), v=v[:, 10:11])  # aligned left, orthogonal right
+    left = float(relative_alignment(half, anchors, "left"))
+    assert float(relative_alignment(half, anchors, "both", "mean")) == pytest.approx(left / 2, rel=1e-4)
+    assert float(relative_alignment(half, anchors, "both", "min")) == pytest.approx(0.0, abs=1e-4)
+    assert float(relative_alignment(half, anchors, "both", "product")) == pytest.approx(0.0, abs=1e-2)
+    with pytest.raises(ValueError):
+        relative_alignment(half, anchors, "both", "median")
+
+
+def test_base_gain_and_intruder_scores():
+    weight, u, s, v = known_weight()
+    aligned = Channels(u=u[:, :1], sigma=torch.ones(1), v=v[:, :1])
+    crossed = Channels(u=u[:, :1], sigma=torch.ones(1), v=v[:, 1:2])
+    assert float(base_gain(aligned, weight)) == pytest.approx(float(s[0]), rel=1e-4)
+    assert float(base_gain(crossed, weight)) == pytest.approx(0.0, abs=1e-4)
+    assert float(max_cosine_to_base(aligned, weight)) == pytest.approx(1.0, abs=1e-4)
+    diagonal = torch.nn.functional.normalize(u[:, :4].sum(1, keepdim=True), dim=0)  # cos 1/2 with each of 4
+    spread = Channels(u=diagonal, sigma=torch.ones(1), v=v[:, :1])
+    assert float(max_cosine_to_base(spread, weight)) == pytest.approx(0.5, abs=1e-4)
+
+
+def test_channel_energy_sums_to_one():
+    channels = lowrank_channels(*factors(), 1.0)
+    energy = channel_energy(channels)
+    assert float(energy.sum()) == pytest.approx(1.0)
+    assert math.isclose(float(energy[0]), float(channels.sigma[0] ** 2 / channels.sigma.square().sum()), rel_tol=1e-6)
