@@ -149,9 +149,21 @@ def load_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Bytes of a safetensors file; the same tensors and metadata always give the same bytes."""
+    """Bytes of a safetensors file; the same tensors and metadata always give the same bytes.
+
+    The safetensors library lays out the data deterministically but writes header keys in hash-map order, so the
+    header is rewritten here with sorted keys (same offsets, so the data bytes and kohya's data hash are unchanged).
+    """
     contiguous = {key: tensors[key].detach().contiguous() for key in sorted(tensors)}
-    return safetensors.torch.save(contiguous, metadata=dict(sorted((metadata or {}).items())) or None)
+    raw = safetensors.torch.save(contiguous)
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    entries = json.loads(raw[8 : 8 + header_len])
+    entries.pop("__metadata__", None)
+    header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    header.update((key, entries[key]) for key in sorted(entries))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header to an 8-byte boundary
+    return struct.pack("<Q", len(text)) + text + raw[8 + header_len :]
 
 
 def refuse_overwriting(path: str | Path, protect: tuple[str | Path, ...]) -> None:

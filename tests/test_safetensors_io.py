@@ -1,0 +1,133 @@
+"""Every file diffmem reads is validated: bad files get a clear error naming the file and the problem."""
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+
+from diffmem.errors import BadWeightsError, DiffmemError, FileFormatError
+from diffmem.formats.safetensors_io import (
+    SafetensorsFile,
+    addnet_hashes,
+    load_file,
+    read_header,
+    save_file,
+    serialize,
+)
+
+
+@pytest.fixture
+def good_file(tmp_path):
+    path = tmp_path / "good.safetensors"
+    save_file({"b": torch.ones(2, 3), "a": torch.arange(4.0)}, path, {"ss_network_dim": "4", "other": "x"})
+    return path
+
+
+def test_round_trip_and_lazy_access(good_file):
+    tensors, metadata = load_file(good_file)
+    assert set(tensors) == {"a", "b"} and metadata == {"ss_network_dim": "4", "other": "x"}
+    lazy = SafetensorsFile(good_file)
+    assert lazy.shape("b") == (2, 3) and len(lazy) == 2
+    torch.testing.assert_close(lazy["a"], torch.arange(4.0))
+
+
+def test_same_tensors_give_identical_bytes():
+    tensors = {"x": torch.randn(3, 3, generator=torch.Generator().manual_seed(0)), "y": torch.zeros(2)}
+    reordered = {"y": tensors["y"], "x": tensors["x"]}
+    assert serialize(tensors, {"k": "v", "a": "b"}) == serialize(reordered, {"a": "b", "k": "v"})
+
+
+def test_truncated_file_is_named(good_file, tmp_path):
+    data = good_file.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-5])
+    with pytest.raises(FileFormatError, match="truncated") as info:
+        read_header(cut)
+    assert "cut.safetensors" in str(info.value)
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"\x01\x02")
+    with pytest.raises(FileFormatError, match="too short"):
+        read_header(tiny)
+
+
+def test_not_a_safetensors_file(tmp_path):
+    text = tmp_path / "notes.safetensors"
+    text.write_bytes(b"hello world, this is not a model file at all")
+    with pytest.raises(FileFormatError, match="not a safetensors file"):
+        read_header(text)
+
+
+def test_header_that_lies_about_sizes(good_file, tmp_path):
+    data = good_file.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["b"]["shape"] = [3, 3]  # 9 floats claimed, 6 stored
+    raw = json.dumps(header).encode()
+    liar = tmp_path / "liar.safetensors"
+    liar.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+    with pytest.raises(FileFormatError, match="header lies about tensor 'b'"):
+        read_header(liar)
+
+
+def test_nan_and_inf_weights_are_refused(tmp_path):
+    path = tmp_path / "nan.safetensors"
+    save_file({"w": torch.tensor([1.0, float("nan"), float("inf")])}, path)
+    with pytest.raises(BadWeightsError, match="2 NaN or Inf"):
+        load_file(path)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this would run code",))
+
+
+def test_pickles_are_refused_without_unpickling(tmp_path):
+    raw = tmp_path / "evil.safetensors"
+    raw.write_bytes(pickle.dumps(Exploit(), protocol=4))
+    with pytest.raises(FileFormatError, match="pickle"):
+        read_header(raw)
+    zipped = tmp_path / "model.ckpt"
+    torch.save({"w": torch.zeros(1)}, zipped)
+    with pytest.raises(FileFormatError, match="zip archive"):
+        read_header(zipped)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(DiffmemError, match="no such file"):
+        read_header(tmp_path / "absent.safetensors")
+    with pytest.raises(FileFormatError, match="folder"):
+        read_header(tmp_path)
+
+
+def test_atomic_write_refuses_the_input_and_leaves_no_temp_files(good_file, tmp_path, monkeypatch):
+    before = good_file.read_bytes()
+    with pytest.raises(DiffmemError, match="refusing to overwrite"):
+        save_file({"a": torch.zeros(1)}, good_file, protect=(good_file,))
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(good_file)
+    with pytest.raises(DiffmemError, match="refusing to overwrite"):
+        save_file({"a": torch.zeros(1)}, link, protect=(good_file,))
+    assert good_file.read_bytes() == before
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("diffmem.formats.safetensors_io.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_file({"a": torch.zeros(1)}, tmp_path / "broken.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.safetensors", "link.safetensors"]
+
+
+def test_addnet_hashes_follow_kohya_definition(tmp_path):
+    import hashlib
+
+    tensors = {"w": torch.arange(300_000, dtype=torch.float32)}  # > 1 MiB so the legacy window has data
+    metadata = {"ss_network_dim": "8", "modelspec.title": "ignored by the hash"}
+    model_hash, legacy = addnet_hashes(tensors, metadata)
+    only_ss = serialize(tensors, {"ss_network_dim": "8"})
+    (length,) = struct.unpack("<Q", only_ss[:8])
+    assert model_hash == hashlib.sha256(only_ss[8 + length :]).hexdigest()
+    assert legacy == hashlib.sha256(only_ss[0x100000:0x110000]).hexdigest()[:8]
+    assert addnet_hashes(tensors, {"ss_network_dim": "8"}) == (model_hash, legacy)
