@@ -115,6 +115,25 @@ def run_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_filter_many(args: argparse.Namespace) -> int:
+    from diffmem.batch import filter_many
+
+    rows = filter_many(
+        args.inputs, args.base, args.out, build_config(args), engine=args.engine, workers=args.workers,
+        reduce_rank=args.reduce_rank, cache_dir=args.cache_dir, progress=not args.json,
+    )
+    counts = {status: sum(row.status == status for row in rows) for status in ("filtered", "skipped", "failed")}
+    if args.json:
+        print(json.dumps({"counts": counts, "files": [dataclasses.asdict(row) for row in rows]}, indent=2))
+    else:
+        for row in rows:
+            if row.status == "failed":
+                print(f"failed: {row.error}", file=sys.stderr)
+        print(f"{counts['filtered']} filtered, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
+              f"summary in {args.out / 'summary.csv'}")
+    return EXIT_ERROR if counts["failed"] else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffmem",
@@ -149,6 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser.add_argument("--limit", type=int, default=40, help="modules shown in the table (default 40)")
     add_filter_options(inspect_parser)
     inspect_parser.set_defaults(handler=run_inspect)
+
+    many_parser = commands.add_parser(
+        "filter-many", help="filter a folder or a list of LoRAs against one base (process pool or Ray)",
+        description="Filter many LoRAs against one base. Anchors are computed once and shared by every worker; "
+                    "files already done are skipped; one bad file does not stop the batch; summary.csv and "
+                    "summary.json list every file. Exit code 1 when any file failed.",
+    )
+    many_parser.add_argument("inputs", type=Path, nargs="+", help="LoRA files, PEFT folders, or folders of them")
+    many_parser.add_argument("--base", type=Path, required=True, help="base checkpoint file or diffusers folder")
+    many_parser.add_argument("--out", type=Path, required=True, help="output folder")
+    many_parser.add_argument("--engine", choices=["process", "ray"], default="process",
+                             help="local process pool (default) or a Ray cluster (pip install 'diffmem[ray]')")
+    many_parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU core)")
+    many_parser.add_argument("--reduce-rank", action="store_true", help="write only the kept channels")
+    many_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_filter_options(many_parser)
+    many_parser.set_defaults(handler=run_filter_many)
 
     for name in COMMAND_MODULES:
         try:

@@ -1,0 +1,110 @@
+"""Self-contained HTML and markdown reports: image grids embedded as PNG data URIs, tables, and a page shell.
+
+Shared by the demo, the audit and the benchmark, so every report a person opens looks and behaves the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: middle; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img.pix { image-rendering: pixelated; border: 1px solid #999; }
+.bad { color: #b00020; font-weight: 600; } .good { color: #1b5e20; font-weight: 600; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A [3, H, W] tensor in [0, 1] as an RGB image."""
+    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array, mode="RGB")
+
+
+def png_data_uri(image: torch.Tensor, scale: int = 1) -> str:
+    """A [3, H, W] image as a ``data:image/png;base64,...`` URI, optionally upscaled (nearest) by ``scale``."""
+    picture = to_pil(image)
+    if scale != 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def img_tag(image: torch.Tensor, size: int = 96, title: str = "") -> str:
+    """An inline ``<img>`` of a [3, H, W] image shown ``size`` pixels wide (pixelated, not blurred)."""
+    return (
+        f'<img class="pix" src="{png_data_uri(image)}" width="{size}" height="{size}" '
+        f'alt="{html.escape(title)}" title="{html.escape(title)}">'
+    )
+
+
+def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> torch.Tensor:
+    """Tile [N, 3, H, W] images into one [3, H', W'] image, row by row, on a white background."""
+    count, channels, height, width = images.shape
+    rows = max(1, -(-count // columns))
+    grid = torch.ones(channels, rows * (height + padding) + padding, columns * (width + padding) + padding)
+    for index in range(count):
+        row, column = divmod(index, columns)
+        top, left = padding + row * (height + padding), padding + column * (width + padding)
+        grid[:, top : top + height, left : left + width] = images[index]
+    return grid
+
+
+def save_png(image: torch.Tensor, path: str | Path, scale: int = 1) -> Path:
+    """Write a [3, H, W] image as a PNG file."""
+    picture = to_pil(image)
+    if scale != 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """An HTML table; cells that are already HTML (start with '<') are kept, others escaped; numbers right-aligned."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f'<td class="num">{value:.4g}</td>'
+        if isinstance(value, int):
+            return f'<td class="num">{value}</td>'
+        text = str(value)
+        return f"<td>{text if text.startswith('<') else html.escape(text)}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table."""
+
+    def cell(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete, self-contained HTML document."""
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )
