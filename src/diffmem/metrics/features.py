@@ -100,15 +100,19 @@ class HuggingFaceEmbedder(ModuleEmbedder):
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if hasattr(self.model, "get_image_features"):
-            out = self.model.get_image_features(pixel_values=pixel_values)
-            # transformers 5 returns a model output here; older versions a tensor.
-            return out if isinstance(out, torch.Tensor) else out.pooler_output
+            return features_of(self.model.get_image_features(pixel_values=pixel_values))
         out = self.model(pixel_values=pixel_values)
         for key in ("image_embeds", "pooler_output"):
             value = getattr(out, key, None)
             if value is not None:
                 return value
         return out.last_hidden_state.mean(dim=1)
+
+
+def features_of(output) -> torch.Tensor:
+    """Projected features from a transformers `get_*_features` call, which returns a tensor in transformers 4
+    and a model output holding them in `pooler_output` in transformers 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 @torch.no_grad()
