@@ -1,0 +1,543 @@
+"""Reading, rewriting and writing LoRA files of every format (diffmem.formats.lora)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+import builders_lora as bl
+from diffmem.errors import BadWeightsError, DiffmemError, FileFormatError
+from diffmem.formats import lora as lora_io
+from diffmem.formats.lora import read_lora, replace_factors, write_lora
+
+torch.set_num_threads(1)
+
+
+def truncated_factors(module: lora_io.LoraModule, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` factors of a module's update, divided by its scale (what the filter passes in)."""
+    delta = module.delta().reshape(module.weight_shape[0], -1)
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank] / module.scale).float(), vh[:rank].float()
+
+
+def reduce_all(lora: lora_io.LoraFile, rank: int) -> lora_io.LoraFile:
+    """Every module replaced by its best rank-`rank` approximation."""
+    return replace_factors(lora, {name: truncated_factors(m, rank) for name, m in lora.modules.items()})
+
+
+def data_section(path: Path) -> bytes:
+    """The tensor bytes of a safetensors file (everything after the header)."""
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    return raw[8 + header_len :]
+
+
+# ------------------------------------------------------------------------------------------- reading kohya
+
+
+@pytest.mark.parametrize("modules", [bl.SD1_KOHYA, bl.SDXL_KOHYA, bl.FLUX_KOHYA], ids=["sd1", "sdxl", "flux"])
+def test_kohya_reads_kinds_ranks_and_lookups(tmp_path, modules):
+    ranks = {name: 2 + i for i, name in enumerate(modules)}
+    tensors = bl.write_kohya_lora(tmp_path / "k.safetensors", modules, rank=ranks, alpha=1.0)
+    lora = read_lora(tmp_path / "k.safetensors")
+    assert lora.format == "kohya" and not lora.rslora
+    assert set(lora.modules) == set(modules)
+    for name, module in lora.modules.items():
+        assert module.lookup == name
+        assert module.kind == ("locon" if len(modules[name]) == 4 else "lora")
+        assert module.rank == ranks[name]
+        assert module.alpha == 1.0 and module.alpha_stored
+        assert module.scale == pytest.approx(1.0 / ranks[name])
+        assert module.weight_shape == modules[name]
+        assert module.keys["up"] == f"{name}.lora_up.weight"
+        up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
+        expected = (up.flatten(1) @ down.flatten(1)).reshape(modules[name]) / ranks[name]
+        torch.testing.assert_close(module.delta(), expected)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "alpha_shape", "stored", "expected_alpha"),
+    [(None, (), False, 4.0), (0.0, (), True, 4.0), (8.0, (), True, 8.0), (2.0, (1,), True, 2.0)],
+    ids=["missing", "zero", "double", "shape1"],
+)
+def test_alpha_conventions(tmp_path, alpha, alpha_shape, stored, expected_alpha):
+    bl.write_kohya_lora(tmp_path / "k.safetensors", bl.FLUX_KOHYA, rank=4, alpha=alpha, alpha_shape=alpha_shape)
+    for module in read_lora(tmp_path / "k.safetensors").modules.values():
+        assert module.alpha_stored is stored
+        assert module.alpha == expected_alpha
+        assert module.scale == expected_alpha / 4
+        b, a = module.factors()
+        torch.testing.assert_close(module.delta(), module.scale * b @ a)
+
+
+def test_locon_delta_acts_like_the_two_convs(tmp_path):
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    tensors = bl.write_kohya_lora(tmp_path / "k.safetensors", {name: (8, 6, 3, 3)}, rank=3, alpha=1.5)
+    module = read_lora(tmp_path / "k.safetensors").modules[name]
+    x = torch.randn(2, 6, 7, 7)
+    two_convs = F.conv2d(F.conv2d(x, tensors[f"{name}.lora_down.weight"], padding=1), tensors[f"{name}.lora_up.weight"])
+    torch.testing.assert_close(F.conv2d(x, module.delta(), padding=1), two_convs * 1.5 / 3, atol=1e-5, rtol=1e-4)
+
+
+def test_tucker_delta_acts_like_the_three_convs(tmp_path):
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    tensors = bl.write_kohya_lora(tmp_path / "t.safetensors", {name: (8, 6, 3, 3)}, rank=3, alpha=None, tucker=True)
+    module = read_lora(tmp_path / "t.safetensors").modules[name]
+    assert module.kind == "tucker" and module.rank == 3 and module.weight_shape == (8, 6, 3, 3)
+    x = torch.randn(2, 6, 7, 7)
+    h = F.conv2d(x, tensors[f"{name}.lora_down.weight"])
+    h = F.conv2d(h, tensors[f"{name}.lora_mid.weight"], padding=1)
+    three_convs = F.conv2d(h, tensors[f"{name}.lora_up.weight"])
+    torch.testing.assert_close(F.conv2d(x, module.delta(), padding=1), three_convs, atol=1e-5, rtol=1e-4)
+
+
+def test_loha_delta_is_the_hadamard_product(tmp_path):
+    modules = {"lora_unet_a_to_q": (8, 12), "lora_unet_a_conv": (8, 6, 3, 3)}
+    t = bl.write_lycoris(tmp_path / "h.safetensors", modules, algo="loha", rank=3, alpha=1.0)
+    lora = read_lora(tmp_path / "h.safetensors")
+    for name in modules:
+        module = lora.modules[name]
+        assert module.kind == "loha" and module.rank == 3 and module.scale == pytest.approx(1 / 3)
+        w1 = t[f"{name}.hada_w1_a"] @ t[f"{name}.hada_w1_b"]
+        w2 = t[f"{name}.hada_w2_a"] @ t[f"{name}.hada_w2_b"]
+        torch.testing.assert_close(module.delta(), w1 * w2 / 3)
+    # Without a CP core the file does not record the conv kernel: the shape is flattened.
+    assert lora.modules["lora_unet_a_conv"].weight_shape == (8, 54)
+
+
+def test_loha_with_cp_cores(tmp_path):
+    name = "lora_unet_a_conv"
+    t = bl.write_lycoris(tmp_path / "h.safetensors", {name: (5, 4, 3, 3)}, algo="loha", rank=2, tucker=True)
+    module = read_lora(tmp_path / "h.safetensors").modules[name]
+    assert module.weight_shape == (5, 4, 3, 3)
+    rebuilt = []
+    for i in (1, 2):
+        core, wa, wb = t[f"{name}.hada_t{i}"], t[f"{name}.hada_w{i}_a"], t[f"{name}.hada_w{i}_b"]
+        w = torch.zeros(5, 4, 3, 3)
+        for p in range(5):
+            for q in range(4):
+                for a in range(2):
+                    for b in range(2):
+                        w[p, q] += core[a, b] * wa[a, p] * wb[b, q]
+        rebuilt.append(w)
+    torch.testing.assert_close(module.delta(), rebuilt[0] * rebuilt[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["w1_full", "both_decomposed", "both_full"])
+def test_lokr_delta_and_scale_rules(tmp_path, layout):
+    modules = {"lora_unet_a_to_q": (6, 4)}
+    t = bl.write_lycoris(tmp_path / "k.safetensors", modules, algo="lokr", rank=2, alpha=1.0, lokr_layout=layout)
+    module = read_lora(tmp_path / "k.safetensors").modules["lora_unet_a_to_q"]
+    n = "lora_unet_a_to_q"
+    w1 = t[f"{n}.lokr_w1"] if f"{n}.lokr_w1" in t else t[f"{n}.lokr_w1_a"] @ t[f"{n}.lokr_w1_b"]
+    w2 = t[f"{n}.lokr_w2"] if f"{n}.lokr_w2" in t else t[f"{n}.lokr_w2_a"] @ t[f"{n}.lokr_w2_b"]
+    # LyCORIS: alpha / rank with a decomposed factor; scale 1 when both factors are stored whole.
+    scale = 1.0 if layout == "both_full" else 1.0 / 2
+    assert module.scale == scale
+    expected = torch.zeros(6, 4)
+    for i in range(w1.shape[0]):
+        for j in range(w1.shape[1]):
+            rows, cols = w2.shape
+            expected[i * rows : (i + 1) * rows, j * cols : (j + 1) * cols] = w1[i, j] * w2
+    torch.testing.assert_close(module.delta(), expected * scale)
+
+
+def test_lokr_conv_with_tucker_core(tmp_path):
+    n = "lora_unet_a_conv"
+    t = bl.write_lycoris(tmp_path / "k.safetensors", {n: (4, 6, 3, 3)}, algo="lokr", rank=2, alpha=4.0, tucker=True)
+    module = read_lora(tmp_path / "k.safetensors").modules[n]
+    assert module.weight_shape == (4, 6, 3, 3) and module.scale == 2.0
+    w2 = torch.einsum("ijkl,ip,jq->pqkl", t[f"{n}.lokr_t2"], t[f"{n}.lokr_w2_a"], t[f"{n}.lokr_w2_b"])
+    w1 = t[f"{n}.lokr_w1"]
+    delta = module.delta()
+    c, d = w2.shape[:2]
+    for i in range(w1.shape[0]):
+        for j in range(w1.shape[1]):
+            torch.testing.assert_close(delta[i * c : (i + 1) * c, j * d : (j + 1) * d], 2.0 * w1[i, j] * w2)
+
+
+# ------------------------------------------------------------------------------- reading diffusers and PEFT
+
+
+def test_diffusers_reads_alpha_patterns_and_rslora(tmp_path):
+    names = list(bl.SD1_DIFFUSERS)
+    ranks = {n: 2 + i for i, n in enumerate(names)}
+    alphas = {n: 3.0 if i else 5.0 for i, n in enumerate(names)}
+    bl.write_diffusers_lora(tmp_path / "d.safetensors", bl.SD1_DIFFUSERS, rank=ranks, alpha=alphas, rslora=True)
+    lora = read_lora(tmp_path / "d.safetensors")
+    assert lora.format == "diffusers" and lora.rslora
+    assert lora.adapter_config["unet.use_rslora"] is True
+    for name, module in lora.modules.items():
+        assert module.lookup == name
+        assert module.rank == ranks[name] and module.alpha == alphas[name]
+        assert module.scale == pytest.approx(alphas[name] / math.sqrt(ranks[name]))
+
+
+def test_diffusers_without_metadata_means_alpha_equals_rank(tmp_path):
+    bl.write_diffusers_lora(tmp_path / "d.safetensors", bl.SD1_DIFFUSERS, rank=3, adapter_metadata=False)
+    for module in read_lora(tmp_path / "d.safetensors").modules.values():
+        assert module.alpha == 3 and not module.alpha_stored and module.scale == 1.0
+
+
+def test_peft_folder_reads_config_and_dora(tmp_path):
+    modules = {k.split(".", 1)[1]: v for k, v in bl.SD1_DIFFUSERS.items()}
+    tensors = bl.write_peft_folder(tmp_path / "adapter", modules, rank=2, alpha=6.0, dora=True)
+    lora = read_lora(tmp_path / "adapter")
+    assert lora.format == "peft" and lora.adapter_config["r"] == 2
+    assert {m.lookup for m in lora.modules.values()} == set(modules)
+    for module in lora.modules.values():
+        assert module.name == f"base_model.model.{module.lookup}"
+        assert module.scale == 3.0
+        assert torch.equal(module.tensors["dora_scale"], tensors[f"{module.name}.lora_magnitude_vector"])
+    # The weights file inside the folder reads the same way.
+    assert set(read_lora(tmp_path / "adapter" / "adapter_model.safetensors").modules) == set(lora.modules)
+
+
+def test_old_processor_format_lookups(tmp_path):
+    bl.write_old_diffusers_lora(tmp_path / "o.safetensors", bl.SD1_DIFFUSERS, rank=2)
+    lora = read_lora(tmp_path / "o.safetensors")
+    assert lora.format == "diffusers_old"
+    assert {m.lookup for m in lora.modules.values()} == set(bl.SD1_DIFFUSERS)
+    names = set(lora.modules)
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora" in names
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer" in names
+
+
+# ------------------------------------------------------------------------------------ rewriting and writing
+
+ROUND_TRIP_BUILDS = {
+    "kohya": lambda p: bl.write_kohya_lora(p / "x.safetensors", bl.SD1_KOHYA, rank=4, alpha=2.0),
+    "kohya_no_alpha": lambda p: bl.write_kohya_lora(p / "x.safetensors", bl.SD1_KOHYA, rank=4, alpha=None),
+    "kohya_tucker_dora": lambda p: bl.write_kohya_lora(
+        p / "x.safetensors", bl.SD1_KOHYA, rank=4, tucker=True, dora=True, dtype=torch.float16),
+    "loha": lambda p: bl.write_lycoris(p / "x.safetensors", bl.FLUX_KOHYA, algo="loha", rank=4, alpha=1.0,
+                                       metadata={"ss_output_name": "loha"}),
+    "lokr": lambda p: bl.write_lycoris(p / "x.safetensors", bl.FLUX_KOHYA, algo="lokr", rank=4),
+    "diffusers_rslora": lambda p: bl.write_diffusers_lora(
+        p / "x.safetensors", bl.SD1_DIFFUSERS, rank=4, alpha=8.0, rslora=True),
+    "diffusers_plain": lambda p: bl.write_diffusers_lora(
+        p / "x.safetensors", bl.SD1_DIFFUSERS, rank=4, adapter_metadata=False),
+    "peft": lambda p: bl.write_peft_folder(
+        p / "x", {k.split(".", 1)[1]: v for k, v in bl.SD1_DIFFUSERS.items()}, rank=4, alpha=8.0, dora=True),
+    "old": lambda p: bl.write_old_diffusers_lora(p / "x.safetensors", bl.SD1_DIFFUSERS, rank=4),
+}
+
+
+def built(tmp_path: Path, kind: str) -> Path:
+    """Build one round-trip input in tmp_path/in and return its path."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ROUND_TRIP_BUILDS[kind](folder)
+    return folder / ("x" if kind == "peft" else "x.safetensors")
+
+
+def output_path(tmp_path: Path, kind: str, tag: str = "out") -> Path:
+    return tmp_path / (tag if kind == "peft" else f"{tag}.safetensors")
+
+
+@pytest.mark.parametrize("kind", list(ROUND_TRIP_BUILDS))
+def test_reduced_rank_round_trip_keeps_scale_and_update(tmp_path, kind):
+    source = built(tmp_path, kind)
+    before = source.read_bytes() if source.is_file() else (source / "adapter_model.safetensors").read_bytes()
+    lora = read_lora(source)
+    reduced = reduce_all(lora, 2)
+    out = write_lora(reduced, output_path(tmp_path, kind), provenance={"diffmem.method": "test"})
+    back = read_lora(out)
+    assert back.format == lora.format and set(back.modules) == set(lora.modules)
+    for name, original in lora.modules.items():
+        module = back.modules[name]
+        assert module.rank == 2
+        assert module.kind == ("locon" if len(original.weight_shape) == 4 else "lora")
+        assert module.scale == pytest.approx(original.scale, rel=1e-6)
+        b, a = truncated_factors(original, 2)
+        dtype_tol = 2e-3 if module.tensors["up"].dtype == torch.float16 else 1e-5
+        expected = (original.scale * b @ a).reshape(original.weight_shape)
+        torch.testing.assert_close(module.delta(), expected, atol=dtype_tol * 10, rtol=dtype_tol)
+        assert module.lookup == original.lookup
+        if "dora_scale" in original.tensors:
+            assert torch.equal(module.tensors["dora_scale"], original.tensors["dora_scale"])
+    assert back.metadata["diffmem.method"] == "test"
+    for key, value in lora.metadata.items():
+        if key not in ("ss_network_dim", "ss_network_alpha", "lora_adapter_metadata"):
+            assert back.metadata[key] == value
+    after = source.read_bytes() if source.is_file() else (source / "adapter_model.safetensors").read_bytes()
+    assert after == before
+
+
+@pytest.mark.parametrize("kind", list(ROUND_TRIP_BUILDS))
+def test_identical_factors_give_the_identical_update(tmp_path, kind):
+    lora = read_lora(built(tmp_path, kind))
+    same = {}
+    for name, module in lora.modules.items():
+        if module.kind in ("lora", "locon"):
+            b, a = module.factors()
+        else:
+            b, a = truncated_factors(module, min(module.weight_shape[0], math.prod(module.weight_shape[1:])))
+        same[name] = (b, a)
+    back = read_lora(write_lora(replace_factors(lora, same), output_path(tmp_path, kind)))
+    for name, module in lora.modules.items():
+        half = back.modules[name].tensors["up"].dtype == torch.float16  # factors rounded to fp16 when rebuilt
+        tol = 5e-3 if half and module.kind == "tucker" else 1e-4
+        torch.testing.assert_close(back.modules[name].delta(), module.delta(), atol=tol, rtol=1e-3)
+
+
+def test_untouched_lora_modules_are_written_bit_for_bit(tmp_path):
+    source = built(tmp_path, "kohya")
+    lora = read_lora(source)
+    out = write_lora(replace_factors(lora, {}), tmp_path / "out.safetensors")
+    assert data_section(out) == data_section(source)
+
+
+def test_kohya_metadata_and_hashes(tmp_path):
+    source = tmp_path / "k.safetensors"
+    ranks = {n: 4 for n in bl.SD1_KOHYA}
+    bl.write_kohya_lora(source, bl.SD1_KOHYA, rank=ranks, alpha=2.0, metadata={"sshs_model_hash": "stale"})
+    lora = read_lora(source)
+    first = next(iter(lora.modules))
+    new = {name: truncated_factors(m, 1 if name == first else 2) for name, m in lora.modules.items()}
+    out = write_lora(replace_factors(lora, new), tmp_path / "out.safetensors", provenance={"diffmem.x": "1"})
+    meta = read_lora(out).metadata
+    assert meta["ss_network_dim"] == "Dynamic"
+    assert meta["ss_network_alpha"] == "Dynamic"  # alpha 2 at rank 4 becomes 0.5 at rank 1 and 1 at rank 2
+    assert meta["ss_output_name"] == "tiny" and meta["diffmem.x"] == "1"
+    # The data bytes do not depend on the metadata, so the hash of the written file's data is kohya's hash.
+    assert meta["sshs_model_hash"] == hashlib.sha256(data_section(out)).hexdigest()
+    raw = out.read_bytes()
+    assert meta["sshs_legacy_hash"] == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
+
+    uniform = write_lora(reduce_all(lora, 2), tmp_path / "uniform.safetensors")
+    meta = read_lora(uniform).metadata
+    assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "1.0"
+
+
+def test_absent_alpha_stays_absent_and_alpha_keys_follow_the_scale(tmp_path):
+    source = built(tmp_path, "kohya_no_alpha")
+    out = write_lora(reduce_all(read_lora(source), 2), tmp_path / "out.safetensors")
+    keys = safetensors.torch.load_file(out)
+    assert not any(k.endswith(".alpha") for k in keys)
+    source2 = tmp_path / "a.safetensors"
+    bl.write_kohya_lora(source2, bl.FLUX_KOHYA, rank=4, alpha=2.0, alpha_shape=(1,))
+    keys = safetensors.torch.load_file(write_lora(reduce_all(read_lora(source2), 2), tmp_path / "out2.safetensors"))
+    alphas = [v for k, v in keys.items() if k.endswith(".alpha")]
+    assert len(alphas) == 2 and all(a.shape == (1,) and float(a) == 1.0 for a in alphas)
+
+
+def test_lycoris_modules_become_plain_lora_in_kohya_naming(tmp_path):
+    lora = read_lora(built(tmp_path, "loha"))
+    out = write_lora(reduce_all(lora, 2), tmp_path / "out.safetensors")
+    keys = set(safetensors.torch.load_file(out))
+    for name in bl.FLUX_KOHYA:
+        assert {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"} <= keys
+    assert not any("hada_" in k for k in keys)
+
+
+def test_loha_conv_takes_the_base_shape(tmp_path):
+    name = "lora_unet_a_conv"
+    bl.write_lycoris(tmp_path / "h.safetensors", {name: (8, 6, 3, 3)}, algo="loha", rank=2)
+    lora = read_lora(tmp_path / "h.safetensors")
+    b, a = truncated_factors(lora.modules[name], 3)
+    out = replace_factors(lora, {name: (b, a)}, weight_shapes={name: (8, 6, 3, 3)})
+    module = out.modules[name]
+    assert module.kind == "locon" and module.tensors["down"].shape == (3, 6, 3, 3)
+    assert module.tensors["up"].shape == (8, 3, 1, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        replace_factors(lora, {name: (b, a)}, weight_shapes={name: (8, 6, 2, 2)})
+
+
+def test_rank_zero_is_written_as_a_zero_rank_one_module(tmp_path):
+    lora = read_lora(built(tmp_path, "kohya"))
+    name, module = next(iter(lora.modules.items()))
+    fan_in = math.prod(module.weight_shape[1:])
+    out = write_lora(replace_factors(lora, {name: (torch.zeros(module.weight_shape[0], 0), torch.zeros(0, fan_in))}),
+                     tmp_path / "out.safetensors")
+    back = read_lora(out).modules[name]
+    assert back.rank == 1 and back.scale == pytest.approx(module.scale)
+    assert torch.count_nonzero(back.delta()) == 0
+
+
+def test_peft_config_patterns_follow_new_ranks(tmp_path):
+    lora = read_lora(built(tmp_path, "peft"))
+    names = list(lora.modules)
+    new = {name: truncated_factors(lora.modules[name], 1 if i == 0 else 3) for i, name in enumerate(names)}
+    out = write_lora(replace_factors(lora, new), tmp_path / "out")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 3 and config["use_dora"] is True
+    assert config["rank_pattern"] == {f"^{lora.modules[names[0]].lookup}": 1}
+    back = read_lora(out)
+    for name in names:
+        assert back.modules[name].scale == pytest.approx(lora.modules[name].scale)
+
+
+def test_unchanged_peft_config_is_kept_verbatim(tmp_path):
+    source = built(tmp_path, "peft")
+    lora = read_lora(source)
+    out = write_lora(replace_factors(lora, {}), tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text()) == json.loads(
+        (source / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["kohya", "diffusers_rslora", "peft", "loha"])
+def test_output_bytes_are_deterministic(tmp_path, kind):
+    lora = read_lora(built(tmp_path, kind))
+    first = write_lora(reduce_all(lora, 2), output_path(tmp_path, kind, "a"), provenance={"diffmem.v": "1"})
+    second = write_lora(reduce_all(read_lora(lora.path), 2), output_path(tmp_path, kind, "b"),
+                        provenance={"diffmem.v": "1"})
+    if kind == "peft":
+        for file in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (first / file).read_bytes() == (second / file).read_bytes()
+    else:
+        assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_input_is_never_overwritten(tmp_path, kind):
+    source = built(tmp_path, kind)
+    lora = read_lora(source)
+    with pytest.raises(DiffmemError, match="refusing"):
+        write_lora(reduce_all(lora, 2), lora.path)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"keep")
+    with pytest.raises(DiffmemError, match="refusing"):
+        write_lora(lora, other if kind != "peft" else tmp_path / "in", protect=(other,))
+    assert other.read_bytes() == b"keep"
+    assert read_lora(source).modules.keys() == lora.modules.keys()
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_failed_write_leaves_no_files(tmp_path, kind, monkeypatch):
+    lora = read_lora(built(tmp_path, kind))
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_lora(reduce_all(lora, 2), output_path(tmp_path, kind))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_peft_output_folder_with_other_files_is_refused(tmp_path):
+    lora = read_lora(built(tmp_path, "peft"))
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("precious")
+    with pytest.raises(DiffmemError, match="other than"):
+        write_lora(lora, target)
+    assert (target / "notes.txt").read_text() == "precious"
+
+
+def test_bundled_embeddings_are_kept_verbatim(tmp_path):
+    source = tmp_path / "k.safetensors"
+    tensors = bl.write_kohya_lora(source, bl.FLUX_KOHYA)
+    tensors["bundle_emb.mytoken.string_to_param.*"] = torch.randn(2, 8)
+    safetensors.torch.save_file(tensors, str(source))
+    lora = read_lora(source)
+    assert set(lora.other) == {"bundle_emb.mytoken.string_to_param.*"}
+    out = safetensors.torch.load_file(write_lora(reduce_all(lora, 1), tmp_path / "out.safetensors"))
+    assert torch.equal(out["bundle_emb.mytoken.string_to_param.*"], tensors["bundle_emb.mytoken.string_to_param.*"])
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_full_checkpoint_is_not_a_lora(tmp_path):
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(path))
+    with pytest.raises(FileFormatError, match="full Stable Diffusion checkpoint") as info:
+        read_lora(path)
+    assert info.value.path == path
+
+
+def test_rank_mismatch_is_reported(tmp_path):
+    path = tmp_path / "k.safetensors"
+    safetensors.torch.save_file(
+        {"lora_unet_a.lora_up.weight": torch.zeros(8, 4), "lora_unet_a.lora_down.weight": torch.zeros(3, 8)},
+        str(path))
+    with pytest.raises(BadWeightsError, match="rank mismatch: 4 vs 3"):
+        read_lora(path)
+
+
+def test_unknown_key_in_a_lora_is_reported(tmp_path):
+    path = tmp_path / "k.safetensors"
+    tensors = bl.write_kohya_lora(path, bl.FLUX_KOHYA)
+    tensors["lora_unet_double_blocks_0_img_attn_qkv.scale_shift"] = torch.zeros(1)
+    safetensors.torch.save_file(tensors, str(path))
+    with pytest.raises(FileFormatError, match=r"belong to no LoRA module.*scale_shift"):
+        read_lora(path)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"lora_unet_a.lora_up.weight": torch.zeros(8, 4)}, r"incomplete.*lora_down|no \['down'\]"),
+        ({"lora_unet_a.hada_w1_a": torch.zeros(8, 2)}, "incomplete"),
+        ({"lora_unet_a.diff": torch.zeros(8, 8)}, "full-weight difference"),
+        ({"lora_unet_a.lora_up.weight": torch.zeros(8, 2), "lora_unet_a.lora_down.weight": torch.zeros(2, 8),
+          "lora_unet_a.hada_w1_a": torch.zeros(8, 2)}, "mixes"),
+        ({"lora_unet_a.lora_up.weight": torch.zeros(8, 2), "lora_unet_a.lora_down.weight": torch.zeros(2, 8),
+          "lora_unet_a.alpha": torch.zeros(2)}, "not a scalar"),
+    ],
+    ids=["no_down", "loha_incomplete", "lycoris_full", "mixed", "alpha_vector"],
+)
+def test_malformed_modules_are_reported(tmp_path, tensors, message):
+    path = tmp_path / "k.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    with pytest.raises((FileFormatError, BadWeightsError), match=message):
+        read_lora(path)
+
+
+def test_nan_weights_are_reported(tmp_path):
+    path = tmp_path / "k.safetensors"
+    tensors = bl.write_kohya_lora(path, bl.FLUX_KOHYA)
+    next(iter(tensors.values()))[0] = float("nan")
+    safetensors.torch.save_file(tensors, str(path))
+    with pytest.raises(BadWeightsError, match="NaN"):
+        read_lora(path)
+
+
+def test_pickles_are_refused(tmp_path):
+    torch.save({"lora_unet_a.lora_up.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
+    with pytest.raises(FileFormatError, match="pickle"):
+        read_lora(tmp_path / "lora.safetensors")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    torch.save({}, folder / "adapter_model.bin")
+    (folder / "adapter_config.json").write_text("{}")
+    with pytest.raises(FileFormatError, match=r"adapter_model\.bin"):
+        read_lora(folder)
+
+
+def test_native_peft_weights_without_config_are_refused(tmp_path):
+    bl.write_peft_folder(tmp_path / "adapter", {"a.to_q": (4, 4)})
+    (tmp_path / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(FileFormatError, match=r"adapter_config\.json"):
+        read_lora(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+def test_bad_factors_are_refused(tmp_path):
+    lora = read_lora(built(tmp_path, "kohya"))
+    name = next(iter(lora.modules))
+    with pytest.raises(ValueError, match="do not give"):
+        replace_factors(lora, {name: (torch.zeros(3, 2), torch.zeros(2, 3))})
+    with pytest.raises(KeyError):
+        replace_factors(lora, {"lora_unet_nothing": (torch.zeros(3, 2), torch.zeros(2, 3))})
+
+
+def test_header_length_that_starts_like_a_pickle_still_reads(tmp_path):
+    path = tmp_path / "k.safetensors"
+    tensors = {"lora_unet_a.lora_up.weight": torch.zeros(2, 1), "lora_unet_a.lora_down.weight": torch.zeros(1, 2)}
+    for pad in range(1000):
+        safetensors.torch.save_file(tensors, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert set(read_lora(path).modules) == {"lora_unet_a"}
