@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from builders_metrics import tiny_clip_folder
 from diffmem.metrics.quality import ClipScorer, clip_score_from_features, denoising_loss, evaluation_timesteps
 
 
@@ -79,29 +79,6 @@ def test_clip_score_from_features_by_hand():
     assert clip_score_from_features(images, texts, scale=2.5) == pytest.approx(2.5 * (1 + 1 / math.sqrt(2)) / 3)
     with pytest.raises(ValueError, match="one caption per image"):
         clip_score_from_features(images, texts[:2])
-
-
-def tiny_clip_folder(folder):
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
-    model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"crop_size": {"height": 16, "width": 16}, "do_center_crop": True, "size": {"shortest_edge": 16},
-         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))
-    return model
 
 
 def test_clip_scorer_on_a_tiny_local_clip(tmp_path):

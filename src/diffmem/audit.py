@@ -1,0 +1,495 @@
+"""`diffmem audit`: does this model (or LoRA) memorize, and which prompts?
+
+For each prompt the audit generates a few images with classifier-free-guided DDIM sampling while recording Wen
+et al.'s conditional-difference norm, then scores the generations:
+
+- with training images: tiled-L2 distance to the nearest training image, the fraction of generations that are
+  copies (Carlini et al.'s criterion, `diffmem.metrics.copy`), the largest group of near-identical generations
+  (the extraction attack); a prompt is flagged when enough of its generations copy a training image;
+- without training images (data-free): prompts are ranked by Wen's score and flagged when the score is an
+  outlier, or above a given threshold.
+
+It writes `table.csv`, `table.md`, `summary.json` and a self-contained `report.html` (images embedded as PNG).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from diffmem.errors import DiffmemError, FileFormatError
+from diffmem.formats.safetensors_io import write_atomic
+from diffmem.metrics.copy import CopyConfig, copy_decisions_from_distances, tiled_l2
+from diffmem.metrics.extraction import largest_component
+from diffmem.metrics.wen import WenConfig, sample_with_wen_scores
+from diffmem.report import html_page, html_table, image_grid, img_tag, markdown_table, png_data_uri
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class AuditModel:
+    """What the audit needs from a text-to-image diffusion model, whatever it is (the world or Stable Diffusion).
+
+    Attributes:
+        name: shown in the report, e.g. the base and LoRA file names.
+        unet: a diffusers `UNet2DConditionModel` (with any LoRA already applied).
+        scheduler: the scheduler sampling runs with (DDIM for Wen et al.'s protocol).
+        encode: prompts -> text-encoder hidden states [P, L, D] (the empty string gives the unconditional context).
+        to_images: final samples of the UNet's space -> images [N, 3, H, W] in [0, 1] (a VAE decode for latent
+            models, a rescale for pixel models).
+        sample_shape: [C, H, W] of the UNet's input.
+        image_size: [H, W] of the images `to_images` returns (training images are resized to it).
+    """
+
+    name: str
+    unet: torch.nn.Module
+    scheduler: object
+    encode: Callable[[Sequence[str]], torch.Tensor]
+    to_images: Callable[[torch.Tensor], torch.Tensor]
+    sample_shape: tuple[int, int, int]
+    image_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Settings of the audit.
+
+    Args:
+        generations: images per prompt. 4, Wen et al.'s number for their detector; raise it for the copy test
+            (MemControl's extraction attack uses 50).
+        num_inference_steps: DDIM steps, 50 as in Wen et al.
+        guidance_scale: classifier-free guidance, 7.5 as in Wen et al. for Stable Diffusion.
+        seed: seed of the initial noise (the audit is reproducible).
+        copy: the copy criterion (`CopyConfig`). The default adds an absolute bound of 0.1 (tiled RMS in [0, 1])
+            to Carlini et al.'s relative test, because an audit's training folder can be small (a LoRA's ten
+            images), where the relative test alone is weak.
+        copy_fraction: a prompt is flagged when at least this share of its generations are copies. 0.5, the
+            world issue's bar for "memorized" (a near-copy in at least half of the generations).
+        group_threshold: tiled distance joining two generations into one group (extraction attack).
+        wen_threshold: data-free mode: flag prompts whose Wen score exceeds this. None (default) flags robust
+            outliers instead: modified z-score above `outlier_z` (Iglewicz & Hoaglin 1993), which assumes that
+            most audited prompts are not memorized.
+        outlier_z: the modified z-score bound, 3.5 as recommended by Iglewicz & Hoaglin.
+        batch_size: samples per UNet call.
+    """
+
+    generations: int = 4
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+    copy: CopyConfig = field(default_factory=lambda: CopyConfig(distance_threshold=0.1))
+    copy_fraction: float = 0.5
+    group_threshold: float = 0.1
+    wen_threshold: float | None = None
+    outlier_z: float = 3.5
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class PromptAudit:
+    """One row of the audit table."""
+
+    prompt: str
+    wen_score: float
+    wen_first_step: float
+    largest_group: int
+    flagged: bool
+    copy_distance: float | None = None
+    nearest_train: str | None = None
+    nearest_train_index: int | None = None
+    copy_fraction: float | None = None
+
+
+@dataclass
+class AuditResult:
+    """Rows, images and settings of an audit; `write_audit` turns it into files."""
+
+    model: str
+    rows: list[PromptAudit]
+    images: torch.Tensor
+    config: AuditConfig
+    train_images: torch.Tensor | None = None
+    train_names: list[str] | None = None
+
+    @property
+    def data_free(self) -> bool:
+        return self.train_images is None
+
+    def summary(self) -> dict:
+        """Headline numbers of the audit as a JSON-ready dict."""
+        flagged = [r.prompt for r in self.rows if r.flagged]
+        out = {
+            "model": self.model,
+            "mode": "data-free (Wen et al. score)" if self.data_free else "training images (tiled L2 copy test)",
+            "prompts": len(self.rows),
+            "generations_per_prompt": self.config.generations,
+            "flagged": len(flagged),
+            "flagged_prompts": flagged,
+            "mean_wen_score": float(np.mean([r.wen_score for r in self.rows])),
+            "config": json.loads(json.dumps(asdict(self.config))),
+        }
+        if not self.data_free:
+            out["copy_rate"] = float(np.mean([r.copy_fraction for r in self.rows]))
+            out["training_images"] = len(self.train_names or [])
+        return out
+
+
+def robust_z_scores(values: torch.Tensor) -> torch.Tensor:
+    """Modified z-scores `0.6745 (x - median) / MAD` (Iglewicz & Hoaglin 1993); 0 where the MAD is 0."""
+    values = values.to(torch.float64)
+    median = values.median()
+    mad = (values - median).abs().median()
+    if mad == 0:
+        return torch.zeros_like(values)
+    return 0.6745 * (values - median) / mad
+
+
+def flag_by_wen(scores: torch.Tensor, config: AuditConfig) -> torch.Tensor:
+    """Data-free flags: score above `wen_threshold`, or a robust outlier when no threshold is given."""
+    if config.wen_threshold is not None:
+        return scores > config.wen_threshold
+    return robust_z_scores(scores) > config.outlier_z
+
+
+def score_prompts(
+    prompts: Sequence[str],
+    images: torch.Tensor,
+    wen_scores: torch.Tensor,
+    wen_first: torch.Tensor,
+    config: AuditConfig,
+    train_images: torch.Tensor | None = None,
+    train_names: Sequence[str] | None = None,
+) -> list[PromptAudit]:
+    """Table rows from generations [P, G, 3, H, W] and Wen scores [P]: pure scoring, no sampling."""
+    rows = []
+    data_free_flags = flag_by_wen(wen_scores, config) if train_images is None else None
+    for p, prompt in enumerate(prompts):
+        generations = images[p]
+        group = len(largest_component(tiled_l2(generations, generations, config.copy.tiles), config.group_threshold))
+        common = dict(prompt=prompt, wen_score=float(wen_scores[p]), wen_first_step=float(wen_first[p]),
+                      largest_group=group)
+        if train_images is None:
+            rows.append(PromptAudit(flagged=bool(data_free_flags[p]), **common))
+            continue
+        copies = copy_decisions_from_distances(tiled_l2(generations, train_images, config.copy.tiles), config.copy)
+        best = int(torch.argmin(copies.distance))
+        nearest = int(copies.nearest_index[best])
+        fraction = float(copies.is_copy.float().mean())
+        rows.append(PromptAudit(
+            flagged=fraction >= config.copy_fraction,
+            copy_distance=float(copies.distance[best]),
+            nearest_train=train_names[nearest] if train_names else str(nearest),
+            nearest_train_index=nearest,
+            copy_fraction=fraction,
+            **common,
+        ))
+    return rows
+
+
+def run_audit(
+    model: AuditModel,
+    prompts: Sequence[str],
+    config: AuditConfig = AuditConfig(),
+    train_images: torch.Tensor | None = None,
+    train_names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> AuditResult:
+    """Generate `config.generations` images per prompt while recording Wen scores, then score them."""
+    if not prompts:
+        raise DiffmemError("no prompts to audit")
+    prompt_embeds = model.encode(list(prompts))
+    empty = model.encode([""])
+    wen = WenConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                    generations=config.generations, batch_size=config.batch_size)
+    traces = []
+    chunk = max(1, config.batch_size // config.generations)
+    starts = range(0, len(prompts), chunk)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="audit", unit=f"x{chunk} prompts")
+    generator = torch.Generator().manual_seed(config.seed)
+    for start in starts:
+        traces.append(sample_with_wen_scores(
+            model.unet, model.scheduler, prompt_embeds[start : start + chunk], empty, wen, generator,
+            model.sample_shape,
+        ))
+    samples = torch.cat([t.samples for t in traces])
+    flat_images = model.to_images(samples.flatten(0, 1))
+    images = flat_images.reshape(len(prompts), config.generations, *flat_images.shape[-3:])
+    scores = torch.cat([t.scores for t in traces])
+    first = torch.cat([t.first_step for t in traces])
+    if train_images is not None and train_images.shape[-2:] != images.shape[-2:]:
+        train_images = resize_images(train_images, tuple(images.shape[-2:]))
+    rows = score_prompts(prompts, images, scores, first, config, train_images, train_names)
+    return AuditResult(model=model.name, rows=rows, images=images, config=config, train_images=train_images,
+                       train_names=list(train_names) if train_names is not None else None)
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize images [N, 3, H, W] to `size` (bilinear, antialiased), so that they compare pixel by pixel."""
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of a text file, without surrounding spaces; lines starting with '#' are comments."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffmemError("no such prompts file", path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise FileFormatError("is not a UTF-8 text file with one prompt per line", path) from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise FileFormatError("holds no prompts (one per line; '#' starts a comment)", path)
+    return prompts
+
+
+def load_image_folder(folder: str | Path, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Images of a folder (png, jpg, webp, bmp; sorted by name) as [N, 3, H, W] in [0, 1] and their file names.
+    Images of different sizes need `size` (they are resized to it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DiffmemError("no such folder of training images", folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileFormatError(f"holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})", folder)
+    tensors = []
+    for file in files:
+        try:
+            with Image.open(file) as picture:
+                array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            raise FileFormatError(f"is not a readable image ({exc})", file) from None
+        tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+        if size is not None and tuple(tensor.shape[-2:]) != tuple(size):
+            tensor = resize_images(tensor, size)
+        tensors.append(tensor)
+    shapes = {tuple(t.shape[-2:]) for t in tensors}
+    if len(shapes) > 1:
+        raise FileFormatError(f"holds images of different sizes {sorted(shapes)}; resize them first", folder)
+    return torch.cat(tensors), [f.name for f in files]
+
+
+def table_rows(result: AuditResult) -> tuple[list[str], list[list[object]]]:
+    """Header and rows of the per-prompt table, most suspicious first."""
+    header = ["prompt", "flagged", "wen_score", "wen_first_step", "largest_group"]
+    if not result.data_free:
+        header += ["copy_distance", "copy_fraction", "nearest_train"]
+    rows = []
+    for r in ranked(result):
+        row: list[object] = [r.prompt, "yes" if r.flagged else "no", round(r.wen_score, 4),
+                             round(r.wen_first_step, 4), r.largest_group]
+        if not result.data_free:
+            row += [round(r.copy_distance, 4), round(r.copy_fraction, 3), r.nearest_train]
+        rows.append(row)
+    return header, rows
+
+
+def ranked(result: AuditResult) -> list[PromptAudit]:
+    """Rows in report order: by copy distance with training images, by Wen score (highest first) without."""
+    if result.data_free:
+        return sorted(result.rows, key=lambda r: -r.wen_score)
+    return sorted(result.rows, key=lambda r: (not r.flagged, r.copy_distance))
+
+
+def render_html(result: AuditResult, thumbnail: int = 64) -> str:
+    """The self-contained report: summary, then per prompt its generations, nearest training image and scores."""
+    summary = result.summary()
+    mode = summary["mode"]
+    parts = [
+        f"<p><b>Model:</b> {html.escape(result.model)}<br><b>Mode:</b> {html.escape(mode)}<br>"
+        f"<b>Flagged:</b> <span class=\"{'bad' if summary['flagged'] else 'good'}\">{summary['flagged']} of "
+        f"{summary['prompts']} prompts</span>, {result.config.generations} generations each, "
+        f"{result.config.num_inference_steps} DDIM steps, guidance {result.config.guidance_scale}.</p>",
+    ]
+    if result.data_free:
+        rule = (f"Wen score above {result.config.wen_threshold}" if result.config.wen_threshold is not None
+                else f"robust outlier of the Wen scores (modified z-score above {result.config.outlier_z})")
+        parts.append(f'<p class="note">No training images were given: prompts are ranked by Wen et al.\'s score '
+                     f"(mean norm of the text-conditional noise prediction over the sampling steps) and flagged "
+                     f"when it is a {html.escape(rule)}.</p>")
+    else:
+        parts.append(
+            f'<p class="note">A generation copies a training image when its tiled L2 distance (max RMS over 16 tiles)'
+            f" is at most {result.config.copy.distance_threshold} and at most {result.config.copy.relative_threshold}"
+            f" of the mean distance to its nearest training images; a prompt is flagged when at least "
+            f"{result.config.copy_fraction:.0%} of its generations are copies. Copy rate over all generations: "
+            f"{summary['copy_rate']:.1%}.</p>"
+        )
+    header = ["prompt", "generations", "nearest training image", "flagged", "Wen score", "largest group"]
+    if not result.data_free:
+        header += ["copy distance", "copies"]
+    index_of = {id(r): i for i, r in enumerate(result.rows)}
+    rows = []
+    for r in ranked(result):
+        p = index_of[id(r)]
+        grid = image_grid(result.images[p], columns=min(result.config.generations, 8))
+        grid_size = thumbnail * grid.shape[-1] // result.images.shape[-1]
+        grid_html = (f'<img class="pix" src="{png_data_uri(grid)}" width="{grid_size}" '
+                     f'alt="generations for {html.escape(r.prompt)}">')
+        nearest = "—"
+        if r.nearest_train_index is not None and result.train_images is not None:
+            nearest = img_tag(result.train_images[r.nearest_train_index], thumbnail, r.nearest_train or "")
+            nearest += f"<br><span class=\"note\">{html.escape(r.nearest_train or '')}</span>"
+        flag = '<span class="bad">flagged</span>' if r.flagged else '<span class="good">no</span>'
+        row: list[object] = [r.prompt, grid_html, nearest, flag, r.wen_score, r.largest_group]
+        if not result.data_free:
+            row += [r.copy_distance, f"{r.copy_fraction:.0%}"]
+        rows.append(row)
+    parts.append(html_table(header, rows))
+    return html_page("diffmem audit", "".join(parts))
+
+
+def write_audit(result: AuditResult, out_dir: str | Path, protect: Sequence[str | Path] = ()) -> dict[str, Path]:
+    """Write table.csv, table.md, summary.json and report.html into `out_dir`, each atomically. Files named in
+    `protect` (the audit's inputs) are never overwritten."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, rows = table_rows(result)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    contents = {
+        "table.csv": buffer.getvalue(),
+        "table.md": markdown_table(header, rows) + "\n",
+        "summary.json": json.dumps(result.summary(), indent=2) + "\n",
+        "report.html": render_html(result),
+    }
+    return {name: write_atomic(text.encode("utf-8"), out_dir / name, tuple(protect))
+            for name, text in contents.items()}
+
+
+def pixel_to_images(samples: torch.Tensor) -> torch.Tensor:
+    """Pixel-space samples in [-1, 1] to images in [0, 1]."""
+    return ((samples.float() + 1) / 2).clamp(0, 1)
+
+
+
+def diffusers_audit_model(
+    path: str | Path, lora: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> AuditModel:
+    """A Stable Diffusion 1.x/2.x checkpoint as an `AuditModel`: a diffusers pipeline folder (model_index.json) or
+    a single-file checkpoint, loaded offline, with an optional LoRA (kohya or diffusers format, through
+    diffusers' `load_lora_weights`) and DDIM sampling as in Wen et al."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = Path(path)
+    if not path.exists():
+        raise DiffmemError("no such model file or folder", path)
+    try:
+        if path.is_dir():
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FileFormatError(f"could not load a Stable Diffusion pipeline offline ({exc})", path) from None
+    name = path.name
+    if lora is not None:
+        lora = Path(lora)
+        if not lora.is_file():
+            raise DiffmemError("no such LoRA file", lora)
+        try:
+            pipe.load_lora_weights(str(lora))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise FileFormatError(f"diffusers could not apply this LoRA to {path.name} ({exc})", lora) from None
+        name += f" + {lora.name}"
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def encode(prompts: Sequence[str]) -> torch.Tensor:
+        embeds, _ = pipe.encode_prompt(list(prompts), torch.device(device), 1, False)
+        return embeds
+
+    @torch.no_grad()
+    def to_images(latents: torch.Tensor) -> torch.Tensor:
+        scale = pipe.vae.config.scaling_factor
+        decoded = [pipe.vae.decode(chunk.to(device, dtype) / scale).sample.float().cpu() for chunk in latents.split(8)]
+        return pixel_to_images(torch.cat(decoded))
+
+    size = pipe.unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return AuditModel(name=name, unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+                      encode=encode, to_images=to_images, sample_shape=(pipe.unet.config.in_channels, height, width),
+                      image_size=(height * pipe.vae_scale_factor, width * pipe.vae_scale_factor))
+
+
+def screenshot_html(html_path: str | Path, png_path: str | Path, width: int = 1200, height: int = 1600,
+                    timeout: float = 120.0) -> Path:
+    """Render an HTML file to a PNG with headless Chromium (how a person would see the report)."""
+    import shutil
+    import subprocess
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        raise DiffmemError("no headless browser found: install Chromium (`apt-get install chromium`) to render "
+                           "reports to PNG")
+    html_path, png_path = Path(html_path).resolve(), Path(png_path).resolve()
+    command = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--hide-scrollbars", f"--window-size={width},{height}",
+        f"--screenshot={png_path}", html_path.as_uri(),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if completed.returncode != 0 or not png_path.is_file():
+        raise DiffmemError(f"Chromium could not render the report: {completed.stderr.strip()[-500:]}", html_path)
+    return png_path
+
+
+def is_world_file(path: Path) -> bool:
+    """True when `path` is a world UNet saved by diffmem (its safetensors metadata carries the UNet config)."""
+    from diffmem.formats.safetensors_io import read_header
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    _, metadata = read_header(path)
+    return "diffmem_unet_config" in metadata
+
+
+def open_audit_model(base: str | Path, lora: str | Path | None = None, device: str = "cpu") -> AuditModel:
+    """'world' or a world UNet file -> the world model; anything else -> a Stable Diffusion pipeline."""
+    base_path = Path(base)
+    if str(base) == "world" or is_world_file(base_path):
+        raise DiffmemError("auditing the embedded world needs diffmem.world's sampling API, which is not there yet")
+    return diffusers_audit_model(base_path, lora, device)
+
+
+def audit_files(
+    base: str | Path,
+    prompts: str | Path,
+    out_dir: str | Path,
+    lora: str | Path | None = None,
+    train_images: str | Path | None = None,
+    config: AuditConfig = AuditConfig(),
+    device: str = "cpu",
+    screenshot: bool = False,
+    progress: bool = True,
+) -> dict:
+    """The `diffmem audit` command as a function: load, generate, score, write; returns the summary."""
+    prompt_list = load_prompts(prompts)
+    model = open_audit_model(base, lora, device)
+    train = names = None
+    if train_images is not None:
+        train, names = load_image_folder(train_images, size=model.image_size)
+    result = run_audit(model, prompt_list, config, train, names, progress=progress)
+    inputs = [p for p in (prompts, lora, base) if p is not None and Path(p).exists()]
+    paths = write_audit(result, out_dir, protect=inputs)
+    if screenshot:
+        screenshot_html(paths["report.html"], Path(out_dir) / "report.png")
+    return result.summary()

@@ -1,0 +1,66 @@
+"""Sub-commands of the measurement layer: `diffmem audit` (argument parsing only; the work is in diffmem.audit)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffmem.errors import DiffmemError
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that sample a model while scoring it."""
+    parser.add_argument("--base", required=True,
+                        help="'world' (the embedded world base), a world UNet .safetensors, or a Stable Diffusion "
+                             "diffusers folder / single-file checkpoint (loaded offline)")
+    parser.add_argument("--lora", type=Path, help="LoRA file applied to the base")
+    parser.add_argument("--generations", type=int, default=4, help="images per prompt (default 4, Wen et al.)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per UNet call (default 32)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+
+
+def audit_config(args: argparse.Namespace):
+    """The AuditConfig the options describe."""
+    from diffmem.audit import AuditConfig
+
+    if args.generations < 1 or args.steps < 1:
+        raise DiffmemError("--generations and --steps must be at least 1")
+    return AuditConfig(generations=args.generations, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                       seed=args.seed, batch_size=args.batch_size,
+                       wen_threshold=getattr(args, "wen_threshold", None))
+
+
+def run_audit_command(args: argparse.Namespace) -> int:
+    from diffmem.audit import audit_files
+
+    summary = audit_files(
+        base=args.base, lora=args.lora, prompts=args.prompts, train_images=args.train_images, out_dir=args.out,
+        config=audit_config(args), device=args.device, screenshot=args.screenshot,
+    )
+    print(f"audited {summary['prompts']} prompts of {summary['model']} ({summary['mode']})")
+    print(f"flagged {summary['flagged']}: " + "; ".join(summary["flagged_prompts"][:10]))
+    print(f"wrote {args.out / 'report.html'}, table.csv, table.md, summary.json")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `audit` to the diffmem command line."""
+    parser = subparsers.add_parser(
+        "audit",
+        help="generate from a model (+ LoRA), find memorized prompts, write a report",
+        description="Generate images for each prompt, score them for memorization (copy test against training "
+                    "images when given, Wen et al.'s data-free score always) and write table.csv, table.md, "
+                    "summary.json and a self-contained report.html.",
+    )
+    add_sampling_options(parser)
+    parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
+    parser.add_argument("--train-images", type=Path,
+                        help="folder of training images; without it the audit is data-free (Wen et al.'s score)")
+    parser.add_argument("--wen-threshold", type=float,
+                        help="data-free mode: flag prompts whose Wen score exceeds this (default: robust outliers)")
+    parser.add_argument("--out", type=Path, default=Path("audit-out"), help="output folder (default audit-out)")
+    parser.add_argument("--screenshot", action="store_true", help="also render report.html to report.png (Chromium)")
+    parser.set_defaults(handler=run_audit_command)

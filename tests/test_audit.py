@@ -1,0 +1,147 @@
+"""The audit: pure scoring, file handling, the Stable Diffusion path on a tiny random pipeline, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from builders_metrics import tiny_sd_pipeline_folder
+from diffmem.audit import (
+    AuditConfig,
+    AuditResult,
+    audit_files,
+    diffusers_audit_model,
+    flag_by_wen,
+    load_image_folder,
+    load_prompts,
+    robust_z_scores,
+    run_audit,
+    score_prompts,
+    write_audit,
+)
+from diffmem.cli import main
+from diffmem.errors import DiffmemError, FileFormatError
+
+
+def test_robust_z_by_hand():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
+    # median 3, absolute deviations 2 1 0 1 97 -> MAD 1
+    assert robust_z_scores(values).tolist() == pytest.approx([-1.349, -0.6745, 0, 0.6745, 0.6745 * 97])
+    assert flag_by_wen(values, AuditConfig()).tolist() == [False, False, False, False, True]
+    assert flag_by_wen(values, AuditConfig(wen_threshold=3.5)).tolist() == [False, False, False, True, True]
+    assert robust_z_scores(torch.ones(4)).tolist() == [0, 0, 0, 0]
+
+
+def make_generations():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(6, 3, 16, 16, generator=gen)
+    memorized = (train[4] + 0.01 * torch.randn(4, 3, 16, 16, generator=gen)).clamp(0, 1)
+    memorized[3] = torch.rand(3, 16, 16, generator=gen)  # one of four generations is novel
+    novel = torch.rand(4, 3, 16, 16, generator=gen)
+    return torch.stack([memorized, novel]), train
+
+
+def test_score_prompts_with_training_images():
+    images, train = make_generations()
+    names = [f"img{i}.png" for i in range(6)]
+    rows = score_prompts(["dup", "held"], images, torch.tensor([5.0, 1.0]), torch.tensor([6.0, 2.0]), AuditConfig(),
+                         train, names)
+    assert [r.flagged for r in rows] == [True, False]
+    assert rows[0].nearest_train == "img4.png" and rows[0].copy_fraction == 0.75
+    assert rows[0].largest_group == 3 and rows[1].largest_group == 1
+    assert rows[0].copy_distance < 0.05 < rows[1].copy_distance
+    strict = score_prompts(["dup"], images[:1], torch.ones(1), torch.ones(1), AuditConfig(copy_fraction=0.9), train,
+                           names)
+    assert not strict[0].flagged
+
+
+def test_write_audit_files(tmp_path):
+    images, train = make_generations()
+    config = AuditConfig(generations=4)
+    rows = score_prompts(["dup", "held"], images, torch.tensor([5.0, 1.0]), torch.tensor([6.0, 2.0]), config, train,
+                         ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"])
+    result = AuditResult(model="m", rows=rows, images=images, config=config, train_images=train,
+                         train_names=["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"])
+    paths = write_audit(result, tmp_path / "out")
+    summary = json.loads(paths["summary.json"].read_text())
+    assert summary["flagged_prompts"] == ["dup"] and summary["copy_rate"] == pytest.approx(0.375)
+    assert paths["table.csv"].read_text().splitlines()[1].startswith("dup,yes,5.0,6.0,3,")
+    page = paths["report.html"].read_text()
+    assert page.count("data:image/png;base64,") == 4  # two generation grids, two nearest training images
+    assert "e.png" in page and "http" not in page.replace("https://", "")  # self-contained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("x\n")
+    with pytest.raises(DiffmemError, match="refusing to overwrite the input"):
+        write_audit(result, tmp_path, protect=[tmp_path / "table.csv"])
+
+
+def test_prompt_and_image_loading_errors(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# comment\n a red cat \n\nblue sky\n")
+    assert load_prompts(path) == ["a red cat", "blue sky"]
+    path.write_text("# only a comment\n")
+    with pytest.raises(FileFormatError, match="no prompts"):
+        load_prompts(path)
+    with pytest.raises(DiffmemError, match="no such"):
+        load_prompts(tmp_path / "missing.txt")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    with pytest.raises(FileFormatError, match="no images"):
+        load_image_folder(folder)
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(folder / "b.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "a.png")  # greyscale, smaller
+    with pytest.raises(FileFormatError, match="different sizes"):
+        load_image_folder(folder)
+    images, names = load_image_folder(folder, size=(8, 8))
+    assert names == ["a.png", "b.png"] and images.shape == (2, 3, 8, 8)
+    assert images[1].min() == 1.0 and images[0].max() == 0.0
+    (folder / "c.png").write_bytes(b"not a png")
+    with pytest.raises(FileFormatError, match="not a readable image"):
+        load_image_folder(folder, size=(8, 8))
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return tiny_sd_pipeline_folder(tmp_path_factory.mktemp("sd"))
+
+
+def test_stable_diffusion_path_on_a_tiny_pipeline(sd_folder):
+    model = diffusers_audit_model(sd_folder)
+    assert model.sample_shape == (4, 8, 8) and model.image_size == (16, 16)
+    config = AuditConfig(generations=2, num_inference_steps=2, batch_size=3)
+    result = run_audit(model, ["a red cat", "blue sky", "cat"], config)
+    assert result.images.shape == (3, 2, 3, 16, 16)
+    assert result.images.min() >= 0 and result.images.max() <= 1
+    again = run_audit(model, ["a red cat", "blue sky", "cat"], config)
+    assert [r.wen_score for r in again.rows] == pytest.approx([r.wen_score for r in result.rows])
+    assert all(r.wen_score > 0 for r in result.rows)
+
+
+def test_cli_audit_on_a_tiny_pipeline(sd_folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\nblue sky\n")
+    train = tmp_path / "train"
+    train.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(train / f"{i}.png")
+    out = tmp_path / "out"
+    code = main(["audit", "--base", str(sd_folder), "--prompts", str(prompts), "--train-images", str(train),
+                 "--generations", "2", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    assert "audited 2 prompts" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["training_images"] == 3 and summary["prompts"] == 2
+    assert main(["audit", "--base", str(tmp_path / "nope"), "--prompts", str(prompts)]) == 1
+
+
+def test_audit_files_refuses_to_write_over_inputs(sd_folder, tmp_path):
+    prompts = tmp_path / "table.csv"
+    prompts.write_text("a red cat\n")
+    with pytest.raises(DiffmemError):
+        audit_files(sd_folder, prompts, tmp_path, config=AuditConfig(generations=1, num_inference_steps=1),
+                    progress=False)
+    assert prompts.read_text() == "a red cat\n"
