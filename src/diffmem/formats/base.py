@@ -684,12 +684,16 @@ def guess_lora_family(lookups: Iterable[str], metadata: Mapping[str, str]) -> st
 
 
 def shapes_match(lora_shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
-    """Equal shapes, or a Linear update for a 1x1 conv (and back), which front-ends apply alike."""
+    """Equal shapes; a Linear update for a 1x1 conv (and back), which front-ends apply alike; or a conv update
+    given flattened as (out, in * kh * kw), as LoHa/LoKr files without a Tucker core record it."""
     lora_shape, base_shape = tuple(lora_shape), tuple(base_shape)
     if lora_shape == base_shape:
         return True
-    squeeze = lambda s: s[:2] if len(s) == 4 and s[2:] == (1, 1) else s  # noqa: E731
-    return squeeze(lora_shape) == squeeze(base_shape)
+    if len(lora_shape) == 2 and len(base_shape) == 4:
+        return lora_shape == (base_shape[0], base_shape[1] * base_shape[2] * base_shape[3])
+    if len(lora_shape) == 4 and len(base_shape) == 2:
+        return lora_shape == (*base_shape, 1, 1)
+    return False
 
 
 def resolve_targets(
