@@ -462,6 +462,23 @@ def test_unknown_layouts_say_so(tmp_path):
         open_base(tmp_path / "missing.safetensors")
 
 
+def test_a_lora_passed_as_base_is_named_as_such(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, path)
+    with pytest.raises(FileFormatError, match="is a LoRA file, not a base checkpoint"):
+        open_base(path)
+
+
+def test_component_folder_opens_as_bare(tmp_path):
+    folder = build_tiny_base(tmp_path, "sdxl", "diffusers_folder")
+    pipeline = open_base(folder)
+    unet = open_base(folder / "unet")
+    assert (unet.family, unet.layout) == ("sdxl", "bare")  # the added text_time embedding says SDXL
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    assert torch.equal(unet.weight(unet.targets[name]), pipeline.weight(pipeline.targets[name]))
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" not in unet.targets
+
+
 def test_missing_shard_is_named(tmp_path):
     folder = build_tiny_base(tmp_path, "flux", "diffusers_folder")
     shard = sorted((folder / "transformer").glob("*-00002-of-00002.safetensors"))[0]
@@ -552,3 +569,18 @@ def test_all_in_one_flux_file_with_clip_l(tmp_path):
     assert target.parts == (("text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
                              0, 16),)
     assert not any("vae" in t.module for t in base.targets.values())
+
+
+def test_docs_example_runs_and_prints_what_it_claims():
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "base-checkpoints.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", doc, re.S)[-1]
+    claimed = doc.split("prints\n\n", 1)[1].strip().splitlines()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/base-checkpoints.md", "exec"), {})
+    assert out.getvalue().strip().splitlines() == [line.strip() for line in claimed]

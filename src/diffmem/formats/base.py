@@ -150,6 +150,7 @@ SINGLE_FILE_TEXT_ENCODERS = (
     ("cond_stage_model.model.", "openclip", "text_encoder"),  # SD2 OpenCLIP ViT-H
     ("conditioner.embedders.0.transformer.", "hf", "text_encoder"),  # SDXL CLIP ViT-L
     ("conditioner.embedders.1.model.", "openclip", "text_encoder_2"),  # SDXL OpenCLIP ViT-bigG
+    ("conditioner.embedders.0.model.", "openclip", "text_encoder_2"),  # SDXL refiner: only ViT-bigG
     ("text_encoders.clip_l.transformer.", "hf", "text_encoder"),  # SD3 / Flux all-in-one files
     ("text_encoders.clip_g.transformer.", "hf", "text_encoder_2"),
     ("text_encoders.t5xxl.transformer.", "hf", "text_encoder_3"),
@@ -198,8 +199,13 @@ def detect_denoiser(keys: Iterable[str]) -> tuple[str, str] | None:
     return None
 
 
+LORA_KEY_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a", ".lokr_w1", "_lora.down.")
+
+
 def unknown_layout(path: Path, keys: list[str], what: str) -> FileFormatError:
     """The error for a file whose keys match no supported layout, showing a few of them."""
+    if any(marker in key for key in keys for marker in LORA_KEY_MARKERS):
+        return FileFormatError("is a LoRA file, not a base checkpoint; pass the model the LoRA was trained on", path)
     sample = ", ".join(sorted(keys)[:5]) or "none"
     return FileFormatError(
         f"unknown checkpoint layout: {what} has no Stable Diffusion UNet, Flux or SD3 transformer keys "
@@ -544,7 +550,6 @@ class BaseCheckpoint:
         self.components = components
         self._store = store
         self._hash: str | None = None
-        self.ambiguous: set[str] = set()
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{c.name}:{c.kind}/{c.naming}" for c in self.components)
@@ -556,16 +561,23 @@ class BaseCheckpoint:
         return self._store.files
 
     @cached_property
-    def targets(self) -> Mapping[str, Target]:
-        """Every accepted LoRA lookup name -> the Target it updates (built from headers only)."""
+    def _aliases(self) -> tuple[dict[str, Target], frozenset[str]]:
         claimed = component_keys(self._store, self.components)
         aliases = AliasMap()
         for component in self.components:
             shapes = {key[len(component.prefix) :]: self._store.shape(key) for key in claimed[component.name]}
             add_component_targets(aliases, component, shapes)
-        result = aliases.result()
-        self.ambiguous = aliases.ambiguous
-        return result
+        return aliases.result(), frozenset(aliases.ambiguous)
+
+    @property
+    def targets(self) -> Mapping[str, Target]:
+        """Every accepted LoRA lookup name -> the Target it updates (built from headers only, once)."""
+        return self._aliases[0]
+
+    @property
+    def ambiguous(self) -> frozenset[str]:
+        """Names that would fit two different weights (e.g. a bare CLIP path in SDXL), so are not accepted."""
+        return self._aliases[1]
 
     def weight(self, target: Target) -> torch.Tensor:
         """The float32 weight `target` describes, reading only the tensors it needs (memory-mapped)."""
