@@ -541,3 +541,226 @@ def test_header_length_that_starts_like_a_pickle_still_reads(tmp_path):
             break
     assert path.read_bytes()[:2] == b"\x80\x02"
     assert set(read_lora(path).modules) == {"lora_unet_a"}
+
+
+def test_keep_alpha_folds_the_scale_into_the_factors(tmp_path):
+    source = tmp_path / "k.safetensors"
+    tensors = bl.write_kohya_lora(source, bl.SD1_KOHYA, rank=4, alpha=2.0)
+    lora = read_lora(source)
+    new = {name: truncated_factors(m, 1 + i % 3) for i, (name, m) in enumerate(lora.modules.items())}
+    out = write_lora(replace_factors(lora, new, keep_alpha=True), tmp_path / "out.safetensors")
+    written = safetensors.torch.load_file(out)
+    back = read_lora(out)
+    for name, module in lora.modules.items():
+        assert torch.equal(written[f"{name}.alpha"], tensors[f"{name}.alpha"])
+        rank = back.modules[name].rank
+        assert back.modules[name].scale == pytest.approx(2.0 / rank)
+        b, a = new[name]
+        torch.testing.assert_close(back.modules[name].delta(), (module.scale * b @ a).reshape(module.weight_shape),
+                                   atol=1e-5, rtol=1e-4)
+    assert read_lora(out).metadata["ss_network_alpha"] == "2.0"
+
+
+# ------------------------------------------------------------------------------ loading through diffusers/PEFT
+
+
+def capture_diffusers_warnings():
+    """A list that collects every message the diffusers logger emits from now on (its handler is detached later)."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                messages.append(record.getMessage())
+
+    handler = Collect()
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    return messages, handler
+
+
+def load_with_diffusers(family: str, path: Path) -> dict[str, torch.Tensor]:
+    """Load a LoRA file through diffusers' `load_lora_weights` into fresh tiny models of `family`; return the
+    update each adapted layer applies (flattened to [out, in*kh*kw]) by '<component>.<layer path>'."""
+    import copy
+    import logging
+    import warnings
+
+    from diffusers.loaders import (
+        FluxLoraLoaderMixin,
+        StableDiffusionLoraLoaderMixin,
+        StableDiffusionXLLoraLoaderMixin,
+    )
+    from diffusers.utils import logging as diffusers_logging
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    import builders_base as bb
+
+    mixin = {"sd1": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin,
+             "flux": FluxLoraLoaderMixin}[family]
+    models = {name: copy.deepcopy(model) for name, model in bb.tiny_models(family).items()}
+    # A pipeline without tokenizers, VAE or scheduler: `load_lora_weights` only touches these attributes.
+    pipeline_class = type("TinyPipeline", (mixin,), {"hf_device_map": None, "components": property(lambda s: models)})
+    pipeline = pipeline_class()
+    for name, model in models.items():
+        setattr(pipeline, name, model)
+    for name in ("text_encoder", "text_encoder_2"):
+        if not hasattr(pipeline, name):
+            setattr(pipeline, name, None)
+    messages, handler = capture_diffusers_warnings()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipeline.load_lora_weights(str(path), adapter_name="filtered")
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    signs = ("unexpected key", "missing key", "did not match", "were ignored", "not found in the base model")
+    problems = [m for m in messages + [str(w.message) for w in caught] if any(s in m.lower() for s in signs)]
+    assert not problems, problems
+    assert logging  # imported for the handler type
+    applied = {}
+    for component, model in models.items():
+        for name, layer in model.named_modules():
+            if isinstance(layer, BaseTunerLayer):
+                delta = layer.get_delta_weight("filtered").detach()
+                applied[f"{component}.{name}"] = delta.reshape(delta.shape[0], -1)
+    return applied
+
+
+def assert_same_updates(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """Every layer diffusers adapted applies exactly a row block of one of our modules' updates, and together
+    they cover every row of every module once (a fused qkv module becomes three diffusers layers)."""
+    cover: dict[str, list[tuple[int, int]]] = {name: [] for name in ours}
+    for layer, delta in theirs.items():
+        hits = [(name, start) for name, update in ours.items()
+                if update.shape[1] == delta.shape[1] and update.shape[0] >= delta.shape[0]
+                for start in range(update.shape[0] - delta.shape[0] + 1)
+                if torch.allclose(update[start : start + delta.shape[0]], delta, atol=1e-5, rtol=1e-4)]
+        assert len(hits) == 1, f"{layer}: applies an update matching {hits} of ours"
+        name, start = hits[0]
+        cover[name].append((start, start + delta.shape[0]))
+    for name, spans in cover.items():
+        rows = sorted(spans)
+        assert [a for a, _ in rows] == [0] + [b for _, b in rows[:-1]] and rows and rows[-1][1] == ours[name].shape[0], \
+            f"{name}: diffusers applies rows {rows} of {ours[name].shape[0]}"
+
+
+def filtered_file(tmp_path: Path, source: Path, *, uniform: bool, keep_alpha: bool,
+                  weight_shapes: dict | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Reduce every module of `source` (to rank 2, or to ranks 1..3 by module), write it, and return the output
+    path with each written module's update (from reading the output back)."""
+    lora = read_lora(source)
+    new = {name: truncated_factors(m, 2 if uniform else 1 + i % 3) for i, (name, m) in enumerate(lora.modules.items())}
+    out = write_lora(replace_factors(lora, new, keep_alpha=keep_alpha, weight_shapes=weight_shapes),
+                     tmp_path / ("out" if lora.format == "peft" else "out.safetensors"))
+    back = read_lora(out)
+    return out, {name: m.delta().reshape(m.weight_shape[0], -1) for name, m in back.modules.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "convs", "uniform", "keep_alpha"),
+    [("sd1", True, False, True), ("sd1", False, True, False), ("sdxl", True, False, True),
+     ("sdxl", False, True, False)],
+    ids=["sd1-locon-dynamic", "sd1-uniform", "sdxl-locon-dynamic", "sdxl-uniform"],
+)
+def test_kohya_output_loads_in_diffusers_with_the_same_update(tmp_path, family, convs, uniform, keep_alpha):
+    import builders_base as bb
+
+    source = tmp_path / "in.safetensors"
+    bl.write_kohya_lora(source, bb.lora_lookups(family, "kohya", convs=convs), rank=4, alpha=2.0)
+    out, ours = filtered_file(tmp_path, source, uniform=uniform, keep_alpha=keep_alpha)
+    assert_same_updates(ours, load_with_diffusers(family, out))
+
+
+@pytest.mark.slow
+def test_kohya_flux_fused_modules_load_in_diffusers(tmp_path):
+    import builders_base as bb
+
+    # diffusers' Flux converter hard-codes the real model's 3072/12288 split of single_blocks.*.linear1.
+    lookups = {n: s for n, s in bb.lora_lookups("flux", "kohya").items() if not n.endswith("_linear1")}
+    assert any(n.endswith("_img_attn_qkv") for n in lookups)
+    source = tmp_path / "in.safetensors"
+    bl.write_kohya_lora(source, lookups, rank=3, alpha={n: 1.0 + i % 2 for i, n in enumerate(lookups)})
+    out, ours = filtered_file(tmp_path, source, uniform=False, keep_alpha=False)
+    assert_same_updates(ours, load_with_diffusers("flux", out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter_metadata", [True, False], ids=["metadata", "no-metadata"])
+def test_diffusers_output_loads_in_diffusers_with_the_same_update(tmp_path, adapter_metadata):
+    import builders_base as bb
+
+    # Only UNet modules: with transformers 5, CLIPTextModel has no `text_model.` level, which diffusers-format
+    # text-encoder keys (in every published file) name, so diffusers cannot place them in this environment.
+    lookups = {n: s for n, s in bb.lora_lookups("sd1", "diffusers", convs=True).items() if n.startswith("unet.")}
+    source = tmp_path / "in.safetensors"
+    bl.write_diffusers_lora(source, lookups, rank=4, alpha=8.0 if adapter_metadata else bl.RANK_ALPHA,
+                            adapter_metadata=adapter_metadata)
+    out, ours = filtered_file(tmp_path, source, uniform=False, keep_alpha=False)
+    assert_same_updates(ours, load_with_diffusers("sd1", out))
+
+
+@pytest.mark.slow
+def test_old_processor_output_loads_in_diffusers(tmp_path):
+    import builders_base as bb
+
+    attention = ("to_q", "to_k", "to_v", "to_out.0")
+    lookups = {n: s for n, s in bb.lora_lookups("sd1", "diffusers").items()
+               if n.startswith("unet.") and n.endswith(attention)}
+    source = tmp_path / "in.safetensors"
+    bl.write_old_diffusers_lora(source, lookups, rank=4)
+    out, ours = filtered_file(tmp_path, source, uniform=False, keep_alpha=False)
+    assert_same_updates(ours, load_with_diffusers("sd1", out))
+
+
+@pytest.mark.slow
+def test_loha_output_loads_in_diffusers_as_a_plain_lora(tmp_path):
+    import builders_base as bb
+
+    lookups = bb.lora_lookups("sd1", "kohya", convs=True)
+    source = tmp_path / "in.safetensors"
+    bl.write_lycoris(source, lookups, algo="loha", rank=3, alpha=1.0)
+    out, ours = filtered_file(tmp_path, source, uniform=False, keep_alpha=True, weight_shapes=lookups)
+    theirs = load_with_diffusers("sd1", out)
+    assert_same_updates(ours, theirs)
+    assert len(theirs) == len(lookups)
+
+
+@pytest.mark.slow
+def test_peft_folder_output_loads_in_peft_with_the_same_update(tmp_path):
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    import builders_base as bb
+
+    lookups = {n.split(".", 1)[1]: s for n, s in bb.lora_lookups("sd1", "diffusers", convs=True).items()
+               if n.startswith("unet.")}
+    bl.write_peft_folder(tmp_path / "adapter", lookups, rank=4, alpha=8.0, rslora=True)
+    out, ours = filtered_file(tmp_path, tmp_path / "adapter", uniform=False, keep_alpha=False)
+    import copy
+
+    model = PeftModel.from_pretrained(copy.deepcopy(bb.tiny_models("sd1")["unet"]), str(out))
+    theirs = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, BaseTunerLayer):
+            delta = layer.get_delta_weight("default").detach()
+            theirs[name] = delta.reshape(delta.shape[0], -1)
+    assert_same_updates(ours, theirs)
+
+
+@pytest.mark.slow
+def test_the_diffusers_check_notices_a_module_diffusers_does_not_apply(tmp_path):
+    import builders_base as bb
+
+    lookups = dict(bb.lora_lookups("sd1", "kohya"))
+    lookups["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_qq"] = (8, 8)  # no such layer
+    source = tmp_path / "in.safetensors"
+    bl.write_kohya_lora(source, lookups, rank=2)
+    lora = read_lora(source)
+    ours = {name: m.delta().reshape(m.weight_shape[0], -1) for name, m in lora.modules.items()}
+    with pytest.raises(AssertionError):
+        assert_same_updates(ours, load_with_diffusers("sd1", source))

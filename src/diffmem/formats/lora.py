@@ -376,11 +376,17 @@ def replace_factors(
     new: Mapping[str, tuple[Tensor, Tensor]],
     *,
     weight_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    keep_alpha: bool = False,
 ) -> LoraFile:
     """A copy of `lora` whose modules in `new` carry the factors new[name] = (B [out, r'], A [r', in*kh*kw]).
 
     The new alpha keeps each module's scale (alpha' = scale * r', or scale * sqrt(r') for rsLoRA), so
-    scale * B @ A is the update the file applies; an absent alpha stays absent when alpha' == r'. A rank of 0
+    scale * B @ A is the update the file applies; an absent alpha stays absent when alpha' == r'. This is
+    what kohya's resize_lora does, and gives per-module alphas when ranks differ ("Dynamic").
+    `keep_alpha=True` instead keeps every stored alpha as it is and folds the scale change into B
+    (B' = B * old scale / new scale), so the file applies the same update with its original, uniform alphas:
+    diffusers (0.42) misreads per-module alphas of kohya attention modules, and loads such files right only
+    this way. Whole-factor LoKr modules, whose alpha LyCORIS ignores, always get the scale-keeping alpha. A rank of 0
     (every channel removed) is written as rank-1 zero factors, which every loader accepts and which change
     nothing. Tucker, LoHa and LoKr modules become plain lora/locon modules under the same module name.
     `weight_shapes` gives the base weight's shape for LoHa/LoKr conv modules whose file lost the kernel size;
@@ -393,14 +399,15 @@ def replace_factors(
     for name, (b, a) in new.items():
         module = lora.modules[name]
         shape = tuple((weight_shapes or {}).get(name, module.weight_shape))
-        modules[name] = module_with_factors(module, b, a, shape, lora, name)
+        modules[name] = module_with_factors(module, b, a, shape, lora, name, keep_alpha)
     return dataclasses.replace(lora, modules=modules)
 
 
 def module_with_factors(
-    module: LoraModule, b: Tensor, a: Tensor, shape: tuple[int, ...], lora: LoraFile, name: str
+    module: LoraModule, b: Tensor, a: Tensor, shape: tuple[int, ...], lora: LoraFile, name: str,
+    keep_alpha: bool = False,
 ) -> LoraModule:
-    """`module` rewritten as a lora/locon module with factors (b, a) and the alpha that keeps its scale."""
+    """`module` rewritten as a lora/locon module whose update is module.scale * b @ a (see `replace_factors`)."""
     out, fan_in = shape[0], math.prod(shape[1:])
     if math.prod(shape) != math.prod(module.weight_shape):
         raise ValueError(f"{name}: weight shape {shape} does not fit the module's {module.weight_shape}")
@@ -409,23 +416,33 @@ def module_with_factors(
     if b.shape[1] == 0:
         b, a = b.new_zeros(out, 1), a.new_zeros(1, fan_in)
     rank = int(b.shape[1])
+    old_alpha = module.tensors.get("alpha")
+    whole_lokr = module.kind == "lokr" and {"lokr_w1", "lokr_w2"} <= module.tensors.keys()
+    if keep_alpha and not whole_lokr:
+        # A missing or zero alpha means "alpha = rank" at the new rank too.
+        follows_rank = not module.alpha_stored or (old_alpha is not None and float(old_alpha.float().sum()) == 0)
+        alpha = float(rank) if follows_rank else module.alpha
+        scale = lora_math.lora_scale(alpha, rank, module.rslora)
+        b = b * (module.scale / scale)
+        alpha_stored = module.alpha_stored
+    else:
+        alpha, scale = lora_math.alpha_keeping_scale(module.scale, rank, module.rslora), module.scale
+        alpha_stored = module.alpha_stored or alpha != rank
     dtype = next(t.dtype for role, t in module.tensors.items() if role not in SHARED_ROLES)
     conv = len(shape) == 4
     up = b.to(dtype).reshape(out, rank, 1, 1) if conv else b.to(dtype)
     down = a.to(dtype).reshape(rank, *shape[1:]) if conv else a.to(dtype)
-    alpha = lora_math.alpha_keeping_scale(module.scale, rank, module.rslora)
-    alpha_stored = module.alpha_stored or alpha != rank
     tensors = {"up": up.contiguous(), "down": down.contiguous()}
     keys = {role: lora_keys.key_for(name, role, lora.format) for role in ("up", "down")}
     if "dora_scale" in module.tensors:
         tensors["dora_scale"], keys["dora_scale"] = module.tensors["dora_scale"], module.keys["dora_scale"]
     if alpha_stored and ("alpha" in module.tensors or lora.format in ("kohya", "diffusers_old")):
-        old = module.tensors.get("alpha")
-        tensors["alpha"] = alpha_tensor(alpha, old)
+        keep = keep_alpha and not whole_lokr and old_alpha is not None
+        tensors["alpha"] = old_alpha if keep else alpha_tensor(alpha, old_alpha)
         keys["alpha"] = module.keys.get("alpha", lora_keys.key_for(name, "alpha", lora.format))
     return dataclasses.replace(
         module, kind="locon" if conv else "lora", tensors=tensors, keys=keys, rank=rank, alpha=alpha,
-        alpha_stored=alpha_stored, weight_shape=shape,
+        alpha_stored=alpha_stored, scale=scale, weight_shape=shape,
     )
 
 
