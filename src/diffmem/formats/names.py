@@ -319,6 +319,17 @@ def module_rules(original: str, diffusers: str | tuple[str, ...], split: str = "
     return [Rule(f"{original}.{p}", tuple(f"{t}.{p}" for t in targets), split) for p in ("weight", "bias")]
 
 
+def block_rules(original: str, diffusers: str, table: Iterable[tuple[str, str | tuple[str, ...]]]) -> list[Rule]:
+    """Module rules of one block: a string target is a rename, a tuple an equal split (fused qkv)."""
+    rules = []
+    for source, target in table:
+        if isinstance(target, str):
+            rules += module_rules(f"{original}.{source}", f"{diffusers}.{target}")
+        else:
+            rules += module_rules(f"{original}.{source}", tuple(f"{diffusers}.{t}" for t in target), "equal")
+    return rules
+
+
 def realise(rules: Iterable[Rule], shapes: Shapes, naming: str, hidden: int | None = None) -> list[Fusion]:
     """Fusions with row ranges for the rules whose stored-side keys are all present in `shapes`."""
     fusions = []
@@ -390,17 +401,11 @@ def flux_rules(double_blocks: Iterable[int], single_blocks: Iterable[int]) -> li
     rules = [rule for original, diffusers in FLUX_TOP for rule in module_rules(original, diffusers)]
     rules += module_rules("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")
     for i in double_blocks:
-        for original, diffusers in FLUX_DOUBLE:
-            split = "full" if isinstance(diffusers, str) else "equal"
-            targets = f"transformer_blocks.{i}.{diffusers}" if isinstance(diffusers, str) else tuple(
-                f"transformer_blocks.{i}.{d}" for d in diffusers
-            )
-            rules += module_rules(f"double_blocks.{i}.{original}", targets, split)
+        rules += block_rules(f"double_blocks.{i}", f"transformer_blocks.{i}", FLUX_DOUBLE)
         rules += [Rule(f"double_blocks.{i}.{o}", (f"transformer_blocks.{i}.{d}",)) for o, d in FLUX_DOUBLE_NORMS]
     for i in single_blocks:
         prefix = f"single_transformer_blocks.{i}"
-        for original, diffusers in FLUX_SINGLE:
-            rules += module_rules(f"single_blocks.{i}.{original}", f"{prefix}.{diffusers}")
+        rules += block_rules(f"single_blocks.{i}", prefix, FLUX_SINGLE)
         rules += [Rule(f"single_blocks.{i}.{o}", (f"{prefix}.{d}",)) for o, d in FLUX_SINGLE_NORMS]
         parts = tuple(f"{prefix}.{d}" for d in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
         rules += module_rules(f"single_blocks.{i}.linear1", parts, "hidden")
@@ -461,12 +466,7 @@ def sd3_rules(blocks: list[int]) -> list[Rule]:
     rules += [rule for original, diffusers in SD3_TOP for rule in module_rules(original, diffusers)]
     rules += module_rules("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")
     for i in blocks:
-        for original, diffusers in SD3_BLOCK:
-            split = "full" if isinstance(diffusers, str) else "equal"
-            targets = f"transformer_blocks.{i}.{diffusers}" if isinstance(diffusers, str) else tuple(
-                f"transformer_blocks.{i}.{d}" for d in diffusers
-            )
-            rules += module_rules(f"joint_blocks.{i}.{original}", targets, split)
+        rules += block_rules(f"joint_blocks.{i}", f"transformer_blocks.{i}", SD3_BLOCK)
         rules += [Rule(f"joint_blocks.{i}.{o}", (f"transformer_blocks.{i}.{d}",)) for o, d in SD3_BLOCK_NORMS]
         last = i == blocks[-1]
         rules += module_rules(
