@@ -145,3 +145,19 @@ def test_audit_files_refuses_to_write_over_inputs(sd_folder, tmp_path):
         audit_files(sd_folder, prompts, tmp_path, config=AuditConfig(generations=1, num_inference_steps=1),
                     progress=False)
     assert prompts.read_text() == "a red cat\n"
+
+
+def test_wen_eval_command_on_a_tiny_pipeline(sd_folder, tmp_path, capsys):
+    memorized, held_out = tmp_path / "m.txt", tmp_path / "h.txt"
+    memorized.write_text("a red cat\nred\n")
+    held_out.write_text("blue sky\nsky\nblue\n")
+    out = tmp_path / "wen.json"
+    assert main(["wen-eval", "--base", str(sd_folder), "--memorized", str(memorized), "--held-out", str(held_out),
+                 "--generations", "1", "--steps", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["memorized"] == 2 and result["held_out"] == 3
+    auc = result["all_steps"]["auc"]
+    assert 0 <= auc <= 1 and f"ROC AUC {auc:.3f}" in printed
+    # with 3 held-out prompts, FPR <= 1% admits no false positive at all
+    assert result["all_steps"]["tpr_at_0.01_fpr"] in (0.0, 0.5, 1.0)

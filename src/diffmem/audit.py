@@ -31,7 +31,7 @@ from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.copy import CopyConfig, copy_decisions_from_distances, tiled_l2
 from diffmem.metrics.extraction import largest_component
-from diffmem.metrics.wen import WenConfig, sample_with_wen_scores
+from diffmem.metrics.wen import WenConfig, WenTrace, sample_with_wen_scores
 from diffmem.report import html_page, html_table, image_grid, img_tag, markdown_table, png_data_uri
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -208,11 +208,6 @@ def run_audit(
     """Generate `config.generations` images per prompt while recording Wen scores, then score them."""
     if not prompts:
         raise DiffmemError("no prompts to audit")
-    prompt_embeds = model.encode(list(prompts))
-    empty = model.encode([""])
-    wen = WenConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                    generations=config.generations, batch_size=config.batch_size)
-    traces = []
     chunk = max(1, config.batch_size // config.generations)
     starts = range(0, len(prompts), chunk)
     if progress:
@@ -220,11 +215,7 @@ def run_audit(
 
         starts = tqdm(starts, desc="audit", unit=f"x{chunk} prompts")
     generator = torch.Generator().manual_seed(config.seed)
-    for start in starts:
-        traces.append(sample_with_wen_scores(
-            model.unet, model.scheduler, prompt_embeds[start : start + chunk], empty, wen, generator,
-            model.sample_shape,
-        ))
+    traces = [wen_scores_of(model, prompts[start : start + chunk], config, generator) for start in starts]
     samples = torch.cat([t.samples for t in traces])
     flat_images = model.to_images(samples.flatten(0, 1))
     images = flat_images.reshape(len(prompts), config.generations, *flat_images.shape[-3:])
@@ -493,3 +484,43 @@ def audit_files(
     if screenshot:
         screenshot_html(paths["report.html"], Path(out_dir) / "report.png")
     return result.summary()
+
+
+def wen_scores_of(
+    model: AuditModel, prompts: Sequence[str], config: AuditConfig = AuditConfig(),
+    generator: torch.Generator | None = None,
+) -> WenTrace:
+    """Wen et al.'s trace (per-step norms, samples) for prompts, sampled with the audit's settings."""
+    wen = WenConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                    generations=config.generations, batch_size=config.batch_size)
+    generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+    return sample_with_wen_scores(model.unet, model.scheduler, model.encode(list(prompts)), model.encode([""]), wen,
+                                  generator, model.sample_shape)
+
+
+def evaluate_wen_detector(
+    model: AuditModel,
+    memorized: Sequence[str],
+    held_out: Sequence[str],
+    config: AuditConfig = AuditConfig(),
+    max_fpr: float = 0.01,
+) -> dict:
+    """ROC AUC and TPR at `max_fpr` of Wen et al.'s score (all steps, and first step only) separating prompts
+    known to be memorized from held-out ones (Wen et al. 2024, sec. 4)."""
+    from diffmem.metrics.roc import roc_auc, tpr_at_fpr
+
+    if not memorized or not held_out:
+        raise DiffmemError("need at least one memorized and one held-out prompt")
+    trace = wen_scores_of(model, [*memorized, *held_out], config)
+    labels = torch.tensor([1] * len(memorized) + [0] * len(held_out))
+    out = {"model": model.name, "memorized": len(memorized), "held_out": len(held_out),
+           "generations": config.generations, "steps": config.num_inference_steps,
+           "guidance": config.guidance_scale}
+    for key, scores in (("all_steps", trace.scores), ("first_step", trace.first_step)):
+        out[key] = {
+            "auc": roc_auc(scores, labels),
+            f"tpr_at_{max_fpr:g}_fpr": tpr_at_fpr(scores, labels, max_fpr),
+            "mean_memorized": float(scores[: len(memorized)].mean()),
+            "mean_held_out": float(scores[len(memorized) :].mean()),
+        }
+    return out

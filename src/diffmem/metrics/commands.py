@@ -46,8 +46,31 @@ def run_audit_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_wen_eval_command(args: argparse.Namespace) -> int:
+    import json
+
+    from diffmem.audit import evaluate_wen_detector, load_prompts, open_audit_model
+
+    memorized, held_out = load_prompts(args.memorized), load_prompts(args.held_out)
+    model = open_audit_model(args.base, args.lora, args.device)
+    result = evaluate_wen_detector(model, memorized, held_out, audit_config(args), max_fpr=args.max_fpr)
+    for key in ("all_steps", "first_step"):
+        numbers = result[key]
+        tpr = numbers[f"tpr_at_{args.max_fpr:g}_fpr"]
+        print(f"Wen score ({key.replace('_', ' ')}): ROC AUC {numbers['auc']:.3f}, TPR at {args.max_fpr:.0%} FPR "
+              f"{tpr:.3f} (mean {numbers['mean_memorized']:.3f} memorized vs {numbers['mean_held_out']:.3f} held out)")
+    print(f"{len(memorized)} memorized and {len(held_out)} held-out prompts, {args.generations} generations each, "
+          f"{args.steps} DDIM steps, guidance {args.guidance}")
+    if args.json is not None:
+        from diffmem.formats.safetensors_io import write_atomic
+
+        write_atomic((json.dumps(result, indent=2) + "\n").encode(), args.json,
+                     protect=tuple(p for p in (args.memorized, args.held_out, args.lora) if p is not None))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `audit` to the diffmem command line."""
+    """Add `audit` and `wen-eval` to the diffmem command line."""
     parser = subparsers.add_parser(
         "audit",
         help="generate from a model (+ LoRA), find memorized prompts, write a report",
@@ -64,3 +87,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("audit-out"), help="output folder (default audit-out)")
     parser.add_argument("--screenshot", action="store_true", help="also render report.html to report.png (Chromium)")
     parser.set_defaults(handler=run_audit_command)
+
+    parser = subparsers.add_parser(
+        "wen-eval",
+        help="ROC AUC and TPR at 1% FPR of Wen et al.'s detector on known memorized vs held-out prompts",
+        description="Score prompts known to be memorized and held-out prompts with Wen et al.'s data-free detector "
+                    "and print how well the score separates them (ROC AUC, TPR at a fixed FPR).",
+    )
+    add_sampling_options(parser)
+    parser.add_argument("--memorized", type=Path, required=True, help="text file of memorized prompts")
+    parser.add_argument("--held-out", type=Path, required=True, help="text file of held-out prompts")
+    parser.add_argument("--max-fpr", type=float, default=0.01, help="false-positive rate for the TPR (default 0.01)")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    parser.set_defaults(handler=run_wen_eval_command)
