@@ -30,11 +30,6 @@ def randn(shape: Shape, generator: torch.Generator, dtype: torch.dtype = torch.f
     return (torch.randn(shape, generator=generator) * 0.3).to(dtype)
 
 
-def kohya_name(prefix: str, dotted: str) -> str:
-    """kohya module name of a dotted module path: ('lora_unet', 'a.b.0') -> 'lora_unet_a_b_0'."""
-    return f"{prefix}_{dotted.replace('.', '_')}"
-
-
 def lora_factors(shape: Shape, rank: int, generator: torch.Generator, dtype=torch.float32):
     """(up, down) of a LoRA (2-D shape) or LoCon (4-D: k x k down, 1 x 1 up) for a weight of `shape`."""
     out, fan_in, *kernel = shape

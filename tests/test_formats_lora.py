@@ -764,3 +764,13 @@ def test_the_diffusers_check_notices_a_module_diffusers_does_not_apply(tmp_path)
     ours = {name: m.delta().reshape(m.weight_shape[0], -1) for name, m in lora.modules.items()}
     with pytest.raises(AssertionError):
         assert_same_updates(ours, load_with_diffusers("sd1", source))
+
+
+def test_docs_example_runs_and_prints_what_it_claims(tmp_path, monkeypatch, capsys):
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+    code, printed = re.findall(r"```(?:python)?\n(.*?)```", doc, re.S)[:2]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/formats.md", "exec"), {})
+    assert capsys.readouterr().out == printed
