@@ -774,3 +774,23 @@ def test_docs_example_runs_and_prints_what_it_claims(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/formats.md", "exec"), {})
     assert capsys.readouterr().out == printed
+
+
+def test_weight_shapes_do_not_change_the_layout_of_plain_lora_modules(tmp_path):
+    name = "lora_unet_middle_block_1_proj_in"
+    bl.write_kohya_lora(tmp_path / "k.safetensors", {name: (8, 8)}, rank=2)
+    lora = read_lora(tmp_path / "k.safetensors")
+    out = replace_factors(lora, {name: truncated_factors(lora.modules[name], 1)}, weight_shapes={name: (8, 8, 1, 1)})
+    assert out.modules[name].kind == "lora" and out.modules[name].tensors["down"].shape == (1, 8)
+
+
+def test_lora_compatible_layer_naming_reads_and_writes_back(tmp_path):
+    path = tmp_path / "o.safetensors"
+    name = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora"
+    safetensors.torch.save_file({f"{name}.down.weight": torch.randn(2, 6), f"{name}.up.weight": torch.randn(8, 2)},
+                                str(path))
+    lora = read_lora(path)
+    assert lora.format == "diffusers_old"
+    assert lora.modules[name].lookup == "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
+    out = write_lora(reduce_all(lora, 1), tmp_path / "out.safetensors")
+    assert set(safetensors.torch.load_file(out)) == {f"{name}.down.weight", f"{name}.up.weight"}

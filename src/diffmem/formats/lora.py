@@ -389,7 +389,8 @@ def replace_factors(
     this way. Whole-factor LoKr modules, whose alpha LyCORIS ignores, always get the scale-keeping alpha. A rank of 0
     (every channel removed) is written as rank-1 zero factors, which every loader accepts and which change
     nothing. Tucker, LoHa and LoKr modules become plain lora/locon modules under the same module name.
-    `weight_shapes` gives the base weight's shape for LoHa/LoKr conv modules whose file lost the kernel size;
+    `weight_shapes` gives the base weight's shape for LoHa/LoKr modules, whose files do not record a conv kernel
+    (other kinds keep the layout they were stored in, so a 2-D LoRA on a 1x1 conv stays 2-D);
     4-D shapes are written as a k x k down and a 1 x 1 up. Modules not in `new` are untouched.
     """
     unknown = sorted(set(new) - set(lora.modules))
@@ -398,7 +399,9 @@ def replace_factors(
     modules = dict(lora.modules)
     for name, (b, a) in new.items():
         module = lora.modules[name]
-        shape = tuple((weight_shapes or {}).get(name, module.weight_shape))
+        # Only LoHa/LoKr files can lose a conv kernel; every other kind keeps the factor layout it was stored in.
+        given = (weight_shapes or {}).get(name) if module.kind in ("loha", "lokr") else None
+        shape = tuple(given) if given is not None else module.weight_shape
         modules[name] = module_with_factors(module, b, a, shape, lora, name, keep_alpha)
     return dataclasses.replace(lora, modules=modules)
 
@@ -430,8 +433,9 @@ def module_with_factors(
         alpha_stored = module.alpha_stored or alpha != rank
     dtype = next(t.dtype for role, t in module.tensors.items() if role not in SHARED_ROLES)
     conv = len(shape) == 4
-    up = b.to(dtype).reshape(out, rank, 1, 1) if conv else b.to(dtype)
-    down = a.to(dtype).reshape(rank, *shape[1:]) if conv else a.to(dtype)
+    b, a = b.detach().to("cpu", dtype), a.detach().to("cpu", dtype)
+    up = b.reshape(out, rank, 1, 1) if conv else b
+    down = a.reshape(rank, *shape[1:]) if conv else a
     tensors = {"up": up.contiguous(), "down": down.contiguous()}
     keys = {role: lora_keys.key_for(name, role, lora.format) for role in ("up", "down")}
     if "dora_scale" in module.tensors:
