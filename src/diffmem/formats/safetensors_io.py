@@ -34,7 +34,8 @@ def sniff_pickle(path: Path, head: bytes) -> str | None:
     """Say what kind of pickle container `head` starts, or None when it is not one."""
     if head[:2] == b"PK":
         return "a zip archive (a PyTorch .pt/.ckpt pickle)"
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
+    # A safetensors header length of 640, 896, ... bytes also starts 80 02..05; its JSON header then opens at byte 8.
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6) and head[8:9] != b"{":
         return "a Python pickle"
     return None
 
@@ -48,8 +49,10 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, str]]:
         raise FileFormatError("is a folder, not a .safetensors file", path)
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
         kind = sniff_pickle(path, head)
+        head = head[:8]
+        handle.seek(len(head))
         if kind is not None:
             raise FileFormatError(
                 f"is {kind}, not safetensors; pickles can run code when loaded, so diffmem reads them only "
