@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -584,3 +586,98 @@ def test_docs_example_runs_and_prints_what_it_claims():
     with contextlib.redirect_stdout(out):
         exec(compile(code, "docs/base-checkpoints.md", "exec"), {})
     assert out.getvalue().strip().splitlines() == [line.strip() for line in claimed]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Full-size models, from headers alone
+
+
+class HeaderOnly(Mapping):
+    """Key shapes of a multi-GB checkpoint without its data: opening a base may read nothing else."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+        self.shapes, self.path = shapes, path
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.shapes[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        raise AssertionError(f"read tensor {key}")
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+SDXL_UNET = {"sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
+             "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20),
+             "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
+             "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+             "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")}
+VIT_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+         "hidden_act": "quick_gelu", "vocab_size": 49408, "max_position_embeddings": 77}
+VIT_BIG_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+             "projection_dim": 1280, "hidden_act": "gelu", "vocab_size": 49408, "max_position_embeddings": 77}
+# Names as sd-scripts writes them for SDXL, with the shapes of sd_xl_base_1.0.
+SDXL_REAL = {
+    "lora_unet_input_blocks_7_1_transformer_blocks_9_attn2_to_k":
+        ("unet.down_blocks.2.attentions.0.transformer_blocks.9.attn2.to_k", (1280, 2048)),
+    "lora_unet_input_blocks_5_1_proj_in": ("unet.down_blocks.1.attentions.1.proj_in", (640, 640)),
+    "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2":
+        ("unet.mid_block.attentions.0.transformer_blocks.9.ff.net.2", (1280, 5120)),
+    "lora_unet_output_blocks_5_1_transformer_blocks_1_attn1_to_out_0":
+        ("unet.up_blocks.1.attentions.2.transformer_blocks.1.attn1.to_out.0", (640, 640)),
+    "lora_unet_output_blocks_8_0_skip_connection": ("unet.up_blocks.2.resnets.2.conv_shortcut", (320, 640, 1, 1)),
+    "lora_unet_label_emb_0_0": ("unet.add_embedding.linear_1", (1280, 2816)),
+    "lora_te1_text_model_encoder_layers_11_mlp_fc1": ("text_encoder.text_model.encoder.layers.11.mlp.fc1", (3072, 768)),
+    "lora_te2_text_model_encoder_layers_31_self_attn_v_proj":
+        ("text_encoder_2.text_model.encoder.layers.31.self_attn.v_proj", (1280, 1280)),
+}
+
+
+def test_full_size_sdxl_names_and_shapes_from_the_header_alone():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        clip = CLIPTextModel(CLIPTextConfig(**VIT_L))
+        big_g = CLIPTextModelWithProjection(CLIPTextConfig(**VIT_BIG_G))
+    shapes = {f"model.diffusion_model.{k}": tuple(v.shape) for k, v in to_original(unet.state_dict(), "unet").items()}
+    shapes.update({f"conditioner.embedders.0.transformer.{classic_key('text_encoder', k)}": tuple(v.shape)
+                   for k, v in clip.state_dict().items()})
+    big_g_state = {classic_key("text_encoder_2", k): v for k, v in big_g.state_dict().items()}
+    shapes.update({f"conditioner.embedders.1.model.{k}": tuple(v.shape)
+                   for k, v in to_openclip(big_g_state, 1280).items()})
+    path = Path("sd_xl_base_1.0.safetensors")
+    base = base_module.single_file_checkpoint(path, HeaderOnly(shapes, path))
+    assert (base.family, base.layout) == ("sdxl", "single_file")
+    for lookup, (module, shape) in SDXL_REAL.items():
+        assert (base.targets[lookup].module, base.targets[lookup].shape) == (module, shape), lookup
+    v_proj = base.targets["lora_te2_text_model_encoder_layers_31_self_attn_v_proj"]
+    assert v_proj.parts == (("conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight", 2560, 3840),)
+    layers = sum(isinstance(m, torch.nn.Linear | torch.nn.Conv2d) for model in (unet, clip, big_g) for m in model.modules())
+    assert len({target.module for target in base.targets.values()}) == layers - 1  # all but bigG's text_projection
+
+
+def test_full_size_flux_dev_fused_slices_from_the_header_alone():
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True)  # FLUX.1-dev: 19 double, 38 single blocks
+    shapes = {k: tuple(v.shape) for k, v in to_original(model.state_dict(), "flux").items()}
+    path = Path("flux1-dev.safetensors")
+    base = base_module.single_file_checkpoint(path, HeaderOnly(shapes, path))
+    assert (base.family, base.layout) == ("flux", "single_file")
+    assert base.targets["lora_unet_single_blocks_37_linear1"].shape == (21504, 3072)
+    assert base.targets["transformer.single_transformer_blocks.37.attn.to_v"].parts == (
+        ("single_blocks.37.linear1.weight", 6144, 9216),
+    )
+    assert base.targets["transformer.single_transformer_blocks.0.proj_mlp"].parts == (
+        ("single_blocks.0.linear1.weight", 9216, 21504),
+    )
+    assert base.targets["lora_unet_double_blocks_18_txt_attn_qkv"].shape == (9216, 3072)
+    assert base.targets["transformer.proj_out"].shape == (64, 3072)

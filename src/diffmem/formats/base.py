@@ -613,21 +613,30 @@ def open_base(path: str | Path) -> BaseCheckpoint:
     path = Path(path)
     if not path.exists():
         raise DiffmemError("no such file or folder", path)
-    hidden_act = None
     if path.is_dir():
         components, store, layout, hidden_act = open_folder(path)
+        return assemble(path, components, store, layout, hidden_act)
+    return single_file_checkpoint(path, open_weights_file(path))
+
+
+def single_file_checkpoint(path: Path, reader: Reader) -> BaseCheckpoint:
+    """The checkpoint held by one weight file (any object with the `SafetensorsFile` reading interface)."""
+    store = TensorStore()
+    store.add(reader)
+    components = single_file_components(path, list(reader))
+    if isinstance(reader, TorchPickleFile):
+        layout = "ckpt"
+    elif components[-1].naming == "diffusers" and len(components) == 1:
+        layout = "bare"
     else:
-        reader = open_weights_file(path)
-        store = TensorStore()
-        store.add(reader)
-        components = single_file_components(path, list(reader))
-        denoiser = components[-1]
-        if isinstance(reader, TorchPickleFile):
-            layout = "ckpt"
-        elif denoiser.naming == "diffusers" and len(components) == 1:
-            layout = "bare"
-        else:
-            layout = "single_file"
+        layout = "single_file"
+    return assemble(path, components, store, layout)
+
+
+def assemble(
+    path: Path, components: list[Component], store: TensorStore, layout: str, hidden_act: str | None = None
+) -> BaseCheckpoint:
+    """A BaseCheckpoint whose components get the kohya prefixes of the family their keys say it is."""
     family = checkpoint_family(components, store, hidden_act)
     components = [
         replace(c, kohya=KOHYA_TEXT_ENCODER.get((family, c.name)))
