@@ -794,3 +794,24 @@ def test_lora_compatible_layer_naming_reads_and_writes_back(tmp_path):
     assert lora.modules[name].lookup == "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
     out = write_lora(reduce_all(lora, 1), tmp_path / "out.safetensors")
     assert set(safetensors.torch.load_file(out)) == {f"{name}.down.weight", f"{name}.up.weight"}
+
+
+def test_kohya_rslora_from_network_args(tmp_path):
+    path = tmp_path / "k.safetensors"
+    bl.write_kohya_lora(path, bl.FLUX_KOHYA, rank=4, alpha=2.0,
+                        metadata={"ss_network_args": json.dumps({"algo": "lora", "rs_lora": "True"})})
+    lora = read_lora(path)
+    assert lora.rslora and all(m.scale == 1.0 for m in lora.modules.values())  # 2 / sqrt(4)
+    back = read_lora(write_lora(reduce_all(lora, 1), tmp_path / "out.safetensors"))
+    for module in back.modules.values():
+        assert module.scale == pytest.approx(1.0) and module.alpha == pytest.approx(1.0)  # 1 / sqrt(1)
+
+
+def test_hashes_are_added_only_to_kohya_style_files(tmp_path):
+    source = built(tmp_path, "diffusers_plain")
+    meta = read_lora(write_lora(reduce_all(read_lora(source), 2), tmp_path / "out.safetensors")).metadata
+    assert not any(k.startswith("sshs_") for k in meta)
+    source = tmp_path / "k.safetensors"
+    bl.write_kohya_lora(source, bl.FLUX_KOHYA, kohya_metadata=False)
+    meta = read_lora(write_lora(reduce_all(read_lora(source), 2), tmp_path / "k_out.safetensors")).metadata
+    assert not any(k.startswith("sshs_") for k in meta)
