@@ -815,3 +815,11 @@ def test_hashes_are_added_only_to_kohya_style_files(tmp_path):
     bl.write_kohya_lora(source, bl.FLUX_KOHYA, kohya_metadata=False)
     meta = read_lora(write_lora(reduce_all(read_lora(source), 2), tmp_path / "k_out.safetensors")).metadata
     assert not any(k.startswith("sshs_") for k in meta)
+
+
+def test_lycoris_tensors_in_peft_naming_are_refused_clearly(tmp_path):
+    path = tmp_path / "lokr.safetensors"
+    safetensors.torch.save_file({"transformer.blocks.0.attn.to_q.lokr_w1": torch.zeros(2, 2),
+                                 "transformer.blocks.0.attn.to_q.lokr_w2": torch.zeros(4, 4)}, str(path))
+    with pytest.raises(FileFormatError, match="LoHa/LoKr tensors in diffusers/PEFT naming"):
+        read_lora(path)

@@ -186,6 +186,9 @@ def describe_unknown_layout(keys: list[str]) -> str:
     if any(k in ("emb_params", "clip_l", "clip_g", "string_to_param.*") or k.startswith("string_to_param")
            for k in keys):
         return "it looks like a textual-inversion embedding, not a LoRA"
+    if any(k.rsplit(".", 1)[-1].startswith(("hada_", "lokr_")) for k in keys):
+        return ("it holds LyCORIS LoHa/LoKr tensors in diffusers/PEFT naming (e.g. " + sample + "); diffmem reads "
+                "LoHa/LoKr only in kohya/LyCORIS naming (`lora_unet_…`, `lycoris_…`)")
     if all(k.endswith((".weight", ".bias")) for k in keys):
         return f"it looks like a full model state dict ({len(keys)} weights such as {sample}), not a LoRA"
     return f"none of its {len(keys)} keys (e.g. {sample}) follows a known LoRA naming"
