@@ -131,3 +131,20 @@ def test_addnet_hashes_follow_kohya_definition(tmp_path):
     assert model_hash == hashlib.sha256(only_ss[8 + length :]).hexdigest()
     assert legacy == hashlib.sha256(only_ss[0x100000:0x110000]).hexdigest()[:8]
     assert addnet_hashes(tensors, {"ss_network_dim": "8"}) == (model_hash, legacy)
+
+
+def test_streaming_writer_matches_the_library(tmp_path):
+    from safetensors.torch import load_file as library_load
+
+    from diffmem.formats.safetensors_io import save_file_streaming
+
+    tensors = {"w": torch.randn(5, 7), "a.b": torch.randn(3), "z": torch.randn(2, 2, 3, 3)}
+    path = save_file_streaming({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__,
+                               tmp_path / "big.safetensors", dtype=torch.float16, metadata={"m": "1"})
+    loaded = library_load(str(path))
+    for key, value in tensors.items():
+        torch.testing.assert_close(loaded[key], value.half())
+    assert read_header(path)[1] == {"m": "1"}
+    with pytest.raises(ValueError, match="declared"):
+        save_file_streaming({"w": (2, 2)}, lambda name: torch.zeros(3), tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists() and len(list(tmp_path.iterdir())) == 1

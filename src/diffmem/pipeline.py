@@ -175,7 +175,10 @@ def filter_lora(
         anchors_cached=store.loaded,
         seconds=time.perf_counter() - started,
     )
-    return FilterResult(lora=replace_factors(lora, new_factors), report=report)
+    # keep_alpha: a smaller rank folds the scale change into the up factor instead of writing per-module alphas,
+    # which diffusers (0.42) misreads for kohya attention modules; the update is the same either way.
+    shapes = {name: targets[name].shape for name in names}
+    return FilterResult(lora=replace_factors(lora, new_factors, weight_shapes=shapes, keep_alpha=True), report=report)
 
 
 def _anchor_rank(store: AnchorStore, target, config: FilterConfig) -> int | None:

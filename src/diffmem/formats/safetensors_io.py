@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import struct
 import tempfile
@@ -210,6 +211,46 @@ def save_file(
 ) -> Path:
     """Atomically write tensors and metadata as safetensors (see `write_atomic`)."""
     return write_atomic(serialize(tensors, metadata), path, protect=protect)
+
+
+TORCH_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def save_file_streaming(
+    shapes: Mapping[str, tuple[int, ...]],
+    make_tensor,
+    path: str | Path,
+    dtype: torch.dtype = torch.float16,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a large safetensors file one tensor at a time: ``make_tensor(name)`` is called for each name in sorted
+    order, so peak memory is one tensor, not the whole checkpoint. Atomic like `save_file`."""
+    path = Path(path)
+    names = sorted(shapes)
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    element = torch.empty((), dtype=dtype).element_size()
+    for name in names:
+        size = element * math.prod(shapes[name])
+        header[name] = {"dtype": TORCH_DTYPES[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(struct.pack("<Q", len(text)) + text)
+            for name in names:
+                tensor = make_tensor(name).to(dtype).contiguous()
+                if tuple(tensor.shape) != tuple(shapes[name]):
+                    raise ValueError(f"{name}: made shape {tuple(tensor.shape)}, declared {shapes[name]}")
+                handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def addnet_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:

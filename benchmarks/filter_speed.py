@@ -1,0 +1,140 @@
+"""Speed and memory of `diffmem filter` on real-size LoRAs, against the dense approach (kohya resize_lora-style).
+
+    python benchmarks/filter_speed.py --family sd15 --ranks 4 32 128          # minutes, ~2 GB of disk
+    python benchmarks/filter_speed.py --family sdxl --ranks 32 --conv          # SDXL: ~5 GB of disk, longer
+    python benchmarks/filter_speed.py --family sdxl --ranks 32 --write-docs    # regenerate docs/performance.md
+
+Each measurement runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own:
+- cold: filter with an empty anchor cache (anchors computed, then cached);
+- warm: the same filter again (anchors read from the cache);
+- dense: for every module form dW = s * up @ down and take its full SVD, as kohya's resize_lora.py does (no anchors:
+  the dense approach cannot even score channels against the base; this is the cost of its decomposition alone).
+Fixtures (random values, real key names and shapes) are built once into --cache (default benchmarks/.cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from real_shapes import model_shapes, trained_modules, write_base  # noqa: E402
+
+FLUX_KOHYA = re.compile(
+    r"lora_unet_(double_blocks_\d+_(img|txt)_(attn_qkv|attn_proj|mlp_0|mlp_2)|single_blocks_\d+_linear[12])$"
+)
+SGM = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_")
+
+
+def kohya_modules(family: str, base_folder: Path, conv: bool) -> dict[str, tuple[int, ...]]:
+    """kohya module names a trainer would write for this family, with the weight shapes they update."""
+    from diffmem.formats.base import open_base
+
+    base = open_base(base_folder)
+    if family == "flux":
+        return {name: target.shape for name, target in base.targets.items() if FLUX_KOHYA.match(name)}
+    wanted = {f"unet.{module}" for module in trained_modules(model_shapes(family), conv)}
+    chosen = {}
+    for name, target in base.targets.items():
+        if not name.startswith("lora_unet_") or target.module not in wanted:
+            continue
+        sgm_style = bool(SGM.match(name))
+        if sgm_style == (family == "sdxl"):  # SDXL kohya files use SGM names, SD1/SD2 files diffusers names
+            chosen[name] = target.shape
+    return chosen
+
+
+def write_lora_fixture(path: Path, modules: dict[str, tuple[int, ...]], rank: int, seed: int = 0) -> Path:
+    """A kohya LoRA with random factors of the given rank for every module."""
+    from diffmem.formats.safetensors_io import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in sorted(modules.items()):
+        fan_in = int(torch.tensor(shape[1:]).prod())
+        down_shape = (rank, *shape[1:]) if len(shape) == 4 else (rank, shape[1])
+        up_shape = (shape[0], rank, 1, 1) if len(shape) == 4 else (shape[0], rank)
+        tensors[f"{name}.lora_down.weight"] = (torch.randn(down_shape, generator=generator) / fan_in**0.5).half()
+        tensors[f"{name}.lora_up.weight"] = (torch.randn(up_shape, generator=generator) * 1e-2).half()
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank) / 2)
+    save_file(tensors, path, {"ss_network_dim": str(rank), "ss_network_module": "networks.lora"})
+    return path
+
+
+def measure(argv: list[str]) -> dict:
+    """Run one measurement in a fresh interpreter; return its JSON result with its peak RSS."""
+    result = subprocess.run([sys.executable, __file__, "--_child", *argv], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def child(kind: str, lora: Path, base: Path, cache: Path, threads: int) -> None:
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    if kind == "dense":
+        from diffmem.formats.lora import read_lora
+
+        for module in read_lora(lora).modules.values():
+            up, down = module.factors()
+            torch.linalg.svd(module.scale * up @ down, full_matrices=False)
+    else:
+        from diffmem.pipeline import filter_lora
+
+        result = filter_lora(lora, base, cache_dir=cache)
+        assert result.report.anchors_computed == 0 or kind == "cold", "warm run recomputed anchors"
+    seconds = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"kind": kind, "seconds": seconds, "peak_mb": peak_mb}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=["sd15", "sdxl", "flux"], default="sd15")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[32])
+    parser.add_argument("--conv", action="store_true", help="also train-shaped conv LoRA modules")
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--json", type=Path, help="append results as JSON lines to this file")
+    parser.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        kind, lora, base, cache, threads = args._child
+        child(kind, Path(lora), Path(base), Path(cache), int(threads))
+        return
+
+    started = time.perf_counter()
+    base = write_base(args.family, args.cache / f"{args.family}-base")
+    print(f"base ready ({time.perf_counter() - started:.0f} s): {base}", file=sys.stderr)
+    modules = kohya_modules(args.family, base, args.conv)
+    for rank in args.ranks:
+        lora = write_lora_fixture(args.cache / f"{args.family}-r{rank}{'-conv' if args.conv else ''}.safetensors",
+                                  modules, rank)
+        anchors = args.cache / f"anchors-{args.family}"
+        for stale in anchors.glob("anchors/*"):
+            stale.unlink()
+        row = {"family": args.family, "rank": rank, "conv": args.conv, "modules": len(modules), "threads": args.threads}
+        for kind in ("cold", "warm") + (() if args.skip_dense else ("dense",)):
+            result = measure([kind, str(lora), str(base), str(anchors), str(args.threads)])
+            row[f"{kind}_s"], row[f"{kind}_peak_mb"] = round(result["seconds"], 3), round(result["peak_mb"])
+            print(f"{args.family} r{rank}: {kind} {result['seconds']:.2f} s, peak {result['peak_mb']:.0f} MB",
+                  file=sys.stderr)
+        if "dense_s" in row:
+            row["dense_over_warm"] = round(row["dense_s"] / row["warm_s"], 1)
+        print(json.dumps(row))
+        if args.json:
+            with open(args.json, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

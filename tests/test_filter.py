@@ -1,0 +1,316 @@
+"""`diffmem filter` end to end: every LoRA format against a tiny base of its family with the real key names."""
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import builders_base as bb
+import builders_lora as bl
+from diffmem.cli import main
+from diffmem.errors import BadWeightsError, BaseMismatchError, DiffmemError, FileFormatError
+from diffmem.filters import BAFConfig, KeepAllConfig, MagnitudeConfig, RandomConfig, Selection
+from diffmem.formats.lora import read_lora
+from diffmem.pipeline import filter_file, filter_lora, module_channels
+
+
+def kohya(family, convs=False, **kwargs):
+    def write(path):
+        bl.write_kohya_lora(path, bb.lora_lookups(family, "kohya", convs=convs), **kwargs)
+    return write
+
+
+def lycoris(algo, **kwargs):
+    def write(path):
+        bl.write_lycoris(path, bb.lora_lookups("sd1", "kohya", convs=True), algo=algo, **kwargs)
+    return write
+
+
+def diffusers_style(family, **kwargs):
+    def write(path):
+        bl.write_diffusers_lora(path, bb.lora_lookups(family, "diffusers"), **kwargs)
+    return write
+
+
+def peft_folder(path):
+    lookups = bb.lora_lookups("unet", "diffusers")
+    bl.write_peft_folder(path, {name.removeprefix("unet."): shape for name, shape in lookups.items()}, rank=4)
+
+
+def old_processor(path):
+    lookups = bb.lora_lookups("sd1", "diffusers")
+    wanted = {n: s for n, s in lookups.items() if ".attn" in n and n.split(".")[-1] in ("to_q", "to_k", "to_v", "0")}
+    wanted.update({n: s for n, s in lookups.items() if n.startswith("text_encoder.") and n.endswith("_proj")})
+    bl.write_old_diffusers_lora(path, wanted, rank=4)
+
+
+# (case id, base family, base layout, LoRA writer, output is a folder)
+CASES = [
+    ("kohya-sd1", "sd1", "single_file", kohya("sd1", rank=4, alpha=2.0), False),
+    ("kohya-sd1-diffusers-folder-base", "sd1", "diffusers_folder", kohya("sd1", rank=4), False),
+    ("kohya-sd1-ckpt-base", "sd1", "ckpt", kohya("sd1", rank=4), False),
+    ("kohya-sd2", "sd2", "single_file", kohya("sd2", rank=4), False),
+    ("kohya-sdxl", "sdxl", "single_file", kohya("sdxl", rank=4, alpha=1.0), False),
+    ("kohya-flux", "flux", "single_file", kohya("flux", rank=4), False),
+    ("kohya-flux-diffusers-base", "flux", "diffusers_folder", kohya("flux", rank=4), False),
+    ("kohya-sd3", "sd3", "single_file", kohya("sd3", rank=4), False),
+    ("kohya-no-alpha", "sd1", "single_file", kohya("sd1", rank=4, alpha=None), False),
+    ("kohya-zero-alpha", "sd1", "single_file", kohya("sd1", rank=4, alpha=0.0), False),
+    ("locon", "sd1", "single_file", kohya("sd1", convs=True, rank=4, alpha=2.0), False),
+    ("tucker", "sd1", "single_file", kohya("sd1", convs=True, rank=4, tucker=True), False),
+    ("dora", "sd1", "single_file", kohya("sd1", rank=4, dora=True), False),
+    ("loha", "sd1", "single_file", lycoris("loha"), False),
+    ("lokr", "sd1", "single_file", lycoris("lokr"), False),
+    ("diffusers-sd1", "sd1", "single_file", diffusers_style("sd1"), False),
+    ("diffusers-sdxl-rslora", "sdxl", "diffusers_folder", diffusers_style("sdxl", rslora=True), False),
+    ("diffusers-flux", "flux", "single_file", diffusers_style("flux"), False),
+    ("peft-folder", "unet", "bare", peft_folder, True),
+    ("old-processor", "sd1", "single_file", old_processor, False),
+]
+
+
+def build(tmp_path, family, layout, writer, folder):
+    base = bb.build_tiny_base(tmp_path, family, layout)
+    lora = tmp_path / ("lora" if folder else "lora.safetensors")
+    writer(lora)
+    return base, lora
+
+
+def updates(lora):
+    return {name: module.delta().reshape(module.delta().shape[0], -1) for name, module in read_lora(lora).modules.items()}
+
+
+@pytest.mark.parametrize(("family", "layout", "writer", "folder"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_filtered_update_is_the_sum_of_the_kept_channels(tmp_path, family, layout, writer, folder):
+    base, lora = build(tmp_path, family, layout, writer, folder)
+    out = tmp_path / ("out" if folder else "out.safetensors")
+    report = filter_file(lora, base, out, cache_dir=tmp_path / "cache")
+    source, filtered = read_lora(lora), read_lora(out)
+    assert filtered.format == source.format
+    assert set(filtered.modules) == set(source.modules)
+    assert 0 < report.channels_kept < report.channels_total  # BAF's default keeps some channels, drops others
+    weights = {m.name: torch.tensor(m.weights) for m in report.modules}
+    for name, module in source.modules.items():
+        expected = module_channels(module).dense(weights[name])
+        got = filtered.modules[name].delta().reshape(expected.shape)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("case", ["kohya-sd1", "locon", "kohya-no-alpha", "diffusers-sdxl-rslora", "peft-folder",
+                                  "loha", "kohya-flux"])
+def test_keeping_every_channel_reproduces_the_original_update(tmp_path, case):
+    _, family, layout, writer, folder = next(c for c in CASES if c[0] == case)
+    base, lora = build(tmp_path, family, layout, writer, folder)
+    out = tmp_path / ("out" if folder else "out.safetensors")
+    filter_file(lora, base, out, KeepAllConfig(), cache_dir=tmp_path / "cache")
+    before, after = updates(lora), updates(out)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(("alpha", "rank", "scale"), [(None, 4, 1.0), (0.0, 4, 1.0), (1.0, 4, 0.25), (8.0, 4, 2.0)])
+def test_scale_follows_alpha_conventions(tmp_path, alpha, rank, scale):
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    lora = tmp_path / "lora.safetensors"
+    tensors = bl.write_kohya_lora(lora, bb.lora_lookups("sd1", "kohya"), rank=rank, alpha=alpha)
+    result = filter_lora(lora, base, KeepAllConfig(), cache_dir=tmp_path / "cache")
+    name = next(iter(result.lora.modules))
+    up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
+    total = sum(m.sigma[0] ** 2 for m in result.report.modules if m.name == name)
+    assert total == pytest.approx(float(torch.linalg.matrix_norm(scale * up @ down, ord=2)) ** 2, rel=1e-4)
+
+
+def test_reduced_rank_writes_only_kept_channels_with_the_same_update(tmp_path):
+    base, lora = build(tmp_path, "sdxl", "single_file", kohya("sdxl", rank=4, alpha=2.0), False)
+    full, small = tmp_path / "full.safetensors", tmp_path / "small.safetensors"
+    report = filter_file(lora, base, full, cache_dir=tmp_path / "cache")
+    filter_file(lora, base, small, reduce_rank=True, cache_dir=tmp_path / "cache")
+    ranks = {m.name: m.rank for m in read_lora(small).modules.values()}
+    kept = {m.name: max(1, m.kept) for m in report.modules}
+    assert ranks == kept
+    assert small.stat().st_size < full.stat().st_size
+    a, b = updates(full), updates(small)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
+
+
+def test_metadata_round_trips_with_provenance_and_deterministic_bytes(tmp_path):
+    base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4, metadata={"ss_tag_frequency": "{}",
+                                                                                      "modelspec.title": "tiny"}), False)
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    filter_file(lora, base, one, cache_dir=tmp_path / "cache")
+    filter_file(lora, base, two, cache_dir=tmp_path / "other-cache")  # cold anchors give the same bytes as warm
+    assert one.read_bytes() == two.read_bytes()
+    before, after = read_lora(lora).metadata, read_lora(one).metadata
+    for key in ("ss_tag_frequency", "modelspec.title", "ss_output_name", "ss_base_model_version"):
+        assert after[key] == before[key]
+    assert after["diffmem.method"] == "baf"
+    assert json.loads(after["diffmem.config"])["energy"] == 0.5
+    assert after["diffmem.base_sha256"] == bb_sha256(base)
+    assert after["diffmem.source_sha256"] == bb_sha256(lora)
+    assert after["sshs_model_hash"] != before.get("sshs_model_hash")
+    kept = json.loads(after["diffmem.kept_per_module"])
+    assert set(kept) == set(read_lora(lora).modules)
+
+
+def bb_sha256(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_anchor_cache_is_reused_and_survives_corruption(tmp_path):
+    base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
+    cache = tmp_path / "cache"
+    cold = filter_lora(lora, base, cache_dir=cache).report
+    warm = filter_lora(lora, base, cache_dir=cache).report
+    assert cold.anchors_computed == len(cold.modules) and cold.anchors_cached == 0
+    assert warm.anchors_computed == 0 and warm.anchors_cached == len(warm.modules)
+    assert [m.weights for m in cold.modules] == [m.weights for m in warm.modules]
+    for file in (cache / "anchors").iterdir():
+        file.write_bytes(b"garbage")
+    again = filter_lora(lora, base, cache_dir=cache).report
+    assert again.anchors_computed == len(again.modules)
+    assert [m.weights for m in again.modules] == [m.weights for m in cold.modules]
+
+
+def test_baselines_run_through_the_same_pipeline(tmp_path):
+    base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
+    half = filter_lora(lora, base, RandomConfig(selection=Selection(rule="fraction", keep_fraction=0.5)),
+                       cache_dir=tmp_path / "c").report
+    assert all(m.kept == 2 for m in half.modules)
+    magnitude = filter_lora(lora, base, MagnitudeConfig(), cache_dir=tmp_path / "c").report
+    assert all(m.weights[0] == 1.0 for m in magnitude.modules)  # the largest channel always survives
+    glob = filter_lora(lora, base, BAFConfig(selection=Selection(rule="fraction", keep_fraction=0.25, scope="global")),
+                       cache_dir=tmp_path / "c").report
+    assert glob.channels_kept == round(0.25 * glob.channels_total)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def good_pair(tmp_path):
+    return build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
+
+
+def assert_refused(tmp_path, lora, base, error, match):
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(error, match=match) as info:
+        filter_file(lora, base, out, cache_dir=tmp_path / "cache")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp files left
+    return str(info.value)
+
+
+def test_truncated_lora(tmp_path):
+    base, lora = good_pair(tmp_path)
+    data = lora.read_bytes()
+    lora.write_bytes(data[: len(data) // 2])
+    assert "lora.safetensors" in assert_refused(tmp_path, lora, base, FileFormatError, "truncated")
+
+
+def test_not_safetensors(tmp_path):
+    base, _ = good_pair(tmp_path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("definitely not a model")
+    assert_refused(tmp_path, junk, base, FileFormatError, "not a safetensors file")
+
+
+def test_header_that_lies(tmp_path):
+    base, lora = good_pair(tmp_path)
+    data = lora.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"][1] += 4
+    raw = json.dumps(header).encode()
+    lora.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+    assert_refused(tmp_path, lora, base, FileFormatError, "header lies")
+
+
+def test_nan_weights(tmp_path):
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    lora = tmp_path / "lora.safetensors"
+    tensors = bl.write_kohya_lora(lora, bb.lora_lookups("sd1", "kohya"), rank=4)
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key][0, 0] = float("nan")
+    bl.save(tensors, lora, None)
+    assert_refused(tmp_path, lora, base, BadWeightsError, "NaN or Inf")
+
+
+def test_malicious_pickle_base_is_not_unpickled(tmp_path):
+    _, lora = good_pair(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": Exploit()}}, evil)
+    assert_refused(tmp_path, lora, evil, FileFormatError, "evil.ckpt")
+    assert not marker.exists()
+
+
+def test_lora_for_another_family(tmp_path):
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    lora = tmp_path / "lora.safetensors"
+    bl.write_kohya_lora(lora, bb.lora_lookups("sdxl", "kohya"), rank=4)
+    message = assert_refused(tmp_path, lora, base, BaseMismatchError, "sdxl")
+    assert "sd1" in message
+
+
+def test_module_missing_from_the_base(tmp_path):
+    base, _ = good_pair(tmp_path)
+    lookups = dict(bb.lora_lookups("sd1", "kohya"))
+    lookups["lora_unet_down_blocks_7_attentions_0_proj_in"] = (8, 8)
+    lora = tmp_path / "lora.safetensors"
+    bl.write_kohya_lora(lora, lookups, rank=4)
+    assert_refused(tmp_path, lora, base, BaseMismatchError, "down_blocks_7")
+
+
+def test_output_equal_to_input_is_refused_before_any_work(tmp_path, monkeypatch):
+    base, lora = good_pair(tmp_path)
+    before = lora.read_bytes()
+    monkeypatch.setattr("diffmem.pipeline.filter_lora", lambda *a, **k: pytest.fail("worked before refusing"))
+    with pytest.raises(DiffmemError, match="refusing to overwrite"):
+        filter_file(lora, base, lora)
+    assert lora.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_filter_inspect_and_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
+    base, lora = good_pair(tmp_path)
+    out = tmp_path / "out.safetensors"
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["output"] == str(out) and report["channels_kept"] < report["channels_total"]
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(tmp_path / "m.safetensors"), "--method",
+                 "magnitude", "--rule", "fraction", "--keep-fraction", "0.25", "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert read_lora(tmp_path / "m.safetensors").metadata["diffmem.method"] == "magnitude"
+    assert main(["inspect", str(lora), "--base", str(base)]) == 0
+    assert "energy kept" in capsys.readouterr().out
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(lora)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--method", "magnitude", "--energy",
+                 "0.3"]) == 1
+    assert "--energy does not apply" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["filter", str(lora)])
+    assert usage.value.code == 2
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "diffmem", "filter", "--help"], capture_output=True, text=True,
+                          check=True)
+    assert "--keep-fraction" in done.stdout and "--base" in done.stdout
