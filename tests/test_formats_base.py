@@ -357,6 +357,8 @@ def test_content_hash_is_stable_and_hashed_once(tmp_path, monkeypatch):
     assert len(first) == 64
     index = json.loads((tmp_path / "cache" / "file-hashes.json").read_text())
     assert index[str(path.resolve())]["sha256"] == first
+    assert open_base(path).content_hash(cache_dir=tmp_path / "elsewhere") == first
+    assert (tmp_path / "elsewhere" / "file-hashes.json").is_file()
     monkeypatch.setattr(base_module, "sha256_file", lambda path: pytest.fail("hashed twice"))
     assert open_base(path).content_hash() == first
     monkeypatch.undo()

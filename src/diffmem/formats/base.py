@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from diffmem.cache import default_cache_dir
 from diffmem.errors import BaseMismatchError, DiffmemError, FileFormatError
 from diffmem.formats.names import clip_name_variants, fusions_for, is_layer_weight, kohya_name, module_of
 from diffmem.formats.safetensors_io import (
@@ -509,16 +510,11 @@ def add_component_targets(aliases: AliasMap, component: Component, shapes: Mappi
 # The checkpoint
 
 
-def cache_dir() -> Path:
-    """diffmem's cache folder: $DIFFMEM_CACHE, or ~/.cache/diffmem."""
-    return Path(os.environ.get("DIFFMEM_CACHE") or Path.home() / ".cache" / "diffmem")
-
-
-def cached_sha256(path: str | Path) -> str:
-    """sha256 of a file, memoised in the cache's index under (real path, size, mtime_ns)."""
+def cached_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """sha256 of a file, memoised in `<cache dir>/file-hashes.json` under (real path, size, mtime_ns)."""
     real = os.path.realpath(path)
     stat = os.stat(real)
-    index_path = cache_dir() / HASH_INDEX_NAME
+    index_path = Path(cache_dir or default_cache_dir()) / HASH_INDEX_NAME
 
     def load_index() -> dict:
         try:
@@ -593,17 +589,22 @@ class BaseCheckpoint:
             )
         return weight
 
-    def content_hash(self) -> str:
-        """sha256 of the checkpoint's weight file (or, for a folder, of its files' relative paths and hashes)."""
+    def content_hash(self, cache_dir: str | Path | None = None) -> str:
+        """sha256 of the checkpoint's weight file (or, for a folder, of its files' relative paths and hashes).
+
+        Each file is hashed once: the result is kept in `cache_dir` (default `diffmem.cache.default_cache_dir()`)
+        under its real path, size and modification time.
+        """
         if self._hash is None:
             files = self.files
             if len(files) == 1 and not self.path.is_dir():
-                self._hash = cached_sha256(files[0])
+                self._hash = cached_sha256(files[0], cache_dir)
             else:
                 digest = hashlib.sha256()
                 root = self.path if self.path.is_dir() else self.path.parent
                 for file in files:
-                    digest.update(f"{file.relative_to(root).as_posix()}\t{cached_sha256(file)}\n".encode())
+                    line = f"{file.relative_to(root).as_posix()}\t{cached_sha256(file, cache_dir)}\n"
+                    digest.update(line.encode())
                 self._hash = digest.hexdigest()
         return self._hash
 
