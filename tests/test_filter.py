@@ -314,3 +314,65 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "diffmem", "filter", "--help"], capture_output=True, text=True,
                           check=True)
     assert "--keep-fraction" in done.stdout and "--base" in done.stdout
+
+
+# ------------------------------------------------------------------------------- front-ends load the output
+
+
+def kohya_flux_without_linear1(path):
+    # diffusers' Flux converter hard-codes the real model's 3072/12288 split of single_blocks.*.linear1.
+    lookups = {n: s for n, s in bb.lora_lookups("flux", "kohya").items() if not n.endswith("_linear1")}
+    bl.write_kohya_lora(path, lookups, rank=4)
+
+
+def diffusers_sd1_unet(path):
+    # transformers 5's CLIPTextModel has no `text_model.` level, so diffusers cannot place text-encoder keys here.
+    lookups = {n: s for n, s in bb.lora_lookups("sd1", "diffusers", convs=True).items() if n.startswith("unet.")}
+    bl.write_diffusers_lora(path, lookups, rank=4)
+
+
+CASES += [
+    ("kohya-flux-loadable", "flux", "single_file", kohya_flux_without_linear1, False),
+    ("diffusers-sd1-unet", "sd1", "single_file", diffusers_sd1_unet, False),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "loader_family"),
+    [("kohya-sd1", "sd1"), ("locon", "sd1"), ("kohya-sdxl", "sdxl"), ("kohya-flux-loadable", "flux"),
+     ("diffusers-sd1-unet", "sd1"), ("old-processor", "sd1"), ("loha", "sd1"), ("kohya-no-alpha", "sd1")],
+)
+@pytest.mark.parametrize("reduce_rank", [False, True], ids=["same-rank", "reduced-rank"])
+def test_diffusers_applies_exactly_the_filtered_update(tmp_path, case, loader_family, reduce_rank):
+    from test_formats_lora import assert_same_updates, load_with_diffusers
+
+    _, family, layout, writer, folder = next(c for c in CASES if c[0] == case)
+    base, lora = build(tmp_path, family, layout, writer, folder)
+    out = tmp_path / "out.safetensors"
+    # Half of each module's channels: every module keeps a distinct update, so the by-value matcher is unambiguous.
+    half = BAFConfig(selection=Selection(rule="fraction", keep_fraction=0.5))
+    report = filter_file(lora, base, out, half, reduce_rank=reduce_rank, cache_dir=tmp_path / "cache")
+    weights = {m.name: torch.tensor(m.weights) for m in report.modules}
+    intended = {name: module_channels(module).dense(weights[name]) for name, module in read_lora(lora).modules.items()}
+    assert_same_updates(intended, load_with_diffusers(loader_family, out))
+
+
+@pytest.mark.slow
+def test_peft_loads_the_filtered_folder_with_the_intended_update(tmp_path):
+    from peft import PeftModel
+
+    base, lora = build(tmp_path, "unet", "bare", peft_folder, True)
+    out = tmp_path / "out"
+    report = filter_file(lora, base, out, cache_dir=tmp_path / "cache")
+    weights = {m.name: torch.tensor(m.weights) for m in report.modules}
+    source = read_lora(lora)
+    unet = bb.tiny_models("unet")["unet"]
+    model = PeftModel.from_pretrained(unet, str(out), adapter_name="filtered")
+    checked = 0
+    for name, module in source.modules.items():
+        layer = model.base_model.model.get_submodule(module.lookup)
+        applied = layer.get_delta_weight("filtered").reshape(layer.get_delta_weight("filtered").shape[0], -1)
+        torch.testing.assert_close(applied, module_channels(module).dense(weights[name]), atol=1e-5, rtol=1e-4)
+        checked += 1
+    assert checked == len(source.modules) > 0
