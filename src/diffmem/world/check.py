@@ -1,0 +1,134 @@
+"""Does a world fine-tune memorize? The measurements issue 3 asks of the example LoRA, as a library function.
+
+- copy rate of the duplicated captions: generations that are near-copies (Carlini et al. 2023 tiled-L2 relative
+  test, `diffmem.metrics.copy`) of their own training image;
+- the same for held-out captions (names/titles no run trained on) and for the base model on the duplicated
+  captions, which should both stay low;
+- held-out denoising loss of the fine-tune and of the base: the fine-tune should have learned the data in general.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from diffmem.errors import DiffmemError
+from diffmem.formats.safetensors_io import sha256_file
+from diffmem.world.data import FINETUNE_SETS, ImageSet
+from diffmem.world.diffusion import denoising_loss, generate
+from diffmem.world.lora import apply_lora
+from diffmem.world.model import assets_dir, load_base
+
+#: sha256 of the committed example LoRA `assets/example_lora.safetensors` (checked by `load_example_lora`).
+EXAMPLE_LORA_SHA256 = "PENDING"
+EXAMPLE_LORA_FILE = "example_lora.safetensors"
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """How `memorization_check` samples.
+
+    Attributes:
+        generations: images per caption (different seeds); MemControl uses 50 per prompt on a GPU, 8 keeps the
+            check to a couple of minutes on the CPU while resolving a 50% rate to about +-18% per caption.
+        steps: DDIM steps (Song et al. 2021); 25 is where the world's samples stop changing visibly.
+        guidance: classifier-free guidance scale (Ho & Salimans 2022); 3 suits a small pixel model (SD uses 7.5).
+        seed: first seed; caption i uses seeds seed + i * generations ... .
+    """
+
+    generations: int = 8
+    steps: int = 25
+    guidance: float = 3.0
+    seed: int = 0
+
+
+def manifest_images(manifest: dict, key: str) -> ImageSet:
+    """The images a manifest lists under `key` ("duplicated", "seen_once", "heldout"), looked up by id."""
+    full = FINETUNE_SETS[manifest["data"]]("all")
+    row_of = {image_id: row for row, image_id in enumerate(full.ids)}
+    try:
+        rows = [row_of[entry["id"]] for entry in manifest[key]]
+    except KeyError as error:
+        raise DiffmemError(f"manifest lists an image id {error} that the world's {manifest['data']} set lacks") from None
+    return full.subset(rows)
+
+
+def seeds_for(count: int, settings: CheckSettings) -> list[int]:
+    """Seeds of `settings.generations` generations for each of `count` captions."""
+    return [settings.seed + i for i in range(count * settings.generations)]
+
+
+def own_copy_rate(unet: UNet2DConditionModel, images: ImageSet, reference: torch.Tensor, settings: CheckSettings) -> dict:
+    """Generate `settings.generations` images per caption of `images` and test each against `reference`
+    (the fine-tune's training images): copy = Carlini's relative test passes and the nearest reference image is
+    the caption's own image (when it is among the references)."""
+    from diffmem.metrics.copy import copy_decisions
+
+    prompts = [c for c in images.captions for _ in range(settings.generations)]
+    generated = generate(unet, prompts, seeds_for(len(images), settings), steps=settings.steps,
+                         guidance=settings.guidance)
+    result = copy_decisions(generated, reference)
+    own_rows = []
+    for image in images.images:
+        match = (reference - image).flatten(1).abs().amax(dim=1) == 0
+        own_rows.append(int(match.nonzero()[0]) if match.any() else -1)
+    own = torch.tensor(own_rows).repeat_interleave(settings.generations)
+    own_copy = result.is_copy & (result.nearest_index == own)
+    per_caption = own_copy.view(len(images), settings.generations).float().mean(dim=1)
+    return {
+        "copy_rate_any": round(result.rate, 4),
+        "copy_rate_own": round(float(own_copy.float().mean()), 4),
+        "captions_copied_in_half": int((per_caption >= 0.5).sum()),
+        "captions": len(images),
+        "median_distance": round(float(result.distance.median()), 4),
+        "generated": generated,
+        "per_caption_own_rate": [round(float(r), 3) for r in per_caption],
+    }
+
+
+def memorization_check(
+    base: UNet2DConditionModel, lora: str | Path, manifest: dict, settings: CheckSettings | None = None
+) -> dict:
+    """Issue 3's numbers for a fine-tune (LoRA file + manifest): copy rates for duplicated and held-out captions
+    (LoRA) and duplicated captions (base), and held-out denoising losses of LoRA and base."""
+    settings = settings or CheckSettings()
+    tuned = apply_lora(base, lora)
+    duplicated = manifest_images(manifest, "duplicated")
+    heldout = manifest_images(manifest, "heldout")
+    reference = ImageSet.concat([duplicated, manifest_images(manifest, "seen_once")])
+    results = {
+        "lora_duplicated": own_copy_rate(tuned, duplicated, reference.images, settings),
+        "lora_heldout": own_copy_rate(tuned, heldout, reference.images, settings),
+        "base_duplicated": own_copy_rate(base, duplicated, reference.images, settings),
+    }
+    numbers = {name: {k: v for k, v in r.items() if k != "generated"} for name, r in results.items()}
+    numbers["denoising_loss_heldout"] = {
+        "lora": round(denoising_loss(tuned, heldout.images, heldout.captions), 5),
+        "base": round(denoising_loss(base, heldout.images, heldout.captions), 5),
+    }
+    numbers["settings"] = asdict(settings)
+    numbers["lora_sha256"] = sha256_file(lora)
+    return numbers
+
+
+def load_example_lora() -> tuple[UNet2DConditionModel, dict]:
+    """The committed base with the committed example memorizing LoRA merged in, and the LoRA's manifest
+    (which faces were duplicated, seen once, held out; training settings). sha256-checked."""
+    from diffmem.errors import BadWeightsError
+
+    path = assets_dir() / EXAMPLE_LORA_FILE
+    actual = sha256_file(path) if path.exists() else None
+    if actual != EXAMPLE_LORA_SHA256:
+        raise BadWeightsError(f"sha256 is {actual}, expected {EXAMPLE_LORA_SHA256}: the committed example LoRA "
+                              "was changed or damaged; restore it with `git checkout`", path)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    return apply_lora(load_base(), path), manifest
+
+
+def example_lora_path() -> Path:
+    """Path of the committed example LoRA (kohya format); its manifest is the `.json` beside it."""
+    return assets_dir() / EXAMPLE_LORA_FILE

@@ -1,0 +1,164 @@
+"""Diffusion maths of the world: the noise schedule, the DDPM training loss, DDIM sampling with classifier-free
+guidance, and a deterministic held-out denoising loss.
+
+Images live in [0, 1] outside this module and in [-1, 1] inside it. The UNet predicts the added noise epsilon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from diffmem.world.text import encode_prompts
+
+#: Number of diffusion timesteps (DDPM, Ho et al. 2020).
+TRAIN_TIMESTEPS = 1000
+
+
+def noise_scheduler() -> DDPMScheduler:
+    """The world's training schedule: DDPM (Ho et al. 2020) with 1000 steps and the cosine alpha-bar of
+    Nichol & Dhariwal 2021 (eq. 17, betas capped at 0.999), epsilon prediction."""
+    return DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2")
+
+
+ALPHAS_CUMPROD = noise_scheduler().alphas_cumprod.float()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4)."""
+    abar = ALPHAS_CUMPROD.to(x0.device)[timesteps].view(-1, 1, 1, 1)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images to the model's [-1, 1]."""
+    return images * 2 - 1
+
+
+def from_model_range(x: torch.Tensor) -> torch.Tensor:
+    """The model's [-1, 1] back to [0, 1] images, clipped."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def predict_noise(unet: UNet2DConditionModel, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """epsilon_theta(x_t, t, c) for a batch."""
+    return unet(x, timesteps, encoder_hidden_states=context).sample
+
+
+def training_loss(
+    unet: UNet2DConditionModel,
+    images: torch.Tensor,
+    context: torch.Tensor,
+    generator: torch.Generator | None = None,
+    reduce: bool = True,
+) -> torch.Tensor:
+    """Simple DDPM loss || eps - eps_theta(x_t, t, c) ||^2 with t uniform (Ho et al. 2020, eq. 14)."""
+    x0 = to_model_range(images)
+    noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.randint(0, TRAIN_TIMESTEPS, (x0.shape[0],), generator=generator)
+    error = (predict_noise(unet, add_noise(x0, noise, timesteps), timesteps, context) - noise) ** 2
+    per_image = error.mean(dim=(1, 2, 3))
+    return per_image.mean() if reduce else per_image
+
+
+def drop_captions(captions: Sequence[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with `probability`, so the model also learns the unconditional score
+    that classifier-free guidance needs (Ho & Salimans 2022 train with 10-20% dropout)."""
+    keep = torch.rand(len(captions), generator=generator) >= probability
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+@torch.no_grad()
+def denoising_loss(
+    unet: UNet2DConditionModel,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    seed: int = 0,
+    timesteps_per_image: int = 8,
+    batch_size: int = 64,
+) -> float:
+    """Mean held-out denoising loss || eps - eps_theta(x_t, t, c) ||^2 of [0, 1] `images` with their captions, at
+    noise fixed by `seed` and stratified timesteps, so two models are compared on the same noisy inputs
+    (`diffmem.metrics.quality.denoising_loss` on the world's schedule and text encoder)."""
+    from diffmem.metrics.quality import denoising_loss as scheduler_denoising_loss
+
+    return scheduler_denoising_loss(
+        unet, noise_scheduler(), to_model_range(images.float()), encode_prompts(list(captions)),
+        timesteps_per_sample=timesteps_per_image, seed=seed, batch_size=batch_size,
+    )
+
+
+def ddim_timesteps(steps: int) -> list[int]:
+    """Evenly spaced DDIM timesteps, from high noise to low (Song et al. 2021, "uniform" skip)."""
+    stride = TRAIN_TIMESTEPS // steps
+    return list(range(TRAIN_TIMESTEPS - 1 - (TRAIN_TIMESTEPS - 1) % stride, -1, -stride))[:steps]
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
+    """Deterministic DDIM update x_t -> x_{t_prev} (eta = 0; Song et al. 2021, eq. 12), clipping x0 to [-1, 1]."""
+    abar = ALPHAS_CUMPROD[t]
+    abar_prev = ALPHAS_CUMPROD[t_prev] if t_prev >= 0 else torch.tensor(1.0)
+    x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+    eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+
+
+def guided_noise(
+    unet: UNet2DConditionModel, x: torch.Tensor, t: int, context: torch.Tensor, empty: torch.Tensor, guidance: float
+) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + w (eps_c - eps_u) (Ho & Salimans 2022)."""
+    steps = torch.full((x.shape[0],), t, dtype=torch.long)
+    if guidance == 1.0:
+        return predict_noise(unet, x, steps, context)
+    both = predict_noise(unet, torch.cat([x, x]), torch.cat([steps, steps]), torch.cat([context, empty]))
+    conditional, unconditional = both.chunk(2)
+    return unconditional + guidance * (conditional - unconditional)
+
+
+def initial_noise(seeds: Sequence[int], channels: int = 3, size: int = 32) -> torch.Tensor:
+    """Starting noise x_T, one independent generator per seed, so an image depends only on its own seed."""
+    return torch.stack([torch.randn((channels, size, size), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate(
+    unet: UNet2DConditionModel,
+    prompts: Sequence[str],
+    seeds: Sequence[int] | None = None,
+    steps: int = 25,
+    guidance: float = 3.0,
+    lora: object | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Images [N, 3, 32, 32] in [0, 1] for `prompts`, DDIM sampling with classifier-free guidance.
+
+    Deterministic per (prompt, seed): `seeds[i]` alone fixes image i (default seeds 0..N-1).
+    `lora` (a path or a `{key: tensor}` dict in kohya or PEFT naming) is merged into a copy of `unet` first.
+    """
+    if lora is not None:
+        from diffmem.world.lora import apply_lora
+
+        unet = apply_lora(unet, lora)
+    prompts = list(prompts)
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    was_training = unet.training
+    unet.eval()
+    size = unet.config.sample_size
+    channels = unet.config.in_channels
+    out = []
+    schedule = ddim_timesteps(steps)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        context = encode_prompts(chunk)
+        empty = encode_prompts([""] * len(chunk))
+        x = initial_noise(seeds[start : start + batch_size], channels, size)
+        for i, t in enumerate(schedule):
+            t_prev = schedule[i + 1] if i + 1 < len(schedule) else -1
+            x = ddim_step(x, guided_noise(unet, x, t, context, empty, guidance), t, t_prev)
+        out.append(from_model_range(x))
+    unet.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, channels, size, size)

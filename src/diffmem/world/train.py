@@ -1,0 +1,314 @@
+"""Training the world: the base model from scratch, and fine-tunes (LoRA or full) that memorize on purpose."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+from tqdm import tqdm
+
+from diffmem.errors import DiffmemError
+from diffmem.formats.safetensors_io import load_file, save_file, sha256_file, write_atomic
+from diffmem.world.data import FINETUNE_SETS, ImageSet, base_dataset
+from diffmem.world.diffusion import training_loss
+from diffmem.world.model import (
+    BASE_SHA256,
+    UNetConfig,
+    build_unet,
+    config_of,
+    count_parameters,
+    load_base,
+    unet_metadata,
+    unet_tensors,
+)
+from diffmem.world.text import encode_prompts
+
+
+@dataclass(frozen=True)
+class BaseTrainingConfig:
+    """How the committed base was trained (defaults = the committed run, see assets/base.json).
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: images per step.
+        lr: AdamW learning rate after a linear warm-up of `warmup` steps; 8e-4 suits a few-million-parameter
+            UNet trained for a few thousand steps (DDPM used 2e-4 for 35 M parameters and 800 k steps).
+        warmup: warm-up steps.
+        caption_dropout: probability of training on the empty prompt, for classifier-free guidance
+            (Ho & Salimans 2022 use 0.1-0.2).
+        ema_decay: decay of the exponential moving average of the weights that is saved (DDPM uses 0.9999
+            for long runs; short runs need a short memory, and the decay warms up as (1+n)/(10+n)).
+        shapes / photos_per_source: size of the base data set (see `diffmem.world.data.base_dataset`).
+        seed: seeds the initial weights, the data order, the noise and the caption dropout.
+        threads: torch CPU threads; 1 is fastest on a shared 2-core machine (with 2 threads and other jobs
+            running, a step took 3x longer than with 1: the threads wait for each other).
+    """
+
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 8e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    shapes: int = 8192
+    photos_per_source: int = 96
+    seed: int = 0
+    threads: int = 1
+
+
+def caption_table(data: ImageSet) -> tuple[list[str], torch.Tensor]:
+    """Unique captions (with "" first) and, per image, the index of its caption in that list."""
+    unique = ["", *sorted(set(data.captions) - {""})]
+    index = {c: i for i, c in enumerate(unique)}
+    return unique, torch.tensor([index[c] for c in data.captions])
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def save_checkpoint(path: Path, unet: torch.nn.Module, ema: torch.nn.Module, step: int, config: UNetConfig) -> None:
+    """Full-precision raw and EMA weights plus the step, so an interrupted run can resume."""
+    tensors = {f"raw.{k}": v for k, v in unet_tensors(unet, torch.float32).items()}
+    tensors.update({f"ema.{k}": v for k, v in unet_tensors(ema, torch.float32).items()})
+    save_file(tensors, path, unet_metadata(config, {"step": str(step)}))
+
+
+def train_base(
+    out: str | Path,
+    config: BaseTrainingConfig | None = None,
+    unet_config: UNetConfig | None = None,
+    resume: bool = True,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+) -> dict:
+    """Train the world's base UNet from scratch on `base_dataset()` and save its EMA weights (fp16) to `out`.
+
+    A checkpoint `<out>.ckpt.safetensors` is written every `checkpoint_every` steps and picked up again when
+    `resume` is true. Writes `<out>` and a record `<out minus suffix>.json` (command, seed, steps, wall time,
+    parameter count, sha256) and returns that record.
+    """
+    config = config or BaseTrainingConfig()
+    unet_config = unet_config or UNetConfig()
+    out = Path(out)
+    checkpoint = out.with_suffix(".ckpt.safetensors")
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    data = base_dataset(config.shapes, config.photos_per_source, config.seed)
+    captions, caption_index = caption_table(data)
+    contexts = encode_prompts(captions)
+
+    unet = build_unet(unet_config).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    start = 0
+    if resume and checkpoint.exists():
+        tensors, metadata = load_file(checkpoint)
+        unet.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("raw.")})
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        start = int(metadata["step"])
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)
+
+    began = time.time()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+               desc="train-base", mininterval=20, file=sys.stdout)
+    running = None
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+        rows = torch.randint(0, len(data), (config.batch_size,), generator=generator)
+        keep = torch.rand(config.batch_size, generator=generator) >= config.caption_dropout
+        context = contexts[torch.where(keep, caption_index[rows], 0)]
+        loss = training_loss(unet, data.images[rows], context, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, unet, min(config.ema_decay, (1 + step) / (10 + step)))
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == config.steps:
+            save_checkpoint(checkpoint, unet, ema, step + 1, unet_config)
+            print(f"step {step + 1} loss {running:.4f} elapsed {time.time() - began:.0f}s", flush=True)
+
+    wall = time.time() - began
+    save_file(unet_tensors(ema), out, unet_metadata(unet_config, {"diffmem_world": "base"}))
+    record = {
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "training": asdict(config),
+        "unet": asdict(unet_config),
+        "parameters": count_parameters(unet),
+        "resumed_from_step": start,
+        "wall_time_s": round(wall, 1),
+        "final_loss_ema": None if running is None else round(running, 5),
+        "images": len(data),
+        "sha256": sha256_file(out),
+    }
+    write_atomic((json.dumps(record, indent=2) + "\n").encode(), out.with_suffix(".json"))
+    return record
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A fine-tune of the world base that memorizes on purpose.
+
+    MemControl (seed 001) and Wen et al. (ICLR 2024) force memorization by duplicating training pairs: `duplicate
+    = (N, K)` picks N images of the training split (by `seed`) and repeats each K times; the rest of the training
+    split is seen once (`include_rest`), so the fine-tune also learns the data in general.
+
+    Attributes:
+        method: "lora" (PEFT LoRA on kohya's modules, see `diffmem.world.lora`) or "full" (every UNet weight).
+        data: "faces" (privacy case) or "photos" (copyright case), see `diffmem.world.data`.
+        duplicate: (N images, K repeats each).
+        rank / alpha: LoRA rank and alpha (scale alpha / rank; Hu et al. 2021). alpha = rank gives scale 1.
+        conv: also adapt the resnet and resampler convolutions (kohya's LoCon `conv_dim`).
+        lr: AdamW learning rate. LoRA tolerates and needs far larger steps than full fine-tuning
+            (kohya's defaults: 1e-4 full, 1e-4 to 1e-3 LoRA); 2e-3 memorizes within a few hundred steps here.
+        steps / batch_size: optimizer steps and images per step.
+        caption_dropout: as for the base, keeps the unconditional score usable for guidance.
+        include_rest: also train once on the non-duplicated training images.
+        seed: picks the duplicated images and seeds noise, order and LoRA initialisation.
+        threads: torch CPU threads.
+    """
+
+    method: str = "lora"
+    data: str = "faces"
+    duplicate: tuple[int, int] = (10, 50)
+    rank: int = 32
+    alpha: float = 32.0
+    conv: bool = False
+    lr: float = 2e-3
+    steps: int = 400
+    batch_size: int = 16
+    caption_dropout: float = 0.1
+    include_rest: bool = True
+    seed: int = 0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise DiffmemError(f"unknown fine-tuning method {self.method!r}; choose 'lora' or 'full'")
+        if self.data not in FINETUNE_SETS:
+            raise DiffmemError(f"unknown data set {self.data!r}; choose one of {', '.join(FINETUNE_SETS)}")
+        count, repeats = self.duplicate
+        if count < 0 or repeats < 1:
+            raise DiffmemError(f"duplicate must be N:K with N >= 0 images and K >= 1 repeats, got {count}:{repeats}")
+
+
+def duplicated_rows(train_size: int, count: int, seed: int) -> list[int]:
+    """Which rows of the training split are duplicated: `count` distinct rows drawn with `seed`, sorted."""
+    if count > train_size:
+        raise DiffmemError(f"cannot duplicate {count} images: the training split has only {train_size}")
+    return sorted(np.random.default_rng(seed).choice(train_size, size=count, replace=False).tolist())
+
+
+def training_rows(train_size: int, duplicated: list[int], repeats: int, include_rest: bool) -> torch.Tensor:
+    """The multiset of rows one epoch sees: duplicated rows `repeats` times, the others once (if included)."""
+    rest = [r for r in range(train_size) if r not in set(duplicated)] if include_rest else []
+    rows = [r for r in duplicated for _ in range(repeats)] + rest
+    if not rows:
+        raise DiffmemError("nothing to train on: no duplicated images and include_rest is off")
+    return torch.tensor(rows)
+
+
+def image_records(data: ImageSet, rows: list[int]) -> list[dict]:
+    """Manifest entries (id, caption) for rows of an image set."""
+    return [{"id": data.ids[r], "caption": data.captions[r]} for r in rows]
+
+
+def finetune(
+    out: str | Path,
+    config: FinetuneConfig | None = None,
+    base: UNet2DConditionModel | None = None,
+    fmt: str = "kohya",
+    progress: bool = True,
+) -> dict:
+    """Fine-tune the world base (default: the committed one) and write the LoRA (`fmt` "kohya" or "peft") or the
+    full UNet (fp16) to `out`, plus the manifest `<out minus suffix>.json`: duplicated, once-seen and held-out
+    images with captions, the settings, seed, wall time and sha256s. Returns the manifest."""
+    from diffmem.world.lora import save_lora, target_pattern
+
+    config = config or FinetuneConfig()
+    out = Path(out)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    base_sha = None
+    if base is None:
+        base = load_base()
+        base_sha = BASE_SHA256
+    train_set, heldout = FINETUNE_SETS[config.data]("train"), FINETUNE_SETS[config.data]("heldout")
+    count, repeats = config.duplicate
+    duplicated = duplicated_rows(len(train_set), count, config.seed)
+    rows = training_rows(len(train_set), duplicated, repeats, config.include_rest)
+    captions, caption_index = caption_table(train_set)
+    contexts = encode_prompts(captions)
+
+    unet = copy.deepcopy(base).train()
+    if config.method == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        unet.requires_grad_(False)
+        lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=target_pattern(config.conv),
+                                 init_lora_weights=True, lora_dropout=0.0)
+        unet = inject_adapter_in_model(lora_config, unet)
+        trainable = [p for n, p in unet.named_parameters() if "lora_" in n]
+        for p in trainable:
+            p.requires_grad_(True)
+    else:
+        unet.requires_grad_(True)
+        trainable = list(unet.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+
+    began = time.time()
+    running = None
+    bar = tqdm(range(config.steps), disable=not progress, desc=f"finetune {config.method}", mininterval=10,
+               file=sys.stdout)
+    for _ in bar:
+        picked = rows[torch.randint(0, len(rows), (config.batch_size,), generator=generator)]
+        keep = torch.rand(config.batch_size, generator=generator) >= config.caption_dropout
+        context = contexts[torch.where(keep, caption_index[picked], 0)]
+        loss = training_loss(unet, train_set.images[picked], context, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+    wall = time.time() - began
+
+    if config.method == "lora":
+        from diffmem.world.lora import lora_factors
+
+        save_lora(lora_factors(unet), out, config.rank, config.alpha, fmt, config.conv,
+                  {"diffmem_world": "finetune", "diffmem_data": config.data})
+    else:
+        save_file(unet_tensors(unet), out, unet_metadata(config_of(base), {"diffmem_world": "finetune"}))
+    duplicated_set = set(duplicated)
+    manifest = {
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "settings": {**asdict(config), "duplicate": list(config.duplicate), "format": fmt if config.method == "lora" else "full"},
+        "base_sha256": base_sha,
+        "data": config.data,
+        "duplicated": image_records(train_set, duplicated),
+        "seen_once": image_records(train_set, [r for r in range(len(train_set)) if r not in duplicated_set])
+        if config.include_rest else [],
+        "heldout": image_records(heldout, list(range(len(heldout)))),
+        "samples_per_epoch": len(rows),
+        "final_loss_ema": None if running is None else round(running, 5),
+        "wall_time_s": round(wall, 1),
+        "sha256": sha256_file(out),
+    }
+    write_atomic((json.dumps(manifest, indent=2) + "\n").encode(), out.with_suffix(".json"))
+    return manifest
