@@ -19,7 +19,7 @@ import html
 import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,8 @@ class AuditModel:
             models, a rescale for pixel models).
         sample_shape: [C, H, W] of the UNet's input.
         image_size: [H, W] of the images `to_images` returns (training images are resized to it).
+        default_steps, default_guidance: how this model is normally sampled (used when the user does not say).
+        step_kwargs: extra arguments of `scheduler.step` that make it sample as the model's own sampler does.
     """
 
     name: str
@@ -59,6 +61,9 @@ class AuditModel:
     to_images: Callable[[torch.Tensor], torch.Tensor]
     sample_shape: tuple[int, int, int]
     image_size: tuple[int, int]
+    default_steps: int = 50
+    default_guidance: float = 7.5
+    step_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,10 @@ class AuditConfig:
     Args:
         generations: images per prompt. 4, Wen et al.'s number for their detector; raise it for the copy test
             (MemControl's extraction attack uses 50).
-        num_inference_steps: DDIM steps, 50 as in Wen et al.
-        guidance_scale: classifier-free guidance, 7.5 as in Wen et al. for Stable Diffusion.
+        num_inference_steps: DDIM steps. None (default): the model's own (50 for Stable Diffusion as in Wen et
+            al., 25 for the world, as `diffmem.world.generate` samples).
+        guidance_scale: classifier-free guidance. None (default): the model's own (7.5 for Stable Diffusion as in
+            Wen et al., 3.0 for the world).
         seed: seed of the initial noise (the audit is reproducible).
         copy: the copy criterion (`CopyConfig`). The default adds an absolute bound of 0.1 (tiled RMS in [0, 1])
             to Carlini et al.'s relative test, because an audit's training folder can be small (a LoRA's ten
@@ -85,8 +92,8 @@ class AuditConfig:
     """
 
     generations: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     seed: int = 0
     copy: CopyConfig = field(default_factory=lambda: CopyConfig(distance_threshold=0.1))
     copy_fraction: float = 0.5
@@ -197,6 +204,13 @@ def score_prompts(
     return rows
 
 
+def settle_config(config: AuditConfig, model: AuditModel) -> AuditConfig:
+    """`config` with the model's own sampling settings where the config leaves them open (None)."""
+    steps = model.default_steps if config.num_inference_steps is None else config.num_inference_steps
+    guidance = model.default_guidance if config.guidance_scale is None else config.guidance_scale
+    return replace(config, num_inference_steps=steps, guidance_scale=guidance)
+
+
 def run_audit(
     model: AuditModel,
     prompts: Sequence[str],
@@ -208,6 +222,7 @@ def run_audit(
     """Generate `config.generations` images per prompt while recording Wen scores, then score them."""
     if not prompts:
         raise DiffmemError("no prompts to audit")
+    config = settle_config(config, model)
     chunk = max(1, config.batch_size // config.generations)
     starts = range(0, len(prompts), chunk)
     if progress:
@@ -443,6 +458,40 @@ def screenshot_html(html_path: str | Path, png_path: str | Path, width: int = 12
     return png_path
 
 
+def world_scheduler():
+    """A diffusers DDIMScheduler on the world's noise schedule that steps exactly as `diffmem.world`'s own DDIM
+    sampler (same "leading" timesteps, eta = 0, x0 clipped to [-1, 1], alpha-bar = 1 after the last step) when
+    stepped with `use_clipped_model_output=True`."""
+    from diffusers import DDIMScheduler
+
+    from diffmem.world.diffusion import ALPHAS_CUMPROD
+
+    abar = ALPHAS_CUMPROD.double()
+    betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return DDIMScheduler(num_train_timesteps=len(abar), trained_betas=betas.numpy(), clip_sample=True,
+                         set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+
+
+def world_audit_model(base: Path | None = None, lora: str | Path | None = None, device: str = "cpu") -> AuditModel:
+    """The embedded world (committed base, or a world UNet file) with an optional LoRA, as an `AuditModel`."""
+    from diffmem.world.diffusion import from_model_range
+    from diffmem.world.model import load_base, load_unet_file
+    from diffmem.world.text import encode_prompts
+
+    unet = load_base() if base is None else load_unet_file(base)
+    name = "world base" if base is None else Path(base).name
+    if lora is not None:
+        from diffmem.world.lora import apply_lora
+
+        unet = apply_lora(unet, lora)
+        name += f" + {Path(lora).name}"
+    size = unet.config.sample_size
+    return AuditModel(name=name, unet=unet.to(device).eval(), scheduler=world_scheduler(), encode=encode_prompts,
+                      to_images=from_model_range, sample_shape=(unet.config.in_channels, size, size),
+                      image_size=(size, size), default_steps=25, default_guidance=3.0,
+                      step_kwargs={"use_clipped_model_output": True})
+
+
 def is_world_file(path: Path) -> bool:
     """True when `path` is a world UNet saved by diffmem (its safetensors metadata carries the UNet config)."""
     from diffmem.formats.safetensors_io import read_header
@@ -457,7 +506,7 @@ def open_audit_model(base: str | Path, lora: str | Path | None = None, device: s
     """'world' or a world UNet file -> the world model; anything else -> a Stable Diffusion pipeline."""
     base_path = Path(base)
     if str(base) == "world" or is_world_file(base_path):
-        raise DiffmemError("auditing the embedded world needs diffmem.world's sampling API, which is not there yet")
+        return world_audit_model(None if str(base) == "world" else base_path, lora, device)
     return diffusers_audit_model(base_path, lora, device)
 
 
@@ -491,11 +540,12 @@ def wen_scores_of(
     generator: torch.Generator | None = None,
 ) -> WenTrace:
     """Wen et al.'s trace (per-step norms, samples) for prompts, sampled with the audit's settings."""
+    config = settle_config(config, model)
     wen = WenConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                     generations=config.generations, batch_size=config.batch_size)
     generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     return sample_with_wen_scores(model.unet, model.scheduler, model.encode(list(prompts)), model.encode([""]), wen,
-                                  generator, model.sample_shape)
+                                  generator, model.sample_shape, model.step_kwargs)
 
 
 def evaluate_wen_detector(
@@ -511,6 +561,7 @@ def evaluate_wen_detector(
 
     if not memorized or not held_out:
         raise DiffmemError("need at least one memorized and one held-out prompt")
+    config = settle_config(config, model)
     trace = wen_scores_of(model, [*memorized, *held_out], config)
     labels = torch.tensor([1] * len(memorized) + [0] * len(held_out))
     out = {"model": model.name, "memorized": len(memorized), "held_out": len(held_out),

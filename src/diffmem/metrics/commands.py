@@ -15,8 +15,10 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                              "diffusers folder / single-file checkpoint (loaded offline)")
     parser.add_argument("--lora", type=Path, help="LoRA file applied to the base")
     parser.add_argument("--generations", type=int, default=4, help="images per prompt (default 4, Wen et al.)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--steps", type=int,
+                        help="DDIM steps (default: 50 for Stable Diffusion as in Wen et al., 25 for the world)")
+    parser.add_argument("--guidance", type=float,
+                        help="classifier-free guidance scale (default: 7.5 for Stable Diffusion, 3.0 for the world)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per UNet call (default 32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
@@ -26,7 +28,7 @@ def audit_config(args: argparse.Namespace):
     """The AuditConfig the options describe."""
     from diffmem.audit import AuditConfig
 
-    if args.generations < 1 or args.steps < 1:
+    if args.generations < 1 or (args.steps is not None and args.steps < 1):
         raise DiffmemError("--generations and --steps must be at least 1")
     return AuditConfig(generations=args.generations, num_inference_steps=args.steps, guidance_scale=args.guidance,
                        seed=args.seed, batch_size=args.batch_size,
@@ -59,8 +61,8 @@ def run_wen_eval_command(args: argparse.Namespace) -> int:
         tpr = numbers[f"tpr_at_{args.max_fpr:g}_fpr"]
         print(f"Wen score ({key.replace('_', ' ')}): ROC AUC {numbers['auc']:.3f}, TPR at {args.max_fpr:.0%} FPR "
               f"{tpr:.3f} (mean {numbers['mean_memorized']:.3f} memorized vs {numbers['mean_held_out']:.3f} held out)")
-    print(f"{len(memorized)} memorized and {len(held_out)} held-out prompts, {args.generations} generations each, "
-          f"{args.steps} DDIM steps, guidance {args.guidance}")
+    print(f"{len(memorized)} memorized and {len(held_out)} held-out prompts, {result['generations']} generations "
+          f"each, {result['steps']} DDIM steps, guidance {result['guidance']}")
     if args.json is not None:
         from diffmem.formats.safetensors_io import write_atomic
 

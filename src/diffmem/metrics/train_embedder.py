@@ -28,6 +28,24 @@ from diffmem.metrics.embedder import (
 )
 from diffmem.metrics.features import embed
 
+#: How often each fine-tune image (faces, photos) is repeated in the embedder's training set: they are few, and
+#: they are the images whose copies the audit must recognise.
+FINETUNE_REPEAT = 8
+
+
+def embedder_images(shapes: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) images from the world's data (`diffmem.world.data`): training = shapes, base photo crops
+    and the fine-tune `train` splits (faces, photos, repeated); held-out = the fine-tune `heldout` splits, which no
+    diffmem training run sees, plus shapes drawn with another seed."""
+    from diffmem.world.data import base_photos_dataset, faces_dataset, photos_dataset, shapes_dataset
+
+    finetune = torch.cat([faces_dataset("train").images, photos_dataset("train").images])
+    train = torch.cat([shapes_dataset(shapes, seed).images, base_photos_dataset(seed=seed).images,
+                       finetune.repeat(FINETUNE_REPEAT, 1, 1, 1)])
+    held_out = torch.cat([faces_dataset("heldout").images, photos_dataset("heldout").images,
+                          shapes_dataset(64, seed + 1000).images])
+    return train, held_out
+
 
 def copy_detection_quality(embedder, images: torch.Tensor, seed: int = 1, threshold: float = 0.5) -> dict:
     """How well an embedder tells edited copies from other images, on images it was not trained on:
@@ -64,8 +82,6 @@ def save_embedder(net: torch.nn.Module, config: EmbedderConfig, path: Path, reco
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffmem.world.data import embedder_images
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=embedder_path(), help="where to write the weights")
     parser.add_argument("--steps", type=int, default=EmbedderConfig.steps)

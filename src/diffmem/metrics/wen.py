@@ -9,6 +9,7 @@ norm averaged over the sampling steps (and over a few generations per prompt). N
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,7 @@ def sample_with_wen_scores(
     config: WenConfig = WenConfig(),
     generator: torch.Generator | None = None,
     sample_shape: tuple[int, int, int] | None = None,
+    step_kwargs: Mapping[str, object] | None = None,
 ) -> WenTrace:
     """Guided sampling that records `||eps(x_t, c) - eps(x_t, empty)||` at every step (Wen et al. 2024).
 
@@ -92,6 +94,8 @@ def sample_with_wen_scores(
         empty_embeds: encoding of the empty prompt, [1, L, D] (or [P, L, D]).
         generator: CPU generator for the initial noise, so results do not depend on the device.
         sample_shape: [C, H, W] of the UNet input; defaults to the UNet config's channels and sample size.
+        step_kwargs: extra arguments of `scheduler.step`, e.g. `{"use_clipped_model_output": True}` for a sampler
+            that recomputes the noise from the clipped x0 (as the diffmem world's DDIM does).
     """
     if prompt_embeds.ndim != 3:
         raise ValueError(f"prompt_embeds must be [P, L, D], got {tuple(prompt_embeds.shape)}")
@@ -118,7 +122,7 @@ def sample_with_wen_scores(
         stop = min(start + config.batch_size, prompts * generations)
         chunk_norms, chunk_samples = guided_sampling_chunk(
             unet, copy.deepcopy(scheduler), noise[start:stop].to(device, dtype),
-            conds[start:stop].to(device, dtype), empties[start:stop].to(device, dtype), config,
+            conds[start:stop].to(device, dtype), empties[start:stop].to(device, dtype), config, step_kwargs or {},
         )
         norms.append(chunk_norms)
         samples.append(chunk_samples)
@@ -134,6 +138,7 @@ def guided_sampling_chunk(
     conds: torch.Tensor,
     empties: torch.Tensor,
     config: WenConfig,
+    step_kwargs: Mapping[str, object],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of classifier-free-guided sampling: (norms [T, B], final samples [B, C, H, W])."""
     scheduler.set_timesteps(config.num_inference_steps, device=noise.device)
@@ -145,5 +150,5 @@ def guided_sampling_chunk(
         eps_uncond, eps_cond = unet(model_in, t, encoder_hidden_states=context).sample.chunk(2)
         norms.append(conditional_difference_norms(eps_cond, eps_uncond).cpu())
         guided = eps_uncond + config.guidance_scale * (eps_cond - eps_uncond)
-        x = scheduler.step(guided, t, x).prev_sample
+        x = scheduler.step(guided, t, x, **step_kwargs).prev_sample
     return torch.stack(norms), x.float().cpu()
