@@ -343,12 +343,18 @@ def test_sd3_map_agrees_with_diffusers_converter():
 def test_building_targets_reads_no_tensor_and_weight_reads_only_its_own(tmp_path, monkeypatch):
     base = open_base(build_tiny_base(tmp_path, "sdxl", "single_file"))
     reads = []
-    original = SafetensorsFile.__getitem__
-    monkeypatch.setattr(SafetensorsFile, "__getitem__", lambda self, key: reads.append(key) or original(self, key))
+    whole, rows = SafetensorsFile.__getitem__, SafetensorsFile.rows
+    monkeypatch.setattr(SafetensorsFile, "__getitem__", lambda self, key: reads.append(key) or whole(self, key))
+    monkeypatch.setattr(SafetensorsFile, "rows",
+                        lambda self, key, start, end: reads.append((key, start, end)) or rows(self, key, start, end))
     targets = base.targets
     assert reads == []
-    base.weight(targets["lora_te2_text_model_encoder_layers_0_self_attn_k_proj"])
-    assert reads == ["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"]
+    target = targets["lora_te2_text_model_encoder_layers_0_self_attn_k_proj"]
+    weight = base.weight(target)
+    ((key, start, end),) = target.parts
+    assert reads == [(key, start, end)]  # only the k rows of the fused in_proj, not the whole tensor
+    assert key == "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    torch.testing.assert_close(weight, whole(SafetensorsFile(base.path), key)[start:end].float())
 
 
 def test_content_hash_is_stable_and_hashed_once(tmp_path, monkeypatch):

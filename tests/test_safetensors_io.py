@@ -148,3 +148,9 @@ def test_streaming_writer_matches_the_library(tmp_path):
     with pytest.raises(ValueError, match="declared"):
         save_file_streaming({"w": (2, 2)}, lambda name: torch.zeros(3), tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_rows_reads_a_slice(good_file):
+    lazy = SafetensorsFile(good_file)
+    torch.testing.assert_close(lazy.rows("a", 1, 3), torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(lazy.rows("b", 0, 1), torch.ones(1, 3))

@@ -111,7 +111,7 @@ def known_weight(out=30, inner=20, seed=0):
 
 
 def test_principal_subspace_spans_the_top_singular_vectors():
-    weight, u, s, v = known_weight()
+    weight, u, s, _ = known_weight()
     anchors = principal_subspace(weight, k=4)
     assert anchors.k == 4
     projector = anchors.u @ anchors.u.T

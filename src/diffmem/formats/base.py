@@ -119,10 +119,15 @@ class TensorStore:
         reader, inner = self.entries[key]
         return tuple(reader.shape(inner))
 
-    def read(self, key: str) -> torch.Tensor:
-        """One tensor, checked to be finite (the error names the file)."""
+    def read(self, key: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """One tensor, or its rows ``start:end``, checked to be finite (the error names the file). Safetensors
+        readers read only the rows asked for."""
         reader, inner = self.entries[key]
-        return reader[inner]
+        if start is None:
+            return reader[inner]
+        if hasattr(reader, "rows"):
+            return reader.rows(inner, start, end)
+        return reader[inner][start:end]
 
     @property
     def files(self) -> list[Path]:
@@ -581,7 +586,7 @@ class BaseCheckpoint:
         for key, start, end in target.parts:
             if key not in self._store.entries:
                 raise DiffmemError(f"has no tensor {key!r} (target of {target.module})", self.path)
-            rows.append(self._store.read(key)[start:end])
+            rows.append(self._store.read(key, start, end))
         weight = (rows[0] if len(rows) == 1 else torch.cat(rows)).to(torch.float32)
         if tuple(weight.shape) != tuple(target.shape):
             raise FileFormatError(

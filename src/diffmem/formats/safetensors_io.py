@@ -139,6 +139,12 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             raise KeyError(key)
         return check_finite(self._handle.get_tensor(key), key, self.path)
 
+    def rows(self, key: str, start: int, end: int) -> torch.Tensor:
+        """Rows ``start:end`` of ``key``, reading only those bytes (a slice of a fused qkv weight, say)."""
+        if key not in self.header:
+            raise KeyError(key)
+        return check_finite(self._handle.get_slice(key)[start:end], key, self.path)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.header)
 
