@@ -180,3 +180,29 @@ def test_world_sampling_matches_world_generate():
         step_kwargs={"use_clipped_model_output": True},
     )
     torch.testing.assert_close(((trace.samples[0] + 1) / 2).clamp(0, 1), reference, atol=1e-5, rtol=0)
+
+
+def test_cli_audit_of_a_world_unet_with_a_manifest(tmp_path, capsys):
+    """The world path end to end: a (tiny, untrained) world UNet file and a fine-tune manifest."""
+    from diffmem.formats.safetensors_io import save_file
+    from diffmem.world.data import faces_dataset
+    from diffmem.world.model import UNetConfig, build_unet, unet_metadata, unet_tensors
+
+    torch.manual_seed(0)
+    config = UNetConfig(block_out_channels=(16, 32, 32), attention_head_dim=8, norm_num_groups=8)
+    unet_file = save_file(unet_tensors(build_unet(config)), tmp_path / "tiny_world.safetensors", unet_metadata(config))
+    faces = faces_dataset("all")
+    record = lambda rows: [{"id": faces.ids[r], "caption": faces.captions[r]} for r in rows]  # noqa: E731
+    manifest = tmp_path / "lora.json"
+    manifest.write_text(json.dumps({"data": "faces", "duplicated": record([0, 1]), "seen_once": record([2, 3, 4]),
+                                    "heldout": record([80, 81, 82])}))
+    out = tmp_path / "out"
+    assert main(["audit", "--base", str(unet_file), "--manifest", str(manifest), "--generations", "2",
+                 "--steps", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts"] == 5 and summary["training_images"] == 5
+    assert summary["config"]["guidance_scale"] == 3.0 and summary["config"]["num_inference_steps"] == 2
+    known = summary["known_labels"]
+    assert known["memorized"] == 2 and known["held_out"] == 3 and 0 <= known["wen_auc"] <= 1
+    assert "known labels: flagged" in capsys.readouterr().out
+    assert "faces/" in (out / "table.csv").read_text()

@@ -128,6 +128,7 @@ class AuditResult:
     config: AuditConfig
     train_images: torch.Tensor | None = None
     train_names: list[str] | None = None
+    known_memorized: list[bool] | None = None
 
     @property
     def data_free(self) -> bool:
@@ -149,6 +150,26 @@ class AuditResult:
         if not self.data_free:
             out["copy_rate"] = float(np.mean([r.copy_fraction for r in self.rows]))
             out["training_images"] = len(self.train_names or [])
+        if self.known_memorized is not None:
+            out["known_labels"] = self.label_agreement()
+        return out
+
+    def label_agreement(self) -> dict:
+        """With known memorized / held-out prompts: how the flags and Wen's score agree with them."""
+        from diffmem.metrics.roc import roc_auc, tpr_at_fpr
+
+        known = torch.tensor(self.known_memorized)
+        flagged = torch.tensor([r.flagged for r in self.rows])
+        out = {
+            "memorized": int(known.sum()),
+            "held_out": int((~known).sum()),
+            "flagged_memorized": int((flagged & known).sum()),
+            "flagged_held_out": int((flagged & ~known).sum()),
+        }
+        if known.any() and not known.all():
+            scores = torch.tensor([r.wen_score for r in self.rows])
+            out["wen_auc"] = roc_auc(scores, known)
+            out["wen_tpr_at_1pct_fpr"] = tpr_at_fpr(scores, known, 0.01)
         return out
 
 
@@ -218,10 +239,14 @@ def run_audit(
     train_images: torch.Tensor | None = None,
     train_names: Sequence[str] | None = None,
     progress: bool = False,
+    known_memorized: Sequence[bool] | None = None,
 ) -> AuditResult:
-    """Generate `config.generations` images per prompt while recording Wen scores, then score them."""
+    """Generate `config.generations` images per prompt while recording Wen scores, then score them.
+    `known_memorized` (one bool per prompt), when the truth is known, adds agreement numbers to the summary."""
     if not prompts:
         raise DiffmemError("no prompts to audit")
+    if known_memorized is not None and len(known_memorized) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(known_memorized)} known_memorized labels")
     config = settle_config(config, model)
     chunk = max(1, config.batch_size // config.generations)
     starts = range(0, len(prompts), chunk)
@@ -240,7 +265,8 @@ def run_audit(
         train_images = resize_images(train_images, tuple(images.shape[-2:]))
     rows = score_prompts(prompts, images, scores, first, config, train_images, train_names)
     return AuditResult(model=model.name, rows=rows, images=images, config=config, train_images=train_images,
-                       train_names=list(train_names) if train_names is not None else None)
+                       train_names=list(train_names) if train_names is not None else None,
+                       known_memorized=list(known_memorized) if known_memorized is not None else None)
 
 
 def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -338,6 +364,8 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
     header = ["prompt", "generations", "nearest training image", "flagged", "Wen score", "largest group"]
     if not result.data_free:
         header += ["copy distance", "copies"]
+    if result.known_memorized is not None:
+        header.append("known")
     index_of = {id(r): i for i, r in enumerate(result.rows)}
     rows = []
     for r in ranked(result):
@@ -354,7 +382,17 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
         row: list[object] = [r.prompt, grid_html, nearest, flag, r.wen_score, r.largest_group]
         if not result.data_free:
             row += [r.copy_distance, f"{r.copy_fraction:.0%}"]
+        if result.known_memorized is not None:
+            row.append("memorized" if result.known_memorized[p] else "held out")
         rows.append(row)
+    if result.known_memorized is not None:
+        agreement = summary["known_labels"]
+        parts.append(
+            f"<p><b>Known labels:</b> flagged {agreement['flagged_memorized']} of {agreement['memorized']} memorized "
+            f"and {agreement['flagged_held_out']} of {agreement['held_out']} held-out prompts"
+            + (f"; Wen score ROC AUC {agreement['wen_auc']:.3f}, TPR at 1% FPR {agreement['wen_tpr_at_1pct_fpr']:.2f}"
+               if "wen_auc" in agreement else "") + ".</p>"
+        )
     parts.append(html_table(header, rows))
     return html_page("diffmem audit", "".join(parts))
 
@@ -512,7 +550,7 @@ def open_audit_model(base: str | Path, lora: str | Path | None = None, device: s
 
 def audit_files(
     base: str | Path,
-    prompts: str | Path,
+    prompts: str | Path | None,
     out_dir: str | Path,
     lora: str | Path | None = None,
     train_images: str | Path | None = None,
@@ -520,19 +558,54 @@ def audit_files(
     device: str = "cpu",
     screenshot: bool = False,
     progress: bool = True,
+    manifest: str | Path | None = None,
 ) -> dict:
-    """The `diffmem audit` command as a function: load, generate, score, write; returns the summary."""
-    prompt_list = load_prompts(prompts)
+    """The `diffmem audit` command as a function: load, generate, score, write; returns the summary.
+
+    `manifest`: a world fine-tune manifest (the `.json` beside a world LoRA). Its training images (duplicated and
+    seen once) become the training images, and without `prompts` its duplicated and held-out captions are
+    audited with their known labels, so the summary says how well the audit finds the memorized ones."""
+    prompt_list = load_prompts(prompts) if prompts is not None else None
+    train = names = known = None
+    if manifest is not None:
+        if train_images is not None:
+            raise DiffmemError("give either --train-images or --manifest, not both")
+        train, names, manifest_prompts, manifest_known = world_manifest_inputs(manifest)
+        if prompt_list is None:
+            prompt_list, known = manifest_prompts, manifest_known
+    if prompt_list is None:
+        raise DiffmemError("give --prompts (or a --manifest whose captions are audited)")
     model = open_audit_model(base, lora, device)
-    train = names = None
     if train_images is not None:
         train, names = load_image_folder(train_images, size=model.image_size)
-    result = run_audit(model, prompt_list, config, train, names, progress=progress)
-    inputs = [p for p in (prompts, lora, base) if p is not None and Path(p).exists()]
+    result = run_audit(model, prompt_list, config, train, names, progress=progress, known_memorized=known)
+    inputs = [p for p in (prompts, lora, base, manifest) if p is not None and Path(p).exists()]
     paths = write_audit(result, out_dir, protect=inputs)
     if screenshot:
         screenshot_html(paths["report.html"], Path(out_dir) / "report.png")
     return result.summary()
+
+
+def world_manifest_inputs(manifest: str | Path) -> tuple[torch.Tensor, list[str], list[str], list[bool]]:
+    """(training images, their ids, duplicated + held-out captions, which of those are duplicated) of a world
+    fine-tune manifest."""
+    from diffmem.world.check import manifest_images
+    from diffmem.world.data import ImageSet
+
+    path = Path(manifest)
+    if not path.is_file():
+        raise DiffmemError("no such manifest file", path)
+    try:
+        record = json.loads(path.read_text())
+        duplicated = manifest_images(record, "duplicated")
+        seen_once = manifest_images(record, "seen_once")
+        held_out = manifest_images(record, "heldout")
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise FileFormatError(f"is not a world fine-tune manifest ({exc})", path) from None
+    train = ImageSet.concat([duplicated, seen_once]) if len(seen_once) else duplicated
+    prompts = [*duplicated.captions, *held_out.captions]
+    known = [True] * len(duplicated) + [False] * len(held_out)
+    return train.images, list(train.ids), prompts, known
 
 
 def wen_scores_of(

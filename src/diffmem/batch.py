@@ -86,8 +86,8 @@ def warm_anchors(inputs: Sequence[Path], base_path: Path, config: FilterConfig, 
     for source in inputs:
         try:
             lora = read_lora(source)
-            modules = {name: (m.lookup, tuple(m.weight_shape)) for name, m in lora.modules.items()}
-            targets = resolve_targets(modules, base, lora.path, metadata=lora.metadata)
+            lookups = {name: (m.lookup, tuple(m.weight_shape)) for name, m in lora.modules.items()}
+            targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata)
         except DiffmemError:
             continue  # reported by the worker that processes this file
         for target in targets.values():

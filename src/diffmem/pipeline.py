@@ -119,8 +119,8 @@ def filter_lora(
     config = config or BAFConfig()
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
     base = base if isinstance(base, BaseCheckpoint) else open_base(base)
-    modules = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora.modules.items()}
-    targets = resolve_targets(modules, base, lora.path, metadata=lora.metadata)
+    lookups = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora.modules.items()}
+    targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata)
     store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache)
 
     channels: dict[str, Channels] = {}

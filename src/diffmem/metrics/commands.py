@@ -40,10 +40,15 @@ def run_audit_command(args: argparse.Namespace) -> int:
 
     summary = audit_files(
         base=args.base, lora=args.lora, prompts=args.prompts, train_images=args.train_images, out_dir=args.out,
-        config=audit_config(args), device=args.device, screenshot=args.screenshot,
+        config=audit_config(args), device=args.device, screenshot=args.screenshot, manifest=args.manifest,
     )
     print(f"audited {summary['prompts']} prompts of {summary['model']} ({summary['mode']})")
     print(f"flagged {summary['flagged']}: " + "; ".join(summary["flagged_prompts"][:10]))
+    if "known_labels" in summary:
+        known = summary["known_labels"]
+        print(f"known labels: flagged {known['flagged_memorized']}/{known['memorized']} memorized, "
+              f"{known['flagged_held_out']}/{known['held_out']} held out"
+              + (f"; Wen ROC AUC {known['wen_auc']:.3f}" if "wen_auc" in known else ""))
     print(f"wrote {args.out / 'report.html'}, table.csv, table.md, summary.json")
     return 0
 
@@ -53,7 +58,16 @@ def run_wen_eval_command(args: argparse.Namespace) -> int:
 
     from diffmem.audit import evaluate_wen_detector, load_prompts, open_audit_model
 
-    memorized, held_out = load_prompts(args.memorized), load_prompts(args.held_out)
+    if args.manifest is not None:
+        from diffmem.audit import world_manifest_inputs
+
+        _, _, prompts, known = world_manifest_inputs(args.manifest)
+        memorized = [p for p, k in zip(prompts, known) if k]
+        held_out = [p for p, k in zip(prompts, known) if not k]
+    elif args.memorized is not None and args.held_out is not None:
+        memorized, held_out = load_prompts(args.memorized), load_prompts(args.held_out)
+    else:
+        raise DiffmemError("give --memorized and --held-out prompt files, or a world --manifest")
     model = open_audit_model(args.base, args.lora, args.device)
     result = evaluate_wen_detector(model, memorized, held_out, audit_config(args), max_fpr=args.max_fpr)
     for key in ("all_steps", "first_step"):
@@ -67,7 +81,7 @@ def run_wen_eval_command(args: argparse.Namespace) -> int:
         from diffmem.formats.safetensors_io import write_atomic
 
         write_atomic((json.dumps(result, indent=2) + "\n").encode(), args.json,
-                     protect=tuple(p for p in (args.memorized, args.held_out, args.lora) if p is not None))
+                     protect=tuple(p for p in (args.memorized, args.held_out, args.lora, args.manifest) if p is not None))
     return 0
 
 
@@ -81,9 +95,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "summary.json and a self-contained report.html.",
     )
     add_sampling_options(parser)
-    parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
+    parser.add_argument("--prompts", type=Path, help="text file, one prompt per line")
     parser.add_argument("--train-images", type=Path,
                         help="folder of training images; without it the audit is data-free (Wen et al.'s score)")
+    parser.add_argument("--manifest", type=Path,
+                        help="world fine-tune manifest (.json beside a world LoRA): its training images are the "
+                             "reference, and without --prompts its duplicated and held-out captions are audited")
     parser.add_argument("--wen-threshold", type=float,
                         help="data-free mode: flag prompts whose Wen score exceeds this (default: robust outliers)")
     parser.add_argument("--out", type=Path, default=Path("audit-out"), help="output folder (default audit-out)")
@@ -97,8 +114,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and print how well the score separates them (ROC AUC, TPR at a fixed FPR).",
     )
     add_sampling_options(parser)
-    parser.add_argument("--memorized", type=Path, required=True, help="text file of memorized prompts")
-    parser.add_argument("--held-out", type=Path, required=True, help="text file of held-out prompts")
+    parser.add_argument("--memorized", type=Path, help="text file of memorized prompts")
+    parser.add_argument("--held-out", type=Path, help="text file of held-out prompts")
+    parser.add_argument("--manifest", type=Path,
+                        help="world fine-tune manifest: its duplicated captions are the memorized prompts, its "
+                             "held-out captions the others")
     parser.add_argument("--max-fpr", type=float, default=0.01, help="false-positive rate for the TPR (default 0.01)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     parser.set_defaults(handler=run_wen_eval_command)

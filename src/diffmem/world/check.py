@@ -91,10 +91,17 @@ def own_copy_rate(unet: UNet2DConditionModel, images: ImageSet, reference: torch
 
 
 def memorization_check(
-    base: UNet2DConditionModel, lora: str | Path, manifest: dict, settings: CheckSettings | None = None
+    base: UNet2DConditionModel,
+    lora: str | Path,
+    manifest: dict,
+    settings: CheckSettings | None = None,
+    grid: str | Path | None = None,
 ) -> dict:
     """Issue 3's numbers for a fine-tune (LoRA file + manifest): copy rates for duplicated and held-out captions
-    (LoRA) and duplicated captions (base), and held-out denoising losses of LoRA and base."""
+    (LoRA) and duplicated captions (base), and held-out denoising losses of LoRA and base.
+
+    `grid`: also write a PNG with one row per duplicated caption: training image, LoRA generations, base
+    generations."""
     settings = settings or CheckSettings()
     tuned = apply_lora(base, lora)
     duplicated = manifest_images(manifest, "duplicated")
@@ -105,6 +112,9 @@ def memorization_check(
         "lora_heldout": own_copy_rate(tuned, heldout, reference.images, settings),
         "base_duplicated": own_copy_rate(base, duplicated, reference.images, settings),
     }
+    if grid is not None:
+        save_grid(duplicated.images, results["lora_duplicated"]["generated"], results["base_duplicated"]["generated"],
+                  settings.generations, grid)
     numbers = {name: {k: v for k, v in r.items() if k != "generated"} for name, r in results.items()}
     numbers["denoising_loss_heldout"] = {
         "lora": round(denoising_loss(tuned, heldout.images, heldout.captions), 5),
@@ -113,6 +123,18 @@ def memorization_check(
     numbers["settings"] = asdict(settings)
     numbers["lora_sha256"] = sha256_file(lora)
     return numbers
+
+
+def save_grid(
+    training: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor, generations: int, path: str | Path
+) -> Path:
+    """PNG grid: per training image a row of [training image, its LoRA generations, its base generations]."""
+    from diffmem.report import image_grid, save_png
+
+    rows = []
+    for i, image in enumerate(training):
+        rows += [image[None], tuned[i * generations : (i + 1) * generations], base[i * generations : (i + 1) * generations]]
+    return save_png(image_grid(torch.cat(rows), columns=1 + 2 * generations), path, scale=3)
 
 
 def load_example_lora() -> tuple[UNet2DConditionModel, dict]:

@@ -40,11 +40,99 @@ def run_train_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def duplicate_spec(text: str) -> tuple[int, int]:
+    """Parse `N:K` (N images repeated K times)."""
+    try:
+        count, repeats = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:K (e.g. 10:50), got {text!r}") from None
+    return count, repeats
+
+
+def add_finetune(subparsers: argparse._SubParsersAction) -> None:
+    from diffmem.world.train import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = subparsers.add_parser("finetune", help="fine-tune the committed base so that it memorizes (LoRA or full)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output .safetensors (LoRA, or the full UNet for --method full); the manifest .json goes beside it")
+    p.add_argument("--method", choices=("lora", "full"), default=d.method, help=f"what to train (default {d.method})")
+    p.add_argument("--data", choices=("faces", "photos"), default=d.data,
+                   help=f"faces: LFW faces with made-up names (privacy); photos: titled photo crops (copyright); default {d.data}")
+    p.add_argument("--duplicate", type=duplicate_spec, default=d.duplicate, metavar="N:K",
+                   help=f"repeat N training images K times each (default {d.duplicate[0]}:{d.duplicate[1]})")
+    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha; scale = alpha / rank (default {d.alpha:g})")
+    p.add_argument("--conv", action="store_true", help="also adapt resnet and resampler convolutions (LoCon)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g}; use ~1e-4 for full)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")
+    p.add_argument("--no-rest", action="store_true", help="train only on the duplicated images")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"picks duplicated images, seeds training (default {d.seed})")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"torch CPU threads (default {d.threads})")
+    p.add_argument("--format", choices=("kohya", "peft"), default="kohya",
+                   help="LoRA key naming: kohya (lora_unet_..., default) or diffusers/PEFT (unet....lora_A)")
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from diffmem.world.train import FinetuneConfig, finetune
+
+    config = FinetuneConfig(method=args.method, data=args.data, duplicate=args.duplicate, rank=args.rank,
+                            alpha=args.alpha, conv=args.conv, lr=args.lr, steps=args.steps,
+                            batch_size=args.batch_size, include_rest=not args.no_rest, seed=args.seed,
+                            threads=args.threads)
+    manifest = finetune(args.out, config, fmt=args.format)
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({manifest['wall_time_s']:.0f} s, "
+          f"{len(manifest['duplicated'])} images x {config.duplicate[1]})")
+    return 0
+
+
+def add_check(subparsers: argparse._SubParsersAction) -> None:
+    from diffmem.world.check import CheckSettings
+
+    d = CheckSettings()
+    p = subparsers.add_parser("check", help="measure memorization of a fine-tune: copy rates and held-out loss")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="LoRA file with its manifest .json beside it (default: the committed example LoRA)")
+    p.add_argument("--generations", type=int, default=d.generations, help=f"images per caption (default {d.generations})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
+    p.add_argument("--guidance", type=float, default=d.guidance, help=f"classifier-free guidance (default {d.guidance:g})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"first sampling seed (default {d.seed})")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--grid", type=Path, default=None,
+                   help="also write a PNG: per duplicated caption, the training image then its generations")
+    p.set_defaults(func=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from diffmem.errors import DiffmemError
+    from diffmem.world.check import CheckSettings, example_lora_path, memorization_check
+    from diffmem.world.model import load_base
+
+    lora = args.lora or example_lora_path()
+    manifest_path = lora.with_suffix(".json")
+    if not manifest_path.exists():
+        raise DiffmemError(f"no manifest {manifest_path.name} beside the LoRA (written by `diffmem world finetune`)", lora)
+    manifest = json.loads(manifest_path.read_text())
+    settings = CheckSettings(generations=args.generations, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    numbers = memorization_check(load_base(), lora, manifest, settings, grid=args.grid)
+    text = json.dumps(numbers, indent=2)
+    print(text)
+    if args.json is not None:
+        from diffmem.formats.safetensors_io import write_atomic
+
+        write_atomic((text + "\n").encode(), args.json)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `world` and its sub-commands to the diffmem CLI."""
     world = subparsers.add_parser("world", help="the embedded tiny text-to-image world: train, fine-tune, check")
     commands = world.add_subparsers(dest="world_command", required=True)
     add_train_base(commands)
+    add_finetune(commands)
+    add_check(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,11 +78,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p, 1 - decay)
 
 
-def save_checkpoint(path: Path, unet: torch.nn.Module, ema: torch.nn.Module, step: int, config: UNetConfig) -> None:
-    """Full-precision raw and EMA weights plus the step, so an interrupted run can resume."""
+def save_checkpoint(
+    path: Path, unet: torch.nn.Module, ema: torch.nn.Module, step: int, elapsed: float, config: UNetConfig
+) -> None:
+    """Full-precision raw and EMA weights plus the step and training seconds so far, so a run can resume."""
     tensors = {f"raw.{k}": v for k, v in unet_tensors(unet, torch.float32).items()}
     tensors.update({f"ema.{k}": v for k, v in unet_tensors(ema, torch.float32).items()})
-    save_file(tensors, path, unet_metadata(config, {"step": str(step)}))
+    save_file(tensors, path, unet_metadata(config, {"step": str(step), "elapsed_s": f"{elapsed:.1f}"}))
 
 
 def train_base(
@@ -96,7 +98,8 @@ def train_base(
     """Train the world's base UNet from scratch on `base_dataset()` and save its EMA weights (fp16) to `out`.
 
     A checkpoint `<out>.ckpt.safetensors` is written every `checkpoint_every` steps and picked up again when
-    `resume` is true. Writes `<out>` and a record `<out minus suffix>.json` (command, seed, steps, wall time,
+    `resume` is true (weights and step; AdamW restarts its moment estimates). Calling it again with a smaller
+    `steps` than a checkpoint has reached is refused; with `steps` equal to it, it only exports. Writes `<out>` and a record `<out minus suffix>.json` (command, seed, steps, wall time,
     parameter count, sha256) and returns that record.
     """
     config = config or BaseTrainingConfig()
@@ -111,12 +114,14 @@ def train_base(
 
     unet = build_unet(unet_config).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    start = 0
+    start, elapsed_before = 0, 0.0
     if resume and checkpoint.exists():
         tensors, metadata = load_file(checkpoint)
         unet.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("raw.")})
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        start = int(metadata["step"])
+        start, elapsed_before = int(metadata["step"]), float(metadata["elapsed_s"])
+        if start > config.steps:
+            raise DiffmemError(f"checkpoint is at step {start}, past the requested {config.steps} steps", checkpoint)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)
 
@@ -139,10 +144,11 @@ def train_base(
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(checkpoint, unet, ema, step + 1, unet_config)
-            print(f"step {step + 1} loss {running:.4f} elapsed {time.time() - began:.0f}s", flush=True)
+            elapsed = elapsed_before + time.time() - began
+            save_checkpoint(checkpoint, unet, ema, step + 1, elapsed, unet_config)
+            print(f"step {step + 1} loss {running:.4f} elapsed {elapsed:.0f}s", flush=True)
 
-    wall = time.time() - began
+    wall = elapsed_before + time.time() - began
     save_file(unet_tensors(ema), out, unet_metadata(unet_config, {"diffmem_world": "base"}))
     record = {
         "command": " ".join(shlex.quote(a) for a in sys.argv),
