@@ -1,0 +1,190 @@
+"""The embedded world: text encoder, data, UNet layout, training, sampling, LoRA files, committed weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffmem.errors import BadWeightsError, BaseMismatchError, DiffmemError
+from diffmem.formats.lora import read_lora
+from diffmem.formats.safetensors_io import save_file, sha256_file
+from diffmem.world import (
+    FinetuneConfig,
+    UNetConfig,
+    apply_lora,
+    build_unet,
+    denoising_loss,
+    encode_prompts,
+    faces_dataset,
+    finetune,
+    generate,
+    photos_dataset,
+    shapes_dataset,
+    training_loss,
+)
+from diffmem.world.commands import duplicate_spec
+from diffmem.world.lora import target_pattern
+from diffmem.world.model import load_unet_file, unet_metadata, unet_tensors
+from diffmem.world.text import MAX_TOKENS, TEXT_DIM, TextEncoder
+
+TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    return build_unet(TINY).eval()
+
+
+def test_text_encoder_gives_token_states_and_caches():
+    context = encode_prompts(["a red circle", "", "a red circle"])
+    assert context.shape == (3, MAX_TOKENS, TEXT_DIM)
+    assert torch.equal(context[0], context[2])
+    assert not torch.allclose(context[0], context[1])
+
+
+def test_text_encoder_refuses_weights_with_another_sha256(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not the MiniLM weights")
+    with pytest.raises(BadWeightsError, match="sha256"):
+        TextEncoder(tmp_path)
+
+
+def test_shapes_are_deterministic_in_range_and_captioned():
+    a, b, c = shapes_dataset(12, seed=3), shapes_dataset(12, seed=3), shapes_dataset(12, seed=4)
+    assert a.images.shape == (12, 3, 32, 32) and a.images.dtype == torch.float32
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not torch.equal(a.images, c.images)
+    assert float(a.images.min()) >= 0 and float(a.images.max()) <= 1
+    assert all(" on " in caption and "background" in caption for caption in a.captions)
+
+
+def test_finetune_splits_are_fixed_and_disjoint():
+    for loader, train_size, heldout_size in ((faces_dataset, 80, 20), (photos_dataset, 36, 12)):
+        train, heldout, everything = loader("train"), loader("heldout"), loader("all")
+        assert (len(train), len(heldout)) == (train_size, heldout_size)
+        assert not set(train.ids) & set(heldout.ids)
+        assert len(set(everything.captions)) == len(everything), "one caption per image"
+        assert float(everything.images.min()) >= 0 and float(everything.images.max()) <= 1
+        assert torch.equal(loader("train").images, train.images)
+    with pytest.raises(DiffmemError, match="split"):
+        faces_dataset("validation")
+
+
+def test_unet_has_stable_diffusion_module_names(tiny_unet):
+    names = {name for name, _ in tiny_unet.named_modules()}
+    for expected in (
+        "down_blocks.1.attentions.0.proj_in",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+        "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        "up_blocks.1.attentions.0.proj_out",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
+        "down_blocks.0.resnets.0.conv1",
+    ):
+        assert expected in names
+    assert tiny_unet.config.cross_attention_dim == TEXT_DIM
+    # attn2 reads the 384-wide text context: that is what makes it cross-attention
+    assert tiny_unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.in_features == TEXT_DIM
+
+
+def test_a_few_training_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    unet = build_unet(TINY)
+    data = shapes_dataset(4, seed=0)
+    before = denoising_loss(unet, data.images, data.captions, seed=1, timesteps_per_image=4)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    context = encode_prompts(data.captions)
+    generator = torch.Generator().manual_seed(0)
+    unet.train()
+    for _ in range(15):
+        loss = training_loss(unet, data.images, context, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = denoising_loss(unet.eval(), data.images, data.captions, seed=1, timesteps_per_image=4)
+    assert after < 0.8 * before
+
+
+def test_generate_is_deterministic_per_seed(tiny_unet):
+    prompts = ["a small red circle at the left on a white background", "a photo of a cat"]
+    both = generate(tiny_unet, prompts, seeds=[5, 6], steps=4)
+    alone = generate(tiny_unet, prompts[1:], seeds=[6], steps=4)
+    other = generate(tiny_unet, prompts[1:], seeds=[7], steps=4)
+    assert both.shape == (2, 3, 32, 32) and float(both.min()) >= 0 and float(both.max()) <= 1
+    torch.testing.assert_close(both[1:], alone, atol=1e-4, rtol=0)
+    assert (alone - other).abs().max() > 0.05
+
+
+def test_saved_unet_round_trips_and_is_sha_pinned(tiny_unet, tmp_path):
+    path = save_file(unet_tensors(tiny_unet), tmp_path / "u.safetensors", unet_metadata(TINY))
+    loaded = load_unet_file(path, expected_sha256=sha256_file(path))
+    x, t, c = torch.randn(1, 3, 32, 32), torch.tensor([10]), torch.randn(1, MAX_TOKENS, TEXT_DIM)
+    torch.testing.assert_close(loaded(x, t, c).sample, tiny_unet.half().float()(x, t, c).sample, atol=1e-3, rtol=0)
+    with pytest.raises(BadWeightsError, match="sha256"):
+        load_unet_file(path, expected_sha256="0" * 64)
+
+
+def test_committed_base_loads_with_its_pinned_sha256():
+    from diffmem.world import load_base
+    from diffmem.world.model import BASE_FILE, BASE_SHA256, assets_dir
+
+    assert sha256_file(assets_dir() / BASE_FILE) == BASE_SHA256
+    record = json.loads((assets_dir() / "base.json").read_text())
+    assert record["sha256"] == BASE_SHA256
+    unet = load_base()
+    assert sum(p.numel() for p in unet.parameters()) == record["parameters"]
+
+
+def test_lora_finetune_writes_kohya_and_peft_files_that_change_the_model(tiny_unet, tmp_path):
+    config = FinetuneConfig(steps=2, batch_size=2, duplicate=(2, 3), rank=4, alpha=2.0, lr=1e-2)
+    manifest = finetune(tmp_path / "k.safetensors", config, base=tiny_unet, progress=False)
+    assert len(manifest["duplicated"]) == 2 and len(manifest["seen_once"]) == 78 and len(manifest["heldout"]) == 20
+    assert not {e["id"] for e in manifest["duplicated"] + manifest["seen_once"]} & {e["id"] for e in manifest["heldout"]}
+    assert json.loads((tmp_path / "k.json").read_text())["sha256"] == sha256_file(tmp_path / "k.safetensors")
+    kohya = read_lora(tmp_path / "k.safetensors")
+    assert kohya.format == "kohya"
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k" in kohya.modules
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2" in kohya.modules
+    module = next(iter(kohya.modules.values()))
+    assert module.rank == 4 and module.alpha == 2.0
+    assert kohya.metadata["ss_network_dim"] == "4" and kohya.metadata["ss_base_model_version"] == "diffmem_world_v1"
+
+    finetune(tmp_path / "p.safetensors", config, base=tiny_unet, fmt="peft", progress=False)
+    peft = read_lora(tmp_path / "p.safetensors")
+    assert peft.format == "diffusers" and len(peft.modules) == len(kohya.modules)
+    assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k" in {m.lookup for m in peft.modules.values()}
+    assert next(iter(peft.modules.values())).scale == pytest.approx(0.5)
+
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([500])
+    c = encode_prompts([manifest["duplicated"][0]["caption"]])
+    tuned = apply_lora(tiny_unet, tmp_path / "k.safetensors")
+    assert (tuned(x, t, c).sample - tiny_unet(x, t, c).sample).abs().max() > 0
+
+
+def test_lora_for_another_base_is_refused(tiny_unet, tmp_path):
+    config = FinetuneConfig(steps=1, batch_size=2, duplicate=(1, 1), rank=2, alpha=2.0, include_rest=False)
+    finetune(tmp_path / "k.safetensors", config, base=tiny_unet, progress=False)
+    other = build_unet(UNetConfig(block_out_channels=(16, 32, 48), norm_num_groups=8, attention_head_dim=8))
+    with pytest.raises(BaseMismatchError, match="another base"):
+        apply_lora(other, tmp_path / "k.safetensors")
+
+
+def test_conv_lora_targets_resnet_convolutions(tiny_unet):
+    import re
+
+    names = [n for n, _ in tiny_unet.named_modules()]
+    plain = {n for n in names if re.fullmatch(target_pattern(False), n)}
+    conv = {n for n in names if re.fullmatch(target_pattern(True), n)}
+    assert plain < conv and "down_blocks.0.resnets.0.conv1" in conv - plain
+    assert all("attentions" in n for n in plain)
+
+
+def test_bad_finetune_settings_are_clear_errors():
+    with pytest.raises(DiffmemError, match="method"):
+        FinetuneConfig(method="dreambooth")
+    with pytest.raises(DiffmemError, match="N:K"):
+        FinetuneConfig(duplicate=(3, 0))
+    with pytest.raises(Exception, match="N:K"):
+        duplicate_spec("ten")
