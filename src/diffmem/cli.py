@@ -134,6 +134,19 @@ def run_filter_many(args: argparse.Namespace) -> int:
     return EXIT_ERROR if counts["failed"] else EXIT_OK
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    from diffmem.demo import DEMO_SETTINGS, run_demo
+
+    settings = dataclasses.replace(DEMO_SETTINGS, generations=args.generations, steps=args.steps)
+    summary = run_demo(args.out, lora=args.lora, settings=settings, progress=True)
+    print(f"copy rate on duplicated captions: example LoRA {summary['copy_rate_own']['lora']:.0%}, "
+          f"filtered {summary['copy_rate_own']['filtered']:.0%}, base {summary['copy_rate_own']['base']:.0%}")
+    print(f"held-out denoising loss: LoRA {summary['heldout_denoising_loss']['lora']:.4f}, filtered "
+          f"{summary['heldout_denoising_loss']['filtered']:.4f}, base {summary['heldout_denoising_loss']['base']:.4f}")
+    print(f"report: {args.out / 'report.html'}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffmem",
@@ -185,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     many_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_filter_options(many_parser)
     many_parser.set_defaults(handler=run_filter_many)
+
+    demo_parser = commands.add_parser(
+        "demo", help="filter the embedded world's memorizing LoRA and write a before/after report",
+        description="Measure the example LoRA's memorization, filter it with BAF, measure again, and write "
+                    "report.html, summary.md and summary.json. Needs nothing but this repository.",
+    )
+    demo_parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
+    demo_parser.add_argument("--lora", type=Path, help="a world LoRA with its .json manifest (default: the example)")
+    demo_parser.add_argument("--generations", type=int, default=4, help="generations per caption (default 4)")
+    demo_parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    demo_parser.set_defaults(handler=run_demo)
 
     for name in COMMAND_MODULES:
         try:
