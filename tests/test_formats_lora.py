@@ -796,15 +796,13 @@ def test_lora_compatible_layer_naming_reads_and_writes_back(tmp_path):
     assert set(safetensors.torch.load_file(out)) == {f"{name}.down.weight", f"{name}.up.weight"}
 
 
-def test_kohya_rslora_from_network_args(tmp_path):
+def test_kohya_files_are_never_rslora(tmp_path):
+    # LyCORIS stores alpha * sqrt(r) when it trains with rs_lora, so front-ends' alpha / r is right as it is.
     path = tmp_path / "k.safetensors"
     bl.write_kohya_lora(path, bl.FLUX_KOHYA, rank=4, alpha=2.0,
                         metadata={"ss_network_args": json.dumps({"algo": "lora", "rs_lora": "True"})})
     lora = read_lora(path)
-    assert lora.rslora and all(m.scale == 1.0 for m in lora.modules.values())  # 2 / sqrt(4)
-    back = read_lora(write_lora(reduce_all(lora, 1), tmp_path / "out.safetensors"))
-    for module in back.modules.values():
-        assert module.scale == pytest.approx(1.0) and module.alpha == pytest.approx(1.0)  # 1 / sqrt(1)
+    assert not lora.rslora and all(m.scale == 0.5 for m in lora.modules.values())
 
 
 def test_hashes_are_added_only_to_kohya_style_files(tmp_path):
@@ -823,3 +821,47 @@ def test_lycoris_tensors_in_peft_naming_are_refused_clearly(tmp_path):
                                  "transformer.blocks.0.attn.to_q.lokr_w2": torch.zeros(4, 4)}, str(path))
     with pytest.raises(FileFormatError, match="LoHa/LoKr tensors in diffusers/PEFT naming"):
         read_lora(path)
+
+
+LYCORIS_CASES = {
+    "loha-linear": ("loha", "linear", {}),
+    "loha-conv": ("loha", "conv", {}),
+    "loha-conv-tucker": ("loha", "conv", {"use_tucker": True}),
+    "lokr-linear": ("lokr", "linear", {"factor": 4}),
+    "lokr-linear-whole": ("lokr", "small", {}),
+    "lokr-conv": ("lokr", "conv", {"factor": 4}),
+    "lokr-conv-tucker": ("lokr", "conv", {"factor": 4, "use_tucker": True}),
+    "locon-conv": ("locon", "conv", {}),
+    "locon-conv-tucker": ("locon", "conv", {"use_tucker": True}),
+    "locon-rslora": ("locon", "linear", {"rs_lora": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(LYCORIS_CASES))
+def test_delta_matches_the_lycoris_forward_pass(tmp_path, case):
+    """Cross-check against LyCORIS itself (pip install lycoris-lora; skipped where it is not installed)."""
+    lycoris_modules = pytest.importorskip("lycoris.modules")
+    algo, layer, options = LYCORIS_CASES[case]
+    cls = {"loha": lycoris_modules.LohaModule, "lokr": lycoris_modules.LokrModule,
+           "locon": lycoris_modules.LoConModule}[algo]
+    torch.manual_seed(0)
+    base = {"linear": torch.nn.Linear(64, 32), "small": torch.nn.Linear(12, 8),
+            "conv": torch.nn.Conv2d(32, 16, 3, padding=1)}[layer]
+    module = cls("lora_unet_x", base, multiplier=1.0, lora_dim=2 if layer != "small" else 8, alpha=1.5, **options)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if not name.startswith("org"):
+                parameter.copy_(torch.randn_like(parameter) * 0.3)
+    module.apply_to()
+    state = {f"lora_unet_x.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items()
+             if "org" not in k and "scalar" not in k}
+    safetensors.torch.save_file(state, str(tmp_path / "x.safetensors"))
+    delta = read_lora(tmp_path / "x.safetensors").modules["lora_unet_x"].delta().reshape(base.weight.shape)
+    x = torch.randn(2, 64) if layer == "linear" else torch.randn(2, 12) if layer == "small" else torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        if isinstance(base, torch.nn.Linear):
+            expected, got = module(x) - F.linear(x, base.weight, base.bias), F.linear(x, delta)
+        else:
+            expected = module(x) - F.conv2d(x, base.weight, base.bias, padding=1)
+            got = F.conv2d(x, delta, padding=1)
+    torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)

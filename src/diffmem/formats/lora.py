@@ -166,9 +166,9 @@ def read_lora(path: str | Path) -> LoraFile:
         except json.JSONDecodeError as exc:
             raise FileFormatError(f"its '{DIFFUSERS_METADATA}' header is not JSON ({exc})", weights) from None
     groups, other = group_keys(tensors, fmt, weights)
-    rslora = file_uses_rslora(fmt, metadata, config)
+    rslora = file_uses_rslora(fmt, config)
     modules = {
-        name: build_module(name, roles, fmt, metadata, config, weights) for name, roles in groups.items()
+        name: build_module(name, roles, fmt, config, weights) for name, roles in groups.items()
     }
     return LoraFile(path, fmt, modules, other, metadata, config, rslora)
 
@@ -222,14 +222,14 @@ def group_keys(
     return groups, other
 
 
-def file_uses_rslora(fmt: str, metadata: Mapping[str, str], config: Mapping | None) -> bool:
-    """Whether the file's scale is alpha / sqrt(r): PEFT `use_rslora`, or LyCORIS `rs_lora` in ss_network_args."""
+def file_uses_rslora(fmt: str, config: Mapping | None) -> bool:
+    """Whether the file's scale is alpha / sqrt(r): PEFT's `use_rslora` (adapter config or diffusers metadata).
+
+    kohya-named files are always applied as alpha / r: A1111, ComfyUI and kohya know no rsLoRA, and LyCORIS
+    (4.x) trained with `rs_lora` stores alpha * sqrt(r) so that alpha / r is the scale it trained with.
+    """
     if fmt == "kohya":
-        try:
-            args = json.loads(metadata.get("ss_network_args", "{}"))
-        except json.JSONDecodeError:
-            return False
-        return isinstance(args, dict) and str(args.get("rs_lora", "false")).lower() == "true"
+        return False
     if config is None:
         return False
     return any(bool(v) for k, v in config.items() if k == "use_rslora" or k.endswith(".use_rslora"))
@@ -248,8 +248,7 @@ def component_config(config: Mapping | None, component: str | None) -> dict:
 
 
 def build_module(
-    name: str, roles: dict[str, tuple[str, Tensor]], fmt: str,
-    metadata: Mapping[str, str], config: Mapping | None, path: Path,
+    name: str, roles: dict[str, tuple[str, Tensor]], fmt: str, config: Mapping | None, path: Path
 ) -> LoraModule:
     """Make a `LoraModule` from the tensors of one module, checking their shapes fit together."""
     tensors = {role: tensor for role, (_, tensor) in roles.items()}
@@ -268,7 +267,7 @@ def build_module(
                                                      comp.get("lora_alpha", 8)))
     else:
         stored_alpha = None
-    rslora = file_uses_rslora(fmt, metadata, comp if fmt in ("diffusers", "peft") else config)
+    rslora = file_uses_rslora(fmt, comp)
     alpha = lora_math.resolve_alpha(stored_alpha, rank)
     if kind == "lokr" and "lokr_w1" in tensors and "lokr_w2" in tensors:
         alpha = float(rank)  # LyCORIS applies a LoKr of two whole factors with scale 1 (rank 1), whatever alpha says
