@@ -109,6 +109,7 @@ def sd_folder(tmp_path_factory):
     return tiny_sd_pipeline_folder(tmp_path_factory.mktemp("sd"))
 
 
+@pytest.mark.slow
 def test_stable_diffusion_path_on_a_tiny_pipeline(sd_folder):
     model = diffusers_audit_model(sd_folder)
     assert model.sample_shape == (4, 8, 8) and model.image_size == (16, 16)
@@ -163,6 +164,7 @@ def test_wen_eval_command_on_a_tiny_pipeline(sd_folder, tmp_path, capsys):
     assert result["all_steps"]["tpr_at_0.01_fpr"] in (0.0, 0.5, 1.0)
 
 
+@pytest.mark.slow
 def test_world_sampling_matches_world_generate():
     """The audit samples the world through diffusers' DDIM; it must produce the world's own images."""
     from diffmem.audit import world_scheduler
