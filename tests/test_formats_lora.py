@@ -865,3 +865,13 @@ def test_delta_matches_the_lycoris_forward_pass(tmp_path, case):
             expected = module(x) - F.conv2d(x, base.weight, base.bias, padding=1)
             got = F.conv2d(x, delta, padding=1)
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
+
+
+def test_existing_adapter_folder_is_replaced_whole(tmp_path):
+    lora = read_lora(built(tmp_path, "peft"))
+    target = write_lora(lora, tmp_path / "out")
+    (target / "adapter_config.json").write_text("{}")  # a stale adapter in the output folder
+    write_lora(reduce_all(lora, 1), target)
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(m.rank == 1 for m in read_lora(target).modules.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no staging or retired folders left
