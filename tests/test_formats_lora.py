@@ -591,6 +591,7 @@ def load_with_diffusers(family: str, path: Path) -> dict[str, torch.Tensor]:
 
     from diffusers.loaders import (
         FluxLoraLoaderMixin,
+        SD3LoraLoaderMixin,
         StableDiffusionLoraLoaderMixin,
         StableDiffusionXLLoraLoaderMixin,
     )
@@ -600,14 +601,14 @@ def load_with_diffusers(family: str, path: Path) -> dict[str, torch.Tensor]:
     import builders_base as bb
 
     mixin = {"sd1": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin,
-             "flux": FluxLoraLoaderMixin}[family]
+             "flux": FluxLoraLoaderMixin, "sd3": SD3LoraLoaderMixin}[family]
     models = {name: copy.deepcopy(model) for name, model in bb.tiny_models(family).items()}
     # A pipeline without tokenizers, VAE or scheduler: `load_lora_weights` only touches these attributes.
     pipeline_class = type("TinyPipeline", (mixin,), {"hf_device_map": None, "components": property(lambda s: models)})
     pipeline = pipeline_class()
     for name, model in models.items():
         setattr(pipeline, name, model)
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if not hasattr(pipeline, name):
             setattr(pipeline, name, None)
     messages, handler = capture_diffusers_warnings()
@@ -702,6 +703,20 @@ def test_diffusers_output_loads_in_diffusers_with_the_same_update(tmp_path, adap
                             adapter_metadata=adapter_metadata)
     out, ours = filtered_file(tmp_path, source, uniform=False, keep_alpha=False)
     assert_same_updates(ours, load_with_diffusers("sd1", out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_diffusers_transformer_output_loads_in_diffusers(tmp_path, family):
+    import builders_base as bb
+
+    source = tmp_path / "in.safetensors"
+    lookups = bb.lora_lookups(family, "diffusers")
+    bl.write_diffusers_lora(source, lookups, rank=4, alpha=8.0)
+    out, ours = filtered_file(tmp_path, source, uniform=False, keep_alpha=False)
+    theirs = load_with_diffusers(family, out)
+    assert_same_updates(ours, theirs)
+    assert len(theirs) == len(lookups)
 
 
 @pytest.mark.slow
