@@ -890,3 +890,14 @@ def test_existing_adapter_folder_is_replaced_whole(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert all(m.rank == 1 for m in read_lora(target).modules.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no staging or retired folders left
+
+
+def test_unchanged_diffusers_metadata_keeps_its_text(tmp_path):
+    source = built(tmp_path, "diffusers_rslora")
+    lora = read_lora(source)
+    compact = json.dumps(lora.adapter_config)  # another formatting of the same config
+    lora.metadata["lora_adapter_metadata"] = compact
+    out = read_lora(write_lora(replace_factors(lora, {}), tmp_path / "out.safetensors"))
+    assert out.metadata["lora_adapter_metadata"] == compact
+    changed = read_lora(write_lora(reduce_all(lora, 2), tmp_path / "changed.safetensors"))
+    assert json.loads(changed.metadata["lora_adapter_metadata"])["unet.r"] == 2

@@ -491,8 +491,9 @@ def write_lora(
     metadata = dict(lora.metadata)
     config = None if lora.adapter_config is None else json.loads(json.dumps(lora.adapter_config))
     if lora.format == "diffusers" and config is not None:
-        config = updated_diffusers_metadata(config, lora.modules)
-        metadata[DIFFUSERS_METADATA] = json.dumps(config, indent=2, sort_keys=True)
+        updated = updated_diffusers_metadata(config, lora.modules)
+        if updated != config:  # an unchanged header keeps its own formatting
+            metadata[DIFFUSERS_METADATA] = json.dumps(updated, indent=2, sort_keys=True)
     if lora.format == "peft":
         config = updated_peft_config(config or {}, list(lora.modules.values()), "peft")
     update_kohya_metadata(metadata, list(lora.modules.values()))
