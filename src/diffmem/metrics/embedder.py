@@ -23,7 +23,7 @@ from diffmem.metrics.features import ModuleEmbedder
 
 EMBEDDER_FILE = "copy_embedder.safetensors"
 #: sha256 of the committed embedder weights, checked by `load_copy_embedder`.
-EMBEDDER_SHA256 = "PENDING"
+EMBEDDER_SHA256 = "601359e2954d21963fc603fd13c6948d3aa2277ce178fce5aee10adb42a843d8"
 
 
 @dataclass(frozen=True)

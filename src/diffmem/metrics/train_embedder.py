@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.time() - start
     record = {"config": asdict(config), "train_images": len(train), "seconds": round(seconds),
               "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
-              "command": "python -m diffmem.metrics.train_embedder " + " ".join(argv or [])}
+              "command": " ".join(["python -m diffmem.metrics.train_embedder", *(argv if argv is not None else sys.argv[1:])])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     digest = save_embedder(net, config, args.out, record)
     quality = copy_detection_quality(load_copy_embedder(args.out, expected_sha256=digest), held_out)
