@@ -159,3 +159,15 @@ def test_fid_matches_torchmetrics_on_the_same_features():
     ours = fid(real, fake, lambda x: net(x).detach())
     assert expected > 0.01
     assert ours == pytest.approx(expected, rel=1e-4)
+
+
+def test_default_feature_network_is_the_project_embedder():
+    from diffmem.metrics.embedder import load_copy_embedder
+
+    gen = torch.Generator().manual_seed(4)
+    real = torch.rand(20, 3, 32, 32, generator=gen)
+    fake = torch.rand(20, 3, 32, 32, generator=gen) * 0.5
+    embedder = load_copy_embedder()
+    assert fid(real, fake) == pytest.approx(fid(real, fake, embedder))
+    assert amd_images(fake, real) == pytest.approx(amd_images(fake, real, embedder))
+    assert amd_images(real[:5], real) == pytest.approx(0.0, abs=1e-6)

@@ -32,9 +32,14 @@ def amd(generated_features: torch.Tensor, train_features: torch.Tensor) -> float
 
 
 def amd_images(
-    generated: torch.Tensor, train: torch.Tensor, embedder: Callable[[torch.Tensor], torch.Tensor]
+    generated: torch.Tensor, train: torch.Tensor, embedder: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> float:
-    """AMD of images [N, 3, H, W] in the feature space of `embedder` (MemControl, eq. 5)."""
+    """AMD of images [N, 3, H, W] in the feature space of `embedder` (MemControl, eq. 5); by default the project's
+    copy-detection embedder."""
+    if embedder is None:
+        from diffmem.metrics.embedder import load_copy_embedder
+
+        embedder = load_copy_embedder()
     return amd(embed(embedder, generated), embed(embedder, train))
 
 

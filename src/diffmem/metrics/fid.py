@@ -58,8 +58,13 @@ def fid_from_features(real_features: torch.Tensor, fake_features: torch.Tensor) 
 def fid(
     real: torch.Tensor,
     fake: torch.Tensor,
-    embedder: Callable[[torch.Tensor], torch.Tensor],
+    embedder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 64,
 ) -> float:
-    """FID of images [N, 3, H, W] in [0, 1] in the feature space of `embedder` (Heusel et al. 2017)."""
+    """FID of images [N, 3, H, W] in [0, 1] in the feature space of `embedder` (Heusel et al. 2017); by default
+    the project's copy-detection embedder (`diffmem.metrics.embedder`), which suits 32 x 32 world images."""
+    if embedder is None:
+        from diffmem.metrics.embedder import load_copy_embedder
+
+        embedder = load_copy_embedder()
     return fid_from_features(embed(embedder, real, batch_size), embed(embedder, fake, batch_size))
