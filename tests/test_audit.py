@@ -208,3 +208,28 @@ def test_cli_audit_of_a_world_unet_with_a_manifest(tmp_path, capsys):
     assert known["memorized"] == 2 and known["held_out"] == 3 and 0 <= known["wen_auc"] <= 1
     assert "known labels: flagged" in capsys.readouterr().out
     assert "faces/" in (out / "table.csv").read_text()
+
+
+@pytest.mark.slow
+def test_report_renders_with_its_images(tmp_path):
+    """Look at the report as a person would: render it with headless Chromium and find the images in the PNG."""
+    import shutil
+
+    from diffmem.audit import screenshot_html
+
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no headless Chromium installed")
+    images, train = make_generations()
+    images[0] = images[0] * 0 + torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)  # pure red generations
+    config = AuditConfig(generations=4, num_inference_steps=25, guidance_scale=3.0)
+    names = [f"{i}.png" for i in range(6)]
+    rows = score_prompts(["red prompt", "held"], images, torch.tensor([5.0, 1.0]), torch.tensor([6.0, 2.0]), config,
+                         train, names)
+    result = AuditResult(model="m", rows=rows, images=images, config=config, train_images=train, train_names=names)
+    paths = write_audit(result, tmp_path)
+    png = screenshot_html(paths["report.html"], tmp_path / "report.png", width=1000, height=700)
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 50) & (pixels[..., 2] < 50)
+    assert red.sum() > 4 * 48 * 48  # four red generation thumbnails, 64 px wide each, fully on screen
+    colourful = pixels.std(axis=2) > 40
+    assert colourful.sum() > red.sum() + 2000  # the random-noise thumbnails are there too
