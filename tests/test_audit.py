@@ -70,6 +70,7 @@ def test_write_audit_files(tmp_path):
     summary = json.loads(paths["summary.json"].read_text())
     assert summary["flagged_prompts"] == ["dup"] and summary["copy_rate"] == pytest.approx(0.375)
     assert paths["table.csv"].read_text().splitlines()[1].startswith("dup,yes,5.0,6.0,3,")
+    assert paths["table.csv"].read_text().splitlines()[0].endswith("nearest_train,embedding_cosine")
     page = paths["report.html"].read_text()
     assert page.count("data:image/png;base64,") == 4  # two generation grids, two nearest training images
     assert "e.png" in page and "http" not in page.replace("https://", "")  # self-contained
@@ -233,3 +234,15 @@ def test_report_renders_with_its_images(tmp_path):
     assert red.sum() > 4 * 48 * 48  # four red generation thumbnails, 64 px wide each, fully on screen
     colourful = pixels.std(axis=2) > 40
     assert colourful.sum() > red.sum() + 2000  # the random-noise thumbnails are there too
+
+
+def test_embedding_cosine_column():
+    images, train = make_generations()
+    names = [f"{i}.png" for i in range(6)]
+    from diffmem.metrics.embedder import load_copy_embedder
+
+    rows = score_prompts(["dup", "held"], images, torch.tensor([5.0, 1.0]), torch.tensor([6.0, 2.0]), AuditConfig(),
+                         train, names, load_copy_embedder())
+    # the near-copies of training image 4 embed almost exactly onto it; the novel noise images less so
+    assert rows[0].embedding_cosine > 0.95
+    assert rows[0].embedding_cosine > rows[1].embedding_cosine

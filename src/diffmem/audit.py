@@ -29,8 +29,10 @@ from PIL import Image, UnidentifiedImageError
 
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.safetensors_io import write_atomic
+from diffmem.metrics.amd import embedding_copy_decisions
 from diffmem.metrics.copy import CopyConfig, copy_decisions_from_distances, tiled_l2
 from diffmem.metrics.extraction import largest_component
+from diffmem.metrics.features import embed
 from diffmem.metrics.wen import WenConfig, WenTrace, sample_with_wen_scores
 from diffmem.report import html_page, html_table, image_grid, img_tag, markdown_table, png_data_uri
 
@@ -88,6 +90,8 @@ class AuditConfig:
             outliers instead: modified z-score above `outlier_z` (Iglewicz & Hoaglin 1993), which assumes that
             most audited prompts are not memorized.
         outlier_z: the modified z-score bound, 3.5 as recommended by Iglewicz & Hoaglin.
+        embedding_test: with training images, also report the highest cosine similarity of a generation to a
+            training image in the project's copy-detection embedder (SSCD-style; > 0.5 reads as a copy).
         batch_size: samples per UNet call.
     """
 
@@ -100,6 +104,7 @@ class AuditConfig:
     group_threshold: float = 0.1
     wen_threshold: float | None = None
     outlier_z: float = 3.5
+    embedding_test: bool = True
     batch_size: int = 32
 
 
@@ -116,6 +121,7 @@ class PromptAudit:
     nearest_train: str | None = None
     nearest_train_index: int | None = None
     copy_fraction: float | None = None
+    embedding_cosine: float | None = None
 
 
 @dataclass
@@ -198,10 +204,13 @@ def score_prompts(
     config: AuditConfig,
     train_images: torch.Tensor | None = None,
     train_names: Sequence[str] | None = None,
+    embedder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[PromptAudit]:
-    """Table rows from generations [P, G, 3, H, W] and Wen scores [P]: pure scoring, no sampling."""
+    """Table rows from generations [P, G, 3, H, W] and Wen scores [P]: pure scoring, no sampling. With an
+    `embedder` (and training images) each row also gets the best embedding cosine to a training image."""
     rows = []
     data_free_flags = flag_by_wen(wen_scores, config) if train_images is None else None
+    train_features = embed(embedder, train_images) if embedder is not None and train_images is not None else None
     for p, prompt in enumerate(prompts):
         generations = images[p]
         group = len(largest_component(tiled_l2(generations, generations, config.copy.tiles), config.group_threshold))
@@ -214,7 +223,11 @@ def score_prompts(
         best = int(torch.argmin(copies.distance))
         nearest = int(copies.nearest_index[best])
         fraction = float(copies.is_copy.float().mean())
+        cosine = None
+        if train_features is not None:
+            cosine = float(embedding_copy_decisions(embed(embedder, generations), train_features).similarity.max())
         rows.append(PromptAudit(
+            embedding_cosine=cosine,
             flagged=fraction >= config.copy_fraction,
             copy_distance=float(copies.distance[best]),
             nearest_train=train_names[nearest] if train_names else str(nearest),
@@ -263,7 +276,12 @@ def run_audit(
     first = torch.cat([t.first_step for t in traces])
     if train_images is not None and train_images.shape[-2:] != images.shape[-2:]:
         train_images = resize_images(train_images, tuple(images.shape[-2:]))
-    rows = score_prompts(prompts, images, scores, first, config, train_images, train_names)
+    embedder = None
+    if config.embedding_test and train_images is not None:
+        from diffmem.metrics.embedder import load_copy_embedder
+
+        embedder = load_copy_embedder()
+    rows = score_prompts(prompts, images, scores, first, config, train_images, train_names, embedder)
     return AuditResult(model=model.name, rows=rows, images=images, config=config, train_images=train_images,
                        train_names=list(train_names) if train_names is not None else None,
                        known_memorized=list(known_memorized) if known_memorized is not None else None)
@@ -319,13 +337,14 @@ def table_rows(result: AuditResult) -> tuple[list[str], list[list[object]]]:
     """Header and rows of the per-prompt table, most suspicious first."""
     header = ["prompt", "flagged", "wen_score", "wen_first_step", "largest_group"]
     if not result.data_free:
-        header += ["copy_distance", "copy_fraction", "nearest_train"]
+        header += ["copy_distance", "copy_fraction", "nearest_train", "embedding_cosine"]
     rows = []
     for r in ranked(result):
         row: list[object] = [r.prompt, "yes" if r.flagged else "no", round(r.wen_score, 4),
                              round(r.wen_first_step, 4), r.largest_group]
         if not result.data_free:
-            row += [round(r.copy_distance, 4), round(r.copy_fraction, 3), r.nearest_train]
+            cosine = "" if r.embedding_cosine is None else round(r.embedding_cosine, 4)
+            row += [round(r.copy_distance, 4), round(r.copy_fraction, 3), r.nearest_train, cosine]
         rows.append(row)
     return header, rows
 
@@ -363,7 +382,7 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
         )
     header = ["prompt", "generations", "nearest training image", "flagged", "Wen score", "largest group"]
     if not result.data_free:
-        header += ["copy distance", "copies"]
+        header += ["copy distance", "copies", "embedding cosine"]
     if result.known_memorized is not None:
         header.append("known")
     index_of = {id(r): i for i, r in enumerate(result.rows)}
@@ -381,7 +400,8 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
         flag = '<span class="bad">flagged</span>' if r.flagged else '<span class="good">no</span>'
         row: list[object] = [r.prompt, grid_html, nearest, flag, r.wen_score, r.largest_group]
         if not result.data_free:
-            row += [r.copy_distance, f"{r.copy_fraction:.0%}"]
+            row += [r.copy_distance, f"{r.copy_fraction:.0%}",
+                    "—" if r.embedding_cosine is None else r.embedding_cosine]
         if result.known_memorized is not None:
             row.append("memorized" if result.known_memorized[p] else "held out")
         rows.append(row)
