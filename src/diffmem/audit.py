@@ -373,9 +373,10 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
                      f"(mean norm of the text-conditional noise prediction over the sampling steps) and flagged "
                      f"when it is a {html.escape(rule)}.</p>")
     else:
+        bound = result.config.copy.distance_threshold
         parts.append(
             f'<p class="note">A generation copies a training image when its tiled L2 distance (max RMS over 16 tiles)'
-            f" is at most {result.config.copy.distance_threshold} and at most {result.config.copy.relative_threshold}"
+            f" is {'' if bound is None else f'at most {bound} and '}at most {result.config.copy.relative_threshold}"
             f" of the mean distance to its nearest training images; a prompt is flagged when at least "
             f"{result.config.copy_fraction:.0%} of its generations are copies. Copy rate over all generations: "
             f"{summary['copy_rate']:.1%}.</p>"
