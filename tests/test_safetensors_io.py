@@ -154,3 +154,13 @@ def test_rows_reads_a_slice(good_file):
     lazy = SafetensorsFile(good_file)
     torch.testing.assert_close(lazy.rows("a", 1, 3), torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(lazy.rows("b", 0, 1), torch.ones(1, 3))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    path = save_file({"a": torch.zeros(1)}, tmp_path / "out.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -186,6 +186,13 @@ def refuse_overwriting(path: str | Path, protect: tuple[str | Path, ...]) -> Non
             raise DiffmemError(f"refusing to overwrite the input file {other}; choose another output path", path)
 
 
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(data: bytes, path: str | Path, protect: tuple[str | Path, ...] = ()) -> Path:
     """Write `data` to `path` through a temporary file in the same folder and a rename.
 
@@ -202,6 +209,7 @@ def write_atomic(data: bytes, path: str | Path, protect: tuple[str | Path, ...] 
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, default_file_mode())  # mkstemp makes 0600; outputs should be as readable as any file
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -252,6 +260,7 @@ def save_file_streaming(
                 if tuple(tensor.shape) != tuple(shapes[name]):
                     raise ValueError(f"{name}: made shape {tuple(tensor.shape)}, declared {shapes[name]}")
                 handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        os.chmod(tmp_name, default_file_mode())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
