@@ -376,3 +376,15 @@ def test_peft_loads_the_filtered_folder_with_the_intended_update(tmp_path):
         torch.testing.assert_close(applied, module_channels(module).dense(weights[name]), atol=1e-5, rtol=1e-4)
         checked += 1
     assert checked == len(source.modules) > 0
+
+
+def test_device_option(tmp_path):
+    base, lora = good_pair(tmp_path)
+    on_cpu = filter_lora(lora, base, cache_dir=tmp_path / "a", device="cpu").report
+    default = filter_lora(lora, base, cache_dir=tmp_path / "b").report
+    assert [m.weights for m in on_cpu.modules] == [m.weights for m in default.modules]
+    with pytest.raises(DiffmemError, match="unknown device"):
+        filter_lora(lora, base, device="gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(DiffmemError, match="no CUDA GPU"):
+            filter_lora(lora, base, device="cuda")

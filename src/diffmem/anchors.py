@@ -26,8 +26,11 @@ class AnchorStore:
     ``cache_dir/anchors``. A corrupt cache file is ignored and rewritten, never trusted.
     """
 
-    def __init__(self, base, cache_dir: str | Path | None = None, use_cache: bool = True) -> None:
+    def __init__(
+        self, base, cache_dir: str | Path | None = None, use_cache: bool = True, device: str | torch.device = "cpu"
+    ) -> None:
         self.base = base
+        self.device = torch.device(device)
         self.use_cache = use_cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.memory: dict[tuple[str, str], Anchors] = {}
@@ -62,7 +65,8 @@ class AnchorStore:
             anchors = Anchors(u=cached[f"{key}.u"], v=cached[f"{key}.v"], spectrum=cached[f"{key}.spectrum"])
             self.loaded += 1
         else:
-            anchors = principal_subspace(self.base.weight(target), energy=energy, k=k)
+            computed = principal_subspace(self.base.weight(target).to(self.device), energy=energy, k=k)
+            anchors = Anchors(u=computed.u.cpu(), v=computed.v.cpu(), spectrum=computed.spectrum.cpu())
             self.pending.setdefault(rule, {}).update(
                 {f"{key}.u": anchors.u, f"{key}.v": anchors.v, f"{key}.spectrum": anchors.spectrum}
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -76,13 +77,15 @@ def already_done(source: Path, output: Path, config: FilterConfig) -> bool:
     )
 
 
-def warm_anchors(inputs: Sequence[Path], base_path: Path, config: FilterConfig, cache_dir: Path | None) -> None:
+def warm_anchors(
+    inputs: Sequence[Path], base_path: Path, config: FilterConfig, cache_dir: Path | None, device: str = "cpu"
+) -> None:
     """Compute, once, the anchors of every base weight that any readable input touches, into the cache."""
     energy = getattr(config, "energy", None)
     if energy is None:
         return
     base = open_base(base_path)
-    store = AnchorStore(base, cache_dir=cache_dir)
+    store = AnchorStore(base, cache_dir=cache_dir, device=device)
     for source in inputs:
         try:
             lora = read_lora(source)
@@ -119,6 +122,7 @@ def filter_many(
     reduce_rank: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> list[BatchRow]:
     """Filter every input into ``out_dir`` and write ``summary.csv`` and ``summary.json`` there."""
     if engine not in ENGINES:
@@ -137,8 +141,8 @@ def filter_many(
             rows[source] = BatchRow(str(source), str(output), "skipped")
         else:
             todo.append((source, output))
-    warm_anchors([source for source, _ in todo], base, config, cache_dir)
-    options = {"reduce_rank": reduce_rank, "cache_dir": cache_dir}
+    warm_anchors([source for source, _ in todo], base, config, cache_dir, device)
+    options = {"reduce_rank": reduce_rank, "cache_dir": cache_dir, "device": device}
     bar = tqdm(total=len(todo), desc="filtering", unit="file", disable=not progress)
     if engine == "ray":
         results = run_on_ray(todo, base, config, options, workers)
@@ -146,7 +150,8 @@ def filter_many(
             rows[source] = row
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawn, not fork: a forked child inherits torch's OpenMP thread pool in a broken state and can hang.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(filter_one, source, base, output, config, options): source for source, output in todo}
             for future in as_completed(futures):
                 rows[futures[future]] = future.result()

@@ -47,6 +47,8 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("anchor cache")
     group.add_argument("--cache-dir", type=Path, help="where anchors are cached (default $DIFFMEM_CACHE or ~/.cache/diffmem)")
     group.add_argument("--no-cache", action="store_true", help="neither read nor write the anchor cache")
+    parser.add_argument("--device", default="cpu",
+                        help="where the decompositions run: cpu (default), cuda, cuda:N or mps")
 
 
 def build_config(args: argparse.Namespace):
@@ -91,6 +93,7 @@ def run_filter(args: argparse.Namespace) -> int:
     report = filter_file(
         args.lora, args.base, args.output, build_config(args), reduce_rank=args.reduce_rank,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet and not args.json,
+        device=args.device,
     )
     if args.json:
         print(json.dumps({"output": str(args.output), **report.to_dict()}, indent=2))
@@ -105,7 +108,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     report = inspect_lora(
         args.lora, args.base, build_config(args), cache_dir=args.cache_dir, use_cache=not args.no_cache,
-        progress=not args.json,
+        progress=not args.json, device=args.device,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -120,7 +123,7 @@ def run_filter_many(args: argparse.Namespace) -> int:
 
     rows = filter_many(
         args.inputs, args.base, args.out, build_config(args), engine=args.engine, workers=args.workers,
-        reduce_rank=args.reduce_rank, cache_dir=args.cache_dir, progress=not args.json,
+        reduce_rank=args.reduce_rank, cache_dir=args.cache_dir, progress=not args.json, device=args.device,
     )
     counts = {status: sum(row.status == status for row in rows) for status in ("filtered", "skipped", "failed")}
     if args.json:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from diffmem import __version__
 from diffmem.anchors import AnchorStore
+from diffmem.errors import DiffmemError
 from diffmem.filters import BAFConfig, FilterConfig, ModuleView, select
 from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
 from diffmem.formats.lora import LoraFile, LoraModule, read_lora, replace_factors, write_lora
@@ -91,12 +92,28 @@ class FilterResult:
     report: FilterReport
 
 
-def module_channels(module: LoraModule) -> Channels:
-    """Spectral channels of one module: the QR trick for factored updates, a dense SVD for LoHa/LoKr/Tucker."""
+def module_channels(module: LoraModule, device: torch.device | str = "cpu") -> Channels:
+    """Spectral channels of one module: the QR trick for factored updates, a dense SVD for LoHa/LoKr/Tucker.
+    Computed on ``device``, returned on the CPU."""
     if module.kind in ("lora", "locon"):
         up, down = module.factors()
-        return lowrank_channels(up, down, module.scale)
-    return dense_channels(module.delta())
+        channels = lowrank_channels(up.to(device), down.to(device), module.scale)
+    else:
+        channels = dense_channels(module.delta().to(device))
+    return Channels(u=channels.u.cpu(), sigma=channels.sigma.cpu(), v=channels.v.cpu())
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, or a clear error when this machine does not have it."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise DiffmemError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DiffmemError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU on this machine")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DiffmemError(f"device {device!r} asked for, but PyTorch sees no Apple GPU on this machine")
+    return resolved
 
 
 def filter_lora(
@@ -108,27 +125,30 @@ def filter_lora(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> FilterResult:
     """Filter every module of ``lora`` against ``base`` with ``config`` (default: `BAFConfig()`).
 
     Returns the filtered LoRA (in the input's own format, not yet written) and a report. With ``reduce_rank`` each
     module keeps only its kept channels (a smaller rank, alpha rescaled so the scale is unchanged); otherwise the
     rank is unchanged and dropped channels become zero columns, so every front-end sees the same shapes.
+    ``device`` runs the decompositions (channels, anchors) there, e.g. "cuda"; everything else stays on the CPU.
     """
     started = time.perf_counter()
+    device = resolve_device(device)
     config = config or BAFConfig()
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
     base = base if isinstance(base, BaseCheckpoint) else open_base(base)
     lookups = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora.modules.items()}
     targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata)
-    store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache)
+    store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache, device=device)
 
     channels: dict[str, Channels] = {}
     scores: dict[str, torch.Tensor] = {}
     names = list(lora.modules)
     for name in tqdm(names, desc="scoring channels", unit="module", disable=not progress, leave=False):
         target = targets[name]
-        channels[name] = module_channels(lora.modules[name])
+        channels[name] = module_channels(lora.modules[name], device)
         view = ModuleView(
             name=name,
             channels=channels[name],
