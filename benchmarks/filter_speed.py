@@ -55,20 +55,19 @@ def kohya_modules(family: str, base_folder: Path, conv: bool) -> dict[str, tuple
 
 
 def write_lora_fixture(path: Path, modules: dict[str, tuple[int, ...]], rank: int, seed: int = 0) -> Path:
-    """A kohya LoRA with random factors of the given rank for every module."""
-    from diffmem.formats.safetensors_io import save_file
+    """A kohya LoRA with random fp16 factors of the given rank for every module, alpha = rank / 2."""
+    from diffmem.formats.lora import lora_from_factors, write_lora
 
     generator = torch.Generator().manual_seed(seed)
-    tensors = {}
+    factors = {}
     for name, shape in sorted(modules.items()):
         fan_in = int(torch.tensor(shape[1:]).prod())
         down_shape = (rank, *shape[1:]) if len(shape) == 4 else (rank, shape[1])
         up_shape = (shape[0], rank, 1, 1) if len(shape) == 4 else (shape[0], rank)
-        tensors[f"{name}.lora_down.weight"] = (torch.randn(down_shape, generator=generator) / fan_in**0.5).half()
-        tensors[f"{name}.lora_up.weight"] = (torch.randn(up_shape, generator=generator) * 1e-2).half()
-        tensors[f"{name}.alpha"] = torch.tensor(float(rank) / 2)
-    save_file(tensors, path, {"ss_network_dim": str(rank), "ss_network_module": "networks.lora"})
-    return path
+        factors[name] = ((torch.randn(up_shape, generator=generator) * 1e-2).half(),
+                         (torch.randn(down_shape, generator=generator) / fan_in**0.5).half())
+    lora = lora_from_factors(factors, "kohya", alpha=rank / 2, metadata={"ss_network_module": "networks.lora"})
+    return write_lora(lora, path)
 
 
 def measure(argv: list[str]) -> dict:

@@ -901,3 +901,25 @@ def test_unchanged_diffusers_metadata_keeps_its_text(tmp_path):
     assert out.metadata["lora_adapter_metadata"] == compact
     changed = read_lora(write_lora(reduce_all(lora, 2), tmp_path / "changed.safetensors"))
     assert json.loads(changed.metadata["lora_adapter_metadata"])["unet.r"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+@pytest.mark.parametrize("alpha", [None, 2.0])
+def test_lora_from_factors_round_trips(tmp_path, fmt, alpha):
+    from diffmem.formats.lora import lora_from_factors
+
+    g = torch.Generator().manual_seed(0)
+    linear = "lora_unet_down_blocks_0_attentions_0_proj_in" if fmt == "kohya" else "unet.down_blocks.0.attentions.0.proj_in"
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1" if fmt == "kohya" else "unet.down_blocks.0.resnets.0.conv1"
+    factors = {linear: (torch.randn(8, 4, generator=g), torch.randn(4, 6, generator=g)),
+               conv: (torch.randn(8, 4, 1, 1, generator=g), torch.randn(4, 6, 3, 3, generator=g))}
+    out = write_lora(lora_from_factors(factors, fmt, alpha=alpha, metadata={"ss_output_name": "x"}),
+                     tmp_path / "made.safetensors")
+    back = read_lora(out)
+    assert back.format == fmt and set(back.modules) == set(factors)
+    scale = 1.0 if alpha is None else alpha / 4
+    for name, (up, down) in factors.items():
+        module = back.modules[name]
+        assert module.scale == pytest.approx(scale)
+        torch.testing.assert_close(module.delta().flatten(1), scale * up.flatten(1) @ down.flatten(1))
+    assert back.metadata["ss_output_name"] == "x"

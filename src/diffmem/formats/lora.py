@@ -165,12 +165,56 @@ def read_lora(path: str | Path) -> LoraFile:
             config = json.loads(metadata[DIFFUSERS_METADATA])
         except json.JSONDecodeError as exc:
             raise FileFormatError(f"its '{DIFFUSERS_METADATA}' header is not JSON ({exc})", weights) from None
-    groups, other = group_keys(tensors, fmt, weights)
+    return lora_from_tensors(tensors, metadata, fmt, config, path, weights)
+
+
+def lora_from_tensors(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], fmt: str, config: Mapping | None = None,
+    path: Path | None = None, weights: Path | None = None,
+) -> LoraFile:
+    """A `LoraFile` from a state dict in format `fmt` (what `read_lora` does after reading the file);
+    `weights` names the file in errors."""
+    groups, other = group_keys(tensors, fmt, weights or path or Path("<memory>"))
     rslora = file_uses_rslora(fmt, config)
     modules = {
-        name: build_module(name, roles, fmt, config, weights) for name, roles in groups.items()
+        name: build_module(name, roles, fmt, config, weights or path or Path("<memory>"))
+        for name, roles in groups.items()
     }
-    return LoraFile(path, fmt, modules, other, metadata, config, rslora)
+    return LoraFile(path, fmt, modules, other, dict(metadata), dict(config) if config else None, rslora)
+
+
+def lora_from_factors(
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    fmt: str = "kohya",
+    *,
+    alpha: float | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> LoraFile:
+    """A new LoRA from ``{module name: (up [out, r(, 1, 1)], down [r, in(, kh, kw)])}``, ready for `write_lora`.
+
+    ``fmt`` "kohya" takes kohya module names (``lora_unet_<path with _>``) and stores ``alpha`` per module;
+    "diffusers" takes dotted names with their component (``unet.<path>``) and records ``alpha`` and the rank in
+    the ``lora_adapter_metadata`` header, per component, as diffusers does. ``alpha=None`` stores no alpha, which
+    every loader reads as alpha = rank (scale 1).
+    """
+    if fmt not in ("kohya", "diffusers"):
+        raise ValueError(f"lora_from_factors writes kohya or diffusers naming, not {fmt!r}")
+    tensors: dict[str, Tensor] = {}
+    for name, (up, down) in factors.items():
+        tensors[lora_keys.key_for(name, "up", fmt)] = up
+        tensors[lora_keys.key_for(name, "down", fmt)] = down
+        if alpha is not None and fmt == "kohya":
+            tensors[lora_keys.key_for(name, "alpha", fmt)] = torch.tensor(float(alpha), dtype=up.dtype)
+    metadata = dict(metadata or {})
+    config = None
+    if fmt == "diffusers" and alpha is not None:
+        ranks = {int(up.shape[1]) for up, _ in factors.values()}
+        components = sorted({name.split(".", 1)[0] for name in factors})
+        config = {}
+        for component in components:
+            config.update({f"{component}.r": max(ranks), f"{component}.lora_alpha": float(alpha)})
+        metadata[DIFFUSERS_METADATA] = json.dumps(config, sort_keys=True)
+    return lora_from_tensors(tensors, metadata, fmt, config)
 
 
 def read_peft_config(path: Path) -> dict:
