@@ -53,6 +53,7 @@ def test_score_prompts_with_training_images():
     assert [r.flagged for r in rows] == [True, False]
     assert rows[0].nearest_train == "img4.png" and rows[0].copy_fraction == 0.75
     assert rows[0].largest_group == 3 and rows[1].largest_group == 1
+    assert rows[0].extracted and not rows[1].extracted
     assert rows[0].copy_distance < 0.05 < rows[1].copy_distance
     strict = score_prompts(["dup"], images[:1], torch.ones(1), torch.ones(1), AuditConfig(copy_fraction=0.9), train,
                            names)
@@ -69,7 +70,8 @@ def test_write_audit_files(tmp_path):
     paths = write_audit(result, tmp_path / "out")
     summary = json.loads(paths["summary.json"].read_text())
     assert summary["flagged_prompts"] == ["dup"] and summary["copy_rate"] == pytest.approx(0.375)
-    assert paths["table.csv"].read_text().splitlines()[1].startswith("dup,yes,5.0,6.0,3,")
+    assert summary["extracted_prompts"] == 1
+    assert paths["table.csv"].read_text().splitlines()[1].startswith("dup,yes,5.0,6.0,3,yes,")
     assert paths["table.csv"].read_text().splitlines()[0].endswith("nearest_train,embedding_cosine")
     page = paths["report.html"].read_text()
     assert page.count("data:image/png;base64,") == 4  # two generation grids, two nearest training images

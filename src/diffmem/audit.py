@@ -31,7 +31,7 @@ from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.amd import embedding_copy_decisions
 from diffmem.metrics.copy import CopyConfig, copy_decisions_from_distances, tiled_l2
-from diffmem.metrics.extraction import largest_component
+from diffmem.metrics.extraction import ExtractionConfig, extract_prompt
 from diffmem.metrics.features import embed
 from diffmem.metrics.wen import WenConfig, WenTrace, sample_with_wen_scores
 from diffmem.report import html_page, html_table, image_grid, img_tag, markdown_table, png_data_uri
@@ -85,7 +85,9 @@ class AuditConfig:
             images), where the relative test alone is weak.
         copy_fraction: a prompt is flagged when at least this share of its generations are copies. 0.5, the
             world issue's bar for "memorized" (a near-copy in at least half of the generations).
-        group_threshold: tiled distance joining two generations into one group (extraction attack).
+        extraction: the extraction attack run on each prompt's generations (`ExtractionConfig`: near-identical
+            below tiled distance 0.1, extracted when the largest group has >= 3 members and, with training
+            images, matches one). Needs `generations` >= 3 to extract anything.
         wen_threshold: data-free mode: flag prompts whose Wen score exceeds this. None (default) flags robust
             outliers instead: modified z-score above `outlier_z` (Iglewicz & Hoaglin 1993), which assumes that
             most audited prompts are not memorized.
@@ -101,7 +103,7 @@ class AuditConfig:
     seed: int = 0
     copy: CopyConfig = field(default_factory=lambda: CopyConfig(distance_threshold=0.1))
     copy_fraction: float = 0.5
-    group_threshold: float = 0.1
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
     wen_threshold: float | None = None
     outlier_z: float = 3.5
     embedding_test: bool = True
@@ -116,6 +118,7 @@ class PromptAudit:
     wen_score: float
     wen_first_step: float
     largest_group: int
+    extracted: bool
     flagged: bool
     copy_distance: float | None = None
     nearest_train: str | None = None
@@ -151,6 +154,7 @@ class AuditResult:
             "flagged": len(flagged),
             "flagged_prompts": flagged,
             "mean_wen_score": float(np.mean([r.wen_score for r in self.rows])),
+            "extracted_prompts": sum(r.extracted for r in self.rows),
             "config": json.loads(json.dumps(asdict(self.config))),
         }
         if not self.data_free:
@@ -213,9 +217,9 @@ def score_prompts(
     train_features = embed(embedder, train_images) if embedder is not None and train_images is not None else None
     for p, prompt in enumerate(prompts):
         generations = images[p]
-        group = len(largest_component(tiled_l2(generations, generations, config.copy.tiles), config.group_threshold))
+        extraction = extract_prompt(generations, config.extraction, train_images)
         common = dict(prompt=prompt, wen_score=float(wen_scores[p]), wen_first_step=float(wen_first[p]),
-                      largest_group=group)
+                      largest_group=extraction.largest_component, extracted=extraction.extracted)
         if train_images is None:
             rows.append(PromptAudit(flagged=bool(data_free_flags[p]), **common))
             continue
@@ -335,13 +339,13 @@ def load_image_folder(folder: str | Path, size: tuple[int, int] | None = None) -
 
 def table_rows(result: AuditResult) -> tuple[list[str], list[list[object]]]:
     """Header and rows of the per-prompt table, most suspicious first."""
-    header = ["prompt", "flagged", "wen_score", "wen_first_step", "largest_group"]
+    header = ["prompt", "flagged", "wen_score", "wen_first_step", "largest_group", "extracted"]
     if not result.data_free:
         header += ["copy_distance", "copy_fraction", "nearest_train", "embedding_cosine"]
     rows = []
     for r in ranked(result):
         row: list[object] = [r.prompt, "yes" if r.flagged else "no", round(r.wen_score, 4),
-                             round(r.wen_first_step, 4), r.largest_group]
+                             round(r.wen_first_step, 4), r.largest_group, "yes" if r.extracted else "no"]
         if not result.data_free:
             cosine = "" if r.embedding_cosine is None else round(r.embedding_cosine, 4)
             row += [round(r.copy_distance, 4), round(r.copy_fraction, 3), r.nearest_train, cosine]
