@@ -24,7 +24,7 @@ from diffmem.world.check import CheckSettings, example_lora_path, manifest_image
 from diffmem.world.data import ImageSet
 from diffmem.world.diffusion import denoising_loss
 from diffmem.world.lora import apply_lora
-from diffmem.world.model import BASE_FILE, assets_dir, load_base
+from diffmem.world.model import BASE_FILE, assets_dir, load_base, load_unet_file
 
 DEMO_SETTINGS = CheckSettings(generations=4, steps=25, guidance=3.0, seed=1000)
 
@@ -38,12 +38,14 @@ def own_distances(generated: torch.Tensor, training: torch.Tensor, generations: 
 def run_demo(
     out_dir: str | Path = "demo-out",
     lora: str | Path | None = None,
+    base: str | Path | None = None,
     config: FilterConfig | None = None,
     settings: CheckSettings = DEMO_SETTINGS,
     progress: bool = True,
 ) -> dict:
-    """Filter the example LoRA (or ``lora``, a world LoRA with its ``.json`` manifest beside it), measure
-    memorization and quality before and after, and write the report. Returns the summary numbers."""
+    """Filter the example LoRA (or ``lora``, a world LoRA with its ``.json`` manifest beside it) against the
+    committed base (or ``base``, a world UNet file), measure memorization and quality before and after, and write
+    the report. Returns the summary numbers."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,9 +55,10 @@ def run_demo(
     steps = tqdm(total=6, desc="demo", unit="step", disable=not progress)
 
     filtered_path = out_dir / f"{lora.stem}.filtered.safetensors"
-    report = filter_file(lora, assets_dir() / BASE_FILE, filtered_path, config, cache_dir=out_dir / "cache")
+    base_path = Path(base) if base is not None else assets_dir() / BASE_FILE
+    report = filter_file(lora, base_path, filtered_path, config, cache_dir=out_dir / "cache")
     steps.update()
-    base = load_base()
+    base = load_base() if base is None else load_unet_file(base_path)
     tuned, filtered = apply_lora(base, lora), apply_lora(base, filtered_path)
     duplicated, heldout = manifest_images(manifest, "duplicated"), manifest_images(manifest, "heldout")
     reference = ImageSet.concat([duplicated, manifest_images(manifest, "seen_once")]).images
@@ -72,6 +75,7 @@ def run_demo(
 
     summary = {
         "lora": str(lora),
+        "base": str(base_path),
         "filtered": str(filtered_path),
         "filter": {"method": report.method, "config": report.config, "channels_kept": report.channels_kept,
                    "channels_total": report.channels_total, "energy_kept": round(report.energy_kept, 4)},
@@ -120,8 +124,8 @@ def write_report(out_dir: Path, summary: dict, duplicated: ImageSet, measured: d
             cells.append("".join(captioned(p, float(d)) for p, d in zip(pictures, distances[name][i])))
         image_rows.append(cells)
     body = (
-        f"<p>Base: the embedded world's committed model. LoRA: <code>{summary['lora']}</code>, trained with some "
-        f"faces duplicated (the memorization case). Filter: {filter_line}.</p>"
+        f"<p>Base: <code>{summary['base']}</code>. LoRA: <code>{summary['lora']}</code>, trained with some "
+        f"training images duplicated (the memorization case; its manifest lists them). Filter: {filter_line}.</p>"
         + html_table(header, rows)
         + "<h2>Duplicated captions: training image, LoRA generations, filtered-LoRA generations</h2>"
         + '<p class="note">Number under each generation: tiled-L2 distance to the training image (max over 16 tiles '
