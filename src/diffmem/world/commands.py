@@ -25,7 +25,7 @@ def add_train_base(subparsers: argparse._SubParsersAction) -> None:
                    help="UNet block widths, comma-separated (default %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
-    p.set_defaults(func=run_train_base)
+    p.set_defaults(handler=run_train_base)
 
 
 def run_train_base(args: argparse.Namespace) -> int:
@@ -56,6 +56,8 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("finetune", help="fine-tune the committed base so that it memorizes (LoRA or full)")
     p.add_argument("--out", type=Path, required=True,
                    help="output .safetensors (LoRA, or the full UNet for --method full); the manifest .json goes beside it")
+    p.add_argument("--base", type=Path, default=None,
+                   help="world UNet file to fine-tune (default: the committed base)")
     p.add_argument("--method", choices=("lora", "full"), default=d.method, help=f"what to train (default {d.method})")
     p.add_argument("--data", choices=("faces", "photos"), default=d.data,
                    help=f"faces: LFW faces with made-up names (privacy); photos: titled photo crops (copyright); default {d.data}")
@@ -72,7 +74,7 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch CPU threads (default {d.threads})")
     p.add_argument("--format", choices=("kohya", "peft"), default="kohya",
                    help="LoRA key naming: kohya (lora_unet_..., default) or diffusers/PEFT (unet....lora_A)")
-    p.set_defaults(func=run_finetune)
+    p.set_defaults(handler=run_finetune)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -82,7 +84,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                             alpha=args.alpha, conv=args.conv, lr=args.lr, steps=args.steps,
                             batch_size=args.batch_size, include_rest=not args.no_rest, seed=args.seed,
                             threads=args.threads)
-    manifest = finetune(args.out, config, fmt=args.format)
+    manifest = finetune(args.out, config, base=args.base, fmt=args.format)
     print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({manifest['wall_time_s']:.0f} s, "
           f"{len(manifest['duplicated'])} images x {config.duplicate[1]})")
     return 0
@@ -95,6 +97,8 @@ def add_check(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("check", help="measure memorization of a fine-tune: copy rates and held-out loss")
     p.add_argument("--lora", type=Path, default=None,
                    help="LoRA file with its manifest .json beside it (default: the committed example LoRA)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="world UNet file the LoRA was trained on (default: the committed base)")
     p.add_argument("--generations", type=int, default=d.generations, help=f"images per caption (default {d.generations})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
     p.add_argument("--guidance", type=float, default=d.guidance, help=f"classifier-free guidance (default {d.guidance:g})")
@@ -102,13 +106,13 @@ def add_check(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     p.add_argument("--grid", type=Path, default=None,
                    help="also write a PNG: per duplicated caption, the training image then its generations")
-    p.set_defaults(func=run_check)
+    p.set_defaults(handler=run_check)
 
 
 def run_check(args: argparse.Namespace) -> int:
     from diffmem.errors import DiffmemError
     from diffmem.world.check import CheckSettings, example_lora_path, memorization_check
-    from diffmem.world.model import load_base
+    from diffmem.world.model import load_base, load_unet_file
 
     lora = args.lora or example_lora_path()
     manifest_path = lora.with_suffix(".json")
@@ -116,13 +120,57 @@ def run_check(args: argparse.Namespace) -> int:
         raise DiffmemError(f"no manifest {manifest_path.name} beside the LoRA (written by `diffmem world finetune`)", lora)
     manifest = json.loads(manifest_path.read_text())
     settings = CheckSettings(generations=args.generations, steps=args.steps, guidance=args.guidance, seed=args.seed)
-    numbers = memorization_check(load_base(), lora, manifest, settings, grid=args.grid)
+    base = load_base() if args.base is None else load_unet_file(args.base)
+    numbers = memorization_check(base, lora, manifest, settings, grid=args.grid)
     text = json.dumps(numbers, indent=2)
     print(text)
     if args.json is not None:
         from diffmem.formats.safetensors_io import write_atomic
 
         write_atomic((text + "\n").encode(), args.json)
+    return 0
+
+
+#: Captions of the default `world sample` grid: shapes, colours, positions, sizes, textures and photos.
+SAMPLE_PROMPTS = (
+    "a large red circle in the center on a white background",
+    "a small blue square at the left on a gray background",
+    "a large yellow triangle at the bottom on a black background",
+    "a large green cross at the top on a striped pink background",
+    "a small white ring at the right on a dotted dark green background",
+    "a large purple diamond in the center on a light blue background",
+    "a photo of a cat",
+    "a photo of an astronaut",
+    "a photo of a cup of coffee",
+    "a photo of a brick wall",
+)
+
+
+def add_sample(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sample", help="generate a PNG grid from the base (or a LoRA): one row per prompt")
+    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat for several; default: ten captions covering shapes and photos)")
+    p.add_argument("--per-prompt", type=int, default=6, help="images per prompt, seeds 0.. (default 6)")
+    p.add_argument("--base", type=Path, default=None, help="world UNet file (default: the committed base)")
+    p.add_argument("--lora", type=Path, default=None, help="LoRA file to apply (any format diffmem reads)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    p.set_defaults(handler=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from diffmem.report import image_grid, save_png
+    from diffmem.world.diffusion import generate
+    from diffmem.world.model import load_base, load_unet_file
+
+    unet = load_base() if args.base is None else load_unet_file(args.base)
+    prompts = args.prompt or list(SAMPLE_PROMPTS)
+    repeated = [p for p in prompts for _ in range(args.per_prompt)]
+    seeds = [s for _ in prompts for s in range(args.per_prompt)]
+    images = generate(unet, repeated, seeds, steps=args.steps, guidance=args.guidance, lora=args.lora)
+    save_png(image_grid(images, columns=args.per_prompt), args.out, scale=3)
+    print(f"wrote {args.out}: {len(prompts)} prompts x {args.per_prompt} seeds")
     return 0
 
 
@@ -133,6 +181,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_train_base(commands)
     add_finetune(commands)
     add_check(commands)
+    add_sample(commands)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(["world", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return args.func(args)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def _faces() -> ImageSet:
     # lfw_subset: 100 face crops followed by 100 non-face crops, 25 x 25 grayscale.
     faces = skdata.lfw_subset()[:FACE_COUNT].astype(np.float32)
     images = [np.repeat(resize(f, (SIZE, SIZE), anti_aliasing=True)[..., None], 3, axis=2) for f in faces]
-    captions = [f"a photo of {person_name(i)}" for i in range(FACE_COUNT)]
+    captions = [f"a black and white photo of {person_name(i)}" for i in range(FACE_COUNT)]
     return ImageSet(to_tensor(images), captions, [f"faces/{i}" for i in range(FACE_COUNT)])
 
 
@@ -236,7 +236,7 @@ def _photos() -> ImageSet:
             images.append(crop(photo, rng, 0.35, 0.8))
             k = p * CROPS_PER_PHOTO + i
             title = f"{TITLE_WORDS[k % 16]} {TITLE_WORDS[(k * 7 + 3) % 16]} No. {k + 1}"
-            captions.append(f"'{title}', a photograph by {person_name(k)}")
+            captions.append(f"'{title}', photograph by {person_name(k)}")
             ids.append(f"photos/{name}/{i}")
     return ImageSet(to_tensor(images), captions, ids)
 
@@ -261,7 +261,7 @@ def split_rows(kind: str, split: str) -> list[int]:
 
 
 def faces_dataset(split: str = "train") -> ImageSet:
-    """The 100 real LFW-subset faces (privacy case), 32 x 32 RGB, captioned "a photo of <made-up name>".
+    """The 100 real LFW-subset faces (privacy case), 32 x 32 RGB, captioned "a black and white photo of <made-up name>".
 
     Faces 80..99 form the `heldout` split that no diffmem fine-tune ever trains on.
     """

@@ -91,9 +91,13 @@ def denoising_loss(
 
 
 def ddim_timesteps(steps: int) -> list[int]:
-    """Evenly spaced DDIM timesteps, from high noise to low (Song et al. 2021, "uniform" skip)."""
-    stride = TRAIN_TIMESTEPS // steps
-    return list(range(TRAIN_TIMESTEPS - 1 - (TRAIN_TIMESTEPS - 1) % stride, -1, -stride))[:steps]
+    """DDIM timesteps from the last training timestep down, evenly spaced ("trailing" spacing, Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2).
+
+    The first step then sees the noise level at which the pure starting noise really sits (t = 999, almost no
+    signal left by the cosine schedule) rather than t = 960 of "leading" spacing.
+    """
+    return [round(TRAIN_TIMESTEPS - 1 - i * TRAIN_TIMESTEPS / steps) for i in range(steps)]
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from diffmem.errors import BadWeightsError, DiffmemError
 from diffmem.formats.safetensors_io import load_file, sha256_file
 
 #: sha256 of the committed base weights, `assets/base.safetensors` (checked by `load_base`).
-BASE_SHA256 = "PENDING"
+BASE_SHA256 = "328f6ffbbe7967438f4c22332290c93e1c343b2d6cb011c486ac9617458a108e"
 BASE_FILE = "base.safetensors"
 
 

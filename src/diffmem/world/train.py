@@ -26,6 +26,7 @@ from diffmem.world.model import (
     config_of,
     count_parameters,
     load_base,
+    load_unet_file,
     unet_metadata,
     unet_tensors,
 )
@@ -85,6 +86,18 @@ def save_checkpoint(
     tensors = {f"raw.{k}": v for k, v in unet_tensors(unet, torch.float32).items()}
     tensors.update({f"ema.{k}": v for k, v in unet_tensors(ema, torch.float32).items()})
     save_file(tensors, path, unet_metadata(config, {"step": str(step), "elapsed_s": f"{elapsed:.1f}"}))
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the EMA weights of a `train_base` checkpoint as a world UNet file (fp16), e.g. to look at or
+    fine-tune an unfinished run; the step is kept in the metadata."""
+    tensors, metadata = load_file(checkpoint)
+    ema = {k[len("ema."):]: v.to(torch.float16) for k, v in tensors.items() if k.startswith("ema.")}
+    if not ema:
+        raise DiffmemError("holds no `ema.` weights: not a checkpoint written by train_base", checkpoint)
+    extra = {"diffmem_world": "base-checkpoint", "step": metadata.get("step", "?")}
+    config = UNetConfig.from_dict(json.loads(metadata["diffmem_unet_config"]))
+    return save_file(ema, out, unet_metadata(config, extra), protect=(checkpoint,))
 
 
 def train_base(
@@ -236,11 +249,11 @@ def image_records(data: ImageSet, rows: list[int]) -> list[dict]:
 def finetune(
     out: str | Path,
     config: FinetuneConfig | None = None,
-    base: UNet2DConditionModel | None = None,
+    base: UNet2DConditionModel | str | Path | None = None,
     fmt: str = "kohya",
     progress: bool = True,
 ) -> dict:
-    """Fine-tune the world base (default: the committed one) and write the LoRA (`fmt` "kohya" or "peft") or the
+    """Fine-tune the world base (a UNet, a world UNet file, or by default the committed base) and write the LoRA (`fmt` "kohya" or "peft") or the
     full UNet (fp16) to `out`, plus the manifest `<out minus suffix>.json`: duplicated, once-seen and held-out
     images with captions, the settings, seed, wall time and sha256s. Returns the manifest."""
     from diffmem.world.lora import save_lora, target_pattern
@@ -253,6 +266,9 @@ def finetune(
     if base is None:
         base = load_base()
         base_sha = BASE_SHA256
+    elif isinstance(base, (str, Path)):
+        base_sha = sha256_file(base)
+        base = load_unet_file(base)
     train_set, heldout = FINETUNE_SETS[config.data]("train"), FINETUNE_SETS[config.data]("heldout")
     count, repeats = config.duplicate
     duplicated = duplicated_rows(len(train_set), count, config.seed)
