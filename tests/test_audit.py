@@ -248,3 +248,16 @@ def test_embedding_cosine_column():
     # the near-copies of training image 4 embed almost exactly onto it; the novel noise images less so
     assert rows[0].embedding_cosine > 0.95
     assert rows[0].embedding_cosine > rows[1].embedding_cosine
+
+
+def test_data_free_flags_follow_the_chosen_wen_statistic():
+    images = torch.rand(6, 2, 3, 8, 8)
+    all_steps = torch.tensor([1.0, 1.1, 0.9, 1.0, 9.0, 1.05])
+    first = torch.tensor([9.0, 1.1, 0.9, 1.0, 1.0, 1.05])
+    prompts = [f"p{i}" for i in range(6)]
+    rows = score_prompts(prompts, images, all_steps, first, AuditConfig())
+    assert [r.flagged for r in rows] == [False, False, False, False, True, False]
+    rows = score_prompts(prompts, images, all_steps, first, AuditConfig(wen_statistic="first_step"))
+    assert [r.flagged for r in rows] == [True, False, False, False, False, False]
+    with pytest.raises(ValueError, match="wen_statistic"):
+        AuditConfig(wen_statistic="last")

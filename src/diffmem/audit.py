@@ -37,6 +37,7 @@ from diffmem.metrics.wen import WenConfig, WenTrace, sample_with_wen_scores
 from diffmem.report import html_page, html_table, image_grid, img_tag, markdown_table, png_data_uri
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+WEN_STATISTICS = ("all_steps", "first_step")
 
 
 @dataclass
@@ -92,6 +93,9 @@ class AuditConfig:
             outliers instead: modified z-score above `outlier_z` (Iglewicz & Hoaglin 1993), which assumes that
             most audited prompts are not memorized.
         outlier_z: the modified z-score bound, 3.5 as recommended by Iglewicz & Hoaglin.
+        wen_statistic: which Wen score ranks and flags prompts data-free: "all_steps" (Wen et al.'s mean over
+            the sampling steps, default) or "first_step" (the first step alone, which Wen et al. show already
+            detects; on the world's example LoRA it is the one that separates, see docs/audit.md).
         embedding_test: with training images, also report the highest cosine similarity of a generation to a
             training image in the project's copy-detection embedder (SSCD-style; > 0.5 reads as a copy).
         batch_size: samples per UNet call.
@@ -106,8 +110,13 @@ class AuditConfig:
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
     wen_threshold: float | None = None
     outlier_z: float = 3.5
+    wen_statistic: str = "all_steps"
     embedding_test: bool = True
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.wen_statistic not in WEN_STATISTICS:
+            raise ValueError(f"wen_statistic must be one of {WEN_STATISTICS}, got {self.wen_statistic!r}")
 
 
 @dataclass(frozen=True)
@@ -177,9 +186,10 @@ class AuditResult:
             "flagged_held_out": int((flagged & ~known).sum()),
         }
         if known.any() and not known.all():
-            scores = torch.tensor([r.wen_score for r in self.rows])
-            out["wen_auc"] = roc_auc(scores, known)
-            out["wen_tpr_at_1pct_fpr"] = tpr_at_fpr(scores, known, 0.01)
+            for name, key in (("wen", "wen_score"), ("wen_first_step", "wen_first_step")):
+                scores = torch.tensor([getattr(r, key) for r in self.rows])
+                out[f"{name}_auc"] = roc_auc(scores, known)
+                out[f"{name}_tpr_at_1pct_fpr"] = tpr_at_fpr(scores, known, 0.01)
         return out
 
 
@@ -191,6 +201,11 @@ def robust_z_scores(values: torch.Tensor) -> torch.Tensor:
     if mad == 0:
         return torch.zeros_like(values)
     return 0.6745 * (values - median) / mad
+
+
+def wen_statistic_of(row: PromptAudit, config: AuditConfig) -> float:
+    """The Wen score the config ranks and flags by."""
+    return row.wen_first_step if config.wen_statistic == "first_step" else row.wen_score
 
 
 def flag_by_wen(scores: torch.Tensor, config: AuditConfig) -> torch.Tensor:
@@ -213,7 +228,8 @@ def score_prompts(
     """Table rows from generations [P, G, 3, H, W] and Wen scores [P]: pure scoring, no sampling. With an
     `embedder` (and training images) each row also gets the best embedding cosine to a training image."""
     rows = []
-    data_free_flags = flag_by_wen(wen_scores, config) if train_images is None else None
+    chosen = wen_first if config.wen_statistic == "first_step" else wen_scores
+    data_free_flags = flag_by_wen(chosen, config) if train_images is None else None
     train_features = embed(embedder, train_images) if embedder is not None and train_images is not None else None
     for p, prompt in enumerate(prompts):
         generations = images[p]
@@ -356,7 +372,7 @@ def table_rows(result: AuditResult) -> tuple[list[str], list[list[object]]]:
 def ranked(result: AuditResult) -> list[PromptAudit]:
     """Rows in report order: by copy distance with training images, by Wen score (highest first) without."""
     if result.data_free:
-        return sorted(result.rows, key=lambda r: -r.wen_score)
+        return sorted(result.rows, key=lambda r: -wen_statistic_of(r, result.config))
     return sorted(result.rows, key=lambda r: (not r.flagged, r.copy_distance))
 
 
@@ -371,11 +387,13 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
         f"{result.config.num_inference_steps} DDIM steps, guidance {result.config.guidance_scale}.</p>",
     ]
     if result.data_free:
-        rule = (f"Wen score above {result.config.wen_threshold}" if result.config.wen_threshold is not None
-                else f"robust outlier of the Wen scores (modified z-score above {result.config.outlier_z})")
+        rule = (f"above {result.config.wen_threshold}" if result.config.wen_threshold is not None
+                else f"a robust outlier among the audited prompts (modified z-score above {result.config.outlier_z})")
+        statistic = ("at the first sampling step" if result.config.wen_statistic == "first_step"
+                     else "averaged over the sampling steps")
         parts.append(f'<p class="note">No training images were given: prompts are ranked by Wen et al.\'s score '
-                     f"(mean norm of the text-conditional noise prediction over the sampling steps) and flagged "
-                     f"when it is a {html.escape(rule)}.</p>")
+                     f"(norm of the text-conditional noise prediction, {statistic}) and flagged when it is "
+                     f"{html.escape(rule)}.</p>")
     else:
         bound = result.config.copy.distance_threshold
         parts.append(
@@ -385,7 +403,8 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
             f"{result.config.copy_fraction:.0%} of its generations are copies. Copy rate over all generations: "
             f"{summary['copy_rate']:.1%}.</p>"
         )
-    header = ["prompt", "generations", "nearest training image", "flagged", "Wen score", "largest group"]
+    header = ["prompt", "generations", "nearest training image", "flagged", "Wen score", "Wen first step",
+              "largest group"]
     if not result.data_free:
         header += ["copy distance", "copies", "embedding cosine"]
     if result.known_memorized is not None:
@@ -403,7 +422,8 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
             nearest = img_tag(result.train_images[r.nearest_train_index], thumbnail, r.nearest_train or "")
             nearest += f"<br><span class=\"note\">{html.escape(r.nearest_train or '')}</span>"
         flag = '<span class="bad">flagged</span>' if r.flagged else '<span class="good">no</span>'
-        row: list[object] = [r.prompt, grid_html, nearest, flag, r.wen_score, r.largest_group]
+        prompt = f'<div style="min-width: 11em">{html.escape(r.prompt)}</div>'
+        row: list[object] = [prompt, grid_html, nearest, flag, r.wen_score, r.wen_first_step, r.largest_group]
         if not result.data_free:
             row += [r.copy_distance, f"{r.copy_fraction:.0%}",
                     "—" if r.embedding_cosine is None else r.embedding_cosine]
@@ -415,8 +435,9 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
         parts.append(
             f"<p><b>Known labels:</b> flagged {agreement['flagged_memorized']} of {agreement['memorized']} memorized "
             f"and {agreement['flagged_held_out']} of {agreement['held_out']} held-out prompts"
-            + (f"; Wen score ROC AUC {agreement['wen_auc']:.3f}, TPR at 1% FPR {agreement['wen_tpr_at_1pct_fpr']:.2f}"
-               if "wen_auc" in agreement else "") + ".</p>"
+            + (f"; Wen score ROC AUC {agreement['wen_auc']:.3f} (first step {agreement['wen_first_step_auc']:.3f}), "
+               f"TPR at 1% FPR {agreement['wen_tpr_at_1pct_fpr']:.2f} (first step "
+               f"{agreement['wen_first_step_tpr_at_1pct_fpr']:.2f})" if "wen_auc" in agreement else "") + ".</p>"
         )
     parts.append(html_table(header, rows))
     return html_page("diffmem audit", "".join(parts))

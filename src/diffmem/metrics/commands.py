@@ -32,7 +32,8 @@ def audit_config(args: argparse.Namespace):
         raise DiffmemError("--generations and --steps must be at least 1")
     return AuditConfig(generations=args.generations, num_inference_steps=args.steps, guidance_scale=args.guidance,
                        seed=args.seed, batch_size=args.batch_size,
-                       wen_threshold=getattr(args, "wen_threshold", None))
+                       wen_threshold=getattr(args, "wen_threshold", None),
+                       wen_statistic=getattr(args, "wen_statistic", "all_steps"))
 
 
 def run_audit_command(args: argparse.Namespace) -> int:
@@ -48,7 +49,8 @@ def run_audit_command(args: argparse.Namespace) -> int:
         known = summary["known_labels"]
         print(f"known labels: flagged {known['flagged_memorized']}/{known['memorized']} memorized, "
               f"{known['flagged_held_out']}/{known['held_out']} held out"
-              + (f"; Wen ROC AUC {known['wen_auc']:.3f}" if "wen_auc" in known else ""))
+              + (f"; Wen ROC AUC {known['wen_auc']:.3f} (first step {known['wen_first_step_auc']:.3f})"
+                 if "wen_auc" in known else ""))
     print(f"wrote {args.out / 'report.html'}, table.csv, table.md, summary.json")
     return 0
 
@@ -103,6 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "reference, and without --prompts its duplicated and held-out captions are audited")
     parser.add_argument("--wen-threshold", type=float,
                         help="data-free mode: flag prompts whose Wen score exceeds this (default: robust outliers)")
+    parser.add_argument("--wen-statistic", choices=["all_steps", "first_step"], default="all_steps",
+                        help="data-free mode: rank and flag by Wen's score over all steps (default, Wen et al.) or "
+                             "at the first step")
     parser.add_argument("--out", type=Path, default=Path("audit-out"), help="output folder (default audit-out)")
     parser.add_argument("--screenshot", action="store_true", help="also render report.html to report.png (Chromium)")
     parser.set_defaults(handler=run_audit_command)
