@@ -169,8 +169,8 @@ def test_wen_eval_command_on_a_tiny_pipeline(sd_folder, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_world_sampling_matches_world_generate():
-    """The audit samples the world through diffusers' DDIM; it must produce the world's own images."""
-    from diffmem.audit import world_scheduler
+    """The audit samples the world through the scheduler interface; it must produce the world's own images."""
+    from diffmem.audit import WorldDDIMScheduler
     from diffmem.metrics.wen import WenConfig, sample_with_wen_scores
     from diffmem.world.diffusion import generate
     from diffmem.world.model import UNetConfig, build_unet
@@ -180,9 +180,8 @@ def test_world_sampling_matches_world_generate():
     unet = build_unet(UNetConfig(block_out_channels=(16, 32, 32), attention_head_dim=8, norm_num_groups=8)).eval()
     reference = generate(unet, ["a red circle"], seeds=[7], steps=5, guidance=3.0)
     trace = sample_with_wen_scores(
-        unet, world_scheduler(), encode_prompts(["a red circle"]), encode_prompts([""]),
+        unet, WorldDDIMScheduler(), encode_prompts(["a red circle"]), encode_prompts([""]),
         WenConfig(num_inference_steps=5, guidance_scale=3.0, generations=1), torch.Generator().manual_seed(7),
-        step_kwargs={"use_clipped_model_output": True},
     )
     torch.testing.assert_close(((trace.samples[0] + 1) / 2).clamp(0, 1), reference, atol=1e-5, rtol=0)
 

@@ -47,14 +47,14 @@ class AuditModel:
     Attributes:
         name: shown in the report, e.g. the base and LoRA file names.
         unet: a diffusers `UNet2DConditionModel` (with any LoRA already applied).
-        scheduler: the scheduler sampling runs with (DDIM for Wen et al.'s protocol).
+        scheduler: the scheduler sampling runs with (DDIM for Wen et al.'s protocol): a diffusers scheduler, or
+            anything with its `set_timesteps`, `timesteps`, `init_noise_sigma`, `scale_model_input` and `step`.
         encode: prompts -> text-encoder hidden states [P, L, D] (the empty string gives the unconditional context).
         to_images: final samples of the UNet's space -> images [N, 3, H, W] in [0, 1] (a VAE decode for latent
             models, a rescale for pixel models).
         sample_shape: [C, H, W] of the UNet's input.
         image_size: [H, W] of the images `to_images` returns (training images are resized to it).
         default_steps, default_guidance: how this model is normally sampled (used when the user does not say).
-        step_kwargs: extra arguments of `scheduler.step` that make it sample as the model's own sampler does.
     """
 
     name: str
@@ -66,7 +66,6 @@ class AuditModel:
     image_size: tuple[int, int]
     default_steps: int = 50
     default_guidance: float = 7.5
-    step_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -542,18 +541,30 @@ def screenshot_html(html_path: str | Path, png_path: str | Path, width: int = 12
     return png_path
 
 
-def world_scheduler():
-    """A diffusers DDIMScheduler on the world's noise schedule that steps exactly as `diffmem.world`'s own DDIM
-    sampler (same "leading" timesteps, eta = 0, x0 clipped to [-1, 1], alpha-bar = 1 after the last step) when
-    stepped with `use_clipped_model_output=True`."""
-    from diffusers import DDIMScheduler
+class WorldDDIMScheduler:
+    """The world's own DDIM sampler (`diffmem.world.diffusion`: its timesteps, its clipped eta = 0 update) behind
+    the part of the diffusers scheduler interface that `sample_with_wen_scores` uses, so the audit's images are
+    exactly those of `diffmem.world.generate`."""
 
-    from diffmem.world.diffusion import ALPHAS_CUMPROD
+    init_noise_sigma = 1.0
 
-    abar = ALPHAS_CUMPROD.double()
-    betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    return DDIMScheduler(num_train_timesteps=len(abar), trained_betas=betas.numpy(), clip_sample=True,
-                         set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        from diffmem.world.diffusion import ddim_timesteps
+
+        steps = ddim_timesteps(num_inference_steps)
+        self.timesteps = torch.tensor(steps, device=device)
+        self.previous = dict(zip(steps, [*steps[1:], -1]))
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor):
+        from types import SimpleNamespace
+
+        from diffmem.world.diffusion import ddim_step
+
+        t = int(timestep)
+        return SimpleNamespace(prev_sample=ddim_step(sample, model_output, t, self.previous[t]))
 
 
 def world_audit_model(base: Path | None = None, lora: str | Path | None = None, device: str = "cpu") -> AuditModel:
@@ -570,10 +581,9 @@ def world_audit_model(base: Path | None = None, lora: str | Path | None = None, 
         unet = apply_lora(unet, lora)
         name += f" + {Path(lora).name}"
     size = unet.config.sample_size
-    return AuditModel(name=name, unet=unet.to(device).eval(), scheduler=world_scheduler(), encode=encode_prompts,
+    return AuditModel(name=name, unet=unet.to(device).eval(), scheduler=WorldDDIMScheduler(), encode=encode_prompts,
                       to_images=from_model_range, sample_shape=(unet.config.in_channels, size, size),
-                      image_size=(size, size), default_steps=25, default_guidance=3.0,
-                      step_kwargs={"use_clipped_model_output": True})
+                      image_size=(size, size), default_steps=25, default_guidance=3.0)
 
 
 def is_world_file(path: Path) -> bool:
@@ -664,7 +674,7 @@ def wen_scores_of(
                     generations=config.generations, batch_size=config.batch_size)
     generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
     return sample_with_wen_scores(model.unet, model.scheduler, model.encode(list(prompts)), model.encode([""]), wen,
-                                  generator, model.sample_shape, model.step_kwargs)
+                                  generator, model.sample_shape)
 
 
 def evaluate_wen_detector(
