@@ -164,3 +164,13 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_finite_check_is_exact_for_huge_finite_values(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    save_file({"w": torch.full((4,), 3e38)}, path)  # finite, but the float32 sum overflows to inf
+    tensors, _ = load_file(path)
+    assert torch.isfinite(tensors["w"]).all()
+    save_file({"w": torch.tensor([1.0, -float("inf")], dtype=torch.float16)}, path)
+    with pytest.raises(BadWeightsError, match="1 NaN or Inf"):
+        load_file(path)
