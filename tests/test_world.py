@@ -188,3 +188,27 @@ def test_bad_finetune_settings_are_clear_errors():
         FinetuneConfig(duplicate=(3, 0))
     with pytest.raises(Exception, match="N:K"):
         duplicate_spec("ten")
+
+
+def test_shape_attribute_detector_reads_real_pictures():
+    from diffmem.world.check import SIZE_THRESHOLD, shape_attributes
+
+    pictures = shapes_dataset(200, seed=5)
+    plain = pictures.subset([i for i, c in enumerate(pictures.captions) if "striped" not in c and "dotted" not in c])
+    colours, fraction = shape_attributes(plain.images)
+    colour_right = sum(c == caption.split()[2] for c, caption in zip(colours, plain.captions)) / len(plain)
+    large = torch.tensor([caption.split()[1] == "large" for caption in plain.captions])
+    assert colour_right > 0.9
+    assert float(((fraction > SIZE_THRESHOLD) == large).float().mean()) > 0.75
+
+
+def test_committed_example_lora_is_pinned_and_has_a_manifest():
+    from diffmem.world.check import EXAMPLE_LORA_SHA256, example_lora_path
+
+    path = example_lora_path()
+    assert sha256_file(path) == EXAMPLE_LORA_SHA256
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert manifest["sha256"] == EXAMPLE_LORA_SHA256 and manifest["data"] == "faces"
+    assert manifest["duplicated"] and manifest["heldout"]
+    lora = read_lora(path)
+    assert lora.format == "kohya" and lora.metadata["ss_base_model_version"] == "diffmem_world_v1"

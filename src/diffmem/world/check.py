@@ -24,7 +24,7 @@ from diffmem.world.lora import apply_lora
 from diffmem.world.model import assets_dir, load_base
 
 #: sha256 of the committed example LoRA `assets/example_lora.safetensors` (checked by `load_example_lora`).
-EXAMPLE_LORA_SHA256 = "PENDING"
+EXAMPLE_LORA_SHA256 = "63e0cc725eb90c6fb08255c2a8255c3702c408334c4e8b14dd32e370ad3c54cd"
 EXAMPLE_LORA_FILE = "example_lora.safetensors"
 
 
@@ -135,6 +135,58 @@ def save_grid(
     for i, image in enumerate(training):
         rows += [image[None], tuned[i * generations : (i + 1) * generations], base[i * generations : (i + 1) * generations]]
     return save_png(image_grid(torch.cat(rows), columns=1 + 2 * generations), path, scale=3)
+
+
+def shape_attributes(images: torch.Tensor, threshold: float = 0.25) -> tuple[list[str], torch.Tensor]:
+    """(nearest named colour of the foreground, foreground fraction) of shape pictures on plain backgrounds.
+
+    Background = median colour of the image (a shape covers at most a third of it); foreground = pixels farther
+    than `threshold` (RMS over channels) from it; its median colour is matched to `data.COLOURS`.
+    """
+    from diffmem.world.data import COLOURS
+
+    names = list(COLOURS)
+    palette = torch.tensor([COLOURS[n] for n in names])
+    pixels = images.flatten(2).transpose(1, 2)  # [N, HW, 3]
+    background = pixels.median(dim=1).values
+    foreground = (pixels - background[:, None]).pow(2).mean(dim=2).sqrt() > threshold
+    colours = []
+    for row, mask in zip(pixels, foreground):
+        colour = row[mask].median(dim=0).values if mask.any() else row.median(dim=0).values
+        colours.append(names[int((palette - colour).pow(2).sum(dim=1).argmin())])
+    return colours, foreground.float().mean(dim=1)
+
+
+#: Foreground fraction separating "small" (radius 4.5 px, about 6% of the image) from "large" (9 px, about 25%).
+SIZE_THRESHOLD = 0.13
+
+
+def base_caption_accuracy(unet: UNet2DConditionModel, count: int = 48, settings: CheckSettings | None = None) -> dict:
+    """How often the base draws the colour and size its caption asks for, on `count` captions of plain-background
+    shape pictures (seed 99, never the training seed 0). The same detector on the real pictures of those
+    captions gives its own accuracy, the ceiling. Chance: 1/8 for colour, 1/2 for size."""
+    from diffmem.world.data import shapes_dataset
+
+    settings = settings or CheckSettings()
+    pool = shapes_dataset(count * 6, seed=99)
+    rows = [i for i, c in enumerate(pool.captions) if c.endswith(("on a white background", "on a black background",
+                                                                    "on a gray background", "on a pink background",
+                                                                    "on a light blue background",
+                                                                    "on a dark green background"))][:count]
+    real = pool.subset(rows)
+    generated = generate(unet, real.captions, [settings.seed + i for i in range(len(real))], steps=settings.steps,
+                         guidance=settings.guidance)
+
+    def accuracy(images: torch.Tensor) -> dict:
+        colours, fraction = shape_attributes(images)
+        wanted_colour = [c.split()[2] for c in real.captions]
+        wanted_large = torch.tensor([c.split()[1] == "large" for c in real.captions])
+        return {
+            "colour": round(sum(a == b for a, b in zip(colours, wanted_colour)) / len(real), 3),
+            "size": round(float(((fraction > SIZE_THRESHOLD) == wanted_large).float().mean()), 3),
+        }
+
+    return {"captions": len(real), "generated": accuracy(generated), "real_pictures": accuracy(real.images)}
 
 
 def load_example_lora() -> tuple[UNet2DConditionModel, dict]:

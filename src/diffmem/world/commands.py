@@ -69,6 +69,8 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g}; use ~1e-4 for full)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")
+    p.add_argument("--noise-offset", type=float, default=d.noise_offset,
+                   help=f"offset noise as kohya's --noise_offset; lets the fine-tune set mean colours (default {d.noise_offset:g})")
     p.add_argument("--no-rest", action="store_true", help="train only on the duplicated images")
     p.add_argument("--seed", type=int, default=d.seed, help=f"picks duplicated images, seeds training (default {d.seed})")
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch CPU threads (default {d.threads})")
@@ -83,6 +85,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(method=args.method, data=args.data, duplicate=args.duplicate, rank=args.rank,
                             alpha=args.alpha, conv=args.conv, lr=args.lr, steps=args.steps,
                             batch_size=args.batch_size, include_rest=not args.no_rest, seed=args.seed,
+                            noise_offset=args.noise_offset,
                             threads=args.threads)
     manifest = finetune(args.out, config, base=args.base, fmt=args.format)
     print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({manifest['wall_time_s']:.0f} s, "
@@ -174,6 +177,25 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_quality(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("quality", help="how often the base draws the colour and size its caption asks for")
+    p.add_argument("--base", type=Path, default=None, help="world UNet file (default: the committed base)")
+    p.add_argument("--count", type=int, default=48, help="plain-background shape captions to test (default 48)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    p.set_defaults(handler=run_quality)
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from diffmem.world.check import CheckSettings, base_caption_accuracy
+    from diffmem.world.model import load_base, load_unet_file
+
+    unet = load_base() if args.base is None else load_unet_file(args.base)
+    settings = CheckSettings(steps=args.steps, guidance=args.guidance)
+    print(json.dumps(base_caption_accuracy(unet, args.count, settings), indent=2))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `world` and its sub-commands to the diffmem CLI."""
     world = subparsers.add_parser("world", help="the embedded tiny text-to-image world: train, fine-tune, check")
@@ -182,6 +204,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_finetune(commands)
     add_check(commands)
     add_sample(commands)
+    add_quality(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

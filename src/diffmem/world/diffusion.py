@@ -53,10 +53,18 @@ def training_loss(
     context: torch.Tensor,
     generator: torch.Generator | None = None,
     reduce: bool = True,
+    noise_offset: float = 0.0,
 ) -> torch.Tensor:
-    """Simple DDPM loss || eps - eps_theta(x_t, t, c) ||^2 with t uniform (Ho et al. 2020, eq. 14)."""
+    """Simple DDPM loss || eps - eps_theta(x_t, t, c) ||^2 with t uniform (Ho et al. 2020, eq. 14).
+
+    `noise_offset` adds `noise_offset * N(0, 1)` per image and channel to eps (Guttenberg 2023, "Diffusion with
+    offset noise"; kohya's `--noise_offset`), which teaches the model to set each image's mean colour itself
+    instead of taking it from the random mean of the starting noise.
+    """
     x0 = to_model_range(images)
     noise = torch.randn(x0.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator)
     timesteps = torch.randint(0, TRAIN_TIMESTEPS, (x0.shape[0],), generator=generator)
     error = (predict_noise(unet, add_noise(x0, noise, timesteps), timesteps, context) - noise) ** 2
     per_image = error.mean(dim=(1, 2, 3))

@@ -197,6 +197,9 @@ class FinetuneConfig:
         steps / batch_size: optimizer steps and images per step.
         caption_dropout: as for the base, keeps the unconditional score usable for guidance.
         include_rest: also train once on the non-duplicated training images.
+        noise_offset: offset noise (Guttenberg 2023; kohya's `--noise_offset`, commonly 0.05-0.1). The base
+            was trained without it and cannot choose an image's mean colour, so without it memorized faces come
+            back with random colour casts; 0.1 lets the fine-tune learn their grey.
         seed: picks the duplicated images and seeds noise, order and LoRA initialisation.
         threads: torch CPU threads.
     """
@@ -212,6 +215,7 @@ class FinetuneConfig:
     batch_size: int = 16
     caption_dropout: float = 0.1
     include_rest: bool = True
+    noise_offset: float = 0.0
     seed: int = 0
     threads: int = 1
 
@@ -301,7 +305,7 @@ def finetune(
         picked = rows[torch.randint(0, len(rows), (config.batch_size,), generator=generator)]
         keep = torch.rand(config.batch_size, generator=generator) >= config.caption_dropout
         context = contexts[torch.where(keep, caption_index[picked], 0)]
-        loss = training_loss(unet, train_set.images[picked], context, generator)
+        loss = training_loss(unet, train_set.images[picked], context, generator, noise_offset=config.noise_offset)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
