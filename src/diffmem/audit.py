@@ -80,9 +80,10 @@ class AuditConfig:
         guidance_scale: classifier-free guidance. None (default): the model's own (7.5 for Stable Diffusion as in
             Wen et al., 3.0 for the world).
         seed: seed of the initial noise (the audit is reproducible).
-        copy: the copy criterion (`CopyConfig`). The default adds an absolute bound of 0.1 (tiled RMS in [0, 1])
-            to Carlini et al.'s relative test, because an audit's training folder can be small (a LoRA's ten
-            images), where the relative test alone is weak.
+        copy: the copy criterion (`CopyConfig`), by default Carlini et al.'s relative test alone, the criterion
+            `diffmem.world.check` also uses. An absolute bound (`CopyConfig(distance_threshold=0.1)`) was
+            measured too strict on the world: its memorizing LoRA reproduces a face's structure with a colour
+            tint, about 0.1-0.2 tiled RMS away (docs/audit.md).
         copy_fraction: a prompt is flagged when at least this share of its generations are copies. 0.5, the
             world issue's bar for "memorized" (a near-copy in at least half of the generations).
         extraction: the extraction attack run on each prompt's generations (`ExtractionConfig`: near-identical
@@ -104,7 +105,7 @@ class AuditConfig:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int = 0
-    copy: CopyConfig = field(default_factory=lambda: CopyConfig(distance_threshold=0.1))
+    copy: CopyConfig = field(default_factory=CopyConfig)
     copy_fraction: float = 0.5
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
     wen_threshold: float | None = None
@@ -519,7 +520,7 @@ def diffusers_audit_model(
                       image_size=(height * pipe.vae_scale_factor, width * pipe.vae_scale_factor))
 
 
-def screenshot_html(html_path: str | Path, png_path: str | Path, width: int = 1200, height: int = 1600,
+def screenshot_html(html_path: str | Path, png_path: str | Path, width: int = 1600, height: int = 1600,
                     timeout: float = 120.0) -> Path:
     """Render an HTML file to a PNG with headless Chromium (how a person would see the report)."""
     import shutil
