@@ -26,9 +26,9 @@ class ExtractionConfig:
 
     Args:
         edge_threshold: two generations are near-identical when their tiled RMS distance (images in [0, 1]) is
-            below this. 0.1 (about 25 grey levels RMS in the worst tile) separates repeated outputs of the
-            memorized world prompts from the ordinary variety of its generalising prompts; see docs/metrics.md
-            for the measurement. Carlini et al. tuned theirs per model; re-tune for other image domains.
+            below this. 0.1 means about 25 grey levels RMS in the worst tile. Carlini et al. tuned theirs per
+            model; re-tune for other image domains. Measured on the world's example LoRA (docs/audit.md): no
+            prompt forms a group of 3 at 0.1 there, because its copies of a face differ in colour tint.
         min_component: a prompt is extracted when its largest group of near-identical generations has at least
             this many members. 3, MemControl's value (Carlini et al. used cliques of 10 among 500 generations;
             MemControl used 50 generations per prompt).
