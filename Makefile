@@ -21,7 +21,7 @@ demo: install
 	$(PY) -m diffmem demo --out demo-out
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff check .
 
 test: lint
 	$(PY) -m pytest -q
