@@ -210,6 +210,12 @@ def test_cli_audit_of_a_world_unet_with_a_manifest(tmp_path, capsys):
     assert known["memorized"] == 2 and known["held_out"] == 3 and 0 <= known["wen_auc"] <= 1
     assert "known labels: flagged" in capsys.readouterr().out
     assert "faces/" in (out / "table.csv").read_text()
+    free = tmp_path / "free"
+    assert main(["audit", "--base", str(unet_file), "--manifest", str(manifest), "--generations", "2",
+                 "--steps", "2", "--data-free", "--wen-statistic", "first_step", "--out", str(free)]) == 0
+    summary = json.loads((free / "summary.json").read_text())
+    assert summary["mode"].startswith("data-free") and "training_images" not in summary
+    assert summary["known_labels"]["memorized"] == 2 and summary["config"]["wen_statistic"] == "first_step"
 
 
 @pytest.mark.slow

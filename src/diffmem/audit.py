@@ -616,18 +616,22 @@ def audit_files(
     screenshot: bool = False,
     progress: bool = True,
     manifest: str | Path | None = None,
+    data_free: bool = False,
 ) -> dict:
     """The `diffmem audit` command as a function: load, generate, score, write; returns the summary.
 
     `manifest`: a world fine-tune manifest (the `.json` beside a world LoRA). Its training images (duplicated and
     seen once) become the training images, and without `prompts` its duplicated and held-out captions are
-    audited with their known labels, so the summary says how well the audit finds the memorized ones."""
+    audited with their known labels, so the summary says how well the audit finds the memorized ones.
+    `data_free`: ignore the manifest's training images (rank and flag by Wen's score, still with known labels)."""
     prompt_list = load_prompts(prompts) if prompts is not None else None
     train = names = known = None
     if manifest is not None:
         if train_images is not None:
             raise DiffmemError("give either --train-images or --manifest, not both")
         train, names, manifest_prompts, manifest_known = world_manifest_inputs(manifest)
+        if data_free:
+            train = names = None
         if prompt_list is None:
             prompt_list, known = manifest_prompts, manifest_known
     if prompt_list is None:

@@ -42,6 +42,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
     summary = audit_files(
         base=args.base, lora=args.lora, prompts=args.prompts, train_images=args.train_images, out_dir=args.out,
         config=audit_config(args), device=args.device, screenshot=args.screenshot, manifest=args.manifest,
+        data_free=args.data_free,
     )
     print(f"audited {summary['prompts']} prompts of {summary['model']} ({summary['mode']})")
     print(f"flagged {summary['flagged']}: " + "; ".join(summary["flagged_prompts"][:10]))
@@ -103,6 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--manifest", type=Path,
                         help="world fine-tune manifest (.json beside a world LoRA): its training images are the "
                              "reference, and without --prompts its duplicated and held-out captions are audited")
+    parser.add_argument("--data-free", action="store_true",
+                        help="with --manifest: use its captions and labels but not its training images")
     parser.add_argument("--wen-threshold", type=float,
                         help="data-free mode: flag prompts whose Wen score exceeds this (default: robust outliers)")
     parser.add_argument("--wen-statistic", choices=["all_steps", "first_step"], default="all_steps",
