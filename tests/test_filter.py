@@ -1,5 +1,6 @@
 """`diffmem filter` end to end: every LoRA format against a tiny base of its family with the real key names."""
 
+import copy
 import json
 import os
 import struct
@@ -367,7 +368,7 @@ def test_peft_loads_the_filtered_folder_with_the_intended_update(tmp_path):
     report = filter_file(lora, base, out, cache_dir=tmp_path / "cache")
     weights = {m.name: torch.tensor(m.weights) for m in report.modules}
     source = read_lora(lora)
-    unet = bb.tiny_models("unet")["unet"]
+    unet = copy.deepcopy(bb.tiny_models("unet")["unet"])  # PEFT injects in place; the cached model is shared
     model = PeftModel.from_pretrained(unet, str(out), adapter_name="filtered")
     checked = 0
     for name, module in source.modules.items():

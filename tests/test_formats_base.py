@@ -548,6 +548,10 @@ def test_guess_lora_family():
     assert guess_lora_family(["lora_unet_input_blocks_4_1_proj_in", "lora_te1_text_model_x"], {}) == "sdxl"
     assert guess_lora_family(["unet.down_blocks.0.attentions.0.proj_in"], {}) == "sd1/sd2"
     assert guess_lora_family(["something"], {}) is None
+    sd_names = ["lora_unet_down_blocks_0_attentions_0_proj_in"]
+    assert guess_lora_family(sd_names, {"ss_base_model_version": "sd_v2_v"}) == "sd2"  # metadata breaks the tie
+    sdxl_names = ["lora_unet_input_blocks_4_1_proj_in", "lora_te1_text_model_x"]
+    assert guess_lora_family(sdxl_names, {"ss_base_model_version": "sd_v1"}) == "sdxl"  # names only SDXL uses win
 
 
 def test_shapes_match_rules():

@@ -679,10 +679,21 @@ ARCHITECTURE_FAMILIES = (
 
 
 def guess_lora_family(lookups: Iterable[str], metadata: Mapping[str, str]) -> str | None:
-    """The family a LoRA was trained for, from kohya/ModelSpec metadata or else from its module names.
+    """The family a LoRA was trained for, from its module names, with kohya/ModelSpec metadata to break ties.
 
-    Names alone cannot tell SD1 from SD2 (same UNet module names): that case returns "sd1/sd2".
+    Names that only one family uses (Flux's double blocks, SD3's joint blocks, SDXL's SGM blocks and second text
+    encoder) win over metadata, which trainers copy between runs and can get wrong; metadata decides what names
+    alone cannot (SD1 against SD2, whose UNet module names are the same), and names it doesn't contradict.
     """
+    by_names = family_from_names(list(lookups))
+    by_metadata = family_from_metadata(metadata)
+    if by_names is None or (by_metadata is not None and by_metadata in by_names.split("/")):
+        return by_metadata or by_names
+    return by_names
+
+
+def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The family kohya's `ss_base_model_version` or ModelSpec's `modelspec.architecture` names, if any."""
     version = metadata.get("ss_base_model_version", "").lower()
     for prefix, family in VERSION_FAMILIES:
         if version.startswith(prefix):
@@ -691,7 +702,11 @@ def guess_lora_family(lookups: Iterable[str], metadata: Mapping[str, str]) -> st
     for prefix, family in ARCHITECTURE_FAMILIES:
         if architecture.startswith(prefix):
             return family
-    names = list(lookups)
+    return None
+
+
+def family_from_names(names: list[str]) -> str | None:
+    """The family LoRA module names point to; "sd1/sd2" or "flux/sd3" where names alone cannot tell."""
 
     def any_has(*fragments: str) -> bool:
         return any(fragment in name for name in names for fragment in fragments)
