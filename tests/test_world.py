@@ -212,3 +212,13 @@ def test_committed_example_lora_is_pinned_and_has_a_manifest():
     assert manifest["duplicated"] and manifest["heldout"]
     lora = read_lora(path)
     assert lora.format == "kohya" and lora.metadata["ss_base_model_version"] == "diffmem_world_v1"
+
+
+def test_full_finetune_writes_a_loadable_unet(tiny_unet, tmp_path):
+    config = FinetuneConfig(method="full", data="photos", steps=1, batch_size=2, duplicate=(2, 2), lr=1e-3,
+                            noise_offset=0.1)
+    manifest = finetune(tmp_path / "full.safetensors", config, base=tiny_unet, progress=False)
+    assert manifest["settings"]["format"] == "full" and len(manifest["heldout"]) == 12
+    tuned = load_unet_file(tmp_path / "full.safetensors", expected_sha256=manifest["sha256"])
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, tiny_unet.state_dict()[k].half().float())]
+    assert changed

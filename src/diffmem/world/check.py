@@ -24,7 +24,7 @@ from diffmem.world.lora import apply_lora
 from diffmem.world.model import assets_dir, load_base
 
 #: sha256 of the committed example LoRA `assets/example_lora.safetensors` (checked by `load_example_lora`).
-EXAMPLE_LORA_SHA256 = "63e0cc725eb90c6fb08255c2a8255c3702c408334c4e8b14dd32e370ad3c54cd"
+EXAMPLE_LORA_SHA256 = "d9f67cb8b19737b9d2f0e6ab88b299b97060e6deee4a2b383830f18173d15451"
 EXAMPLE_LORA_FILE = "example_lora.safetensors"
 
 

@@ -7,10 +7,12 @@ Images live in [0, 1] outside this module and in [-1, 1] inside it. The UNet pre
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
+from diffmem.formats.lora import LoraFile
 from diffmem.world.text import encode_prompts
 
 #: Number of diffusion timesteps (DDPM, Ho et al. 2020).
@@ -141,13 +143,14 @@ def generate(
     seeds: Sequence[int] | None = None,
     steps: int = 25,
     guidance: float = 3.0,
-    lora: object | None = None,
+    lora: str | Path | LoraFile | None = None,
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Images [N, 3, 32, 32] in [0, 1] for `prompts`, DDIM sampling with classifier-free guidance.
 
     Deterministic per (prompt, seed): `seeds[i]` alone fixes image i (default seeds 0..N-1).
-    `lora` (a path or a `{key: tensor}` dict in kohya or PEFT naming) is merged into a copy of `unet` first.
+    `lora` (a LoRA file in any format `diffmem.formats.lora.read_lora` reads, or a `LoraFile`) is merged into a
+    copy of `unet` first (`diffmem.world.lora.apply_lora`).
     """
     if lora is not None:
         from diffmem.world.lora import apply_lora
