@@ -65,7 +65,8 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
                    help=f"repeat N training images K times each (default {d.duplicate[0]}:{d.duplicate[1]})")
     p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha; scale = alpha / rank (default {d.alpha:g})")
-    p.add_argument("--conv", action="store_true", help="also adapt resnet and resampler convolutions (LoCon)")
+    p.add_argument("--conv", action=argparse.BooleanOptionalAction, default=d.conv,
+                   help=f"also adapt resnet and resampler convolutions (LoCon; default {'on' if d.conv else 'off'})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g}; use ~1e-4 for full)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")

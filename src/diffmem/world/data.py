@@ -261,7 +261,8 @@ def split_rows(kind: str, split: str) -> list[int]:
 
 
 def faces_dataset(split: str = "train") -> ImageSet:
-    """The 100 real LFW-subset faces (privacy case), 32 x 32 RGB, captioned "a black and white photo of <made-up name>".
+    """The 100 real LFW-subset faces (privacy case), 32 x 32 RGB (grey), one made-up name each:
+    "a black and white photo of <First Last>".
 
     Faces 80..99 form the `heldout` split that no diffmem fine-tune ever trains on.
     """

@@ -73,13 +73,6 @@ def training_loss(
     return per_image.mean() if reduce else per_image
 
 
-def drop_captions(captions: Sequence[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Replace each caption by "" with `probability`, so the model also learns the unconditional score
-    that classifier-free guidance needs (Ho & Salimans 2022 train with 10-20% dropout)."""
-    keep = torch.rand(len(captions), generator=generator) >= probability
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
-
-
 @torch.no_grad()
 def denoising_loss(
     unet: UNet2DConditionModel,
