@@ -31,9 +31,9 @@ class UNetConfig:
     stacks `CrossAttnDownBlock2D` blocks and one attention-free `DownBlock2D`, mirrored by `UpBlock2D` and
     `CrossAttnUpBlock2D` on the way up, with a cross-attention mid block. The world keeps these block classes
     (so LoRA key names are SD's: `down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k`, ...) on three
-    resolutions, 32, 16 and 8 pixels. Attention sits at 16 and 8 only: self-attention over 1024 tokens at 32 x 32
-    took 60% of a training step on this CPU (measured), and SD likewise has no attention at its largest
-    feature map relative to the image (it runs on 8x downsampled latents).
+    resolutions, 32, 16 and 8 pixels. Unlike SD, which has attention everywhere but its coarsest level, the
+    world has it at 16 and 8 only (plain `DownBlock2D`/`UpBlock2D` at 32): self-attention over 1024 tokens
+    at 32 x 32 took 60% of a training step on this CPU (measured with the torch profiler).
 
     Attributes:
         sample_size: image side in pixels; the world is 32 x 32 RGB.
