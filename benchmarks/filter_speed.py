@@ -186,7 +186,11 @@ docstring). Bases and LoRAs have the exact key names and shapes of the released 
 - **warm**: the same filter again, anchors read from the cache;
 - **dense**: forming every `dW = s * up @ down` and taking its full SVD, as kohya's `resize_lora.py` does; it
   decomposes the update only, without scoring against the base;
-- **peak MB**: the measuring process's peak resident memory (`ru_maxrss`).
+- **peak MB**: the measuring process's peak resident memory (`ru_maxrss`); it includes the pages of the
+  memory-mapped base that the process touched, which the kernel can drop under pressure.
+
+Only the models listed in the table have been measured; the issue's targets are stated for SDXL rank 32
+(`--family sdxl --ranks 32`), which, with Flux and a GPU run (`--device`), has not been measured yet.
 
 {table}
 
