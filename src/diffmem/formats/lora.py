@@ -208,10 +208,10 @@ def lora_from_factors(
     metadata = dict(metadata or {})
     config = None
     if fmt == "diffusers" and alpha is not None:
+        # Keep any LoraConfig fields the caller put in the header (target_modules, ...); set rank and alpha.
+        config = json.loads(metadata.get(DIFFUSERS_METADATA, "{}"))
         ranks = {int(up.shape[1]) for up, _ in factors.values()}
-        components = sorted({name.split(".", 1)[0] for name in factors})
-        config = {}
-        for component in components:
+        for component in sorted({name.split(".", 1)[0] for name in factors}):
             config.update({f"{component}.r": max(ranks), f"{component}.lora_alpha": float(alpha)})
         metadata[DIFFUSERS_METADATA] = json.dumps(config, sort_keys=True)
     return lora_from_tensors(tensors, metadata, fmt, config)

@@ -14,9 +14,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from diffmem.errors import BaseMismatchError
-from diffmem.formats.lora import LoraFile, read_lora
+from diffmem.formats.lora import LoraFile, lora_from_factors, read_lora, write_lora
 from diffmem.formats.names import kohya_name
-from diffmem.formats.safetensors_io import addnet_hashes, save_file
 
 #: kohya's sd-scripts `networks/lora.py` adapts every Linear of SD's Transformer2DModel blocks: proj_in,
 #: proj_out, the feed-forward (ff.net.0.proj, ff.net.2) and these projections of attn1 and attn2.
@@ -51,27 +50,6 @@ def lora_factors(peft_unet: torch.nn.Module) -> dict[str, tuple[torch.Tensor, to
     return factors
 
 
-def lora_tensors(
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, fmt: str = "kohya",
-    dtype: torch.dtype = torch.float16,
-) -> dict[str, torch.Tensor]:
-    """LoRA tensors keyed in kohya naming (`lora_unet_<path with _>.lora_down.weight`, `.lora_up.weight`,
-    `.alpha`) or diffusers/PEFT naming (`unet.<path>.lora_A.weight`, `.lora_B.weight`; alpha in the header)."""
-    tensors = {}
-    for path, (down, up) in factors.items():
-        if fmt == "kohya":
-            name = kohya_name(KOHYA_PREFIX, path)
-            tensors[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
-            tensors[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
-        elif fmt == "peft":
-            tensors[f"{PEFT_COMPONENT}.{path}.lora_A.weight"] = down.to(dtype).contiguous()
-            tensors[f"{PEFT_COMPONENT}.{path}.lora_B.weight"] = up.to(dtype).contiguous()
-        else:
-            raise ValueError(f"unknown LoRA format {fmt!r}; choose 'kohya' or 'peft'")
-    return tensors
-
-
 def save_lora(
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     path: str | Path,
@@ -81,10 +59,17 @@ def save_lora(
     conv: bool = False,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a world LoRA as kohya `.safetensors` (with `ss_*` metadata and `sshs_*` hashes, as sd-scripts
-    writes) or diffusers/PEFT `.safetensors` (with `lora_adapter_metadata`, as diffusers' `save_lora_weights`)."""
+    """Write a world LoRA, ``{module path: (lora_down, lora_up)}``, in fp16 as kohya `.safetensors` (with the
+    `ss_*` metadata sd-scripts writes; `write_lora` adds the `sshs_*` hashes) or diffusers/PEFT `.safetensors`
+    (with `lora_adapter_metadata`, as diffusers' `save_lora_weights`). Key naming lives in `diffmem.formats`."""
+    if fmt not in ("kohya", "peft"):
+        raise ValueError(f"unknown LoRA format {fmt!r}; choose 'kohya' or 'peft'")
     path = Path(path)
-    tensors = lora_tensors(factors, alpha, fmt)
+    named = {
+        (kohya_name(KOHYA_PREFIX, module) if fmt == "kohya" else f"{PEFT_COMPONENT}.{module}"):
+            (up.to(torch.float16).contiguous(), down.to(torch.float16).contiguous())
+        for module, (down, up) in factors.items()
+    }
     metadata = dict(extra_metadata or {})
     if fmt == "kohya":
         metadata.update({
@@ -96,13 +81,12 @@ def save_lora(
             "ss_output_name": path.stem,
             "ss_v2": "False",
         })
-        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
     else:
-        config = {"r": rank, "lora_alpha": alpha, "target_modules": target_pattern(conv), "use_rslora": False,
-                  "use_dora": False, "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True}
-        metadata["lora_adapter_metadata"] = json.dumps({f"{PEFT_COMPONENT}.{k}": v for k, v in config.items()},
-                                                       sort_keys=True)
-    return save_file(tensors, path, metadata)
+        config = {"target_modules": target_pattern(conv), "use_rslora": False, "use_dora": False,
+                  "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True}
+        metadata["lora_adapter_metadata"] = json.dumps({f"{PEFT_COMPONENT}.{k}": v for k, v in config.items()})
+    lora = lora_from_factors(named, "kohya" if fmt == "kohya" else "diffusers", alpha=alpha, metadata=metadata)
+    return write_lora(lora, path)
 
 
 def module_paths(unet: torch.nn.Module) -> dict[str, str]:
