@@ -223,7 +223,7 @@ def test_report_renders_with_its_images(tmp_path):
     """Look at the report as a person would: render it with headless Chromium and find the images in the PNG."""
     import shutil
 
-    from diffmem.audit import screenshot_html
+    from diffmem.report import screenshot_html
 
     if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
         pytest.skip("no headless Chromium installed")

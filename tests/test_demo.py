@@ -46,7 +46,7 @@ def test_demo_writes_a_report_with_every_image(tmp_path, small_world):
 
     if not shutil.which("chromium"):
         pytest.skip("no headless Chromium to look at the report with")
-    from diffmem.audit import screenshot_html
+    from diffmem.report import screenshot_html
 
     png = screenshot_html(tmp_path / "report.html", tmp_path / "report.png", width=1100, height=900)
     pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)

@@ -34,7 +34,15 @@ from diffmem.metrics.copy import CopyConfig, copy_decisions_from_distances, tile
 from diffmem.metrics.extraction import ExtractionConfig, extract_prompt
 from diffmem.metrics.features import embed
 from diffmem.metrics.wen import WenConfig, WenTrace, sample_with_wen_scores
-from diffmem.report import html_page, html_table, image_grid, img_tag, markdown_table, png_data_uri
+from diffmem.report import (
+    html_page,
+    html_table,
+    image_grid,
+    img_tag,
+    markdown_table,
+    png_data_uri,
+    screenshot_html,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 WEN_STATISTICS = ("all_steps", "first_step")
@@ -518,28 +526,6 @@ def diffusers_audit_model(
     return AuditModel(name=name, unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
                       encode=encode, to_images=to_images, sample_shape=(pipe.unet.config.in_channels, height, width),
                       image_size=(height * pipe.vae_scale_factor, width * pipe.vae_scale_factor))
-
-
-def screenshot_html(html_path: str | Path, png_path: str | Path, width: int = 1600, height: int = 1600,
-                    timeout: float = 120.0) -> Path:
-    """Render an HTML file to a PNG with headless Chromium (how a person would see the report)."""
-    import shutil
-    import subprocess
-
-    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-    if browser is None:
-        raise DiffmemError("no headless browser found: install Chromium (`apt-get install chromium`) to render "
-                           "reports to PNG")
-    html_path, png_path = Path(html_path).resolve(), Path(png_path).resolve()
-    command = [
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--hide-scrollbars", f"--window-size={width},{height}",
-        f"--screenshot={png_path}", html_path.as_uri(),
-    ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    if completed.returncode != 0 or not png_path.is_file():
-        raise DiffmemError(f"Chromium could not render the report: {completed.stderr.strip()[-500:]}", html_path)
-    return png_path
 
 
 class WorldDDIMScheduler:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffmem.errors import DiffmemError
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
@@ -108,3 +110,25 @@ def html_page(title: str, body: str) -> str:
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
     )
+
+
+def screenshot_html(html_path: str | Path, png_path: str | Path, width: int = 1600, height: int = 1600,
+                    timeout: float = 120.0) -> Path:
+    """Render an HTML file to a PNG with headless Chromium (how a person would see the report)."""
+    import shutil
+    import subprocess
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        raise DiffmemError("no headless browser found: install Chromium (`apt-get install chromium`) to render "
+                           "reports to PNG")
+    html_path, png_path = Path(html_path).resolve(), Path(png_path).resolve()
+    command = [
+        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--hide-scrollbars", f"--window-size={width},{height}",
+        f"--screenshot={png_path}", html_path.as_uri(),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if completed.returncode != 0 or not png_path.is_file():
+        raise DiffmemError(f"Chromium could not render the report: {completed.stderr.strip()[-500:]}", html_path)
+    return png_path
