@@ -7,6 +7,7 @@ touched, so a truncated download or a header that lies about offsets never reach
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import safetensors.torch
 import torch
@@ -177,9 +179,14 @@ def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] |
     entries.pop("__metadata__", None)
     header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
     header.update((key, entries[key]) for key in sorted(entries))
+    return encode_header(header) + raw[8 + header_len :]
+
+
+def encode_header(header: Mapping) -> bytes:
+    """The length prefix and JSON header of a safetensors file, padded to an 8-byte boundary as the format wants."""
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the format pads the header to an 8-byte boundary
-    return struct.pack("<Q", len(text)) + text + raw[8 + header_len :]
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def refuse_overwriting(path: str | Path, protect: tuple[str | Path, ...]) -> None:
@@ -199,8 +206,10 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_atomic(data: bytes, path: str | Path, protect: tuple[str | Path, ...] = ()) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and a rename.
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, protect: tuple[str | Path, ...] = ()) -> Iterator[BinaryIO]:
+    """A binary handle to a temporary file beside `path` that becomes `path` (fsynced, renamed) when the block ends
+    without error, and is removed otherwise, so no partial output is ever left behind.
 
     `protect` lists input files: writing over one of them is refused, so a typo never destroys a user's LoRA.
     """
@@ -212,7 +221,7 @@ def write_atomic(data: bytes, path: str | Path, protect: tuple[str | Path, ...] 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, default_file_mode())  # mkstemp makes 0600; outputs should be as readable as any file
@@ -220,7 +229,13 @@ def write_atomic(data: bytes, path: str | Path, protect: tuple[str | Path, ...] 
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_atomic(data: bytes, path: str | Path, protect: tuple[str | Path, ...] = ()) -> Path:
+    """Write `data` to `path` atomically (see `atomic_writer`)."""
+    with atomic_writer(path, protect) as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def save_file(
@@ -254,23 +269,13 @@ def save_file_streaming(
         size = element * math.prod(shapes[name])
         header[name] = {"dtype": TORCH_DTYPES[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
         offset += size
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(struct.pack("<Q", len(text)) + text)
-            for name in names:
-                tensor = make_tensor(name).to(dtype).contiguous()
-                if tuple(tensor.shape) != tuple(shapes[name]):
-                    raise ValueError(f"{name}: made shape {tuple(tensor.shape)}, declared {shapes[name]}")
-                handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-        os.chmod(tmp_name, default_file_mode())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        handle.write(encode_header(header))
+        for name in names:
+            tensor = make_tensor(name).to(dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shapes[name]):
+                raise ValueError(f"{name}: made shape {tuple(tensor.shape)}, declared {shapes[name]}")
+            handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     return path
 
 
