@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import builders_base as bb
 import builders_lora as bl
@@ -66,6 +67,9 @@ def test_inputs_and_cli(tmp_path, batch, capsys, monkeypatch):
     base, folder = batch
     assert [p.name for p in find_inputs([folder])] == ["broken.safetensors", "lora0.safetensors", "lora1.safetensors",
                                                       "lora2.safetensors", "sdxl.safetensors"]
+    if not torch.cuda.is_available():
+        with pytest.raises(DiffmemError, match="no CUDA GPU"):
+            filter_many([folder], base, tmp_path / "o", BAFConfig(), device="cuda", progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiffmemError, match="no LoRA files"):
         filter_many([tmp_path / "empty"], base, tmp_path / "o", BAFConfig(), progress=False)

@@ -25,7 +25,7 @@ from diffmem.filters import FilterConfig
 from diffmem.formats.base import open_base, resolve_targets
 from diffmem.formats.lora import read_lora
 from diffmem.formats.safetensors_io import SafetensorsFile, sha256_file, write_atomic
-from diffmem.pipeline import filter_file
+from diffmem.pipeline import filter_file, resolve_device
 
 ENGINES = ("process", "ray")
 
@@ -127,6 +127,7 @@ def filter_many(
     """Filter every input into ``out_dir`` and write ``summary.csv`` and ``summary.json`` there."""
     if engine not in ENGINES:
         raise DiffmemError(f"engine must be one of {ENGINES}, got {engine!r}")
+    resolve_device(device)  # a missing GPU is a clear error before any work, not a traceback in a worker
     base, out_dir = Path(base), Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     sources = find_inputs(inputs)
