@@ -176,7 +176,7 @@ def filter_lora(
                 channels=chans.count,
                 kept=kept,
                 energy_kept=float((power * w.double().square()).sum() / power.sum()) if power.sum() > 0 else 1.0,
-                anchor_rank=getattr(config, "anchor_rank", None) or _anchor_rank(store, targets[name], config),
+                anchor_rank=_anchor_rank(store, targets[name], config),
                 sigma=[round(float(s), 6) for s in chans.sigma],
                 scores=[round(float(s), 6) for s in scores[name]],
                 weights=[round(float(x), 6) for x in w],
@@ -201,11 +201,10 @@ def filter_lora(
 
 
 def _anchor_rank(store: AnchorStore, target, config: FilterConfig) -> int | None:
-    """The k of the anchors a config used for ``target``, if it used any."""
-    energy = getattr(config, "energy", None)
-    if energy is None:
+    """The k of the anchors a config scored ``target`` against (a memory hit in `store`), or None if it used none."""
+    if not hasattr(config, "energy"):
         return None
-    return store.get(target, energy, None).k
+    return store.get(target, config.energy, getattr(config, "anchor_rank", None)).k
 
 
 def provenance(report: FilterReport, source: Path | None) -> dict[str, str]:
