@@ -1,0 +1,168 @@
+"""MemControl: PEFT methods under a mask, the mask derived from the UNet, mask files."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from diffmem.errors import DiffmemError, FileFormatError
+from diffmem.memcontrol.functional import insert_random_words, spectral_shift_update
+from diffmem.memcontrol.mask import check_mask_fits, derive_mask, load_mask, mask_entries, save_mask
+from diffmem.memcontrol.methods import METHODS, merge, prepare
+from diffmem.world.model import UNetConfig, build_unet
+
+torch.set_num_threads(1)
+TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
+PEFT_METHODS = ("svdiff", "difffit", "attention", "lora")
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    return build_unet(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def sd_shaped_unet():
+    """Stable Diffusion 1.x's block layout (module names) with tiny widths."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 8, 8, 8), layers_per_block=2, cross_attention_dim=8,
+        attention_head_dim=4, norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()
+
+
+def inputs(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c, size = unet.config.in_channels, unet.config.sample_size
+    return (torch.randn(2, c, size, size, generator=g), torch.tensor([10, 700]),
+            torch.randn(2, 4, unet.config.cross_attention_dim, generator=g))
+
+
+def test_sd_layout_gives_the_seeds_13_blocks_and_16_layers(sd_shaped_unet):
+    blocks = mask_entries(sd_shaped_unet, "blocks")
+    layers = mask_entries(sd_shaped_unet, "layers")
+    assert len(blocks) == 13 and len(layers) == 16
+    names = [e.name for e in blocks]
+    assert sum(n.startswith("down_blocks") for n in names) == 6
+    assert names[6] == "mid_block.attentions.0"
+    assert sum(n.startswith("up_blocks") for n in names) == 6
+    # every attention module is under exactly one block entry; the third of an up block joins the second
+    covered = [m for e in blocks for m in e.modules]
+    assert sorted(covered) == sorted(e.name for e in layers)
+    assert dict((e.name, e.modules) for e in blocks)["up_blocks.1.attentions.1"] == (
+        "up_blocks.1.attentions.1", "up_blocks.1.attentions.2")
+
+
+def test_world_layout_follows_the_model(tiny_unet):
+    layers = [e.name for e in mask_entries(tiny_unet, "layers")]
+    assert layers == ["down_blocks.1.attentions.0", "down_blocks.2.attentions.0", "mid_block.attentions.0",
+                      "up_blocks.0.attentions.0", "up_blocks.0.attentions.1",
+                      "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"]
+    assert len(mask_entries(tiny_unet, "blocks")) == 5
+    with pytest.raises(DiffmemError, match="granularity"):
+        mask_entries(tiny_unet, "heads")
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_fresh_injection_equals_base_and_gradients_reach_only_masked_in_modules(tiny_unet, method):
+    mask = derive_mask(tiny_unet, "blocks", "10101")
+    unet = copy.deepcopy(tiny_unet)
+    trainable = prepare(unet, method, mask)
+    assert trainable
+    x, t, c = inputs(unet)
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, c).sample, tiny_unet(x, t, c).sample)
+    unet(x, t, c).sample.square().mean().backward()
+    allowed = tuple(f"{m}." for m in mask.modules)
+    with_grad = [n for n, p in unet.named_parameters() if p.grad is not None]
+    assert with_grad and all(n.startswith(allowed) for n in with_grad), with_grad
+    assert any(p.grad.abs().sum() > 0 for p in trainable)
+    assert {id(p) for p in trainable} == {id(p) for p in unet.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_merge_keeps_the_trained_function_with_base_parameter_names(tiny_unet, method):
+    unet = copy.deepcopy(tiny_unet)
+    trainable = prepare(unet, method, derive_mask(tiny_unet, "layers"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, c = inputs(unet, seed=2)
+    with torch.no_grad():
+        trained = unet(x, t, c).sample
+        merge(unet)
+        merged = unet(x, t, c).sample
+    assert set(unet.state_dict()) == set(tiny_unet.state_dict())
+    torch.testing.assert_close(merged, trained, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(merged, tiny_unet(x, t, c).sample, atol=1e-4)
+
+
+def test_sd_layout_methods_respect_the_mask(sd_shaped_unet):
+    mask = derive_mask(sd_shaped_unet, "blocks", "1" * 6 + "0" + "0" * 6)
+    for method in PEFT_METHODS:
+        unet = copy.deepcopy(sd_shaped_unet)
+        prepare(unet, method, mask)
+        trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+        assert trained and all(n.startswith("down_blocks.") for n in trained), method
+
+
+def test_full_and_none(tiny_unet):
+    unet = copy.deepcopy(tiny_unet)
+    assert len(prepare(unet, "full")) == len(list(tiny_unet.parameters()))
+    assert prepare(copy.deepcopy(tiny_unet), "none") == []
+    with pytest.raises(DiffmemError, match="unknown fine-tuning method"):
+        prepare(unet, "bitfit")
+    assert set(METHODS) >= set(PEFT_METHODS)
+
+
+def test_all_off_mask_trains_nothing(tiny_unet):
+    for method in PEFT_METHODS:
+        unet = copy.deepcopy(tiny_unet)
+        assert prepare(unet, method, derive_mask(tiny_unet, "blocks", "00000")) == []
+
+
+def test_spectral_shift_is_exactly_zero_at_zero_and_shifts_singular_values():
+    w = torch.randn(6, 4)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    assert torch.equal(spectral_shift_update(u, s, vh, torch.zeros(4)), torch.zeros(6, 4))
+    delta = torch.tensor([0.5, 0.0, -10.0, 0.0])
+    shifted = w + spectral_shift_update(u, s, vh, delta)
+    expected = torch.relu(s + delta)
+    torch.testing.assert_close(torch.linalg.svdvals(shifted), expected.sort(descending=True).values, atol=1e-5, rtol=0)
+
+
+def test_mask_file_round_trip_and_errors(tiny_unet, tmp_path, sd_shaped_unet):
+    mask = derive_mask(tiny_unet, "layers", "1010011")
+    path = save_mask(mask, tmp_path / "mask.json", {"chosen_by": "test"})
+    loaded = load_mask(path)
+    assert loaded == mask and loaded.bits == "1010011"
+    check_mask_fits(loaded, tiny_unet)
+    with pytest.raises(DiffmemError, match="do not match"):
+        check_mask_fits(loaded, sd_shaped_unet, path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(FileFormatError, match=r"bad\.json"):
+        load_mask(tmp_path / "bad.json")
+    record = json.loads(path.read_text())
+    record["format"] = "something-else"
+    (tmp_path / "other.json").write_text(json.dumps(record))
+    with pytest.raises(FileFormatError, match="not a MemControl mask"):
+        load_mask(tmp_path / "other.json")
+    with pytest.raises(DiffmemError, match="switches"):
+        derive_mask(tiny_unet, "layers", "101")
+
+
+def test_random_word_addition_inserts_words_at_the_given_rate():
+    g = torch.Generator().manual_seed(0)
+    caption = "a black and white photo of Ada Albrecht"
+    assert insert_random_words(caption, ["zebra"], 0.0, g) == caption
+    assert insert_random_words(caption, ["zebra"], 1.0, g).split().count("zebra") == 9
+    counts = [insert_random_words(caption, ["zebra"], 0.1, g).split().count("zebra") for _ in range(400)]
+    assert 0.6 < sum(counts) / 400 < 1.2  # 9 slots x 0.1
