@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -252,6 +253,58 @@ def image_records(data: ImageSet, rows: list[int]) -> list[dict]:
     return [{"id": data.ids[r], "caption": data.captions[r]} for r in rows]
 
 
+#: Context of a batch: (picked training rows [B], keep-caption flags [B], generator) -> [B, tokens, dim].
+ContextFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def table_contexts(contexts: torch.Tensor, caption_index: torch.Tensor) -> ContextFn:
+    """Contexts looked up from a `caption_table` encoding; a dropped caption gets the empty prompt (row 0)."""
+
+    def context_of(picked: torch.Tensor, keep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return contexts[torch.where(keep, caption_index[picked], 0)]
+
+    return context_of
+
+
+def finetune_loop(
+    unet: torch.nn.Module,
+    trainable: list[torch.nn.Parameter],
+    images: torch.Tensor,
+    rows: torch.Tensor,
+    context_of: ContextFn,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    caption_dropout: float,
+    noise_offset: float,
+    seed: int,
+    loss_fn: Callable[..., torch.Tensor] = training_loss,
+    progress: bool = True,
+    desc: str = "finetune",
+) -> float | None:
+    """The fine-tuning loop of `finetune`, for any choice of `trainable` parameters: AdamW (no weight decay) on
+    batches drawn uniformly from `rows` (a multiset, see `training_rows`), caption dropout, gradient clipping at
+    1. `loss_fn(unet, images, context, generator, noise_offset=...)` defaults to the DDPM loss. Returns the
+    exponential moving average of the loss (None for 0 steps)."""
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 1)
+    running = None
+    bar = tqdm(range(steps), disable=not progress, desc=desc, mininterval=10, file=sys.stdout)
+    for _ in bar:
+        picked = rows[torch.randint(0, len(rows), (batch_size,), generator=generator)]
+        keep = torch.rand(batch_size, generator=generator) >= caption_dropout
+        context = context_of(picked, keep, generator)
+        loss = loss_fn(unet, images[picked], context, generator, noise_offset=noise_offset)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+    return running
+
+
 def finetune(
     out: str | Path,
     config: FinetuneConfig | None = None,
@@ -296,24 +349,12 @@ def finetune(
     else:
         unet.requires_grad_(True)
         trainable = list(unet.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-
     began = time.time()
-    running = None
-    bar = tqdm(range(config.steps), disable=not progress, desc=f"finetune {config.method}", mininterval=10,
-               file=sys.stdout)
-    for _ in bar:
-        picked = rows[torch.randint(0, len(rows), (config.batch_size,), generator=generator)]
-        keep = torch.rand(config.batch_size, generator=generator) >= config.caption_dropout
-        context = contexts[torch.where(keep, caption_index[picked], 0)]
-        loss = training_loss(unet, train_set.images[picked], context, generator, noise_offset=config.noise_offset)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}")
+    context_of = table_contexts(contexts, caption_index)
+    running = finetune_loop(unet, trainable, train_set.images, rows, context_of, steps=config.steps,
+                            batch_size=config.batch_size, lr=config.lr, caption_dropout=config.caption_dropout,
+                            noise_offset=config.noise_offset, seed=config.seed, progress=progress,
+                            desc=f"finetune {config.method}")
     wall = time.time() - began
 
     if config.method == "lora":
