@@ -149,24 +149,39 @@ def generate(
         from diffmem.world.lora import apply_lora
 
         unet = apply_lora(unet, lora)
-    prompts = list(prompts)
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    return generate_from_context(unet, encode_prompts(list(prompts)), seeds, steps, guidance, batch_size)
+
+
+@torch.no_grad()
+def generate_from_context(
+    unet: UNet2DConditionModel,
+    context: torch.Tensor,
+    seeds: Sequence[int] | None = None,
+    steps: int = 25,
+    guidance: float = 3.0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Images [N, 3, 32, 32] in [0, 1] from cross-attention contexts [N, tokens, dim] (text embeddings, possibly
+    optimised ones that no prompt produces), DDIM sampling with classifier-free guidance against the empty prompt.
+
+    Deterministic per (context, seed): `seeds[i]` alone fixes image i (default seeds 0..N-1).
+    """
+    seeds = list(range(len(context))) if seeds is None else list(seeds)
+    if len(seeds) != len(context):
+        raise ValueError(f"got {len(context)} contexts but {len(seeds)} seeds")
     was_training = unet.training
     unet.eval()
     size = unet.config.sample_size
     channels = unet.config.in_channels
     out = []
     schedule = ddim_timesteps(steps)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        context = encode_prompts(chunk)
-        empty = encode_prompts([""] * len(chunk))
+    for start in range(0, len(context), batch_size):
+        chunk = context[start : start + batch_size].detach()
+        empty = encode_prompts([""]).expand(len(chunk), -1, -1)
         x = initial_noise(seeds[start : start + batch_size], channels, size)
         for i, t in enumerate(schedule):
             t_prev = schedule[i + 1] if i + 1 < len(schedule) else -1
-            x = ddim_step(x, guided_noise(unet, x, t, context, empty, guidance), t, t_prev)
+            x = ddim_step(x, guided_noise(unet, x, t, chunk, empty, guidance), t, t_prev)
         out.append(from_model_range(x))
     unet.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, channels, size, size)

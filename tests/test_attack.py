@@ -1,0 +1,200 @@
+"""The Dori attack: search mechanics and inputs on a tiny UNet, success judged on fresh generations, the command,
+and (slow) the attack bringing a memorized face back on the committed example LoRA."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from diffmem.attack import DoriConfig, attack_success, dori_search, run_dori, start_embedding
+from diffmem.attack.commands import read_image, register
+from diffmem.attack.dori import reference_row
+from diffmem.errors import DiffmemError
+from diffmem.formats.safetensors_io import load_file, save_file
+from diffmem.metrics.copy import CopyConfig
+from diffmem.report import save_png
+from diffmem.world.check import CheckSettings
+from diffmem.world.model import UNetConfig, build_unet, unet_metadata, unet_tensors
+from diffmem.world.text import MAX_TOKENS, TEXT_DIM, encode_prompts
+
+TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
+FAST = DoriConfig(steps=3, batch_size=2)
+FEW = CheckSettings(generations=2, steps=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    return build_unet(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def test_config_rejects_unknown_start_and_bad_numbers():
+    with pytest.raises(ValueError, match="start must be one of"):
+        DoriConfig(start="nearby")
+    with pytest.raises(ValueError, match="steps"):
+        DoriConfig(steps=0)
+    with pytest.raises(ValueError, match="lr"):
+        DoriConfig(lr=0.0)
+    with pytest.raises(ValueError, match="start_noise"):
+        DoriConfig(start_noise=-1.0)
+
+
+def test_start_embeddings_follow_the_config():
+    prompt = "a black and white photo of Bruno Bellamy"
+    own = encode_prompts([prompt])
+    assert torch.equal(start_embedding(prompt), own)
+    assert torch.equal(start_embedding(prompt, DoriConfig(start="unrelated")), encode_prompts(["a photo of a brick wall"]))
+    random = start_embedding(prompt, DoriConfig(start="random", seed=1))
+    assert random.shape == own.shape
+    assert torch.equal(random, start_embedding(prompt, DoriConfig(start="random", seed=1)))
+    assert not torch.equal(random, start_embedding(prompt, DoriConfig(start="random", seed=2)))
+    assert abs(float(random.std() / own.std()) - 1) < 0.05
+    noisy = start_embedding(prompt, DoriConfig(start_noise=0.5))
+    assert abs(float((noisy - own).std() / own.std()) - 0.5) < 0.05
+
+
+def test_search_returns_an_embedding_and_a_loss_per_step_and_leaves_the_unet_alone(tiny_unet, target):
+    tiny_unet.requires_grad_(True)  # a UNet being trained elsewhere: the search must not touch its gradients
+    tiny_unet.train()
+    before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    start = encode_prompts(["a photo of a cat"])
+    result = dori_search(tiny_unet, target, start, FAST)
+    assert result.embedding.shape == (1, MAX_TOKENS, TEXT_DIM)
+    assert len(result.losses) == FAST.steps and all(loss > 0 for loss in result.losses)
+    assert torch.equal(result.start, start)
+    assert not torch.equal(result.embedding, start)
+    assert not result.embedding.requires_grad
+    assert all(p.grad is None for p in tiny_unet.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in tiny_unet.state_dict().items())
+    assert tiny_unet.training
+    tiny_unet.requires_grad_(False).eval()
+
+
+def test_search_is_deterministic_per_seed(tiny_unet, target):
+    start = encode_prompts(["a photo of a cat"])
+    first = dori_search(tiny_unet, target[0], start, FAST)
+    again = dori_search(tiny_unet, target[0], start, FAST)
+    other = dori_search(tiny_unet, target[0], start, DoriConfig(steps=3, batch_size=2, seed=5))
+    assert torch.equal(first.embedding, again.embedding) and first.losses == again.losses
+    assert not torch.equal(first.embedding, other.embedding)
+
+
+def test_search_refuses_targets_and_embeddings_the_model_cannot_take(tiny_unet, target):
+    start = encode_prompts(["a photo of a cat"])
+    with pytest.raises(DiffmemError, match="resize the target"):
+        dori_search(tiny_unet, torch.rand(1, 3, 64, 64), start, FAST)
+    with pytest.raises(DiffmemError, match="values in"):
+        dori_search(tiny_unet, target * 2, start, FAST)
+    with pytest.raises(DiffmemError, match="cross-attention takes"):
+        dori_search(tiny_unet, target, torch.zeros(1, MAX_TOKENS, 77), FAST)
+    with pytest.raises(DiffmemError, match="finite"):
+        dori_search(tiny_unet, target, torch.full_like(start, float("nan")), FAST)
+
+
+def test_success_counts_fresh_generations_under_an_absolute_threshold(tiny_unet, target):
+    embedding = encode_prompts(["a photo of a cat"])
+    everything = attack_success(tiny_unet, embedding, target, settings=FEW, copy=CopyConfig(distance_threshold=1.0))
+    nothing = attack_success(tiny_unet, embedding, target, settings=FEW, copy=CopyConfig(distance_threshold=0.0))
+    assert everything.generated.shape == (2, 3, 32, 32) and everything.test == "absolute tiled L2"
+    assert everything.rate == 1.0 and nothing.rate == 0.0
+    assert torch.equal(everything.distance, nothing.distance)
+    with pytest.raises(DiffmemError, match="distance threshold"):
+        attack_success(tiny_unet, embedding, target, settings=FEW)
+
+
+def test_success_with_reference_needs_the_target_among_them(tiny_unet, target):
+    embedding = encode_prompts(["a photo of a cat"])
+    others = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(DiffmemError, match="not among the reference images"):
+        attack_success(tiny_unet, embedding, target, reference=others, settings=FEW)
+    result = attack_success(tiny_unet, embedding, target, reference=torch.cat([others, target]), settings=FEW)
+    assert result.test == "Carlini relative" and result.is_copy.shape == (2,)
+
+
+def test_reference_row_survives_a_png_round_trip(tmp_path, target):
+    others = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    reference = torch.cat([others, target])
+    save_png(target[0], tmp_path / "t.png")
+    assert reference_row(read_image(tmp_path / "t.png")[0], reference) == 3
+    assert reference_row(read_image(tmp_path / "t.png")[0], others) is None
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["attack", "dori", *argv])
+    return args.handler(args)
+
+
+@pytest.fixture()
+def tiny_files(tmp_path, tiny_unet, target):
+    base = save_file(unet_tensors(tiny_unet), tmp_path / "tiny.safetensors", unet_metadata(TINY))
+    reference = tmp_path / "train"
+    for i, image in enumerate(torch.cat([torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)), target])):
+        save_png(image, reference / f"{i}.png")
+    return base, reference / "3.png", reference
+
+
+def test_command_writes_embedding_summary_and_grid(tmp_path, tiny_files):
+    base, target_png, reference = tiny_files
+    out = tmp_path / "out"
+    code = run_cli("--base", str(base), "--target", str(target_png), "--prompt", "a photo of a cat",
+                   "--reference", str(reference), "--steps", "2", "--batch-size", "2", "--generations", "2",
+                   "--sample-steps", "2", "--out", str(out))
+    assert code == 0
+    tensors, metadata = load_file(out / "embedding.safetensors")
+    assert tensors["embedding"].shape == tensors["start"].shape == (1, MAX_TOKENS, TEXT_DIM)
+    assert metadata["prompt"] == "a photo of a cat"
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["losses"]) == 2 and summary["copy_test"] == "Carlini relative"
+    assert 0 <= summary["copy_rate_after"] <= 1
+    grid = read_image(out / "generations.png")
+    assert grid.shape[-2:] == (3 * (2 * 34 + 2), 3 * (3 * 34 + 2))
+
+
+def test_command_without_a_copy_test_fails_before_writing(tmp_path, tiny_files):
+    base, target_png, _ = tiny_files
+    with pytest.raises(DiffmemError, match="--reference"):
+        run_cli("--base", str(base), "--target", str(target_png), "--prompt", "a cat", "--out", str(tmp_path / "o"))
+    with pytest.raises(DiffmemError, match="no such image"):
+        run_cli("--base", str(base), "--target", str(tmp_path / "missing.png"), "--prompt", "a cat",
+                "--distance-threshold", "0.1")
+    with pytest.raises(DiffmemError, match="steps and batch_size must be >= 1"):
+        run_cli("--base", str(base), "--target", str(target_png), "--prompt", "a cat", "--steps", "0",
+                "--distance-threshold", "0.1")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_dori_brings_a_memorized_face_back_from_an_unrelated_prompt():
+    """The example LoRA memorized five faces; the embedding of "a photo of a brick wall" never draws one. Dori from
+    that start finds an embedding whose fresh generations copy the face (measured: 0/8 -> 8/8, docs/attack.md)."""
+    from diffmem.world.check import example_lora_path, manifest_images
+    from diffmem.world.data import ImageSet
+    from diffmem.world.lora import apply_lora
+    from diffmem.world.model import load_base
+
+    manifest = json.loads(example_lora_path().with_suffix(".json").read_text())
+    duplicated = manifest_images(manifest, "duplicated")
+    reference = ImageSet.concat([duplicated, manifest_images(manifest, "seen_once")]).images
+    unet = apply_lora(load_base(), example_lora_path())
+    outcome = run_dori(unet, duplicated.images[:1], duplicated.captions[0], DoriConfig(start="unrelated"), reference)
+    assert outcome.before.rate == 0.0
+    assert outcome.after.rate >= 0.75
+    assert outcome.after.distance.median() < outcome.before.distance.median() / 2
