@@ -166,3 +166,42 @@ def test_random_word_addition_inserts_words_at_the_given_rate():
     assert insert_random_words(caption, ["zebra"], 1.0, g).split().count("zebra") == 9
     counts = [insert_random_words(caption, ["zebra"], 0.1, g).split().count("zebra") for _ in range(400)]
     assert 0.6 < sum(counts) / 400 < 1.2  # 9 slots x 0.1
+
+
+def changed_keys(unet, base):
+    after, before = unet.state_dict(), base.state_dict()
+    return {k for k in before if not torch.equal(after[k], before[k])}
+
+
+def test_masked_finetune_changes_only_masked_in_modules_and_writes_a_manifest(tiny_unet, tmp_path):
+    from diffmem.memcontrol.train import MemControlTrainConfig, finetune_with_mask, manifest_of
+
+    mask = derive_mask(tiny_unet, "blocks", "10000")
+    config = MemControlTrainConfig(method="svdiff", duplicate=(2, 3), rest_share=0.05, steps=2, batch_size=2)
+    result = finetune_with_mask(tiny_unet, config, mask, progress=False)
+    changed = changed_keys(result.unet, tiny_unet)
+    assert changed and all(k.startswith("down_blocks.1.attentions.0.") for k in changed)
+    assert len(result.duplicated) == 2 and len(result.seen_once) == 4  # 5% of the 78 other faces
+    manifest = manifest_of(result, config, mask)
+    assert manifest["mask"]["bits"] == "10000" and manifest["settings"]["lr"] == 1e-3
+    assert {e["id"] for e in manifest["duplicated"]}.isdisjoint(e["id"] for e in manifest["seen_once"])
+
+
+def test_mitigations_run_through_the_same_loop(tiny_unet):
+    from diffmem.memcontrol.mitigation import MitigationConfig
+    from diffmem.memcontrol.train import MemControlTrainConfig, finetune_with_mask
+
+    base = dict(method="difffit", duplicate=(2, 3), rest_share=0.0, steps=2, batch_size=2, caption_dropout=0.0)
+    rwa = finetune_with_mask(tiny_unet, MemControlTrainConfig(**base, mitigation=MitigationConfig("rwa")),
+                             progress=False)
+    assert changed_keys(rwa.unet, tiny_unet)
+    # every sample's norm exceeds a tiny threshold: all are dropped, nothing trains
+    strict = MemControlTrainConfig(**base, mitigation=MitigationConfig("threshold", threshold=1e-6))
+    assert not changed_keys(finetune_with_mask(tiny_unet, strict, progress=False).unet, tiny_unet)
+    loose = MemControlTrainConfig(**base, mitigation=MitigationConfig("threshold", threshold=1e6))
+    assert changed_keys(finetune_with_mask(tiny_unet, loose, progress=False).unet, tiny_unet)
+    with pytest.raises(DiffmemError, match="unknown mitigation"):
+        MitigationConfig("dedup")
+    with pytest.raises(DiffmemError, match="takes no mask"):
+        finetune_with_mask(tiny_unet, MemControlTrainConfig(method="full", steps=1),
+                           derive_mask(tiny_unet, "blocks"), progress=False)
