@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,13 @@ test: lint
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Issue 5's benchmark: the full grid (hours; resumable) and the quick one (about 10 minutes).
+bench: install
+	$(PY) -m diffmem bench
+
+bench-quick: install
+	$(PY) -m diffmem bench --quick
 
 clean:
 	rm -rf demo-out .pytest_cache .ruff_cache

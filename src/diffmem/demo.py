@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from diffmem.filters import BAFConfig, FilterConfig
 from diffmem.formats.safetensors_io import write_atomic
-from diffmem.metrics.copy import tiled_l2
+from diffmem.metrics.copy import paired_tiled_l2
 from diffmem.pipeline import filter_file
 from diffmem.report import html_page, html_table, img_tag, markdown_table
 from diffmem.world.check import CheckSettings, example_lora_path, manifest_images, own_copy_rate
@@ -31,8 +31,7 @@ DEMO_SETTINGS = CheckSettings(generations=4, steps=25, guidance=3.0, seed=1000)
 
 def own_distances(generated: torch.Tensor, training: torch.Tensor, generations: int) -> torch.Tensor:
     """Tiled-L2 distance of each generation to its own caption's training image, shaped [captions, generations]."""
-    own = training.repeat_interleave(generations, dim=0)
-    return torch.stack([tiled_l2(g[None], t[None])[0, 0] for g, t in zip(generated, own)]).view(-1, generations)
+    return paired_tiled_l2(generated, training.repeat_interleave(generations, dim=0)).view(-1, generations)
 
 
 def run_demo(

@@ -43,6 +43,13 @@ def tiled_l2(a: torch.Tensor, b: torch.Tensor, tiles: int = 4) -> torch.Tensor:
     return result.to(torch.float32)
 
 
+def paired_tiled_l2(a: torch.Tensor, b: torch.Tensor, tiles: int = 4) -> torch.Tensor:
+    """Tiled L2 of each image of `a` to the image at the same row of `b`, [N] (Carlini et al. 2023)."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"need as many images in a as in b, got {a.shape[0]} and {b.shape[0]}")
+    return torch.stack([tiled_l2(x[None], y[None], tiles)[0, 0] for x, y in zip(a, b)]) if a.shape[0] else torch.zeros(0)
+
+
 def nearest_neighbours(
     generated: torch.Tensor, train: torch.Tensor, k: int = 1, tiles: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,6 +62,15 @@ def seeds_for(count: int, settings: CheckSettings) -> list[int]:
     return [settings.seed + i for i in range(count * settings.generations)]
 
 
+def own_reference_rows(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Row of `reference` equal to each image (-1 where none is)."""
+    rows = []
+    for image in images:
+        match = (reference - image).flatten(1).abs().amax(dim=1) == 0
+        rows.append(int(match.nonzero()[0]) if match.any() else -1)
+    return torch.tensor(rows)
+
+
 def own_copy_rate(unet: UNet2DConditionModel, images: ImageSet, reference: torch.Tensor, settings: CheckSettings) -> dict:
     """Generate `settings.generations` images per caption of `images` and test each against `reference`
     (the fine-tune's training images): copy = Carlini's relative test passes and the nearest reference image is
@@ -72,11 +81,7 @@ def own_copy_rate(unet: UNet2DConditionModel, images: ImageSet, reference: torch
     generated = generate(unet, prompts, seeds_for(len(images), settings), steps=settings.steps,
                          guidance=settings.guidance)
     result = copy_decisions(generated, reference)
-    own_rows = []
-    for image in images.images:
-        match = (reference - image).flatten(1).abs().amax(dim=1) == 0
-        own_rows.append(int(match.nonzero()[0]) if match.any() else -1)
-    own = torch.tensor(own_rows).repeat_interleave(settings.generations)
+    own = own_reference_rows(images.images, reference).repeat_interleave(settings.generations)
     own_copy = result.is_copy & (result.nearest_index == own)
     per_caption = own_copy.view(len(images), settings.generations).float().mean(dim=1)
     return {

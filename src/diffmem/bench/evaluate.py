@@ -1,0 +1,133 @@
+"""Measure one world model (a fine-tune, a filtered fine-tune, or the base) the way the benchmark compares them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from diffmem.metrics.amd import amd
+from diffmem.metrics.copy import copy_decisions, paired_tiled_l2
+from diffmem.metrics.extraction import extraction_attack
+from diffmem.metrics.features import embed
+from diffmem.metrics.fid import fid_from_features
+from diffmem.world.check import manifest_images, own_reference_rows
+from diffmem.world.data import ImageSet
+from diffmem.world.diffusion import denoising_loss, generate
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How each model of the benchmark is sampled and scored.
+
+    Args:
+        generations: generations per duplicated caption for the copy test, AMD and extraction. 6 x 5 captions
+            keeps one model's measurement near half a minute on one CPU thread; every model uses the same seeds,
+            so differences between mitigations are not sampling noise between seeds.
+        quality_generations: generations per held-out caption for FID.
+        steps: DDIM steps. 10, not the world's 25: on the example LoRA the per-caption copy rates at 10 and
+            25 steps differ by at most one generation in eight (`diffmem bench --steps` to change it).
+        guidance: classifier-free guidance scale, as everywhere in the world.
+        seed: first sampling seed.
+        timesteps_per_image: stratified timesteps per image of the denoising losses.
+    """
+
+    generations: int = 6
+    quality_generations: int = 1
+    steps: int = 10
+    guidance: float = 3.0
+    seed: int = 1000
+    timesteps_per_image: int = 8
+
+
+@dataclass
+class Probe:
+    """What a fine-tune is measured against, read once from its manifest: the duplicated images (with captions),
+    everything it trained on (the copy test's references), and the held-out images of its data set."""
+
+    duplicated: ImageSet
+    reference: torch.Tensor
+    heldout: ImageSet
+    embedder: object
+    reference_features: torch.Tensor = field(init=False)
+    heldout_features: torch.Tensor = field(init=False)
+    own_index: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reference_features = embed(self.embedder, self.reference)
+        self.heldout_features = embed(self.embedder, self.heldout.images)
+        self.own_index = own_reference_rows(self.duplicated.images, self.reference)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, embedder=None) -> Probe:
+        """The probe of a world fine-tune's manifest (`diffmem world finetune` writes it)."""
+        if embedder is None:
+            from diffmem.metrics.embedder import load_copy_embedder
+
+            embedder = load_copy_embedder()
+        duplicated = manifest_images(manifest, "duplicated")
+        reference = ImageSet.concat([duplicated, manifest_images(manifest, "seen_once")]).images
+        return cls(duplicated, reference, manifest_images(manifest, "heldout"), embedder)
+
+
+def duplicated_generations(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> torch.Tensor:
+    """`settings.generations` images per duplicated caption, [captions * generations, 3, H, W], caption-major."""
+    prompts = [c for c in probe.duplicated.captions for _ in range(settings.generations)]
+    seeds = [settings.seed + i for i in range(len(prompts))]
+    return generate(unet, prompts, seeds, steps=settings.steps, guidance=settings.guidance)
+
+
+def quality_generations(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> torch.Tensor:
+    """`settings.quality_generations` images per held-out caption (seeds after those of the copy test)."""
+    prompts = [c for c in probe.heldout.captions for _ in range(settings.quality_generations)]
+    first = settings.seed + 100_000
+    return generate(unet, prompts, [first + i for i in range(len(prompts))], steps=settings.steps,
+                    guidance=settings.guidance)
+
+
+def measure(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> tuple[dict, torch.Tensor]:
+    """Memorization and quality numbers of one model, and its duplicated-caption generations.
+
+    - copy_rate: share of duplicated-caption generations that pass Carlini's relative tiled-L2 test against the
+      training images with their own caption's image as nearest (`diffmem.metrics.copy`);
+    - captions_copied: duplicated captions copied in at least half of their generations;
+    - own_distance: median tiled-L2 distance of a generation to its own caption's training image;
+    - extracted: training images the extraction attack recovers from those generations (Carlini et al. 2023);
+    - amd: average minimum cosine distance to the training images in the copy embedder's space (MemControl; low =
+      memorized);
+    - heldout_loss / duplicated_loss: denoising loss on the held-out images and on the duplicated images (their
+      own captions), at fixed noise;
+    - fid: FID of held-out-caption generations against the held-out images, copy-embedder features.
+    """
+    generated = duplicated_generations(unet, probe, settings)
+    decisions = copy_decisions(generated, probe.reference)
+    own = probe.own_index.repeat_interleave(settings.generations)
+    own_copy = decisions.is_copy & (decisions.nearest_index == own)
+    per_caption = own_copy.view(len(probe.duplicated), settings.generations).float().mean(dim=1)
+    own_distance = paired_tiled_l2(generated, probe.duplicated.images.repeat_interleave(settings.generations, dim=0))
+    per_prompt = generated.view(len(probe.duplicated), settings.generations, *generated.shape[1:])
+    extraction = extraction_attack(per_prompt, train=probe.reference)
+    features = embed(probe.embedder, generated)
+    quality = quality_generations(unet, probe, settings)
+    numbers = {
+        "copy_rate": round(float(own_copy.float().mean()), 4),
+        "captions_copied": int((per_caption >= 0.5).sum()),
+        "own_distance": round(float(own_distance.median()), 4),
+        "extracted": extraction.extracted_images,
+        "amd": round(amd(features, probe.reference_features), 4),
+        "heldout_loss": round(denoising_loss(unet, probe.heldout.images, probe.heldout.captions,
+                                             timesteps_per_image=settings.timesteps_per_image), 6),
+        "duplicated_loss": round(denoising_loss(unet, probe.duplicated.images, probe.duplicated.captions,
+                                                timesteps_per_image=settings.timesteps_per_image), 6),
+        "fid": round(fid_from_features(probe.heldout_features, embed(probe.embedder, quality)), 3),
+    }
+    return numbers, generated
+
+
+def retained(value: float, base: float, tuned: float) -> float | None:
+    """Share of the fine-tune's change from `base` to `tuned` that a mitigated model's `value` keeps
+    (1 = all of it, 0 = back at the base); None when the fine-tune changed nothing."""
+    if tuned == base:
+        return None
+    return (base - value) / (base - tuned)

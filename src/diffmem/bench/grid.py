@@ -1,0 +1,194 @@
+"""What the benchmark runs: the grid of world fine-tunes and the filter variants applied to each (issue 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from diffmem.filters import (
+    BAFConfig,
+    BaseGainConfig,
+    FilterConfig,
+    IntruderConfig,
+    InverseBAFConfig,
+    KeepAllConfig,
+    MagnitudeConfig,
+    RandomConfig,
+    ScaleConfig,
+    Selection,
+)
+from diffmem.world.train import FinetuneConfig
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """One world fine-tune of the grid: the settings that vary; everything else is `FinetuneConfig`'s default.
+
+    Args:
+        data: "faces" (privacy case) or "photos" (copyright case).
+        rank: LoRA rank; alpha equals the rank, so the LoRA scale is 1 at every rank.
+        conv: also adapt the convolutions (LoCon).
+        duplicate: (images, repeats) of the duplicated training images that the fine-tune should memorize.
+        seed: picks the duplicated images and seeds training.
+    """
+
+    data: str = "faces"
+    rank: int = 32
+    conv: bool = True
+    duplicate: tuple[int, int] = (5, 100)
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """File-name-safe identifier, e.g. ``faces-r32-conv-d5x100-s0``."""
+        count, repeats = self.duplicate
+        return f"{self.data}-r{self.rank}-{'conv' if self.conv else 'attn'}-d{count}x{repeats}-s{self.seed}"
+
+    @property
+    def setting(self) -> str:
+        """The name without the seed: fine-tunes of one setting differ only by seed."""
+        return self.name.rsplit("-s", 1)[0]
+
+    def finetune_config(self) -> FinetuneConfig:
+        """The full training recipe."""
+        return FinetuneConfig(data=self.data, rank=self.rank, alpha=float(self.rank), conv=self.conv,
+                              duplicate=self.duplicate, seed=self.seed)
+
+
+#: The central setting (the committed example LoRA is its seed 0): faces, rank 32, LoCon, 5 images x 100.
+CORE = FinetuneSpec()
+
+#: Settings varied one at a time around `CORE`, each at one seed unless the grid is extended.
+VARIATIONS = (
+    replace(CORE, data="photos"),
+    replace(CORE, rank=4),
+    replace(CORE, rank=64),
+    replace(CORE, conv=False),
+    replace(CORE, duplicate=(5, 25)),
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One mitigation applied to a fine-tune.
+
+    Args:
+        key: unique label used in tables, e.g. ``baf@energy=0.8``.
+        method: the filter (a `diffmem.filters.FILTERS` name), or "base" for the base model without the LoRA.
+        budget: "default" (the method's own rule), "energy" (keep this share of each module's update energy),
+            "fraction" (keep this share of each module's channels) or "none".
+        level: the energy or channel share for the "energy" and "fraction" budgets.
+        config: the filter config; None for "base".
+    """
+
+    key: str
+    method: str
+    budget: str
+    level: float | None
+    config: FilterConfig | None
+
+
+BUDGET_METHODS = {
+    "baf": BAFConfig,
+    "inverse-baf": InverseBAFConfig,
+    "random": RandomConfig,
+    "magnitude": MagnitudeConfig,
+    "base-gain": BaseGainConfig,
+    "intruder": IntruderConfig,
+}
+
+
+def budget_variant(method: str, budget: str, level: float) -> Variant:
+    """`method` keeping `level` of each module's update energy (budget "energy") or channels ("fraction");
+    "scale" turns the whole LoRA down to `level` of its energy."""
+    if method == "scale":
+        if budget != "energy":
+            raise ValueError("scale has only an energy budget")
+        return Variant(f"scale@energy={level:g}", "scale", "energy", level,
+                       ScaleConfig(selection=Selection(rule="uniform", keep_fraction=level)))
+    config = BUDGET_METHODS[method](selection=Selection(rule=budget, keep_fraction=level))
+    return Variant(f"{method}@{budget}={level:g}", method, budget, level, config)
+
+
+def reference_variants() -> list[Variant]:
+    """The LoRA as trained, the base model, and BAF with its default rule (whose kept channel share the
+    fraction-matched baselines copy)."""
+    return [
+        Variant("lora", "none", "none", None, KeepAllConfig()),
+        Variant("base", "base", "none", None, None),
+        Variant("baf", "baf", "default", None, BAFConfig()),
+    ]
+
+
+def baf_rule_variants() -> list[Variant]:
+    """BAF's score and rule variants at the default chance-relative threshold of 1."""
+    return [
+        Variant("baf-left", "baf", "default", None, BAFConfig(side="left")),
+        Variant("baf-right", "baf", "default", None, BAFConfig(side="right")),
+        Variant("baf-min", "baf", "default", None, BAFConfig(combine="min")),
+        Variant("baf-anchors0.25", "baf", "default", None, BAFConfig(energy=0.25)),
+        Variant("baf-anchors0.75", "baf", "default", None, BAFConfig(energy=0.75)),
+        Variant("baf-soft", "baf", "default", None,
+                BAFConfig(selection=Selection(rule="soft", threshold=1.0))),
+    ]
+
+
+ENERGY_METHODS = ("baf", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")
+
+
+def matched_variants(levels: tuple[float, ...], default_fraction: float, methods: tuple[str, ...],
+                     fraction_methods: tuple[str, ...]) -> list[Variant]:
+    """Every method at each energy `level`, plus `fraction_methods` at the channel share BAF's default rule kept."""
+    variants = [budget_variant(m, "energy", level) for level in levels for m in methods]
+    fraction = round(default_fraction, 3)
+    variants += [budget_variant(m, "fraction", fraction) for m in fraction_methods]
+    return variants
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """Which variants a run evaluates after the reference ones (`reference_variants`).
+
+    Args:
+        rule_variants: include `baf_rule_variants`.
+        levels: energy shares of the matched budgets.
+        methods: methods run at every energy level.
+        fraction_methods: methods run at the channel share BAF's default rule kept.
+    """
+
+    rule_variants: bool = True
+    levels: tuple[float, ...] = (0.5, 0.8)
+    methods: tuple[str, ...] = ENERGY_METHODS
+    fraction_methods: tuple[str, ...] = ("baf", "random", "magnitude")
+
+    def variants(self, default_fraction: float) -> list[Variant]:
+        """All variants after the reference ones, given the channel share BAF's default rule kept."""
+        extra = baf_rule_variants() if self.rule_variants else []
+        return extra + matched_variants(self.levels, default_fraction, self.methods, self.fraction_methods)
+
+
+FULL_PLAN = VariantPlan()
+VARIATION_PLAN = VariantPlan(rule_variants=False, levels=(0.8,))
+QUICK_PLAN = VariantPlan(rule_variants=False, levels=(0.8,), methods=("baf", "random", "magnitude", "scale"))
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """A fine-tune and the variants measured on it."""
+
+    spec: FinetuneSpec
+    plan: VariantPlan
+
+
+def full_grid(seeds: int = 3, variation_seeds: int = 1) -> list[GridCell]:
+    """`CORE` at `seeds` seeds with every variant (`FULL_PLAN`), then each of `VARIATIONS` at `variation_seeds`
+    seeds with the baselines at one energy budget (`VARIATION_PLAN`). The run goes in this order, so an interrupted
+    run has the most informative cells first."""
+    cells = [GridCell(replace(CORE, seed=s), FULL_PLAN) for s in range(seeds)]
+    cells += [GridCell(replace(v, seed=s), VARIATION_PLAN) for s in range(variation_seeds) for v in VARIATIONS]
+    return cells
+
+
+def quick_grid() -> list[GridCell]:
+    """The committed example LoRA (`CORE`, seed 0; nothing to train) with BAF, random, magnitude and scale at one
+    energy budget."""
+    return [GridCell(CORE, QUICK_PLAN)]

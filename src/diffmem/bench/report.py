@@ -1,0 +1,251 @@
+"""Write docs/results.md from benchmark rows: tables with 95% intervals over seeds, Pareto plots, image grids.
+
+Text after the `HAND_WRITTEN` marker in an existing results file is kept, so the reasoning written by people
+survives a regeneration; everything above it is rebuilt from the rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffmem.bench.evaluate import retained
+from diffmem.bench.stats import format_interval, mean_interval
+from diffmem.formats.safetensors_io import write_atomic
+from diffmem.report import image_grid, markdown_table, save_png
+
+HAND_WRITTEN = "<!-- Everything below this line is written by hand and kept when `diffmem bench` regenerates the file. -->"
+
+#: Variants shown in the image grids, top to bottom.
+GRID_VARIANTS = ("lora", "base", "baf", "baf@energy=0.8", "random@energy=0.8", "magnitude@energy=0.8",
+                 "scale@energy=0.8")
+
+#: Marker colours of the Pareto plots, one per method.
+METHOD_COLOURS = {"baf": "tab:blue", "inverse-baf": "tab:purple", "random": "tab:grey", "magnitude": "tab:orange",
+                  "base-gain": "tab:green", "intruder": "tab:brown", "scale": "tab:pink", "none": "black",
+                  "base": "black"}
+
+
+def with_retention(rows: list[dict]) -> list[dict]:
+    """Rows plus ``quality_kept`` (share of the fine-tune's held-out-loss gain kept) and ``memorization_kept``
+    (share of its duplicated-image loss gain kept), each relative to its own fine-tune's LoRA and base rows."""
+    anchors = defaultdict(dict)
+    for row in rows:
+        if row["variant"] in ("lora", "base"):
+            anchors[row["finetune"]][row["variant"]] = row
+    out = []
+    for row in rows:
+        pair = anchors[row["finetune"]]
+        extra = {}
+        if "lora" in pair and "base" in pair:
+            extra["quality_kept"] = retained(row["heldout_loss"], pair["base"]["heldout_loss"],
+                                             pair["lora"]["heldout_loss"])
+            extra["memorization_kept"] = retained(row["duplicated_loss"], pair["base"]["duplicated_loss"],
+                                                  pair["lora"]["duplicated_loss"])
+        out.append(row | extra)
+    return out
+
+
+def by_setting(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """{setting: {variant: rows over seeds}}, settings and variants in first-seen order."""
+    grouped: dict[str, dict[str, list[dict]]] = {}
+    for row in rows:
+        grouped.setdefault(row["setting"], {}).setdefault(row["variant"], []).append(row)
+    return grouped
+
+
+def column(rows: list[dict], key: str) -> list[float]:
+    """The non-missing values of `key`."""
+    return [r[key] for r in rows if r.get(key) is not None]
+
+
+def cell(rows: list[dict], key: str, digits: int = 2, percent: bool = False) -> str:
+    """Mean ± 95% interval of `key` over rows, or "-"."""
+    values = column(rows, key)
+    return format_interval(values, digits, percent) if values else "-"
+
+
+TABLE_HEADER = ["variant", "seeds", "energy kept", "channels kept", "copy rate", "captions copied (of 5)",
+                "own distance", "extracted", "AMD", "quality kept", "memorization kept", "FID"]
+
+
+def setting_table(variants: dict[str, list[dict]]) -> str:
+    """All variants of one setting, one row each."""
+    lines = []
+    for key, rows in variants.items():
+        kept = (f"{sum(r['channels_kept'] for r in rows) / sum(r['channels_total'] for r in rows):.0%}"
+                if "channels_kept" in rows[0] else "-")
+        lines.append([
+            key, len(rows), cell(rows, "energy_kept", 0, True), kept, cell(rows, "copy_rate", 0, True),
+            cell(rows, "captions_copied", 1), cell(rows, "own_distance", 3), cell(rows, "extracted", 1),
+            cell(rows, "amd", 3), cell(rows, "quality_kept", 0, True), cell(rows, "memorization_kept", 0, True),
+            cell(rows, "fid", 2),
+        ])
+    return markdown_table(TABLE_HEADER, lines)
+
+
+def paired_differences(variants: dict[str, list[dict]], first: str, second: str, key: str) -> list[float]:
+    """`key` of variant `first` minus that of `second`, per fine-tune that has both."""
+    seconds = {r["finetune"]: r for r in variants.get(second, [])}
+    return [r[key] - seconds[r["finetune"]][key] for r in variants.get(first, [])
+            if r["finetune"] in seconds and r.get(key) is not None and seconds[r["finetune"]].get(key) is not None]
+
+
+def comparison_table(variants: dict[str, list[dict]], budgets: list[str]) -> str:
+    """BAF minus each baseline at the same budget: copy rate and quality kept, paired by fine-tune."""
+    lines = []
+    for budget in budgets:
+        ours = f"baf@{budget}"
+        if ours not in variants:
+            continue
+        for other in ("random", "magnitude", "base-gain", "intruder", "inverse-baf", "scale"):
+            theirs = f"{other}@{budget}"
+            copy = paired_differences(variants, ours, theirs, "copy_rate")
+            quality = paired_differences(variants, ours, theirs, "quality_kept")
+            if copy:
+                energy = f"{cell(variants[ours], 'energy_kept', 0, True)} / {cell(variants[theirs], 'energy_kept', 0, True)}"
+                lines.append([budget, f"BAF - {other}", len(copy), energy, format_interval(copy, 0, True),
+                              format_interval(quality, 0, True) if quality else "-"])
+    if not lines:
+        return ""
+    return markdown_table(["budget", "difference", "fine-tunes", "energy kept (BAF / other)",
+                           "copy rate (lower = BAF removes more)",
+                           "quality kept (higher = BAF keeps more)"], lines)
+
+
+def pareto_plot(variants: dict[str, list[dict]], title: str, path: Path) -> Path:
+    """Copy rate against quality kept, mean over seeds, one colour per method; budgets of a method joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    lines = defaultdict(list)
+    for key, rows in variants.items():
+        quality, copy = column(rows, "quality_kept"), column(rows, "copy_rate")
+        if not quality or not copy:
+            continue
+        x, y = mean_interval(quality)[0], mean_interval(copy)[0]
+        method = rows[0]["method"]
+        colour = METHOD_COLOURS.get(method, "tab:cyan")
+        if rows[0]["budget"] == "energy":
+            lines[method].append((rows[0]["level"], x, y))
+            axes.scatter(x, y, color=colour, s=24)
+        elif rows[0]["budget"] == "fraction":
+            axes.scatter(x, y, color=colour, marker="s", s=30)
+        else:
+            marker = "*" if method == "baf" else "D"
+            axes.scatter(x, y, color=colour, marker=marker, s=90 if marker == "*" else 40, zorder=3)
+            axes.annotate(key, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    for method, points in lines.items():
+        points.sort()
+        axes.plot([p[1] for p in points], [p[2] for p in points], color=METHOD_COLOURS.get(method, "tab:cyan"),
+                  label=method, linewidth=1.2)
+    axes.set_xlabel("quality kept: share of the LoRA's held-out-loss gain (1 = LoRA, 0 = base)")
+    axes.set_ylabel("copy rate of duplicated captions")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    if lines:
+        axes.legend(fontsize=7, loc="upper left")
+    figure.text(0.01, 0.01, "lines: energy budgets; squares: BAF's kept channel share; star: BAF default rule",
+                fontsize=6)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def image_panel(images_dir: Path, finetune: str, path: Path) -> Path | None:
+    """One strip per `GRID_VARIANTS` entry (first generation of each duplicated caption), stacked."""
+    strips = []
+    for key in GRID_VARIANTS:
+        file = images_dir / finetune / f"{key}.png"
+        if file.exists():
+            pixels = np.asarray(Image.open(file).convert("RGB"))
+            strips.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255)
+    if not strips:
+        return None
+    width = max(s.shape[2] for s in strips)
+    padded = torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[2]), value=1.0) for s in strips])
+    return save_png(image_grid(padded, columns=1), path, scale=3)
+
+
+def render_results(rows: list[dict], work: Path, out: Path, channels: dict | None = None) -> str:
+    """The generated part of docs/results.md; figures are written next to it under ``results/``."""
+    rows = with_retention(rows)
+    grouped = by_setting(rows)
+    figures = out.parent / "results"
+    parts = [
+        "# Does BAF work? Benchmark results\n",
+        "Generated by `diffmem bench` (see docs/bench.md) from `" + str(work / "results.jsonl") + "`; do not edit "
+        "above the hand-written marker. Every number is a mean over the fine-tunes (seeds) of a setting, with the "
+        "half-width of its 95% Student-t interval when there are two seeds or more.\n",
+        "Columns: **copy rate**, share of duplicated-caption generations that are near-copies of their own "
+        "training image (Carlini's tiled-L2 relative test); **captions copied**, duplicated captions copied in at "
+        "least half their generations; **own distance**, median tiled-L2 distance to that image; **extracted**, "
+        "training images the extraction attack recovers; **AMD**, average minimum cosine distance to the training "
+        "images (copy embedder; low = memorized); **quality kept**, share of the LoRA's held-out denoising-loss "
+        "gain over the base that survives (100% = the LoRA, 0% = the base: the LoRA's effect on its concept); "
+        "**memorization kept**, the same for the loss on the duplicated images; **FID**, held-out captions' "
+        "generations against held-out images (copy-embedder features, 20 or 12 images: compare within a table "
+        "only). Budgets: `@energy=e` keeps the best-scoring channels of each module until they hold e of its "
+        "update energy; `@fraction=f` keeps that share of each module's channels, f being the share BAF's default "
+        "rule kept.\n",
+    ]
+    if rows:
+        settings = rows[0]["settings"]
+        parts.append(f"Sampling: {settings['generations']} generations per duplicated caption, "
+                     f"{settings['quality_generations']} per held-out caption, {settings['steps']} DDIM steps, "
+                     f"guidance {settings['guidance']}, seeds from {settings['seed']}, the same for every model.\n")
+    for setting, variants in grouped.items():
+        finetunes = sorted({r["finetune"] for rs in variants.values() for r in rs})
+        parts.append(f"## {setting}\n")
+        parts.append(f"Fine-tunes: {', '.join(f'`{f}`' for f in finetunes)}.\n")
+        budgets = sorted({k.split("@", 1)[1] for k in variants if "@" in k and k.startswith("baf@")})
+        comparison = comparison_table(variants, budgets)
+        if comparison:
+            parts.append("BAF against each baseline at the same budget, paired by fine-tune:\n\n" + comparison + "\n")
+        parts.append(setting_table(variants) + "\n")
+        plot = pareto_plot(variants, setting, figures / f"pareto-{setting}.png")
+        parts.append(f"![memorization against quality, {setting}](results/{plot.name})\n")
+        panel = image_panel(work / "images", finetunes[0], figures / f"samples-{setting}.png")
+        if panel is not None:
+            shown = [k for k in GRID_VARIANTS if (work / "images" / finetunes[0] / f"{k}.png").exists()]
+            parts.append(f"First generation of each duplicated caption, `{finetunes[0]}`; rows top to bottom: "
+                         f"{', '.join(shown)}.\n\n![samples, {setting}](results/{panel.name})\n")
+    if channels:
+        parts.append(render_channels(channels, figures))
+    return "\n".join(parts)
+
+
+def render_channels(channels: dict, figures: Path) -> str:
+    """The channel-level truth section (see `diffmem.bench.channels`)."""
+    from diffmem.bench.channels import channel_section
+
+    return channel_section(channels, figures)
+
+
+def write_results(rows: list[dict], work: str | Path, out: str | Path, channels: dict | None = None) -> Path:
+    """Regenerate `out` (docs/results.md) from `rows`, keeping its hand-written tail."""
+    work, out = Path(work), Path(out)
+    tail = ""
+    if out.exists():
+        text = out.read_text()
+        if HAND_WRITTEN in text:
+            tail = text.split(HAND_WRITTEN, 1)[1]
+    body = render_results(rows, work, out, channels)
+    write_atomic((body.rstrip() + "\n\n" + HAND_WRITTEN + tail).encode(), out)
+    return out
+
+
+def load_channels(path: str | Path) -> dict | None:
+    """Channel-truth results written by `diffmem bench channels`, or None when there are none yet."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None

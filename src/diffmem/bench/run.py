@@ -1,0 +1,151 @@
+"""Run the benchmark: train (or reuse) each fine-tune of the grid, apply every variant, measure, append a row.
+
+Rows go to ``<work>/results.jsonl`` one per (fine-tune, variant, settings), written as soon as measured, so a run
+that stops resumes where it was and a longer grid extends a shorter one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffmem.bench.evaluate import BenchSettings, Probe, measure
+from diffmem.bench.grid import FinetuneSpec, GridCell, Variant, reference_variants
+from diffmem.errors import DiffmemError
+from diffmem.pipeline import filter_lora
+from diffmem.report import image_grid, save_png
+from diffmem.world.check import EXAMPLE_LORA_SHA256, example_lora_path
+from diffmem.world.lora import apply_lora
+from diffmem.world.model import BASE_FILE, assets_dir, load_base
+from diffmem.world.train import FinetuneConfig, finetune
+
+RESULTS_FILE = "results.jsonl"
+
+
+def settings_id(settings: BenchSettings) -> str:
+    """Short hash of the measurement settings: rows measured differently are never mixed."""
+    return hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a results file; a torn last line (a run killed mid-write) is ignored, any other bad line is an
+    error naming the file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise DiffmemError(f"line {number} is not JSON: the results file is damaged", path) from None
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one row and push it to disk before the next measurement starts."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def finetune_path(spec: FinetuneSpec, work: Path) -> Path:
+    """Where the grid keeps a fine-tune's LoRA (its manifest sits beside it)."""
+    return work / "finetunes" / f"{spec.name}.safetensors"
+
+
+def ensure_finetune(spec: FinetuneSpec, work: Path, progress: bool = True) -> Path:
+    """The fine-tune's LoRA file: already in `work`, copied from the committed example (same recipe), or trained
+    now (about 15 minutes on one CPU thread)."""
+    path = finetune_path(spec, work)
+    if path.exists() and path.with_suffix(".json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if spec.finetune_config() == FinetuneConfig():
+        example = example_lora_path()
+        from diffmem.formats.safetensors_io import sha256_file
+
+        if sha256_file(example) != EXAMPLE_LORA_SHA256:
+            raise DiffmemError("the committed example LoRA does not match its pinned sha256", example)
+        shutil.copyfile(example.with_suffix(".json"), path.with_suffix(".json.partial"))
+        shutil.copyfile(example, path)
+        os.replace(path.with_suffix(".json.partial"), path.with_suffix(".json"))
+        return path
+    finetune(path, spec.finetune_config(), progress=progress)
+    return path
+
+
+def variant_row(spec: FinetuneSpec, variant: Variant, report, numbers: dict, settings: BenchSettings,
+                seconds: float) -> dict:
+    """One results row: what was run, what the filter kept, what was measured."""
+    row = {
+        "finetune": spec.name, "setting": spec.setting, "data": spec.data, "rank": spec.rank, "conv": spec.conv,
+        "duplicate": list(spec.duplicate), "seed": spec.seed,
+        "variant": variant.key, "method": variant.method, "budget": variant.budget, "level": variant.level,
+        "settings_id": settings_id(settings), "settings": asdict(settings), "seconds": round(seconds, 1),
+    }
+    if report is not None:
+        row |= {"channels_kept": report.channels_kept, "channels_total": report.channels_total,
+                "energy_kept": round(report.energy_kept, 4)}
+    return row | numbers
+
+
+def run_bench(
+    work: str | Path,
+    cells: Iterable[GridCell],
+    settings: BenchSettings | None = None,
+    threads: int = 1,
+    progress: bool = True,
+) -> list[dict]:
+    """Measure every cell's variants on its fine-tune (training missing fine-tunes), skipping rows already in
+    ``<work>/results.jsonl``. Returns all rows of the file measured with `settings` (default `BenchSettings()`)."""
+    settings = settings or BenchSettings()
+    torch.set_num_threads(threads)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = work / RESULTS_FILE
+    sid = settings_id(settings)
+    done = {(r["finetune"], r["variant"]) for r in read_rows(results) if r.get("settings_id") == sid}
+    base_path = assets_dir() / BASE_FILE
+    base_unet = load_base()
+    for cell in cells:
+        spec = cell.spec
+        lora_path = ensure_finetune(spec, work, progress)
+        default = filter_lora(lora_path, base_path, reference_variants()[2].config, cache_dir=work / "anchors")
+        default_fraction = default.report.channels_kept / default.report.channels_total
+        variants = reference_variants() + cell.plan.variants(default_fraction)
+        todo = [v for v in variants if (spec.name, v.key) not in done]
+        if not todo:
+            continue
+        probe = Probe.from_manifest(json.loads(lora_path.with_suffix(".json").read_text()))
+        for variant in tqdm(todo, desc=spec.name, unit="variant", disable=not progress):
+            started = time.perf_counter()
+            report = None
+            if variant.config is None:
+                unet = base_unet
+            else:
+                result = filter_lora(lora_path, base_path, variant.config, cache_dir=work / "anchors")
+                report = result.report
+                unet = apply_lora(base_unet, result.lora)
+            numbers, generated = measure(unet, probe, settings)
+            save_png(image_grid(generated[:: settings.generations], columns=len(probe.duplicated)),
+                     work / "images" / spec.name / f"{variant.key}.png")
+            append_row(results, variant_row(spec, variant, report, numbers, settings,
+                                            time.perf_counter() - started))
+            done.add((spec.name, variant.key))
+    return [r for r in read_rows(results) if r.get("settings_id") == sid]

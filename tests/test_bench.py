@@ -1,0 +1,234 @@
+"""diffmem.bench: the grid, the statistics, the resumable runner, the report and the channel ablations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, memorizing_labels, separation, share
+from diffmem.bench.evaluate import BenchSettings, retained
+from diffmem.bench.grid import (
+    CORE,
+    FULL_PLAN,
+    QUICK_PLAN,
+    GridCell,
+    VariantPlan,
+    budget_variant,
+    full_grid,
+    reference_variants,
+)
+from diffmem.bench.report import HAND_WRITTEN, comparison_table, with_retention, write_results
+from diffmem.bench.run import append_row, ensure_finetune, read_rows, run_bench, settings_id
+from diffmem.bench.stats import format_interval, mean_interval
+from diffmem.errors import DiffmemError
+from diffmem.filters import BAFConfig
+from diffmem.world.train import FinetuneConfig
+
+# --- grid -----------------------------------------------------------------------------------------------------
+
+
+def test_core_is_the_committed_example_recipe():
+    assert CORE.finetune_config() == FinetuneConfig()
+    assert CORE.name == "faces-r32-conv-d5x100-s0" and CORE.setting == "faces-r32-conv-d5x100"
+
+
+def test_full_grid_puts_core_seeds_first_and_names_are_unique():
+    cells = full_grid(seeds=3, variation_seeds=2)
+    names = [c.spec.name for c in cells]
+    assert len(set(names)) == len(names) == 3 + 2 * 5
+    assert [c.spec.seed for c in cells[:3]] == [0, 1, 2] and all(c.spec.setting == CORE.setting for c in cells[:3])
+    assert {c.spec.data for c in cells} == {"faces", "photos"}
+    assert {c.spec.rank for c in cells} == {4, 32, 64} and {c.spec.conv for c in cells} == {True, False}
+    for cell in cells:
+        assert cell.spec.finetune_config().alpha == cell.spec.rank
+
+
+def test_variant_keys_are_unique_and_budgets_reach_the_selection():
+    keys = [v.key for v in reference_variants() + FULL_PLAN.variants(0.5)]
+    assert len(set(keys)) == len(keys)
+    variant = budget_variant("magnitude", "energy", 0.8)
+    assert variant.config.selection.rule == "energy" and variant.config.selection.keep_fraction == 0.8
+    scale = budget_variant("scale", "energy", 0.5)
+    assert scale.config.selection.rule == "uniform"
+    with pytest.raises(ValueError):
+        budget_variant("scale", "fraction", 0.5)
+    fractions = [v for v in QUICK_PLAN.variants(0.4321) if v.budget == "fraction"]
+    assert {v.level for v in fractions} == {0.432}
+
+
+# --- statistics -----------------------------------------------------------------------------------------------
+
+
+def test_mean_interval_is_student_t():
+    mean, half = mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
+    assert mean_interval([5.0]) == (5.0, None)
+    assert format_interval([0.25, 0.35], digits=0, percent=True) == "30% ± 64%"
+    with pytest.raises(ValueError):
+        mean_interval([])
+
+
+def test_retained_measures_the_share_of_the_gap():
+    assert retained(0.06, base=0.06, tuned=0.05) == pytest.approx(0.0)
+    assert retained(0.05, base=0.06, tuned=0.05) == pytest.approx(1.0)
+    assert retained(0.055, base=0.06, tuned=0.05) == pytest.approx(0.5)
+    assert retained(0.05, base=0.05, tuned=0.05) is None
+
+
+# --- results file ---------------------------------------------------------------------------------------------
+
+
+def test_read_rows_skips_a_torn_last_line_but_not_a_damaged_middle(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_row(path, {"a": 1})
+    append_row(path, {"a": 2})
+    with open(path, "a") as handle:
+        handle.write('{"a": 3, "b"')
+    assert [r["a"] for r in read_rows(path)] == [1, 2]
+    path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(DiffmemError, match="line 2"):
+        read_rows(path)
+    assert read_rows(tmp_path / "missing.jsonl") == []
+
+
+def test_settings_id_changes_with_settings():
+    assert settings_id(BenchSettings()) == settings_id(BenchSettings())
+    assert settings_id(BenchSettings()) != settings_id(BenchSettings(steps=25))
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+
+def fake_row(finetune: str, variant: str, method: str, budget: str, copy: float, loss: float, **extra) -> dict:
+    return {"finetune": finetune, "setting": "s", "variant": variant, "method": method, "budget": budget,
+            "level": extra.pop("level", None), "copy_rate": copy, "heldout_loss": loss, "duplicated_loss": loss,
+            "captions_copied": 1, "own_distance": 0.2, "extracted": 0, "amd": 0.3, "fid": 1.0,
+            "settings": {"generations": 6, "quality_generations": 1, "steps": 10, "guidance": 3.0, "seed": 1000},
+            **extra}
+
+
+def fake_rows() -> list[dict]:
+    rows = []
+    for seed, (baf_copy, random_copy) in enumerate([(0.2, 0.5), (0.3, 0.4)]):
+        f = f"ft{seed}"
+        rows += [
+            fake_row(f, "lora", "none", "none", 0.6, 0.050),
+            fake_row(f, "base", "base", "none", 0.0, 0.060),
+            fake_row(f, "baf@energy=0.8", "baf", "energy", baf_copy, 0.054, level=0.8, channels_kept=5,
+                     channels_total=10, energy_kept=0.8),
+            fake_row(f, "random@energy=0.8", "random", "energy", random_copy, 0.052, level=0.8, channels_kept=6,
+                     channels_total=10, energy_kept=0.8),
+        ]
+    return rows
+
+
+def test_retention_is_relative_to_each_finetune():
+    rows = {(r["finetune"], r["variant"]): r for r in with_retention(fake_rows())}
+    assert rows["ft0", "lora"]["quality_kept"] == pytest.approx(1.0)
+    assert rows["ft0", "base"]["quality_kept"] == pytest.approx(0.0)
+    assert rows["ft0", "baf@energy=0.8"]["quality_kept"] == pytest.approx(0.6)
+
+
+def test_comparison_is_paired_by_finetune():
+    grouped = {}
+    for row in with_retention(fake_rows()):
+        grouped.setdefault(row["variant"], []).append(row)
+    table = comparison_table(grouped, ["energy=0.8"])
+    line = next(line for line in table.splitlines() if "BAF - random" in line)
+    # copy differences -0.3 and -0.1: mean -20%; quality differences -0.2 and -0.2: mean -20%, no spread.
+    assert "-20% ±" in line.split("|")[5] and "-20% ± 0%" in line.split("|")[6]
+
+
+def test_write_results_keeps_the_hand_written_tail(tmp_path):
+    out = tmp_path / "results.md"
+    write_results(fake_rows(), tmp_path, out)
+    text = out.read_text()
+    assert "BAF - random" in text and (tmp_path / "results" / "pareto-s.png").stat().st_size > 1000
+    out.write_text(text + "\nOur reasoning.\n")
+    write_results(fake_rows()[:4], tmp_path, out)
+    text = out.read_text()
+    assert text.count(HAND_WRITTEN) == 1 and text.endswith("Our reasoning.\n")
+    assert "ft1" not in text.split(HAND_WRITTEN)[0]
+
+
+# --- channel truth (pure parts) -------------------------------------------------------------------------------
+
+
+def test_share_and_labels():
+    assert share(0.06, tuned=0.05, base=0.07) == pytest.approx(0.5)
+    assert share(0.06, tuned=0.05, base=0.05) == 0.0
+    records = [
+        {"memorization_share": 0.3, "generalization_share": 0.1, "scores": {"good": 0.1, "bad": 0.9}},
+        {"memorization_share": 0.0, "generalization_share": 0.2, "scores": {"good": 0.8, "bad": 0.2}},
+        {"memorization_share": 0.1, "generalization_share": 0.4, "scores": {"good": 0.7, "bad": 0.5}},
+    ]
+    assert memorizing_labels(records).tolist() == [1.0, 0.0, 0.0]
+    auc = separation(records)
+    assert auc["good"] == pytest.approx(1.0) and auc["bad"] == pytest.approx(0.0)
+    assert separation(records[1:]) == {"good": None, "bad": None}
+
+
+# --- end to end on the embedded world (slow) -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_bench_measures_resumes_and_reports(tmp_path):
+    torch.manual_seed(0)
+    plan = VariantPlan(rule_variants=False, levels=(0.8,), methods=("random",), fraction_methods=("magnitude",))
+    settings = BenchSettings(generations=1, steps=2)
+    rows = run_bench(tmp_path, [GridCell(CORE, plan)], settings, progress=False)
+    assert [r["variant"] for r in rows][:3] == ["lora", "base", "baf"]
+    assert {r["variant"] for r in rows} == {"lora", "base", "baf", "random@energy=0.8", rows[-1]["variant"]}
+    by_key = {r["variant"]: r for r in rows}
+    assert by_key["lora"]["energy_kept"] == 1.0 and by_key["base"].get("energy_kept") is None
+    # The energy rule keeps channels until the share is reached, so it may overshoot by the last channel.
+    assert 0.8 <= by_key["random@energy=0.8"]["energy_kept"] < 1.0
+    # The LoRA learned the faces: lower held-out loss than the base.
+    assert by_key["lora"]["heldout_loss"] < by_key["base"]["heldout_loss"]
+    assert (tmp_path / "images" / CORE.name / "baf.png").exists()
+    before = (tmp_path / "results.jsonl").read_text()
+    again = run_bench(tmp_path, [GridCell(CORE, plan)], settings, progress=False)
+    assert (tmp_path / "results.jsonl").read_text() == before and len(again) == len(rows)
+    out = write_results(again, tmp_path, tmp_path / "results.md")
+    assert "faces-r32-conv-d5x100" in out.read_text()
+
+
+@pytest.mark.slow
+def test_ensure_finetune_reuses_the_committed_example(tmp_path):
+    path = ensure_finetune(CORE, tmp_path)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert manifest["settings"]["seed"] == 0 and len(manifest["duplicated"]) == 5
+    assert not list(path.parent.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_channel_ablation_labels_channels_and_scores_them(tmp_path):
+    path = ensure_finetune(CORE, tmp_path)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    result = ablate_channels(path, manifest, ChannelTruthConfig(max_channels=2, copy_generations=0), progress=False)
+    records = result["channels"]
+    assert len(records) == 2 and records[0]["sigma"] >= records[1]["sigma"]
+    assert set(records[0]["scores"]) >= {"baf", "magnitude", "random"}
+    # Removing the largest channel of the LoRA moves the model back towards the base on at least one loss.
+    assert max(records[0]["memorization_share"], records[0]["generalization_share"]) > 0
+    assert result["reference"]["lora"]["duplicated_loss"] < result["reference"]["base"]["duplicated_loss"]
+    assert BAFConfig().name == "baf"
+
+
+def test_docs_example_prints_what_it_claims():
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bench.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    claimed = re.search(r"prints\n\n```\n(.*?)```", doc, re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/bench.md", "exec"), {})
+    assert out.getvalue() == claimed
