@@ -1,0 +1,60 @@
+"""MemControl's search: Pareto front, choice, and a tiny study end to end (resumed once)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffmem.errors import DiffmemError
+from diffmem.memcontrol.mask import check_mask_fits, load_mask
+from diffmem.memcontrol.search import SearchConfig, TrialResult, normalised_mean_choice, pareto_front, search
+from diffmem.memcontrol.train import MemControlTrainConfig
+from diffmem.world.model import UNetConfig, build_unet
+
+torch.set_num_threads(1)
+TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
+
+
+def test_pareto_front_and_normalised_mean_choice():
+    results = [TrialResult(0, "11", 5.0, 10.0, 9), TrialResult(1, "10", 1.0, 30.0, 4),
+               TrialResult(2, "01", 3.0, 12.0, 5), TrialResult(3, "00", 6.0, 40.0, 0)]
+    front = pareto_front(results)
+    assert [r.number for r in front] == [1, 2, 0]
+    values = [(r.memorization, r.fid) for r in results]
+    # normalised: trial 0 (0.8, 0), trial 1 (0, 0.667), trial 2 (0.4, 0.067) -> trial 2 has the lowest mean
+    assert normalised_mean_choice(values, [0, 1, 2]) == 2
+    assert normalised_mean_choice([(1.0, 1.0), (1.0, 1.0)], [0, 1]) == 0
+
+
+def test_search_settings_are_checked():
+    with pytest.raises(DiffmemError, match="no mask to search"):
+        SearchConfig(method="full")
+    assert SearchConfig(method="attention").mask_granularity == "layers"
+    assert SearchConfig(method="svdiff").mask_granularity == "blocks"
+
+
+@pytest.mark.slow
+def test_two_trial_search_end_to_end_and_resume(tmp_path):
+    torch.manual_seed(0)
+    base = build_unet(TINY).eval()
+    train = MemControlTrainConfig(duplicate=(2, 2), rest_share=0.0, steps=1, batch_size=2)
+    config = SearchConfig(method="svdiff", trials=2, population_size=2, train=train, wen_steps=2,
+                          wen_generations=1, quality_generations=1, quality_steps=2)
+    summary = search(tmp_path / "s", config, base=base, progress=False)
+    assert len(summary["trials"]) == 2
+    assert summary["trials"][0]["bits"] == "11111"  # the published method goes first
+    assert all(t["memorization"] >= 0 and t["fid"] >= 0 for t in summary["trials"])
+    mask = load_mask(tmp_path / "s" / "mask.json")
+    check_mask_fits(mask, base)
+    assert mask.bits == summary["chosen"]["bits"]
+    assert summary["chosen"]["number"] in {t["number"] for t in summary["front"]}
+    assert (tmp_path / "s" / "pareto.png").stat().st_size > 0
+    assert "| trial | mask |" in (tmp_path / "s" / "pareto.md").read_text()
+
+    resumed = search(tmp_path / "s", SearchConfig(**{**config.__dict__, "trials": 3}), base=base, progress=False)
+    assert len(resumed["trials"]) == 3
+    assert resumed["trials"][:2] == summary["trials"]
+    record = json.loads((tmp_path / "s" / "mask.json").read_text())
+    assert record["search"]["method"] == "svdiff"
