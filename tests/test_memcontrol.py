@@ -205,3 +205,21 @@ def test_mitigations_run_through_the_same_loop(tiny_unet):
     with pytest.raises(DiffmemError, match="takes no mask"):
         finetune_with_mask(tiny_unet, MemControlTrainConfig(method="full", steps=1),
                            derive_mask(tiny_unet, "blocks"), progress=False)
+
+
+def test_cli_mask_then_train_writes_a_loadable_unet_and_manifest(tmp_path, capsys):
+    from diffmem.memcontrol.commands import main
+    from diffmem.world.model import load_base, load_unet_file
+
+    assert main(["mask", "--out", str(tmp_path / "mask.json"), "--bits", "00100"]) == 0
+    assert load_mask(tmp_path / "mask.json").bits == "00100"
+    out = tmp_path / "tuned.safetensors"
+    assert main(["train", "--out", str(out), "--method", "difffit", "--mask", str(tmp_path / "mask.json"),
+                 "--steps", "1", "--batch-size", "2", "--duplicate", "2:2", "--rest-share", "0"]) == 0
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["mask"]["bits"] == "00100" and manifest["settings"]["method"] == "difffit"
+    changed = changed_keys(load_unet_file(out), load_base())
+    assert changed and all(k.startswith("mid_block.attentions.0.") for k in changed)
+    with pytest.raises(DiffmemError, match="switches"):
+        main(["mask", "--out", str(tmp_path / "short.json"), "--bits", "01"])
+    assert not (tmp_path / "short.json").exists()

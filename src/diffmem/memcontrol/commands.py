@@ -1,0 +1,161 @@
+"""`diffmem memcontrol ...`: derive a mask, fine-tune the world under a mask, search masks, the Table-1 run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from diffmem.memcontrol.mask import GRANULARITIES
+from diffmem.memcontrol.methods import METHODS
+from diffmem.memcontrol.mitigation import MITIGATIONS
+
+
+def add_training_options(p: argparse.ArgumentParser, steps: int | None, batch_size: int | None) -> None:
+    """Options of the inner fine-tune shared by `train`, `search` and `table` (None: the command's default)."""
+    from diffmem.world.commands import duplicate_spec
+
+    p.add_argument("--data", choices=("faces", "photos"), default="faces", help="fine-tuning data (default faces)")
+    p.add_argument("--duplicate", type=duplicate_spec, metavar="N:K", help="repeat N training images K times")
+    p.add_argument("--rest-share", type=float, help="share of the other training images seen once")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's)")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default {batch_size})")
+    p.add_argument("--threshold", type=float, help="Wen threshold for --mitigation threshold (default 5.0)")
+    p.add_argument("--rwa-probability", type=float, help="random word addition probability (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="picks the duplicated images, seeds training (default 0)")
+
+
+def training_config(args: argparse.Namespace, start):
+    """`start` (a MemControlTrainConfig) with the options given on the command line."""
+    changes = {k: getattr(args, k) for k in ("data", "duplicate", "rest_share", "lr", "steps", "batch_size", "seed")
+               if getattr(args, k, None) is not None}
+    mitigation = start.mitigation
+    if getattr(args, "mitigation", None) is not None:
+        mitigation = replace(mitigation, kind=args.mitigation)
+    if args.threshold is not None:
+        mitigation = replace(mitigation, threshold=args.threshold)
+    if args.rwa_probability is not None:
+        mitigation = replace(mitigation, rwa_probability=args.rwa_probability)
+    return replace(start, **changes, mitigation=mitigation)
+
+
+def add_mask(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("mask", help="write a mask over the world base's attention blocks or layers")
+    p.add_argument("--out", type=Path, required=True, help="mask file (.json) to write")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="blocks",
+                   help="blocks (13 on SD, 5 on the world) or layers (16 on SD, 7 on the world); default blocks")
+    p.add_argument("--bits", help="switches as 0/1 in entry order (down, mid, up); default all on")
+    p.set_defaults(handler=run_mask)
+
+
+def run_mask(args: argparse.Namespace) -> int:
+    from diffmem.memcontrol.mask import derive_mask, mask_to_dict, save_mask
+    from diffmem.world.model import load_base
+
+    mask = derive_mask(load_base(), args.granularity, args.bits)
+    save_mask(mask, args.out)
+    print(json.dumps(mask_to_dict(mask), indent=2))
+    return 0
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    from diffmem.memcontrol.train import MemControlTrainConfig
+
+    d = MemControlTrainConfig()
+    p = subparsers.add_parser("train", help="fine-tune the world base with a PEFT method under a mask")
+    p.add_argument("--out", type=Path, required=True, help="merged UNet (.safetensors, float32); manifest .json beside")
+    p.add_argument("--method", choices=sorted(METHODS), default=d.method, help=f"what to train (default {d.method})")
+    p.add_argument("--mask", type=Path, help="mask file (from `memcontrol mask` or `memcontrol search`); "
+                                             "default: every attention module (the method as published)")
+    p.add_argument("--mitigation", choices=MITIGATIONS, default="none", help="training-time mitigation (default none)")
+    p.add_argument("--base", type=Path, help="world UNet file to fine-tune (default: the committed base)")
+    add_training_options(p, d.steps, d.batch_size)
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from diffmem.memcontrol.mask import load_mask
+    from diffmem.memcontrol.train import MemControlTrainConfig, train_masked
+
+    config = training_config(args, MemControlTrainConfig(method=args.method))
+    mask = None if args.mask is None else load_mask(args.mask)
+    manifest = train_masked(args.out, config, mask, args.base)
+    print(json.dumps({k: manifest[k] for k in ("settings", "trainable_parameters", "final_loss_ema", "wall_time_s",
+                                               "sha256")}, indent=2))
+    return 0
+
+
+def add_search(subparsers: argparse._SubParsersAction) -> None:
+    from diffmem.memcontrol.search import SearchConfig
+
+    d = SearchConfig()
+    p = subparsers.add_parser("search", help="MemControl's mask search (NSGA-II; Wen score and FID)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the study, Pareto table and plot, mask.json")
+    p.add_argument("--method", choices=("svdiff", "difffit", "attention", "lora"), default=d.method,
+                   help=f"search space (default {d.method})")
+    p.add_argument("--granularity", choices=GRANULARITIES, help="default: layers for attention, blocks otherwise")
+    p.add_argument("--trials", type=int, default=d.trials, help=f"trials of the study in all (default {d.trials})")
+    p.add_argument("--population", type=int, default=d.population_size,
+                   help=f"NSGA-II population size (default {d.population_size})")
+    p.add_argument("--storage", help="Optuna RDB URL (default: SQLite in --out); share one to run several workers")
+    p.add_argument("--study-name", help="default memcontrol-<method>-<granularity>")
+    add_training_options(p, d.train.steps, d.train.batch_size)
+    p.set_defaults(handler=run_search)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from diffmem.memcontrol.search import SearchConfig, search
+
+    d = SearchConfig()
+    config = SearchConfig(method=args.method, granularity=args.granularity, trials=args.trials,
+                          population_size=args.population, train=training_config(args, d.train), seed=args.seed)
+    summary = search(args.out, config, args.storage, args.study_name)
+    print((args.out / "pareto.md").read_text())
+    print(f"chosen mask {summary['chosen']['bits']} -> {args.out / 'mask.json'}")
+    return 0
+
+
+def add_table(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("table", help="the seed's Table 1 on the world: every method x mitigation, measured")
+    p.add_argument("--out", type=Path, required=True, help="folder for rows.json and table.md")
+    p.add_argument("--mask", type=Path, help="mask from `memcontrol search` for the MemControl rows")
+    p.add_argument("--quick", action="store_true", help="100 steps of 8 images per row (about half an hour)")
+    add_training_options(p, None, None)
+    p.set_defaults(handler=run_table_command)
+
+
+def run_table_command(args: argparse.Namespace) -> int:
+    from diffmem.memcontrol.table import TableConfig, run_table
+
+    start = TableConfig.quick() if args.quick else TableConfig()
+    config = replace(start, train=training_config(args, start.train))
+    run_table(args.out, config, args.mask)
+    print((args.out / "table.md").read_text())
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `memcontrol` and its sub-commands to the diffmem CLI."""
+    memcontrol = subparsers.add_parser("memcontrol", help="MemControl: choose which parameters a fine-tune trains")
+    commands = memcontrol.add_subparsers(dest="memcontrol_command", required=True)
+    add_mask(commands)
+    add_train(commands)
+    add_search(commands)
+    add_table(commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `memcontrol` sub-commands directly: `python -m diffmem.memcontrol.commands search ...`."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m diffmem.memcontrol.commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["memcontrol", *(argv if argv is not None else sys.argv[1:])])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
