@@ -15,6 +15,7 @@ from diffmem.cli import main
 from diffmem.errors import BadWeightsError, BaseMismatchError, DiffmemError, FileFormatError
 from diffmem.filters import BAFConfig, KeepAllConfig, MagnitudeConfig, RandomConfig, Selection
 from diffmem.formats.lora import read_lora
+from diffmem.formats.safetensors_io import load_file
 from diffmem.pipeline import filter_file, filter_lora, module_channels
 
 
@@ -171,6 +172,9 @@ def test_anchor_cache_is_reused_and_survives_corruption(tmp_path):
     assert cold.anchors_computed == len(cold.modules) and cold.anchors_cached == 0
     assert warm.anchors_computed == 0 and warm.anchors_cached == len(warm.modules)
     assert [m.weights for m in cold.modules] == [m.weights for m in warm.modules]
+    assert [m.scores for m in cold.modules] == [m.scores for m in warm.modules]
+    stored, _ = load_file(next((cache / "anchors").iterdir()))
+    assert {t.dtype for name, t in stored.items() if not name.endswith(".spectrum")} == {torch.float16}
     for file in (cache / "anchors").iterdir():
         file.write_bytes(b"garbage")
     again = filter_lora(lora, base, cache_dir=cache).report

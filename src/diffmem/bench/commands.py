@@ -38,7 +38,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if not args.report_only:
         cells = quick_grid() if args.quick else full_grid(args.seeds, args.variation_seeds)
-        run_bench(work, cells, settings, threads=args.threads)
+        run_bench(work, cells, settings, threads=args.threads, train_missing=not args.no_train)
         channels_path = work / CHANNELS_FILE
         if not args.no_channels and not channels_path.exists():
             config = ChannelTruthConfig(max_channels=16 if args.quick else None)
@@ -67,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds of the central setting (default 3)")
     p.add_argument("--variation-seeds", type=int, default=1, help="seeds of each varied setting (default 1)")
     p.add_argument("--no-channels", action="store_true", help="skip the single-channel ablations")
+    p.add_argument("--no-train", action="store_true",
+                   help="skip grid cells whose fine-tune is not in the work folder yet instead of training it")
     p.add_argument("--report-only", action="store_true", help="only regenerate the report from measured rows")
     add_sampling_options(p)
     p.set_defaults(handler=run_bench_command)

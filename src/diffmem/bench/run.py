@@ -111,9 +111,12 @@ def run_bench(
     settings: BenchSettings | None = None,
     threads: int = 1,
     progress: bool = True,
+    train_missing: bool = True,
 ) -> list[dict]:
     """Measure every cell's variants on its fine-tune (training missing fine-tunes), skipping rows already in
-    ``<work>/results.jsonl``. Returns all rows of the file measured with `settings` (default `BenchSettings()`)."""
+    ``<work>/results.jsonl``. Returns all rows of the file measured with `settings` (default `BenchSettings()`).
+    Without `train_missing`, cells whose fine-tune is not in `work` yet are skipped (e.g. while another process
+    trains them)."""
     settings = settings or BenchSettings()
     torch.set_num_threads(threads)
     work = Path(work)
@@ -125,6 +128,8 @@ def run_bench(
     base_unet = load_base()
     for cell in cells:
         spec = cell.spec
+        if not train_missing and not finetune_path(spec, work).with_suffix(".json").exists():
+            continue
         lora_path = ensure_finetune(spec, work, progress)
         default = filter_lora(lora_path, base_path, reference_variants()[2].config, cache_dir=work / "anchors")
         default_fraction = default.report.channels_kept / default.report.channels_total
