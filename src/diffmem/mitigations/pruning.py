@@ -1,0 +1,102 @@
+"""What the pruning mitigations (NeMo, Wanda) share: weight masks that say exactly which entries they zero,
+applying them to a copy of a UNet, storing them in a file, and recording layer inputs and outputs with hooks.
+
+A mask is ``{parameter name: bool tensor of the parameter's shape}``, True where the weight is set to zero.
+It is the report of what a method changed: applying it changes those entries and no other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from diffmem.errors import BaseMismatchError, FileFormatError
+from diffmem.formats.safetensors_io import load_file, save_file
+
+WeightMasks = dict[str, torch.Tensor]
+
+#: Metadata key naming the method that wrote a mask file.
+METHOD_KEY = "diffmem_mitigation"
+
+
+def masked_count(masks: Mapping[str, torch.Tensor]) -> int:
+    """Number of weight entries a mask zeroes."""
+    return sum(int(mask.sum()) for mask in masks.values())
+
+
+def zero_masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`weight` with the entries where `mask` is True set to zero (a new tensor)."""
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}")
+    return weight.masked_fill(mask.to(device=weight.device, dtype=torch.bool), 0)
+
+
+def check_masks_fit(model: torch.nn.Module, masks: Mapping[str, torch.Tensor], path: str | Path | None = None) -> None:
+    """Raise `BaseMismatchError` when a mask names a parameter the model lacks or has another shape."""
+    parameters = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in parameters:
+            raise BaseMismatchError(f"the mask prunes {name!r}, which this model does not have", path)
+        if tuple(mask.shape) != tuple(parameters[name].shape):
+            raise BaseMismatchError(
+                f"the mask for {name!r} is {tuple(mask.shape)} but the model's parameter is "
+                f"{tuple(parameters[name].shape)}: the mask was made for another model", path)
+
+
+def apply_masks(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of `model` with the masked weights zeroed; `model` itself is untouched."""
+    check_masks_fit(model, masks)
+    pruned = copy.deepcopy(model)
+    parameters = dict(pruned.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            parameters[name].copy_(zero_masked(parameters[name], mask))
+    return pruned
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path, method: str, report: Mapping,
+               protect: tuple[str | Path, ...] = ()) -> Path:
+    """Write masks as a safetensors file of uint8 tensors (1 = zeroed), with the method and its report (JSON) in
+    the metadata; atomic, and never over one of the `protect` input files."""
+    tensors = {name: mask.to(torch.uint8).contiguous() for name, mask in masks.items()}
+    metadata = {METHOD_KEY: method, "diffmem_report": json.dumps(report, sort_keys=True)}
+    return save_file(tensors, path, metadata, protect=protect)
+
+
+def load_masks(path: str | Path) -> tuple[WeightMasks, str, dict]:
+    """(masks, method, report) of a file written by `save_masks`."""
+    tensors, metadata = load_file(path)
+    if METHOD_KEY not in metadata:
+        raise FileFormatError(f"has no `{METHOD_KEY}` metadata: not a pruning mask written by diffmem", path)
+    masks = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.uint8 or bool((tensor > 1).any()):
+            raise FileFormatError(f"mask {name!r} must hold only 0 and 1 as uint8, got {tensor.dtype}", path)
+        masks[name] = tensor.bool()
+    try:
+        report = json.loads(metadata.get("diffmem_report", "{}"))
+    except json.JSONDecodeError as error:
+        raise FileFormatError(f"the `diffmem_report` metadata is not valid JSON ({error})", path) from None
+    return masks, metadata[METHOD_KEY], report
+
+
+def modules_matching(model: torch.nn.Module, accept: Callable[[str, torch.nn.Module], bool]) -> dict[str, torch.nn.Linear]:
+    """{path: module} of the Linear layers of `model` that `accept(path, module)` picks, in model order."""
+    return {path: module for path, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and accept(path, module)}
+
+
+@contextlib.contextmanager
+def forward_hooks(modules: Mapping[str, torch.nn.Module], make_hook: Callable[[str], Callable]) -> Iterator[None]:
+    """Register `make_hook(path)` as a forward hook on every module for the duration of the block."""
+    handles = [module.register_forward_hook(make_hook(path)) for path, module in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,222 @@
+"""Wanda-style pruning of memorization weights in the feed-forward layers (Chavhan et al. 2024, "Memorized Images
+in Diffusion Models share a Subspace that can be Located and Deleted", arXiv 2406.18566), scoring weights as
+Wanda does (Sun et al. 2024, "A Simple and Effective Pruning Approach for Large Language Models", ICLR).
+
+For the second linear layer of every transformer block's feed-forward network (`ff.net.2`, weight W [out, in]):
+
+- S_ij = |W_ij| * ||X_j||, with ||X_j|| the L2 norm of input feature j over all tokens, sampling steps,
+  generations and memorized prompts;
+- the same score with the activations the empty prompt gives at the same noisy inputs;
+- pruned: the top 1% of each output row by the memorized-prompt score where it beats the empty-prompt score
+  (weights that memorized prompts use more than unconditional generation does).
+
+Activations are recorded along the guided DDIM trajectories of the memorized prompts: at every step the UNet is
+called once with the prompt and once with the empty prompt on the same x_t, so the two norms are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from diffmem.errors import DiffmemError
+from diffmem.mitigations.pruning import WeightMasks, apply_masks, forward_hooks, modules_matching
+
+
+@dataclass(frozen=True)
+class WandaConfig:
+    """Settings of the Wanda-style memorization pruning (Chavhan et al. 2024).
+
+    Args:
+        fraction: share of each output row's weights considered for pruning, ranked by the memorized-prompt
+            score: 0.01 (the top 1%) as in Chavhan et al.; at least one weight per row is considered.
+        generations: noise draws (sampling trajectories) per memorized prompt whose activations are recorded; 4
+            as Wen et al.'s detector uses, enough for stable norms over the world's 16 x 16 and 8 x 8 tokens.
+        steps: DDIM steps of each trajectory (the world's sampler, `diffmem.world.diffusion`); activations of every
+            step count. 10 as the benchmark samples.
+        guidance: classifier-free guidance scale of the trajectories; 3.0 as the world samples everywhere.
+        seed: first noise seed; prompt i uses seeds seed + i * generations ... .
+    """
+
+    fraction: float = 0.01
+    generations: int = 4
+    steps: int = 10
+    guidance: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}")
+        if self.generations < 1 or self.steps < 1:
+            raise ValueError(f"need generations >= 1 and steps >= 1, got {self}")
+
+
+def feed_forward_outputs(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The second feed-forward linear (`...transformer_blocks.M.ff.net.2`) of every transformer block."""
+    layers = modules_matching(unet, lambda path, _: path.endswith(".ff.net.2") and ".transformer_blocks." in path)
+    if not layers:
+        raise DiffmemError("the UNet has no transformer feed-forward layer (transformer_blocks.N.ff.net.2)")
+    return layers
+
+
+def input_feature_norms(square_sums: torch.Tensor) -> torch.Tensor:
+    """||X_j||_2 from the per-feature sums of squared inputs (Sun et al. 2024, eq. 1)."""
+    return square_sums.clamp_min(0).sqrt()
+
+
+def wanda_scores(weight: torch.Tensor, feature_norms: torch.Tensor) -> torch.Tensor:
+    """S_ij = |W_ij| * ||X_j|| for a weight [out, in] and input norms [in] (Sun et al. 2024, eq. 1)."""
+    if weight.ndim != 2 or feature_norms.shape != (weight.shape[1],):
+        raise ValueError(f"need weight [out, in] and norms [in], got {tuple(weight.shape)} and "
+                         f"{tuple(feature_norms.shape)}")
+    return weight.abs() * feature_norms[None, :]
+
+
+def per_row_count(in_features: int, fraction: float) -> int:
+    """Weights per output row in the top `fraction`: ceil(fraction * in), at least 1."""
+    return min(in_features, max(1, math.ceil(fraction * in_features - 1e-9)))
+
+
+def top_fraction_per_row(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Bool mask of the `per_row_count` highest scores of each row (Wanda's per-output comparison group)."""
+    count = per_row_count(scores.shape[1], fraction)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter(1, scores.topk(count, dim=1).indices, True)
+
+
+def memorization_weights(weight: torch.Tensor, prompt_norms: torch.Tensor, empty_norms: torch.Tensor,
+                         fraction: float) -> torch.Tensor:
+    """Weights to prune: in the top `fraction` of their row by the memorized-prompt score and scoring higher for
+    the memorized prompts than for the empty prompt (Chavhan et al. 2024)."""
+    prompt_scores = wanda_scores(weight, prompt_norms)
+    return top_fraction_per_row(prompt_scores, fraction) & (prompt_scores > wanda_scores(weight, empty_norms))
+
+
+class InputSquareSums:
+    """Forward hooks that add up the squared inputs of each layer per input feature, under the current label."""
+
+    def __init__(self, layers: Mapping[str, torch.nn.Linear]):
+        self.layers = layers
+        self.label = ""
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+
+    def hook(self, path: str) -> Callable:
+        def record(_module, inputs, _output):
+            features = inputs[0].detach().float()
+            squares = features.reshape(-1, features.shape[-1]).square().sum(dim=0).cpu()
+            per_label = self.sums.setdefault(self.label, {})
+            per_label[path] = per_label[path] + squares if path in per_label else squares
+        return record
+
+    def recording(self):
+        return forward_hooks(self.layers, self.hook)
+
+
+def trajectory_square_sums(
+    unet: torch.nn.Module,
+    layers: Mapping[str, torch.nn.Linear],
+    prompt_states: torch.Tensor,
+    empty_states: torch.Tensor,
+    noise: torch.Tensor,
+    config: WandaConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-feature sums of squared inputs of `layers`, (memorized prompts, empty prompt), over guided DDIM
+    trajectories started from `noise` [P * generations, C, H, W] (world sampler: `diffmem.world.diffusion`)."""
+    from diffmem.world.diffusion import ddim_step, ddim_timesteps, predict_noise
+
+    context = prompt_states.repeat_interleave(config.generations, dim=0)
+    empty = empty_states.expand(context.shape[0], -1, -1)
+    recorder = InputSquareSums(layers)
+    schedule = ddim_timesteps(config.steps)
+    x = noise
+    with torch.no_grad(), recorder.recording():
+        for i, t in enumerate(schedule):
+            steps = torch.full((x.shape[0],), t, dtype=torch.long)
+            # Two calls rather than one batched call, so each recorded activation is known to belong to its context.
+            recorder.label = "prompt"
+            eps_prompt = predict_noise(unet, x, steps, context)
+            recorder.label = "empty"
+            eps_empty = predict_noise(unet, x, steps, empty)
+            guided = eps_empty + config.guidance * (eps_prompt - eps_empty)
+            x = ddim_step(x, guided, t, schedule[i + 1] if i + 1 < len(schedule) else -1)
+    return recorder.sums["prompt"], recorder.sums["empty"]
+
+
+@dataclass
+class WandaResult:
+    """Which feed-forward weights were pruned, per layer, and how they were chosen."""
+
+    pruned: dict[str, int]
+    candidates: dict[str, int]
+    totals: dict[str, int]
+    prompts: list[str]
+    config: WandaConfig
+
+    def report(self) -> dict:
+        """JSON-ready summary: pruned weights per layer (of the top-fraction candidates and of all weights)."""
+        return {
+            "method": "wanda",
+            "config": asdict(self.config),
+            "prompts": self.prompts,
+            "pruned_count": sum(self.pruned.values()),
+            "candidate_count": sum(self.candidates.values()),
+            "weight_count": sum(self.totals.values()),
+            "layers": {path: {"pruned": self.pruned[path], "candidates": self.candidates[path],
+                              "weights": self.totals[path]} for path in self.pruned},
+        }
+
+
+def locate_weights(
+    unet: torch.nn.Module,
+    prompts: Sequence[str],
+    prompt_states: torch.Tensor,
+    empty_states: torch.Tensor,
+    config: WandaConfig = WandaConfig(),
+) -> tuple[WeightMasks, WandaResult]:
+    """(masks of the `ff.net.2` weights to prune, report) from text states of memorized prompts [P, L, D] and of the
+    empty prompt [1, L, D]. `unet` is not modified."""
+    from diffmem.world.diffusion import initial_noise
+
+    layers = feed_forward_outputs(unet)
+    seeds = [config.seed + i for i in range(len(prompts) * config.generations)]
+    size = unet.config.sample_size
+    noise = initial_noise(seeds, unet.config.in_channels, size if isinstance(size, int) else size[0])
+    prompt_sums, empty_sums = trajectory_square_sums(unet, layers, prompt_states, empty_states, noise, config)
+    masks, pruned, candidates, totals = {}, {}, {}, {}
+    for path, layer in layers.items():
+        weight = layer.weight.detach().float()
+        mask = memorization_weights(weight, input_feature_norms(prompt_sums[path]),
+                                    input_feature_norms(empty_sums[path]), config.fraction)
+        masks[f"{path}.weight"] = mask
+        pruned[path] = int(mask.sum())
+        candidates[path] = weight.shape[0] * per_row_count(weight.shape[1], config.fraction)
+        totals[path] = weight.numel()
+    return masks, WandaResult(pruned, candidates, totals, list(prompts), config)
+
+
+def wanda_mitigate(
+    unet: torch.nn.Module,
+    memorized_prompts: Sequence[str],
+    lora=None,
+    config: WandaConfig = WandaConfig(),
+    encode: Callable[[list[str]], torch.Tensor] | None = None,
+) -> tuple[torch.nn.Module, WandaResult, WeightMasks]:
+    """Wanda-style pruning as a mitigation: (pruned copy of the UNet, report, the weight masks it applied).
+
+    `lora` (a file or `LoraFile`) is merged into a copy first (`diffmem.world.lora.apply_lora`); `encode` turns
+    prompts into text states (default: the world's text encoder). The input `unet` is never modified.
+    """
+    if lora is not None:
+        from diffmem.world.lora import apply_lora
+
+        unet = apply_lora(unet, lora)
+    if encode is None:
+        from diffmem.world.text import encode_prompts as encode
+    if not memorized_prompts:
+        raise DiffmemError("Wanda pruning needs at least one memorized prompt")
+    masks, result = locate_weights(unet, list(memorized_prompts), encode(list(memorized_prompts)), encode([""]),
+                                   config)
+    return apply_masks(unet, masks), result, masks
