@@ -1,0 +1,167 @@
+"""`diffmem mitigate ...` sub-commands: NeMo and Wanda-style pruning of a world model, and applying a mask file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from diffmem.errors import DiffmemError
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Model, prompts and outputs shared by `mitigate nemo` and `mitigate wanda`."""
+    parser.add_argument("--base", type=Path, help="world UNet file (default: the committed world base)")
+    parser.add_argument("--lora", type=Path, help="LoRA merged into the base before pruning")
+    parser.add_argument("--manifest", type=Path,
+                        help="world fine-tune manifest: memorized = duplicated captions, ordinary = held-out and "
+                             "seen-once captions, calibration = held-out captions")
+    parser.add_argument("--prompts", type=Path, help="text file of memorized prompts (instead of --manifest)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="mask file to write (.safetensors, uint8 1 = zeroed weight; the report in its metadata)")
+    parser.add_argument("--unet-out", type=Path, help="also write the pruned UNet (float32 world UNet file)")
+    parser.add_argument("--json", type=Path, help="also write the report (and --measure numbers) as JSON")
+    parser.add_argument("--measure", action="store_true",
+                        help="with --manifest: copy rate, held-out loss and FID before and after (about a minute)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+
+def read_prompts(args: argparse.Namespace):
+    """The `Prompts` the options name: from a manifest, or from prompt files."""
+    from diffmem.audit import load_prompts
+    from diffmem.mitigations.run import Prompts, manifest_prompts, read_manifest
+
+    prompts = manifest_prompts(read_manifest(args.manifest)) if args.manifest is not None else Prompts([])
+    if args.prompts is not None:
+        prompts.memorized = load_prompts(args.prompts)
+    if not prompts.memorized:
+        raise DiffmemError("give the memorized prompts: --manifest (a world fine-tune's) or --prompts FILE")
+    for option in ("ordinary", "calibration"):
+        if getattr(args, option, None) is not None:
+            setattr(prompts, option, load_prompts(getattr(args, option)))
+    return prompts
+
+
+def finish(args: argparse.Namespace, unet, pruned, masks, method: str, report: dict) -> int:
+    """Write the outputs, measure when asked, print the summary."""
+    from diffmem.mitigations.run import measure_before_after, read_manifest, write_outputs
+
+    if args.measure:
+        if args.manifest is None:
+            raise DiffmemError("--measure needs --manifest (the images to test copies against)")
+        report = {**report, "measure": measure_before_after(unet, pruned, read_manifest(args.manifest))}
+    protect = [p for p in (args.base, args.lora, args.manifest, args.prompts) if p is not None]
+    report = write_outputs(unet, masks, method, report, args.out, args.unet_out, args.json, protect)
+    print(f"{method}: zeroed {report['pruned_weights']} weights; mask written to {args.out}")
+    if "measure" in report:
+        for when in ("before", "after"):
+            print(f"{when}: {json.dumps(report['measure'][when])}")
+    return 0
+
+
+def run_nemo(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffmem.mitigations.nemo import NeMoConfig, describe, nemo_mitigate
+    from diffmem.mitigations.run import load_world_model
+
+    torch.set_num_threads(args.threads)
+    prompts = read_prompts(args)
+    if not prompts.ordinary:
+        raise DiffmemError("NeMo needs ordinary prompts for its activation statistics: --manifest or --ordinary FILE")
+    config = NeMoConfig(blocks=tuple(args.blocks.split(",")), generations=args.generations,
+                        threshold_stds=args.threshold_stds, refine=not args.no_refine)
+    unet = load_world_model(args.base, args.lora)
+    pruned, result, masks = nemo_mitigate(
+        unet, prompts.memorized, prompts.ordinary, prompts.calibration or None, config=config, threshold=args.threshold,
+        progress=lambda p: print(f"  {p.prompt!r}: {p.count} neurons, signal {p.signal_before:.3f} -> "
+                                 f"{p.signal_after:.3f}", flush=True))
+    print(describe(result))
+    return finish(args, unet, pruned, masks, "nemo", result.report())
+
+
+def run_wanda(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffmem.mitigations.run import load_world_model
+    from diffmem.mitigations.wanda import WandaConfig, wanda_mitigate
+
+    torch.set_num_threads(args.threads)
+    prompts = read_prompts(args)
+    config = WandaConfig(fraction=args.fraction, generations=args.generations, steps=args.steps)
+    unet = load_world_model(args.base, args.lora)
+    pruned, result, masks = wanda_mitigate(unet, prompts.memorized, config=config)
+    for path, numbers in result.report()["layers"].items():
+        print(f"  {path}: {numbers['pruned']} of {numbers['candidates']} top-{config.fraction:.0%} weights pruned")
+    return finish(args, unet, pruned, masks, "wanda", result.report())
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    from diffmem.mitigations.run import apply_mask_file
+
+    result = apply_mask_file(args.masks, args.base, args.lora, args.out)
+    print(f"{result['method']}: zeroed {result['pruned_weights']} weights; pruned UNet written to {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `mitigate` and its sub-commands to the diffmem CLI."""
+    from diffmem.mitigations.nemo import NeMoConfig
+    from diffmem.mitigations.wanda import WandaConfig
+
+    mitigate = subparsers.add_parser("mitigate", help="prune memorization out of a world model (NeMo, Wanda)")
+    commands = mitigate.add_subparsers(dest="mitigate_command", required=True)
+
+    n = NeMoConfig()
+    nemo = commands.add_parser("nemo", help="deactivate memorization neurons of the cross-attention value layers "
+                                            "(Hintersdorf et al. 2024)")
+    add_model_options(nemo)
+    nemo.add_argument("--ordinary", type=Path, help="text file of ordinary prompts for the activation statistics")
+    nemo.add_argument("--calibration", type=Path,
+                      help="text file of non-memorized prompts that set the memorization threshold")
+    nemo.add_argument("--threshold", type=float, help="memorization threshold of the first-step Wen score "
+                                                      f"(default: calibration mean + {n.threshold_stds:g} std)")
+    nemo.add_argument("--threshold-stds", type=float, default=n.threshold_stds,
+                      help=f"standard deviations above the calibration mean (default {n.threshold_stds:g})")
+    nemo.add_argument("--blocks", default=",".join(n.blocks),
+                      help="UNet blocks whose attn2.to_v layers are searched (default %(default)s)")
+    nemo.add_argument("--generations", type=int, default=n.generations,
+                      help=f"noise draws of the first-step signal (default {n.generations})")
+    nemo.add_argument("--no-refine", action="store_true", help="keep the initial selection, skip the refinement")
+    nemo.set_defaults(handler=run_nemo)
+
+    w = WandaConfig()
+    wanda = commands.add_parser("wanda", help="prune feed-forward weights that memorized prompts use more than the "
+                                              "empty prompt (Chavhan et al. 2024)")
+    add_model_options(wanda)
+    wanda.add_argument("--fraction", type=float, default=w.fraction,
+                       help=f"share of each row considered, by score (default {w.fraction:g})")
+    wanda.add_argument("--generations", type=int, default=w.generations,
+                       help=f"sampling trajectories per prompt (default {w.generations})")
+    wanda.add_argument("--steps", type=int, default=w.steps, help=f"DDIM steps per trajectory (default {w.steps})")
+    wanda.set_defaults(handler=run_wanda)
+
+    apply = commands.add_parser("apply", help="apply a mask file to a world model and write the pruned UNet")
+    apply.add_argument("--masks", type=Path, required=True, help="mask file from `mitigate nemo` or `mitigate wanda`")
+    apply.add_argument("--base", type=Path, help="world UNet file (default: the committed world base)")
+    apply.add_argument("--lora", type=Path, help="LoRA merged into the base first")
+    apply.add_argument("--out", type=Path, required=True, help="pruned UNet file to write")
+    apply.set_defaults(handler=run_apply)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `mitigate` sub-commands directly: `python -m diffmem.mitigations.commands nemo ...`."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m diffmem.mitigations.commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["mitigate", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.handler(args)
+    except DiffmemError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
