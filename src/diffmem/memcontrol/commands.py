@@ -10,6 +10,7 @@ from pathlib import Path
 from diffmem.memcontrol.mask import GRANULARITIES
 from diffmem.memcontrol.methods import METHODS
 from diffmem.memcontrol.mitigation import MITIGATIONS
+from diffmem.memcontrol.table import BASELINES
 
 
 def add_training_options(p: argparse.ArgumentParser, steps: int | None, batch_size: int | None) -> None:
@@ -20,8 +21,10 @@ def add_training_options(p: argparse.ArgumentParser, steps: int | None, batch_si
     p.add_argument("--duplicate", type=duplicate_spec, metavar="N:K", help="repeat N training images K times")
     p.add_argument("--rest-share", type=float, help="share of the other training images seen once")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's)")
-    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default {batch_size})")
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"optimizer steps (default {steps if steps is not None else '500, or 100 with --quick'})")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"images per step (default {batch_size if batch_size is not None else '16, or 8 with --quick'})")
     p.add_argument("--threshold", type=float, help="Wen threshold for --mitigation threshold (default 5.0)")
     p.add_argument("--rwa-probability", type=float, help="random word addition probability (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="picks the duplicated images, seeds training (default 0)")
@@ -122,17 +125,66 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for rows.json and table.md")
     p.add_argument("--mask", type=Path, help="mask from `memcontrol search` for the MemControl rows")
     p.add_argument("--quick", action="store_true", help="100 steps of 8 images per row (about half an hour)")
+    p.add_argument("--mitigations", default=",".join(MITIGATIONS),
+                   help="comma-separated mitigations crossed with every method (default %(default)s)")
+    p.add_argument("--methods", default=",".join(BASELINES),
+                   help="comma-separated baseline methods (default %(default)s)")
     add_training_options(p, None, None)
     p.set_defaults(handler=run_table_command)
+
+
+def split_names(text: str) -> tuple[str, ...]:
+    """`a,b` -> ("a", "b")."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def run_table_command(args: argparse.Namespace) -> int:
     from diffmem.memcontrol.table import TableConfig, run_table
 
     start = TableConfig.quick() if args.quick else TableConfig()
-    config = replace(start, train=training_config(args, start.train))
+    config = replace(start, train=training_config(args, start.train), mitigations=split_names(args.mitigations),
+                     methods=split_names(args.methods))
     run_table(args.out, config, args.mask)
     print((args.out / "table.md").read_text())
+    return 0
+
+
+def add_norms(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("norms", help="the norms Wen's threshold mitigation compares, on the training faces "
+                                            "(to choose --threshold)")
+    p.add_argument("--model", default="base",
+                   help="base, example-lora (the committed memorizing LoRA) or a world UNet file (default base)")
+    p.add_argument("--draws", type=int, default=4, help="noisy copies per image at uniform timesteps (default 4)")
+    p.set_defaults(handler=run_norms)
+
+
+def run_norms(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffmem.memcontrol.mitigation import training_norms
+    from diffmem.world.check import load_example_lora
+    from diffmem.world.data import faces_dataset
+    from diffmem.world.model import load_base, load_unet_file
+
+    torch.set_num_threads(1)
+    duplicated_ids: set[str] = set()
+    if args.model == "base":
+        unet = load_base()
+    elif args.model == "example-lora":
+        unet, manifest = load_example_lora()
+        duplicated_ids = {e["id"] for e in manifest["duplicated"]}
+    else:
+        unet = load_unet_file(args.model)
+    faces = faces_dataset("train")
+    norms, _ = training_norms(unet, faces.images, faces.captions, args.draws)
+    duplicated = torch.tensor([i in duplicated_ids for i in faces.ids]).repeat(args.draws)
+    quantiles = torch.quantile(norms, torch.tensor([0.5, 0.75, 0.9, 0.95]))
+    report = {"model": args.model, "quantiles_50_75_90_95": [round(q, 3) for q in quantiles.tolist()],
+              "dropped_at": {str(t): {"duplicated": round(float((norms[duplicated] >= t).float().mean()), 3)
+                                      if duplicated.any() else None,
+                                      "others": round(float((norms[~duplicated] >= t).float().mean()), 3)}
+                             for t in (3.0, 4.0, 5.0, 6.0)}}
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -144,6 +196,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_train(commands)
     add_search(commands)
     add_table(commands)
+    add_norms(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.memcontrol.mask import Mask, load_mask
-from diffmem.memcontrol.mitigation import MITIGATIONS
+from diffmem.memcontrol.methods import check_method
+from diffmem.memcontrol.mitigation import MITIGATIONS, MitigationConfig
 from diffmem.memcontrol.search import SearchConfig, memorization_objective
 from diffmem.memcontrol.train import MemControlTrainConfig, finetune_with_mask, manifest_of
 
@@ -31,11 +32,19 @@ class TableConfig:
             `quick()` runs 100 x 8, which memorizes less (see docs/memcontrol.md).
         wen: sampling of Wen's score (steps, generations, guidance) on the duplicated captions.
         mitigations: the mitigations crossed with every method.
+        methods: the baseline fine-tuning methods (the "Freeze" row always comes first).
     """
 
     train: MemControlTrainConfig = field(default_factory=MemControlTrainConfig)
     wen: SearchConfig = field(default_factory=lambda: SearchConfig(wen_steps=10, wen_generations=2))
     mitigations: tuple[str, ...] = MITIGATIONS
+    methods: tuple[str, ...] = BASELINES
+
+    def __post_init__(self) -> None:
+        for name in self.mitigations:
+            MitigationConfig(kind=name)
+        for name in self.methods:
+            check_method(name)
 
     @classmethod
     def quick(cls) -> TableConfig:
@@ -43,10 +52,11 @@ class TableConfig:
         return cls(train=MemControlTrainConfig(steps=100, batch_size=8))
 
 
-def table_rows(mask: Mask | None, mask_method: str | None, mitigations: tuple[str, ...]) -> list[tuple[str, str, bool]]:
+def table_rows(mask: Mask | None, mask_method: str | None, mitigations: tuple[str, ...],
+               methods: tuple[str, ...] = BASELINES) -> list[tuple[str, str, bool]]:
     """(method, mitigation, uses the mask) per row, in the seed's order; MemControl rows only with a mask."""
     rows = [("none", "none", False)]
-    rows += [(m, g, False) for m in BASELINES for g in mitigations]
+    rows += [(m, g, False) for m in methods if m != "none" for g in mitigations]
     if mask is not None:
         rows += [(mask_method, g, True) for g in mitigations]
     return rows
@@ -90,7 +100,7 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
     embedder = load_copy_embedder()
     probe = None
     rows: list[dict] = []
-    for method, mitigation, masked in table_rows(mask, mask_method, config.mitigations):
+    for method, mitigation, masked in table_rows(mask, mask_method, config.mitigations, config.methods):
         train = replace(config.train, method=method, mitigation=replace(config.train.mitigation, kind=mitigation))
         began = time.time()
         result = finetune_with_mask(base, train, mask if masked else None, progress=False)
