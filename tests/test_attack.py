@@ -181,10 +181,8 @@ def test_command_without_a_copy_test_fails_before_writing(tmp_path, tiny_files):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
-def test_dori_brings_a_memorized_face_back_from_an_unrelated_prompt():
-    """The example LoRA memorized five faces; the embedding of "a photo of a brick wall" never draws one. Dori from
-    that start finds an embedding whose fresh generations copy the face (measured: 0/8 -> 8/8, docs/attack.md)."""
+def example_lora_world():
+    """(base with the example LoRA merged, duplicated images, held-out faces, the LoRA's training images)."""
     from diffmem.world.check import example_lora_path, manifest_images
     from diffmem.world.data import ImageSet
     from diffmem.world.lora import apply_lora
@@ -193,8 +191,43 @@ def test_dori_brings_a_memorized_face_back_from_an_unrelated_prompt():
     manifest = json.loads(example_lora_path().with_suffix(".json").read_text())
     duplicated = manifest_images(manifest, "duplicated")
     reference = ImageSet.concat([duplicated, manifest_images(manifest, "seen_once")]).images
-    unet = apply_lora(load_base(), example_lora_path())
+    return apply_lora(load_base(), example_lora_path()), duplicated, manifest_images(manifest, "heldout"), reference
+
+
+@pytest.mark.slow
+def test_dori_brings_a_memorized_face_back_from_an_unrelated_prompt():
+    """The example LoRA memorized five faces; the embedding of "a photo of a brick wall" never draws one. Dori from
+    that start finds an embedding whose fresh generations copy the face (measured: 0/8 -> 8/8, docs/attack.md)."""
+    unet, duplicated, _, reference = example_lora_world()
     outcome = run_dori(unet, duplicated.images[:1], duplicated.captions[0], DoriConfig(start="unrelated"), reference)
     assert outcome.before.rate == 0.0
     assert outcome.after.rate >= 0.75
     assert outcome.after.distance.median() < outcome.before.distance.median() / 2
+
+
+@pytest.mark.slow
+def test_dori_does_not_conjure_a_face_the_lora_never_saw():
+    """Control: the same search for a held-out face (never trained on) gives no copies, so the attack's success
+    above is memorization coming back, not the search painting any image it is given (measured: 0/8 -> 0/8)."""
+    unet, _, heldout, reference = example_lora_world()
+    face = heldout.images[:1]
+    outcome = run_dori(unet, face, heldout.captions[0], DoriConfig(), torch.cat([reference, face]))
+    assert outcome.after.rate == 0.0
+
+
+def test_robustness_rows_cover_every_model_and_caption(tiny_unet, target):
+    from diffmem.attack.table import markdown_rows, robustness_table
+    from diffmem.world.data import ImageSet
+
+    others = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    images = ImageSet(images=torch.cat([target, others[:1]]), captions=["a photo of a cat", "a photo of a dog"],
+                      ids=["t/0", "t/1"])
+    rows = robustness_table({"tiny": tiny_unet, "tiny again": tiny_unet}, images, torch.cat([target, others]),
+                            FAST, FEW, heldout=images)
+    assert [r.model for r in rows] == ["tiny", "tiny again"]
+    # Same seeds and search settings for every model: the same weights give the same numbers.
+    assert {**rows[0].to_dict(), "model": ""} == {**rows[1].to_dict(), "model": ""}
+    assert rows[0].captions == 2 and len(rows[0].per_caption_dori) == 2
+    assert 0 <= rows[0].copy_rate_prompt <= 1 and 0 <= rows[0].copy_rate_dori <= 1
+    assert rows[0].heldout_loss > 0
+    assert markdown_rows(rows).count("\n") == 3

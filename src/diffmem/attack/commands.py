@@ -147,8 +147,89 @@ def run_dori_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_table(subparsers: argparse._SubParsersAction) -> None:
+    from diffmem.world.check import CheckSettings
+
+    d, s = DoriConfig(), CheckSettings()
+    p = subparsers.add_parser(
+        "table", help="copy rates of base, LoRA and BAF-filtered LoRA on the duplicated captions, as prompted and "
+                      "under Dori",
+        description="For a world LoRA with its manifest: each duplicated caption is prompted, then its image is "
+                    "attacked with Dori, on the base alone (control), the LoRA, and the LoRA filtered by BAF "
+                    "(default settings). Fresh generations are judged with Carlini's relative copy test against "
+                    "the LoRA's training images.")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="world LoRA with its manifest .json beside it (default: the committed example LoRA)")
+    p.add_argument("--base", type=Path, default=None, help="world UNet file (default: the committed base)")
+    p.add_argument("--start", choices=START_KINDS, default=d.start, help=f"Dori start (default {d.start})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"Dori Adam steps (default {d.steps})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"Dori seed (default {d.seed})")
+    p.add_argument("--generations", type=int, default=s.generations,
+                   help=f"fresh generations per caption and model (default {s.generations})")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    p.set_defaults(handler=run_table_command)
+
+
+def run_table_command(args: argparse.Namespace) -> int:
+    from diffmem.attack.table import markdown_rows, robustness_table
+    from diffmem.errors import DiffmemError
+    from diffmem.filters import BAFConfig
+    from diffmem.formats.safetensors_io import write_atomic
+    from diffmem.pipeline import filter_lora
+    from diffmem.world.check import CheckSettings, example_lora_path, manifest_images
+    from diffmem.world.lora import apply_lora
+    from diffmem.world.model import BASE_FILE, assets_dir, load_base, load_unet_file
+
+    lora = args.lora or example_lora_path()
+    reference = manifest_reference(lora)
+    if reference is None:
+        raise DiffmemError("no manifest .json beside the LoRA listing its training images (written by "
+                           "`diffmem world finetune`)", lora)
+    manifest = json.loads(lora.with_suffix(".json").read_text())
+    try:
+        config = DoriConfig(steps=args.steps, start=args.start, seed=args.seed)
+    except ValueError as error:
+        raise DiffmemError(str(error)) from None
+    base_path = args.base or assets_dir() / BASE_FILE
+    base = load_base() if args.base is None else load_unet_file(args.base)
+    models = {
+        "base (never saw the images)": base,
+        "LoRA": apply_lora(base, lora),
+        "LoRA + BAF (default)": apply_lora(base, filter_lora(lora, base_path, BAFConfig(), use_cache=False).lora),
+    }
+    rows = robustness_table(models, manifest_images(manifest, "duplicated"), reference, config,
+                            CheckSettings(generations=args.generations), heldout=manifest_images(manifest, "heldout"))
+    print(markdown_rows(rows))
+    if args.json is not None:
+        record = {"lora": str(lora), "dori": asdict(config), "generations": args.generations,
+                  "rows": [row.to_dict() for row in rows]}
+        write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json, protect=(lora,))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `attack` and its sub-commands to the diffmem CLI."""
     attack = subparsers.add_parser("attack", help="attacks on memorization mitigations (Dori)")
     commands = attack.add_subparsers(dest="attack_command", required=True)
     add_dori(commands)
+    add_table(commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `attack` sub-commands directly: `python -m diffmem.attack.commands dori ...`."""
+    import sys
+
+    from diffmem.errors import DiffmemError
+
+    parser = argparse.ArgumentParser(prog="python -m diffmem.attack.commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["attack", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.handler(args)
+    except DiffmemError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

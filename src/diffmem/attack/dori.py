@@ -129,7 +129,7 @@ def dori_search(
     unet: UNet2DConditionModel, target: torch.Tensor, start: torch.Tensor, config: DoriConfig | None = None
 ) -> DoriResult:
     """Minimise || eps - eps_theta(x_t, t, y) ||^2 over the text embedding y, with x_0 = `target` and fresh noise and
-    timesteps every step (Kowalczuk et al. 2025, "Finding Dori", sec. 3). The UNet's weights are left untouched."""
+    timesteps every step (Kowalczuk et al. 2025, "Finding Dori"). The UNet's weights are left untouched."""
     config = config or DoriConfig()
     target = check_target(unet, target)
     start = check_embedding(unet, start)
