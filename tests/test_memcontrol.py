@@ -223,3 +223,19 @@ def test_cli_mask_then_train_writes_a_loadable_unet_and_manifest(tmp_path, capsy
     with pytest.raises(DiffmemError, match="switches"):
         main(["mask", "--out", str(tmp_path / "short.json"), "--bits", "01"])
     assert not (tmp_path / "short.json").exists()
+
+
+def test_table_rows_follow_the_seeds_table_1(tiny_unet):
+    from diffmem.memcontrol.table import TableConfig, markdown_table, row_label, table_rows
+
+    mask = derive_mask(tiny_unet, "blocks")
+    rows = table_rows(mask, "svdiff", ("none", "rwa", "threshold"))
+    assert len(rows) == 16 and rows[0] == ("none", "none", False)
+    assert rows[-3:] == [("svdiff", "none", True), ("svdiff", "rwa", True), ("svdiff", "threshold", True)]
+    assert len(table_rows(None, None, ("none",))) == 5
+    assert row_label("svdiff", "rwa", True) == "MemControl (SV-DIFF mask) + RWA"
+    line = {"label": "Full FT", "fid": 1.5, "amd": 0.61, "extracted": 2, "copy_rate": 0.25, "wen": 3.1,
+            "heldout_loss": 0.05, "trainable_parameters": 10}
+    assert "| Full FT | 1.50 | 0.610 | 2 | 0.250 | 3.100 | 0.0500 | 10 |" in markdown_table([line])
+    with pytest.raises(DiffmemError, match="unknown mitigation"):
+        TableConfig(mitigations=("dedup",))
