@@ -153,20 +153,24 @@ class VariantPlan:
         levels: energy shares of the matched budgets.
         methods: methods run at every energy level.
         fraction_methods: methods run at the channel share BAF's default rule kept.
+        scale_levels: further energy shares for "scale" alone (turning the whole LoRA down is the cheapest
+            mitigation, so its curve is traced further).
     """
 
     rule_variants: bool = True
     levels: tuple[float, ...] = (0.5, 0.8)
     methods: tuple[str, ...] = ENERGY_METHODS
     fraction_methods: tuple[str, ...] = ("baf", "random", "magnitude")
+    scale_levels: tuple[float, ...] = ()
 
     def variants(self, default_fraction: float) -> list[Variant]:
         """All variants after the reference ones, given the channel share BAF's default rule kept."""
         extra = baf_rule_variants() if self.rule_variants else []
-        return extra + matched_variants(self.levels, default_fraction, self.methods, self.fraction_methods)
+        scaled = [budget_variant("scale", "energy", level) for level in self.scale_levels]
+        return extra + matched_variants(self.levels, default_fraction, self.methods, self.fraction_methods) + scaled
 
 
-FULL_PLAN = VariantPlan()
+FULL_PLAN = VariantPlan(scale_levels=(0.25, 0.35))
 VARIATION_PLAN = VariantPlan(rule_variants=False, levels=(0.8,))
 QUICK_PLAN = VariantPlan(rule_variants=False, levels=(0.8,), methods=("baf", "random", "magnitude", "scale"))
 
