@@ -233,6 +233,7 @@ def test_table_rows_follow_the_seeds_table_1(tiny_unet):
     assert len(rows) == 16 and rows[0] == ("none", "none", False)
     assert rows[-3:] == [("svdiff", "none", True), ("svdiff", "rwa", True), ("svdiff", "threshold", True)]
     assert len(table_rows(None, None, ("none",))) == 5
+    assert table_rows(mask, "difffit", ("none",), ()) == [("difffit", "none", True)]
     assert row_label("svdiff", "rwa", True) == "MemControl (SV-DIFF mask) + RWA"
     line = {"label": "Full FT", "fid": 1.5, "amd": 0.61, "extracted": 2, "copy_rate": 0.25, "wen": 3.1,
             "heldout_loss": 0.05, "trainable_parameters": 10}

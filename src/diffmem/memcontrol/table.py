@@ -17,7 +17,7 @@ from diffmem.memcontrol.mitigation import MITIGATIONS, MitigationConfig
 from diffmem.memcontrol.search import SearchConfig, memorization_objective
 from diffmem.memcontrol.train import MemControlTrainConfig, finetune_with_mask, manifest_of
 
-BASELINES = ("full", "svdiff", "difffit", "attention")
+BASELINES = ("none", "full", "svdiff", "difffit", "attention")
 LABELS = {"none": "Freeze (no fine-tuning)", "full": "Full FT", "svdiff": "SV-DIFF", "difffit": "DiffFit",
           "attention": "Attn tuning", "lora": "LoRA"}
 MITIGATION_LABELS = {"none": "", "rwa": " + RWA", "threshold": " + Threshold"}
@@ -32,7 +32,7 @@ class TableConfig:
             `quick()` runs 100 x 8, which memorizes less (see docs/memcontrol.md).
         wen: sampling of Wen's score (steps, generations, guidance) on the duplicated captions.
         mitigations: the mitigations crossed with every method.
-        methods: the baseline fine-tuning methods (the "Freeze" row always comes first).
+        methods: the baseline fine-tuning methods ("none" is the seed's "Freeze" row, trained with no mitigation).
     """
 
     train: MemControlTrainConfig = field(default_factory=MemControlTrainConfig)
@@ -55,7 +55,7 @@ class TableConfig:
 def table_rows(mask: Mask | None, mask_method: str | None, mitigations: tuple[str, ...],
                methods: tuple[str, ...] = BASELINES) -> list[tuple[str, str, bool]]:
     """(method, mitigation, uses the mask) per row, in the seed's order; MemControl rows only with a mask."""
-    rows = [("none", "none", False)]
+    rows = [("none", "none", False)] if "none" in methods else []
     rows += [(m, g, False) for m in methods if m != "none" for g in mitigations]
     if mask is not None:
         rows += [(mask_method, g, True) for g in mitigations]
