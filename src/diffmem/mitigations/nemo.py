@@ -47,8 +47,10 @@ class NeMoConfig:
             threshold there keeps the neurons of that last round and is reported as not mitigated.
         top_k_step: the authors' code also adds the k highest-z neurons of every layer, k growing by this much per
             round (so a layer with no outlier still contributes); 0 uses the z-threshold alone, as the paper's text.
-        blocks: which UNet blocks' cross-attention value layers (`attn2.to_v`) are searched. The authors' code
-            searches the down and mid blocks of SD 1.x, so does the default; add "up_blocks" to search all.
+        blocks: which top-level UNet blocks' cross-attention value layers (`attn2.to_v`) are searched: all of
+            them. The authors' code searches only the down and mid blocks of SD 1.x; on the world's example LoRA
+            that lowers none of the 5 memorized prompts' signals under the threshold even at theta = 1 (most of
+            the world's attention sits in the up blocks; docs/pruning.md), so the default adds "up_blocks".
         generations: noise draws over which the first-step signal is averaged; 8 gives a stable mean on the world
             (Wen et al. report that even one draw separates well on SD).
         timestep: the first sampling timestep at which the signal is measured; 999 is the world's first DDIM step
@@ -64,7 +66,7 @@ class NeMoConfig:
     theta_step: float = 0.25
     theta_min: float = 1.0
     top_k_step: int = 1
-    blocks: tuple[str, ...] = ("down_blocks", "mid_block")
+    blocks: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")
     generations: int = 8
     timestep: int = 999
     threshold_stds: float = 3.0
@@ -277,7 +279,8 @@ def localize_prompt(search: NeuronSearch, prompt: str, z: Mapping[str, torch.Ten
         limit = threshold if mitigated else signal + 1e-12
         neurons, signal = refine_selection(search, neurons, limit)
     neurons = {path: indices for path, indices in neurons.items() if indices}
-    return PromptNeurons(prompt, neurons, before, signal, theta, initial_count, mitigated, search.evaluations)
+    return PromptNeurons(prompt, neurons, before, signal, theta, initial_count, signal < threshold,
+                         search.evaluations)
 
 
 def localize_neurons(
