@@ -232,3 +232,18 @@ def test_docs_example_prints_what_it_claims():
     with contextlib.redirect_stdout(out):
         exec(compile(code, "docs/bench.md", "exec"), {})
     assert out.getvalue() == claimed
+
+
+def test_auc_interval_brackets_the_auc():
+    from diffmem.bench.channels import auc_interval
+
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(60):
+        memorizing = i % 2 == 0
+        score = float(torch.rand(1, generator=generator)) + (0.0 if memorizing else 0.5)
+        records.append({"memorization_share": 0.2 if memorizing else 0.0, "generalization_share": 0.1,
+                        "scores": {"s": score}})
+    auc = separation(records)["s"]
+    low, high = auc_interval(records, "s", resamples=300)
+    assert low <= auc <= high and 0.5 < low and high <= 1.0

@@ -162,6 +162,25 @@ def separation(records: list[dict], evidence: str = "memorization_share") -> dic
             for scorer in records[0]["scores"]}
 
 
+def auc_interval(records: list[dict], scorer: str, evidence: str = "memorization_share", resamples: int = 2000,
+                 level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of one score's AUC, resampling channels (Efron & Tibshirani 1993); None when
+    a resample cannot have both groups."""
+    labels = 1.0 - memorizing_labels(records, evidence)
+    scores = torch.tensor([r["scores"][scorer] for r in records])
+    if labels.min() == labels.max():
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(resamples):
+        pick = torch.randint(0, len(records), (len(records),), generator=generator)
+        if labels[pick].min() != labels[pick].max():
+            values.append(roc_auc(scores[pick], labels[pick]))
+    values = torch.tensor(values)
+    tail = (1 - level) / 2
+    return float(values.quantile(tail)), float(values.quantile(1 - tail))
+
+
 def write_truth(result: dict, path: str | Path) -> Path:
     """Save ablation results as JSON (atomically)."""
     return write_atomic(json.dumps(result, indent=1).encode(), Path(path))
@@ -198,8 +217,14 @@ def channel_section(result: dict, figures: Path) -> str:
     memorizing = int(memorizing_labels(records).sum())
     by_loss = separation(records, "memorization_share")
     by_copy = separation(records, "copy_share") if records and "copy_share" in records[0] else {}
-    rows = [[scorer, "-" if auc is None else f"{auc:.2f}",
-             "-" if by_copy.get(scorer) is None else f"{by_copy[scorer]:.2f}"] for scorer, auc in by_loss.items()]
+    def shown(auc: float | None, scorer: str, evidence: str) -> str:
+        if auc is None:
+            return "-"
+        interval = auc_interval(records, scorer, evidence)
+        return f"{auc:.2f}" if interval is None else f"{auc:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+    rows = [[scorer, shown(auc, scorer, "memorization_share"), shown(by_copy.get(scorer), scorer, "copy_share")]
+            for scorer, auc in by_loss.items()]
     figure = score_histogram(records, "baf", figures / "channels-baf.png") if records else None
     text = [
         "## Channel-level truth\n",
@@ -209,7 +234,8 @@ def channel_section(result: dict, figures: Path) -> str:
         "undoes a larger share of the duplicated-image loss gap than of the held-out loss gap), "
         f"{len(records) - memorizing} generalizing.\n",
         "AUC of each data-free score for telling generalizing channels (kept) from memorizing ones (0.5 = chance; "
-        "the copy column labels by the copy-distance share instead of the loss share):\n",
+        "the copy column labels by the copy-distance share instead of the loss share), with 95% bootstrap "
+        "intervals over channels:\n",
         markdown_table(["score", "AUC (loss labels)", "AUC (copy labels)"], rows) + "\n",
     ]
     if figure is not None:
