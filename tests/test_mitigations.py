@@ -232,7 +232,7 @@ def test_wanda_changes_only_the_reported_feed_forward_weights(tiny_unet):
 
 # ---------------------------------------------------------------------------------------------------- command line
 def test_wanda_command_writes_mask_and_pruned_unet(tmp_path, tiny_unet):
-    from diffmem.mitigations.commands import main
+    from diffmem.cli import main
     from diffmem.world.model import load_unet_file, unet_metadata, unet_tensors
 
     base = save_file(unet_tensors(tiny_unet, torch.float32), tmp_path / "tiny.safetensors", unet_metadata(TINY))
@@ -240,15 +240,15 @@ def test_wanda_command_writes_mask_and_pruned_unet(tmp_path, tiny_unet):
     prompts.write_text("a black and white photo of Bruno Bellamy\n# a comment\n")
     masks_path, unet_path = tmp_path / "wanda.safetensors", tmp_path / "pruned.safetensors"
     options = ["--base", str(base), "--prompts", str(prompts), "--steps", "1", "--generations", "1"]
-    assert main(["wanda", *options, "--out", str(masks_path), "--unet-out", str(unet_path)]) == 0
+    assert main(["mitigate", "wanda", *options, "--out", str(masks_path), "--unet-out", str(unet_path)]) == 0
     masks, method, report = load_masks(masks_path)
     assert method == "wanda" and report["prompts"] == ["a black and white photo of Bruno Bellamy"]
     assert report["pruned_weights"] == masked_count(masks) > 0
     original = load_unet_file(base)
     assert_changes_only_masked(snapshot(original), load_unet_file(unet_path), masks)
     applied = tmp_path / "applied.safetensors"
-    assert main(["apply", "--masks", str(masks_path), "--base", str(base), "--out", str(applied)]) == 0
+    assert main(["mitigate", "apply", "--masks", str(masks_path), "--base", str(base), "--out", str(applied)]) == 0
     assert applied.read_bytes() == unet_path.read_bytes()
     # never over an input, never a partial output
-    assert main(["wanda", *options, "--out", str(base)]) == 1
+    assert main(["mitigate", "wanda", *options, "--out", str(base)]) == 1
     assert load_unet_file(base) is not None and not list(tmp_path.glob(".*.tmp"))

@@ -148,20 +148,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     apply.add_argument("--out", type=Path, required=True, help="pruned UNet file to write")
     apply.set_defaults(handler=run_apply)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `mitigate` sub-commands directly: `python -m diffmem.mitigations.commands nemo ...`."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m diffmem.mitigations.commands")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["mitigate", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.handler(args)
-    except DiffmemError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
