@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from diffmem.errors import BaseMismatchError, FileFormatError
+from diffmem.errors import BaseMismatchError, DiffmemError, FileFormatError
 from diffmem.formats.safetensors_io import save_file
 from diffmem.mitigations.nemo import (
     NeMoConfig,
@@ -213,6 +213,8 @@ def test_nemo_changes_only_the_reported_value_rows(tiny_unet):
     assert result.prompts[0].signal_after <= result.prompts[0].signal_before
     report = result.report()
     assert report["neuron_count"] == sum(len(v) for v in neurons.values())
+    with pytest.raises(DiffmemError, match="at least 2 ordinary"):
+        nemo_mitigate(tiny_unet, memorized, ordinary[:1], config=config, encode=fake_encode)
 
 
 def test_wanda_changes_only_the_reported_feed_forward_weights(tiny_unet):

@@ -369,9 +369,13 @@ def nemo_mitigate(
         from diffmem.world.text import encode_prompts as encode
     if not memorized_prompts:
         raise DiffmemError("NeMo needs at least one memorized prompt")
+    calibration_prompts = list(calibration_prompts or ordinary_prompts)
+    if len(ordinary_prompts) < 2 or (threshold is None and len(calibration_prompts) < 2):
+        raise DiffmemError("NeMo needs at least 2 ordinary prompts (activation statistics) and, without a given "
+                           "threshold, at least 2 calibration prompts (many more give steadier statistics)")
     empty = encode([""])
     if threshold is None:
-        threshold, _ = calibrate_threshold(unet, encode(list(calibration_prompts or ordinary_prompts)), empty, config)
+        threshold, _ = calibrate_threshold(unet, encode(calibration_prompts), empty, config)
     result = localize_neurons(unet, list(memorized_prompts), encode(list(memorized_prompts)),
                               encode(list(ordinary_prompts)), empty, threshold, config, progress)
     masks = neuron_masks(unet, result.neurons)
