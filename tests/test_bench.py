@@ -56,7 +56,8 @@ def test_variant_keys_are_unique_and_budgets_reach_the_selection():
     with pytest.raises(ValueError):
         budget_variant("scale", "fraction", 0.5)
     fractions = [v for v in QUICK_PLAN.variants(0.4321) if v.budget == "fraction"]
-    assert {v.level for v in fractions} == {0.432}
+    assert {v.level for v in fractions} == {0.432} and {v.key for v in fractions} == {
+        "baf@fraction=matched", "random@fraction=matched", "magnitude@fraction=matched"}
 
 
 # --- statistics -----------------------------------------------------------------------------------------------
@@ -246,4 +247,4 @@ def test_auc_interval_brackets_the_auc():
                         "scores": {"s": score}})
     auc = separation(records)["s"]
     low, high = auc_interval(records, "s", resamples=300)
-    assert low <= auc <= high and 0.5 < low and high <= 1.0
+    assert low <= auc <= high and low > 0.5 and high <= 1.0

@@ -140,7 +140,10 @@ def matched_variants(levels: tuple[float, ...], default_fraction: float, methods
     """Every method at each energy `level`, plus `fraction_methods` at the channel share BAF's default rule kept."""
     variants = [budget_variant(m, "energy", level) for level in levels for m in methods]
     fraction = round(default_fraction, 3)
-    variants += [budget_variant(m, "fraction", fraction) for m in fraction_methods]
+    for method in fraction_methods:
+        # Keyed "matched", not by the share itself, which differs between fine-tunes.
+        matched = budget_variant(method, "fraction", fraction)
+        variants.append(replace(matched, key=f"{method}@fraction=matched"))
     return variants
 
 

@@ -196,8 +196,8 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
         "**memorization kept**, the same for the loss on the duplicated images; **FID**, held-out captions' "
         "generations against held-out images (copy-embedder features, 20 or 12 images: compare within a table "
         "only). Budgets: `@energy=e` keeps the best-scoring channels of each module until they hold e of its "
-        "update energy; `@fraction=f` keeps that share of each module's channels, f being the share BAF's default "
-        "rule kept.\n",
+        "update energy; `@fraction=matched` keeps in every module the share of channels that BAF's default "
+        "rule kept over the whole LoRA.\n",
     ]
     if rows:
         settings = rows[0]["settings"]
