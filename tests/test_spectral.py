@@ -177,3 +177,27 @@ def test_channel_energy_sums_to_one():
     energy = channel_energy(channels)
     assert float(energy.sum()) == pytest.approx(1.0)
     assert math.isclose(float(energy[0]), float(channels.sigma[0] ** 2 / channels.sigma.square().sum()), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (64, 64)])
+def test_gram_anchors_match_an_svd(shape):
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(*shape, generator=g) @ torch.diag(torch.linspace(3, 0.5, shape[1]))
+    anchors = principal_subspace(weight, energy=0.6)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    k = anchors.k
+    assert k == energy_rank(s, 0.6)
+    torch.testing.assert_close(anchors.spectrum, s, atol=1e-4, rtol=1e-4)
+    # The same subspaces (vectors may differ by sign): projectors agree, and the bases are orthonormal.
+    torch.testing.assert_close(anchors.u @ anchors.u.T, u[:, :k] @ u[:, :k].T, atol=1e-4, rtol=0)
+    torch.testing.assert_close(anchors.v @ anchors.v.T, vh[:k].T @ vh[:k], atol=1e-4, rtol=0)
+    torch.testing.assert_close(anchors.v.T @ anchors.v, torch.eye(k), atol=1e-4, rtol=0)
+
+
+def test_anchors_reaching_tiny_singular_values_fall_back_to_an_svd():
+    weight = known_weight()[0]
+    rank_deficient = weight.clone()
+    rank_deficient[:, -1] = 0.0  # one exact zero singular value
+    anchors = principal_subspace(rank_deficient, k=min(rank_deficient.shape))
+    assert torch.isfinite(anchors.u).all() and torch.isfinite(anchors.v).all()
+    torch.testing.assert_close(anchors.u.T @ anchors.u, torch.eye(anchors.k), atol=1e-4, rtol=0)
