@@ -4,18 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from diffmem.filters import (
-    BAFConfig,
-    BaseGainConfig,
-    FilterConfig,
-    IntruderConfig,
-    InverseBAFConfig,
-    KeepAllConfig,
-    MagnitudeConfig,
-    RandomConfig,
-    ScaleConfig,
-    Selection,
-)
+from diffmem.filters import FILTERS, BAFConfig, FilterConfig, KeepAllConfig, ScaleConfig, Selection
 from diffmem.world.train import FinetuneConfig
 
 
@@ -87,16 +76,6 @@ class Variant:
     config: FilterConfig | None
 
 
-BUDGET_METHODS = {
-    "baf": BAFConfig,
-    "inverse-baf": InverseBAFConfig,
-    "random": RandomConfig,
-    "magnitude": MagnitudeConfig,
-    "base-gain": BaseGainConfig,
-    "intruder": IntruderConfig,
-}
-
-
 def budget_variant(method: str, budget: str, level: float) -> Variant:
     """`method` keeping `level` of each module's update energy (budget "energy") or channels ("fraction");
     "scale" turns the whole LoRA down to `level` of its energy."""
@@ -105,7 +84,7 @@ def budget_variant(method: str, budget: str, level: float) -> Variant:
             raise ValueError("scale has only an energy budget")
         return Variant(f"scale@energy={level:g}", "scale", "energy", level,
                        ScaleConfig(selection=Selection(rule="uniform", keep_fraction=level)))
-    config = BUDGET_METHODS[method](selection=Selection(rule=budget, keep_fraction=level))
+    config = FILTERS[method](selection=Selection(rule=budget, keep_fraction=level))
     return Variant(f"{method}@{budget}={level:g}", method, budget, level, config)
 
 
