@@ -81,16 +81,16 @@ class TrialResult:
     trainable_parameters: int
 
 
-def memorization_objective(unet: UNet2DConditionModel, captions: list[str], config: SearchConfig) -> float:
-    """Mean Wen score of the duplicated captions (Wen et al. 2024, eq. 6 of the seed), world DDIM sampler."""
+def memorization_objective(unet: UNet2DConditionModel, captions: list[str], steps: int, generations: int,
+                           guidance: float, seed: int) -> float:
+    """Mean Wen score of `captions` (Wen et al. 2024, eq. 6 of the seed), sampled with the world's DDIM."""
     from diffmem.audit import WorldDDIMScheduler
     from diffmem.metrics.wen import WenConfig, sample_with_wen_scores
     from diffmem.world.text import encode_prompts
 
-    wen = WenConfig(num_inference_steps=config.wen_steps, guidance_scale=config.guidance,
-                    generations=config.wen_generations)
+    wen = WenConfig(num_inference_steps=steps, guidance_scale=guidance, generations=generations)
     trace = sample_with_wen_scores(unet, WorldDDIMScheduler(), encode_prompts(captions), encode_prompts([""]), wen,
-                                   torch.Generator().manual_seed(config.seed))
+                                   torch.Generator().manual_seed(seed))
     return float(trace.scores.mean())
 
 
@@ -114,7 +114,8 @@ def evaluate_mask(base: UNet2DConditionModel, mask: Mask, config: SearchConfig, 
     inner = config.inner
     result = finetune_with_mask(base, inner, mask, progress=False)
     captions = FINETUNE_SETS[inner.data]("train").subset(result.duplicated).captions
-    return (memorization_objective(result.unet, list(captions), config),
+    return (memorization_objective(result.unet, list(captions), config.wen_steps, config.wen_generations,
+                                   config.guidance, config.seed),
             quality_objective(result.unet, inner.data, config, embedder), result.trainable_parameters)
 
 

@@ -14,7 +14,7 @@ from diffmem.formats.safetensors_io import write_atomic
 from diffmem.memcontrol.mask import Mask, load_mask
 from diffmem.memcontrol.methods import check_method
 from diffmem.memcontrol.mitigation import MITIGATIONS, MitigationConfig
-from diffmem.memcontrol.search import SearchConfig, memorization_objective
+from diffmem.memcontrol.search import memorization_objective
 from diffmem.memcontrol.train import MemControlTrainConfig, finetune_with_mask, manifest_of
 
 BASELINES = ("none", "full", "svdiff", "difffit", "attention")
@@ -30,13 +30,16 @@ class TableConfig:
     Attributes:
         train: the fine-tune every row shares (method and mitigation vary per row). The world recipe is 500 x 16;
             `quick()` runs 100 x 8, which memorizes less (see docs/memcontrol.md).
-        wen: sampling of Wen's score (steps, generations, guidance) on the duplicated captions.
+        wen_steps / wen_generations / guidance: sampling of Wen's score on the duplicated captions, as the
+            search's (`SearchConfig`): 10 DDIM steps, 2 generations per caption, the world's guidance 3.
         mitigations: the mitigations crossed with every method.
         methods: the baseline fine-tuning methods ("none" is the seed's "Freeze" row, trained with no mitigation).
     """
 
     train: MemControlTrainConfig = field(default_factory=MemControlTrainConfig)
-    wen: SearchConfig = field(default_factory=lambda: SearchConfig(wen_steps=10, wen_generations=2))
+    wen_steps: int = 10
+    wen_generations: int = 2
+    guidance: float = 3.0
     mitigations: tuple[str, ...] = MITIGATIONS
     methods: tuple[str, ...] = BASELINES
 
@@ -110,7 +113,8 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
         captions = list(FINETUNE_SETS[train.data]("train").subset(result.duplicated).captions)
         row = {"label": row_label(method, mitigation, masked), "method": method, "mitigation": mitigation,
                "mask": mask.bits if masked else None, **numbers,
-               "wen": round(memorization_objective(result.unet, captions, config.wen), 4),
+               "wen": round(memorization_objective(result.unet, captions, config.wen_steps, config.wen_generations,
+                                                   config.guidance, train.seed), 4),
                "trainable_parameters": result.trainable_parameters,
                "train_s": round(result.wall_time_s), "total_s": round(time.time() - began)}
         rows.append(row)
