@@ -26,7 +26,14 @@ from diffmem.mitigations.nemo import (
     value_layers,
     z_scores,
 )
-from diffmem.mitigations.pruning import apply_masks, load_masks, masked_count, save_masks
+from diffmem.mitigations.pruning import (
+    apply_masks,
+    load_masks,
+    masked_count,
+    random_like,
+    random_masks,
+    save_masks,
+)
 from diffmem.mitigations.wanda import (
     WandaConfig,
     feed_forward_outputs,
@@ -177,6 +184,22 @@ def test_masks_round_trip_and_refuse_other_files(tmp_path, tiny_unet):
         apply_masks(tiny_unet, {f"{path}.weight": torch.zeros(3, 3, dtype=torch.bool)})
     with pytest.raises(BaseMismatchError, match="does not have"):
         apply_masks(tiny_unet, {"nope.weight": torch.zeros(3, dtype=torch.bool)})
+
+
+def test_random_control_keeps_the_structure_of_a_mask():
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.zeros(50, 8, dtype=torch.bool)
+    rows[[3, 7, 9]] = True  # NeMo: whole neurons
+    control = random_like(rows, generator)
+    assert int(control.all(dim=1).sum()) == 3 and int(control.sum()) == 3 * 8
+    assert not torch.equal(control, rows)
+    entries = torch.zeros(4, 100, dtype=torch.bool)
+    entries[0, :2] = entries[2, 5] = True  # Wanda: a few weights per row
+    control = random_like(entries, generator)
+    assert control.sum(dim=1).tolist() == [2, 0, 1, 0] and not torch.equal(control, entries)
+    masks = {"a.weight": rows, "a.bias": rows[:, 0].clone()}
+    randomized = random_masks(masks, seed=1)
+    assert torch.equal(randomized["a.weight"][:, 0], randomized["a.bias"])  # a neuron's weight row and its bias
 
 
 # ---------------------------------------------------------------------------------------------------- tiny UNet

@@ -99,8 +99,13 @@ def run_wanda(args: argparse.Namespace) -> int:
 def run_apply(args: argparse.Namespace) -> int:
     from diffmem.mitigations.run import apply_mask_file
 
-    result = apply_mask_file(args.masks, args.base, args.lora, args.out)
-    print(f"{result['method']}: zeroed {result['pruned_weights']} weights; pruned UNet written to {args.out}")
+    if args.out is None and args.manifest is None:
+        raise DiffmemError("give --out (write the pruned UNet) and/or --manifest (measure before and after)")
+    result = apply_mask_file(args.masks, args.base, args.lora, args.out, args.random_control, args.manifest)
+    where = f"; pruned UNet written to {args.out}" if args.out is not None else ""
+    print(f"{result['method']}: zeroed {result['pruned_weights']} weights{where}")
+    for when, numbers in result.get("measure", {}).items():
+        print(f"{when}: {json.dumps(numbers)}")
     return 0
 
 
@@ -145,6 +150,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     apply.add_argument("--masks", type=Path, required=True, help="mask file from `mitigate nemo` or `mitigate wanda`")
     apply.add_argument("--base", type=Path, help="world UNet file (default: the committed world base)")
     apply.add_argument("--lora", type=Path, help="LoRA merged into the base first")
-    apply.add_argument("--out", type=Path, required=True, help="pruned UNet file to write")
+    apply.add_argument("--out", type=Path, help="pruned UNet file to write")
+    apply.add_argument("--manifest", type=Path,
+                       help="world fine-tune manifest: measure copy rate, held-out loss and FID before and after")
+    apply.add_argument("--random-control", type=int, metavar="SEED",
+                       help="zero as many random neurons per layer (NeMo masks) or random weights per row (Wanda "
+                            "masks) instead: does the method's choice matter, or only how much it zeroes?")
     apply.set_defaults(handler=run_apply)
 

@@ -36,6 +36,26 @@ def zero_masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight.masked_fill(mask.to(device=weight.device, dtype=torch.bool), 0)
 
 
+def random_like(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random mask with the structure of `mask`, as a control: as many whole rows zeroed when `mask` zeroes whole
+    rows (NeMo's neurons), otherwise as many entries zeroed in every row (Wanda's per-row pruning)."""
+    rows = mask.reshape(mask.shape[0], -1)
+    if bool((rows.any(dim=1) == rows.all(dim=1)).all()):
+        return mask[torch.randperm(mask.shape[0], generator=generator)]
+    ranks = torch.rand(rows.shape, generator=generator).argsort(dim=1).argsort(dim=1)
+    return (ranks < rows.sum(dim=1, keepdim=True)).reshape(mask.shape)
+
+
+def random_masks(masks: Mapping[str, torch.Tensor], seed: int) -> WeightMasks:
+    """`random_like` for every mask; a weight and its bias get the same random rows."""
+    permuted = {}
+    for name in sorted(masks):
+        layer = name.rsplit(".", 1)[0]
+        generator = torch.Generator().manual_seed(seed + sum(map(ord, layer)))
+        permuted[name] = random_like(masks[name], generator)
+    return permuted
+
+
 def check_masks_fit(model: torch.nn.Module, masks: Mapping[str, torch.Tensor], path: str | Path | None = None) -> None:
     """Raise `BaseMismatchError` when a mask names a parameter the model lacks or has another shape."""
     parameters = dict(model.named_parameters())

@@ -19,6 +19,7 @@ from diffmem.mitigations.pruning import (
     check_masks_fit,
     load_masks,
     masked_count,
+    random_masks,
     save_masks,
 )
 
@@ -106,11 +107,28 @@ def write_outputs(
     return report
 
 
-def apply_mask_file(masks_path: str | Path, base: str | Path | None, lora: str | Path | None, out: str | Path) -> dict:
-    """Apply a mask file to a world model (base + optional LoRA) and write the pruned UNet."""
+def apply_mask_file(
+    masks_path: str | Path,
+    base: str | Path | None,
+    lora: str | Path | None,
+    out: str | Path | None = None,
+    random_seed: int | None = None,
+    manifest: str | Path | None = None,
+) -> dict:
+    """Apply a mask file to a world model (base + optional LoRA): write the pruned UNet to `out`, and measure before
+    and after when a `manifest` is given. `random_seed` applies a random mask of the same structure instead
+    (`random_masks`), the control that tells a method's choice of weights from the mere number it zeroes."""
     masks, method, _ = load_masks(masks_path)
     unet = load_world_model(base, lora)
     check_masks_fit(unet, masks, masks_path)
-    protect = [p for p in (masks_path, base, lora) if p is not None]
-    save_world_unet(apply_masks(unet, masks), out, method, protect=protect)
-    return {"method": method, "pruned_weights": masked_count(masks), "out": str(out)}
+    if random_seed is not None:
+        masks, method = random_masks(masks, random_seed), f"{method}-random"
+    pruned = apply_masks(unet, masks)
+    protect = [p for p in (masks_path, base, lora, manifest) if p is not None]
+    result = {"method": method, "pruned_weights": masked_count(masks)}
+    if out is not None:
+        save_world_unet(pruned, out, method, protect=protect)
+        result["out"] = str(out)
+    if manifest is not None:
+        result["measure"] = measure_before_after(unet, pruned, read_manifest(manifest))
+    return result
