@@ -179,7 +179,7 @@ def test_share_and_labels():
 @pytest.mark.slow
 def test_run_bench_measures_resumes_and_reports(tmp_path):
     torch.manual_seed(0)
-    plan = VariantPlan(rule_variants=False, levels=(0.8,), methods=("random",), fraction_methods=("magnitude",))
+    plan = VariantPlan(rules=(), levels=(0.8,), methods=("random",), fraction_methods=("magnitude",))
     settings = BenchSettings(generations=1, steps=2)
     rows = run_bench(tmp_path, [GridCell(CORE, plan)], settings, progress=False)
     assert [r["variant"] for r in rows][:3] == ["lora", "base", "baf"]

@@ -111,6 +111,8 @@ def baf_rule_variants() -> list[Variant]:
     ]
 
 
+RULE_KEYS = tuple(v.key for v in baf_rule_variants())
+
 ENERGY_METHODS = ("baf", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")
 
 
@@ -131,7 +133,7 @@ class VariantPlan:
     """Which variants a run evaluates after the reference ones (`reference_variants`).
 
     Args:
-        rule_variants: include `baf_rule_variants`.
+        rules: keys of the `baf_rule_variants` to include (all by default).
         levels: energy shares of the matched budgets.
         methods: methods run at every energy level.
         fraction_methods: methods run at the channel share BAF's default rule kept.
@@ -139,7 +141,7 @@ class VariantPlan:
             mitigation, so its curve is traced further).
     """
 
-    rule_variants: bool = True
+    rules: tuple[str, ...] = RULE_KEYS
     levels: tuple[float, ...] = (0.5, 0.8)
     methods: tuple[str, ...] = ENERGY_METHODS
     fraction_methods: tuple[str, ...] = ("baf", "random", "magnitude")
@@ -147,14 +149,14 @@ class VariantPlan:
 
     def variants(self, default_fraction: float) -> list[Variant]:
         """All variants after the reference ones, given the channel share BAF's default rule kept."""
-        extra = baf_rule_variants() if self.rule_variants else []
+        extra = [v for v in baf_rule_variants() if v.key in self.rules]
         scaled = [budget_variant("scale", "energy", level) for level in self.scale_levels]
         return extra + matched_variants(self.levels, default_fraction, self.methods, self.fraction_methods) + scaled
 
 
 FULL_PLAN = VariantPlan(scale_levels=(0.25, 0.35))
-VARIATION_PLAN = VariantPlan(rule_variants=False, levels=(0.8,))
-QUICK_PLAN = VariantPlan(rule_variants=False, levels=(0.8,), methods=("baf", "random", "magnitude", "scale"))
+VARIATION_PLAN = VariantPlan(rules=("baf-right",), levels=(0.8,), scale_levels=(0.25, 0.5))
+QUICK_PLAN = VariantPlan(rules=("baf-right",), levels=(0.8,), methods=("baf", "random", "magnitude", "scale"))
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,16 @@ def comparison_table(variants: dict[str, list[dict]], budgets: list[str]) -> str
                            "quality kept (higher = BAF keeps more)"], lines)
 
 
-def pareto_plot(variants: dict[str, list[dict]], title: str, path: Path) -> Path:
-    """Copy rate against quality kept, mean over seeds, one colour per method; budgets of a method joined."""
+#: Quality axes of the Pareto plots: row key -> axis label.
+QUALITY_AXES = {
+    "quality_kept": "quality kept: share of the LoRA's held-out-loss gain (1 = LoRA, 0 = base)",
+    "fid": "FID of held-out captions' generations (lower = better; copy-embedder features)",
+}
+
+
+def pareto_plot(variants: dict[str, list[dict]], title: str, path: Path, quality_key: str = "quality_kept") -> Path:
+    """Copy rate against a quality measure (`QUALITY_AXES`), mean over seeds, one colour per method; budgets of a
+    method joined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +136,7 @@ def pareto_plot(variants: dict[str, list[dict]], title: str, path: Path) -> Path
     figure, axes = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     lines = defaultdict(list)
     for key, rows in variants.items():
-        quality, copy = column(rows, "quality_kept"), column(rows, "copy_rate")
+        quality, copy = column(rows, quality_key), column(rows, "copy_rate")
         if not quality or not copy:
             continue
         x, y = mean_interval(quality)[0], mean_interval(copy)[0]
@@ -147,12 +155,12 @@ def pareto_plot(variants: dict[str, list[dict]], title: str, path: Path) -> Path
         points.sort()
         axes.plot([p[1] for p in points], [p[2] for p in points], color=METHOD_COLOURS.get(method, "tab:cyan"),
                   label=method, linewidth=1.2)
-    axes.set_xlabel("quality kept: share of the LoRA's held-out-loss gain (1 = LoRA, 0 = base)")
+    axes.set_xlabel(QUALITY_AXES[quality_key])
     axes.set_ylabel("copy rate of duplicated captions")
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     if lines:
-        axes.legend(fontsize=7, loc="upper left")
+        axes.legend(fontsize=7, loc="best")
     figure.text(0.01, 0.01, "lines: energy budgets; squares: BAF's kept channel share; star: BAF default rule",
                 fontsize=6)
     figure.tight_layout()
@@ -214,7 +222,9 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
             parts.append("BAF against each baseline at the same budget, paired by fine-tune:\n\n" + comparison + "\n")
         parts.append(setting_table(variants) + "\n")
         plot = pareto_plot(variants, setting, figures / f"pareto-{setting}.png")
-        parts.append(f"![memorization against quality, {setting}](results/{plot.name})\n")
+        fid_plot = pareto_plot(variants, setting, figures / f"pareto-fid-{setting}.png", "fid")
+        parts.append(f"![memorization against held-out loss, {setting}](results/{plot.name}) "
+                     f"![memorization against FID, {setting}](results/{fid_plot.name})\n")
         panel = image_panel(work / "images", finetunes[0], figures / f"samples-{setting}.png")
         if panel is not None:
             shown = [k for k in GRID_VARIANTS if (work / "images" / finetunes[0] / f"{k}.png").exists()]
