@@ -214,22 +214,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_dori(commands)
     add_table(commands)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `attack` sub-commands directly: `python -m diffmem.attack.commands dori ...`."""
-    import sys
-
-    from diffmem.errors import DiffmemError
-
-    parser = argparse.ArgumentParser(prog="python -m diffmem.attack.commands")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["attack", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.handler(args)
-    except DiffmemError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
