@@ -240,3 +240,14 @@ def test_table_rows_follow_the_seeds_table_1(tiny_unet):
     assert "| Full FT | 1.50 | 0.610 | 2 | 0.250 | 3.100 | 0.0500 | 10 |" in markdown_table([line])
     with pytest.raises(DiffmemError, match="unknown mitigation"):
         TableConfig(mitigations=("dedup",))
+
+
+def test_training_norms_are_per_sample_and_fixed_timesteps_are_honoured(tiny_unet):
+    from diffmem.memcontrol.mitigation import training_norms
+    from diffmem.world.data import faces_dataset
+
+    faces = faces_dataset("train").subset([0, 1, 2])
+    norms, timesteps = training_norms(tiny_unet, faces.images, faces.captions, draws=2)
+    assert norms.shape == (6,) and (norms > 0).all() and timesteps.unique().numel() > 1
+    fixed, at = training_norms(tiny_unet, faces.images, faces.captions, draws=1, timestep=900)
+    assert (at == 900).all() and fixed.shape == (3,)

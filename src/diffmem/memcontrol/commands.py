@@ -155,6 +155,8 @@ def add_norms(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="base",
                    help="base, example-lora (the committed memorizing LoRA) or a world UNet file (default base)")
     p.add_argument("--draws", type=int, default=4, help="noisy copies per image at uniform timesteps (default 4)")
+    p.add_argument("--timesteps", default="50,300,600,900",
+                   help="also report the norms at these fixed timesteps (default %(default)s)")
     p.set_defaults(handler=run_norms)
 
 
@@ -183,7 +185,15 @@ def run_norms(args: argparse.Namespace) -> int:
               "dropped_at": {str(t): {"duplicated": round(float((norms[duplicated] >= t).float().mean()), 3)
                                       if duplicated.any() else None,
                                       "others": round(float((norms[~duplicated] >= t).float().mean()), 3)}
-                             for t in (3.0, 4.0, 5.0, 6.0)}}
+                             for t in (3.0, 4.0, 5.0, 6.0)},
+              "at_timestep": {}}
+    for t in split_names(args.timesteps):
+        fixed, _ = training_norms(unet, faces.images, faces.captions, 1, timestep=int(t))
+        once = duplicated[: len(faces)]
+        report["at_timestep"][t] = {
+            "duplicated_range": [round(float(fixed[once].min()), 2), round(float(fixed[once].max()), 2)]
+            if once.any() else None,
+            "others_median_max": [round(float(fixed[~once].median()), 2), round(float(fixed[~once].max()), 2)]}
     print(json.dumps(report, indent=2))
     return 0
 

@@ -93,14 +93,17 @@ def threshold_mitigated_loss(threshold: float) -> Callable[..., torch.Tensor]:
 
 @torch.no_grad()
 def training_norms(unet: torch.nn.Module, images: torch.Tensor, captions: Sequence[str], draws: int = 4,
-                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """||eps(x_t, c) - eps(x_t, empty)|| at uniform training timesteps, what the threshold mitigation compares:
-    `draws` noisy copies per image; returns (norms [draws * N], timesteps [draws * N]), image-major per draw."""
+                   seed: int = 0, timestep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """||eps(x_t, c) - eps(x_t, empty)|| at uniform training timesteps (or at `timestep`), what the threshold
+    mitigation compares: `draws` noisy copies per image; returns (norms [draws * N], timesteps [draws * N]),
+    image-major per draw."""
     generator = torch.Generator().manual_seed(seed)
     x0 = to_model_range(images).repeat(draws, 1, 1, 1)
     context = encode_prompts(list(captions)).repeat(draws, 1, 1)
     noise = torch.randn(x0.shape, generator=generator)
     timesteps = torch.randint(0, TRAIN_TIMESTEPS, (x0.shape[0],), generator=generator)
+    if timestep is not None:
+        timesteps = torch.full_like(timesteps, timestep)
     x_t = add_noise(x0, noise, timesteps)
     eps = predict_noise(unet, x_t, timesteps, context)
     eps_empty = predict_noise(unet, x_t, timesteps, encode_prompts([""]).expand(x0.shape[0], -1, -1))
