@@ -198,7 +198,8 @@ def run_table_command(args: argparse.Namespace) -> int:
         "LoRA + BAF (default)": apply_lora(base, filter_lora(lora, base_path, BAFConfig(), use_cache=False).lora),
     }
     rows = robustness_table(models, manifest_images(manifest, "duplicated"), reference, config,
-                            CheckSettings(generations=args.generations), heldout=manifest_images(manifest, "heldout"))
+                            CheckSettings(generations=args.generations), heldout=manifest_images(manifest, "heldout"),
+                            progress=True)
     print(markdown_rows(rows))
     if args.json is not None:
         record = {"lora": str(lora), "dori": asdict(config), "generations": args.generations,

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from diffusers import UNet2DConditionModel
+from tqdm import tqdm
 
 from diffmem.attack.dori import DoriConfig, attack_success, dori_attack
 from diffmem.metrics.copy import CopyConfig
@@ -53,11 +54,14 @@ def robustness_row(
     settings: CheckSettings | None = None,
     copy: CopyConfig | None = None,
     heldout: ImageSet | None = None,
+    progress: bool = False,
 ) -> RobustnessRow:
     """Copy rates of `unet` on each caption of `images` (its own image the target, `reference` the training set the
-    relative copy test compares with), from the caption's embedding and from Dori's embedding for its image."""
+    relative copy test compares with), from the caption's embedding and from Dori's embedding for its image.
+    `progress` shows a bar per model (a search and two rounds of sampling per caption take minutes on a CPU)."""
     prompted, attacked = [], []
-    for image, caption in zip(images.images, images.captions):
+    pairs = list(zip(images.images, images.captions))
+    for image, caption in tqdm(pairs, desc=name, unit="caption", disable=not progress, leave=False):
         prompted.append(attack_success(unet, encode_prompts([caption]), image, reference, settings, copy).rate)
         result = dori_attack(unet, image, caption, config)
         attacked.append(attack_success(unet, result.embedding, image, reference, settings, copy).rate)
@@ -83,9 +87,10 @@ def robustness_table(
     settings: CheckSettings | None = None,
     copy: CopyConfig | None = None,
     heldout: ImageSet | None = None,
+    progress: bool = False,
 ) -> list[RobustnessRow]:
     """`robustness_row` for every named model, on the same captions, seeds and search settings."""
-    return [robustness_row(name, unet, images, reference, config, settings, copy, heldout)
+    return [robustness_row(name, unet, images, reference, config, settings, copy, heldout, progress)
             for name, unet in models.items()]
 
 
