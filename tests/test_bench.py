@@ -139,7 +139,7 @@ def test_comparison_is_paired_by_finetune():
     for row in with_retention(fake_rows()):
         grouped.setdefault(row["variant"], []).append(row)
     table = comparison_table(grouped, ["energy=0.8"])
-    line = next(line for line in table.splitlines() if "BAF - random" in line)
+    line = next(line for line in table.splitlines() if "baf - random" in line)
     # copy differences -0.3 and -0.1: mean -20%; quality differences -0.2 and -0.2: mean -20%, no spread.
     assert "-20% ±" in line.split("|")[5] and "-20% ± 0%" in line.split("|")[6]
 
@@ -148,7 +148,7 @@ def test_write_results_keeps_the_hand_written_tail(tmp_path):
     out = tmp_path / "results.md"
     write_results(fake_rows(), tmp_path, out)
     text = out.read_text()
-    assert "BAF - random" in text and (tmp_path / "results" / "pareto-s.png").stat().st_size > 1000
+    assert "baf - random" in text and (tmp_path / "results" / "pareto-s.png").stat().st_size > 1000
     out.write_text(text + "\nOur reasoning.\n")
     write_results(fake_rows()[:4], tmp_path, out)
     text = out.read_text()

@@ -76,6 +76,10 @@ class Variant:
     config: FilterConfig | None
 
 
+#: BAF scores other than the default two-sided one that also run at matched budgets: name -> `BAFConfig` fields.
+SCORE_VARIANTS = {"baf-right": {"side": "right"}}
+
+
 def budget_variant(method: str, budget: str, level: float) -> Variant:
     """`method` keeping `level` of each module's update energy (budget "energy") or channels ("fraction");
     "scale" turns the whole LoRA down to `level` of its energy."""
@@ -84,7 +88,11 @@ def budget_variant(method: str, budget: str, level: float) -> Variant:
             raise ValueError("scale has only an energy budget")
         return Variant(f"scale@energy={level:g}", "scale", "energy", level,
                        ScaleConfig(selection=Selection(rule="uniform", keep_fraction=level)))
-    config = FILTERS[method](selection=Selection(rule=budget, keep_fraction=level))
+    selection = Selection(rule=budget, keep_fraction=level)
+    if method in SCORE_VARIANTS:
+        config = BAFConfig(selection=selection, **SCORE_VARIANTS[method])
+    else:
+        config = FILTERS[method](selection=selection)
     return Variant(f"{method}@{budget}={level:g}", method, budget, level, config)
 
 
@@ -113,7 +121,7 @@ def baf_rule_variants() -> list[Variant]:
 
 RULE_KEYS = tuple(v.key for v in baf_rule_variants())
 
-ENERGY_METHODS = ("baf", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")
+ENERGY_METHODS = ("baf", "baf-right", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")
 
 
 def matched_variants(levels: tuple[float, ...], default_fraction: float, methods: tuple[str, ...],

@@ -26,9 +26,9 @@ GRID_VARIANTS = ("lora", "base", "baf", "baf@energy=0.8", "random@energy=0.8", "
                  "scale@energy=0.8")
 
 #: Marker colours of the Pareto plots, one per method.
-METHOD_COLOURS = {"baf": "tab:blue", "inverse-baf": "tab:purple", "random": "tab:grey", "magnitude": "tab:orange",
-                  "base-gain": "tab:green", "intruder": "tab:brown", "scale": "tab:pink", "none": "black",
-                  "base": "black"}
+METHOD_COLOURS = {"baf": "tab:blue", "baf-right": "tab:cyan", "inverse-baf": "tab:purple", "random": "tab:grey",
+                  "magnitude": "tab:orange", "base-gain": "tab:green", "intruder": "tab:brown", "scale": "tab:pink",
+                  "none": "black", "base": "black"}
 
 
 def with_retention(rows: list[dict]) -> list[dict]:
@@ -96,21 +96,24 @@ def paired_differences(variants: dict[str, list[dict]], first: str, second: str,
             if r["finetune"] in seconds and r.get(key) is not None and seconds[r["finetune"]].get(key) is not None]
 
 
-def comparison_table(variants: dict[str, list[dict]], budgets: list[str]) -> str:
-    """BAF minus each baseline at the same budget: copy rate and quality kept, paired by fine-tune."""
+def comparison_table(variants: dict[str, list[dict]], budgets: list[str], ours: tuple[str, ...] = ("baf", "baf-right")
+                     ) -> str:
+    """Each BAF score minus each baseline at the same budget: copy rate and quality kept, paired by fine-tune."""
     lines = []
     for budget in budgets:
-        ours = f"baf@{budget}"
-        if ours not in variants:
-            continue
-        for other in ("random", "magnitude", "base-gain", "intruder", "inverse-baf", "scale"):
-            theirs = f"{other}@{budget}"
-            copy = paired_differences(variants, ours, theirs, "copy_rate")
-            quality = paired_differences(variants, ours, theirs, "quality_kept")
-            if copy:
-                energy = f"{cell(variants[ours], 'energy_kept', 0, True)} / {cell(variants[theirs], 'energy_kept', 0, True)}"
-                lines.append([budget, f"BAF - {other}", len(copy), energy, format_interval(copy, 0, True),
-                              format_interval(quality, 0, True) if quality else "-"])
+        for score in ours:
+            mine = f"{score}@{budget}"
+            if mine not in variants:
+                continue
+            for other in ("random", "magnitude", "base-gain", "intruder", "inverse-baf", "scale"):
+                theirs = f"{other}@{budget}"
+                copy = paired_differences(variants, mine, theirs, "copy_rate")
+                quality = paired_differences(variants, mine, theirs, "quality_kept")
+                if copy:
+                    energy = (f"{cell(variants[mine], 'energy_kept', 0, True)} / "
+                              f"{cell(variants[theirs], 'energy_kept', 0, True)}")
+                    lines.append([budget, f"{score} - {other}", len(copy), energy, format_interval(copy, 0, True),
+                                  format_interval(quality, 0, True) if quality else "-"])
     if not lines:
         return ""
     return markdown_table(["budget", "difference", "fine-tunes", "energy kept (BAF / other)",
@@ -219,7 +222,8 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
         budgets = sorted({k.split("@", 1)[1] for k in variants if "@" in k and k.startswith("baf@")})
         comparison = comparison_table(variants, budgets)
         if comparison:
-            parts.append("BAF against each baseline at the same budget, paired by fine-tune:\n\n" + comparison + "\n")
+            parts.append("BAF (two-sided, and right side only) against each baseline at the same budget, paired by "
+                         "fine-tune:\n\n" + comparison + "\n")
         parts.append(setting_table(variants) + "\n")
         plot = pareto_plot(variants, setting, figures / f"pareto-{setting}.png")
         fid_plot = pareto_plot(variants, setting, figures / f"pareto-fid-{setting}.png", "fid")
