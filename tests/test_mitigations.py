@@ -44,9 +44,8 @@ from diffmem.mitigations.wanda import (
     wanda_mitigate,
     wanda_scores,
 )
-from diffmem.world.model import UNetConfig, build_unet
-
-TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
+from diffmem.world.model import build_unet
+from test_world import TINY
 
 
 @pytest.fixture(scope="module")
