@@ -28,7 +28,8 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--method", choices=sorted(FILTERS), default="baf",
                        help="channel filter: baf (default) or a baseline")
     group.add_argument("--side", choices=["both", "left", "right"],
-                       help="BAF: score output (left), input (right) or both sides of each channel (default both)")
+                       help="BAF: score output (left), input (right) or both sides of each channel (default right, "
+                            "measured in docs/results.md)")
     group.add_argument("--combine", choices=["mean", "min", "product"],
                        help="BAF with --side both: how the two side scores are merged (default mean)")
     group.add_argument("--energy", type=float,

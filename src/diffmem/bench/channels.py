@@ -41,7 +41,7 @@ from diffmem.world.model import BASE_FILE, assets_dir, load_base
 
 #: Data-free scores compared on the same channels (higher = predicted generalizing, i.e. keep).
 SCORERS = {
-    "baf": BAFConfig(),
+    "baf": BAFConfig(side="both"),
     "baf-left": BAFConfig(side="left"),
     "baf-right": BAFConfig(side="right"),
     "magnitude": MagnitudeConfig(),
@@ -228,7 +228,7 @@ def channel_section(result: dict, figures: Path) -> str:
     figure = score_histogram(records, "baf", figures / "channels-baf.png") if records else None
     text = [
         "## Channel-level truth\n",
-        f"`diffmem bench channels` removed {len(records)} channels of `{result['lora']}` one at a time (the "
+        f"`diffmem bench` (its channel step) removed {len(records)} channels of `{result['lora']}` one at a time (the "
         f"{result['config']['per_module']} largest of every module; {result['channels_in_lora']} channels in all) "
         f"and measured each removal ({result['seconds']:.0f} s). {memorizing} came out memorizing (their removal "
         "undoes a larger share of the duplicated-image loss gap than of the held-out loss gap), "

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from diffmem.filters import FILTERS, BAFConfig, FilterConfig, KeepAllConfig, ScaleConfig, Selection
+from diffmem.filters import (
+    FILTERS,
+    BAFConfig,
+    FilterConfig,
+    InverseBAFConfig,
+    KeepAllConfig,
+    ScaleConfig,
+    Selection,
+)
 from diffmem.world.train import FinetuneConfig
 
 
@@ -76,8 +84,15 @@ class Variant:
     config: FilterConfig | None
 
 
-#: BAF scores other than the default two-sided one that also run at matched budgets: name -> `BAFConfig` fields.
-SCORE_VARIANTS = {"baf-right": {"side": "right"}}
+#: BAF's two-sided score (the paper's reading), spelled out: `BAFConfig`'s default side changed after these runs.
+TWO_SIDED = {"side": "both"}
+
+#: Scoring methods whose config the bench fixes beyond `filters.FILTERS`: name -> (config class, fields).
+SCORERS = {
+    "baf": (BAFConfig, TWO_SIDED),
+    "baf-right": (BAFConfig, {"side": "right"}),
+    "inverse-baf": (InverseBAFConfig, TWO_SIDED),
+}
 
 
 def budget_variant(method: str, budget: str, level: float) -> Variant:
@@ -88,21 +103,18 @@ def budget_variant(method: str, budget: str, level: float) -> Variant:
             raise ValueError("scale has only an energy budget")
         return Variant(f"scale@energy={level:g}", "scale", "energy", level,
                        ScaleConfig(selection=Selection(rule="uniform", keep_fraction=level)))
-    selection = Selection(rule=budget, keep_fraction=level)
-    if method in SCORE_VARIANTS:
-        config = BAFConfig(selection=selection, **SCORE_VARIANTS[method])
-    else:
-        config = FILTERS[method](selection=selection)
+    config_class, fields = SCORERS[method] if method in SCORERS else (FILTERS[method], {})
+    config = config_class(selection=Selection(rule=budget, keep_fraction=level), **fields)
     return Variant(f"{method}@{budget}={level:g}", method, budget, level, config)
 
 
 def reference_variants() -> list[Variant]:
-    """The LoRA as trained, the base model, and BAF with its default rule (whose kept channel share the
-    fraction-matched baselines copy)."""
+    """The LoRA as trained, the base model, and two-sided BAF with the chance threshold (whose kept channel share
+    the fraction-matched baselines copy)."""
     return [
         Variant("lora", "none", "none", None, KeepAllConfig()),
         Variant("base", "base", "none", None, None),
-        Variant("baf", "baf", "default", None, BAFConfig()),
+        Variant("baf", "baf", "default", None, BAFConfig(**TWO_SIDED)),
     ]
 
 
@@ -111,11 +123,11 @@ def baf_rule_variants() -> list[Variant]:
     return [
         Variant("baf-left", "baf", "default", None, BAFConfig(side="left")),
         Variant("baf-right", "baf", "default", None, BAFConfig(side="right")),
-        Variant("baf-min", "baf", "default", None, BAFConfig(combine="min")),
-        Variant("baf-anchors0.25", "baf", "default", None, BAFConfig(energy=0.25)),
-        Variant("baf-anchors0.75", "baf", "default", None, BAFConfig(energy=0.75)),
+        Variant("baf-min", "baf", "default", None, BAFConfig(**TWO_SIDED, combine="min")),
+        Variant("baf-anchors0.25", "baf", "default", None, BAFConfig(**TWO_SIDED, energy=0.25)),
+        Variant("baf-anchors0.75", "baf", "default", None, BAFConfig(**TWO_SIDED, energy=0.75)),
         Variant("baf-soft", "baf", "default", None,
-                BAFConfig(selection=Selection(rule="soft", threshold=1.0))),
+                BAFConfig(**TWO_SIDED, selection=Selection(rule="soft", threshold=1.0))),
     ]
 
 

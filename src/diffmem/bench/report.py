@@ -260,6 +260,6 @@ def write_results(rows: list[dict], work: str | Path, out: str | Path, channels:
 
 
 def load_channels(path: str | Path) -> dict | None:
-    """Channel-truth results written by `diffmem bench channels`, or None when there are none yet."""
+    """Channel-truth results written by the channel step of `diffmem bench`, or None when there are none yet."""
     path = Path(path)
     return json.loads(path.read_text()) if path.exists() else None
