@@ -201,3 +201,18 @@ def test_anchors_reaching_tiny_singular_values_fall_back_to_an_svd():
     anchors = principal_subspace(rank_deficient, k=min(rank_deficient.shape))
     assert torch.isfinite(anchors.u).all() and torch.isfinite(anchors.v).all()
     torch.testing.assert_close(anchors.u.T @ anchors.u, torch.eye(anchors.k), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("out_features, in_features", [(8, 40), (40, 8)])
+def test_lowrank_channels_with_a_rank_above_one_dimension(out_features, in_features):
+    g = torch.Generator().manual_seed(2)
+    up, down = torch.randn(out_features, 16, generator=g), torch.randn(16, in_features, generator=g)
+    channels = lowrank_channels(up, down, 0.5)
+    assert channels.u.shape[1] == channels.v.shape[1] == channels.sigma.numel() == 8
+    torch.testing.assert_close((channels.u * channels.sigma) @ channels.v.T, 0.5 * up @ down, atol=1e-4, rtol=1e-4)
+    weight = torch.randn(out_features, in_features, generator=g)
+    scores = relative_alignment(channels, principal_subspace(weight, k=3), "both")
+    assert scores.shape == (8,)
+    b, a = rebuild_factors(channels, torch.ones(8), 0.5, rank=16)
+    assert b.shape == (out_features, 16) and a.shape == (16, in_features)
+    torch.testing.assert_close(0.5 * b @ a, 0.5 * up @ down, atol=1e-4, rtol=1e-4)

@@ -63,7 +63,9 @@ def lowrank_channels(up: torch.Tensor, down: torch.Tensor, scale: float) -> Chan
         raise ValueError(f"rank mismatch: up is {tuple(up.shape)}, down is {tuple(down.shape)}")
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.T)
-    core_u, core_s, core_vh = torch.linalg.svd(r_b @ r_a.T)
+    # Thin SVD: with a rank above one side's dimension the core is not square, and a full one would give the two
+    # sides different channel counts.
+    core_u, core_s, core_vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
     return Channels(
         u=(q_b @ core_u).to(torch.float32),
         sigma=(abs(scale) * core_s).to(torch.float32),
