@@ -117,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "wen-eval",
-        help="ROC AUC and TPR at 1% FPR of Wen et al.'s detector on known memorized vs held-out prompts",
+        help="ROC AUC and TPR at 1%% FPR of Wen et al.'s detector on known memorized vs held-out prompts",
         description="Score prompts known to be memorized and held-out prompts with Wen et al.'s data-free detector "
                     "and print how well the score separates them (ROC AUC, TPR at a fixed FPR).",
     )
