@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffmem.bench.evaluate import BenchSettings, Probe, duplicated_generations
+from diffmem.bench.evaluate import BenchSettings, Probe, duplicated_generations, own_distances
 from diffmem.filters import (
     BAFConfig,
     BaseGainConfig,
@@ -32,7 +32,6 @@ from diffmem.filters import (
 )
 from diffmem.formats.lora import read_lora
 from diffmem.formats.safetensors_io import write_atomic
-from diffmem.metrics.copy import paired_tiled_l2
 from diffmem.metrics.roc import roc_auc
 from diffmem.pipeline import filter_lora, module_channels
 from diffmem.world.diffusion import denoising_loss
@@ -85,8 +84,7 @@ def probe_numbers(unet, probe: Probe, config: ChannelTruthConfig) -> dict[str, f
         settings = BenchSettings(generations=config.copy_generations, steps=config.steps, guidance=config.guidance,
                                  seed=config.seed)
         generated = duplicated_generations(unet, probe, settings)
-        own = probe.duplicated.images.repeat_interleave(config.copy_generations, dim=0)
-        numbers["copy_distance"] = float(paired_tiled_l2(generated, own).mean())
+        numbers["copy_distance"] = float(own_distances(generated, probe, config.copy_generations).mean())
     return numbers
 
 

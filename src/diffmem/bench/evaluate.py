@@ -78,6 +78,11 @@ def duplicated_generations(unet: UNet2DConditionModel, probe: Probe, settings: B
     return generate(unet, prompts, seeds, steps=settings.steps, guidance=settings.guidance)
 
 
+def own_distances(generated: torch.Tensor, probe: Probe, generations: int) -> torch.Tensor:
+    """Tiled-L2 distance of each duplicated-caption generation (caption-major) to its own training image."""
+    return paired_tiled_l2(generated, probe.duplicated.images.repeat_interleave(generations, dim=0))
+
+
 def quality_generations(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> torch.Tensor:
     """`settings.quality_generations` images per held-out caption (seeds after those of the copy test)."""
     prompts = [c for c in probe.heldout.captions for _ in range(settings.quality_generations)]
@@ -105,7 +110,7 @@ def measure(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -
     own = probe.own_index.repeat_interleave(settings.generations)
     own_copy = decisions.is_copy & (decisions.nearest_index == own)
     per_caption = own_copy.view(len(probe.duplicated), settings.generations).float().mean(dim=1)
-    own_distance = paired_tiled_l2(generated, probe.duplicated.images.repeat_interleave(settings.generations, dim=0))
+    own_distance = own_distances(generated, probe, settings.generations)
     per_prompt = generated.view(len(probe.duplicated), settings.generations, *generated.shape[1:])
     extraction = extraction_attack(per_prompt, train=probe.reference)
     features = embed(probe.embedder, generated)
