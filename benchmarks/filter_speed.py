@@ -76,7 +76,7 @@ def measure(argv: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def child(kind: str, lora: Path, base: Path, cache: Path, threads: int) -> None:
+def child(kind: str, lora: Path, base: Path, cache: Path, threads: int, device: str) -> None:
     torch.set_num_threads(threads)
     if kind == "profile":
         import cProfile
@@ -87,7 +87,7 @@ def child(kind: str, lora: Path, base: Path, cache: Path, threads: int) -> None:
 
         profiler = cProfile.Profile()
         profiler.enable()
-        filter_lora(lora, base, cache_dir=cache)
+        filter_lora(lora, base, cache_dir=cache, device=device)
         profiler.disable()
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
@@ -98,12 +98,14 @@ def child(kind: str, lora: Path, base: Path, cache: Path, threads: int) -> None:
         from diffmem.formats.lora import read_lora
 
         for module in read_lora(lora).modules.values():
-            up, down = module.factors()
+            up, down = (factor.to(device) for factor in module.factors())
             torch.linalg.svd(module.scale * up @ down, full_matrices=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
     else:
         from diffmem.pipeline import filter_lora
 
-        result = filter_lora(lora, base, cache_dir=cache)
+        result = filter_lora(lora, base, cache_dir=cache, device=device)
         assert result.report.anchors_computed == 0 or kind == "cold", "warm run recomputed anchors"
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -117,16 +119,17 @@ def main() -> None:
     parser.add_argument("--conv", action="store_true", help="also train-shaped conv LoRA modules")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where decompositions run, e.g. cuda (filter --device)")
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--json", type=Path, help="append results as JSON lines to this file")
     parser.add_argument("--profile", action="store_true", help="also print where a warm filter spends its time")
     parser.add_argument("--render", type=Path, help="write docs/performance.md from a JSON-lines results file")
     parser.add_argument("--note", help="a note stored with the results (e.g. other load on the machine)")
-    parser.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--_child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        kind, lora, base, cache, threads = args._child
-        child(kind, Path(lora), Path(base), Path(cache), int(threads))
+        kind, lora, base, cache, threads, device = args._child
+        child(kind, Path(lora), Path(base), Path(cache), int(threads), device)
         return
     if args.render:
         render(args.render, HERE.parent / "docs" / "performance.md")
@@ -143,16 +146,16 @@ def main() -> None:
         for stale in anchors.glob("anchors/*"):
             stale.unlink()
         row = {"family": args.family, "rank": rank, "conv": args.conv, "modules": len(modules), "threads": args.threads,
-               "note": args.note or ""}
+               "device": args.device, "note": args.note or ""}
         for kind in ("cold", "warm") + (() if args.skip_dense else ("dense",)):
-            result = measure([kind, str(lora), str(base), str(anchors), str(args.threads)])
+            result = measure([kind, str(lora), str(base), str(anchors), str(args.threads), args.device])
             row[f"{kind}_s"], row[f"{kind}_peak_mb"] = round(result["seconds"], 3), round(result["peak_mb"])
             print(f"{args.family} r{rank}: {kind} {result['seconds']:.2f} s, peak {result['peak_mb']:.0f} MB",
                   file=sys.stderr)
         if "dense_s" in row:
             row["dense_over_warm"] = round(row["dense_s"] / row["warm_s"], 1)
         if args.profile:
-            row["profile"] = measure(["profile", str(lora), str(base), str(anchors), str(args.threads)])["profile"]
+            row["profile"] = measure(["profile", str(lora), str(base), str(anchors), str(args.threads), args.device])["profile"]
         print(json.dumps(row))
         if args.json:
             with open(args.json, "a") as handle:

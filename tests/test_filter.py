@@ -182,6 +182,27 @@ def test_anchor_cache_is_reused_and_survives_corruption(tmp_path):
     assert [m.weights for m in again.modules] == [m.weights for m in cold.modules]
 
 
+def test_whole_base_anchor_build_makes_every_later_filter_warm(tmp_path, capsys):
+    from diffmem.anchors import FLUSH_EVERY, build_anchors, distinct_targets
+    from diffmem.formats.base import open_base
+
+    base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", convs=True, rank=4), False)
+    cache = tmp_path / "cache"
+    assert main(["anchors", str(base), "--cache-dir", str(cache), "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    everything = distinct_targets(open_base(base))
+    assert built["weights"] == built["computed"] == len(everything) > FLUSH_EVERY  # flushed part-way at least once
+    report = filter_lora(lora, base, cache_dir=cache).report
+    assert report.anchors_computed == 0 and report.anchors_cached == len(report.modules)
+    again = build_anchors(base, cache_dir=cache)
+    assert again.computed == 0 and again.loaded == len(everything)
+    unet = build_anchors(base, only="unet", cache_dir=tmp_path / "unet-cache")
+    assert 0 < unet.computed < len(everything)  # the text encoder's weights were left out
+    assert all(t.module.startswith("unet.") for t in distinct_targets(open_base(base), "unet"))
+    with pytest.raises(DiffmemError, match="no LoRA-targetable weights under 'vae'"):
+        build_anchors(base, only="vae", cache_dir=cache)
+
+
 def test_baselines_run_through_the_same_pipeline(tmp_path):
     base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
     half = filter_lora(lora, base, RandomConfig(selection=Selection(rule="fraction", keep_fraction=0.5)),

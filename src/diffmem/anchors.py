@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from diffmem.cache import default_cache_dir
 from diffmem.errors import DiffmemError
@@ -17,6 +20,10 @@ CACHE_VERSION = "2"
 #: moves by about 1e-3 of its chance level. Freshly computed bases are rounded the same way before use, so a cold
 #: run and a warm run score every channel identically.
 STORAGE_DTYPE = torch.float16
+
+#: `build_anchors` writes the cache after this many new weights (three tensors each), so a whole-model build holds
+#: a bounded amount in memory and an interrupted build resumes from what it wrote.
+FLUSH_EVERY = 128
 
 
 def target_id(target) -> str:
@@ -32,9 +39,15 @@ class AnchorStore:
     """
 
     def __init__(
-        self, base, cache_dir: str | Path | None = None, use_cache: bool = True, device: str | torch.device = "cpu"
+        self,
+        base,
+        cache_dir: str | Path | None = None,
+        use_cache: bool = True,
+        device: str | torch.device = "cpu",
+        remember: bool = True,
     ) -> None:
         self.base = base
+        self.remember = remember  # False: a whole-model build, where holding every anchor would cost gigabytes
         self.device = torch.device(device)
         self.use_cache = use_cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -76,7 +89,8 @@ class AnchorStore:
             self.pending.setdefault(rule, {}).update({f"{key}.{part}": t for part, t in stored.items()})
             self.computed += 1
         anchors = Anchors(u=stored["u"].float(), v=stored["v"].float(), spectrum=stored["spectrum"].float())
-        self.memory[(rule, key)] = anchors
+        if self.remember:
+            self.memory[(rule, key)] = anchors
         return anchors
 
     def flush(self) -> None:
@@ -100,3 +114,59 @@ class AnchorStore:
             save_file(merged, path, metadata)
             self.files.pop(rule, None)
         self.pending.clear()
+
+
+@dataclass
+class AnchorBuild:
+    """What `build_anchors` did: weights seen, anchors computed and read from the cache, where they are."""
+
+    weights: int
+    computed: int
+    loaded: int
+    seconds: float
+    cache_file: Path | None
+
+    def summary(self) -> str:
+        where = f" in {self.cache_file}" if self.cache_file else ""
+        return (f"{self.weights} base weights: {self.computed} anchors computed, {self.loaded} already cached"
+                f"{where} ({self.seconds:.1f} s)")
+
+
+def distinct_targets(base, only: str | None = None) -> list:
+    """Every base weight a LoRA can update, once each (aliases of one weight share a `target_id`), optionally only
+    those whose module path starts with ``only`` (e.g. ``unet``, ``transformer``, ``text_encoder``)."""
+    chosen: dict[str, object] = {}
+    for target in base.targets.values():
+        if only is None or target.module == only or target.module.startswith(only + "."):
+            chosen.setdefault(target_id(target), target)
+    return [chosen[key] for key in sorted(chosen)]
+
+
+def build_anchors(
+    base,
+    energy: float = 0.5,
+    k: int | None = None,
+    *,
+    only: str | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> AnchorBuild:
+    """Fill the anchor cache for every weight of ``base`` a LoRA can update, so that filtering any LoRA on this
+    base afterwards reads anchors only (what a platform does once per base before scanning uploads)."""
+    from diffmem.formats.base import BaseCheckpoint, open_base
+
+    started = time.perf_counter()
+    base = base if isinstance(base, BaseCheckpoint) else open_base(base)
+    targets = distinct_targets(base, only)
+    if not targets:
+        raise DiffmemError(f"has no LoRA-targetable weights{f' under {only!r}' if only else ''}", base.path)
+    store = AnchorStore(base, cache_dir=cache_dir, device=device, remember=False)
+    for target in tqdm(targets, desc="anchors", unit="weight", disable=not progress):
+        store.get(target, energy, k)
+        if store.computed and store.computed % FLUSH_EVERY == 0:
+            store.flush()  # bounds memory and keeps the work of an interrupted build
+    store.flush()
+    path = store.path_for(store.rule_name(energy, k))
+    return AnchorBuild(weights=len(targets), computed=store.computed, loaded=store.loaded,
+                       seconds=time.perf_counter() - started, cache_file=path if path.exists() else None)

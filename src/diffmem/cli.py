@@ -139,6 +139,20 @@ def run_filter_many(args: argparse.Namespace) -> int:
     return EXIT_ERROR if counts["failed"] else EXIT_OK
 
 
+def run_anchors(args: argparse.Namespace) -> int:
+    from diffmem.anchors import build_anchors
+    from diffmem.filters import BAFConfig
+
+    energy = args.energy if args.energy is not None else BAFConfig.energy
+    build = build_anchors(args.base, energy, args.anchor_rank, only=args.only, cache_dir=args.cache_dir,
+                          device=args.device, progress=not args.json)
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(build), "cache_file": str(build.cache_file)}, indent=2))
+    else:
+        print(build.summary())
+    return EXIT_OK
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from diffmem.demo import DEMO_SETTINGS, run_demo
 
@@ -203,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     many_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_filter_options(many_parser)
     many_parser.set_defaults(handler=run_filter_many)
+
+    anchors_parser = commands.add_parser(
+        "anchors", help="compute and cache the anchors of every weight of a base, once, before filtering many LoRAs",
+        description="Fill the anchor cache for every base weight a LoRA can update (or those under --only), so "
+                    "later filters on this base read anchors instead of decomposing the base. Resumes: anchors "
+                    "already cached are read, not recomputed.",
+    )
+    anchors_parser.add_argument("base", type=Path, help="base checkpoint file or diffusers folder")
+    anchors_parser.add_argument("--only", help="only module paths under this prefix, e.g. unet or transformer")
+    anchors_parser.add_argument("--energy", type=float, help="anchor energy share (default: BAF's, 0.5)")
+    anchors_parser.add_argument("--anchor-rank", type=int, help="a fixed number of anchor directions instead")
+    anchors_parser.add_argument("--cache-dir", type=Path,
+                                help="anchor cache (default $DIFFMEM_CACHE or ~/.cache/diffmem)")
+    anchors_parser.add_argument("--device", default="cpu", help="where decompositions run: cpu (default), cuda, mps")
+    anchors_parser.add_argument("--json", action="store_true", help="print what was done as JSON")
+    anchors_parser.set_defaults(handler=run_anchors)
 
     demo_parser = commands.add_parser(
         "demo", help="filter the embedded world's memorizing LoRA and write a before/after report",

@@ -19,7 +19,13 @@ from diffmem.world.data import (
     photos_dataset,
     shapes_dataset,
 )
-from diffmem.world.diffusion import denoising_loss, generate, noise_scheduler, training_loss
+from diffmem.world.diffusion import (
+    denoising_loss,
+    generate,
+    generate_from_context,
+    noise_scheduler,
+    training_loss,
+)
 from diffmem.world.lora import apply_lora, save_lora, target_pattern
 from diffmem.world.model import UNetConfig, build_unet, load_base, load_unet_file
 from diffmem.world.text import TextEncoder, encode_prompts
@@ -42,6 +48,7 @@ __all__ = [
     "faces_dataset",
     "finetune",
     "generate",
+    "generate_from_context",
     "load_base",
     "load_example_lora",
     "load_unet_file",

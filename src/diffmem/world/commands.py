@@ -206,16 +206,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_check(commands)
     add_sample(commands)
     add_quality(commands)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `world` sub-commands directly: `python -m diffmem.world.commands train-base ...`."""
-    parser = argparse.ArgumentParser(prog="python -m diffmem.world.commands")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["world", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
