@@ -208,17 +208,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_table(commands)
     add_norms(commands)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `memcontrol` sub-commands directly: `python -m diffmem.memcontrol.commands search ...`."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m diffmem.memcontrol.commands")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["memcontrol", *(argv if argv is not None else sys.argv[1:])])
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

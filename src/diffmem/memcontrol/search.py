@@ -1,7 +1,10 @@
 """MemControl's bi-level search (Dutt et al. 2025, sec. 3.4, Algorithm 1): the outer loop proposes masks with
 Optuna's NSGA-II (Deb et al. 2002); the inner loop fine-tunes the world base under each mask on a small proxy set
 whose memorized images are known (N pairs duplicated K times) and scores it on two minimised objectives:
-memorization (Wen et al.'s score on the duplicated captions) and quality (FID of held-out-caption generations)."""
+memorization (Wen et al.'s score on the duplicated captions) and quality (FID of generations for validation
+captions: training-split images the proxy fine-tune did not see). The held-out split stays untouched by the search,
+so the table that reports the chosen mask measures FID on images the search never selected on (the seed searches
+on a validation set and reports on a test set)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -18,6 +22,7 @@ from diffmem.formats.safetensors_io import write_atomic
 from diffmem.memcontrol.mask import Mask, derive_mask, save_mask
 from diffmem.memcontrol.methods import check_method
 from diffmem.memcontrol.train import MemControlTrainConfig, finetune_with_mask
+from diffmem.world.data import ImageSet
 
 STUDY_FILE = "study.db"
 
@@ -37,7 +42,10 @@ class SearchConfig:
             world's 80 training faces give 10% of the other faces (7) plus 5 faces x 20, 60 steps of 8 images.
         wen_steps / wen_generations / guidance: Wen's score on the duplicated captions (Wen et al. use DDIM 50 steps,
             4 generations, guidance 7.5 on SD; the world samples with guidance 3 and few steps here for speed).
-        quality_generations: generations per held-out caption for the FID (20 held-out faces).
+        validation_size: training-split images the proxy fine-tune does not see that serve as the FID's
+            reference and captions (20, as many as the world's held-out faces; the held-out split itself is kept
+            for the reported table).
+        quality_generations: generations per validation caption for the FID.
         quality_steps: DDIM steps of those generations.
         seed: seeds the sampler, the proxy set and the training.
     """
@@ -51,6 +59,7 @@ class SearchConfig:
     wen_steps: int = 10
     wen_generations: int = 2
     guidance: float = 3.0
+    validation_size: int = 20
     quality_generations: int = 2
     quality_steps: int = 10
     seed: int = 0
@@ -60,6 +69,8 @@ class SearchConfig:
             raise DiffmemError(f"method {self.method!r} has no mask to search; choose svdiff, difffit, attention or lora")
         if self.trials < 1 or self.population_size < 2:
             raise DiffmemError("a search needs trials >= 1 and population_size >= 2")
+        if self.validation_size < 2:
+            raise DiffmemError(f"the search's FID needs validation_size >= 2 images, got {self.validation_size}")
 
     @property
     def mask_granularity(self) -> str:
@@ -94,17 +105,25 @@ def memorization_objective(unet: UNet2DConditionModel, captions: list[str], step
     return float(trace.scores.mean())
 
 
-def quality_objective(unet: UNet2DConditionModel, data: str, config: SearchConfig, embedder=None) -> float:
-    """FID of generations for the held-out captions against the held-out images (`diffmem.metrics.fid`)."""
+def validation_rows(train_size: int, seen: list[int], count: int, seed: int) -> list[int]:
+    """`count` training-split rows outside `seen` (the proxy set), drawn with `seed`, sorted: the search's
+    validation images."""
+    unseen = sorted(set(range(train_size)) - set(seen))
+    if count > len(unseen):
+        raise DiffmemError(f"the search's FID needs {count} validation images but only {len(unseen)} training images "
+                           "are outside the proxy set: lower --rest-share, the duplicated count or validation_size")
+    return sorted(np.random.default_rng(seed + 11).choice(unseen, size=count, replace=False).tolist())
+
+
+def quality_objective(unet: UNet2DConditionModel, validation: ImageSet, config: SearchConfig, embedder=None) -> float:
+    """FID of generations for the `validation` captions against the `validation` images (`diffmem.metrics.fid`)."""
     from diffmem.metrics.fid import fid
-    from diffmem.world.data import FINETUNE_SETS
     from diffmem.world.diffusion import generate
 
-    heldout = FINETUNE_SETS[data]("heldout")
-    prompts = [c for c in heldout.captions for _ in range(config.quality_generations)]
+    prompts = [c for c in validation.captions for _ in range(config.quality_generations)]
     seeds = [config.seed + 50_000 + i for i in range(len(prompts))]
     images = generate(unet, prompts, seeds, steps=config.quality_steps, guidance=config.guidance)
-    return fid(heldout.images, images, embedder)
+    return fid(validation.images, images, embedder)
 
 
 def evaluate_mask(base: UNet2DConditionModel, mask: Mask, config: SearchConfig, embedder=None) -> tuple[float, float, int]:
@@ -113,10 +132,13 @@ def evaluate_mask(base: UNet2DConditionModel, mask: Mask, config: SearchConfig, 
 
     inner = config.inner
     result = finetune_with_mask(base, inner, mask, progress=False)
-    captions = FINETUNE_SETS[inner.data]("train").subset(result.duplicated).captions
+    train_set = FINETUNE_SETS[inner.data]("train")
+    captions = train_set.subset(result.duplicated).captions
+    validation = train_set.subset(validation_rows(len(train_set), result.duplicated + result.seen_once,
+                                                  config.validation_size, config.seed))
     return (memorization_objective(result.unet, list(captions), config.wen_steps, config.wen_generations,
                                    config.guidance, config.seed),
-            quality_objective(result.unet, inner.data, config, embedder), result.trainable_parameters)
+            quality_objective(result.unet, validation, config, embedder), result.trainable_parameters)
 
 
 def normalised_mean_choice(values: list[tuple[float, float]], candidates: list[int]) -> int:
