@@ -1,0 +1,523 @@
+"""`diffmem bench-real`: the benchmark's variants on a user's own Stable Diffusion checkpoint and LoRAs.
+
+The world benchmark (`diffmem.bench.run`) knows which images each fine-tune memorized; on a real checkpoint the
+user says which training images they suspect, in a probe manifest (`read_probe`). Every LoRA is filtered with
+the same variants and baselines as the world benchmark (`diffmem.bench.grid`), each filtered file is written and
+loaded into a diffusers `StableDiffusionPipeline` with diffusers' own `load_lora_weights` (so a variant that a
+front-end could not load fails here too), a few images per caption are generated with fixed seeds, and the
+generations are measured against the probe images with `diffmem.metrics`. Rows go to ``<out>/results.jsonl`` as
+soon as each is measured and are keyed by LoRA, base, probe and settings, so a stopped run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffmem.bench.grid import FULL_PLAN, QUICK_PLAN, VARIATION_PLAN, Variant, VariantPlan, reference_variants
+from diffmem.bench.run import append_row, read_rows, settings_id
+from diffmem.errors import DiffmemError, FileFormatError
+from diffmem.formats.base import BaseCheckpoint, open_base
+from diffmem.formats.lora import write_lora
+from diffmem.formats.safetensors_io import sha256_file, write_atomic
+from diffmem.metrics.amd import amd
+from diffmem.metrics.copy import CopyConfig, copy_decisions, paired_tiled_l2
+from diffmem.metrics.extraction import extraction_attack
+from diffmem.metrics.features import PixelEmbedder, embed, load_embedder
+from diffmem.metrics.fid import fid_from_features
+from diffmem.metrics.quality import denoising_loss
+from diffmem.pipeline import filter_lora, provenance, resolve_device
+from diffmem.report import image_grid, load_image, markdown_table, save_png
+
+RESULTS_FILE = "results.jsonl"
+REPORT_FILE = "report.md"
+PLANS = {"quick": QUICK_PLAN, "variation": VARIATION_PLAN, "full": FULL_PLAN}
+#: Seed offset of the held-out captions' generations, so they never share noise with the suspected ones.
+HELDOUT_SEED_OFFSET = 10_000
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RealBenchSettings:
+    """How every model (base, LoRA, filtered LoRA) is sampled and scored; rows measured with other settings are
+    kept apart (`settings_id`).
+
+    Args:
+        generations: images per suspected caption. 4, Wen et al.'s number per prompt; the extraction attack
+            needs at least 3 near-identical generations of a caption to call it extracted.
+        heldout_generations: images per held-out caption (for FID).
+        steps: DDIM steps. 25, the usual interactive setting for Stable Diffusion 1.x/2.x.
+        guidance: classifier-free guidance scale. 7.5, Stable Diffusion's default (also Wen et al.'s).
+        seed: generation g of every caption starts from the noise of seed `seed + g` (a CPU generator, so the
+            noise is the same on every device); held-out captions use seeds from `seed + 10000`.
+        timesteps_per_image: stratified timesteps per image of the denoising losses (as the world benchmark).
+        embedder: the feature space of AMD and FID: "pixelsN" (raw pixels average-pooled to N x N, no learned
+            network) or a feature-network file given with ``--embedder``. Default "pixels16": the project's copy
+            embedder is trained on the world's 32 x 32 images only, and no learned network for real photos
+            ships with diffmem.
+        copy_distance: optional absolute bound on the tiled-L2 distance that a copy must also meet
+            (`CopyConfig.distance_threshold`); None uses Carlini et al.'s relative test alone.
+    """
+
+    generations: int = 4
+    heldout_generations: int = 1
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    timesteps_per_image: int = 8
+    embedder: str = "pixels16"
+    copy_distance: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.generations < 1 or self.heldout_generations < 1 or self.steps < 1:
+            raise DiffmemError("generations, held-out generations and steps must each be at least 1")
+
+
+# ------------------------------------------------------------------------------------------------ probe manifest
+
+
+@dataclass(frozen=True)
+class ProbeManifest:
+    """A probe manifest, validated: absolute image paths, captions, and a hash of the manifest and its images.
+
+    The file is JSON; image paths are relative to the manifest's folder::
+
+        {
+          "suspected": [{"image": "train/001.png", "caption": "a photo of sks person"}, ...],
+          "references": ["train/002.png", "train/003.png"],
+          "heldout": [{"caption": "a photo of sks person at the beach", "image": "heldout/001.png"}, ...]
+        }
+
+    `suspected` (required, at least one): training images the user suspects are memorized, each with the caption
+    it was trained with. `references` (optional): further training images; the copy test's relative criterion
+    compares a generation's nearest training image with its other near neighbours, so it works best with a few
+    dozen training images in all. `heldout` (optional): captions the LoRA should still serve, each optionally
+    with an image that was not trained on; images give the held-out denoising loss (one or more) and FID (two or
+    more).
+    """
+
+    path: Path
+    suspected_images: tuple[Path, ...]
+    suspected_captions: tuple[str, ...]
+    references: tuple[Path, ...]
+    heldout: tuple[tuple[Path | None, str], ...]
+    sha256: str
+
+    @property
+    def heldout_captions(self) -> tuple[str, ...]:
+        return tuple(caption for _, caption in self.heldout)
+
+    @property
+    def heldout_with_images(self) -> tuple[tuple[Path, str], ...]:
+        """The held-out entries that have an image."""
+        return tuple((image, caption) for image, caption in self.heldout if image is not None)
+
+
+def _caption_entries(record: dict, key: str, path: Path, need_image: bool) -> list[tuple[Path | None, str]]:
+    """(image, caption) pairs of a list of ``{"image": ..., "caption": ...}`` entries, or an error naming `path`."""
+    entries = record.get(key, [])
+    if not isinstance(entries, list):
+        raise FileFormatError(f"'{key}' must be a list of {{\"image\": ..., \"caption\": ...}} entries", path)
+    pairs = []
+    for number, entry in enumerate(entries):
+        where = f"'{key}' entry {number}"
+        if not isinstance(entry, dict):
+            raise FileFormatError(f"{where} is not an object with 'image' and 'caption'", path)
+        caption = entry.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise FileFormatError(f"{where} has no caption (a non-empty string under 'caption')", path)
+        image = entry.get("image")
+        if image is None and need_image:
+            raise FileFormatError(f"{where} has no image (a path relative to the manifest under 'image')", path)
+        if image is not None and not isinstance(image, str):
+            raise FileFormatError(f"{where}: 'image' must be a path string", path)
+        pairs.append((None if image is None else _image_path(path, image, where), caption.strip()))
+    return pairs
+
+
+def _image_path(manifest: Path, relative: str, where: str) -> Path:
+    """An image path of the manifest, resolved against its folder; a missing file is an error naming both."""
+    image = manifest.parent / relative
+    if not image.is_file():
+        raise DiffmemError(f"{where} names the image {relative!r}, which does not exist ({image})", manifest)
+    return image
+
+
+def read_probe(path: str | Path) -> ProbeManifest:
+    """Read and validate a probe manifest (see `ProbeManifest` for the schema); images are checked to exist but
+    not decoded yet."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffmemError("no such probe manifest", path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"is not a JSON probe manifest ({exc})", path) from None
+    if not isinstance(record, dict):
+        raise FileFormatError("must hold a JSON object with a 'suspected' list", path)
+    unknown = set(record) - {"suspected", "references", "heldout"}
+    if unknown:
+        raise FileFormatError(f"has unknown keys {sorted(unknown)}; expected suspected, references, heldout", path)
+    suspected = _caption_entries(record, "suspected", path, need_image=True)
+    if not suspected:
+        raise FileFormatError("lists no suspected training images (a non-empty 'suspected' list of "
+                              "{\"image\": ..., \"caption\": ...})", path)
+    references = record.get("references", [])
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise FileFormatError("'references' must be a list of image paths", path)
+    heldout = _caption_entries(record, "heldout", path, need_image=False)
+    suspected_images = tuple(image for image, _ in suspected)
+    reference_images = tuple(_image_path(path, r, f"'references' entry {i}") for i, r in enumerate(references))
+    digest = hashlib.sha256(path.read_bytes())
+    for image in (*suspected_images, *reference_images, *(image for image, _ in heldout if image is not None)):
+        digest.update(sha256_file(image).encode())
+    return ProbeManifest(path, suspected_images, tuple(c for _, c in suspected), reference_images, tuple(heldout),
+                         digest.hexdigest())
+
+
+def load_images(files: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
+    """Image files as [N, 3, H, W] in [0, 1], each resized (bilinear, antialiased) to `size`."""
+    from diffmem.audit import resize_images
+
+    return torch.cat([resize_images(load_image(file)[None], size) for file in files])
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+
+def load_pipeline(base: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A Stable Diffusion 1.x/2.x `StableDiffusionPipeline` from a diffusers folder or a single-file checkpoint,
+    loaded offline, with a DDIM scheduler from the checkpoint's own scheduler config, on `device`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    base = Path(base)
+    if not base.exists():
+        raise DiffmemError("no such base checkpoint (a diffusers folder or a single .safetensors file)", base)
+    try:
+        if base.is_dir():
+            pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, dtype=dtype,
+                                                           safety_checker=None, requires_safety_checker=False)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(str(base), local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FileFormatError(f"could not load a Stable Diffusion pipeline offline ({exc})", base) from None
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_lora_weights(pipe, lora: Path, adapter_name: str) -> None:
+    """Apply a LoRA file with diffusers' own loader; a file diffusers refuses is an error naming it."""
+    from transformers.utils import logging as transformers_logging
+
+    # transformers prints a "MISSING keys" table for every LoRA'd text encoder: PEFT loads only the LoRA keys.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        pipe.load_lora_weights(str(lora), adapter_name=adapter_name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise FileFormatError(f"diffusers' load_lora_weights refused this file ({exc})", lora) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+@torch.no_grad()
+def generate_images(pipe, captions: Sequence[str], seeds: Sequence[int], settings: RealBenchSettings,
+                    batch_size: int = 8) -> torch.Tensor:
+    """One image per (caption, seed) pair with the pipeline's DDIM sampler, [N, 3, H, W] in [0, 1] on the CPU."""
+    images = []
+    for start in range(0, len(captions), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds[chunk]]
+        out = pipe(list(captions[chunk]), num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                   generator=generators, output_type="pt")
+        images.append(out.images.float().cpu().clamp(0, 1))
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def encode_latents(pipe, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """VAE latents (posterior means, times the scaling factor) of images [N, 3, H, W] in [0, 1]."""
+    param = next(pipe.vae.parameters())
+    parts = [pipe.vae.encode((chunk * 2 - 1).to(param.device, param.dtype)).latent_dist.mean.float().cpu()
+             for chunk in images.split(batch_size)]
+    return torch.cat(parts) * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def caption_loss(pipe, latents: torch.Tensor, captions: Sequence[str], settings: RealBenchSettings) -> float:
+    """Denoising loss of the pipeline's UNet on `latents` with their captions, at fixed noise and timesteps."""
+    embeds, _ = pipe.encode_prompt(list(captions), pipe.unet.device, 1, False)
+    return denoising_loss(pipe.unet, pipe.scheduler, latents, embeds.float().cpu(),
+                          timesteps_per_sample=settings.timesteps_per_image)
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class Probe:
+    """A probe manifest's images at the pipeline's image size, their latents and features."""
+
+    manifest: ProbeManifest
+    suspected: torch.Tensor
+    pool: torch.Tensor
+    heldout: torch.Tensor | None
+    suspected_latents: torch.Tensor
+    heldout_latents: torch.Tensor | None
+    pool_features: torch.Tensor
+    heldout_features: torch.Tensor | None
+
+    @classmethod
+    def load(cls, manifest: ProbeManifest, pipe, embedder: Callable[[torch.Tensor], torch.Tensor]) -> Probe:
+        """Read, resize and embed the images once; every model is measured against the same tensors."""
+        size = pipe.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        size = (size[0] * pipe.vae_scale_factor, size[1] * pipe.vae_scale_factor)
+        suspected = load_images(manifest.suspected_images, size)
+        pool = torch.cat([suspected, load_images(manifest.references, size)]) if manifest.references else suspected
+        heldout_files = [image for image, _ in manifest.heldout_with_images]
+        heldout = load_images(heldout_files, size) if heldout_files else None
+        return cls(manifest, suspected, pool, heldout, encode_latents(pipe, suspected),
+                   None if heldout is None else encode_latents(pipe, heldout), embed(embedder, pool),
+                   None if heldout is None or len(heldout) < 2 else embed(embedder, heldout))
+
+
+def measure_pipeline(pipe, probe: Probe, settings: RealBenchSettings,
+                     embedder: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 8,
+                     ) -> tuple[dict, torch.Tensor]:
+    """Memorization and quality numbers of the pipeline as it is (with whatever LoRA is loaded), and its
+    suspected-caption generations [captions * generations, 3, H, W], caption-major.
+
+    - copy_rate: share of suspected-caption generations that Carlini et al.'s relative tiled-L2 test calls a copy
+      of a training image (suspected or reference);
+    - captions_copied: suspected captions copied in at least half their generations;
+    - own_distance: median tiled-L2 distance of a generation to its own caption's training image;
+      own_distance_min: the smallest such distance (the best copy);
+    - nearest_distance: median tiled-L2 distance of a generation to its nearest training image;
+    - extracted: training images the extraction attack recovers (Carlini et al. 2023);
+    - amd: average minimum cosine distance to the training images in the embedder's space (MemControl);
+    - suspected_loss / heldout_loss: denoising loss on the suspected images / held-out images with their captions;
+    - fid: held-out captions' generations against the held-out images, in the embedder's space (two or more
+      held-out images).
+    """
+    manifest = probe.manifest
+    captions, count = manifest.suspected_captions, settings.generations
+    prompts = [c for c in captions for _ in range(count)]
+    generated = generate_images(pipe, prompts, [settings.seed + g for _ in captions for g in range(count)],
+                                settings, batch_size)
+    copy = CopyConfig(distance_threshold=settings.copy_distance)
+    decisions = copy_decisions(generated, probe.pool, copy)
+    per_caption = decisions.is_copy.view(len(captions), count).float().mean(dim=1)
+    own = paired_tiled_l2(generated, probe.suspected.repeat_interleave(count, dim=0))
+    extraction = extraction_attack(generated.view(len(captions), count, *generated.shape[1:]), train=probe.pool)
+    numbers = {
+        "copy_rate": round(decisions.rate, 4),
+        "captions_copied": int((per_caption >= 0.5).sum()),
+        "own_distance": round(float(own.median()), 4),
+        "own_distance_min": round(float(own.min()), 4),
+        "nearest_distance": round(float(decisions.distance.median()), 4),
+        "extracted": extraction.extracted_images,
+        "amd": round(amd(embed(embedder, generated), probe.pool_features), 4),
+        "suspected_loss": round(caption_loss(pipe, probe.suspected_latents, captions, settings), 6),
+    }
+    if probe.heldout_latents is not None:
+        heldout_captions = [caption for _, caption in manifest.heldout_with_images]
+        numbers["heldout_loss"] = round(caption_loss(pipe, probe.heldout_latents, heldout_captions, settings), 6)
+    if probe.heldout_features is not None:
+        heldout_prompts = [c for c in manifest.heldout_captions for _ in range(settings.heldout_generations)]
+        if len(heldout_prompts) >= 2:
+            seeds = [settings.seed + HELDOUT_SEED_OFFSET + i for i in range(len(heldout_prompts))]
+            quality = generate_images(pipe, heldout_prompts, seeds, settings, batch_size)
+            numbers["fid"] = round(fid_from_features(probe.heldout_features, embed(embedder, quality)), 4)
+    return numbers, generated
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def make_embedder(spec: str | Path | None = None, device: str | torch.device = "cpu"):
+    """The feature network of AMD and FID: "pixels" or "pixelsN" (raw pixels pooled to N x N; default
+    "pixels16"), or a user's network file or folder (`diffmem.metrics.features.load_embedder`)."""
+    spec = "pixels16" if spec is None else str(spec)
+    if spec.startswith("pixels") and not Path(spec).exists():
+        size = spec[len("pixels"):]
+        if size and not size.isdigit():
+            raise DiffmemError(f"unknown embedder {spec!r}: use pixels, pixelsN (e.g. pixels16) or a network path")
+        return PixelEmbedder(int(size) if size else None)
+    return load_embedder(spec, device=device)
+
+
+def variants_for(lora: Path, base: BaseCheckpoint, plan: VariantPlan, device: torch.device) -> list[Variant]:
+    """The reference variants and `plan`'s, with fraction-matched budgets at the channel share that BAF's
+    default rule keeps on this LoRA (as the world benchmark does)."""
+    default = filter_lora(lora, base, reference_variants()[2].config, device=device).report
+    return reference_variants() + plan.variants(default.channels_kept / default.channels_total)
+
+
+def file_safe(key: str) -> str:
+    """A variant key as a file name stem: ``baf@energy=0.8`` -> ``baf_energy_0.8``."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in key).replace("__", "_")
+
+
+def lora_label(lora: Path, sha256: str) -> str:
+    """Folder name of a LoRA's outputs: its stem and the start of its hash (two files may share a name)."""
+    return f"{lora.stem}-{sha256[:8]}"
+
+
+def grid_path(label: str, key: str) -> Path:
+    """Where a variant's generations are saved, relative to the output folder (the base model's once)."""
+    return Path("images") / ("base.png" if key == "base" else Path(label) / f"{file_safe(key)}.png")
+
+
+def run_real_bench(
+    base: str | Path,
+    loras: Sequence[str | Path],
+    probe: str | Path,
+    out: str | Path,
+    settings: RealBenchSettings | None = None,
+    plan: VariantPlan = QUICK_PLAN,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    embedder: str | Path | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[dict]:
+    """Filter every LoRA with the base model, the LoRA as given and `plan`'s variants, load each written file into
+    the base pipeline with diffusers' `load_lora_weights`, measure it against the probe, and append a row to
+    ``<out>/results.jsonl``; then write ``<out>/report.md``. Rows already measured with the same LoRA, base,
+    probe and settings are skipped. Returns the rows of this base, probe and settings."""
+    device = resolve_device(device)
+    out = Path(out)
+    manifest = read_probe(probe)
+    lora_paths = [Path(p) for p in loras]
+    for path in lora_paths:
+        if not path.exists():
+            raise DiffmemError("no such LoRA file", path)
+    checkpoint = open_base(base)
+    settings = settings or RealBenchSettings()
+    features = make_embedder(settings.embedder if embedder is None else embedder, device)
+    settings = replace(settings, embedder=features.name)
+    identity = {"settings_id": settings_id(settings), "base_sha256": checkpoint.content_hash(),
+                "probe_sha256": manifest.sha256}
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / RESULTS_FILE
+    inputs = (*lora_paths, Path(base), manifest.path)
+
+    def matching() -> list[dict]:
+        return [r for r in read_rows(results) if all(r.get(k) == v for k, v in identity.items())]
+
+    done = {(r["lora_sha256"], r["variant"]) for r in matching()}
+    base_numbers = next((r["numbers"] for r in matching() if r["variant"] == "base"), None)
+    pipe = probe_images = None
+    for lora in lora_paths:
+        lora_sha = sha256_file(lora)
+        label = lora_label(lora, lora_sha)
+        variants = variants_for(lora, checkpoint, plan, device)
+        todo = [v for v in variants if (lora_sha, v.key) not in done]
+        if todo and pipe is None:
+            pipe = load_pipeline(base, device, dtype)
+            probe_images = Probe.load(manifest, pipe, features)
+        for variant in tqdm(todo, desc=label, unit="variant", disable=not progress):
+            started = time.perf_counter()
+            report = generated = None
+            if variant.config is None and base_numbers is not None:
+                numbers = base_numbers  # the base is the same model for every LoRA: measured once
+            elif variant.config is None:
+                numbers, generated = measure_pipeline(pipe, probe_images, settings, features, batch_size)
+                base_numbers = numbers
+            else:
+                result = filter_lora(lora, checkpoint, variant.config, device=device)
+                report = result.report
+                written = write_lora(result.lora, out / "loras" / label / f"{file_safe(variant.key)}.safetensors",
+                                     provenance=provenance(report, lora), protect=inputs)
+                load_lora_weights(pipe, written, adapter_name="bench")
+                try:
+                    numbers, generated = measure_pipeline(pipe, probe_images, settings, features, batch_size)
+                finally:
+                    pipe.unload_lora_weights()
+            if generated is not None:
+                save_png(image_grid(generated, columns=settings.generations), out / grid_path(label, variant.key))
+            row = {"lora": str(lora), "lora_label": label, "lora_sha256": lora_sha, "base": str(base), **identity,
+                   "probe": str(manifest.path), "settings": asdict(settings), "variant": variant.key,
+                   "method": variant.method, "budget": variant.budget, "level": variant.level,
+                   "seconds": round(time.perf_counter() - started, 1), "numbers": numbers}
+            if report is not None:
+                row |= {"channels_kept": report.channels_kept, "channels_total": report.channels_total,
+                        "energy_kept": round(report.energy_kept, 4)}
+            append_row(results, row)
+            done.add((lora_sha, variant.key))
+    rows = matching()
+    write_atomic(render_report(rows, manifest, settings).encode("utf-8"), out / REPORT_FILE, protect=inputs)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+COLUMNS = (
+    ("copy rate", "copy_rate", "percent"),
+    ("captions copied", "captions_copied", "count"),
+    ("own distance", "own_distance", "3"),
+    ("best own distance", "own_distance_min", "3"),
+    ("nearest distance", "nearest_distance", "3"),
+    ("extracted", "extracted", "count"),
+    ("AMD", "amd", "3"),
+    ("suspected loss", "suspected_loss", "4"),
+    ("held-out loss", "heldout_loss", "4"),
+    ("FID", "fid", "3"),
+)
+
+
+def format_number(value: float | int | None, style: str) -> str:
+    """A table cell: percent, count, or a fixed number of decimals; "-" when not measured."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if style == "percent":
+        return f"{value:.0%}"
+    if style == "count":
+        return str(value)
+    return f"{value:.{int(style)}f}"
+
+
+def render_report(rows: Sequence[dict], manifest: ProbeManifest, settings: RealBenchSettings) -> str:
+    """report.md: the settings, then one table per LoRA with a row per variant and links to its generations."""
+    images = sum(1 for _ in manifest.heldout_with_images)
+    lines = [
+        "# diffmem bench-real",
+        "",
+        f"Probe `{manifest.path.name}`: {len(manifest.suspected_images)} suspected training images with their "
+        f"captions, {len(manifest.references)} further training images, {len(manifest.heldout)} held-out captions "
+        f"({images} with images). Sampling: {settings.generations} generations per suspected caption, "
+        f"{settings.steps} DDIM steps, guidance {settings.guidance}, seeds from {settings.seed}; AMD and FID in "
+        f"the `{settings.embedder}` feature space.",
+        "",
+        "Columns: **copy rate**, share of suspected-caption generations that Carlini et al.'s relative tiled-L2 test "
+        "calls a copy of a training image; **captions copied**, suspected captions copied in at least half their "
+        f"generations (of {len(manifest.suspected_images)}); **own distance** / **best own distance**, median / "
+        "smallest tiled-L2 distance of a generation to its own caption's image; **nearest distance**, median "
+        "distance to the nearest training image; **extracted**, training images the extraction attack recovers; "
+        "**AMD**, average minimum cosine distance to the training images (low = memorized); **suspected loss** / "
+        "**held-out loss**, denoising loss on the suspected / held-out images (the LoRA lowers the first by "
+        "memorizing, the second by generalizing); **FID**, held-out generations against held-out images.",
+    ]
+    for label in dict.fromkeys(r["lora_label"] for r in rows):
+        group = [r for r in rows if r["lora_label"] == label]
+        header = ["variant", "channels kept", "energy kept", *(name for name, _, _ in COLUMNS), "generations"]
+        table = []
+        for r in group:
+            kept = f"{r['channels_kept']} / {r['channels_total']}" if "channels_kept" in r else "-"
+            energy = format_number(r.get("energy_kept"), "percent")
+            cells = [format_number(r["numbers"].get(key), style) for _, key, style in COLUMNS]
+            link = f"[grid]({grid_path(label, r['variant']).as_posix()})"
+            table.append([r["variant"], kept, energy, *cells, link])
+        lines += ["", f"## {label}", "", f"LoRA `{group[0]['lora']}`; filtered files in `loras/{label}/`.", "",
+                  markdown_table(header, table)]
+    return "\n".join(lines) + "\n"
