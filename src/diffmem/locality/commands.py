@@ -1,0 +1,102 @@
+"""`diffmem locality`: the experiments behind seed 002's locality claims on a world LoRA, writing their JSON and
+docs/locality.md (`diffmem.locality`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def parse_starts(text: str) -> tuple[str, ...]:
+    """A comma-separated list of Dori starts ("prompt,random,random,unrelated")."""
+    from diffmem.attack import START_KINDS
+
+    starts = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not starts or any(s not in START_KINDS for s in starts):
+        raise argparse.ArgumentTypeError(f"starts must be a comma-separated list of {', '.join(START_KINDS)}")
+    return starts
+
+
+def add_locality(subparsers: argparse._SubParsersAction) -> None:
+    from diffmem.attack import DoriConfig
+    from diffmem.locality.experiment import LocalityConfig
+    from diffmem.mitigations.nemo import NeMoConfig
+    from diffmem.world.check import CheckSettings
+
+    c, d, s, n = LocalityConfig(), DoriConfig(), CheckSettings(), NeMoConfig()
+    p = subparsers.add_parser(
+        "locality", help="is memorization local? Dori embeddings, activations, NeMo vs Wanda (seed 002)",
+        description="Run the experiments behind seed 002's locality claims on a world LoRA with its manifest: where "
+                    "Dori's adversarial embeddings lie, how their activations differ from the memorized prompt's, "
+                    "and how much NeMo's and Wanda's selections agree. Writes the numbers as JSON and a markdown "
+                    "page with the reading (docs/locality.md).")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="world LoRA whose .json manifest lists the memorized images (default: the committed example)")
+    p.add_argument("--json", type=Path, required=True, help="where to write every number (JSON)")
+    p.add_argument("--markdown", type=Path, default=None, help="where to write the page (e.g. docs/locality.md)")
+    p.add_argument("--captions", type=int, default=None, help="study the first N memorized captions (default all)")
+    p.add_argument("--starts", type=parse_starts, default=c.starts,
+                   help=f"Dori starts, comma-separated (default {','.join(c.starts)})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"Dori steps per search (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"Dori batch (default {d.batch_size})")
+    p.add_argument("--generations", type=int, default=s.generations,
+                   help=f"fresh generations judging each embedding (default {s.generations})")
+    p.add_argument("--sample-steps", type=int, default=s.steps, help=f"DDIM steps of those (default {s.steps})")
+    p.add_argument("--top-share", type=float, default=c.top_share,
+                   help=f"share of a layer's units counted as its top ones (default {c.top_share})")
+    p.add_argument("--nemo-generations", type=int, default=n.generations,
+                   help=f"noise draws of NeMo's memorization signal (default {n.generations})")
+    p.add_argument("--relocalise", default=c.relocalise_start,
+                   help="run NeMo and Wanda again on the embedding from the first search with this start "
+                        f"(default {c.relocalise_start}); 'none' skips it")
+    p.add_argument("--no-judge-on-nemo", action="store_true",
+                   help="do not judge the adversarial embeddings on the NeMo-pruned model")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.set_defaults(handler=run_locality_command)
+
+
+def run_locality_command(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+    import sys
+    from dataclasses import replace
+
+    import torch
+
+    from diffmem.errors import DiffmemError
+    from diffmem.locality.experiment import LocalityConfig, example_lora_inputs, run_locality
+    from diffmem.locality.report import write_results
+    from diffmem.world.check import CheckSettings, load_example_lora
+    from diffmem.world.lora import apply_lora
+    from diffmem.world.model import load_base
+
+    torch.set_num_threads(args.threads)
+    if args.lora is None:
+        unet, manifest = load_example_lora()
+    else:
+        manifest_path = args.lora.with_suffix(".json")
+        if not manifest_path.is_file():
+            raise DiffmemError("has no manifest (.json) beside it listing the memorized images", args.lora)
+        manifest = json.loads(manifest_path.read_text())
+        unet = apply_lora(load_base(), args.lora)
+    defaults = LocalityConfig()
+    relocalise = None if str(args.relocalise).lower() == "none" else args.relocalise
+    config = LocalityConfig(
+        captions=args.captions, starts=args.starts,
+        dori=replace(defaults.dori, steps=args.steps, batch_size=args.batch_size),
+        check=CheckSettings(generations=args.generations, steps=args.sample_steps),
+        top_share=args.top_share, nemo=replace(defaults.nemo, generations=args.nemo_generations),
+        relocalise_start=relocalise, judge_on_nemo=not args.no_judge_on_nemo,
+    )
+    results = run_locality(unet, example_lora_inputs(manifest), config, progress=lambda m: print(m, flush=True))
+    results["model"] = str(args.lora) if args.lora is not None else "the committed example LoRA"
+    argv = sys.argv[sys.argv.index("locality") + 1:] if "locality" in sys.argv else []
+    command = " ".join(["diffmem locality", *(shlex.quote(a) for a in argv)])
+    write_results(results, args.json, args.markdown, command)
+    print(f"wrote {args.json}" + (f" and {args.markdown}" if args.markdown else ""))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `locality` to the diffmem CLI."""
+    add_locality(subparsers)
