@@ -170,14 +170,16 @@ def relative_alignment(channels: Channels, anchors: Anchors, side: str = "both",
     ``side`` is "left", "right" or "both"; "both" combines the two relative scores by ``combine``:
     "mean" (arithmetic), "min", or "product" (geometric mean).
     """
-    left = left_alignment(channels, anchors) / chance_alignment(anchors.k, anchors.u.shape[0])
-    right = right_alignment(channels, anchors) / chance_alignment(anchors.k, anchors.v.shape[0])
+    if side not in ("left", "right", "both"):
+        raise ValueError(f"side must be 'left', 'right' or 'both', got {side!r}")
+    if side != "right":
+        left = left_alignment(channels, anchors) / chance_alignment(anchors.k, anchors.u.shape[0])
+    if side != "left":
+        right = right_alignment(channels, anchors) / chance_alignment(anchors.k, anchors.v.shape[0])
     if side == "left":
         return left
     if side == "right":
         return right
-    if side != "both":
-        raise ValueError(f"side must be 'left', 'right' or 'both', got {side!r}")
     if combine == "mean":
         return (left + right) / 2
     if combine == "min":
