@@ -234,16 +234,51 @@ def test_table_rows_follow_the_seeds_table_1(tiny_unet):
 
     mask = derive_mask(tiny_unet, "blocks")
     rows = table_rows(mask, "svdiff", ("none", "rwa", "threshold"))
-    assert len(rows) == 16 and rows[0] == ("none", "none", False)
+    # freeze 1, full/SV-DIFF/DiffFit/attention x 3 mitigations, LoRA (not in the seed) plain only, MemControl x 3
+    assert len(rows) == 17 and rows[0] == ("none", "none", False)
+    assert ("lora", "none", False) in rows and ("lora", "rwa", False) not in rows
+    assert ("none", "rwa", False) not in rows
     assert rows[-3:] == [("svdiff", "none", True), ("svdiff", "rwa", True), ("svdiff", "threshold", True)]
-    assert len(table_rows(None, None, ("none",))) == 5
+    assert len(table_rows(None, None, ("none",))) == 6
     assert table_rows(mask, "difffit", ("none",), ()) == [("difffit", "none", True)]
     assert row_label("svdiff", "rwa", True) == "MemControl (SV-DIFF mask) + RWA"
     line = {"label": "Full FT", "fid": 1.5, "amd": 0.61, "extracted": 2, "copy_rate": 0.25, "wen": 3.1,
-            "heldout_loss": 0.05, "trainable_parameters": 10}
-    assert "| Full FT | 1.50 | 0.610 | 2 | 0.250 | 3.100 | 0.0500 | 10 |" in markdown_table([line])
+            "heldout_loss": 0.05, "trainable_parameters": 10, "lr": 1e-3}
+    assert "| Full FT | 1.50 | 0.610 | 2 | 0.250 | 3.100 | 0.0500 | 10 | 0.001 |" in markdown_table([line])
+    repeated = {**line, "label": "MemControl (SV-DIFF mask)", "same_as": "SV-DIFF"}
+    assert "| MemControl (SV-DIFF mask) (the SV-DIFF run: same modules) |" in markdown_table([repeated])
     with pytest.raises(DiffmemError, match="unknown mitigation"):
         TableConfig(mitigations=("dedup",))
+    with pytest.raises(DiffmemError, match="lr_scale"):
+        TableConfig(lr_scale=0.0)
+
+
+def test_an_all_on_mask_trains_what_the_unmasked_method_trains(tiny_unet):
+    from diffmem.memcontrol.table import trained_modules
+
+    everything = trained_modules(tiny_unet, "svdiff", None)
+    assert everything and trained_modules(tiny_unet, "svdiff", derive_mask(tiny_unet, "blocks")) == everything
+    partial = trained_modules(tiny_unet, "svdiff", derive_mask(tiny_unet, "blocks", "10000"))
+    assert partial != everything and set(partial) < set(everything)
+    assert trained_modules(tiny_unet, "full", None) is None
+
+
+def test_table_goes_between_its_markers_and_nowhere_else(tmp_path):
+    from diffmem.memcontrol.table import table_markers, updated_doc, write_table_into
+
+    start, end = table_markers("faces")
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{start}\nold table\n{end}\nafter\n")
+    row = {"label": "Full FT", "fid": 1.5, "amd": 0.61, "extracted": 2, "copy_rate": 0.25, "wen": 3.1,
+           "heldout_loss": 0.05, "trainable_parameters": 10, "lr": 1e-4}
+    write_table_into(doc, "faces", [row])
+    text = doc.read_text()
+    assert text.startswith(f"intro\n{start}\n| FT method") and text.endswith(f"{end}\nafter\n")
+    assert "old table" not in text and "| Full FT | 1.50 |" in text
+    with pytest.raises(DiffmemError, match="memcontrol table photos start"):
+        updated_doc(doc, "photos", [row])
+    with pytest.raises(DiffmemError, match="cannot read"):
+        updated_doc(tmp_path / "missing.md", "faces", [row])
 
 
 def test_training_norms_are_per_sample_and_fixed_timesteps_are_honoured(tiny_unet):

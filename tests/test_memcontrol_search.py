@@ -9,7 +9,14 @@ import torch
 
 from diffmem.errors import DiffmemError
 from diffmem.memcontrol.mask import check_mask_fits, load_mask
-from diffmem.memcontrol.search import SearchConfig, TrialResult, normalised_mean_choice, pareto_front, search
+from diffmem.memcontrol.search import (
+    SearchConfig,
+    TrialResult,
+    normalised_mean_choice,
+    pareto_front,
+    search,
+    validation_rows,
+)
 from diffmem.memcontrol.train import MemControlTrainConfig
 from diffmem.world.model import UNetConfig, build_unet
 
@@ -28,9 +35,21 @@ def test_pareto_front_and_normalised_mean_choice():
     assert normalised_mean_choice([(1.0, 1.0), (1.0, 1.0)], [0, 1]) == 0
 
 
+def test_validation_rows_avoid_the_proxy_set():
+    seen = [0, 3, 5, 7]
+    rows = validation_rows(12, seen, 6, seed=0)
+    assert len(rows) == 6 == len(set(rows)) and not set(rows) & set(seen) and rows == sorted(rows)
+    assert rows == validation_rows(12, seen, 6, seed=0)
+    assert sorted(validation_rows(12, seen, 8, seed=1)) == [r for r in range(12) if r not in seen]
+    with pytest.raises(DiffmemError, match="only 8 training images"):
+        validation_rows(12, seen, 9, seed=0)
+
+
 def test_search_settings_are_checked():
     with pytest.raises(DiffmemError, match="no mask to search"):
         SearchConfig(method="full")
+    with pytest.raises(DiffmemError, match="validation_size"):
+        SearchConfig(validation_size=1)
     assert SearchConfig(method="attention").mask_granularity == "layers"
     assert SearchConfig(method="svdiff").mask_granularity == "blocks"
 

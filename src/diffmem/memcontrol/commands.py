@@ -129,6 +129,11 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated mitigations crossed with every method (default %(default)s)")
     p.add_argument("--methods", default=",".join(BASELINES),
                    help="comma-separated baseline methods (default %(default)s)")
+    p.add_argument("--lr-scale", type=float,
+                   help="multiply every method's own learning rate (default 1, or the quick budget's with --quick; "
+                        "ignored with --lr)")
+    p.add_argument("--doc", type=Path, help="also write the table into this markdown file, between its "
+                                            "`<!-- memcontrol table <data> start/end -->` lines")
     add_training_options(p, None, None)
     p.set_defaults(handler=run_table_command)
 
@@ -139,12 +144,17 @@ def split_names(text: str) -> tuple[str, ...]:
 
 
 def run_table_command(args: argparse.Namespace) -> int:
-    from diffmem.memcontrol.table import TableConfig, run_table
+    from diffmem.memcontrol.table import TableConfig, run_table, updated_doc, write_table_into
 
     start = TableConfig.quick() if args.quick else TableConfig()
     config = replace(start, train=training_config(args, start.train), mitigations=split_names(args.mitigations),
-                     methods=split_names(args.methods))
-    run_table(args.out, config, args.mask)
+                     methods=split_names(args.methods),
+                     lr_scale=args.lr_scale if args.lr_scale is not None else start.lr_scale)
+    if args.doc is not None:  # a document without the markers fails now, not after the table's hour
+        updated_doc(args.doc, config.train.data, [])
+    rows = run_table(args.out, config, args.mask)
+    if args.doc is not None:
+        write_table_into(args.doc, config.train.data, rows)
     print((args.out / "table.md").read_text())
     return 0
 

@@ -12,12 +12,15 @@ from pathlib import Path
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.memcontrol.mask import Mask, load_mask
-from diffmem.memcontrol.methods import check_method
+from diffmem.memcontrol.methods import check_method, default_lr
 from diffmem.memcontrol.mitigation import MITIGATIONS, MitigationConfig
 from diffmem.memcontrol.search import memorization_objective
 from diffmem.memcontrol.train import MemControlTrainConfig, finetune_with_mask, manifest_of
 
-BASELINES = ("none", "full", "svdiff", "difffit", "attention")
+BASELINES = ("none", "full", "svdiff", "difffit", "attention", "lora")
+#: The methods the seed's Table 1 crosses with each mitigation; the others (no fine-tuning, and LoRA, which the seed
+#: does not report) get their plain row only.
+CROSSED = ("full", "svdiff", "difffit", "attention")
 LABELS = {"none": "Freeze (no fine-tuning)", "full": "Full FT", "svdiff": "SV-DIFF", "difffit": "DiffFit",
           "attention": "Attn tuning", "lora": "LoRA"}
 MITIGATION_LABELS = {"none": "", "rwa": " + RWA", "threshold": " + Threshold"}
@@ -32,8 +35,11 @@ class TableConfig:
             `quick()` runs 100 x 8, which memorizes less (see docs/memcontrol.md).
         wen_steps / wen_generations / guidance: sampling of Wen's score on the duplicated captions, as the
             search's (`SearchConfig`): 10 DDIM steps, 2 generations per caption, the world's guidance 3.
-        mitigations: the mitigations crossed with every method.
+        mitigations: the mitigations crossed with the methods in `CROSSED`.
         methods: the baseline fine-tuning methods ("none" is the seed's "Freeze" row, trained with no mitigation).
+        lr_scale: multiplies each method's own learning rate (`default_lr`) when `train.lr` is None, so a short
+            run keeps the methods' published ratios (full 1e-4, SV-DIFF and DiffFit 1e-3, attention 1e-4, LoRA
+            1e-4) while moving as far as a longer one.
     """
 
     train: MemControlTrainConfig = field(default_factory=MemControlTrainConfig)
@@ -42,8 +48,11 @@ class TableConfig:
     guidance: float = 3.0
     mitigations: tuple[str, ...] = MITIGATIONS
     methods: tuple[str, ...] = BASELINES
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.lr_scale <= 0:
+            raise DiffmemError(f"lr_scale must be positive, got {self.lr_scale}")
         for name in self.mitigations:
             MitigationConfig(kind=name)
         for name in self.methods:
@@ -57,12 +66,25 @@ class TableConfig:
 
 def table_rows(mask: Mask | None, mask_method: str | None, mitigations: tuple[str, ...],
                methods: tuple[str, ...] = BASELINES) -> list[tuple[str, str, bool]]:
-    """(method, mitigation, uses the mask) per row, in the seed's order; MemControl rows only with a mask."""
-    rows = [("none", "none", False)] if "none" in methods else []
-    rows += [(m, g, False) for m in methods if m != "none" for g in mitigations]
+    """(method, mitigation, uses the mask) per row, in the seed's order (methods the seed does not cross with
+    mitigations, `CROSSED`, get only their plain row when "none" is among `mitigations`); MemControl rows only with
+    a mask."""
+    rows = []
+    for m in methods:
+        rows += [(m, g, False) for g in mitigations if m in CROSSED or g == "none"]
     if mask is not None:
         rows += [(mask_method, g, True) for g in mitigations]
     return rows
+
+
+def trained_modules(unet, method: str, mask: Mask | None) -> tuple[str, ...] | None:
+    """The attention modules a masked method trains (all of them without a mask); None for full/no fine-tuning.
+    Two rows with the same method, mitigation and modules train the same model (training is deterministic)."""
+    from diffmem.memcontrol.mask import derive_mask
+
+    if not check_method(method).masked:
+        return None
+    return tuple(sorted((mask or derive_mask(unet, "layers")).modules))
 
 
 def row_label(method: str, mitigation: str, masked: bool) -> str:
@@ -71,19 +93,24 @@ def row_label(method: str, mitigation: str, masked: bool) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as the seed's Table 1 columns (plus copy rate, Wen score and trained parameters)."""
-    lines = ["| FT method + mitigation | FID | AMD | extracted | copy rate | Wen score | held-out loss | trained |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The rows as the seed's Table 1 columns (plus copy rate, Wen score, held-out loss, trained parameters and
+    learning rate); a row that repeats an earlier row's training says so."""
+    lines = ["| FT method + mitigation | FID | AMD | extracted | copy rate | Wen score | held-out loss | trained | lr |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['fid']:.2f} | {r['amd']:.3f} | {r['extracted']} | {r['copy_rate']:.3f} | "
-                     f"{r['wen']:.3f} | {r['heldout_loss']:.4f} | {r['trainable_parameters']} |")
+        label = r["label"] + (f" (the {r['same_as']} run: same modules)" if r.get("same_as") else "")
+        lr = f"{r['lr']:g}" if r.get("lr") is not None else "-"
+        lines.append(f"| {label} | {r['fid']:.2f} | {r['amd']:.3f} | {r['extracted']} | {r['copy_rate']:.3f} | "
+                     f"{r['wen']:.3f} | {r['heldout_loss']:.4f} | {r['trainable_parameters']} | {lr} |")
     return "\n".join(lines) + "\n"
 
 
 def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str | Path | None = None,
               progress: bool = True) -> list[dict]:
     """Train and measure every row; write `rows.json` and `table.md` to `out` after each row (a stopped run keeps
-    the rows it finished). `mask_path`: a mask from `diffmem memcontrol search` (its method is read from it)."""
+    the rows it finished). `mask_path`: a mask from `diffmem memcontrol search` (its method is read from it). A
+    row that would train the same modules with the same method and mitigation as an earlier one (MemControl's
+    row when the searched mask is all on) reuses that row's numbers instead of training again."""
     from diffmem.bench.evaluate import BenchSettings, Probe, measure
     from diffmem.metrics.embedder import load_copy_embedder
     from diffmem.world.data import FINETUNE_SETS
@@ -103,20 +130,32 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
     embedder = load_copy_embedder()
     probe = None
     rows: list[dict] = []
+    trained: dict[tuple, dict] = {}
     for method, mitigation, masked in table_rows(mask, mask_method, config.mitigations, config.methods):
-        train = replace(config.train, method=method, mitigation=replace(config.train.mitigation, kind=mitigation))
-        began = time.time()
-        result = finetune_with_mask(base, train, mask if masked else None, progress=False)
-        manifest = manifest_of(result, train, mask if masked else None)
-        probe = probe or Probe.from_manifest(manifest, embedder)
-        numbers, _ = measure(result.unet, probe, BenchSettings())
-        captions = list(FINETUNE_SETS[train.data]("train").subset(result.duplicated).captions)
-        row = {"label": row_label(method, mitigation, masked), "method": method, "mitigation": mitigation,
-               "mask": mask.bits if masked else None, **numbers,
-               "wen": round(memorization_objective(result.unet, captions, config.wen_steps, config.wen_generations,
-                                                   config.guidance, train.seed), 4),
-               "trainable_parameters": result.trainable_parameters,
-               "train_s": round(result.wall_time_s), "total_s": round(time.time() - began)}
+        row_mask = mask if masked else None
+        lr = config.train.lr if config.train.lr is not None else default_lr(method) * config.lr_scale
+        train = replace(config.train, method=method, lr=lr,
+                        mitigation=replace(config.train.mitigation, kind=mitigation))
+        label = row_label(method, mitigation, masked)
+        key = (method, mitigation, trained_modules(base, method, row_mask))
+        if key in trained:
+            # the same modules trained the same way: a deterministic run would repeat that row to the digit
+            row = {**trained[key], "label": label, "mask": row_mask.bits if masked else None,
+                   "same_as": trained[key]["label"], "train_s": 0, "total_s": 0}
+        else:
+            began = time.time()
+            result = finetune_with_mask(base, train, row_mask, progress=False)
+            manifest = manifest_of(result, train, row_mask)
+            probe = probe or Probe.from_manifest(manifest, embedder)
+            numbers, _ = measure(result.unet, probe, BenchSettings())
+            captions = list(FINETUNE_SETS[train.data]("train").subset(result.duplicated).captions)
+            row = {"label": label, "method": method, "mitigation": mitigation,
+                   "mask": row_mask.bits if masked else None, "lr": lr, **numbers,
+                   "wen": round(memorization_objective(result.unet, captions, config.wen_steps,
+                                                       config.wen_generations, config.guidance, train.seed), 4),
+                   "trainable_parameters": result.trainable_parameters,
+                   "train_s": round(result.wall_time_s), "total_s": round(time.time() - began)}
+            trained[key] = row
         rows.append(row)
         if progress:
             print(json.dumps(row), flush=True)
@@ -125,3 +164,35 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
         write_atomic(markdown_table(rows).encode(), out / "table.md")
     return rows
 
+
+def table_markers(name: str) -> tuple[str, str]:
+    """The comment lines around a generated table called `name` in a markdown document."""
+    return f"<!-- memcontrol table {name} start -->", f"<!-- memcontrol table {name} end -->"
+
+
+def replace_between_markers(text: str, name: str, table: str) -> str:
+    """`text` with the lines between `name`'s markers replaced by `table`; an error names a missing marker."""
+    start, end = table_markers(name)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise DiffmemError(f"needs exactly one {start!r} line followed by one {end!r} line")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{table}{end}{tail}"
+
+
+def updated_doc(doc: str | Path, name: str, rows: list[dict]) -> str:
+    """`doc`'s text with the rows' markdown table between `name`'s markers; errors name the document."""
+    doc = Path(doc)
+    try:
+        text = doc.read_text()
+    except OSError as error:
+        raise DiffmemError(f"cannot read the document: {error.strerror}", doc) from None
+    try:
+        return replace_between_markers(text, name, markdown_table(rows))
+    except DiffmemError as error:
+        raise DiffmemError(error.problem, doc) from None
+
+
+def write_table_into(doc: str | Path, name: str, rows: list[dict]) -> None:
+    """Put the rows' markdown table between `name`'s markers in `doc` (atomically)."""
+    write_atomic(updated_doc(doc, name, rows).encode(), Path(doc))
