@@ -1,4 +1,5 @@
-"""`diffmem bench ...`: run the benchmark grid, the channel ablations, and regenerate docs/results.md."""
+"""`diffmem bench ...`: run the benchmark grid, the channel ablations, and regenerate docs/results.md;
+`diffmem bench-real`: the same variants on a user's own Stable Diffusion checkpoint and LoRAs."""
 
 from __future__ import annotations
 
@@ -51,8 +52,70 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_real_command(args: argparse.Namespace) -> int:
+    """Filter each LoRA with every variant, load it with diffusers, measure it against the probe, write the report."""
+    import torch
+
+    from diffmem.bench.real import DTYPES, PLANS, REPORT_FILE, RealBenchSettings, run_real_bench
+
+    torch.set_num_threads(args.threads)
+    settings = RealBenchSettings(generations=args.generations, heldout_generations=args.heldout_generations,
+                                 steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                 copy_distance=args.copy_distance)
+    rows = run_real_bench(args.base, args.lora, args.probe, args.out, settings, plan=PLANS[args.plan],
+                          device=args.device, dtype=DTYPES[args.dtype], embedder=args.embedder,
+                          batch_size=args.batch_size)
+    print(f"wrote {args.out / REPORT_FILE} ({len(rows)} measurements in {args.out / 'results.jsonl'})")
+    return 0
+
+
+def register_real(subparsers: argparse._SubParsersAction) -> None:
+    """Add `diffmem bench-real` (its own command: none of the world grid's options apply to it, and it needs a
+    base, LoRAs and a probe)."""
+    from diffmem.bench.real import DTYPES, PLANS, RealBenchSettings
+
+    d = RealBenchSettings()
+    p = subparsers.add_parser(
+        "bench-real", help="the benchmark's filter variants on your own Stable Diffusion checkpoint and LoRAs",
+        description="Filter each LoRA with BAF variants and baselines (the variants of `diffmem bench`), load every "
+                    "filtered file into the base pipeline with diffusers' load_lora_weights, generate from the "
+                    "captions of the training images you suspect are memorized, and measure copies, nearest "
+                    "distances, AMD, denoising losses and FID. Resumable: rows already measured are kept. "
+                    "See docs/bench.md, 'On your own checkpoints'.")
+    p.add_argument("--base", type=Path, required=True,
+                   help="Stable Diffusion 1.x/2.x base: a diffusers folder or a single-file checkpoint")
+    p.add_argument("--lora", type=Path, nargs="+", required=True, help="one or more LoRA files trained on the base")
+    p.add_argument("--probe", type=Path, required=True,
+                   help="probe manifest (JSON): suspected training images with captions, optional references and "
+                        "held-out captions/images")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-real"),
+                   help="folder of rows, filtered LoRAs, image grids and report.md (default runs/bench-real)")
+    p.add_argument("--plan", choices=sorted(PLANS), default="quick",
+                   help="which variants: quick (BAF, BAF right side, random, magnitude, scale at 80%% of the energy "
+                        "and at BAF's channel share; default), variation, or full (every variant of the world "
+                        "benchmark's central setting)")
+    p.add_argument("--generations", type=int, default=d.generations,
+                   help=f"generations per suspected caption (default {d.generations})")
+    p.add_argument("--heldout-generations", type=int, default=d.heldout_generations,
+                   help=f"generations per held-out caption, for FID (default {d.heldout_generations})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
+    p.add_argument("--guidance", type=float, default=d.guidance, help=f"guidance scale (default {d.guidance})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"first sampling seed (default {d.seed})")
+    p.add_argument("--copy-distance", type=float, default=None,
+                   help="also require a copy's tiled-L2 distance to be at most this (default: relative test only)")
+    p.add_argument("--embedder", default=None,
+                   help="feature space of AMD and FID: pixels, pixelsN, or a TorchScript / torch.export file or "
+                        f"Hugging Face folder (default {d.embedder})")
+    p.add_argument("--device", default="cpu", help="torch device of filtering and generation, e.g. cuda (default cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="pipeline weights' dtype (float16 halves GPU memory; default float32)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.set_defaults(handler=run_bench_real_command)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `diffmem bench`."""
+    """Add `diffmem bench` and `diffmem bench-real`."""
     p = subparsers.add_parser(
         "bench", help="does BAF remove memorization better than its baselines? (world fine-tunes, docs/results.md)",
         description="Fine-tune the embedded world so that it memorizes, filter every fine-tune with BAF variants "
@@ -72,3 +135,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report-only", action="store_true", help="only regenerate the report from measured rows")
     add_sampling_options(p)
     p.set_defaults(handler=run_bench_command)
+    register_real(subparsers)

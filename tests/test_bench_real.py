@@ -1,0 +1,196 @@
+"""`diffmem bench-real` end to end on a tiny random Stable Diffusion pipeline built in tmp_path (nothing
+downloaded): the probe manifest, the filtered files loading through diffusers, the rows, resuming, the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffmem.bench.grid import VariantPlan, reference_variants
+from diffmem.bench.real import (
+    RESULTS_FILE,
+    RealBenchSettings,
+    file_safe,
+    make_embedder,
+    read_probe,
+    run_real_bench,
+)
+from diffmem.bench.run import read_rows
+from diffmem.cli import main
+from diffmem.errors import DiffmemError, FileFormatError
+
+torch.set_num_threads(1)
+
+#: A small plan (BAF's right-side rule, random at 80% of the energy, BAF at its own channel share) keeps the
+#: file near half a minute; the variant logic is the world benchmark's own (`diffmem.bench.grid`).
+PLAN = VariantPlan(rules=("baf-right",), levels=(0.8,), methods=("random",), fraction_methods=("baf",))
+SETTINGS = RealBenchSettings(generations=2, steps=2, embedder="pixels4")
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    from diffmem.bench.real_example import write_example
+
+    return write_example(tmp_path_factory.mktemp("tiny-sd"), steps=SETTINGS.steps)
+
+
+@pytest.fixture(scope="module")
+def bench(example, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rows = run_real_bench(example["base"], [example["lora"]], example["probe"], out, SETTINGS, plan=PLAN,
+                          progress=False)
+    return out, rows
+
+
+def unet_output(pipe) -> torch.Tensor:
+    """The UNet's prediction on fixed inputs (latents, timestep, text embeddings of a fixed caption)."""
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(["a photo of sks person"], torch.device("cpu"), 1, False)
+        return pipe.unet(latents, 10, encoder_hidden_states=embeds).sample
+
+
+def test_rows_exist_for_every_variant(bench):
+    out, rows = bench
+    keys = [r["variant"] for r in rows]
+    expected = [v.key for v in reference_variants() + PLAN.variants(default_fraction=0.5)]
+    assert sorted(keys) == sorted(expected)
+    assert set(expected) >= {"lora", "base", "baf", "baf-right", "random@energy=0.8", "baf@fraction=matched"}
+    numbers = {"copy_rate", "captions_copied", "own_distance", "own_distance_min", "nearest_distance", "extracted",
+               "amd", "suspected_loss", "heldout_loss", "fid"}
+    for row in rows:
+        assert set(row["numbers"]) == numbers, row["variant"]
+        assert (out / "images" / ("base.png" if row["variant"] == "base" else
+                                  Path(row["lora_label"]) / f"{file_safe(row['variant'])}.png")).is_file()
+    by_key = {r["variant"]: r for r in rows}
+    assert by_key["lora"]["channels_kept"] == by_key["lora"]["channels_total"]
+    assert by_key["baf"]["channels_kept"] < by_key["baf"]["channels_total"]
+    assert by_key["baf@fraction=matched"]["channels_kept"] <= by_key["baf@fraction=matched"]["channels_total"]
+    assert "channels_kept" not in by_key["base"]
+
+
+def test_the_lora_reproduces_its_probe_and_the_base_does_not(bench):
+    """The example's suspected images are the LoRA's first generations: the bench must find them again (up to PNG
+    rounding) through its own filter -> write -> diffusers load -> sample path, and the base must not."""
+    _, rows = bench
+    by_key = {r["variant"]: r["numbers"] for r in rows}
+    assert by_key["lora"]["own_distance_min"] < 0.01
+    assert by_key["lora"]["copy_rate"] > 0
+    assert by_key["base"]["own_distance_min"] > 0.05
+    assert by_key["base"]["copy_rate"] == 0
+    # The probe's held-out images come from the base, the suspected ones from the LoRA.
+    assert by_key["lora"]["suspected_loss"] != by_key["base"]["suspected_loss"]
+
+
+def test_filtered_files_load_through_diffusers_and_change_the_unet(bench, example):
+    from diffusers import StableDiffusionPipeline
+
+    out, rows = bench
+    pipe = StableDiffusionPipeline.from_pretrained(example["base"], local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    before = unet_output(pipe)
+    outputs = {}
+    files = sorted((out / "loras").glob("*/*.safetensors"))
+    assert {f.stem for f in files} == {file_safe(r["variant"]) for r in rows if r["variant"] != "base"}
+    for file in files:
+        pipe.load_lora_weights(str(file), adapter_name="check")
+        outputs[file.stem] = unet_output(pipe)
+        pipe.unload_lora_weights()
+        assert not torch.allclose(outputs[file.stem], before, atol=1e-4), file.name
+    assert torch.equal(unet_output(pipe), before)
+    assert not torch.allclose(outputs["baf"], outputs["lora"], atol=1e-4)
+    header = json.loads(file.read_bytes()[8 : 8 + int.from_bytes(file.read_bytes()[:8], "little")])
+    assert "diffmem.method" in header["__metadata__"]
+
+
+def test_a_second_run_measures_nothing_new(bench, example):
+    out, rows = bench
+    lines = (out / RESULTS_FILE).read_text().splitlines()
+    again = run_real_bench(example["base"], [example["lora"]], example["probe"], out, SETTINGS, plan=PLAN,
+                           progress=False)
+    assert (out / RESULTS_FILE).read_text().splitlines() == lines
+    assert len(again) == len(rows)
+    report = (out / "report.md").read_text()
+    for row in rows:
+        assert f"| {row['variant']} |" in report
+    assert "`pixels4` feature space" in report
+
+
+def test_other_settings_are_other_rows(bench):
+    out, rows = bench
+    assert len({r["settings_id"] for r in rows}) == 1
+    changed = [r for r in read_rows(out / RESULTS_FILE) if r["settings"]["steps"] != SETTINGS.steps]
+    assert changed == []
+    from diffmem.bench.run import settings_id
+
+    assert settings_id(SETTINGS) != settings_id(RealBenchSettings(generations=2, steps=3))
+
+
+def write_manifest(folder: Path, record) -> Path:
+    path = folder / "probe.json"
+    path.write_text(record if isinstance(record, str) else json.dumps(record))
+    return path
+
+
+@pytest.mark.parametrize("record, error, words", [
+    ({"suspected": [{"image": "missing.png", "caption": "a cat"}]}, DiffmemError, "missing.png"),
+    ({"suspected": [{"image": "a.png"}]}, FileFormatError, "no caption"),
+    ({"suspected": [{"image": "a.png", "caption": "  "}]}, FileFormatError, "no caption"),
+    ({"suspected": []}, FileFormatError, "no suspected"),
+    ({"suspected": [{"caption": "a cat"}]}, FileFormatError, "no image"),
+    ({"suspected": [{"image": "a.png", "caption": "a cat"}], "reference": []}, FileFormatError, "unknown keys"),
+    ({"suspected": [{"image": "a.png", "caption": "a cat"}], "references": ["b.png"]}, DiffmemError, "b.png"),
+    ({"suspected": [{"image": "a.png", "caption": "a cat"}], "heldout": [{"image": "a.png"}]}, FileFormatError,
+     "'heldout' entry 0 has no caption"),
+    ("{not json", FileFormatError, "not a JSON"),
+])
+def test_bad_manifests_name_the_file_and_the_problem(tmp_path, record, error, words):
+    from diffmem.report import save_png
+
+    save_png(torch.zeros(3, 8, 8), tmp_path / "a.png")
+    path = write_manifest(tmp_path, record)
+    with pytest.raises(error) as caught:
+        read_probe(path)
+    assert str(path) in str(caught.value) and words in str(caught.value)
+
+
+def test_a_good_manifest_and_its_hash(example, tmp_path):
+    probe = read_probe(example["probe"])
+    assert len(probe.suspected_images) == 2 and len(probe.references) == 2
+    assert len(probe.heldout_with_images) == 2 and all(p.is_file() for p in probe.suspected_images)
+    copy = tmp_path / "probe"
+    shutil.copytree(example["probe"].parent, copy)
+    assert read_probe(copy / "probe.json").sha256 == probe.sha256
+    (copy / "train" / "suspected-0.png").write_bytes((copy / "heldout" / "0.png").read_bytes())
+    assert read_probe(copy / "probe.json").sha256 != probe.sha256  # an edited image is another probe
+
+
+def test_cli_reports_a_bad_probe(example, tmp_path, capsys):
+    path = write_manifest(tmp_path, {"suspected": [{"image": "gone.png", "caption": "a cat"}]})
+    code = main(["bench-real", "--base", str(example["base"]), "--lora", str(example["lora"]), "--probe", str(path),
+                 "--out", str(tmp_path / "out")])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "gone.png" in err and str(path) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_missing_lora_and_an_unknown_device(example, tmp_path, capsys):
+    args = ["bench-real", "--base", str(example["base"]), "--probe", str(example["probe"]), "--out", str(tmp_path)]
+    assert main([*args, "--lora", str(tmp_path / "none.safetensors")]) != 0
+    assert "no such LoRA file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--lora", str(example["lora"]), "--device", "cuda"]) != 0
+        assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_embedder_choices():
+    assert make_embedder().name == "pixels16"
+    assert make_embedder("pixels8")(torch.rand(2, 3, 16, 16)).shape == (2, 3 * 8 * 8)
+    assert make_embedder("pixels").name == "pixels"
+    with pytest.raises(DiffmemError, match="unknown embedder"):
+        make_embedder("pixelsx")
