@@ -15,7 +15,8 @@ from diffmem.errors import DiffmemError
 
 # Subpackages that add their own sub-commands through `register(subparsers)`.
 COMMAND_MODULES = ("diffmem.world.commands", "diffmem.metrics.commands", "diffmem.bench.commands",
-                   "diffmem.mitigations.commands", "diffmem.attack.commands", "diffmem.memcontrol.commands")
+                   "diffmem.mitigations.commands", "diffmem.attack.commands", "diffmem.memcontrol.commands",
+                   "diffmem.locality.commands")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
