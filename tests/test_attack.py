@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from diffmem.attack import DoriConfig, attack_success, dori_search, run_dori, start_embedding
-from diffmem.attack.commands import read_image, register
+from diffmem.attack.commands import register
 from diffmem.attack.dori import reference_row
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import load_file, save_file
 from diffmem.metrics.copy import CopyConfig
-from diffmem.report import save_png
+from diffmem.report import load_image, save_png
 from diffmem.world.check import CheckSettings
-from diffmem.world.model import UNetConfig, build_unet, unet_metadata, unet_tensors
+from diffmem.world.model import build_unet, unet_metadata, unet_tensors
 from diffmem.world.text import MAX_TOKENS, TEXT_DIM, encode_prompts
+from test_world import TINY
 
-TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
 FAST = DoriConfig(steps=3, batch_size=2)
 FEW = CheckSettings(generations=2, steps=2)
 
@@ -131,8 +131,8 @@ def test_reference_row_survives_a_png_round_trip(tmp_path, target):
     others = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     reference = torch.cat([others, target])
     save_png(target[0], tmp_path / "t.png")
-    assert reference_row(read_image(tmp_path / "t.png")[0], reference) == 3
-    assert reference_row(read_image(tmp_path / "t.png")[0], others) is None
+    assert reference_row(load_image(tmp_path / "t.png"), reference) == 3
+    assert reference_row(load_image(tmp_path / "t.png"), others) is None
 
 
 def run_cli(*argv: str) -> int:
@@ -164,7 +164,7 @@ def test_command_writes_embedding_summary_and_grid(tmp_path, tiny_files):
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["losses"]) == 2 and summary["copy_test"] == "Carlini relative"
     assert 0 <= summary["copy_rate_after"] <= 1
-    grid = read_image(out / "generations.png")
+    grid = load_image(out / "generations.png")
     assert grid.shape[-2:] == (3 * (2 * 34 + 2), 3 * (3 * 34 + 2))
 
 
@@ -215,19 +215,87 @@ def test_dori_does_not_conjure_a_face_the_lora_never_saw():
     assert outcome.after.rate == 0.0
 
 
-def test_robustness_rows_cover_every_model_and_caption(tiny_unet, target):
-    from diffmem.attack.table import markdown_rows, robustness_table
+def flat_embedder(images: torch.Tensor) -> torch.Tensor:
+    """A stand-in for the copy embedder: the first 32 pixel values (enough for FID's maths on a tiny probe)."""
+    return images.flatten(1)[:, :32]
+
+
+def tiny_probe(target):
+    from diffmem.bench.evaluate import Probe
     from diffmem.world.data import ImageSet
 
-    others = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    images = ImageSet(images=torch.cat([target, others[:1]]), captions=["a photo of a cat", "a photo of a dog"],
-                      ids=["t/0", "t/1"])
-    rows = robustness_table({"tiny": tiny_unet, "tiny again": tiny_unet}, images, torch.cat([target, others]),
-                            FAST, FEW, heldout=images)
+    others = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    duplicated = ImageSet(images=torch.cat([target, others[:1]]), captions=["a photo of a cat", "a photo of a dog"],
+                          ids=["t/0", "t/1"])
+    heldout = ImageSet(images=others[4:], captions=[f"a photo of thing {i}" for i in range(36)],
+                       ids=[f"h/{i}" for i in range(36)])
+    return Probe(duplicated, torch.cat([duplicated.images, others[1:4]]), heldout, flat_embedder)
+
+
+def test_robustness_rows_cover_every_model_caption_and_start(tiny_unet, target):
+    from diffmem.attack.table import RobustnessSettings, markdown_rows, robustness_table
+
+    settings = RobustnessSettings(dori=FAST, starts=("prompt", "random"), sampling=FEW)
+    rows = robustness_table({"tiny": tiny_unet, "tiny again": tiny_unet}, tiny_probe(target), settings)
     assert [r.model for r in rows] == ["tiny", "tiny again"]
     # Same seeds and search settings for every model: the same weights give the same numbers.
-    assert {**rows[0].to_dict(), "model": ""} == {**rows[1].to_dict(), "model": ""}
-    assert rows[0].captions == 2 and len(rows[0].per_caption_dori) == 2
-    assert 0 <= rows[0].copy_rate_prompt <= 1 and 0 <= rows[0].copy_rate_dori <= 1
-    assert rows[0].heldout_loss > 0
-    assert markdown_rows(rows).count("\n") == 3
+    same = ("seconds", "model")
+    assert {k: v for k, v in rows[0].to_dict().items() if k not in same} == {
+        k: v for k, v in rows[1].to_dict().items() if k not in same}
+    assert rows[0].captions == 2 and set(rows[0].per_caption_dori) == {"prompt", "random"}
+    assert all(len(rates) == 2 for rates in rows[0].per_caption_dori.values())
+    assert 0 <= rows[0].copy_rate_prompt <= 1 and all(0 <= r <= 1 for r in rows[0].copy_rate_dori.values())
+    assert rows[0].heldout_loss > 0 and rows[0].fid is not None and rows[0].fid >= 0
+    assert all(loss > 0 for loss in rows[0].dori_loss.values())
+    table = markdown_rows(rows, {"skipped model": "no file"})
+    assert table.count("\n") == 4 and "not measured: no file" in table
+
+
+def test_robustness_settings_refuse_unknown_starts():
+    from diffmem.attack.table import RobustnessSettings
+
+    with pytest.raises(ValueError, match="starts must be"):
+        RobustnessSettings(starts=("nearby",))
+    with pytest.raises(ValueError, match="starts must be"):
+        RobustnessSettings(starts=())
+
+
+def row(name, prompt, dori):
+    from diffmem.attack.table import RobustnessRow
+
+    return RobustnessRow(model=name, captions=5, copy_rate_prompt=prompt, copy_rate_dori={"prompt": dori, "random": 0.0},
+                         captions_copied_prompt=0, captions_copied_dori={"prompt": 0, "random": 0},
+                         per_caption_prompt=[], per_caption_dori={"prompt": [], "random": []},
+                         dori_loss={"prompt": 0.1, "random": 0.1}, heldout_loss=0.05, fid=None, seconds=1.0)
+
+
+def test_verdicts_say_plainly_when_dori_brings_copies_back():
+    from diffmem.attack.table import verdict
+
+    reference = row("none", 0.8, 1.0)
+    assert verdict(reference, reference).startswith("no mitigation")
+    assert verdict(row("pruned", 0.1, 0.9), reference).startswith("does not survive Dori")
+    assert verdict(row("robust", 0.0, 0.1), reference).startswith("survives Dori")
+    assert verdict(row("weak", 0.6, 0.9), reference).startswith("does not lower copies")
+    assert "nothing to mitigate" in verdict(row("x", 0.0, 0.0), row("control", 0.0, 0.0))
+
+
+def test_page_keeps_its_notes_block_and_names_unmeasured_models(tiny_unet, target):
+    from diffmem.attack.table import (
+        NOTES_END,
+        NOTES_START,
+        RobustnessSettings,
+        ToolkitModels,
+        robustness_page,
+    )
+
+    toolkit = ToolkitModels()
+    toolkit.add("none", tiny_unet, "none", "tiny")
+    toolkit.add("pruned", tiny_unet, "none", "tiny pruned")
+    toolkit.notes["MemControl"] = "no model file"
+    rows = [row("none", 0.8, 1.0), row("pruned", 0.1, 0.9)]
+    previous = f"old text\n{NOTES_START}\nhand-written reading\n{NOTES_END}\nold tail"
+    page = robustness_page(rows, toolkit, RobustnessSettings(), "diffmem attack table", "tiny", previous)
+    assert "hand-written reading" in page and "old text" not in page and "old tail" not in page
+    assert "| MemControl | not measured: no model file" in page
+    assert "does not survive Dori" in page and "tiny pruned" in page

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.safetensors_io import write_atomic
@@ -39,6 +38,7 @@ from diffmem.report import (
     html_table,
     image_grid,
     img_tag,
+    load_image,
     markdown_table,
     png_data_uri,
     screenshot_html,
@@ -346,12 +346,7 @@ def load_image_folder(folder: str | Path, size: tuple[int, int] | None = None) -
         raise FileFormatError(f"holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})", folder)
     tensors = []
     for file in files:
-        try:
-            with Image.open(file) as picture:
-                array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as exc:
-            raise FileFormatError(f"is not a readable image ({exc})", file) from None
-        tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+        tensor = load_image(file)[None]
         if size is not None and tuple(tensor.shape[-2:]) != tuple(size):
             tensor = resize_images(tensor, size)
         tensors.append(tensor)

@@ -77,6 +77,24 @@ def save_png(image: torch.Tensor, path: str | Path, scale: int = 1) -> Path:
     return path
 
 
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file (PNG, JPEG, ...; any mode, converted to RGB) as a [3, H, W] float tensor in [0, 1], the inverse
+    of `save_png`; a missing file is a `DiffmemError`, an unreadable one a `FileFormatError`, each naming the file."""
+    from PIL import UnidentifiedImageError
+
+    from diffmem.errors import FileFormatError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DiffmemError("no such image file", path)
+    try:
+        with Image.open(path) as picture:
+            array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as error:
+        raise FileFormatError(f"is not a readable image ({error})", path) from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
 def html_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """An HTML table; cells that are already HTML (start with '<') are kept, others escaped; numbers right-aligned."""
 

@@ -13,30 +13,14 @@ import torch
 from diffmem.attack.dori import START_KINDS, DoriConfig, DoriOutcome
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """A PNG/JPEG/... file as a [1, 3, H, W] float image in [0, 1], or a `FileFormatError` naming the file."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    from diffmem.errors import DiffmemError, FileFormatError
-
-    if not path.is_file():
-        raise DiffmemError("no such image file", path)
-    try:
-        with Image.open(path) as picture:
-            array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as error:
-        raise FileFormatError(f"is not a readable image ({error})", path) from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
-
-
-def manifest_reference(lora: Path) -> torch.Tensor | None:
-    """The training images (duplicated and seen once) of a world LoRA, from the manifest `.json` beside it written
-    by `diffmem world finetune`; None when there is no such manifest."""
+def manifest_reference(model: Path) -> torch.Tensor | None:
+    """The training images (duplicated and seen once) of a world fine-tune (a LoRA or a full UNet file), from the
+    manifest `.json` beside it (`diffmem world finetune`, `memcontrol train` and `mitigate adversarial` write one);
+    None when there is no such manifest."""
     from diffmem.world.check import manifest_images
     from diffmem.world.data import ImageSet
 
-    manifest_path = lora.with_suffix(".json")
+    manifest_path = model.with_suffix(".json")
     if not manifest_path.is_file():
         return None
     manifest = json.loads(manifest_path.read_text())
@@ -80,7 +64,7 @@ def add_dori(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", type=Path, default=None, help="LoRA merged into the base (any format diffmem reads)")
     p.add_argument("--reference", type=Path, default=None,
                    help="folder of the training images (target among them) for Carlini's relative copy test "
-                        "(default: the images the manifest beside --lora lists, when there is one)")
+                        "(default: the images the manifest beside --lora, or beside --base without a LoRA, lists)")
     p.add_argument("--distance-threshold", type=float, default=None,
                    help="absolute tiled-L2 bound a copy must meet; required when there are no reference images")
     p.add_argument("--start", choices=START_KINDS, default=d.start,
@@ -107,6 +91,7 @@ def run_dori_command(args: argparse.Namespace) -> int:
     from diffmem.errors import DiffmemError
     from diffmem.formats.safetensors_io import save_file, write_atomic
     from diffmem.metrics.copy import CopyConfig
+    from diffmem.report import load_image
     from diffmem.world.check import CheckSettings
     from diffmem.world.lora import apply_lora
     from diffmem.world.model import load_base, load_unet_file
@@ -117,11 +102,12 @@ def run_dori_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise DiffmemError(str(error)) from None
     settings = CheckSettings(generations=args.generations, steps=args.sample_steps, guidance=args.guidance)
-    target = read_image(args.target)
+    target = load_image(args.target)[None]
     if args.reference is not None:
         reference, _ = load_image_folder(args.reference)
     else:
-        reference = manifest_reference(args.lora) if args.lora is not None else None
+        tuned = args.lora if args.lora is not None else args.base
+        reference = manifest_reference(tuned) if tuned is not None else None
     if reference is None and args.distance_threshold is None:
         raise DiffmemError("no reference images to test copies against: pass --reference (the training images) "
                            "or --distance-threshold")
@@ -148,63 +134,169 @@ def run_dori_command(args: argparse.Namespace) -> int:
 
 
 def add_table(subparsers: argparse._SubParsersAction) -> None:
-    from diffmem.world.check import CheckSettings
+    from diffmem.attack.table import RobustnessSettings
+    from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
 
-    d, s = DoriConfig(), CheckSettings()
+    r, a = RobustnessSettings(), AdversarialFinetuneConfig()
     p = subparsers.add_parser(
-        "table", help="copy rates of base, LoRA and BAF-filtered LoRA on the duplicated captions, as prompted and "
-                      "under Dori",
-        description="For a world LoRA with its manifest: each duplicated caption is prompted, then its image is "
-                    "attacked with Dori, on the base alone (control), the LoRA, and the LoRA filtered by BAF "
-                    "(default settings). Fresh generations are judged with Carlini's relative copy test against "
-                    "the LoRA's training images.")
+        "table", help="every mitigation of the toolkit under the Dori attack, with quality: docs/robustness.md",
+        description="For a world LoRA with its manifest (default: the committed example LoRA): the LoRA as trained, "
+                    "NeMo, Wanda, BAF and adversarial fine-tuning applied to it, and the training-time mitigations "
+                    "(MemControl, random word addition, threshold) with their unmitigated control, each prompted "
+                    "with the duplicated captions and attacked with Dori; fresh generations are judged with "
+                    "Carlini's relative copy test. Writes the robustness page (--out) and the rows (--json).")
     p.add_argument("--lora", type=Path, default=None,
                    help="world LoRA with its manifest .json beside it (default: the committed example LoRA)")
     p.add_argument("--base", type=Path, default=None, help="world UNet file (default: the committed base)")
-    p.add_argument("--start", choices=START_KINDS, default=d.start, help=f"Dori start (default {d.start})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"Dori Adam steps (default {d.steps})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"Dori seed (default {d.seed})")
-    p.add_argument("--generations", type=int, default=s.generations,
-                   help=f"fresh generations per caption and model (default {s.generations})")
-    p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    p.add_argument("--out", type=Path, default=None, help="markdown page to write, e.g. docs/robustness.md "
+                                                          "(its notes block is kept)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows and settings to this JSON file")
+    p.add_argument("--work", type=Path, default=Path("runs/robustness"),
+                   help="folder for models trained on the way (default runs/robustness)")
+    p.add_argument("--faces", type=int, default=None, help="attack only the first N duplicated faces (default all)")
+    p.add_argument("--starts", default=",".join(r.starts),
+                   help=f"Dori starts, comma-separated, of {', '.join(START_KINDS)} (default {','.join(r.starts)})")
+    p.add_argument("--dori-steps", type=int, default=r.dori.steps, help=f"Dori Adam steps (default {r.dori.steps})")
+    p.add_argument("--seed", type=int, default=r.dori.seed, help=f"Dori seed (default {r.dori.seed})")
+    p.add_argument("--generations", type=int, default=r.sampling.generations,
+                   help=f"fresh generations per caption and embedding (default {r.sampling.generations})")
+    p.add_argument("--sample-steps", type=int, default=r.sampling.steps,
+                   help=f"DDIM steps of those (default {r.sampling.steps})")
+    p.add_argument("--no-fid", action="store_true", help="skip FID (the held-out denoising loss stays)")
+    p.add_argument("--adversarial", type=Path, default=None,
+                   help="an adversarially fine-tuned model (`diffmem mitigate adversarial --out`); default: train "
+                        "one now with the --adv-* settings")
+    p.add_argument("--adv-rounds", type=int, default=a.rounds, help=f"its rounds (default {a.rounds})")
+    p.add_argument("--adv-steps", type=int, default=a.steps_per_round,
+                   help=f"its fine-tuning steps per round (default {a.steps_per_round})")
+    p.add_argument("--adv-search-steps", type=int, default=a.search.steps,
+                   help=f"its Dori steps per search (default {a.search.steps})")
+    p.add_argument("--adv-starts", default=",".join(a.starts), help=f"its Dori starts (default {','.join(a.starts)})")
+    for key, what in (("control", "the same-recipe fine-tune without mitigation"),
+                      ("memcontrol", "a MemControl-trained model (`diffmem memcontrol train --mask`)"),
+                      ("rwa", "a fine-tune with random word addition (`memcontrol train --mitigation rwa`)"),
+                      ("threshold", "a fine-tune with Wen's threshold (`memcontrol train --mitigation threshold`)")):
+        p.add_argument(f"--{key}", type=Path, default=None,
+                       help=f"world UNet file of {what}, manifest beside it; default: train it with --train-*")
+    p.add_argument("--memcontrol-mask", type=Path, default=None,
+                   help="mask for the MemControl model trained here (default: all attention blocks)")
+    p.add_argument("--train-method", default="full", help="method of the training-time rows' fine-tunes "
+                                                          "(default full; MemControl always trains SV-DIFF)")
+    p.add_argument("--train-steps", type=int, default=100, help="their optimizer steps (default 100)")
+    p.add_argument("--train-batch-size", type=int, default=8, help="their batch size (default 8)")
+    p.add_argument("--train-lr", type=float, default=None, help="their learning rate (default: the method's)")
+    p.add_argument("--no-training-time", action="store_true",
+                   help="leave out the training-time mitigations (the page says so)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(handler=run_table_command)
 
 
-def run_table_command(args: argparse.Namespace) -> int:
-    from diffmem.attack.table import markdown_rows, robustness_table
-    from diffmem.errors import DiffmemError
-    from diffmem.filters import BAFConfig
-    from diffmem.formats.safetensors_io import write_atomic
-    from diffmem.pipeline import filter_lora
-    from diffmem.world.check import CheckSettings, example_lora_path, manifest_images
-    from diffmem.world.lora import apply_lora
-    from diffmem.world.model import BASE_FILE, assets_dir, load_base, load_unet_file
+def split_starts(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
 
+
+def run_table_command(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+    import time
+    from dataclasses import replace
+
+    from diffmem.attack.table import (
+        TRAINING_CONTROL,
+        TRAINING_TIME,
+        RobustnessSettings,
+        ToolkitModels,
+        add_adversarial,
+        posthoc_models,
+        robustness_page,
+        robustness_row,
+        training_time_models,
+    )
+    from diffmem.bench.evaluate import Probe
+    from diffmem.errors import DiffmemError
+    from diffmem.formats.safetensors_io import write_atomic
+    from diffmem.memcontrol.train import MemControlTrainConfig
+    from diffmem.metrics.copy import CopyConfig
+    from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
+    from diffmem.world.check import CheckSettings, example_lora_path
+
+    torch.set_num_threads(args.threads)
     lora = args.lora or example_lora_path()
-    reference = manifest_reference(lora)
-    if reference is None:
+    manifest_path = lora.with_suffix(".json")
+    if manifest_reference(lora) is None:
         raise DiffmemError("no manifest .json beside the LoRA listing its training images (written by "
                            "`diffmem world finetune`)", lora)
-    manifest = json.loads(lora.with_suffix(".json").read_text())
+    manifest = json.loads(manifest_path.read_text())
     try:
-        config = DoriConfig(steps=args.steps, start=args.start, seed=args.seed)
+        settings = RobustnessSettings(
+            dori=DoriConfig(steps=args.dori_steps, seed=args.seed), starts=split_starts(args.starts),
+            sampling=CheckSettings(generations=args.generations, steps=args.sample_steps), copy=CopyConfig(),
+            fid=not args.no_fid, progress=True)
+        adversarial = AdversarialFinetuneConfig(
+            rounds=args.adv_rounds, steps_per_round=args.adv_steps, starts=split_starts(args.adv_starts),
+            search=DoriConfig(steps=args.adv_search_steps))
+        recipe = MemControlTrainConfig(method=args.train_method, steps=args.train_steps,
+                                       batch_size=args.train_batch_size, lr=args.train_lr)
     except ValueError as error:
         raise DiffmemError(str(error)) from None
-    base_path = args.base or assets_dir() / BASE_FILE
-    base = load_base() if args.base is None else load_unet_file(args.base)
-    models = {
-        "base (never saw the images)": base,
-        "LoRA": apply_lora(base, lora),
-        "LoRA + BAF (default)": apply_lora(base, filter_lora(lora, base_path, BAFConfig(), use_cache=False).lora),
-    }
-    rows = robustness_table(models, manifest_images(manifest, "duplicated"), reference, config,
-                            CheckSettings(generations=args.generations), heldout=manifest_images(manifest, "heldout"),
-                            progress=True)
-    print(markdown_rows(rows))
-    if args.json is not None:
-        record = {"lora": str(lora), "dori": asdict(config), "generations": args.generations,
-                  "rows": [row.to_dict() for row in rows]}
-        write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json, protect=(lora,))
+    inputs = [p for p in (lora, manifest_path, args.base, args.adversarial, args.control, args.memcontrol, args.rwa,
+                          args.threshold, args.memcontrol_mask) if p is not None]
+    previous = args.out.read_text() if args.out is not None and args.out.is_file() else None
+    began = time.time()
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - began:6.0f}s] {message}", flush=True)
+
+    probe = Probe.from_manifest(manifest)
+    if args.faces is not None:
+        probe = replace(probe, duplicated=probe.duplicated.subset(range(min(args.faces, len(probe.duplicated)))))
+    command = "diffmem attack table " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if sys.argv[1:3] == [
+        "attack", "table"] else "diffmem attack table"
+    budget = (f"{len(probe.duplicated)} of the LoRA's {len(manifest['duplicated'])} duplicated faces attacked; "
+              f"training-time fine-tunes {recipe.steps} steps of {recipe.batch_size}; one torch thread")
+    rows = []
+
+    def measure_new(toolkit: ToolkitModels, planned: list[str]) -> None:
+        """Measure the models not measured yet; after each, write the JSON and the page (a stopped run keeps its
+        rows, and the page names the models still to come)."""
+        for name, unet in toolkit.models.items():
+            if name in {row.model for row in rows}:
+                continue
+            log(f"measuring {name} ...")
+            rows.append(robustness_row(name, unet, probe, settings))
+            log(json.dumps(rows[-1].to_dict()))
+            done = {row.model for row in rows}
+            pending = {n: "not measured yet (the run stopped before it)" for n in [*toolkit.models, *planned]
+                       if n not in done}
+            if args.json is not None:
+                record = {"lora": str(lora), "command": command, "settings": settings.to_dict(),
+                          "adversarial": adversarial.to_dict(),
+                          "training_recipe": {**asdict(recipe), "duplicate": list(recipe.duplicate)},
+                          "reference_of": toolkit.reference_of, "sources": toolkit.sources,
+                          "notes": {**toolkit.notes, **pending}, "rows": [row.to_dict() for row in rows],
+                          "seconds": round(time.time() - began)}
+                write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json, protect=tuple(inputs))
+            if args.out is not None:
+                shown = ToolkitModels(toolkit.models, toolkit.reference_of, {**toolkit.notes, **pending},
+                                      toolkit.sources)
+                page = robustness_page(rows, shown, settings, command,
+                                       f"{budget}; {time.time() - began:.0f} s wall time", previous)
+                write_atomic(page.encode(), args.out, protect=tuple(inputs))
+
+    training_names = [TRAINING_CONTROL, *TRAINING_TIME.values()] if not args.no_training_time else []
+    toolkit = posthoc_models(lora, args.base, manifest, log)
+    if args.no_training_time:
+        toolkit.notes.update({name: "left out of this run (--no-training-time)" for name in TRAINING_TIME.values()})
+    measure_new(toolkit, ["adversarial fine-tuning", *training_names])
+    add_adversarial(toolkit, lora, args.base, args.adversarial, adversarial, args.work, log)
+    measure_new(toolkit, training_names)
+    if not args.no_training_time:
+        files = {"control": args.control, "memcontrol": args.memcontrol, "rwa": args.rwa, "threshold": args.threshold}
+        training_time_models(toolkit, manifest, recipe, files, args.memcontrol_mask, args.work, log)
+        measure_new(toolkit, [])
+    from diffmem.attack.table import markdown_rows
+
+    print(markdown_rows(rows, toolkit.notes))
     return 0
 
 
