@@ -1,4 +1,5 @@
-"""`diffmem mitigate ...` sub-commands: NeMo and Wanda-style pruning of a world model, and applying a mask file."""
+"""`diffmem mitigate ...` sub-commands: NeMo and Wanda-style pruning of a world model, applying a mask file, and
+adversarial fine-tuning."""
 
 from __future__ import annotations
 
@@ -109,12 +110,37 @@ def run_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_adversarial(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffmem.attack.dori import DoriConfig
+    from diffmem.mitigations.adversarial import AdversarialFinetuneConfig, adversarial_finetune_files
+
+    torch.set_num_threads(args.threads)
+    try:
+        config = AdversarialFinetuneConfig(
+            rounds=args.rounds, starts=tuple(s.strip() for s in args.starts.split(",") if s.strip()),
+            search=DoriConfig(steps=args.search_steps), steps_per_round=args.steps_per_round,
+            batch_size=args.batch_size, adversarial_share=args.adversarial_share, lr=args.lr, seed=args.seed)
+    except ValueError as error:
+        raise DiffmemError(str(error)) from None
+    manifest = adversarial_finetune_files(args.out, args.lora, args.base, args.manifest, args.surrogate_base, config)
+    for index, done in enumerate(manifest["adversarial"]["rounds"], 1):
+        losses = ", ".join(f"{start} {sum(v) / len(v):.4f}" for start, v in done["search_loss"].items())
+        print(f"round {index}: Dori loss reached before the update ({losses}); fine-tuning loss "
+              f"{done['finetune_loss']}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')} "
+          f"({manifest['adversarial']['wall_time_s']:.0f} s)")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `mitigate` and its sub-commands to the diffmem CLI."""
     from diffmem.mitigations.nemo import NeMoConfig
     from diffmem.mitigations.wanda import WandaConfig
 
-    mitigate = subparsers.add_parser("mitigate", help="prune memorization out of a world model (NeMo, Wanda)")
+    mitigate = subparsers.add_parser(
+        "mitigate", help="remove memorization from a world model (NeMo, Wanda, adversarial fine-tuning)")
     commands = mitigate.add_subparsers(dest="mitigate_command", required=True)
 
     n = NeMoConfig()
@@ -158,3 +184,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "masks) instead: does the method's choice matter, or only how much it zeroes?")
     apply.set_defaults(handler=run_apply)
 
+    from diffmem.attack.dori import START_KINDS
+    from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
+
+    a = AdversarialFinetuneConfig()
+    adversarial = commands.add_parser(
+        "adversarial", help="fine-tune every weight so that Dori's adversarial embeddings no longer bring the "
+                            "memorized images back (Kowalczuk et al. 2025)",
+        description="Alternate Dori searches for each memorized image (the manifest's duplicated images) with "
+                    "full-model updates that map the embeddings found, and the memorized captions, to surrogate "
+                    "images (generations of a model that never saw the images), plus the ordinary loss on the "
+                    "once-seen images. Writes a world UNet file (read it with --base) and a manifest beside it.")
+    adversarial.add_argument("--lora", type=Path, help="LoRA merged into the base first (its manifest .json beside "
+                                                       "it names the memorized images)")
+    adversarial.add_argument("--base", type=Path, help="world UNet file (default: the committed world base)")
+    adversarial.add_argument("--manifest", type=Path,
+                             help="world fine-tune manifest (default: the .json beside --lora, else beside --base)")
+    adversarial.add_argument("--surrogate-base", type=Path,
+                             help="world UNet that draws the surrogate images (default: --base with a LoRA, else "
+                                  "the committed world base)")
+    adversarial.add_argument("--out", type=Path, required=True, help="world UNet file to write (float32)")
+    adversarial.add_argument("--rounds", type=int, default=a.rounds, help=f"search/update rounds (default {a.rounds})")
+    adversarial.add_argument("--starts", default=",".join(a.starts),
+                             help=f"Dori starts per image and round, of {', '.join(START_KINDS)} "
+                                  f"(default {','.join(a.starts)})")
+    adversarial.add_argument("--search-steps", type=int, default=a.search.steps,
+                             help=f"Adam steps per Dori search (default {a.search.steps})")
+    adversarial.add_argument("--steps-per-round", type=int, default=a.steps_per_round,
+                             help=f"fine-tuning steps per round (default {a.steps_per_round})")
+    adversarial.add_argument("--batch-size", type=int, default=a.batch_size,
+                             help=f"images per fine-tuning step (default {a.batch_size})")
+    adversarial.add_argument("--adversarial-share", type=float, default=a.adversarial_share,
+                             help=f"share of each batch from the adversarial pairs (default {a.adversarial_share:g})")
+    adversarial.add_argument("--lr", type=float, default=a.lr, help=f"AdamW learning rate (default {a.lr:g})")
+    adversarial.add_argument("--seed", type=int, default=a.seed, help=f"seed (default {a.seed})")
+    adversarial.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    adversarial.set_defaults(handler=run_adversarial)

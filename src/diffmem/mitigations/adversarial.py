@@ -1,0 +1,276 @@
+"""Adversarial fine-tuning (Kowalczuk et al. 2025, "Finding Dori: Memorization in Text-to-Image Diffusion Models Is
+Not Local", seed 002): a global mitigation that does not assume memorization sits in a few neurons.
+
+Each round searches adversarial text embeddings for every memorized image with the Dori attack
+(`diffmem.attack.dori_attack`, from several starts), then fine-tunes every UNet weight so that those embeddings (and
+the memorized captions themselves) denoise towards a *surrogate* image, one the model would draw had it never
+memorized the target (by default a generation of the base model, which never saw it), while the ordinary denoising
+loss on other training data holds quality. Training goes through `diffmem.world.train.finetune_loop`, the loop every
+world fine-tune uses: the adversarial pairs and the ordinary data are one training multiset, mixed by
+`adversarial_rows`. File I/O lives in `diffmem.mitigations.commands`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from diffmem.attack.dori import START_KINDS, DoriConfig, dori_attack
+from diffmem.errors import DiffmemError
+from diffmem.world.data import ImageSet
+from diffmem.world.text import encode_prompts
+
+
+@dataclass(frozen=True)
+class AdversarialFinetuneConfig:
+    """How adversarial fine-tuning alternates Dori searches and weight updates (Kowalczuk et al. 2025, "Finding
+    Dori", seed 002, sec. "Bypassing the locality assumption": full-model updates that map adversarial embeddings to
+    surrogate images, with a utility loss on other data; notes/methods.md).
+
+    Args:
+        rounds: alternations of (search, fine-tune). 3: the embeddings of round 1 are found on the memorizing model;
+            later rounds search the partly mitigated model again, so the update also covers the triggers that are
+            left once the first ones are closed (an adversarial-training loop in the sense of Madry et al. 2018).
+        starts: Dori starts searched per memorized image and round (`diffmem.attack.START_KINDS`). All three of the
+            paper's: the caption's own embedding (the attack on the prompt a mitigation claims to have fixed),
+            random tokens and an unrelated prompt (triggers are spread over embedding space, so one start is not
+            enough to close them).
+        search: the Dori search of every round. The paper's settings (Adam, lr 0.1, batch 8) with 25 steps instead
+            of 50: on the world's example LoRA the loss stops falling well before 50 (docs/attack.md), and the
+            search runs rounds x starts x images times. Its seed is offset per round and start.
+        steps_per_round: fine-tuning steps after each round's searches. 40 x 3 rounds = 120 full-model steps of 8:
+            enough on the world's example LoRA to move the copy rate (docs/robustness.md), a few CPU minutes.
+        batch_size: images per fine-tuning step (8, the Dori batch).
+        adversarial_share: expected share of each batch drawn from the (embedding, surrogate) pairs; the rest is the
+            ordinary DDPM loss on other training data. 0.5 weighs removal and utility equally, as the paper's sum
+            of the two losses does.
+        lr: AdamW learning rate of the full-model update. 5e-4, chosen without a sweep: the world's ordinary
+            full fine-tuning rate (1e-4, `diffmem.world.train.FinetuneConfig`) memorizes nothing in a few hundred
+            steps (docs/memcontrol.md), and undoing memorization in about a hundred steps needs a rate of the order
+            of the one that creates it; the ordinary loss on other data holds quality. AdamW restarts each round
+            (one `finetune_loop` call per round).
+        caption_dropout / noise_offset: as every world fine-tune (0.1 each, `FinetuneConfig`): dropout keeps the
+            unconditional score usable for guidance; the base and the LoRA were trained with offset noise.
+        include_captions: also map each memorized caption's own embedding to the surrogate, so the plain prompt
+            is mitigated even if no search from it is run.
+        surrogate_steps / surrogate_guidance: DDIM steps and guidance of the surrogate generations, the world's
+            sampling defaults (25 and 3, `diffmem.world.check.CheckSettings`).
+        seed: seeds the surrogates, the searches (offset per round and start) and the fine-tuning.
+    """
+
+    rounds: int = 3
+    starts: tuple[str, ...] = START_KINDS
+    search: DoriConfig = field(default_factory=lambda: DoriConfig(steps=25))
+    steps_per_round: int = 40
+    batch_size: int = 8
+    adversarial_share: float = 0.5
+    lr: float = 5e-4
+    caption_dropout: float = 0.1
+    noise_offset: float = 0.1
+    include_captions: bool = True
+    surrogate_steps: int = 25
+    surrogate_guidance: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.steps_per_round < 0 or self.batch_size < 1:
+            raise ValueError(f"rounds and batch_size must be >= 1 and steps_per_round >= 0, got {self.rounds}, "
+                             f"{self.batch_size} and {self.steps_per_round}")
+        unknown = [s for s in self.starts if s not in START_KINDS]
+        if unknown or not self.starts:
+            raise ValueError(f"starts must be a non-empty choice of {', '.join(START_KINDS)}, got {self.starts}")
+        if not 0.0 < self.adversarial_share <= 1.0:
+            raise ValueError(f"adversarial_share must be in (0, 1], got {self.adversarial_share}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "starts": list(self.starts)}
+
+
+def adversarial_rows(adversarial: int, ordinary: int, share: float) -> torch.Tensor:
+    """Rows of a training multiset whose uniform draws hit the first `adversarial` rows with probability close to
+    `share` and the next `ordinary` rows otherwise: adversarial rows repeated, ordinary rows once."""
+    if adversarial < 1:
+        raise ValueError("need at least one adversarial row")
+    if ordinary == 0 or share == 1.0:
+        return torch.arange(adversarial)
+    repeats = max(1, round(share / (1 - share) * ordinary / adversarial))
+    return torch.cat([torch.arange(adversarial).repeat(repeats), torch.arange(adversarial, adversarial + ordinary)])
+
+
+def paired_training_set(embeddings: torch.Tensor, surrogates: torch.Tensor, ordinary: ImageSet
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, contexts, caption index) of one training set holding the pairs (embedding i, surrogate i) first and
+    the ordinary images with their captions after, in `diffmem.world.train.table_contexts`' layout: context row 0 is
+    the empty prompt (for caption dropout), image row r trains with context row `caption_index[r]`."""
+    if len(embeddings) != len(surrogates):
+        raise ValueError(f"{len(embeddings)} embeddings but {len(surrogates)} surrogate images")
+    contexts = [encode_prompts([""]), embeddings]
+    if len(ordinary):
+        contexts.append(encode_prompts(ordinary.captions))
+    images = torch.cat([surrogates, ordinary.images]) if len(ordinary) else surrogates
+    return images, torch.cat(contexts), torch.arange(1, 1 + len(images))
+
+
+def surrogate_images(model: UNet2DConditionModel, captions: list[str], seed: int = 0, steps: int = 25,
+                     guidance: float = 3.0) -> torch.Tensor:
+    """One generation per caption from `model` (a model that did not memorize them, e.g. the base): the image each
+    memorized caption and its adversarial embeddings are taught to produce instead of the training image."""
+    from diffmem.world.diffusion import generate
+
+    return generate(model, captions, [seed + i for i in range(len(captions))], steps=steps, guidance=guidance)
+
+
+@dataclass
+class AdversarialRound:
+    """One round: the Dori loss each search reached (mean of its last 10 steps, per image and start, before that
+    round's update) and the fine-tuning loss after it."""
+
+    search_loss: dict[str, list[float]]
+    finetune_loss: float | None
+
+
+@dataclass
+class AdversarialResult:
+    """The adversarially fine-tuned UNet (eval mode, frozen), every embedding it was trained against
+    ([E, tokens, dim]; image index of each in `embedding_image`), the surrogates, and what each round did."""
+
+    unet: UNet2DConditionModel
+    embeddings: torch.Tensor
+    embedding_image: list[int]
+    surrogates: torch.Tensor
+    rounds: list[AdversarialRound]
+    wall_time_s: float
+
+    def report(self) -> dict:
+        return {"rounds": [asdict(r) for r in self.rounds], "embeddings": len(self.embeddings),
+                "wall_time_s": round(self.wall_time_s, 1)}
+
+
+def final_search_loss(losses: list[float]) -> float:
+    """The loss a Dori search reached: the mean of its last 10 steps (the per-step loss is one noisy batch)."""
+    tail = losses[-10:]
+    return sum(tail) / len(tail)
+
+
+def adversarial_finetune(
+    unet: UNet2DConditionModel,
+    memorized: ImageSet,
+    ordinary: ImageSet,
+    surrogates: torch.Tensor,
+    config: AdversarialFinetuneConfig | None = None,
+    progress: bool = False,
+) -> AdversarialResult:
+    """Adversarially fine-tune a copy of `unet` (`unet` is untouched) against Dori embeddings for every image of
+    `memorized` (with its caption), mapping them to `surrogates` [len(memorized), 3, H, W], with the ordinary loss on
+    `ordinary` (other training data; may be empty)."""
+    from diffmem.world.train import finetune_loop, table_contexts
+
+    config = config or AdversarialFinetuneConfig()
+    if len(memorized) == 0:
+        raise DiffmemError("adversarial fine-tuning needs at least one memorized image")
+    if tuple(surrogates.shape) != tuple(memorized.images.shape):
+        raise DiffmemError(f"need one surrogate image per memorized image: surrogates {tuple(surrogates.shape)}, "
+                           f"memorized {tuple(memorized.images.shape)}")
+    began = time.time()
+    model = copy.deepcopy(unet).train().requires_grad_(True)
+    trainable = list(model.parameters())
+    embeddings: list[torch.Tensor] = []
+    owner: list[int] = []
+    if config.include_captions:
+        embeddings.append(encode_prompts(memorized.captions))
+        owner.extend(range(len(memorized)))
+    rounds = []
+    for round_index in range(config.rounds):
+        search_loss: dict[str, list[float]] = {start: [] for start in config.starts}
+        for image_index, (image, caption) in enumerate(zip(memorized.images, memorized.captions)):
+            for start_index, start in enumerate(config.starts):
+                # A seed per round and start: later rounds look for new triggers, not the same search again.
+                seed = config.search.seed + 1000 * (round_index + 1) + 100 * start_index + image_index
+                search = DoriConfig(**{**asdict(config.search), "start": start, "seed": seed})
+                result = dori_attack(model, image[None], caption, search)
+                embeddings.append(result.embedding)
+                owner.append(image_index)
+                search_loss[start].append(round(final_search_loss(result.losses), 5))
+        found = torch.cat(embeddings)
+        images, contexts, caption_index = paired_training_set(found, surrogates[owner], ordinary)
+        rows = adversarial_rows(len(found), len(ordinary), config.adversarial_share)
+        loss = finetune_loop(model, trainable, images, rows, table_contexts(contexts, caption_index),
+                             steps=config.steps_per_round, batch_size=config.batch_size, lr=config.lr,
+                             caption_dropout=config.caption_dropout, noise_offset=config.noise_offset,
+                             seed=config.seed + round_index, progress=progress,
+                             desc=f"adversarial round {round_index + 1}/{config.rounds}")
+        rounds.append(AdversarialRound(search_loss, None if loss is None else round(loss, 5)))
+    return AdversarialResult(model.eval().requires_grad_(False), torch.cat(embeddings), owner, surrogates, rounds,
+                             time.time() - began)
+
+
+def adversarial_finetune_files(
+    out: str | Path,
+    lora: str | Path | None = None,
+    base: str | Path | None = None,
+    manifest: str | Path | None = None,
+    surrogate_base: str | Path | None = None,
+    config: AdversarialFinetuneConfig | None = None,
+    progress: bool = True,
+) -> dict:
+    """Adversarially fine-tune a world model (`base`, default the committed one, plus an optional `lora`) against
+    the memorized images of its fine-tune manifest (default: the `.json` beside `lora`, else beside `base`).
+
+    Memorized = the manifest's duplicated images; ordinary data = its once-seen images; surrogates = generations of
+    `surrogate_base` (default: `base` when a LoRA is given, the committed world base otherwise) for the duplicated
+    captions. Writes the UNet (float32, world UNet file that `load_unet_file`, `diffmem attack dori --base`, `bench`
+    and `world check` read) to `out` and a manifest in `diffmem world finetune`'s layout to `<out minus suffix>.json`
+    (atomic; never over an input). Returns that manifest."""
+    from diffmem.formats.safetensors_io import sha256_file, write_atomic
+    from diffmem.mitigations.run import load_world_model, read_manifest, save_world_unet
+    from diffmem.world.check import manifest_images
+    from diffmem.world.model import load_base, load_unet_file
+
+    config = config or AdversarialFinetuneConfig()
+    out = Path(out)
+    manifest_path = Path(manifest) if manifest is not None else Path(lora or base or "").with_suffix(".json")
+    if manifest is None and lora is None and base is None:
+        raise DiffmemError("give --lora or --base (a world fine-tune with its manifest beside it), or --manifest")
+    record = read_manifest(manifest_path)
+    inputs = tuple(Path(p) for p in (lora, base, manifest_path, surrogate_base) if p is not None)
+    if out.resolve() in {p.resolve() for p in inputs} or out.with_suffix(".json").resolve() in {
+            p.resolve() for p in inputs}:
+        raise DiffmemError("refusing to overwrite an input file; choose another --out", out)
+    memorized = manifest_images(record, "duplicated")
+    ordinary = manifest_images(record, "seen_once") if record.get("seen_once") else memorized.subset([])
+    unet = load_world_model(base, lora)
+    if surrogate_base is not None:
+        reference_model, reference_name = load_unet_file(surrogate_base), str(surrogate_base)
+    elif lora is not None:
+        reference_model, reference_name = load_world_model(base, None), str(base or "committed world base")
+    else:
+        reference_model, reference_name = load_base(), "committed world base"
+    surrogates = surrogate_images(reference_model, memorized.captions, config.seed, config.surrogate_steps,
+                                  config.surrogate_guidance)
+    result = adversarial_finetune(unet, memorized, ordinary, surrogates, config, progress)
+    save_world_unet(result.unet, out, "adversarial", protect=inputs)
+    written = {
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "data": record["data"],
+        "duplicated": record["duplicated"],
+        "seen_once": record.get("seen_once", []),
+        "heldout": record["heldout"],
+        "settings": {"format": "full", "mitigation": "adversarial"},
+        "adversarial": {"config": config.to_dict(), "source_manifest": str(manifest_path),
+                        "lora": None if lora is None else str(lora), "base": str(base or "committed world base"),
+                        "surrogate_base": reference_name,
+                        **result.report()},
+        "sha256": sha256_file(out),
+    }
+    write_atomic((json.dumps(written, indent=2) + "\n").encode(), out.with_suffix(".json"), protect=inputs)
+    return written
