@@ -39,10 +39,25 @@ def example(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bench(example, tmp_path_factory):
+def diffusers_lora(example) -> Path:
+    """A second LoRA, in diffusers' own format (`unet.<module>.lora_A.weight`), on the UNet's attention layers."""
+    from diffusers import UNet2DConditionModel
+
+    from builders_lora import write_diffusers_lora
+
+    unet = UNet2DConditionModel.from_pretrained(example["base"], subfolder="unet", local_files_only=True)
+    modules = {f"unet.{name}": tuple(m.weight.shape) for name, m in unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and "attentions" in name}
+    path = example["lora"].parent / "diffusers-lora.safetensors"
+    write_diffusers_lora(path, modules, rank=4, seed=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench(example, diffusers_lora, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rows = run_real_bench(example["base"], [example["lora"]], example["probe"], out, SETTINGS, plan=PLAN,
-                          progress=False)
+    rows = run_real_bench(example["base"], [example["lora"], diffusers_lora], example["probe"], out, SETTINGS,
+                          plan=PLAN, progress=False)
     return out, rows
 
 
@@ -54,19 +69,22 @@ def unet_output(pipe) -> torch.Tensor:
         return pipe.unet(latents, 10, encoder_hidden_states=embeds).sample
 
 
-def test_rows_exist_for_every_variant(bench):
+def test_rows_exist_for_every_variant_of_every_lora(bench, example, diffusers_lora):
     out, rows = bench
-    keys = [r["variant"] for r in rows]
     expected = [v.key for v in reference_variants() + PLAN.variants(default_fraction=0.5)]
-    assert sorted(keys) == sorted(expected)
     assert set(expected) >= {"lora", "base", "baf", "baf-right", "random@energy=0.8", "baf@fraction=matched"}
+    for lora in (example["lora"], diffusers_lora):
+        keys = [r["variant"] for r in rows if r["lora"] == str(lora)]
+        assert sorted(keys) == sorted(expected), lora.name
+    bases = [r for r in rows if r["variant"] == "base"]
+    assert len(bases) == 2 and bases[0]["numbers"] == bases[1]["numbers"]  # measured once, shared
     numbers = {"copy_rate", "captions_copied", "own_distance", "own_distance_min", "nearest_distance", "extracted",
                "amd", "suspected_loss", "heldout_loss", "fid"}
     for row in rows:
         assert set(row["numbers"]) == numbers, row["variant"]
         assert (out / "images" / ("base.png" if row["variant"] == "base" else
                                   Path(row["lora_label"]) / f"{file_safe(row['variant'])}.png")).is_file()
-    by_key = {r["variant"]: r for r in rows}
+    by_key = {r["variant"]: r for r in rows if r["lora"] == rows[0]["lora"]}
     assert by_key["lora"]["channels_kept"] == by_key["lora"]["channels_total"]
     assert by_key["baf"]["channels_kept"] < by_key["baf"]["channels_total"]
     assert by_key["baf@fraction=matched"]["channels_kept"] <= by_key["baf@fraction=matched"]["channels_total"]
@@ -77,7 +95,7 @@ def test_the_lora_reproduces_its_probe_and_the_base_does_not(bench):
     """The example's suspected images are the LoRA's first generations: the bench must find them again (up to PNG
     rounding) through its own filter -> write -> diffusers load -> sample path, and the base must not."""
     _, rows = bench
-    by_key = {r["variant"]: r["numbers"] for r in rows}
+    by_key = {r["variant"]: r["numbers"] for r in rows if r["lora"] == rows[0]["lora"]}
     assert by_key["lora"]["own_distance_min"] < 0.01
     assert by_key["lora"]["copy_rate"] > 0
     assert by_key["base"]["own_distance_min"] > 0.05
@@ -95,14 +113,16 @@ def test_filtered_files_load_through_diffusers_and_change_the_unet(bench, exampl
     before = unet_output(pipe)
     outputs = {}
     files = sorted((out / "loras").glob("*/*.safetensors"))
-    assert {f.stem for f in files} == {file_safe(r["variant"]) for r in rows if r["variant"] != "base"}
+    assert {(f.parent.name, f.stem) for f in files} == {
+        (r["lora_label"], file_safe(r["variant"])) for r in rows if r["variant"] != "base"}
     for file in files:
         pipe.load_lora_weights(str(file), adapter_name="check")
-        outputs[file.stem] = unet_output(pipe)
+        outputs[file.parent.name, file.stem] = unet_output(pipe)
         pipe.unload_lora_weights()
-        assert not torch.allclose(outputs[file.stem], before, atol=1e-4), file.name
+        assert not torch.allclose(outputs[file.parent.name, file.stem], before, atol=1e-4), file
     assert torch.equal(unet_output(pipe), before)
-    assert not torch.allclose(outputs["baf"], outputs["lora"], atol=1e-4)
+    for label in {f.parent.name for f in files}:
+        assert not torch.allclose(outputs[label, "baf"], outputs[label, "lora"], atol=1e-4), label
     header = json.loads(file.read_bytes()[8 : 8 + int.from_bytes(file.read_bytes()[:8], "little")])
     assert "diffmem.method" in header["__metadata__"]
 
@@ -194,3 +214,27 @@ def test_embedder_choices():
     assert make_embedder("pixels").name == "pixels"
     with pytest.raises(DiffmemError, match="unknown embedder"):
         make_embedder("pixelsx")
+
+
+def test_a_single_file_base_without_configs_says_to_pass_config(tmp_path, example):
+    from builders_base import build_tiny_base
+    from diffmem.bench.real import load_pipeline
+
+    single = build_tiny_base(tmp_path, "sd1", "single_file")
+    with pytest.raises(FileFormatError, match="pass --config") as caught:
+        load_pipeline(single, torch.device("cpu"))
+    assert str(single) in str(caught.value)
+    with pytest.raises(DiffmemError, match=r"model_index\.json"):
+        load_pipeline(single, torch.device("cpu"), config=tmp_path)
+
+
+def test_batching_does_not_change_the_images(example):
+    """Each image has its own seeded generator, so --batch-size (not part of the rows' key) cannot change a row."""
+    from diffmem.bench.real import generate_images, load_pipeline
+
+    pipe = load_pipeline(example["base"], torch.device("cpu"))
+    captions, seeds = ["a photo of sks person", "a dog", "a red house"], [0, 1, 0]
+    one_by_one = generate_images(pipe, captions, seeds, SETTINGS, batch_size=1)
+    together = generate_images(pipe, captions, seeds, SETTINGS, batch_size=3)
+    assert torch.allclose(one_by_one, together, atol=1e-5)
+    assert not torch.allclose(one_by_one[0], one_by_one[2], atol=1e-3)  # the caption matters

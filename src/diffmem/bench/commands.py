@@ -64,7 +64,7 @@ def run_bench_real_command(args: argparse.Namespace) -> int:
                                  copy_distance=args.copy_distance)
     rows = run_real_bench(args.base, args.lora, args.probe, args.out, settings, plan=PLANS[args.plan],
                           device=args.device, dtype=DTYPES[args.dtype], embedder=args.embedder,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, config=args.config)
     print(f"wrote {args.out / REPORT_FILE} ({len(rows)} measurements in {args.out / 'results.jsonl'})")
     return 0
 
@@ -84,6 +84,9 @@ def register_real(subparsers: argparse._SubParsersAction) -> None:
                     "See docs/bench.md, 'On your own checkpoints'.")
     p.add_argument("--base", type=Path, required=True,
                    help="Stable Diffusion 1.x/2.x base: a diffusers folder or a single-file checkpoint")
+    p.add_argument("--config", type=Path, default=None,
+                   help="for a single-file --base: a local diffusers folder of the same architecture whose "
+                        "configs (layer sizes, tokenizer, scheduler) describe it (default: diffusers' local cache)")
     p.add_argument("--lora", type=Path, nargs="+", required=True, help="one or more LoRA files trained on the base")
     p.add_argument("--probe", type=Path, required=True,
                    help="probe manifest (JSON): suspected training images with captions, optional references and "
@@ -91,9 +94,10 @@ def register_real(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench-real"),
                    help="folder of rows, filtered LoRAs, image grids and report.md (default runs/bench-real)")
     p.add_argument("--plan", choices=sorted(PLANS), default="quick",
-                   help="which variants: quick (BAF, BAF right side, random, magnitude, scale at 80%% of the energy "
-                        "and at BAF's channel share; default), variation, or full (every variant of the world "
-                        "benchmark's central setting)")
+                   help="which variants besides the LoRA, the base and BAF's default rule: quick (BAF's right-side "
+                        "score; BAF, random, magnitude and scale at 80%% of each module's update energy; BAF, random "
+                        "and magnitude at the channel share BAF's rule kept; default), variation, or full (every "
+                        "variant of the world benchmark's central setting)")
     p.add_argument("--generations", type=int, default=d.generations,
                    help=f"generations per suspected caption (default {d.generations})")
     p.add_argument("--heldout-generations", type=int, default=d.heldout_generations,

@@ -193,22 +193,33 @@ def load_images(files: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
-def load_pipeline(base: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
+def load_pipeline(base: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
+                  config: str | Path | None = None):
     """A Stable Diffusion 1.x/2.x `StableDiffusionPipeline` from a diffusers folder or a single-file checkpoint,
-    loaded offline, with a DDIM scheduler from the checkpoint's own scheduler config, on `device`."""
+    loaded offline, with a DDIM scheduler from the checkpoint's own scheduler config, on `device`.
+
+    A single file holds weights but not the components' configs (layer sizes, tokenizer, scheduler): diffusers
+    takes them from its Hugging Face cache, or from `config`, a local diffusers folder of the same architecture
+    (e.g. a Stable Diffusion 1.5 folder for any SD 1.x fine-tune)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     base = Path(base)
     if not base.exists():
         raise DiffmemError("no such base checkpoint (a diffusers folder or a single .safetensors file)", base)
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise DiffmemError("--config must be a diffusers pipeline folder (with model_index.json)", config)
     try:
         if base.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, dtype=dtype,
                                                            safety_checker=None, requires_safety_checker=False)
         else:
-            pipe = StableDiffusionPipeline.from_single_file(str(base), local_files_only=True, dtype=dtype)
+            options = {} if config is None else {"config": str(config)}
+            pipe = StableDiffusionPipeline.from_single_file(str(base), local_files_only=True, dtype=dtype,
+                                                            **options)
     except (OSError, ValueError, KeyError) as exc:
-        raise FileFormatError(f"could not load a Stable Diffusion pipeline offline ({exc})", base) from None
+        hint = ("; for a single-file checkpoint pass --config with a local diffusers folder of the same "
+                "architecture" if base.is_file() and config is None else "")
+        raise FileFormatError(f"could not load a Stable Diffusion pipeline offline ({exc}){hint}", base) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -390,11 +401,13 @@ def run_real_bench(
     embedder: str | Path | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    config: str | Path | None = None,
 ) -> list[dict]:
     """Filter every LoRA with the base model, the LoRA as given and `plan`'s variants, load each written file into
     the base pipeline with diffusers' `load_lora_weights`, measure it against the probe, and append a row to
     ``<out>/results.jsonl``; then write ``<out>/report.md``. Rows already measured with the same LoRA, base,
-    probe and settings are skipped. Returns the rows of this base, probe and settings."""
+    probe and settings are skipped. Returns the rows of this base, probe and settings. `config`: the diffusers
+    folder whose configs describe a single-file `base` (see `load_pipeline`)."""
     device = resolve_device(device)
     out = Path(out)
     manifest = read_probe(probe)
@@ -424,7 +437,7 @@ def run_real_bench(
         variants = variants_for(lora, checkpoint, plan, device)
         todo = [v for v in variants if (lora_sha, v.key) not in done]
         if todo and pipe is None:
-            pipe = load_pipeline(base, device, dtype)
+            pipe = load_pipeline(base, device, dtype, config)
             probe_images = Probe.load(manifest, pipe, features)
         for variant in tqdm(todo, desc=label, unit="variant", disable=not progress):
             started = time.perf_counter()
