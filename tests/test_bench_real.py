@@ -4,6 +4,7 @@ downloaded): the probe manifest, the filtered files loading through diffusers, t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -214,6 +215,54 @@ def test_embedder_choices():
     assert make_embedder("pixels").name == "pixels"
     with pytest.raises(DiffmemError, match="unknown embedder"):
         make_embedder("pixelsx")
+
+
+def vae_key_to_original(key: str, up_blocks: int) -> str:
+    """A diffusers `AutoencoderKL` key in the original (LDM `first_stage_model.`) naming of single files."""
+    for old, new in (("conv_norm_out", "norm_out"), ("conv_shortcut", "nin_shortcut"),
+                     ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"),
+                     ("mid_block.attentions.0.to_q", "mid.attn_1.q"), ("mid_block.attentions.0.to_k", "mid.attn_1.k"),
+                     ("mid_block.attentions.0.to_v", "mid.attn_1.v"),
+                     ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out")):
+        key = key.replace(old, new)
+    key = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", key)
+    key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
+    key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
+    # The original decoder numbers its up blocks from the lowest resolution's end.
+    key = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{up_blocks - 1 - int(m[1])}.block.", key)
+    return re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{up_blocks - 1 - int(m[1])}.upsample.", key)
+
+
+def write_single_file(pipe, path: Path) -> Path:
+    """The pipeline's UNet, VAE and text encoder as one original-layout SD 1.x checkpoint (what A1111 and ComfyUI
+    users have), through diffmem's UNet name map and the VAE renames above."""
+    from builders_base import classic_key, to_original
+    from diffmem.formats.safetensors_io import save_file
+
+    state = {f"model.diffusion_model.{k}": v for k, v in to_original(pipe.unet.state_dict(), "unet").items()}
+    up_blocks = len(pipe.vae.config.up_block_types)
+    for key, value in pipe.vae.state_dict().items():
+        key = vae_key_to_original(key, up_blocks)
+        state[f"first_stage_model.{key}"] = value[:, :, None, None] if ".attn_1." in key and value.ndim == 2 else value
+    for key, value in pipe.text_encoder.state_dict().items():
+        if not key.endswith("position_ids"):
+            state[f"cond_stage_model.transformer.{classic_key('text_encoder', key)}"] = value
+    return save_file({k: v.contiguous() for k, v in state.items()}, path)
+
+
+def test_a_single_file_base_loads_with_config_and_filters_alike(example, tmp_path):
+    from diffmem.bench.real import load_pipeline
+    from diffmem.formats.base import open_base
+    from diffmem.pipeline import filter_lora
+
+    folder_pipe = load_pipeline(example["base"], torch.device("cpu"))
+    single = write_single_file(folder_pipe, tmp_path / "tiny-sd1.safetensors")
+    single_pipe = load_pipeline(single, torch.device("cpu"), config=example["base"])
+    assert torch.equal(unet_output(single_pipe), unet_output(folder_pipe))
+    assert open_base(single).layout != open_base(example["base"]).layout
+    from_folder = filter_lora(example["lora"], example["base"]).report
+    from_single = filter_lora(example["lora"], single).report
+    assert [m.kept for m in from_single.modules] == [m.kept for m in from_folder.modules]
 
 
 def test_a_single_file_base_without_configs_says_to_pass_config(tmp_path, example):
