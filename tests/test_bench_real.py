@@ -204,6 +204,8 @@ def test_cli_refuses_a_missing_lora_and_an_unknown_device(example, tmp_path, cap
     args = ["bench-real", "--base", str(example["base"]), "--probe", str(example["probe"]), "--out", str(tmp_path)]
     assert main([*args, "--lora", str(tmp_path / "none.safetensors")]) != 0
     assert "no such LoRA file" in capsys.readouterr().err
+    assert main([*args, "--lora", str(example["lora"]), str(tmp_path)]) != 0
+    assert f"{tmp_path}: is a folder" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main([*args, "--lora", str(example["lora"]), "--device", "cuda"]) != 0
         assert "no CUDA GPU" in capsys.readouterr().err
@@ -287,3 +289,19 @@ def test_batching_does_not_change_the_images(example):
     together = generate_images(pipe, captions, seeds, SETTINGS, batch_size=3)
     assert torch.allclose(one_by_one, together, atol=1e-5)
     assert not torch.allclose(one_by_one[0], one_by_one[2], atol=1e-3)  # the caption matters
+
+
+def test_docs_commands_use_real_options():
+    """Every `diffmem bench-real` command in docs/bench.md parses, and `python -m diffmem.bench.real_example` names
+    the module the tests build their pipeline with."""
+    import shlex
+
+    from diffmem.cli import build_parser
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bench.md").read_text()
+    commands = [" ".join(c.split()) for c in re.findall(r"^diffmem bench-real (?:.*\\\n)*.*$", doc, re.M)]
+    assert len(commands) >= 2
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command.replace("\\", ""))[1:])
+        assert args.handler.__name__ == "run_bench_real_command"
+    assert "python -m diffmem.bench.real_example runs/tiny-sd" in doc

@@ -413,7 +413,10 @@ def run_real_bench(
     manifest = read_probe(probe)
     lora_paths = [Path(p) for p in loras]
     for path in lora_paths:
-        if not path.exists():
+        if path.is_dir():
+            raise DiffmemError("is a folder: bench-real takes LoRA .safetensors files (kohya, LyCORIS or diffusers "
+                               "format); save a PEFT adapter with diffusers' save_lora_weights first", path)
+        if not path.is_file():
             raise DiffmemError("no such LoRA file", path)
     checkpoint = open_base(base)
     settings = settings or RealBenchSettings()
