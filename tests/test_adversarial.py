@@ -16,26 +16,18 @@ from diffmem.mitigations.adversarial import (
     AdversarialFinetuneConfig,
     adversarial_finetune,
     adversarial_rows,
-    final_search_loss,
     paired_training_set,
 )
 from diffmem.world.data import ImageSet
 from diffmem.world.model import build_unet, unet_metadata, unet_tensors
 from diffmem.world.text import MAX_TOKENS, TEXT_DIM, encode_prompts
 from diffmem.world.train import finetune_loop, table_contexts
+from test_attack import one_thread  # noqa: F401  (autouse: one torch thread for every test here)
 from test_world import TINY
 
 CAPTIONS = ["a photo of a cat", "a photo of a dog", "a red car", "a blue house", "a green tree", "a yellow boat"]
 QUICK = AdversarialFinetuneConfig(rounds=2, starts=("prompt", "random"), search=DoriConfig(steps=10, batch_size=4),
                                   steps_per_round=30, lr=1e-3, surrogate_steps=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -105,27 +97,36 @@ def test_paired_set_trains_each_embedding_on_its_surrogate(data):
         paired_training_set(embeddings, surrogates[:2], ordinary)
 
 
-def attack_loss(unet, data, start: str) -> float:
-    """The Dori loss an attacker reaches for image 0 (a seed no training round used)."""
-    result = dori_attack(unet, data.images[:1], data.captions[0], DoriConfig(steps=20, batch_size=8, start=start,
-                                                                            seed=77))
-    return final_search_loss(result.losses)
+def attack_gain(unet, data, start: str) -> float:
+    """How much the embedding an attacker finds for image 0 (Dori, a seed no training round used) lowers the
+    denoising loss of that image below the empty prompt's, at fixed noise and timesteps: the pull towards the
+    memorized image that the attack exploits (0 = the embedding helps no more than no text at all)."""
+    from diffmem.metrics.quality import denoising_loss
+    from diffmem.world.diffusion import noise_scheduler, to_model_range
+
+    found = dori_attack(unet, data.images[:1], data.captions[0], DoriConfig(steps=20, batch_size=8, start=start,
+                                                                           seed=77)).embedding
+    image = to_model_range(data.images[:1])
+
+    def loss(context: torch.Tensor) -> float:
+        return denoising_loss(unet, noise_scheduler(), image, context, timesteps_per_sample=32, seed=5)
+
+    return loss(encode_prompts([""])) - loss(found)
 
 
 @pytest.mark.slow
 def test_adversarial_finetuning_makes_the_memorized_image_harder_to_reach(memorizing_unet, data):
-    """Against Dori from the caption and from random tokens, the loss the attack reaches for the memorized image
-    rises more after adversarial fine-tuning (embeddings -> a surrogate) than after the same training with the
-    memorized image itself as the 'surrogate' (same data, steps and searches: only the remapping differs)."""
+    """Dori from the caption and from random tokens finds embeddings that pull the memorizing model towards image 0.
+    After adversarial fine-tuning (embeddings -> a surrogate) that pull shrinks, and it shrinks more than after the
+    same training with image 0 itself as the 'surrogate' (same data, steps and searches: only the remapping
+    differs)."""
     memorized, ordinary = data.subset([0]), data.subset(range(1, 6))
-    before = {start: attack_loss(memorizing_unet, data, start) for start in ("prompt", "random")}
-    surrogate = data.images[5:6].flip(-1)
-    mitigated = adversarial_finetune(memorizing_unet, memorized, ordinary, surrogate, QUICK)
+    mitigated = adversarial_finetune(memorizing_unet, memorized, ordinary, data.images[5:6].flip(-1), QUICK)
     control = adversarial_finetune(memorizing_unet, memorized, ordinary, data.images[:1], QUICK)
     for start in ("prompt", "random"):
-        after, unchanged = attack_loss(mitigated.unet, data, start), attack_loss(control.unet, data, start)
-        assert after > 1.5 * unchanged, (start, before[start], after, unchanged)
-        assert after > 1.5 * before[start], (start, before[start], after)
+        before = attack_gain(memorizing_unet, data, start)
+        after, unchanged = attack_gain(mitigated.unet, data, start), attack_gain(control.unet, data, start)
+        assert after < 0.5 * before and after < 0.5 * unchanged, (start, before, after, unchanged)
 
 
 def test_adversarial_finetuning_leaves_its_input_alone_and_reports_each_round(tiny_unet, data):

@@ -299,3 +299,26 @@ def test_page_keeps_its_notes_block_and_names_unmeasured_models(tiny_unet, targe
     assert "hand-written reading" in page and "old text" not in page and "old tail" not in page
     assert "| MemControl | not measured: no model file" in page
     assert "does not survive Dori" in page and "tiny pruned" in page
+
+
+def test_merged_rows_come_back_and_other_settings_are_refused(tmp_path):
+    from diffmem.attack.commands import merged_rows
+    from diffmem.attack.table import RobustnessSettings
+    from diffmem.errors import FileFormatError
+
+    settings = RobustnessSettings().to_dict()
+    measured = row("NeMo (default)", 0.1, 0.9)
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"settings": settings, "rows": [measured.to_dict()], "command": "diffmem attack table",
+                                "sources": {"NeMo (default)": "nemo", "other": "x"},
+                                "reference_of": {"NeMo (default)": "none"}}))
+    rows, sources, reference_of, commands = merged_rows([path], settings)
+    assert rows == [measured] and sources == {"NeMo (default)": "nemo"} and commands == ["diffmem attack table"]
+    assert reference_of == {"NeMo (default)": "none"}
+    with pytest.raises(DiffmemError, match="other settings"):
+        merged_rows([path], RobustnessSettings(starts=("prompt",)).to_dict())
+    (tmp_path / "b.json").write_text("{}")
+    with pytest.raises(FileFormatError, match="not a JSON file written by"):
+        merged_rows([tmp_path / "b.json"], settings)
+    with pytest.raises(DiffmemError, match="no such table"):
+        merged_rows([tmp_path / "c.json"], settings)

@@ -187,12 +187,48 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-lr", type=float, default=None, help="their learning rate (default: the method's)")
     p.add_argument("--no-training-time", action="store_true",
                    help="leave out the training-time mitigations (the page says so)")
+    p.add_argument("--groups", default=",".join(TABLE_GROUPS),
+                   help="which models to measure: posthoc (the LoRA, NeMo, Wanda, BAF), adversarial, training "
+                        f"(the training-time mitigations and their control); default {','.join(TABLE_GROUPS)}")
+    p.add_argument("--merge", type=Path, nargs="+", default=[],
+                   help="--json files of earlier runs with the same settings: their rows join the page and their "
+                        "models are not measured again (to split the table over several processes)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(handler=run_table_command)
 
 
+TABLE_GROUPS = ("posthoc", "adversarial", "training")
+
+
 def split_starts(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def merged_rows(paths: list[Path], settings: dict):
+    """(rows, sources, reference_of, commands) of earlier `attack table --json` files, which must have been
+    measured with `settings`; anything else is a clear error naming the file."""
+    from diffmem.attack.table import RobustnessRow
+    from diffmem.errors import DiffmemError, FileFormatError
+
+    rows, sources, reference_of, commands = [], {}, {}, []
+    for path in paths:
+        if not path.is_file():
+            raise DiffmemError("no such table JSON file", path)
+        try:
+            record = json.loads(path.read_text())
+            found = [RobustnessRow(**row) for row in record["rows"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise FileFormatError(f"is not a JSON file written by `diffmem attack table --json` ({error})",
+                                  path) from None
+        if record.get("settings") != settings:
+            raise DiffmemError("was measured with other settings than this run (faces, starts, steps, sampling); "
+                               "merge only runs of the same settings", path)
+        rows += found
+        sources.update({k: v for k, v in record.get("sources", {}).items() if k in {r.model for r in found}})
+        reference_of.update({k: v for k, v in record.get("reference_of", {}).items()
+                             if k in {r.model for r in found}})
+        commands.append(record.get("command", str(path)))
+    return rows, sources, reference_of, commands
 
 
 def run_table_command(args: argparse.Namespace) -> int:
@@ -202,6 +238,8 @@ def run_table_command(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from diffmem.attack.table import (
+        ADVERSARIAL,
+        POSTHOC,
         TRAINING_CONTROL,
         TRAINING_TIME,
         RobustnessSettings,
@@ -256,44 +294,66 @@ def run_table_command(args: argparse.Namespace) -> int:
               f"training-time fine-tunes {recipe.steps} steps of {recipe.batch_size}; one torch thread")
     rows = []
 
+    def write_outputs(toolkit: ToolkitModels, planned: list[str]) -> None:
+        """The JSON and the page of the rows so far; models not measured yet are named as such."""
+        done = {row.model for row in rows}
+        pending = {n: "not measured yet (the run stopped before it)" for n in [*toolkit.models, *planned]
+                   if n not in done}
+        notes = {**{n: why for n, why in toolkit.notes.items() if n not in done}, **pending}
+        if args.json is not None:
+            record = {"lora": str(lora), "command": command, "settings": settings.to_dict(),
+                      "adversarial": adversarial.to_dict(),
+                      "training_recipe": {**asdict(recipe), "duplicate": list(recipe.duplicate)},
+                      "reference_of": toolkit.reference_of, "sources": toolkit.sources, "notes": notes,
+                      "rows": [row.to_dict() for row in rows], "seconds": round(time.time() - began)}
+            write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json, protect=tuple(inputs))
+        if args.out is not None:
+            shown = ToolkitModels(toolkit.models, toolkit.reference_of, notes, toolkit.sources)
+            page = robustness_page(rows, shown, settings, command, f"{budget}; {time.time() - began:.0f} s wall "
+                                   "time of this run", previous)
+            write_atomic(page.encode(), args.out, protect=tuple(inputs))
+
     def measure_new(toolkit: ToolkitModels, planned: list[str]) -> None:
-        """Measure the models not measured yet; after each, write the JSON and the page (a stopped run keeps its
-        rows, and the page names the models still to come)."""
+        """Measure the models not measured yet, writing the outputs after each (a stopped run keeps its rows)."""
         for name, unet in toolkit.models.items():
             if name in {row.model for row in rows}:
                 continue
             log(f"measuring {name} ...")
             rows.append(robustness_row(name, unet, probe, settings))
             log(json.dumps(rows[-1].to_dict()))
-            done = {row.model for row in rows}
-            pending = {n: "not measured yet (the run stopped before it)" for n in [*toolkit.models, *planned]
-                       if n not in done}
-            if args.json is not None:
-                record = {"lora": str(lora), "command": command, "settings": settings.to_dict(),
-                          "adversarial": adversarial.to_dict(),
-                          "training_recipe": {**asdict(recipe), "duplicate": list(recipe.duplicate)},
-                          "reference_of": toolkit.reference_of, "sources": toolkit.sources,
-                          "notes": {**toolkit.notes, **pending}, "rows": [row.to_dict() for row in rows],
-                          "seconds": round(time.time() - began)}
-                write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json, protect=tuple(inputs))
-            if args.out is not None:
-                shown = ToolkitModels(toolkit.models, toolkit.reference_of, {**toolkit.notes, **pending},
-                                      toolkit.sources)
-                page = robustness_page(rows, shown, settings, command,
-                                       f"{budget}; {time.time() - began:.0f} s wall time", previous)
-                write_atomic(page.encode(), args.out, protect=tuple(inputs))
+            write_outputs(toolkit, planned)
 
-    training_names = [TRAINING_CONTROL, *TRAINING_TIME.values()] if not args.no_training_time else []
-    toolkit = posthoc_models(lora, args.base, manifest, log)
-    if args.no_training_time:
-        toolkit.notes.update({name: "left out of this run (--no-training-time)" for name in TRAINING_TIME.values()})
-    measure_new(toolkit, ["adversarial fine-tuning", *training_names])
-    add_adversarial(toolkit, lora, args.base, args.adversarial, adversarial, args.work, log)
-    measure_new(toolkit, training_names)
-    if not args.no_training_time:
+    groups = set(split_starts(args.groups))
+    if not groups <= set(TABLE_GROUPS):
+        raise DiffmemError(f"--groups takes {', '.join(TABLE_GROUPS)}, got {args.groups}")
+    merged, merged_sources, merged_reference_of, merged_commands = merged_rows(args.merge, settings.to_dict())
+    rows.extend(merged)
+    if merged_commands:
+        command += "; with the rows measured by: " + "; ".join(f"`{c}`" for c in merged_commands)
+    done = {row.model for row in rows}
+    training_names = [TRAINING_CONTROL, *TRAINING_TIME.values()]
+    wanted = {"posthoc": [n for n in POSTHOC if n not in done], "adversarial": [ADVERSARIAL] if ADVERSARIAL not in
+              done else [], "training": [n for n in training_names if n not in done]}
+    wanted = {group: names for group, names in wanted.items() if group in groups}
+    planned = [name for names in wanted.values() for name in names]
+    toolkit = ToolkitModels(sources=dict(merged_sources), reference_of=dict(merged_reference_of))
+    if wanted.get("posthoc"):
+        built = posthoc_models(lora, args.base, manifest, log)
+        for name in wanted["posthoc"]:
+            toolkit.add(name, built.models[name], built.reference_of[name], built.sources[name])
+    if args.no_training_time or "training" not in groups:
+        toolkit.notes.update({name: "left out of this run" for name in training_names if name not in done})
+    if "adversarial" not in groups and ADVERSARIAL not in done:
+        toolkit.notes[ADVERSARIAL] = "left out of this run"
+    measure_new(toolkit, planned)
+    if wanted.get("adversarial"):
+        add_adversarial(toolkit, lora, args.base, args.adversarial, adversarial, args.work, log)
+        measure_new(toolkit, planned)
+    if wanted.get("training") and not args.no_training_time:
         files = {"control": args.control, "memcontrol": args.memcontrol, "rwa": args.rwa, "threshold": args.threshold}
         training_time_models(toolkit, manifest, recipe, files, args.memcontrol_mask, args.work, log)
-        measure_new(toolkit, [])
+        measure_new(toolkit, planned)
+    write_outputs(toolkit, planned)
     from diffmem.attack.table import markdown_rows
 
     print(markdown_rows(rows, toolkit.notes))

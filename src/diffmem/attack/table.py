@@ -209,6 +209,9 @@ def verdict(row: RobustnessRow, reference: RobustnessRow) -> str:
 NO_MITIGATION = "none (the LoRA as trained)"
 #: Name of the unmitigated same-recipe fine-tune the training-time mitigations are compared with.
 TRAINING_CONTROL = "fine-tune without mitigation (same recipe)"
+#: Rows of the post-hoc mitigations `posthoc_models` builds, and of the adversarial fine-tuning `add_adversarial` adds.
+POSTHOC = (NO_MITIGATION, "NeMo (default)", "Wanda (default)", "BAF (default)")
+ADVERSARIAL = "adversarial fine-tuning"
 #: The training-time mitigations: option name -> row name.
 TRAINING_TIME = {"memcontrol": "MemControl (SV-DIFF under a mask)", "rwa": "random word addition (training)",
                  "threshold": "threshold mitigation (training)"}
@@ -247,15 +250,15 @@ def posthoc_models(lora, base: str | None, manifest: dict, log=print) -> Toolkit
     prompts = manifest_prompts(manifest)
     log("NeMo ...")
     pruned, _, masks = nemo_mitigate(tuned, prompts.memorized, prompts.ordinary, prompts.calibration or None)
-    toolkit.add("NeMo (default)", pruned, NO_MITIGATION, f"nemo_mitigate, NeMoConfig(): {masked_count(masks)} "
+    toolkit.add(POSTHOC[1], pruned, NO_MITIGATION, f"nemo_mitigate, NeMoConfig(): {masked_count(masks)} "
                 "weights zeroed")
     log("Wanda ...")
     pruned, _, masks = wanda_mitigate(tuned, prompts.memorized)
-    toolkit.add("Wanda (default)", pruned, NO_MITIGATION, f"wanda_mitigate, WandaConfig(): {masked_count(masks)} "
+    toolkit.add(POSTHOC[2], pruned, NO_MITIGATION, f"wanda_mitigate, WandaConfig(): {masked_count(masks)} "
                 "weights zeroed")
     log("BAF ...")
     filtered = filter_lora(lora, base or assets_dir() / BASE_FILE, BAFConfig(), use_cache=False).lora
-    toolkit.add("BAF (default)", apply_lora(plain, filtered), NO_MITIGATION, "diffmem.pipeline.filter_lora, BAFConfig()")
+    toolkit.add(POSTHOC[3], apply_lora(plain, filtered), NO_MITIGATION, "diffmem.pipeline.filter_lora, BAFConfig()")
     return toolkit
 
 
@@ -273,7 +276,7 @@ def add_adversarial(toolkit: ToolkitModels, lora, base: str | None, path=None, c
         path = Path(work or "runs/robustness") / "adversarial.safetensors"
         log(f"adversarial fine-tuning -> {path} ...")
         adversarial_finetune_files(path, lora=lora, base=base, config=config, progress=False)
-    toolkit.add("adversarial fine-tuning", load_unet_file(path), NO_MITIGATION, str(path))
+    toolkit.add(ADVERSARIAL, load_unet_file(path), NO_MITIGATION, str(path))
 
 
 def training_time_models(toolkit: ToolkitModels, manifest: dict, recipe, files: Mapping[str, str | None],
