@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from diffmem.attack import DoriConfig
-from diffmem.errors import DiffmemError
+from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.locality import LocalityConfig, LocalityInputs, run_locality, write_results
+from diffmem.locality.commands import render_from_json
 from diffmem.locality.experiment import channel_effects, neuron_selection, noisy_inputs
 from diffmem.locality.functional import (
     DISTANCE_KINDS,
@@ -210,7 +212,7 @@ def test_runner_end_to_end_writes_json_and_page(tmp_path, tiny_unet):
     assert results["spread"]["tiny captions"]["captions"] == 4
 
     json_path, page = tmp_path / "locality.json", tmp_path / "locality.md"
-    write_results(results, json_path, page, "diffmem locality --tiny")
+    write_results(results | {"command": "diffmem locality --tiny"}, json_path, page)
     assert json.loads(json_path.read_text())["memorized"] == results["memorized"]
     text = page.read_text()
     assert "## 1. Where adversarial embeddings lie" in text and "diffmem locality --tiny" in text
@@ -222,11 +224,19 @@ def test_runner_at_the_smallest_budget_writes_its_outputs(tmp_path, tiny_unet):
                             check=CheckSettings(generations=1, steps=1), timesteps=(999,), noise_draws=1,
                             baseline_ordinary=1, nemo=TINY_BUDGET.nemo, wanda=TINY_BUDGET.wanda,
                             relocalise_start=None, judge_on_nemo=False)
-    results = run_locality(tiny_unet, tiny_inputs(), config)
-    assert len(results["captions"]) == 1 and "relocalised" not in results["captions"][0]["selections"]
+    saved = []
+    results = run_locality(tiny_unet, tiny_inputs(), replace(config, captions=2), checkpoint=saved.append)
+    assert len(results["captions"]) == 2 and "relocalised" not in results["captions"][0]["selections"]
     assert "copy_rate_on_nemo" not in results["captions"][0]["attacks"][0]
+    assert len(saved) == 1 and saved[0]["studied"] == results["studied"][:1]  # after the first of two captions
     json_path, page = tmp_path / "out" / "locality.json", tmp_path / "locality.md"
     json_path.parent.mkdir()
-    write_results(results, json_path, page, "diffmem locality")
+    write_results(results | {"command": "diffmem locality --json out.json"}, json_path, page)
     assert json.loads(json_path.read_text())["captions"][0]["caption"] == tiny_inputs().captions[0]
     assert page.read_text().startswith("# Is memorization local?")
+    assert "2 of its 2 memorized captions studied" in page.read_text()
+    again = tmp_path / "again.md"
+    assert render_from_json(json_path, again) == 0 and again.read_text() == page.read_text()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(FileFormatError, match="not a locality results file"):
+        render_from_json(tmp_path / "bad.json", again)

@@ -46,9 +46,17 @@ def add_locality(subparsers: argparse._SubParsersAction) -> None:
                    help=f"share of a layer's units counted as its top ones (default {c.top_share})")
     p.add_argument("--nemo-generations", type=int, default=n.generations,
                    help=f"noise draws of NeMo's memorization signal (default {n.generations})")
+    p.add_argument("--wanda-generations", type=int, default=c.wanda.generations,
+                   help=f"sampling trajectories per prompt of Wanda's activation norms (default {c.wanda.generations})")
     p.add_argument("--relocalise", default=c.relocalise_start,
                    help="run NeMo and Wanda again on the embedding from the first search with this start "
                         f"(default {c.relocalise_start}); 'none' skips it")
+    p.add_argument("--no-relocalise-nemo", action="store_true",
+                   help="re-run only Wanda (cheap) on the adversarial embedding, not NeMo (a search per caption)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="write the results of the captions finished so far here after each caption")
+    p.add_argument("--from-json", action="store_true",
+                   help="run nothing: read --json (a finished or checkpointed run) and write --markdown from it")
     p.add_argument("--no-judge-on-nemo", action="store_true",
                    help="do not judge the adversarial embeddings on the NeMo-pruned model")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -70,6 +78,10 @@ def run_locality_command(args: argparse.Namespace) -> int:
     from diffmem.world.lora import apply_lora
     from diffmem.world.model import load_base
 
+    argv = sys.argv[sys.argv.index("locality") + 1:] if "locality" in sys.argv else []
+    command = " ".join(["diffmem locality", *(shlex.quote(a) for a in argv)])
+    if args.from_json:
+        return render_from_json(args.json, args.markdown)
     torch.set_num_threads(args.threads)
     if args.lora is None:
         unet, manifest = load_example_lora()
@@ -86,14 +98,43 @@ def run_locality_command(args: argparse.Namespace) -> int:
         dori=replace(defaults.dori, steps=args.steps, batch_size=args.batch_size),
         check=CheckSettings(generations=args.generations, steps=args.sample_steps),
         top_share=args.top_share, nemo=replace(defaults.nemo, generations=args.nemo_generations),
-        relocalise_start=relocalise, judge_on_nemo=not args.no_judge_on_nemo,
+        wanda=replace(defaults.wanda, generations=args.wanda_generations),
+        relocalise_start=relocalise, relocalise_nemo=not args.no_relocalise_nemo,
+        judge_on_nemo=not args.no_judge_on_nemo,
     )
-    results = run_locality(unet, example_lora_inputs(manifest), config, progress=lambda m: print(m, flush=True))
-    results["model"] = str(args.lora) if args.lora is not None else "the committed example LoRA"
-    argv = sys.argv[sys.argv.index("locality") + 1:] if "locality" in sys.argv else []
-    command = " ".join(["diffmem locality", *(shlex.quote(a) for a in argv)])
-    write_results(results, args.json, args.markdown, command)
+    model = str(args.lora) if args.lora is not None else "the committed example LoRA"
+
+    def save_checkpoint(partial: dict) -> None:
+        write_results(partial | {"model": model, "command": command}, args.checkpoint, None)
+
+    results = run_locality(unet, example_lora_inputs(manifest), config, progress=lambda m: print(m, flush=True),
+                           checkpoint=save_checkpoint if args.checkpoint is not None else None)
+    results |= {"model": model, "command": command}
+    write_results(results, args.json, args.markdown)
     print(f"wrote {args.json}" + (f" and {args.markdown}" if args.markdown else ""))
+    return 0
+
+
+def render_from_json(json_path: Path, markdown_path: Path | None) -> int:
+    """Write the page of a run saved as JSON (finished, or a checkpoint of the captions done so far)."""
+    import json
+
+    from diffmem.errors import DiffmemError, FileFormatError
+    from diffmem.formats.safetensors_io import write_atomic
+    from diffmem.locality.report import markdown
+
+    if markdown_path is None:
+        raise DiffmemError("--from-json needs --markdown, the page to write")
+    if not json_path.is_file():
+        raise DiffmemError("no such results file", json_path)
+    try:
+        results = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FileFormatError(f"is not a locality results file ({error})", json_path) from None
+    if not isinstance(results, dict) or not {"config", "captions", "spread", "command"} <= results.keys():
+        raise FileFormatError("is not a locality results file written by `diffmem locality`", json_path)
+    write_atomic(markdown(results).encode(), markdown_path, protect=(json_path,))
+    print(f"wrote {markdown_path}")
     return 0
 
 

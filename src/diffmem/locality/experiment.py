@@ -81,7 +81,9 @@ class LocalityConfig:
         wanda: Wanda-style scores (`diffmem.mitigations.wanda`), the top 1% per row as Chavhan et al.
         relocalise_start: run NeMo and Wanda again on the adversarial embedding from the first search of this kind
             and compare with their selections for the prompt (do different triggers of one image use the same
-            weights?). None skips it (it costs one NeMo search per caption).
+            weights?). None skips it.
+        relocalise_nemo: include NeMo in that re-run (True); it costs one more NeMo search per caption, the
+            dearest part of the experiment, so a small budget may keep Wanda's (cheap) re-run alone.
         judge_on_nemo: also judge the adversarial embeddings on the NeMo-pruned model (does the trigger survive
             the mitigation that fixed the prompt?).
         seed: seed of the noisy inputs and of the random-mask controls.
@@ -98,6 +100,7 @@ class LocalityConfig:
     nemo: NeMoConfig = field(default_factory=NeMoConfig)
     wanda: WandaConfig = field(default_factory=WandaConfig)
     relocalise_start: str | None = "random"
+    relocalise_nemo: bool = True
     judge_on_nemo: bool = True
     seed: int = 0
 
@@ -253,8 +256,10 @@ def run_locality(
     inputs: LocalityInputs,
     config: LocalityConfig = LocalityConfig(),
     progress: Progress | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> dict:
-    """All three locality experiments on `unet` (not modified); a JSON-ready dict of every measured number."""
+    """All three locality experiments on `unet` (not modified); a JSON-ready dict of every measured number.
+    `checkpoint`, if given, receives the results of the captions finished so far after each caption."""
     say = progress or (lambda _message: None)
     started = time.monotonic()
     count = len(inputs.captions) if config.captions is None else min(config.captions, len(inputs.captions))
@@ -272,7 +277,9 @@ def run_locality(
 
     threshold, _ = calibrate_threshold(unet, encode_prompts(inputs.calibration), empty, config.nemo)
     say(f"NeMo threshold {threshold:.4f}; localising the {count} memorized prompts")
-    nemo = localize_neurons(unet, captions, prompt_states, ordinary_states, empty, threshold, config.nemo)
+    nemo = localize_neurons(unet, captions, prompt_states, ordinary_states, empty, threshold, config.nemo,
+                            lambda found: say(f"  NeMo: {found.prompt!r}: {found.count} neurons, signal "
+                                              f"{found.signal_before:.3f} -> {found.signal_after:.3f}"))
     nemo_pruned = apply_masks(unet, neuron_masks(unet, nemo.neurons))
     signal_noise = first_step_noise(unet, config.nemo)
     ordinary_values = {p: neuron_activations(v) for p, v in value_outputs(layers, ordinary_states).items()}
@@ -327,12 +334,20 @@ def run_locality(
             "caption": caption, "attacks": attacks, "convergence": convergence,
             "nearest_other_memorized": nearest_memorized, "activations": activations, "selections": localisation,
         })
+        if checkpoint is not None and i + 1 < count:
+            checkpoint(assemble(config, captions, threshold, nemo.report(), spreads, results, started))
+    return assemble(config, captions, threshold, nemo.report(), spreads, results, started)
 
+
+def assemble(config: LocalityConfig, captions: list[str], threshold: float, nemo_report: dict, spreads: dict,
+             results: list[dict], started: float) -> dict:
+    """The JSON-ready results of the captions in `results` (all of them, or those finished so far)."""
     return {
         "config": asdict(config),
         "memorized": captions,
+        "studied": [entry["caption"] for entry in results],
         "threshold": threshold,
-        "nemo": nemo.report(),
+        "nemo": nemo_report,
         "spread": spreads,
         "captions": results,
         "seconds": round(time.monotonic() - started, 1),
@@ -435,15 +450,18 @@ def compare_selections(
         j = config.starts.index(config.relocalise_start)
         adversarial = found[j : j + 1]
         label = f"{caption} [adversarial, {config.relocalise_start} start]"
-        nemo_adv = localize_neurons(unet, [label], adversarial, ordinary_states, empty, threshold, config.nemo)
         wanda_adv, _ = locate_weights(unet, [label], adversarial, empty, config.wanda)
         out["relocalised"] = {
             "start": config.relocalise_start,
-            "nemo_adversarial_neurons": nemo_adv.prompts[0].count,
-            "nemo_adversarial_signal_before": nemo_adv.prompts[0].signal_before,
-            "nemo_adversarial_mitigated": nemo_adv.prompts[0].mitigated,
-            "nemo": layered_agreement(neuron_selection(layers, nemo_neurons),
-                                      neuron_selection(layers, nemo_adv.prompts[0].neurons)),
             "wanda": layered_agreement(mask_selection(wanda_masks), mask_selection(wanda_adv)),
         }
+        if config.relocalise_nemo:
+            nemo_adv = localize_neurons(unet, [label], adversarial, ordinary_states, empty, threshold, config.nemo)
+            out["relocalised"] |= {
+                "nemo_adversarial_neurons": nemo_adv.prompts[0].count,
+                "nemo_adversarial_signal_before": nemo_adv.prompts[0].signal_before,
+                "nemo_adversarial_mitigated": nemo_adv.prompts[0].mitigated,
+                "nemo": layered_agreement(neuron_selection(layers, nemo_neurons),
+                                          neuron_selection(layers, nemo_adv.prompts[0].neurons)),
+            }
     return out

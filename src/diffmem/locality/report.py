@@ -155,7 +155,7 @@ def selection_table(results: dict) -> str:
     for key, label in (("nemo", "NeMo: prompt vs adversarial embedding (value neurons)"),
                        ("wanda", "Wanda: prompt vs adversarial embedding (feed-forward weights)")):
         jac, chance = agreement_rows(relocalised, key)
-        if relocalised:
+        if any(key in entry for entry in relocalised):
             rows.append([label, len(relocalised), fmt(jac), fmt(chance)])
     return markdown_table(["selections compared", "captions", "Jaccard (pooled over layers)", "chance"], rows)
 
@@ -247,14 +247,15 @@ def readings(results: dict) -> list[str]:
     if relocalised:
         nj, nc = agreement_rows(relocalised, "nemo")
         wj, wc = agreement_rows(relocalised, "wanda")
+        nemo_part = (f"NeMo run on an adversarial embedding picks value neurons that overlap its neurons for the "
+                     f"prompt with Jaccard {fmt(nj)} (chance {fmt(nc)}); " if nj is not None else "")
         lines.append(
-            f"**Same image, different trigger:** NeMo run on an adversarial embedding picks value neurons that overlap "
-            f"its neurons for the prompt with Jaccard {fmt(nj)} (chance {fmt(nc)}); Wanda's weights for the two overlap "
-            f"with {fmt(wj)} (chance {fmt(wc)}).")
+            f"**Same image, different trigger:** {nemo_part}Wanda's feed-forward weights for the adversarial embedding "
+            f"and for the prompt overlap with Jaccard {fmt(wj)} (chance {fmt(wc)}).")
     return lines
 
 
-def markdown(results: dict, command: str) -> str:
+def markdown(results: dict) -> str:
     """docs/locality.md for one run: what was measured, the tables, the reading."""
     config = results["config"]
     dori, check = config["dori"], config["check"]
@@ -270,11 +271,11 @@ def markdown(results: dict, command: str) -> str:
         "command below; every number comes from its JSON.",
         "",
         "```",
-        command,
+        results.get("command", "diffmem locality"),
         "```",
         "",
         f"Model: the committed example LoRA merged into the world base (5 faces duplicated 100 times, docs/world.md); "
-        f"{len(results['memorized'])} memorized captions; Dori with Adam lr {dori['lr']}, batch {dori['batch_size']}, "
+        f"{len(results['captions'])} of its {len(results['memorized'])} memorized captions studied; Dori with Adam lr {dori['lr']}, batch {dori['batch_size']}, "
         f"{dori['steps']} steps per search, starts {', '.join(config['starts'])} (search j seeded {dori['seed']} + j); "
         f"success judged on {check['generations']} fresh generations per embedding ({check['steps']} DDIM steps, "
         f"guidance {check['guidance']}) with Carlini et al.'s copy test against the training faces; top sets are "
@@ -355,8 +356,9 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(parts)
 
 
-def write_results(results: dict, json_path: str | Path, markdown_path: str | Path | None, command: str) -> None:
-    """Write the JSON of a run and (optionally) its markdown page, each atomically."""
+def write_results(results: dict, json_path: str | Path, markdown_path: str | Path | None) -> None:
+    """Write the JSON of a run and (optionally) its markdown page, each atomically (`results["command"]` is the
+    command the page names)."""
     write_atomic((json.dumps(rounded(results), indent=1, sort_keys=False) + "\n").encode(), json_path)
     if markdown_path is not None:
-        write_atomic(markdown(results, command).encode(), markdown_path)
+        write_atomic(markdown(rounded(results)).encode(), markdown_path)
