@@ -472,26 +472,44 @@ def pixel_to_images(samples: torch.Tensor) -> torch.Tensor:
 
 
 
+def load_stable_diffusion(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None):
+    """A Stable Diffusion 1.x/2.x `StableDiffusionPipeline` from a diffusers folder (model_index.json) or a
+    single-file checkpoint, loaded offline on the CPU without safety checker.
+
+    A single file holds weights but not the components' configs (layer sizes, tokenizer, scheduler): diffusers
+    takes them from its Hugging Face cache, or from `config`, a local diffusers folder of the same architecture
+    (e.g. a Stable Diffusion 1.5 folder for any SD 1.x fine-tune)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    if not path.exists():
+        raise DiffmemError("no such model file or folder", path)
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise DiffmemError("the config of a single-file checkpoint must be a diffusers pipeline folder (with "
+                           "model_index.json)", config)
+    try:
+        if path.is_dir():
+            return StableDiffusionPipeline.from_pretrained(
+                path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
+        options = {} if config is None else {"config": str(config)}
+        return StableDiffusionPipeline.from_single_file(str(path), local_files_only=True, dtype=dtype, **options)
+    except (OSError, ValueError, KeyError) as exc:
+        hint = ("; a single-file checkpoint needs its architecture's configs: pass --config with a local diffusers "
+                "folder of the same architecture" if path.is_file() and config is None else "")
+        raise FileFormatError(f"could not load a Stable Diffusion pipeline offline ({exc}){hint}", path) from None
+
+
 def diffusers_audit_model(
     path: str | Path, lora: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> AuditModel:
     """A Stable Diffusion 1.x/2.x checkpoint as an `AuditModel`: a diffusers pipeline folder (model_index.json) or
     a single-file checkpoint, loaded offline, with an optional LoRA (kohya or diffusers format, through
     diffusers' `load_lora_weights`) and DDIM sampling as in Wen et al."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     path = Path(path)
-    if not path.exists():
-        raise DiffmemError("no such model file or folder", path)
-    try:
-        if path.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
-        else:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        raise FileFormatError(f"could not load a Stable Diffusion pipeline offline ({exc})", path) from None
+    pipe = load_stable_diffusion(path, dtype)
     name = path.name
     if lora is not None:
         lora = Path(lora)

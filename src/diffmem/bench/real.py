@@ -195,31 +195,14 @@ def load_images(files: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
 
 def load_pipeline(base: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
                   config: str | Path | None = None):
-    """A Stable Diffusion 1.x/2.x `StableDiffusionPipeline` from a diffusers folder or a single-file checkpoint,
-    loaded offline, with a DDIM scheduler from the checkpoint's own scheduler config, on `device`.
+    """A Stable Diffusion 1.x/2.x pipeline (`diffmem.audit.load_stable_diffusion`: a diffusers folder, or a single
+    file whose configs come from `config`), with a DDIM scheduler from the checkpoint's own scheduler config, on
+    `device`."""
+    from diffusers import DDIMScheduler
 
-    A single file holds weights but not the components' configs (layer sizes, tokenizer, scheduler): diffusers
-    takes them from its Hugging Face cache, or from `config`, a local diffusers folder of the same architecture
-    (e.g. a Stable Diffusion 1.5 folder for any SD 1.x fine-tune)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffmem.audit import load_stable_diffusion
 
-    base = Path(base)
-    if not base.exists():
-        raise DiffmemError("no such base checkpoint (a diffusers folder or a single .safetensors file)", base)
-    if config is not None and not (Path(config) / "model_index.json").is_file():
-        raise DiffmemError("--config must be a diffusers pipeline folder (with model_index.json)", config)
-    try:
-        if base.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, dtype=dtype,
-                                                           safety_checker=None, requires_safety_checker=False)
-        else:
-            options = {} if config is None else {"config": str(config)}
-            pipe = StableDiffusionPipeline.from_single_file(str(base), local_files_only=True, dtype=dtype,
-                                                            **options)
-    except (OSError, ValueError, KeyError) as exc:
-        hint = ("; for a single-file checkpoint pass --config with a local diffusers folder of the same "
-                "architecture" if base.is_file() and config is None else "")
-        raise FileFormatError(f"could not load a Stable Diffusion pipeline offline ({exc}){hint}", base) from None
+    pipe = load_stable_diffusion(base, dtype, config)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
