@@ -305,3 +305,32 @@ def test_docs_commands_use_real_options():
         args = build_parser().parse_args(shlex.split(command.replace("\\", ""))[1:])
         assert args.handler.__name__ == "run_bench_real_command"
     assert "python -m diffmem.bench.real_example runs/tiny-sd" in doc
+
+
+def test_safety_checker_embedder_is_the_checkers_clip_projection(example, tmp_path):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    base = tmp_path / "pipeline"
+    shutil.copytree(example["base"], base)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=tower, vision_config={**tower, "image_size": 16,
+                                                                                         "patch_size": 8},
+                                                      projection_dim=8)).eval()
+    checker.save_pretrained(base / "safety_checker")
+    (base / "feature_extractor").mkdir()
+    mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+    (base / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": 16, "do_center_crop": True, "do_normalize": True, "image_mean": mean, "image_std": std}))
+    embedder = make_embedder("safety-checker", base=base)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = embedder(images)
+    assert embedder.name == "safety-checker-clip" and embedder.image_size == (16, 16)
+    assert torch.allclose(embedder.mean.flatten(), torch.tensor(mean))
+    with torch.no_grad():
+        expected = checker.visual_projection(checker.vision_model(embedder.preprocess(images))[1])
+    assert features.shape == (3, 8) and torch.allclose(features, expected, atol=1e-5)
+    assert not torch.allclose(features[0], features[1], atol=1e-3)
+    with pytest.raises(DiffmemError, match="safety_checker"):
+        make_embedder("safety-checker", base=example["base"])

@@ -108,8 +108,9 @@ def register_real(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-distance", type=float, default=None,
                    help="also require a copy's tiled-L2 distance to be at most this (default: relative test only)")
     p.add_argument("--embedder", default=None,
-                   help="feature space of AMD and FID: pixels, pixelsN, or a TorchScript / torch.export file or "
-                        f"Hugging Face folder (default {d.embedder})")
+                   help="feature space of AMD and FID: pixels, pixelsN, safety-checker (the CLIP image encoder in "
+                        "the base folder's safety_checker/), or a TorchScript / torch.export file or Hugging Face "
+                        f"folder (default {d.embedder})")
     p.add_argument("--device", default="cpu", help="torch device of filtering and generation, e.g. cuda (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="pipeline weights' dtype (float16 halves GPU memory; default float32)")

@@ -31,7 +31,13 @@ from diffmem.formats.safetensors_io import sha256_file, write_atomic
 from diffmem.metrics.amd import amd
 from diffmem.metrics.copy import CopyConfig, copy_decisions, paired_tiled_l2
 from diffmem.metrics.extraction import extraction_attack
-from diffmem.metrics.features import PixelEmbedder, embed, load_embedder
+from diffmem.metrics.features import (
+    ModuleEmbedder,
+    PixelEmbedder,
+    embed,
+    load_embedder,
+    preprocessor_settings,
+)
 from diffmem.metrics.fid import fid_from_features
 from diffmem.metrics.quality import denoising_loss
 from diffmem.pipeline import filter_lora, provenance, resolve_device
@@ -60,9 +66,10 @@ class RealBenchSettings:
             noise is the same on every device); held-out captions use seeds from `seed + 10000`.
         timesteps_per_image: stratified timesteps per image of the denoising losses (as the world benchmark).
         embedder: the feature space of AMD and FID: "pixelsN" (raw pixels average-pooled to N x N, no learned
-            network) or a feature-network file given with ``--embedder``. Default "pixels16": the project's copy
-            embedder is trained on the world's 32 x 32 images only, and no learned network for real photos
-            ships with diffmem.
+            network), "safety-checker" (the CLIP image encoder SD 1.x folders ship) or a feature-network file
+            given with ``--embedder``. Default "pixels16": the project's copy embedder is trained on the world's
+            32 x 32 images only, no learned network for real photos ships with diffmem, and not every base has a
+            safety checker.
         copy_distance: optional absolute bound on the tiled-L2 distance that a copy must also meet
             (`CopyConfig.distance_threshold`); None uses Carlini et al.'s relative test alone.
     """
@@ -338,14 +345,47 @@ def measure_pipeline(pipe, probe: Probe, settings: RealBenchSettings,
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def make_embedder(spec: str | Path | None = None, device: str | torch.device = "cpu"):
+SAFETY_CHECKER = "safety-checker"
+
+
+def safety_checker_embedder(base: str | Path, device: str | torch.device = "cpu") -> ModuleEmbedder:
+    """CLIP image embeddings (vision tower and projection) of the safety checker that Stable Diffusion 1.x diffusers
+    folders ship in ``safety_checker/`` (CLIP ViT-L/14, Radford et al. 2021), preprocessed as its
+    ``feature_extractor/`` says: a learned image feature space that is on disk wherever the base is."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    folder = Path(base) / "safety_checker"
+    if not (folder / "config.json").is_file():
+        raise DiffmemError(f"has no {folder.name}/ with config.json: --embedder {SAFETY_CHECKER} needs a diffusers "
+                           "folder that ships one (Stable Diffusion 1.x folders do)", base)
+    try:
+        checker = StableDiffusionSafetyChecker.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FileFormatError(f"could not load the safety checker's CLIP model ({exc})", folder) from None
+    checker = checker.to(device).eval()
+
+    def image_features(pixels: torch.Tensor) -> torch.Tensor:
+        return checker.visual_projection(checker.vision_model(pixel_values=pixels.to(checker.dtype)).pooler_output)
+
+    return ModuleEmbedder(image_features, "safety-checker-clip", device=device,
+                          **preprocessor_settings(Path(base) / "feature_extractor"))
+
+
+def make_embedder(spec: str | Path | None = None, device: str | torch.device = "cpu",
+                  base: str | Path | None = None):
     """The feature network of AMD and FID: "pixels" or "pixelsN" (raw pixels pooled to N x N; default
-    "pixels16"), or a user's network file or folder (`diffmem.metrics.features.load_embedder`)."""
+    "pixels16"), "safety-checker" (the CLIP image encoder in `base`'s ``safety_checker/``), or a user's network
+    file or folder (`diffmem.metrics.features.load_embedder`)."""
     spec = "pixels16" if spec is None else str(spec)
+    if spec == SAFETY_CHECKER:
+        if base is None:
+            raise DiffmemError(f"--embedder {SAFETY_CHECKER} needs the base folder")
+        return safety_checker_embedder(base, device)
     if spec.startswith("pixels") and not Path(spec).exists():
         size = spec[len("pixels"):]
         if size and not size.isdigit():
-            raise DiffmemError(f"unknown embedder {spec!r}: use pixels, pixelsN (e.g. pixels16) or a network path")
+            raise DiffmemError(f"unknown embedder {spec!r}: use pixels, pixelsN (e.g. pixels16), {SAFETY_CHECKER} "
+                               "or a network path")
         return PixelEmbedder(int(size) if size else None)
     return load_embedder(spec, device=device)
 
@@ -403,7 +443,7 @@ def run_real_bench(
             raise DiffmemError("no such LoRA file", path)
     checkpoint = open_base(base)
     settings = settings or RealBenchSettings()
-    features = make_embedder(settings.embedder if embedder is None else embedder, device)
+    features = make_embedder(settings.embedder if embedder is None else embedder, device, base)
     settings = replace(settings, embedder=features.name)
     identity = {"settings_id": settings_id(settings), "base_sha256": checkpoint.content_hash(),
                 "probe_sha256": manifest.sha256}
