@@ -265,7 +265,7 @@ def caption_loss(pipe, latents: torch.Tensor, captions: Sequence[str], settings:
 
 
 @dataclass
-class Probe:
+class ProbeImages:
     """A probe manifest's images at the pipeline's image size, their latents and features."""
 
     manifest: ProbeManifest
@@ -278,7 +278,7 @@ class Probe:
     heldout_features: torch.Tensor | None
 
     @classmethod
-    def load(cls, manifest: ProbeManifest, pipe, embedder: Callable[[torch.Tensor], torch.Tensor]) -> Probe:
+    def load(cls, manifest: ProbeManifest, pipe, embedder: Callable[[torch.Tensor], torch.Tensor]) -> ProbeImages:
         """Read, resize and embed the images once; every model is measured against the same tensors."""
         size = pipe.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -292,7 +292,7 @@ class Probe:
                    None if heldout is None or len(heldout) < 2 else embed(embedder, heldout))
 
 
-def measure_pipeline(pipe, probe: Probe, settings: RealBenchSettings,
+def measure_pipeline(pipe, probe: ProbeImages, settings: RealBenchSettings,
                      embedder: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 8,
                      ) -> tuple[dict, torch.Tensor]:
     """Memorization and quality numbers of the pipeline as it is (with whatever LoRA is loaded), and its
@@ -443,7 +443,9 @@ def run_real_bench(
             raise DiffmemError("no such LoRA file", path)
     checkpoint = open_base(base)
     settings = settings or RealBenchSettings()
-    features = make_embedder(settings.embedder if embedder is None else embedder, device, base)
+    # A single-file base has no safety_checker/ of its own; its --config folder may.
+    folder = base if Path(base).is_dir() or config is None else config
+    features = make_embedder(settings.embedder if embedder is None else embedder, device, folder)
     settings = replace(settings, embedder=features.name)
     identity = {"settings_id": settings_id(settings), "base_sha256": checkpoint.content_hash(),
                 "probe_sha256": manifest.sha256}
@@ -464,7 +466,7 @@ def run_real_bench(
         todo = [v for v in variants if (lora_sha, v.key) not in done]
         if todo and pipe is None:
             pipe = load_pipeline(base, device, dtype, config)
-            probe_images = Probe.load(manifest, pipe, features)
+            probe_images = ProbeImages.load(manifest, pipe, features)
         for variant in tqdm(todo, desc=label, unit="variant", disable=not progress):
             started = time.perf_counter()
             report = generated = None
