@@ -334,3 +334,11 @@ def test_safety_checker_embedder_is_the_checkers_clip_projection(example, tmp_pa
     assert not torch.allclose(features[0], features[1], atol=1e-3)
     with pytest.raises(DiffmemError, match="safety_checker"):
         make_embedder("safety-checker", base=example["base"])
+
+
+def test_the_example_refuses_a_used_folder(example, capsys):
+    from diffmem.bench.real_example import main
+
+    assert main([str(example["base"].parent)]) == 1
+    assert "exists already" in capsys.readouterr().err
+    assert (example["base"] / "model_index.json").is_file()

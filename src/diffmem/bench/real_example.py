@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from diffmem.errors import DiffmemError
 from diffmem.formats.lora import lora_from_factors, write_lora
 from diffmem.formats.names import kohya_name
 from diffmem.report import save_png
@@ -100,7 +102,7 @@ def write_example(folder: str | Path, steps: int = 2, guidance: float = 7.5, see
     pipe_folder, lora_path, probe = folder / "pipeline", folder / "lora.safetensors", folder / "probe"
     for path in (pipe_folder, lora_path, probe):
         if path.exists():
-            raise FileExistsError(f"{path} exists already; choose an empty folder")
+            raise DiffmemError("exists already; choose an empty folder for the example", path)
     tiny_pipeline(pipe_folder, seed)
     pipe = load_pipeline(pipe_folder, torch.device("cpu"))
     write_lora(tiny_kohya_lora(pipe, seed=seed), lora_path)
@@ -131,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps of the suspected images (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    paths = write_example(args.folder, steps=args.steps)
+    try:
+        paths = write_example(args.folder, steps=args.steps)
+    except DiffmemError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
     return 0
 
