@@ -22,7 +22,7 @@ def add_training_options(p: argparse.ArgumentParser, steps: int | None, batch_si
     p.add_argument("--rest-share", type=float, help="share of the other training images seen once")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's)")
     p.add_argument("--steps", type=int, default=steps,
-                   help=f"optimizer steps (default {steps if steps is not None else '500, or 100 with --quick'})")
+                   help=f"optimizer steps (default {steps if steps is not None else '500, or 200 with --quick'})")
     p.add_argument("--batch-size", type=int, default=batch_size,
                    help=f"images per step (default {batch_size if batch_size is not None else '16, or 8 with --quick'})")
     p.add_argument("--threshold", type=float, help="Wen threshold for --mitigation threshold (default 5.0)")
@@ -124,9 +124,10 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("table", help="the seed's Table 1 on the world: every method x mitigation, measured")
     p.add_argument("--out", type=Path, required=True, help="folder for rows.json and table.md")
     p.add_argument("--mask", type=Path, help="mask from `memcontrol search` for the MemControl rows")
-    p.add_argument("--quick", action="store_true", help="100 steps of 8 images per row (about half an hour)")
+    p.add_argument("--quick", action="store_true",
+                   help="200 steps of 8 images per row at 10x each method's learning rate (see docs/memcontrol.md)")
     p.add_argument("--mitigations", default=",".join(MITIGATIONS),
-                   help="comma-separated mitigations crossed with every method (default %(default)s)")
+                   help="comma-separated mitigations crossed with full, svdiff, difffit and attention (default %(default)s)")
     p.add_argument("--methods", default=",".join(BASELINES),
                    help="comma-separated baseline methods (default %(default)s)")
     p.add_argument("--lr-scale", type=float,
