@@ -124,6 +124,14 @@ def test_filtered_files_load_through_diffusers_and_change_the_unet(bench, exampl
     assert torch.equal(unet_output(pipe), before)
     for label in {f.parent.name for f in files}:
         assert not torch.allclose(outputs[label, "baf"], outputs[label, "lora"], atol=1e-4), label
+    # The "lora" row measures diffmem's rewrite of the input (no channel dropped); diffusers must read it as the
+    # input file itself, alpha and all.
+    for row in rows:
+        if row["variant"] == "lora":
+            pipe.load_lora_weights(row["lora"], adapter_name="input")
+            as_given = unet_output(pipe)
+            pipe.unload_lora_weights()
+            assert torch.allclose(as_given, outputs[row["lora_label"], "lora"], atol=1e-5), row["lora"]
     header = json.loads(file.read_bytes()[8 : 8 + int.from_bytes(file.read_bytes()[:8], "little")])
     assert "diffmem.method" in header["__metadata__"]
 
