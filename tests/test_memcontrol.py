@@ -290,3 +290,27 @@ def test_training_norms_are_per_sample_and_fixed_timesteps_are_honoured(tiny_une
     assert norms.shape == (6,) and (norms > 0).all() and timesteps.unique().numel() > 1
     fixed, at = training_norms(tiny_unet, faces.images, faces.captions, draws=1, timestep=900)
     assert (at == 900).all() and fixed.shape == (3,)
+
+
+def test_rows_of_a_split_table_are_collected_in_the_seeds_order(tmp_path):
+    from diffmem.memcontrol.table import collect_rows
+
+    def row(label, method, mitigation, mask=None):
+        return {"label": label, "method": method, "mitigation": mitigation, "mask": mask}
+
+    def write(name, rows, steps=200):
+        path = tmp_path / name
+        path.write_text(json.dumps({"settings": {"train": {"steps": steps}, "methods": ["x"], "mitigations": ["y"]},
+                                    "rows": rows}))
+        return path
+
+    first = write("a.json", [row("MemControl (SV-DIFF mask)", "svdiff", "none", "11111"),
+                             row("Full FT + RWA", "full", "rwa")])
+    second = write("b.json", [row("SV-DIFF", "svdiff", "none"), row("Full FT", "full", "none"),
+                              row("Freeze (no fine-tuning)", "none", "none")])
+    labels = [r["label"] for r in collect_rows([first, second])]
+    assert labels == ["Freeze (no fine-tuning)", "Full FT", "Full FT + RWA", "SV-DIFF", "MemControl (SV-DIFF mask)"]
+    with pytest.raises(DiffmemError, match="more than once: Full FT \\+ RWA"):
+        collect_rows([first, first])
+    with pytest.raises(DiffmemError, match="other settings"):
+        collect_rows([first, write("c.json", [row("DiffFit", "difffit", "none")], steps=100)])

@@ -160,6 +160,25 @@ def run_table_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_collect(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("collect", help="merge the rows.json of table runs split over processes into one "
+                                              "table, in the seed's order, and write it into a document")
+    p.add_argument("rows", nargs="+", type=Path, help="rows.json files written by `memcontrol table`")
+    p.add_argument("--doc", type=Path, required=True,
+                   help="markdown file with `<!-- memcontrol table <name> start/end -->` lines")
+    p.add_argument("--name", default="faces", help="which marked table to replace (default faces)")
+    p.set_defaults(handler=run_collect)
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    from diffmem.memcontrol.table import collect_rows, markdown_table, write_table_into
+
+    rows = collect_rows(args.rows)
+    write_table_into(args.doc, args.name, rows)
+    print(markdown_table(rows))
+    return 0
+
+
 def add_norms(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("norms", help="the norms Wen's threshold mitigation compares, on the training faces "
                                             "(to choose --threshold)")
@@ -217,5 +236,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_train(commands)
     add_search(commands)
     add_table(commands)
+    add_collect(commands)
     add_norms(commands)
 

@@ -199,3 +199,31 @@ def updated_doc(doc: str | Path, name: str, rows: list[dict]) -> str:
 def write_table_into(doc: str | Path, name: str, rows: list[dict]) -> None:
     """Put the rows' markdown table between `name`'s markers in `doc` (atomically)."""
     write_atomic(updated_doc(doc, name, rows).encode(), Path(doc))
+
+
+def row_order(row: dict) -> tuple[int, int]:
+    """Sort key of a row in the seed's order: methods as `BASELINES`, MemControl last, mitigations as `MITIGATIONS`."""
+    method = len(BASELINES) if row.get("mask") is not None else BASELINES.index(row["method"])
+    return method, MITIGATIONS.index(row["mitigation"])
+
+
+def collect_rows(paths: list[str | Path]) -> list[dict]:
+    """The rows of several `run_table` outputs (`rows.json`; one table split over processes), in the seed's order.
+    The runs must share every setting but the methods and mitigations; a row measured twice is an error."""
+    rows: list[dict] = []
+    shared = None
+    for path in paths:
+        try:
+            record = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise DiffmemError(f"cannot read a table's rows: {error}", path) from None
+        settings = {k: v for k, v in record["settings"].items() if k not in ("methods", "mitigations")}
+        if shared is not None and settings != shared:
+            raise DiffmemError("these rows were measured with other settings than the first file's", path)
+        shared = settings
+        rows += record["rows"]
+    labels = [r["label"] for r in rows]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise DiffmemError(f"rows measured more than once: {', '.join(repeated)}")
+    return sorted(rows, key=row_order)
