@@ -350,3 +350,25 @@ def test_the_example_refuses_a_used_folder(example, capsys):
     assert main([str(example["base"].parent)]) == 1
     assert "exists already" in capsys.readouterr().err
     assert (example["base"] / "model_index.json").is_file()
+
+
+def test_cli_passes_its_options_to_the_library(monkeypatch, tmp_path, capsys):
+    import diffmem.bench.real as real
+
+    seen = {}
+
+    def fake_run(base, loras, probe, out, settings, **options):
+        seen.update(base=base, loras=loras, probe=probe, out=out, settings=settings, **options)
+        return [{}, {}]
+
+    monkeypatch.setattr(real, "run_real_bench", fake_run)
+    code = main(["bench-real", "--base", "b", "--config", "c", "--lora", "x.safetensors", "y.safetensors",
+                 "--probe", "p.json", "--out", str(tmp_path), "--plan", "full", "--generations", "3", "--steps", "7",
+                 "--guidance", "5", "--seed", "11", "--heldout-generations", "2", "--copy-distance", "0.1",
+                 "--embedder", "safety-checker", "--device", "cpu", "--dtype", "bfloat16", "--batch-size", "2"])
+    assert code == 0 and "2 measurements" in capsys.readouterr().out
+    assert seen["loras"] == [Path("x.safetensors"), Path("y.safetensors")] and seen["config"] == Path("c")
+    assert seen["settings"] == RealBenchSettings(generations=3, heldout_generations=2, steps=7, guidance=5.0,
+                                                 seed=11, copy_distance=0.1)
+    assert seen["plan"] == real.FULL_PLAN and seen["dtype"] == torch.bfloat16 and seen["batch_size"] == 2
+    assert seen["embedder"] == "safety-checker" and seen["device"] == "cpu"
