@@ -85,7 +85,7 @@ def warm_anchors(
     if energy is None:
         return
     base = open_base(base_path)
-    store = AnchorStore(base, cache_dir=cache_dir, device=device)
+    store = AnchorStore(base, cache_dir=cache_dir, device=device, remember=False)
     for source in inputs:
         try:
             lora = read_lora(source)

@@ -21,7 +21,7 @@ from diffmem.filters import BAFConfig, FilterConfig, ModuleView, select
 from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
 from diffmem.formats.lora import LoraFile, LoraModule, read_lora, replace_factors, write_lora
 from diffmem.formats.safetensors_io import refuse_overwriting, sha256_file
-from diffmem.spectral import Channels, dense_channels, lowrank_channels, rebuild_factors
+from diffmem.spectral import Anchors, Channels, dense_channels, lowrank_channels, rebuild_factors
 
 
 @dataclass
@@ -141,18 +141,28 @@ def filter_lora(
     base = base if isinstance(base, BaseCheckpoint) else open_base(base)
     lookups = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora.modules.items()}
     targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata)
-    store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache, device=device)
+    # Each module's anchors are used by its own scores only: holding all of them would cost gigabytes on SDXL.
+    store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache, device=device, remember=False)
 
     channels: dict[str, Channels] = {}
     scores: dict[str, torch.Tensor] = {}
+    anchor_ranks: dict[str, int] = {}
     names = list(lora.modules)
     for name in tqdm(names, desc="scoring channels", unit="module", disable=not progress, leave=False):
         target = targets[name]
         channels[name] = module_channels(lora.modules[name], device)
+        module_anchors: dict[tuple, Anchors] = {}
+
+        def anchors(energy: float, k: int | None, target=target, name=name, seen=module_anchors) -> Anchors:
+            if (energy, k) not in seen:
+                seen[(energy, k)] = store.get(target, energy, k)
+                anchor_ranks[name] = seen[(energy, k)].k
+            return seen[(energy, k)]
+
         view = ModuleView(
             name=name,
             channels=channels[name],
-            anchors=lambda energy, k, target=target: store.get(target, energy, k),
+            anchors=anchors,
             weight=lambda target=target: base.weight(target).reshape(target.shape[0], -1),
         )
         scores[name] = config.score(view).float()
@@ -176,7 +186,7 @@ def filter_lora(
                 channels=chans.count,
                 kept=kept,
                 energy_kept=float((power * w.double().square()).sum() / power.sum()) if power.sum() > 0 else 1.0,
-                anchor_rank=_anchor_rank(store, targets[name], config),
+                anchor_rank=anchor_ranks.get(name),
                 sigma=[round(float(s), 6) for s in chans.sigma],
                 scores=[round(float(s), 6) for s in scores[name]],
                 weights=[round(float(x), 6) for x in w],
@@ -198,13 +208,6 @@ def filter_lora(
     # which diffusers (0.42) misreads for kohya attention modules; the update is the same either way.
     shapes = {name: targets[name].shape for name in names}
     return FilterResult(lora=replace_factors(lora, new_factors, weight_shapes=shapes, keep_alpha=True), report=report)
-
-
-def _anchor_rank(store: AnchorStore, target, config: FilterConfig) -> int | None:
-    """The k of the anchors a config scored ``target`` against (a memory hit in `store`), or None if it used none."""
-    if not hasattr(config, "energy"):
-        return None
-    return store.get(target, config.energy, getattr(config, "anchor_rank", None)).k
 
 
 def provenance(report: FilterReport, source: Path | None) -> dict[str, str]:
