@@ -102,7 +102,8 @@ def run_locality_command(args: argparse.Namespace) -> int:
         relocalise_start=relocalise, relocalise_nemo=not args.no_relocalise_nemo,
         judge_on_nemo=not args.no_judge_on_nemo,
     )
-    model = str(args.lora) if args.lora is not None else "the committed example LoRA"
+    model = (f"world LoRA {args.lora} merged into the world base" if args.lora is not None else
+             "the committed example LoRA merged into the world base (5 faces duplicated 100 times, docs/world.md)")
 
     def save_checkpoint(partial: dict) -> None:
         write_results(partial | {"model": model, "command": command}, args.checkpoint, None)

@@ -37,6 +37,10 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+#: Copy rate from which an embedding counts as a trigger of the memorized image (half its fresh generations).
+TRIGGER_RATE = 0.5
+
+
 def start_kinds(results: dict) -> list[str]:
     return list(dict.fromkeys(results["config"]["starts"]))
 
@@ -179,7 +183,7 @@ def readings(results: dict) -> list[str]:
     lines = []
     spread_name = next(iter(results["spread"]))
     caption_spread = results["spread"][spread_name]["cosine_per_token"]["median"]
-    far = [a for a in attacks_of(results) if a["start"] != "prompt" and a["copy_rate"] >= 0.5]
+    far = [a for a in attacks_of(results) if a["start"] != "prompt" and a["copy_rate"] >= TRIGGER_RATE]
     others = [a for a in attacks_of(results) if a["start"] != "prompt"]
     if others and not far:
         lines.append(
@@ -205,7 +209,12 @@ def readings(results: dict) -> list[str]:
             f"distance of {fmt(found)} from each other, having started {fmt(start)} apart: they "
             f"{'move into one region' if converge else 'do not converge to one region'} (rule: one region when the "
             f"final distance is under half the starting distance).")
-    adversarial = [e for c in results["captions"] for e in c["activations"]["adversarial"] if e["start"] != "prompt"]
+    # Only embeddings that trigger the image count: the claim is about different embeddings of the same image.
+    adversarial = [e for c in results["captions"] for a, e in zip(c["attacks"], c["activations"]["adversarial"])
+                   if a["start"] != "prompt" and a["copy_rate"] >= TRIGGER_RATE]
+    if others and not adversarial:
+        lines.append("**Activations and NeMo's neurons: not testable here**, for want of a successful trigger from a "
+                     "random or unrelated start.")
     other = [c["activations"]["baselines"]["value_other_memorized"] for c in results["captions"]]
     other = [o for o in other if o]
     if adversarial and other:
@@ -218,7 +227,7 @@ def readings(results: dict) -> list[str]:
         lines.append(
             f"**Activations: the world {'reproduces' if divergent else 'does not reproduce'} the seed's claim in the "
             f"value layers.** The most active value neurons of adversarial embeddings from random or unrelated starts "
-            f"overlap the memorized prompt's with Jaccard {fmt(adv_j)}, against {fmt(other_j)} for another memorized "
+            f"that trigger the face (copy rate >= {TRIGGER_RATE}) overlap the memorized prompt's with Jaccard {fmt(adv_j)}, against {fmt(other_j)} for another memorized "
             f"caption, which triggers a different face (feed-forward neurons: {fmt(adv_f)} against {fmt(other_f)}); "
             f"rule: the claim holds when an embedding that triggers the same image shares no more of the prompt's "
             f"top neurons than a prompt of another image does.")
@@ -228,9 +237,9 @@ def readings(results: dict) -> list[str]:
         lines.append(
             f"**NeMo's neurons:** the value neurons NeMo localised for the prompts reach a mean z-score of "
             f"{fmt(mean(p['mean_z'] for p in prompts), 2)} under the prompts and {fmt(mean(e['nemo_neurons_mean_z'] for e in with_nemo), 2)} "
-            f"under the adversarial embeddings from random or unrelated starts; copy rate of those embeddings on the "
-            f"NeMo-pruned model: {fmt(mean(e.get('copy_rate_on_nemo') for e in others), 2)} "
-            f"(unpruned: {fmt(mean(a['copy_rate'] for a in others), 2)}).")
+            f"under the triggers found from random or unrelated starts; their copy rate on the NeMo-pruned model "
+            f"(NeMo pruned for all memorized prompts): {fmt(mean(a.get('copy_rate_on_nemo') for a in far), 2)} "
+            f"(unpruned: {fmt(mean(a['copy_rate'] for a in far), 2)}).")
     channels = [c["selections"]["channels"] for c in results["captions"] if "channels" in c["selections"]]
     if channels:
         jac, chance = agreement_rows(channels, "nemo_vs_wanda")
@@ -274,7 +283,7 @@ def markdown(results: dict) -> str:
         results.get("command", "diffmem locality"),
         "```",
         "",
-        f"Model: the committed example LoRA merged into the world base (5 faces duplicated 100 times, docs/world.md); "
+        f"Model: {results.get('model', 'a world model')}; "
         f"{len(results['captions'])} of its {len(results['memorized'])} memorized captions studied; Dori with Adam lr {dori['lr']}, batch {dori['batch_size']}, "
         f"{dori['steps']} steps per search, starts {', '.join(config['starts'])} (search j seeded {dori['seed']} + j); "
         f"success judged on {check['generations']} fresh generations per embedding ({check['steps']} DDIM steps, "
