@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,18 +12,18 @@ from tqdm.auto import tqdm
 
 from diffmem.cache import default_cache_dir
 from diffmem.errors import DiffmemError
-from diffmem.formats.safetensors_io import SafetensorsFile, load_file, save_file
+from diffmem.formats.safetensors_io import SafetensorsFile, save_file
 from diffmem.spectral import Anchors, principal_subspace
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"  # 3: append-only shards instead of one file rewritten by every flush
 
 #: Subspace bases are stored in half precision: half the disk and read time of float32, and an alignment score
 #: moves by about 1e-3 of its chance level. Freshly computed bases are rounded the same way before use, so a cold
 #: run and a warm run score every channel identically.
 STORAGE_DTYPE = torch.float16
 
-#: `build_anchors` writes the cache after this many new weights (three tensors each), so a whole-model build holds
-#: a bounded amount in memory and an interrupted build resumes from what it wrote.
+#: Filters and whole-model builds write a shard after this many new anchors, so they hold a bounded amount in memory
+#: and an interrupted run resumes from what it wrote.
 FLUSH_EVERY = 128
 
 
@@ -32,55 +33,73 @@ def target_id(target) -> str:
 
 
 class AnchorStore:
-    """Anchors of one base checkpoint: from memory, else from the cache file, else computed and saved by `flush`.
+    """Anchors of one base checkpoint: read from the cache, else computed and written by `flush`.
 
-    One file per (base content hash, anchor rule): ``anchors-<sha256[:16]>-<rule>.safetensors`` under
-    ``cache_dir/anchors``, bases in `STORAGE_DTYPE`. A corrupt cache file is ignored and rewritten, never trusted.
+    The cache of one (base content hash, anchor rule) is a set of shard files
+    ``anchors-v<CACHE_VERSION>-<sha256[:16]>-<rule>-<shard>.safetensors`` under ``cache_dir/anchors``, bases in
+    `STORAGE_DTYPE`. Each flush writes a new shard, named by the hash of the anchors it holds, and never rewrites
+    another: memory stays bounded by what is not yet flushed, an interrupted build keeps what it wrote, and two
+    processes writing at once cannot lose each other's work. A corrupt shard is deleted and its anchors are
+    computed again, never trusted.
     """
 
+    PARTS = ("u", "v", "spectrum")
+
     def __init__(
-        self,
-        base,
-        cache_dir: str | Path | None = None,
-        use_cache: bool = True,
-        device: str | torch.device = "cpu",
-        remember: bool = True,
+        self, base, cache_dir: str | Path | None = None, use_cache: bool = True, device: str | torch.device = "cpu"
     ) -> None:
         self.base = base
-        self.remember = remember  # False: a whole-model build, where holding every anchor would cost gigabytes
         self.device = torch.device(device)
         self.use_cache = use_cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.memory: dict[tuple[str, str], Anchors] = {}
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
-        self.files: dict[str, SafetensorsFile | None] = {}
+        self.shards: dict[str, dict[str, SafetensorsFile]] = {}  # rule -> target id -> the shard holding it
         self.computed = 0
         self.loaded = 0
+
+    @property
+    def folder(self) -> Path:
+        return self.cache_dir / "anchors"
 
     def rule_name(self, energy: float, k: int | None) -> str:
         return f"k{k}" if k is not None else f"e{energy:g}"
 
-    def path_for(self, rule: str) -> Path:
-        return self.cache_dir / "anchors" / f"anchors-v{CACHE_VERSION}-{self.base.content_hash()[:16]}-{rule}.safetensors"
+    def shard_prefix(self, rule: str) -> str:
+        return f"anchors-v{CACHE_VERSION}-{self.base.content_hash()[:16]}-{rule}-"
 
-    def cached_file(self, rule: str) -> SafetensorsFile | None:
-        if rule not in self.files:
-            path = self.path_for(rule)
-            try:
-                self.files[rule] = SafetensorsFile(path) if path.exists() else None
-            except DiffmemError:
-                self.files[rule] = None
-        return self.files[rule]
+    def index(self, rule: str) -> dict[str, SafetensorsFile]:
+        """Target id -> shard, over every readable shard of this base and rule (read from headers only, once)."""
+        if rule not in self.shards:
+            found: dict[str, SafetensorsFile] = {}
+            for path in sorted(self.folder.glob(f"{self.shard_prefix(rule)}*.safetensors")):
+                try:
+                    shard = SafetensorsFile(path)
+                except DiffmemError:
+                    path.unlink(missing_ok=True)
+                    continue
+                found.update({name.rsplit(".", 1)[0]: shard for name in shard})
+            self.shards[rule] = found
+        return self.shards[rule]
 
-    def get(self, target, energy: float = 0.5, k: int | None = None) -> Anchors:
-        """Anchors of the base weight behind ``target``."""
+    def read(self, rule: str, key: str, parts: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+        shard = self.index(rule).get(key)
+        if shard is None:
+            return None
+        try:
+            return {part: shard[f"{key}.{part}"] for part in parts}
+        except (DiffmemError, KeyError):
+            shard.path.unlink(missing_ok=True)
+            self.shards[rule] = {k: s for k, s in self.shards[rule].items() if s is not shard}
+            return None
+
+    def get(self, target, energy: float = 0.5, k: int | None = None, side: str = "both") -> Anchors:
+        """Anchors of the base weight behind ``target``; with ``side`` "left" or "right" a cached entry is read
+        without the other side's vectors (half the reading for a one-sided score)."""
         rule = self.rule_name(energy, k)
         key = target_id(target)
-        if (rule, key) in self.memory:
-            return self.memory[(rule, key)]
-        cached = self.cached_file(rule) if self.use_cache else None
-        if cached is not None and f"{key}.u" in cached:
-            stored = {part: cached[f"{key}.{part}"] for part in ("u", "v", "spectrum")}
+        parts = {"left": ("u", "spectrum"), "right": ("v", "spectrum"), "both": self.PARTS}[side]
+        stored = self.read(rule, key, parts) if self.use_cache else None
+        if stored is not None:
             self.loaded += 1
         else:
             computed = principal_subspace(self.base.weight(target).to(self.device), energy=energy, k=k)
@@ -88,31 +107,28 @@ class AnchorStore:
                       "spectrum": computed.spectrum.cpu().float()}
             self.pending.setdefault(rule, {}).update({f"{key}.{part}": t for part, t in stored.items()})
             self.computed += 1
-        anchors = Anchors(u=stored["u"].float(), v=stored["v"].float(), spectrum=stored["spectrum"].float())
-        if self.remember:
-            self.memory[(rule, key)] = anchors
-        return anchors
+        return Anchors(u=stored["u"].float() if "u" in parts else None, v=stored["v"].float() if "v" in parts else None,
+                       spectrum=stored["spectrum"].float())
+
+    def unflushed(self) -> int:
+        """Anchors computed but not yet written."""
+        return sum(len(tensors) for tensors in self.pending.values()) // len(self.PARTS)
 
     def flush(self) -> None:
-        """Merge newly computed anchors into their cache files (atomic rewrite; concurrent writers lose nothing
-        worse than a recomputation)."""
+        """Write the anchors computed since the last flush as new shards (atomic writes)."""
         if not self.use_cache:
+            self.pending.clear()
             return
         for rule, tensors in self.pending.items():
             if not tensors:
                 continue
-            path = self.path_for(rule)
-            merged: dict[str, torch.Tensor] = {}
-            if path.exists():
-                try:
-                    merged, _ = load_file(path)
-                except DiffmemError:
-                    merged = {}
-            merged.update(tensors)
+            digest = hashlib.sha256("\n".join(sorted(tensors)).encode()).hexdigest()[:16]
+            path = self.folder / f"{self.shard_prefix(rule)}{digest}.safetensors"
             metadata = {"diffmem.base_sha256": self.base.content_hash(), "diffmem.anchor_rule": rule,
                         "diffmem.cache_version": CACHE_VERSION}
-            save_file(merged, path, metadata)
-            self.files.pop(rule, None)
+            save_file(tensors, path, metadata)
+            shard = SafetensorsFile(path)
+            self.index(rule).update({name.rsplit(".", 1)[0]: shard for name in shard})
         self.pending.clear()
 
 
@@ -124,10 +140,10 @@ class AnchorBuild:
     computed: int
     loaded: int
     seconds: float
-    cache_file: Path | None
+    cache_folder: Path
 
     def summary(self) -> str:
-        where = f" in {self.cache_file}" if self.cache_file else ""
+        where = f" in {self.cache_folder}"
         return (f"{self.weights} base weights: {self.computed} anchors computed, {self.loaded} already cached"
                 f"{where} ({self.seconds:.1f} s)")
 
@@ -161,12 +177,11 @@ def build_anchors(
     targets = distinct_targets(base, only)
     if not targets:
         raise DiffmemError(f"has no LoRA-targetable weights{f' under {only!r}' if only else ''}", base.path)
-    store = AnchorStore(base, cache_dir=cache_dir, device=device, remember=False)
+    store = AnchorStore(base, cache_dir=cache_dir, device=device)
     for target in tqdm(targets, desc="anchors", unit="weight", disable=not progress):
         store.get(target, energy, k)
-        if store.computed and store.computed % FLUSH_EVERY == 0:
-            store.flush()  # bounds memory and keeps the work of an interrupted build
+        if store.unflushed() >= FLUSH_EVERY:
+            store.flush()
     store.flush()
-    path = store.path_for(store.rule_name(energy, k))
     return AnchorBuild(weights=len(targets), computed=store.computed, loaded=store.loaded,
-                       seconds=time.perf_counter() - started, cache_file=path if path.exists() else None)
+                       seconds=time.perf_counter() - started, cache_folder=store.folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from diffmem.anchors import AnchorStore
+from diffmem.anchors import FLUSH_EVERY, AnchorStore
 from diffmem.errors import DiffmemError
 from diffmem.filters import FilterConfig
 from diffmem.formats.base import open_base, resolve_targets
@@ -41,6 +41,7 @@ class BatchRow:
     channels_kept: int = 0
     channels_total: int = 0
     energy_kept: float = 0.0
+    anchors_computed: int = 0  # by this file's worker; 0 when the batch's shared anchors covered it
     seconds: float = 0.0
 
 
@@ -85,7 +86,7 @@ def warm_anchors(
     if energy is None:
         return
     base = open_base(base_path)
-    store = AnchorStore(base, cache_dir=cache_dir, device=device, remember=False)
+    store = AnchorStore(base, cache_dir=cache_dir, device=device)
     for source in inputs:
         try:
             lora = read_lora(source)
@@ -95,6 +96,8 @@ def warm_anchors(
             continue  # reported by the worker that processes this file
         for target in targets.values():
             store.get(target, energy, getattr(config, "anchor_rank", None))
+            if store.unflushed() >= FLUSH_EVERY:
+                store.flush()
     store.flush()
 
 
@@ -107,7 +110,7 @@ def filter_one(source: Path, base: Path, output: Path, config: FilterConfig, opt
         return BatchRow(str(source), str(output), "failed", error=str(exc), seconds=time.perf_counter() - started)
     return BatchRow(
         str(source), str(output), "filtered", channels_kept=report.channels_kept, channels_total=report.channels_total,
-        energy_kept=report.energy_kept, seconds=time.perf_counter() - started,
+        energy_kept=report.energy_kept, anchors_computed=report.anchors_computed, seconds=time.perf_counter() - started,
     )
 
 

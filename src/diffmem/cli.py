@@ -148,7 +148,7 @@ def run_anchors(args: argparse.Namespace) -> int:
     build = build_anchors(args.base, energy, args.anchor_rank, only=args.only, cache_dir=args.cache_dir,
                           device=args.device, progress=not args.json)
     if args.json:
-        print(json.dumps({**dataclasses.asdict(build), "cache_file": str(build.cache_file)}, indent=2))
+        print(json.dumps({**dataclasses.asdict(build), "cache_folder": str(build.cache_folder)}, indent=2))
     else:
         print(build.summary())
     return EXIT_OK

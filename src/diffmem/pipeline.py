@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from diffmem import __version__
-from diffmem.anchors import AnchorStore
+from diffmem.anchors import FLUSH_EVERY, AnchorStore
 from diffmem.errors import DiffmemError
 from diffmem.filters import BAFConfig, FilterConfig, ModuleView, select
 from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
@@ -141,8 +141,8 @@ def filter_lora(
     base = base if isinstance(base, BaseCheckpoint) else open_base(base)
     lookups = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora.modules.items()}
     targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata)
-    # Each module's anchors are used by its own scores only: holding all of them would cost gigabytes on SDXL.
-    store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache, device=device, remember=False)
+    # Each module's anchors serve its own scores only: holding all of them would cost gigabytes on SDXL.
+    store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache, device=device)
 
     channels: dict[str, Channels] = {}
     scores: dict[str, torch.Tensor] = {}
@@ -153,11 +153,12 @@ def filter_lora(
         channels[name] = module_channels(lora.modules[name], device)
         module_anchors: dict[tuple, Anchors] = {}
 
-        def anchors(energy: float, k: int | None, target=target, name=name, seen=module_anchors) -> Anchors:
-            if (energy, k) not in seen:
-                seen[(energy, k)] = store.get(target, energy, k)
-                anchor_ranks[name] = seen[(energy, k)].k
-            return seen[(energy, k)]
+        def anchors(energy: float, k: int | None, side: str = "both", target=target, name=name,
+                    seen=module_anchors) -> Anchors:
+            if (energy, k, side) not in seen:
+                seen[(energy, k, side)] = store.get(target, energy, k, side)
+                anchor_ranks[name] = seen[(energy, k, side)].k
+            return seen[(energy, k, side)]
 
         view = ModuleView(
             name=name,
@@ -166,6 +167,8 @@ def filter_lora(
             weight=lambda target=target: base.weight(target).reshape(target.shape[0], -1),
         )
         scores[name] = config.score(view).float()
+        if store.unflushed() >= FLUSH_EVERY:
+            store.flush()
     store.flush()
     weights = select(scores, {name: channels[name].sigma for name in names}, config.selection)
 

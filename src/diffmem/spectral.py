@@ -41,15 +41,16 @@ class Channels:
 
 @dataclass(frozen=True)
 class Anchors:
-    """Top-k singular subspaces of a base weight and its whole spectrum."""
+    """Top-k singular subspaces of a base weight and its whole spectrum. A side a scorer does not use may be left
+    out (None) so that it is never read from the cache."""
 
-    u: torch.Tensor  # [out, k]
-    v: torch.Tensor  # [in, k]
+    u: torch.Tensor | None  # [out, k]
+    v: torch.Tensor | None  # [in, k]
     spectrum: torch.Tensor  # [min(out, in)], all singular values of W0, decreasing
 
     @property
     def k(self) -> int:
-        return int(self.u.shape[1])
+        return int((self.u if self.u is not None else self.v).shape[1])
 
 
 def lowrank_channels(up: torch.Tensor, down: torch.Tensor, scale: float) -> Channels:
@@ -151,11 +152,15 @@ def principal_subspace(weight: torch.Tensor, energy: float = 0.5, k: int | None 
 
 def left_alignment(channels: Channels, anchors: Anchors) -> torch.Tensor:
     """``||U0_k^T u_i||^2`` per channel: the share of each output direction inside the base's top-k subspace."""
+    if anchors.u is None:
+        raise ValueError("these anchors were read without their left (output) side")
     return (anchors.u.T @ channels.u).square().sum(0)
 
 
 def right_alignment(channels: Channels, anchors: Anchors) -> torch.Tensor:
     """``||V0_k^T v_i||^2`` per channel: the share of each input direction inside the base's top-k subspace."""
+    if anchors.v is None:
+        raise ValueError("these anchors were read without their right (input) side")
     return (anchors.v.T @ channels.v).square().sum(0)
 
 

@@ -49,7 +49,8 @@ class BAFConfig(FilterConfig):
 
     def score(self, view: ModuleView) -> torch.Tensor:
         """Relative alignment of each channel with the base's principal subspaces."""
-        return relative_alignment(view.channels, view.anchors(self.energy, self.anchor_rank), self.side, self.combine)
+        anchors = view.anchors(self.energy, self.anchor_rank, self.side)
+        return relative_alignment(view.channels, anchors, self.side, self.combine)
 
 
 @dataclass

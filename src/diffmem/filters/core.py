@@ -18,7 +18,7 @@ class ModuleView:
 
     name: str
     channels: Channels
-    anchors: Callable[[float, int | None], Anchors]  # (energy, k) -> anchors of the base weight, cached
+    anchors: Callable[[float, int | None, str], Anchors]  # (energy, k, side) -> anchors of the base weight
     weight: Callable[[], torch.Tensor]  # the base weight, float32, flattened to 2-D
 
 
