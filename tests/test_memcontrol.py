@@ -245,6 +245,8 @@ def test_table_rows_follow_the_seeds_table_1(tiny_unet):
     line = {"label": "Full FT", "fid": 1.5, "amd": 0.61, "extracted": 2, "copy_rate": 0.25, "wen": 3.1,
             "heldout_loss": 0.05, "trainable_parameters": 10, "lr": 1e-3}
     assert "| Full FT | 1.50 | 0.610 | 2 | 0.250 | 3.100 | 0.0500 | 10 | 0.001 |" in markdown_table([line])
+    frozen = {**line, "label": "Freeze", "trainable_parameters": 0}
+    assert markdown_table([frozen]).rstrip().endswith("| 0 | - |")
     repeated = {**line, "label": "MemControl (SV-DIFF mask)", "same_as": "SV-DIFF"}
     assert "| MemControl (SV-DIFF mask) (the SV-DIFF run: same modules) |" in markdown_table([repeated])
     with pytest.raises(DiffmemError, match="unknown mitigation"):
@@ -314,3 +316,25 @@ def test_rows_of_a_split_table_are_collected_in_the_seeds_order(tmp_path):
         collect_rows([first, first])
     with pytest.raises(DiffmemError, match="other settings"):
         collect_rows([first, write("c.json", [row("DiffFit", "difffit", "none")], steps=100)])
+
+
+@pytest.mark.slow
+def test_table_run_measures_each_row_and_reuses_a_repeated_training(tmp_path):
+    from diffmem.memcontrol.methods import default_lr
+    from diffmem.memcontrol.table import TableConfig, run_table
+    from diffmem.memcontrol.train import MemControlTrainConfig
+    from diffmem.world.model import load_base
+
+    save_mask(derive_mask(load_base(), "blocks"), tmp_path / "mask.json", {"search": {"method": "svdiff"}})
+    config = TableConfig(train=MemControlTrainConfig(steps=1, batch_size=2, duplicate=(2, 2), rest_share=0.05),
+                         wen_steps=2, wen_generations=1, methods=("none", "svdiff"), mitigations=("none",),
+                         lr_scale=3.0)
+    rows = run_table(tmp_path / "t", config, tmp_path / "mask.json", progress=False)
+    assert [r["label"] for r in rows] == ["Freeze (no fine-tuning)", "SV-DIFF", "MemControl (SV-DIFF mask)"]
+    assert rows[1]["lr"] == pytest.approx(3.0 * default_lr("svdiff")) and rows[1]["trainable_parameters"] > 0
+    assert rows[2]["same_as"] == "SV-DIFF" and rows[2]["mask"] == "11111"
+    assert rows[2]["fid"] == rows[1]["fid"] and rows[2]["train_s"] == 0
+    assert rows[0]["trainable_parameters"] == 0 and rows[0]["lr"] is None and rows[0]["wen"] > 0
+    record = json.loads((tmp_path / "t" / "rows.json").read_text())
+    assert [r["label"] for r in record["rows"]] == [r["label"] for r in rows]
+    assert "(the SV-DIFF run: same modules)" in (tmp_path / "t" / "table.md").read_text()

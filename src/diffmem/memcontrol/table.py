@@ -102,7 +102,7 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = r["label"] + (f" (the {r['same_as']} run: same modules)" if r.get("same_as") else "")
-        lr = f"{r['lr']:g}" if r.get("lr") is not None else "-"
+        lr = f"{r['lr']:g}" if r.get("lr") is not None and r["trainable_parameters"] else "-"
         lines.append(f"| {label} | {r['fid']:.2f} | {r['amd']:.3f} | {r['extracted']} | {r['copy_rate']:.3f} | "
                      f"{r['wen']:.3f} | {r['heldout_loss']:.4f} | {r['trainable_parameters']} | {lr} |")
     return "\n".join(lines) + "\n"
@@ -136,7 +136,8 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
     trained: dict[tuple, dict] = {}
     for method, mitigation, masked in table_rows(mask, mask_method, config.mitigations, config.methods):
         row_mask = mask if masked else None
-        lr = config.train.lr if config.train.lr is not None else default_lr(method) * config.lr_scale
+        lr = None if method == "none" else (config.train.lr if config.train.lr is not None
+                                             else default_lr(method) * config.lr_scale)
         train = replace(config.train, method=method, lr=lr,
                         mitigation=replace(config.train.mitigation, kind=mitigation))
         label = row_label(method, mitigation, masked)
