@@ -9,17 +9,10 @@ import torch
 
 
 def tiny_clip_tokenizer(folder: Path):
-    """A CLIP BPE tokenizer over single letters (no merges), saved into `folder`."""
-    from transformers import CLIPTokenizer
+    """A CLIP BPE tokenizer over single letters (no merges, 16 tokens), saved into `folder`."""
+    from diffmem.bench.real_example import tiny_tokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    tokenizer = tiny_tokenizer(folder, model_max_length=16)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -48,23 +41,8 @@ def tiny_clip_folder(folder: Path):
 
 def tiny_sd_pipeline_folder(folder: Path) -> Path:
     """A randomly initialised Stable-Diffusion-shaped pipeline (16 x 16 images, 8 x 8 latents) saved as a
-    diffusers folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    diffusers folder: the one `diffmem bench-real`'s runnable example writes."""
+    from diffmem.bench.real_example import tiny_pipeline
 
-    tokenizer = tiny_clip_tokenizer(folder / "_tokenizer")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
-    )
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, sample_size=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_config(len(tokenizer))))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder / "pipeline")
+    tiny_pipeline(folder / "pipeline")
     return folder / "pipeline"

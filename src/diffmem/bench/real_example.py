@@ -33,8 +33,8 @@ KOHYA_METADATA = {"ss_network_module": "networks.lora", "ss_base_model_version":
                   "ss_output_name": "tiny-example"}
 
 
-def tiny_tokenizer(folder: Path):
-    """A CLIP BPE tokenizer whose vocabulary is the single letters (no merges), saved into `folder`."""
+def tiny_tokenizer(folder: Path, model_max_length: int = 32):
+    """A CLIP BPE tokenizer whose vocabulary is the single letters (no merges), its files written into `folder`."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -44,7 +44,7 @@ def tiny_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
 
 
 def tiny_pipeline(folder: Path, seed: int = 0):
