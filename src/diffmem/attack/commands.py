@@ -163,6 +163,10 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-steps", type=int, default=r.sampling.steps,
                    help=f"DDIM steps of those (default {r.sampling.steps})")
     p.add_argument("--no-fid", action="store_true", help="skip FID (the held-out denoising loss stays)")
+    p.add_argument("--nemo-masks", type=Path, default=None,
+                   help="NeMo mask file for this LoRA (`diffmem mitigate nemo --out`) instead of running NeMo's search")
+    p.add_argument("--wanda-masks", type=Path, default=None,
+                   help="Wanda mask file for this LoRA (`diffmem mitigate wanda --out`) instead of running Wanda")
     p.add_argument("--adversarial", type=Path, default=None,
                    help="an adversarially fine-tuned model (`diffmem mitigate adversarial --out`); default: train "
                         "one now with the --adv-* settings")
@@ -185,6 +189,8 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-steps", type=int, default=100, help="their optimizer steps (default 100)")
     p.add_argument("--train-batch-size", type=int, default=8, help="their batch size (default 8)")
     p.add_argument("--train-lr", type=float, default=None, help="their learning rate (default: the method's)")
+    p.add_argument("--no-train", action="store_true",
+                   help="measure only the training-time models given as files; do not train the missing ones")
     p.add_argument("--no-training-time", action="store_true",
                    help="leave out the training-time mitigations (the page says so)")
     p.add_argument("--groups", default=",".join(TABLE_GROUPS),
@@ -278,7 +284,8 @@ def run_table_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise DiffmemError(str(error)) from None
     inputs = [p for p in (lora, manifest_path, args.base, args.adversarial, args.control, args.memcontrol, args.rwa,
-                          args.threshold, args.memcontrol_mask) if p is not None]
+                          args.threshold, args.memcontrol_mask, args.nemo_masks, args.wanda_masks, *args.merge)
+              if p is not None]
     previous = args.out.read_text() if args.out is not None and args.out.is_file() else None
     began = time.time()
 
@@ -338,7 +345,7 @@ def run_table_command(args: argparse.Namespace) -> int:
     planned = [name for names in wanted.values() for name in names]
     toolkit = ToolkitModels(sources=dict(merged_sources), reference_of=dict(merged_reference_of))
     if wanted.get("posthoc"):
-        built = posthoc_models(lora, args.base, manifest, log)
+        built = posthoc_models(lora, args.base, manifest, args.nemo_masks, args.wanda_masks, log)
         for name in wanted["posthoc"]:
             toolkit.add(name, built.models[name], built.reference_of[name], built.sources[name])
     if args.no_training_time or "training" not in groups:
@@ -351,7 +358,8 @@ def run_table_command(args: argparse.Namespace) -> int:
         measure_new(toolkit, planned)
     if wanted.get("training") and not args.no_training_time:
         files = {"control": args.control, "memcontrol": args.memcontrol, "rwa": args.rwa, "threshold": args.threshold}
-        training_time_models(toolkit, manifest, recipe, files, args.memcontrol_mask, args.work, log)
+        training_time_models(toolkit, manifest, recipe, files, args.memcontrol_mask, args.work, log,
+                             train_missing=not args.no_train)
         measure_new(toolkit, planned)
     write_outputs(toolkit, planned)
     from diffmem.attack.table import markdown_rows

@@ -9,6 +9,7 @@ search reached, and quality (held-out denoising loss, FID) beside it. Every mode
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from diffmem.attack.dori import START_KINDS, DoriConfig, attack_success, dori_attack
 from diffmem.bench.evaluate import Probe
+from diffmem.errors import DiffmemError
 from diffmem.metrics.copy import CopyConfig
 from diffmem.world.check import CheckSettings
 from diffmem.world.diffusion import denoising_loss
@@ -90,6 +92,12 @@ class RobustnessRow:
         return asdict(self)
 
 
+def final_search_loss(losses: list[float]) -> float:
+    """The loss a Dori search reached: the mean of its last 10 steps (the per-step loss is one noisy batch)."""
+    tail = losses[-10:]
+    return sum(tail) / len(tail)
+
+
 def fid_of(unet: UNet2DConditionModel, probe: Probe, sampling: CheckSettings) -> float:
     """FID of one generation per held-out caption against the held-out images, copy-embedder features (as
     `diffmem.bench`), sampled with `sampling`'s steps and guidance."""
@@ -125,8 +133,7 @@ def robustness_row(name: str, unet: UNet2DConditionModel, probe: Probe,
                                        settings.copy).rate)
         for start in settings.starts:
             result = dori_attack(unet, target, caption, replace(settings.dori, start=start))
-            tail = result.losses[-10:]
-            losses[start].append(sum(tail) / len(tail))
+            losses[start].append(final_search_loss(result.losses))
             attacked[start].append(attack_success(unet, result.embedding, target, probe.reference,
                                                   settings.sampling, settings.copy).rate)
     heldout = probe.heldout
@@ -231,31 +238,50 @@ class ToolkitModels:
         self.models[name], self.reference_of[name], self.sources[name] = unet, reference, source
 
 
-def posthoc_models(lora, base: str | None, manifest: dict, log=print) -> ToolkitModels:
+def posthoc_models(lora, base: str | None, manifest: dict, nemo_masks=None, wanda_masks=None,
+                   log=print) -> ToolkitModels:
     """The LoRA as trained and the mitigations applied to it afterwards with default settings: NeMo, Wanda and BAF
-    (`diffmem.pipeline.filter_lora`). Adversarial fine-tuning is added by `add_adversarial` (it takes minutes)."""
+    (`diffmem.pipeline.filter_lora`). NeMo and Wanda run their searches, or apply the mask files `nemo_masks` /
+    `wanda_masks` that `diffmem mitigate nemo|wanda --out` wrote for this LoRA (NeMo's search takes tens of CPU
+    minutes). Adversarial fine-tuning is added by `add_adversarial`."""
     from diffmem.filters import BAFConfig
     from diffmem.mitigations.nemo import nemo_mitigate
-    from diffmem.mitigations.pruning import masked_count
+    from diffmem.mitigations.pruning import apply_masks, check_masks_fit, load_masks, masked_count
     from diffmem.mitigations.run import load_world_model, manifest_prompts
     from diffmem.mitigations.wanda import wanda_mitigate
     from diffmem.pipeline import filter_lora
     from diffmem.world.lora import apply_lora
     from diffmem.world.model import BASE_FILE, assets_dir
 
+    def from_file(path, method: str):
+        masks, written_by, report = load_masks(path)
+        if written_by != method:
+            raise DiffmemError(f"is a {written_by} mask, not a {method} one", path)
+        check_masks_fit(tuned, masks, path)
+        return apply_masks(tuned, masks), (f"mask file {path} ({masked_count(masks)} weights zeroed; config "
+                                           f"{json.dumps(report.get('config', {}), sort_keys=True)})")
+
     toolkit = ToolkitModels()
     plain = load_world_model(base, None)
     tuned = apply_lora(plain, lora)
     toolkit.add(NO_MITIGATION, tuned, NO_MITIGATION, str(lora))
     prompts = manifest_prompts(manifest)
-    log("NeMo ...")
-    pruned, _, masks = nemo_mitigate(tuned, prompts.memorized, prompts.ordinary, prompts.calibration or None)
-    toolkit.add(POSTHOC[1], pruned, NO_MITIGATION, f"nemo_mitigate, NeMoConfig(): {masked_count(masks)} "
-                "weights zeroed")
-    log("Wanda ...")
-    pruned, _, masks = wanda_mitigate(tuned, prompts.memorized)
-    toolkit.add(POSTHOC[2], pruned, NO_MITIGATION, f"wanda_mitigate, WandaConfig(): {masked_count(masks)} "
-                "weights zeroed")
+    if nemo_masks is not None:
+        pruned, source = from_file(nemo_masks, "nemo")
+        toolkit.add(POSTHOC[1], pruned, NO_MITIGATION, source)
+    else:
+        log("NeMo ...")
+        pruned, _, masks = nemo_mitigate(tuned, prompts.memorized, prompts.ordinary, prompts.calibration or None)
+        toolkit.add(POSTHOC[1], pruned, NO_MITIGATION, f"nemo_mitigate, NeMoConfig(): {masked_count(masks)} "
+                    "weights zeroed")
+    if wanda_masks is not None:
+        pruned, source = from_file(wanda_masks, "wanda")
+        toolkit.add(POSTHOC[2], pruned, NO_MITIGATION, source)
+    else:
+        log("Wanda ...")
+        pruned, _, masks = wanda_mitigate(tuned, prompts.memorized)
+        toolkit.add(POSTHOC[2], pruned, NO_MITIGATION, f"wanda_mitigate, WandaConfig(): {masked_count(masks)} "
+                    "weights zeroed")
     log("BAF ...")
     filtered = filter_lora(lora, base or assets_dir() / BASE_FILE, BAFConfig(), use_cache=False).lora
     toolkit.add(POSTHOC[3], apply_lora(plain, filtered), NO_MITIGATION, "diffmem.pipeline.filter_lora, BAFConfig()")
@@ -280,14 +306,13 @@ def add_adversarial(toolkit: ToolkitModels, lora, base: str | None, path=None, c
 
 
 def training_time_models(toolkit: ToolkitModels, manifest: dict, recipe, files: Mapping[str, str | None],
-                         memcontrol_mask: str | None = None, work=None, log=print) -> None:
+                         memcontrol_mask: str | None = None, work=None, log=print, train_missing: bool = True) -> None:
     """Add the training-time mitigations to `toolkit`: each is a fine-tune of the base on the LoRA's data (its
     duplicated faces must be the manifest's), from the file given in `files` ("control", "memcontrol", "rwa",
     "threshold" -> world UNet path) or trained now with `recipe` (a `MemControlTrainConfig`) and written under
     `work`. MemControl trains SV-DIFF under `memcontrol_mask` (a `diffmem memcontrol search` mask; all attention
     blocks when None) with the same steps, batch and data; a file whose duplicated faces differ is noted, not
-    measured."""
-    import json
+    measured, and so is a missing file when `train_missing` is off."""
     from pathlib import Path
 
     from diffmem.memcontrol.mask import load_mask
@@ -298,6 +323,9 @@ def training_time_models(toolkit: ToolkitModels, manifest: dict, recipe, files: 
     wanted = [entry["id"] for entry in manifest["duplicated"]]
     for key, name in {"control": TRAINING_CONTROL, **TRAINING_TIME}.items():
         path = files.get(key)
+        if path is None and not train_missing:
+            toolkit.notes[name] = "no model file given to this run"
+            continue
         if path is None:
             path = Path(work or "runs/robustness") / f"train-{key}.safetensors"
             mask = load_mask(memcontrol_mask) if key == "memcontrol" and memcontrol_mask else None

@@ -24,6 +24,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from diffmem.attack.dori import START_KINDS, DoriConfig, dori_attack
+from diffmem.attack.table import final_search_loss
 from diffmem.errors import DiffmemError
 from diffmem.world.data import ImageSet
 from diffmem.world.text import encode_prompts
@@ -154,12 +155,6 @@ class AdversarialResult:
     def report(self) -> dict:
         return {"rounds": [asdict(r) for r in self.rounds], "embeddings": len(self.embeddings),
                 "wall_time_s": round(self.wall_time_s, 1)}
-
-
-def final_search_loss(losses: list[float]) -> float:
-    """The loss a Dori search reached: the mean of its last 10 steps (the per-step loss is one noisy batch)."""
-    tail = losses[-10:]
-    return sum(tail) / len(tail)
 
 
 def adversarial_finetune(
