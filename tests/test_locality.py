@@ -14,7 +14,7 @@ from diffmem.attack import DoriConfig
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.locality import LocalityConfig, LocalityInputs, run_locality, write_results
 from diffmem.locality.commands import render_from_json
-from diffmem.locality.experiment import channel_effects, neuron_selection, noisy_inputs
+from diffmem.locality.experiment import channel_effects, neuron_selection, noisy_inputs, pairwise_agreement
 from diffmem.locality.functional import (
     DISTANCE_KINDS,
     embedding_distances,
@@ -148,6 +148,13 @@ def test_noisy_inputs_are_fixed_by_the_seed():
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
 
 
+def test_pairwise_agreement_averages_over_pairs():
+    same = {"l": mask(4, [0, 1])}
+    assert pairwise_agreement([same]) is None
+    result = pairwise_agreement([same, same, {"l": mask(4, [2, 3])}])
+    assert result["pairs"] == 3 and result["jaccard"] == pytest.approx((1 + 0 + 0) / 3)
+
+
 def test_channel_effects_and_neuron_selection():
     before = {"b": torch.zeros(2, 3, 4)}
     after = {"b": torch.tensor([0.0, 1.0, 0.0, -2.0]).expand(2, 3, 4)}
@@ -210,6 +217,9 @@ def test_runner_end_to_end_writes_json_and_page(tmp_path, tiny_unet):
     assert 0 <= selections["channels"]["nemo_vs_wanda"]["overall"]["jaccard"] <= 1
     assert selections["relocalised"]["start"] == "random"
     assert results["spread"]["tiny captions"]["captions"] == 4
+    between = results["between_captions"]
+    assert between["nemo"]["pairs"] == 1 and between["wanda"]["pairs"] == 1
+    assert 0 <= between["wanda"]["jaccard"] <= 1 and 0 <= between["wanda"]["chance"] <= 1
 
     json_path, page = tmp_path / "locality.json", tmp_path / "locality.md"
     write_results(results | {"command": "diffmem locality --tiny"}, json_path, page)
@@ -229,6 +239,7 @@ def test_runner_at_the_smallest_budget_writes_its_outputs(tmp_path, tiny_unet):
     assert len(results["captions"]) == 2 and "relocalised" not in results["captions"][0]["selections"]
     assert "copy_rate_on_nemo" not in results["captions"][0]["attacks"][0]
     assert len(saved) == 1 and saved[0]["studied"] == results["studied"][:1]  # after the first of two captions
+    assert "between_captions" not in saved[0] and results["between_captions"]["wanda"]["pairs"] == 1
     json_path, page = tmp_path / "out" / "locality.json", tmp_path / "locality.md"
     json_path.parent.mkdir()
     write_results(results | {"command": "diffmem locality --json out.json"}, json_path, page)

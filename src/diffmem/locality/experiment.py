@@ -9,6 +9,7 @@ statistics are the pure functions of `diffmem.locality.functional`; `diffmem.loc
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -286,7 +287,9 @@ def run_locality(
     value_all = {p: neuron_activations(v) for p, v in value_outputs(layers, prompt_states).items()}
     z_prompt = layer_z_scores(layers, prompt_states, ordinary_states)
 
-    results = []
+    results: list[dict] = []
+    wanda_per_caption: list[dict[str, torch.Tensor]] = []
+    nemo_per_caption = [neuron_selection(layers, found.neurons) for found in nemo.prompts]
     for i, caption in enumerate(captions):
         target = images[i : i + 1]
         original = prompt_states[i : i + 1]
@@ -328,15 +331,31 @@ def run_locality(
         activations = compare_activations(unet, nemo_pruned, layers, i, caption, target, found, config, inputs,
                                           prompt_states, ordinary_states, empty, value_all, ordinary_values, z_prompt,
                                           nemo.prompts[i].neurons, threshold, signal_noise)
+        wanda_masks, wanda_result = locate_weights(unet, [caption], original, empty, config.wanda)
+        wanda_per_caption.append(mask_selection(wanda_masks))
         localisation = compare_selections(unet, layers, caption, original, target, found, nemo.prompts[i].neurons,
-                                          ordinary_states, empty, threshold, config)
+                                          wanda_masks, sum(wanda_result.pruned.values()), ordinary_states, empty,
+                                          threshold, config)
         results.append({
             "caption": caption, "attacks": attacks, "convergence": convergence,
             "nearest_other_memorized": nearest_memorized, "activations": activations, "selections": localisation,
         })
         if checkpoint is not None and i + 1 < count:
             checkpoint(assemble(config, captions, threshold, nemo.report(), spreads, results, started))
-    return assemble(config, captions, threshold, nemo.report(), spreads, results, started)
+    final = assemble(config, captions, threshold, nemo.report(), spreads, results, started)
+    final["between_captions"] = {"nemo": pairwise_agreement(nemo_per_caption),
+                                 "wanda": pairwise_agreement(wanda_per_caption)}
+    return final
+
+
+def pairwise_agreement(selections: Sequence[Mapping[str, torch.Tensor]]) -> dict | None:
+    """Mean over all pairs of `layered_agreement` (pooled Jaccard and chance) of one method's selections for
+    different memorized images: the scale against which its selections for two triggers of one image are read."""
+    pairs = [layered_agreement(dict(a), dict(b))["overall"] for a, b in itertools.combinations(selections, 2)]
+    if not pairs:
+        return None
+    return {"pairs": len(pairs), "jaccard": sum(p["jaccard"] for p in pairs) / len(pairs),
+            "chance": sum(p["chance"] for p in pairs) / len(pairs)}
 
 
 def assemble(config: LocalityConfig, captions: list[str], threshold: float, nemo_report: dict, spreads: dict,
@@ -419,18 +438,16 @@ def mask_selection(masks: WeightMasks, suffix: str = ".weight") -> dict[str, tor
 
 def compare_selections(
     unet: UNet2DConditionModel, layers: Mapping[str, torch.nn.Linear], caption: str, original: torch.Tensor,
-    target: torch.Tensor, found: torch.Tensor, nemo_neurons: Mapping[str, Sequence[int]],
-    ordinary_states: torch.Tensor, empty: torch.Tensor, threshold: float, config: LocalityConfig,
+    target: torch.Tensor, found: torch.Tensor, nemo_neurons: Mapping[str, Sequence[int]], wanda_masks: WeightMasks,
+    wanda_count: int, ordinary_states: torch.Tensor, empty: torch.Tensor, threshold: float, config: LocalityConfig,
 ) -> dict:
     """Experiment 3 for one memorized caption: NeMo's neurons against Wanda's weights on a common unit (the
     residual-stream channels of each transformer block that each pruning changes most for the prompt), with
     random-mask controls; and each method's selection for the prompt against its selection for an adversarial
     embedding of the same image."""
     share = config.top_share
-    wanda_masks, wanda_result = locate_weights(unet, [caption], original, empty, config.wanda)
     nemo_masks = neuron_masks(unet, nemo_neurons)
-    out: dict = {"nemo_neurons": sum(len(v) for v in nemo_neurons.values()),
-                 "wanda_weights": sum(wanda_result.pruned.values())}
+    out: dict = {"nemo_neurons": sum(len(v) for v in nemo_neurons.values()), "wanda_weights": wanda_count}
     if nemo_masks and out["wanda_weights"]:
         x, steps = noisy_inputs(target, config.timesteps, config.noise_draws, config.seed)
         before = block_outputs(unet, x, steps, original)

@@ -39,6 +39,9 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 #: Copy rate from which an embedding counts as a trigger of the memorized image (half its fresh generations).
 TRIGGER_RATE = 0.5
+#: How much larger than its control an agreement must be to count as agreement (differences of a few captions'
+#: noise are not).
+AGREEMENT_MARGIN = 1.25
 
 
 def start_kinds(results: dict) -> list[str]:
@@ -161,6 +164,12 @@ def selection_table(results: dict) -> str:
         jac, chance = agreement_rows(relocalised, key)
         if any(key in entry for entry in relocalised):
             rows.append([label, len(relocalised), fmt(jac), fmt(chance)])
+    between = results.get("between_captions") or {}
+    for key, label in (("nemo", "NeMo: one face's prompt vs another's (value neurons)"),
+                       ("wanda", "Wanda: one face's prompt vs another's (feed-forward weights)")):
+        if between.get(key):
+            rows.append([label, f"{between[key]['pairs']} pairs", fmt(between[key]["jaccard"]),
+                         fmt(between[key]["chance"])])
     return markdown_table(["selections compared", "captions", "Jaccard (pooled over layers)", "chance"], rows)
 
 
@@ -243,24 +252,34 @@ def readings(results: dict) -> list[str]:
     channels = [c["selections"]["channels"] for c in results["captions"] if "channels" in c["selections"]]
     if channels:
         jac, chance = agreement_rows(channels, "nemo_vs_wanda")
-        control = max(agreement_rows(channels, "nemo_vs_random_rows")[0], agreement_rows(channels, "wanda_vs_random_weights")[0])
-        agree = jac > control
+        control = agreement_rows(channels, "nemo_random_vs_wanda_random")[0]
+        agree = jac > AGREEMENT_MARGIN * control
         lines.append(
             f"**NeMo vs Wanda: the world {'does not reproduce' if agree else 'reproduces'} the seed's claim.** Their "
             f"weights never overlap (NeMo zeroes value-projection rows, Wanda feed-forward weights), so they are "
             f"compared on the residual channels each pruning changes most for the prompt: Jaccard {fmt(jac)} "
-            f"(chance {fmt(chance)}), while a random pruning with either method's structure agrees with it at up to "
-            f"{fmt(control)} (rule: the methods agree when they share more with each other than each shares with a "
-            f"random pruning of its own shape).")
+            f"(chance {fmt(chance)}), against {fmt(control)} for random prunings of the same two shapes (as many "
+            f"rows and weights per layer, at random) (rule: the methods agree when their Jaccard exceeds the random "
+            f"prunings' by more than {AGREEMENT_MARGIN - 1:.0%}).")
     relocalised = [c["selections"]["relocalised"] for c in results["captions"] if "relocalised" in c["selections"]]
     if relocalised:
         nj, nc = agreement_rows(relocalised, "nemo")
         wj, wc = agreement_rows(relocalised, "wanda")
         nemo_part = (f"NeMo run on an adversarial embedding picks value neurons that overlap its neurons for the "
                      f"prompt with Jaccard {fmt(nj)} (chance {fmt(nc)}); " if nj is not None else "")
+        between = (results.get("between_captions") or {}).get("wanda")
+        if between:
+            same = wj > AGREEMENT_MARGIN * between["jaccard"]
+            scale = (f", against {fmt(between['jaccard'])} between Wanda's weights for two different faces: the "
+                     f"weights Wanda blames {'depend on the image more than on the trigger, against' if same else 'are no more the same for two triggers of one face than for two faces, as'}"
+                     f" the seed's claim (rule: same weights when the Jaccard exceeds the two-faces one by more than "
+                     f"{AGREEMENT_MARGIN - 1:.0%})")
+        else:
+            scale = ("; Wanda's overlap between two different faces, the scale this needs (its scores weigh |W|, "
+                     "which is the same for every prompt), was not measured in this run")
         lines.append(
             f"**Same image, different trigger:** {nemo_part}Wanda's feed-forward weights for the adversarial embedding "
-            f"and for the prompt overlap with Jaccard {fmt(wj)} (chance {fmt(wc)}).")
+            f"and for the prompt overlap with Jaccard {fmt(wj)} (chance {fmt(wc)}){scale}.")
     return lines
 
 
