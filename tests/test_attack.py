@@ -295,7 +295,7 @@ def test_page_keeps_its_notes_block_and_names_unmeasured_models(tiny_unet, targe
     toolkit.notes["MemControl"] = "no model file"
     rows = [row("none", 0.8, 1.0), row("pruned", 0.1, 0.9)]
     previous = f"old text\n{NOTES_START}\nhand-written reading\n{NOTES_END}\nold tail"
-    page = robustness_page(rows, toolkit, RobustnessSettings(), "diffmem attack table", "tiny", previous)
+    page = robustness_page(rows, toolkit, RobustnessSettings(), ["diffmem attack table"], "tiny", previous)
     assert "hand-written reading" in page and "old text" not in page and "old tail" not in page
     assert "| MemControl | not measured: no model file" in page
     assert "does not survive Dori" in page and "tiny pruned" in page

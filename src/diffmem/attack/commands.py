@@ -297,8 +297,8 @@ def run_table_command(args: argparse.Namespace) -> int:
         probe = replace(probe, duplicated=probe.duplicated.subset(range(min(args.faces, len(probe.duplicated)))))
     command = "diffmem attack table " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if sys.argv[1:3] == [
         "attack", "table"] else "diffmem attack table"
-    budget = (f"{len(probe.duplicated)} of the LoRA's {len(manifest['duplicated'])} duplicated faces attacked; "
-              f"training-time fine-tunes {recipe.steps} steps of {recipe.batch_size}; one torch thread")
+    budget = (f"{len(probe.duplicated)} of the LoRA's {len(manifest['duplicated'])} duplicated faces attacked "
+              f"(manifest order); {args.threads} torch thread(s); seconds per row in the per-caption table")
     rows = []
 
     def write_outputs(toolkit: ToolkitModels, planned: list[str]) -> None:
@@ -316,8 +316,7 @@ def run_table_command(args: argparse.Namespace) -> int:
             write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json, protect=tuple(inputs))
         if args.out is not None:
             shown = ToolkitModels(toolkit.models, toolkit.reference_of, notes, toolkit.sources)
-            page = robustness_page(rows, shown, settings, command, f"{budget}; {time.time() - began:.0f} s wall "
-                                   "time of this run", previous)
+            page = robustness_page(rows, shown, settings, [command, *merged_commands], budget, previous)
             write_atomic(page.encode(), args.out, protect=tuple(inputs))
 
     def measure_new(toolkit: ToolkitModels, planned: list[str]) -> None:
@@ -335,12 +334,12 @@ def run_table_command(args: argparse.Namespace) -> int:
         raise DiffmemError(f"--groups takes {', '.join(TABLE_GROUPS)}, got {args.groups}")
     merged, merged_sources, merged_reference_of, merged_commands = merged_rows(args.merge, settings.to_dict())
     rows.extend(merged)
-    if merged_commands:
-        command += "; with the rows measured by: " + "; ".join(f"`{c}`" for c in merged_commands)
     done = {row.model for row in rows}
     training_names = [TRAINING_CONTROL, *TRAINING_TIME.values()]
     wanted = {"posthoc": [n for n in POSTHOC if n not in done], "adversarial": [ADVERSARIAL] if ADVERSARIAL not in
               done else [], "training": [n for n in training_names if n not in done]}
+    if args.no_training_time:
+        groups.discard("training")
     wanted = {group: names for group, names in wanted.items() if group in groups}
     planned = [name for names in wanted.values() for name in names]
     toolkit = ToolkitModels(sources=dict(merged_sources), reference_of=dict(merged_reference_of))

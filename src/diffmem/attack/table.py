@@ -361,11 +361,12 @@ def kept_notes(previous: str | None) -> str:
     return f"{NOTES_START}\n{NOTES_END}"
 
 
-def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings: RobustnessSettings, command: str,
-                    budget: str, previous: str | None = None) -> str:
-    """docs/robustness.md: what was measured and how, the table with a verdict per mitigation, each model's
-    source, per-caption rates, the models that could not be measured and why, and the hand-written notes of
-    `previous` (the page being replaced)."""
+def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings: RobustnessSettings,
+                    commands: list[str], budget: str, previous: str | None = None) -> str:
+    """docs/robustness.md: what was measured and how (`commands`: the command that wrote the page, then those that
+    measured rows it merged), the table with a verdict per mitigation, each model's source, per-caption rates,
+    the models that could not be measured and why, and the hand-written notes of `previous` (the page being
+    replaced)."""
     from diffmem.report import markdown_table
 
     by_name = {row.model: row for row in rows}
@@ -392,7 +393,13 @@ def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings:
         "",
         "## How it was measured",
         "",
-        f"- Command: `{command}`",
+        "- Commands (the first wrote this page; rows it merged were measured by the others, with the same "
+        "settings):",
+        "",
+        "  ```",
+        *[f"  {command}" for command in commands],
+        "  ```",
+        "",
         f"- Budget: {budget}",
         f"- Dori: {settings.dori.steps} Adam steps, lr {settings.dori.lr:g}, batch {settings.dori.batch_size}, "
         f"seed {settings.dori.seed}, one search per caption from each start: {starts}.",
