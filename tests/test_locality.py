@@ -13,8 +13,14 @@ import torch
 from diffmem.attack import DoriConfig
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.locality import LocalityConfig, LocalityInputs, run_locality, write_results
-from diffmem.locality.commands import render_from_json
-from diffmem.locality.experiment import channel_effects, neuron_selection, noisy_inputs, pairwise_agreement
+from diffmem.locality.commands import register, render_from_json
+from diffmem.locality.experiment import (
+    between_captions_of_results,
+    channel_effects,
+    neuron_selection,
+    noisy_inputs,
+    pairwise_agreement,
+)
 from diffmem.locality.functional import (
     DISTANCE_KINDS,
     embedding_distances,
@@ -28,6 +34,7 @@ from diffmem.locality.functional import (
     top_k_mask,
     top_share_count,
 )
+from diffmem.locality.report import rounded
 from diffmem.mitigations.nemo import NeMoConfig
 from diffmem.mitigations.wanda import WandaConfig
 from diffmem.world.check import CheckSettings
@@ -240,6 +247,8 @@ def test_runner_at_the_smallest_budget_writes_its_outputs(tmp_path, tiny_unet):
     assert "copy_rate_on_nemo" not in results["captions"][0]["attacks"][0]
     assert len(saved) == 1 and saved[0]["studied"] == results["studied"][:1]  # after the first of two captions
     assert "between_captions" not in saved[0] and results["between_captions"]["wanda"]["pairs"] == 1
+    # A run saved without the between-faces scale gets the same numbers afterwards.
+    assert between_captions_of_results(tiny_unet, rounded(results)) == results["between_captions"]
     json_path, page = tmp_path / "out" / "locality.json", tmp_path / "locality.md"
     json_path.parent.mkdir()
     write_results(results | {"command": "diffmem locality --json out.json"}, json_path, page)
@@ -251,3 +260,14 @@ def test_runner_at_the_smallest_budget_writes_its_outputs(tmp_path, tiny_unet):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(FileFormatError, match="not a locality results file"):
         render_from_json(tmp_path / "bad.json", again)
+
+
+def test_command_refuses_to_overwrite_the_results_it_reads(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="diffmem")
+    register(parser.add_subparsers())
+    results = tmp_path / "results.json"
+    args = parser.parse_args(["locality", "--json", str(results), "--add-between-captions", str(results)])
+    with pytest.raises(DiffmemError, match="another file"):
+        args.handler(args)

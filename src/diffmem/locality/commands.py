@@ -57,6 +57,10 @@ def add_locality(subparsers: argparse._SubParsersAction) -> None:
                    help="write the results of the captions finished so far here after each caption")
     p.add_argument("--from-json", action="store_true",
                    help="run nothing: read --json (a finished or checkpointed run) and write --markdown from it")
+    p.add_argument("--add-between-captions", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="run only the between-faces scale (NeMo's and Wanda's selections for different memorized "
+                        "captions) for a finished run saved without it, and write its results with it as --json "
+                        "(another file) and --markdown")
     p.add_argument("--no-judge-on-nemo", action="store_true",
                    help="do not judge the adversarial embeddings on the NeMo-pruned model")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -82,6 +86,9 @@ def run_locality_command(args: argparse.Namespace) -> int:
     command = " ".join(["diffmem locality", *(shlex.quote(a) for a in argv)])
     if args.from_json:
         return render_from_json(args.json, args.markdown)
+    if args.add_between_captions is not None and args.add_between_captions.resolve() == args.json.resolve():
+        raise DiffmemError("--json must name another file than the results read (inputs are never overwritten)",
+                           args.json)
     torch.set_num_threads(args.threads)
     if args.lora is None:
         unet, manifest = load_example_lora()
@@ -91,6 +98,14 @@ def run_locality_command(args: argparse.Namespace) -> int:
             raise DiffmemError("has no manifest (.json) beside it listing the memorized images", args.lora)
         manifest = json.loads(manifest_path.read_text())
         unet = apply_lora(load_base(), args.lora)
+    if args.add_between_captions is not None:
+        from diffmem.locality.experiment import between_captions_of_results
+
+        results = read_results(args.add_between_captions)
+        results |= {"between_captions": between_captions_of_results(unet, results), "between_command": command}
+        write_results(results, args.json, args.markdown)
+        print(f"wrote {args.json}" + (f" and {args.markdown}" if args.markdown else ""))
+        return 0
     defaults = LocalityConfig()
     relocalise = None if str(args.relocalise).lower() == "none" else args.relocalise
     config = LocalityConfig(
@@ -116,16 +131,12 @@ def run_locality_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_from_json(json_path: Path, markdown_path: Path | None) -> int:
-    """Write the page of a run saved as JSON (finished, or a checkpoint of the captions done so far)."""
+def read_results(json_path: Path) -> dict:
+    """The results of a `diffmem locality` run saved as JSON, or a clear error naming the file."""
     import json
 
     from diffmem.errors import DiffmemError, FileFormatError
-    from diffmem.formats.safetensors_io import write_atomic
-    from diffmem.locality.report import markdown
 
-    if markdown_path is None:
-        raise DiffmemError("--from-json needs --markdown, the page to write")
     if not json_path.is_file():
         raise DiffmemError("no such results file", json_path)
     try:
@@ -134,6 +145,18 @@ def render_from_json(json_path: Path, markdown_path: Path | None) -> int:
         raise FileFormatError(f"is not a locality results file ({error})", json_path) from None
     if not isinstance(results, dict) or not {"config", "captions", "spread", "command"} <= results.keys():
         raise FileFormatError("is not a locality results file written by `diffmem locality`", json_path)
+    return results
+
+
+def render_from_json(json_path: Path, markdown_path: Path | None) -> int:
+    """Write the page of a run saved as JSON (finished, or a checkpoint of the captions done so far)."""
+    from diffmem.errors import DiffmemError
+    from diffmem.formats.safetensors_io import write_atomic
+    from diffmem.locality.report import markdown
+
+    if markdown_path is None:
+        raise DiffmemError("--from-json needs --markdown, the page to write")
+    results = read_results(json_path)
     write_atomic(markdown(results).encode(), markdown_path, protect=(json_path,))
     print(f"wrote {markdown_path}")
     return 0

@@ -343,9 +343,31 @@ def run_locality(
         if checkpoint is not None and i + 1 < count:
             checkpoint(assemble(config, captions, threshold, nemo.report(), spreads, results, started))
     final = assemble(config, captions, threshold, nemo.report(), spreads, results, started)
-    final["between_captions"] = {"nemo": pairwise_agreement(nemo_per_caption),
-                                 "wanda": pairwise_agreement(wanda_per_caption)}
+    final["between_captions"] = between_caption_agreement(nemo_per_caption, wanda_per_caption)
     return final
+
+
+def between_caption_agreement(nemo: Sequence[Mapping[str, torch.Tensor]], wanda: Sequence[Mapping[str, torch.Tensor]]
+                              ) -> dict:
+    """{"nemo": ..., "wanda": ...} `pairwise_agreement` of each method's selections for the different memorized
+    captions (one selection per caption, in the same order)."""
+    return {"nemo": pairwise_agreement(nemo), "wanda": pairwise_agreement(wanda)}
+
+
+def between_captions_of_results(unet: UNet2DConditionModel, results: Mapping) -> dict:
+    """`between_caption_agreement` for a finished run's results (`run_locality`'s dict, e.g. from a run made before
+    it was measured): NeMo's neurons as the run found them, Wanda's weights recomputed with the run's settings."""
+    config = results["config"]
+    studied = [entry["caption"] for entry in results["captions"]]
+    found = {entry["prompt"]: entry["neurons"] for entry in results["nemo"]["prompts"]}
+    layers = value_layers(unet, config["nemo"]["blocks"])
+    wanda_config = WandaConfig(**config["wanda"])
+    empty = encode_prompts([""])
+    wanda = []
+    for caption in studied:
+        masks, _ = locate_weights(unet, [caption], encode_prompts([caption]), empty, wanda_config)
+        wanda.append(mask_selection(masks))
+    return between_caption_agreement([neuron_selection(layers, found[caption]) for caption in studied], wanda)
 
 
 def pairwise_agreement(selections: Sequence[Mapping[str, torch.Tensor]]) -> dict | None:

@@ -296,10 +296,11 @@ def markdown(results: dict) -> str:
         "embedding space, (2) such embeddings drive different activations from the memorized prompt's, and (3) "
         "different pruning methods pick different weights for the same image. `diffmem.locality` runs the "
         "experiments behind these claims on a world model that really memorizes. This page is written by the "
-        "command below; every number comes from its JSON.",
+        "command(s) below; every number comes from their JSON (docs/locality/results.json).",
         "",
         "```",
         results.get("command", "diffmem locality"),
+        *([results["between_command"]] if "between_command" in results else []),
         "```",
         "",
         f"Model: {results.get('model', 'a world model')}; "
