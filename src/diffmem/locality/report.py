@@ -296,7 +296,7 @@ def markdown(results: dict) -> str:
         "embedding space, (2) such embeddings drive different activations from the memorized prompt's, and (3) "
         "different pruning methods pick different weights for the same image. `diffmem.locality` runs the "
         "experiments behind these claims on a world model that really memorizes. This page is written by the "
-        "command(s) below; every number comes from their JSON (docs/locality/results.json).",
+        "command(s) below; every number comes from the JSON they write.",
         "",
         "```",
         results.get("command", "diffmem locality"),
