@@ -48,6 +48,23 @@ def test_lowrank_channels_of_conv_factors_flatten_the_kernel():
     torch.testing.assert_close(lowrank_channels(up, down, 0.25).dense(), dense, rtol=1e-4, atol=1e-5)
 
 
+def test_lowrank_channels_of_a_zero_padded_or_wide_update_have_null_channels():
+    up, down = factors()
+    up[:, 4:] = 0  # a filtered LoRA written at its old rank: two zero columns
+    channels = lowrank_channels(up, down, 0.5)
+    assert channels.count == 6 and torch.all(channels.sigma[4:] == 0)
+    assert torch.all(channels.u[:, 4:] == 0) and torch.all(channels.v[:, 4:] == 0)
+    torch.testing.assert_close(channels.u[:, :4].T @ channels.u[:, :4], torch.eye(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(channels.dense(), 0.5 * up @ down, rtol=1e-4, atol=1e-5)
+    wide_up, wide_down = factors(out=4, inner=10, rank=8)  # rank above both dimensions
+    wide = lowrank_channels(wide_up, wide_down, 1.0)
+    assert wide.count == 4
+    torch.testing.assert_close(wide.dense(), wide_up @ wide_down, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(wide.sigma, torch.linalg.svdvals(wide_up @ wide_down)[:4], rtol=1e-5, atol=1e-5)
+    empty = lowrank_channels(torch.zeros(5, 3), torch.randn(3, 7), 1.0)
+    assert empty.count == 3 and torch.all(empty.sigma == 0) and torch.all(empty.dense() == 0)
+
+
 def test_lowrank_channels_rejects_mismatched_ranks():
     with pytest.raises(ValueError, match="rank mismatch"):
         lowrank_channels(torch.randn(5, 3), torch.randn(4, 7), 1.0)

