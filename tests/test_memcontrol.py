@@ -243,8 +243,8 @@ def test_table_rows_follow_the_seeds_table_1(tiny_unet):
     assert table_rows(mask, "difffit", ("none",), ()) == [("difffit", "none", True)]
     assert row_label("svdiff", "rwa", True) == "MemControl (SV-DIFF mask) + RWA"
     line = {"label": "Full FT", "fid": 1.5, "amd": 0.61, "extracted": 2, "copy_rate": 0.25, "wen": 3.1,
-            "heldout_loss": 0.05, "trainable_parameters": 10, "lr": 1e-3}
-    assert "| Full FT | 1.50 | 0.610 | 2 | 0.250 | 3.100 | 0.0500 | 10 | 0.001 |" in markdown_table([line])
+            "heldout_loss": 0.05, "trainable_parameters": 10, "lr": 1e-3, "own_distance": 0.3}
+    assert "| Full FT | 1.50 | 0.610 | 2 | 0.250 | 0.300 | 3.100 | 0.0500 | 10 | 0.001 |" in markdown_table([line])
     frozen = {**line, "label": "Freeze", "trainable_parameters": 0}
     assert markdown_table([frozen]).rstrip().endswith("| 0 | - |")
     repeated = {**line, "label": "MemControl (SV-DIFF mask)", "same_as": "SV-DIFF"}
@@ -272,7 +272,7 @@ def test_table_goes_between_its_markers_and_nowhere_else(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text(f"intro\n{start}\nold table\n{end}\nafter\n")
     row = {"label": "Full FT", "fid": 1.5, "amd": 0.61, "extracted": 2, "copy_rate": 0.25, "wen": 3.1,
-           "heldout_loss": 0.05, "trainable_parameters": 10, "lr": 1e-4}
+           "heldout_loss": 0.05, "trainable_parameters": 10, "lr": 1e-4, "own_distance": 0.3}
     write_table_into(doc, "faces", [row])
     text = doc.read_text()
     assert text.startswith(f"intro\n{start}\n| FT method") and text.endswith(f"{end}\nafter\n")

@@ -96,15 +96,17 @@ def row_label(method: str, mitigation: str, masked: bool) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as the seed's Table 1 columns (plus copy rate, Wen score, held-out loss, trained parameters and
-    learning rate); a row that repeats an earlier row's training says so."""
-    lines = ["| FT method + mitigation | FID | AMD | extracted | copy rate | Wen score | held-out loss | trained | lr |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The rows as the seed's Table 1 columns (plus copy rate, median tiled-L2 distance of a duplicated-caption
+    generation to its own face, Wen score, held-out loss, trained parameters and learning rate); a row that
+    repeats an earlier row's training says so."""
+    lines = ["| FT method + mitigation | FID | AMD | extracted | copy rate | own distance | Wen score | held-out loss | "
+             "trained | lr |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = r["label"] + (f" (the {r['same_as']} run: same modules)" if r.get("same_as") else "")
         lr = f"{r['lr']:g}" if r.get("lr") is not None and r["trainable_parameters"] else "-"
         lines.append(f"| {label} | {r['fid']:.2f} | {r['amd']:.3f} | {r['extracted']} | {r['copy_rate']:.3f} | "
-                     f"{r['wen']:.3f} | {r['heldout_loss']:.4f} | {r['trainable_parameters']} | {lr} |")
+                     f"{r['own_distance']:.3f} | {r['wen']:.3f} | {r['heldout_loss']:.4f} | "
+                     f"{r['trainable_parameters']} | {lr} |")
     return "\n".join(lines) + "\n"
 
 
