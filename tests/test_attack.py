@@ -276,7 +276,10 @@ def test_verdicts_say_plainly_when_dori_brings_copies_back():
     assert verdict(reference, reference).startswith("no mitigation")
     assert verdict(row("pruned", 0.1, 0.9), reference).startswith("does not survive Dori")
     assert verdict(row("robust", 0.0, 0.1), reference).startswith("survives Dori")
-    assert verdict(row("weak", 0.6, 0.9), reference).startswith("does not lower copies")
+    assert verdict(row("partial", 0.4, 0.9), reference).startswith("does not survive Dori: copies from the captions "
+                                                                  "fall to 40%")
+    assert verdict(row("weak", 0.8, 0.9), reference).startswith("does not lower the copies")
+    assert verdict(row("odd", 0.8, 0.0), reference).startswith("copies stay low under Dori")
     assert "nothing to mitigate" in verdict(row("x", 0.0, 0.0), row("control", 0.0, 0.0))
 
 

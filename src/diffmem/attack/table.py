@@ -192,8 +192,8 @@ REMOVED_SHARE = 0.25
 
 def verdict(row: RobustnessRow, reference: RobustnessRow) -> str:
     """One plain sentence on `row` against the unmitigated `reference`: did the mitigation lower the copies from the
-    captions, and do they stay low under every Dori start? A rate counts as lowered when it is at most
-    `REMOVED_SHARE` of the reference's (and at most as high in absolute terms)."""
+    captions, and do they stay low under every Dori start? A rate counts as removed when it is at most
+    `REMOVED_SHARE` of the reference's."""
     if row is reference:
         return "no mitigation: the reference"
     worst_start = max(row.copy_rate_dori, key=row.copy_rate_dori.get)
@@ -201,14 +201,28 @@ def verdict(row: RobustnessRow, reference: RobustnessRow) -> str:
     reference_worst = max(reference.copy_rate_dori.values())
     if reference.copy_rate_prompt == 0 and reference_worst == 0:
         return "the reference copies nothing: nothing to mitigate"
-    prompt_lowered = row.copy_rate_prompt <= REMOVED_SHARE * reference.copy_rate_prompt
-    dori_lowered = worst <= REMOVED_SHARE * reference_worst
-    if prompt_lowered and dori_lowered:
+    prompt_removed = row.copy_rate_prompt <= REMOVED_SHARE * reference.copy_rate_prompt
+    dori_removed = worst <= REMOVED_SHARE * reference_worst
+    if prompt_removed and dori_removed:
         return "survives Dori at this budget: copies stay low from the captions and under every start"
-    if prompt_lowered:
-        return (f"does not survive Dori: copies from the captions fall to {row.copy_rate_prompt:.0%}, Dori "
-                f"{START_LABELS[worst_start]} brings back {worst:.0%}")
-    return f"does not lower copies from the captions enough ({row.copy_rate_prompt:.0%}); under Dori {worst:.0%}"
+    if dori_removed:
+        return (f"copies stay low under Dori ({worst:.0%}) but not from the captions ({row.copy_rate_prompt:.0%}, "
+                f"reference {reference.copy_rate_prompt:.0%})")
+    if row.copy_rate_prompt < reference.copy_rate_prompt:
+        return (f"does not survive Dori: copies from the captions fall to {row.copy_rate_prompt:.0%} (reference "
+                f"{reference.copy_rate_prompt:.0%}), Dori {START_LABELS[worst_start]} brings back {worst:.0%}")
+    return (f"does not lower the copies: {row.copy_rate_prompt:.0%} from the captions (reference "
+            f"{reference.copy_rate_prompt:.0%}), {worst:.0%} under Dori")
+
+
+def shown_path(path) -> str:
+    """`path` relative to the working directory when it lies below it (as a page should show it), else as is."""
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 # ------------------------------------------------------------------------------------------ the toolkit's models
@@ -264,7 +278,7 @@ def posthoc_models(lora, base: str | None, manifest: dict, nemo_masks=None, wand
     toolkit = ToolkitModels()
     plain = load_world_model(base, None)
     tuned = apply_lora(plain, lora)
-    toolkit.add(NO_MITIGATION, tuned, NO_MITIGATION, str(lora))
+    toolkit.add(NO_MITIGATION, tuned, NO_MITIGATION, shown_path(lora))
     prompts = manifest_prompts(manifest)
     if nemo_masks is not None:
         pruned, source = from_file(nemo_masks, "nemo")
@@ -367,6 +381,8 @@ def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings:
     measured rows it merged), the table with a verdict per mitigation, each model's source, per-caption rates,
     the models that could not be measured and why, and the hand-written notes of `previous` (the page being
     replaced)."""
+    from pathlib import Path
+
     from diffmem.report import markdown_table
 
     by_name = {row.model: row for row in rows}
@@ -375,7 +391,8 @@ def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings:
                  verdict(row, by_name[toolkit.reference_of[row.model]])
                  if toolkit.reference_of.get(row.model) in by_name else "its reference was not measured"]
                 for row in rows]
-    sources = [[name, source] for name, source in toolkit.sources.items()]
+    here = str(Path.cwd().resolve()) + "/"
+    sources = [[name, source.replace(here, "")] for name, source in toolkit.sources.items()]
     per_caption = [[row.model, " ".join(f"{r:.2f}" for r in row.per_caption_prompt),
                     *[" ".join(f"{r:.2f}" for r in row.per_caption_dori[s]) for s in settings.starts],
                     f"{row.seconds:.0f}"] for row in rows]
