@@ -32,14 +32,14 @@ class TableConfig:
 
     Attributes:
         train: the fine-tune every row shares (method and mitigation vary per row). The world recipe is 500 x 16;
-            `quick()` runs 100 x 8, which memorizes less (see docs/memcontrol.md).
+            `quick()` runs 200 x 8 at 10x learning rates (see there).
         wen_steps / wen_generations / guidance: sampling of Wen's score on the duplicated captions, as the
             search's (`SearchConfig`): 10 DDIM steps, 2 generations per caption, the world's guidance 3.
         mitigations: the mitigations crossed with the methods in `CROSSED`.
         methods: the baseline fine-tuning methods ("none" is the seed's "Freeze" row, trained with no mitigation).
         lr_scale: multiplies each method's own learning rate (`default_lr`) when `train.lr` is None, so a short
             run keeps the methods' published ratios (full 1e-4, SV-DIFF and DiffFit 1e-3, attention 1e-4, LoRA
-            1e-4) while moving as far as a longer one.
+            1e-4) while moving further in few steps.
     """
 
     train: MemControlTrainConfig = field(default_factory=MemControlTrainConfig)
@@ -61,9 +61,9 @@ class TableConfig:
     @classmethod
     def quick(cls) -> TableConfig:
         """200 steps of 8 images per row at 10x each method's own learning rate (full fine-tuning 1e-3), 5 faces x
-        100 plus the other 75 once: the shortest run found in which full fine-tuning starts copying its duplicated
-        faces (at 1x, 100 x 8 copied nothing; at 10x a probe copied 0% after 100 steps and 10% after 150, see
-        docs/memcontrol.md)."""
+        100 plus the other 75 once: about 2.5 CPU minutes per row. At 1x, 100 x 8 left every model near the base;
+        here full fine-tuning's generations move most of the way to their own faces but do not copy them yet
+        (docs/memcontrol.md)."""
         return cls(train=MemControlTrainConfig(steps=200, batch_size=8), lr_scale=10.0)
 
 
