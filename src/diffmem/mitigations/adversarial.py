@@ -33,8 +33,9 @@ from diffmem.world.text import encode_prompts
 @dataclass(frozen=True)
 class AdversarialFinetuneConfig:
     """How adversarial fine-tuning alternates Dori searches and weight updates (Kowalczuk et al. 2025, "Finding
-    Dori", seed 002, sec. "Bypassing the locality assumption": full-model updates that map adversarial embeddings to
-    surrogate images, with a utility loss on other data; notes/methods.md).
+    Dori", seed 002: "bypassing the locality assumption enables more robust mitigation through adversarial
+    fine-tuning", full-model updates that map adversarial embeddings to surrogate images, with a utility loss on
+    other data; notes/methods.md).
 
     Args:
         rounds: alternations of (search, fine-tune). 3: the embeddings of round 1 are found on the memorizing model;
@@ -47,8 +48,10 @@ class AdversarialFinetuneConfig:
         search: the Dori search of every round. The paper's settings (Adam, lr 0.1, batch 8) with 25 steps instead
             of 50: on the world's example LoRA the loss stops falling well before 50 (docs/attack.md), and the
             search runs rounds x starts x images times. Its seed is offset per round and start.
-        steps_per_round: fine-tuning steps after each round's searches. 40 x 3 rounds = 120 full-model steps of 8:
-            enough on the world's example LoRA to move the copy rate (docs/robustness.md), a few CPU minutes.
+        steps_per_round: fine-tuning steps after each round's searches: 40, so 3 rounds are 120 full-model steps
+            of 8, a few CPU minutes. docs/robustness.md measured a lighter setting (2 rounds, 2 starts, 10 search
+            steps, 40 steps per round) that already stopped the attack on the example LoRA's face 0; the defaults
+            spend more searching, not yet measured.
         batch_size: images per fine-tuning step (8, the Dori batch).
         adversarial_share: expected share of each batch drawn from the (embedding, surrogate) pairs; the rest is the
             ordinary DDPM loss on other training data. 0.5 weighs removal and utility equally, as the paper's sum
