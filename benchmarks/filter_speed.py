@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where decompositions run, e.g. cuda (filter --device)")
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="measure only the warm filter, against the anchor cache an earlier run of this family left")
     parser.add_argument("--whole-anchors", action="store_true",
                         help="also time `diffmem anchors` for every weight of the UNet/transformer, empty cache")
     parser.add_argument("--json", type=Path, help="append results as JSON lines to this file")
@@ -156,11 +158,13 @@ def main() -> None:
         lora = write_lora_fixture(args.cache / f"{args.family}-r{rank}{'-conv' if args.conv else ''}.safetensors",
                                   modules, rank)
         anchors = args.cache / f"anchors-{args.family}"
-        for stale in anchors.glob("anchors/*"):
-            stale.unlink()
+        if not args.warm_only:
+            for stale in anchors.glob("anchors/*"):
+                stale.unlink()
         row = {"family": args.family, "rank": rank, "conv": args.conv, "modules": len(modules), "threads": args.threads,
                "device": args.device, "note": args.note or ""}
-        for kind in ("cold", "warm") + (() if args.skip_dense else ("dense",)):
+        kinds = ("warm",) if args.warm_only else ("cold", "warm") + (() if args.skip_dense else ("dense",))
+        for kind in kinds:
             result = measure([kind, str(lora), str(base), str(anchors), str(args.threads), args.device])
             row[f"{kind}_s"], row[f"{kind}_peak_mb"] = round(result["seconds"], 3), round(result["peak_mb"])
             row[f"{kind}_cpu_s"] = round(result["cpu_seconds"], 3)
@@ -169,7 +173,7 @@ def main() -> None:
         if "dense_s" in row:
             row["dense_over_warm"] = round(row["dense_s"] / row["warm_s"], 1)
             row["dense_over_warm_cpu"] = round(row["dense_cpu_s"] / row["warm_cpu_s"], 1)
-        if args.whole_anchors:
+        if args.whole_anchors and not args.warm_only:
             whole = args.cache / f"anchors-{args.family}-whole"
             shutil.rmtree(whole, ignore_errors=True)
             result = measure(["anchors", FAMILIES[args.family][0], str(base), str(whole), str(args.threads), args.device])
@@ -207,9 +211,10 @@ def target_lines(rows: list[dict]) -> list[str]:
         if not values:
             lines.append(f"| {what} | {sense.format(limit=limit)} | not measured | - |")
             continue
-        best = max(values) if field == "dense_over_warm" else min(values)
-        met = best >= limit if field == "dense_over_warm" else best <= limit
-        lines.append(f"| {what} | {sense.format(limit=limit)} | {best:g} | {'yes' if met else 'no'} |")
+        at_least = sense.startswith("at least")
+        best = max(values) if at_least else min(values)
+        met = best >= limit if at_least else best <= limit
+        lines.append(f"| {what} | {sense.format(limit=limit)} | {best:.4g} | {'yes' if met else 'no'} |")
     return lines
 
 
@@ -231,7 +236,7 @@ def render(results: Path, page: Path) -> None:
         table.append(f"| {r['family']} | {r['rank']} | {'yes' if r['conv'] else 'no'} | {r['modules']} "
                      f"| {r.get('device', 'cpu')} | {r['threads']} | {timed(r, 'cold')} | {timed(r, 'warm')} "
                      f"| {timed(r, 'dense')} | {ratio} | {timed(r, 'whole_anchors')} "
-                     f"| {r['cold_peak_mb']} / {r['warm_peak_mb']} / {r.get('dense_peak_mb', '-')} |")
+                     f"| {r.get('cold_peak_mb', '-')} / {r['warm_peak_mb']} / {r.get('dense_peak_mb', '-')} |")
     profiles = [f"### {r['family']} rank {r['rank']}, warm\n\n```\n{r['profile'].strip()}\n```\n"
                 for r in rows if r.get("profile")]
     notes = [r["note"] for r in rows if r.get("note")]
@@ -270,6 +275,16 @@ docstring). Bases and LoRAs have the exact key names and shapes of the released 
 ## Issue 6's targets (SDXL rank 32, this 2-core machine)
 
 {targets}
+
+How to read the misses. The warm filter's CPU time grows with the number of modules and the anchor rank; the
+profile below shows it spread over the factor decompositions (`lowrank_channels`), reading and NaN-checking the
+cached anchors (`sum`, `get_tensor`, `float`), the alignment products and rebuilding the factors, with no single
+hot spot left. The peak figures are resident set sizes, which count the pages of memory-mapped files the process
+touched: the SDXL base (all its fp16 weights, read by a cold filter) and the anchor cache (read by a warm one). The kernel can drop those pages under memory pressure, so they overstate what a machine needs, but they are
+what `ru_maxrss` reports, and we have not measured a run under a memory limit. The bases here have random
+weights; `python benchmarks/anchor_rank_share.py` shows that the energy-0.5 anchor rank of a random matrix (0.18
+of its dimension) is close to that of the embedded world's trained base (median 0.20), so the anchor sizes are not
+an artefact of the random values.
 
 ## All measurements
 
