@@ -309,7 +309,7 @@ def markdown(results: dict) -> str:
         f"success judged on {check['generations']} fresh generations per embedding ({check['steps']} DDIM steps, "
         f"guidance {check['guidance']}) with Carlini et al.'s copy test against the training faces; top sets are "
         f"the top {config['top_share']:.0%} of a layer's units; NeMo threshold {results['threshold']:.3f}; "
-        f"{results['seconds'] / 60:.1f} minutes.",
+        f"{results['seconds'] / 60:.1f} minutes of wall time (one torch thread at nice 5 on the shared CPU).",
         "",
         "## Reading",
         "",
@@ -360,8 +360,9 @@ def markdown(results: dict) -> str:
         f"{config['top_share']:.0%} per block) are the channels the method acts on. Chance is the Jaccard of random "
         "channel sets of those sizes. Since any perturbation upstream moves the large channels downstream, the "
         "random-pruning rows (the same numbers of rows or weights per layer, at random) are the control to beat. "
-        "The last rows run each method again with an adversarial embedding of the same face in place of the prompt "
-        "and compare the selections in their own units.",
+        "The last rows run a method again with an adversarial embedding of the same face in place of the prompt "
+        "and compare its selections in its own units; the same comparison between its selections for two "
+        "different faces' prompts gives the scale.",
         "",
         selection_table(results),
         "",
