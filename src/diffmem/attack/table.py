@@ -204,7 +204,8 @@ def verdict(row: RobustnessRow, reference: RobustnessRow) -> str:
     prompt_removed = row.copy_rate_prompt <= REMOVED_SHARE * reference.copy_rate_prompt
     dori_removed = worst <= REMOVED_SHARE * reference_worst
     if prompt_removed and dori_removed:
-        return "survives Dori at this budget: copies stay low from the captions and under every start"
+        return ("survives Dori at this budget, as the copy test counts: copies stay low from the captions and "
+                "under every start")
     if dori_removed:
         return (f"copies stay low under Dori ({worst:.0%}) but not from the captions ({row.copy_rate_prompt:.0%}, "
                 f"reference {reference.copy_rate_prompt:.0%})")
