@@ -50,8 +50,9 @@ class AdversarialFinetuneConfig:
             search runs rounds x starts x images times. Its seed is offset per round and start.
         steps_per_round: fine-tuning steps after each round's searches: 40, so 3 rounds are 120 full-model steps
             of 8, a few CPU minutes. docs/robustness.md measured a lighter setting (2 rounds, 2 starts, 10 search
-            steps, 40 steps per round) that already stopped the attack on the example LoRA's face 0; the defaults
-            spend more searching, not yet measured.
+            steps, 40 steps per round): no copies of the example LoRA's face 0 under a 15-step attack by the copy
+            test, but a 50-step attack brings the face back colour-shifted; the defaults spend more searching,
+            not yet measured.
         batch_size: images per fine-tuning step (8, the Dori batch).
         adversarial_share: expected share of each batch drawn from the (embedding, surrogate) pairs; the rest is the
             ordinary DDPM loss on other training data. 0.5 weighs removal and utility equally, as the paper's sum
