@@ -33,7 +33,9 @@ def test_batch_page_example(tmp_path, monkeypatch, capsys):
     for seed in range(2):
         bl.write_kohya_lora(tmp_path / "uploads" / f"lora{seed}.safetensors", bb.lora_lookups("sd1", "kohya"),
                             rank=4, seed=seed)
-    (block,) = python_blocks("batch.md")
-    exec(compile(block, "docs/batch.md", "exec"), {})
+    many, anchors = python_blocks("batch.md")
+    exec(compile(many, "docs/batch.md", "exec"), {})
     assert capsys.readouterr().out.strip().endswith("0 failed")
     assert len(list((tmp_path / "filtered").glob("*.filtered.safetensors"))) == 2
+    exec(compile(anchors, "docs/batch.md", "exec"), {})
+    assert re.search(r"base weights: \d+ anchors computed, \d+ already cached", capsys.readouterr().out)
