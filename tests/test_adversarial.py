@@ -22,12 +22,13 @@ from diffmem.world.data import ImageSet
 from diffmem.world.model import build_unet, unet_metadata, unet_tensors
 from diffmem.world.text import MAX_TOKENS, TEXT_DIM, encode_prompts
 from diffmem.world.train import finetune_loop, table_contexts
-from test_attack import one_thread  # noqa: F401  (autouse: one torch thread for every test here)
 from test_world import TINY
 
 CAPTIONS = ["a photo of a cat", "a photo of a dog", "a red car", "a blue house", "a green tree", "a yellow boat"]
 QUICK = AdversarialFinetuneConfig(rounds=2, starts=("prompt", "random"), search=DoriConfig(steps=10, batch_size=4),
                                   steps_per_round=30, lr=1e-3, surrogate_steps=2)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ FAST = DoriConfig(steps=3, batch_size=2)
 FEW = CheckSettings(generations=2, steps=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

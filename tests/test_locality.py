@@ -38,17 +38,10 @@ from diffmem.locality.report import rounded
 from diffmem.mitigations.nemo import NeMoConfig
 from diffmem.mitigations.wanda import WandaConfig
 from diffmem.world.check import CheckSettings
-from diffmem.world.model import UNetConfig, build_unet
+from diffmem.world.model import build_unet
+from test_world import TINY
 
-TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mask(units: int, chosen) -> torch.Tensor:

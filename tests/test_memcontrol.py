@@ -13,10 +13,10 @@ from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.memcontrol.functional import insert_random_words, spectral_shift_update
 from diffmem.memcontrol.mask import check_mask_fits, derive_mask, load_mask, mask_entries, save_mask
 from diffmem.memcontrol.methods import METHODS, merge, prepare
-from diffmem.world.model import UNetConfig, build_unet
+from diffmem.world.model import build_unet
+from test_world import TINY
 
 torch.set_num_threads(1)
-TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
 PEFT_METHODS = ("svdiff", "difffit", "attention", "lora")
 
 

@@ -18,10 +18,10 @@ from diffmem.memcontrol.search import (
     validation_rows,
 )
 from diffmem.memcontrol.train import MemControlTrainConfig
-from diffmem.world.model import UNetConfig, build_unet
+from diffmem.world.model import build_unet
+from test_world import TINY
 
 torch.set_num_threads(1)
-TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
 
 
 def test_pareto_front_and_normalised_mean_choice():
