@@ -28,6 +28,7 @@ from diffmem.world.commands import duplicate_spec
 from diffmem.world.lora import target_pattern
 from diffmem.world.model import load_unet_file, unet_metadata, unet_tensors
 from diffmem.world.text import MAX_TOKENS, TEXT_DIM, TextEncoder
+from diffmem.world.train import finetune_loop
 
 TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
 
@@ -222,3 +223,18 @@ def test_full_finetune_writes_a_loadable_unet(tiny_unet, tmp_path):
     tuned = load_unet_file(tmp_path / "full.safetensors", expected_sha256=manifest["sha256"])
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, tiny_unet.state_dict()[k].half().float())]
     assert changed
+
+
+def test_finetune_loop_calls_after_step_with_each_trained_step():
+    torch.manual_seed(0)
+    unet = build_unet(TINY).train()
+    images = torch.rand(4, 3, 32, 32)
+    seen: list[tuple[int, torch.Tensor]] = []
+    first = next(unet.parameters())
+    finetune_loop(unet, list(unet.parameters()), images, torch.arange(4),
+                  lambda picked, keep, generator: torch.zeros(len(picked), MAX_TOKENS, TEXT_DIM), steps=3,
+                  batch_size=2, lr=1e-3, caption_dropout=0.0, noise_offset=0.0, seed=0, progress=False,
+                  after_step=lambda step: seen.append((step, first.detach().clone())))
+    assert [step for step, _ in seen] == [1, 2, 3]
+    assert not torch.equal(seen[0][1], seen[1][1])  # each call sees the weights after its own step
+    assert torch.equal(seen[-1][1], first.detach())

@@ -282,16 +282,18 @@ def finetune_loop(
     loss_fn: Callable[..., torch.Tensor] = training_loss,
     progress: bool = True,
     desc: str = "finetune",
+    after_step: Callable[[int], None] | None = None,
 ) -> float | None:
     """The fine-tuning loop of `finetune`, for any choice of `trainable` parameters: AdamW (no weight decay) on
     batches drawn uniformly from `rows` (a multiset, see `training_rows`), caption dropout, gradient clipping at
-    1. `loss_fn(unet, images, context, generator, noise_offset=...)` defaults to the DDPM loss. Returns the
-    exponential moving average of the loss (None for 0 steps)."""
+    1. `loss_fn(unet, images, context, generator, noise_offset=...)` defaults to the DDPM loss; `after_step(n)`
+    runs after the n-th optimizer step (to measure a run part-way). Returns the exponential moving average of the
+    loss (None for 0 steps)."""
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 1)
     running = None
     bar = tqdm(range(steps), disable=not progress, desc=desc, mininterval=10, file=sys.stdout)
-    for _ in bar:
+    for step in bar:
         picked = rows[torch.randint(0, len(rows), (batch_size,), generator=generator)]
         keep = torch.rand(batch_size, generator=generator) >= caption_dropout
         context = context_of(picked, keep, generator)
@@ -302,6 +304,8 @@ def finetune_loop(
         optimizer.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
+        if after_step is not None:
+            after_step(step + 1)
     return running
 
 
