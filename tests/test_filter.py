@@ -183,7 +183,7 @@ def test_anchor_cache_is_reused_and_survives_corruption(tmp_path):
 
 
 def test_whole_base_anchor_build_makes_every_later_filter_warm(tmp_path, capsys):
-    from diffmem.anchors import FLUSH_EVERY, build_anchors, distinct_targets
+    from diffmem.anchors import FLUSH_EVERY, AnchorStore, build_anchors, distinct_targets
     from diffmem.formats.base import open_base
 
     base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", convs=True, rank=4), False)
@@ -201,6 +201,10 @@ def test_whole_base_anchor_build_makes_every_later_filter_warm(tmp_path, capsys)
     assert all(t.module.startswith("unet.") for t in distinct_targets(open_base(base), "unet"))
     with pytest.raises(DiffmemError, match="no LoRA-targetable weights under 'vae'"):
         build_anchors(base, only="vae", cache_dir=cache)
+    store = AnchorStore(open_base(base), cache_dir=tmp_path / "fresh-cache")
+    store.get(everything[0])
+    assert store.get(everything[0], side="right").u is None  # the unwritten anchors serve again, one side only
+    assert store.computed == 1 and store.loaded == 0
 
 
 def test_baselines_run_through_the_same_pipeline(tmp_path):

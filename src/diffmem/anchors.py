@@ -22,8 +22,8 @@ CACHE_VERSION = "3"  # 3: append-only shards instead of one file rewritten by ev
 #: run and a warm run score every channel identically.
 STORAGE_DTYPE = torch.float16
 
-#: Filters and whole-model builds write a shard after this many new anchors, so they hold a bounded amount in memory
-#: and an interrupted run resumes from what it wrote.
+#: `AnchorStore.get` writes a shard after this many new anchors, so a run holds a bounded amount in memory and an
+#: interrupted run resumes from what it wrote.
 FLUSH_EVERY = 128
 
 
@@ -98,15 +98,20 @@ class AnchorStore:
         rule = self.rule_name(energy, k)
         key = target_id(target)
         parts = {"left": ("u", "spectrum"), "right": ("v", "spectrum"), "both": self.PARTS}[side]
-        stored = self.read(rule, key, parts) if self.use_cache else None
-        if stored is not None:
+        pending = self.pending.get(rule, {})
+        if f"{key}.u" in pending:  # computed earlier in this run, not yet written
+            stored = {part: pending[f"{key}.{part}"] for part in parts}
+        elif (stored := self.read(rule, key, parts) if self.use_cache else None) is not None:
             self.loaded += 1
         else:
             computed = principal_subspace(self.base.weight(target).to(self.device), energy=energy, k=k)
             stored = {"u": computed.u.cpu().to(STORAGE_DTYPE), "v": computed.v.cpu().to(STORAGE_DTYPE),
                       "spectrum": computed.spectrum.cpu().float()}
-            self.pending.setdefault(rule, {}).update({f"{key}.{part}": t for part, t in stored.items()})
             self.computed += 1
+            if self.use_cache:
+                self.pending.setdefault(rule, {}).update({f"{key}.{part}": t for part, t in stored.items()})
+                if self.unflushed() >= FLUSH_EVERY:
+                    self.flush()  # bounds memory, and an interrupted run keeps what it wrote
         return Anchors(u=stored["u"].float() if "u" in parts else None, v=stored["v"].float() if "v" in parts else None,
                        spectrum=stored["spectrum"].float())
 
@@ -115,10 +120,8 @@ class AnchorStore:
         return sum(len(tensors) for tensors in self.pending.values()) // len(self.PARTS)
 
     def flush(self) -> None:
-        """Write the anchors computed since the last flush as new shards (atomic writes)."""
-        if not self.use_cache:
-            self.pending.clear()
-            return
+        """Write the anchors computed since the last flush as new shards (atomic writes). `get` flushes by itself
+        every `FLUSH_EVERY` new anchors; call this once at the end."""
         for rule, tensors in self.pending.items():
             if not tensors:
                 continue
@@ -180,8 +183,6 @@ def build_anchors(
     store = AnchorStore(base, cache_dir=cache_dir, device=device)
     for target in tqdm(targets, desc="anchors", unit="weight", disable=not progress):
         store.get(target, energy, k)
-        if store.unflushed() >= FLUSH_EVERY:
-            store.flush()
     store.flush()
     return AnchorBuild(weights=len(targets), computed=store.computed, loaded=store.loaded,
                        seconds=time.perf_counter() - started, cache_folder=store.folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from diffmem.anchors import FLUSH_EVERY, AnchorStore
+from diffmem.anchors import AnchorStore
 from diffmem.errors import DiffmemError
 from diffmem.filters import FilterConfig
 from diffmem.formats.base import open_base, resolve_targets
@@ -96,8 +96,6 @@ def warm_anchors(
             continue  # reported by the worker that processes this file
         for target in targets.values():
             store.get(target, energy, getattr(config, "anchor_rank", None))
-            if store.unflushed() >= FLUSH_EVERY:
-                store.flush()
     store.flush()
 
 

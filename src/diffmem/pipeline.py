@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from diffmem import __version__
-from diffmem.anchors import FLUSH_EVERY, AnchorStore
+from diffmem.anchors import AnchorStore
 from diffmem.errors import DiffmemError
 from diffmem.filters import BAFConfig, FilterConfig, ModuleView, select
 from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
@@ -167,8 +167,6 @@ def filter_lora(
             weight=lambda target=target: base.weight(target).reshape(target.shape[0], -1),
         )
         scores[name] = config.score(view).float()
-        if store.unflushed() >= FLUSH_EVERY:
-            store.flush()
     store.flush()
     weights = select(scores, {name: channels[name].sigma for name in names}, config.selection)
 
