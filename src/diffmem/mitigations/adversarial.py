@@ -17,7 +17,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -195,7 +195,7 @@ def adversarial_finetune(
             for start_index, start in enumerate(config.starts):
                 # A seed per round and start: later rounds look for new triggers, not the same search again.
                 seed = config.search.seed + 1000 * (round_index + 1) + 100 * start_index + image_index
-                search = DoriConfig(**{**asdict(config.search), "start": start, "seed": seed})
+                search = replace(config.search, start=start, seed=seed)
                 result = dori_attack(model, image[None], caption, search)
                 embeddings.append(result.embedding)
                 owner.append(image_index)
