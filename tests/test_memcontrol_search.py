@@ -77,3 +77,20 @@ def test_two_trial_search_end_to_end_and_resume(tmp_path):
     assert resumed["trials"][:2] == summary["trials"]
     record = json.loads((tmp_path / "s" / "mask.json").read_text())
     assert record["search"]["method"] == "svdiff"
+
+
+def test_quick_search_trains_the_proxy_at_the_quick_tables_budget():
+    from dataclasses import replace
+
+    from diffmem.memcontrol.methods import default_lr
+    from diffmem.memcontrol.table import TableConfig
+
+    table, quick = TableConfig.quick(), SearchConfig.quick("difffit", trials=3, population_size=2)
+    assert (quick.train.duplicate, quick.train.steps, quick.train.batch_size) == \
+        (table.train.duplicate, table.train.steps, table.train.batch_size)
+    assert quick.train.rest_share < table.train.rest_share and quick.trials == 3
+    assert quick.inner.lr == pytest.approx(table.lr_scale * default_lr("difffit")) and quick.inner.method == "difffit"
+    assert SearchConfig(method="difffit").inner.lr == default_lr("difffit")
+    assert replace(quick, train=replace(quick.train, lr=0.5)).inner.lr == 0.5  # an explicit rate is not scaled
+    with pytest.raises(DiffmemError, match="lr_scale"):
+        SearchConfig(lr_scale=0.0)

@@ -21,10 +21,11 @@ def add_training_options(p: argparse.ArgumentParser, steps: int | None, batch_si
     p.add_argument("--duplicate", type=duplicate_spec, metavar="N:K", help="repeat N training images K times")
     p.add_argument("--rest-share", type=float, help="share of the other training images seen once")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's)")
+    unset = "the command's; the quick budget's with --quick"
     p.add_argument("--steps", type=int, default=steps,
-                   help=f"optimizer steps (default {steps if steps is not None else '500, or 200 with --quick'})")
+                   help=f"optimizer steps (default {steps if steps is not None else unset})")
     p.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"images per step (default {batch_size if batch_size is not None else '16, or 8 with --quick'})")
+                   help=f"images per step (default {batch_size if batch_size is not None else unset})")
     p.add_argument("--threshold", type=float, help="Wen threshold for --mitigation threshold (default 5.0)")
     p.add_argument("--rwa-probability", type=float, help="random word addition probability (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="picks the duplicated images, seeds training (default 0)")
@@ -104,16 +105,22 @@ def add_search(subparsers: argparse._SubParsersAction) -> None:
                    help=f"NSGA-II population size (default {d.population_size})")
     p.add_argument("--storage", help="Optuna RDB URL (default: SQLite in --out); share one to run several workers")
     p.add_argument("--study-name", help="default memcontrol-<method>-<granularity>")
-    add_training_options(p, d.train.steps, d.train.batch_size)
+    p.add_argument("--quick", action="store_true",
+                   help="proxy fine-tune at `memcontrol table --quick`'s budget (see docs/memcontrol.md)")
+    p.add_argument("--lr-scale", type=float,
+                   help="multiply the method's own learning rate (default 1, or the quick budget's with --quick; "
+                        "ignored with --lr)")
+    add_training_options(p, None, None)
     p.set_defaults(handler=run_search)
 
 
 def run_search(args: argparse.Namespace) -> int:
     from diffmem.memcontrol.search import SearchConfig, search
 
-    d = SearchConfig()
-    config = SearchConfig(method=args.method, granularity=args.granularity, trials=args.trials,
-                          population_size=args.population, train=training_config(args, d.train), seed=args.seed)
+    start = SearchConfig.quick(args.method) if args.quick else SearchConfig(method=args.method)
+    config = replace(start, granularity=args.granularity, trials=args.trials, population_size=args.population,
+                     train=training_config(args, start.train), seed=args.seed,
+                     lr_scale=args.lr_scale if args.lr_scale is not None else start.lr_scale)
     summary = search(args.out, config, args.storage, args.study_name)
     print((args.out / "pareto.md").read_text())
     print(f"chosen mask {summary['chosen']['bits']} -> {args.out / 'mask.json'}")
@@ -125,7 +132,8 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for rows.json and table.md")
     p.add_argument("--mask", type=Path, help="mask from `memcontrol search` for the MemControl rows")
     p.add_argument("--quick", action="store_true",
-                   help="200 steps of 8 images per row at 10x each method's learning rate (see docs/memcontrol.md)")
+                   help="the quick budget: 2 faces x 300, 200 steps of 8 images per row at 10x each method's "
+                        "learning rate (see docs/memcontrol.md)")
     p.add_argument("--mitigations", default=",".join(MITIGATIONS),
                    help="comma-separated mitigations crossed with full, svdiff, difffit and attention (default %(default)s)")
     p.add_argument("--methods", default=",".join(BASELINES),

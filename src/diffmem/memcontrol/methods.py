@@ -53,6 +53,12 @@ def default_lr(name: str) -> float:
     return method.config().lr if method.config is not None else FULL_LR
 
 
+def scaled_lr(name: str, lr: float | None, scale: float) -> float:
+    """`lr` when given, else `scale` times method `name`'s own learning rate (`default_lr`): one factor for every
+    method keeps the published ratios between them."""
+    return lr if lr is not None else default_lr(name) * scale
+
+
 def prepare(unet: torch.nn.Module, name: str, mask: Mask | None = None, config=None) -> list[torch.nn.Parameter]:
     """Freeze `unet`, inject method `name` into the modules `mask` switches on (every attention module when
     `mask` is None), and return the parameters to train (in place; `full` trains all, `none` nothing)."""

@@ -20,8 +20,8 @@ from diffusers import UNet2DConditionModel
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.memcontrol.mask import Mask, derive_mask, save_mask
-from diffmem.memcontrol.methods import check_method
-from diffmem.memcontrol.train import MemControlTrainConfig, finetune_with_mask
+from diffmem.memcontrol.methods import check_method, scaled_lr
+from diffmem.memcontrol.train import QUICK_LR_SCALE, QUICK_TRAIN, MemControlTrainConfig, finetune_with_mask
 from diffmem.world.data import ImageSet
 
 STUDY_FILE = "study.db"
@@ -47,6 +47,7 @@ class SearchConfig:
             for the reported table).
         quality_generations: generations per validation caption for the FID.
         quality_steps: DDIM steps of those generations.
+        lr_scale: multiplies the method's own learning rate when `train.lr` is None (as `TableConfig.lr_scale`).
         seed: seeds the sampler, the proxy set and the training.
     """
 
@@ -62,6 +63,7 @@ class SearchConfig:
     validation_size: int = 20
     quality_generations: int = 2
     quality_steps: int = 10
+    lr_scale: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,8 +71,18 @@ class SearchConfig:
             raise DiffmemError(f"method {self.method!r} has no mask to search; choose svdiff, difffit, attention or lora")
         if self.trials < 1 or self.population_size < 2:
             raise DiffmemError("a search needs trials >= 1 and population_size >= 2")
+        if self.lr_scale <= 0:
+            raise DiffmemError(f"lr_scale must be positive, got {self.lr_scale}")
         if self.validation_size < 2:
             raise DiffmemError(f"the search's FID needs validation_size >= 2 images, got {self.validation_size}")
+
+    @classmethod
+    def quick(cls, method: str = "svdiff", trials: int = 12, population_size: int = 6) -> SearchConfig:
+        """The proxy fine-tune at the table's quick budget (`QUICK_TRAIN`, `QUICK_LR_SCALE`), so that the proxy
+        memorizes as the quick table's rows do: the same 2 faces x 300 and 200 steps of 8, with 10% of the other
+        faces seen once (the seed's proxy is 1% of the data plus the memorization set)."""
+        return cls(method=method, trials=trials, population_size=population_size,
+                   train=replace(QUICK_TRAIN, rest_share=0.1), lr_scale=QUICK_LR_SCALE)
 
     @property
     def mask_granularity(self) -> str:
@@ -78,7 +90,8 @@ class SearchConfig:
 
     @property
     def inner(self) -> MemControlTrainConfig:
-        return replace(self.train, method=self.method, seed=self.seed)
+        return replace(self.train, method=self.method, seed=self.seed,
+                       lr=scaled_lr(self.method, self.train.lr, self.lr_scale))
 
 
 @dataclass(frozen=True)

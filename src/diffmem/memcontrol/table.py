@@ -12,10 +12,16 @@ from pathlib import Path
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.memcontrol.mask import Mask, load_mask
-from diffmem.memcontrol.methods import check_method, default_lr
+from diffmem.memcontrol.methods import check_method, scaled_lr
 from diffmem.memcontrol.mitigation import MITIGATIONS, MitigationConfig
 from diffmem.memcontrol.search import memorization_objective
-from diffmem.memcontrol.train import MemControlTrainConfig, finetune_with_mask, manifest_of
+from diffmem.memcontrol.train import (
+    QUICK_LR_SCALE,
+    QUICK_TRAIN,
+    MemControlTrainConfig,
+    finetune_with_mask,
+    manifest_of,
+)
 
 BASELINES = ("none", "full", "svdiff", "difffit", "attention", "lora")
 #: The methods the seed's Table 1 crosses with each mitigation; the others (no fine-tuning, and LoRA, which the seed
@@ -32,7 +38,7 @@ class TableConfig:
 
     Attributes:
         train: the fine-tune every row shares (method and mitigation vary per row). The world recipe is 500 x 16;
-            `quick()` runs 200 x 8 at 10x learning rates (see there).
+            `quick()` runs 200 x 8 on 2 faces x 300 at 10x learning rates (see there).
         wen_steps / wen_generations / guidance: sampling of Wen's score on the duplicated captions, as the
             search's (`SearchConfig`): 10 DDIM steps, 2 generations per caption, the world's guidance 3.
         mitigations: the mitigations crossed with the methods in `CROSSED`.
@@ -60,11 +66,11 @@ class TableConfig:
 
     @classmethod
     def quick(cls) -> TableConfig:
-        """200 steps of 8 images per row at 10x each method's own learning rate (full fine-tuning 1e-3), 5 faces x
-        100 plus the other 75 once: about 2.5 CPU minutes per row. At 1x, 100 x 8 left every model near the base;
-        here full fine-tuning's generations move most of the way to their own faces but do not copy them yet
-        (docs/memcontrol.md)."""
-        return cls(train=MemControlTrainConfig(steps=200, batch_size=8), lr_scale=10.0)
+        """The quick budget (`diffmem.memcontrol.train.QUICK_TRAIN`): 2 faces x 300 plus the other 78 once, 200
+        steps of 8 images per row at 10x each method's own learning rate (full fine-tuning 1e-3). Full fine-tuning
+        copies its duplicated faces there (docs/memcontrol.md, "The quick budget"); 5 faces x 100 at the same cost
+        copied none."""
+        return cls(train=QUICK_TRAIN, lr_scale=QUICK_LR_SCALE)
 
 
 def table_rows(mask: Mask | None, mask_method: str | None, mitigations: tuple[str, ...],
@@ -138,8 +144,7 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
     trained: dict[tuple, dict] = {}
     for method, mitigation, masked in table_rows(mask, mask_method, config.mitigations, config.methods):
         row_mask = mask if masked else None
-        lr = None if method == "none" else (config.train.lr if config.train.lr is not None
-                                             else default_lr(method) * config.lr_scale)
+        lr = None if method == "none" else scaled_lr(method, config.train.lr, config.lr_scale)
         train = replace(config.train, method=method, lr=lr,
                         mitigation=replace(config.train.mitigation, kind=mitigation))
         label = row_label(method, mitigation, masked)

@@ -81,6 +81,15 @@ class MemControlTrainConfig:
         return self.lr if self.lr is not None else default_lr(self.method)
 
 
+#: The quick budget that `memcontrol table --quick` and `memcontrol search --quick` share: 2 faces x 300 plus the
+#: other 78 training faces once, 200 steps of 8 images (about 2.5 CPU minutes of full fine-tuning on one thread).
+#: Measured with docs/memcontrol/budget_probe.py: at 10x its own rate, full fine-tuning copies a third of its
+#: duplicated-caption generations there; with 5 faces x 100 it copied none at 200 steps (docs/memcontrol.md).
+QUICK_TRAIN = MemControlTrainConfig(duplicate=(2, 300), steps=200, batch_size=8)
+#: Every method's own learning rate times this in the quick budget (full fine-tuning 1e-3, SV-DIFF 1e-2).
+QUICK_LR_SCALE = 10.0
+
+
 def once_seen_rows(train_size: int, duplicated: list[int], share: float, seed: int) -> list[int]:
     """`share` of the non-duplicated training rows (rounded), drawn with `seed`, sorted."""
     rest = [r for r in range(train_size) if r not in set(duplicated)]
