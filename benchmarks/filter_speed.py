@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import shutil
@@ -94,25 +95,25 @@ def child(kind: str, lora: Path, base: Path, cache: Path, threads: int, device: 
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
         print(json.dumps({"kind": kind, "profile": text.getvalue()}))
         return
+    from diffmem.anchors import build_anchors
+    from diffmem.formats.lora import read_lora
+    from diffmem.pipeline import filter_lora
+
+    if device.startswith("cuda"):
+        torch.zeros(1, device=device)  # the CUDA context starts once per process, not once per filter
     before = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_before = before.ru_utime + before.ru_stime  # excludes interpreter start-up and imports above
+    cpu_before = before.ru_utime + before.ru_stime  # excludes interpreter start-up and the imports above
     started = time.perf_counter()
     if kind == "anchors":
-        from diffmem.anchors import build_anchors
-
         build = build_anchors(base, only=str(lora), cache_dir=cache, device=device)  # lora = the module prefix
         assert build.loaded == 0, "the whole-model anchor build found a warm cache"
     elif kind == "dense":
-        from diffmem.formats.lora import read_lora
-
         for module in read_lora(lora).modules.values():
             up, down = (factor.to(device) for factor in module.factors())
             torch.linalg.svd(module.scale * up @ down, full_matrices=False)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     else:
-        from diffmem.pipeline import filter_lora
-
         result = filter_lora(lora, base, cache_dir=cache, device=device)
         assert result.report.anchors_computed == 0 or kind == "cold", "warm run recomputed anchors"
     seconds = time.perf_counter() - started
@@ -121,6 +122,13 @@ def child(kind: str, lora: Path, base: Path, cache: Path, threads: int, device: 
     # stays comparable (with one thread it approximates the wall time the same run takes on an idle machine).
     cpu_seconds = usage.ru_utime + usage.ru_stime - cpu_before
     print(json.dumps({"kind": kind, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": usage.ru_maxrss / 1024}))
+
+
+def machine_name(device: str) -> str:
+    """The hardware a row was measured on: the GPU's name for a CUDA device, else the CPU count."""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(device))}, {os.cpu_count()} CPUs"
+    return f"{os.cpu_count()} CPUs"
 
 
 def main() -> None:
@@ -162,7 +170,7 @@ def main() -> None:
             for stale in anchors.glob("anchors/*"):
                 stale.unlink()
         row = {"family": args.family, "rank": rank, "conv": args.conv, "modules": len(modules), "threads": args.threads,
-               "device": args.device, "note": args.note or ""}
+               "device": args.device, "machine": machine_name(args.device), "note": args.note or ""}
         kinds = ("warm",) if args.warm_only else ("cold", "warm") + (() if args.skip_dense else ("dense",))
         for kind in kinds:
             result = measure([kind, str(lora), str(base), str(anchors), str(args.threads), args.device])
@@ -227,6 +235,9 @@ def render(results: Path, page: Path) -> None:
         cpu = r.get(f"{kind}_cpu_s")
         return f"{r[f'{kind}_s']:.2f}" + (f" ({cpu:.2f})" if cpu is not None else "")
 
+    def where(r: dict) -> str:
+        return r.get("device", "cpu") + (f" ({r['machine']})" if r.get("machine") else "")
+
     table = ["| model | rank | conv | modules | device | threads | cold filter | warm filter | dense SVD "
              "| dense / warm | whole-model anchors | peak MB (cold / warm / dense) |", "|" + " --- |" * 12]
     for r in rows:
@@ -234,7 +245,7 @@ def render(results: Path, page: Path) -> None:
         if "dense_over_warm_cpu" in r:
             ratio = f"{ratio} ({r['dense_over_warm_cpu']})"
         table.append(f"| {r['family']} | {r['rank']} | {'yes' if r['conv'] else 'no'} | {r['modules']} "
-                     f"| {r.get('device', 'cpu')} | {r['threads']} | {timed(r, 'cold')} | {timed(r, 'warm')} "
+                     f"| {where(r)} | {r['threads']} | {timed(r, 'cold')} | {timed(r, 'warm')} "
                      f"| {timed(r, 'dense')} | {ratio} | {timed(r, 'whole_anchors')} "
                      f"| {r.get('cold_peak_mb', '-')} / {r['warm_peak_mb']} / {r.get('dense_peak_mb', '-')} |")
     profiles = [f"### {r['family']} rank {r['rank']}, warm\n\n```\n{r['profile'].strip()}\n```\n"

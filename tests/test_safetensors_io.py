@@ -174,3 +174,37 @@ def test_finite_check_is_exact_for_huge_finite_values(tmp_path):
     save_file({"w": torch.tensor([1.0, -float("inf")], dtype=torch.float16)}, path)
     with pytest.raises(BadWeightsError, match="1 NaN or Inf"):
         load_file(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_finds_one_bad_value_anywhere(tmp_path, dtype, bad):
+    """The one-pass check (min/max for 16-bit floats, a sum for wider ones) must see a single NaN or Inf in the
+    vectorised body and in the scalar tail of the reduction."""
+    values = torch.randn(4099, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for position in (0, 2048, 4098):
+        broken = values.clone()
+        broken[position] = bad
+        path = save_file({"w": broken}, tmp_path / f"bad{position}.safetensors")
+        with pytest.raises(BadWeightsError, match="1 NaN or Inf"):
+            load_file(path)
+
+
+def test_get_converts_before_checking_and_rows_read_any_dtype(tmp_path):
+    weights = torch.arange(12, dtype=torch.bfloat16).reshape(4, 3)
+    path = save_file({"w": weights, "i": torch.arange(5, dtype=torch.int64), "e": torch.zeros(0, 3)},
+                     tmp_path / "mixed.safetensors")
+    lazy = SafetensorsFile(path)
+    assert lazy.get("w", torch.float32).dtype == torch.float32
+    torch.testing.assert_close(lazy.get("w", torch.float32), weights.float())
+    assert torch.equal(lazy.rows("w", 1, 3), weights[1:3]) and lazy.rows("w", 3, 9).shape == (1, 3)
+    assert torch.equal(lazy["i"], torch.arange(5)) and lazy["e"].shape == (0, 3)
+
+
+def test_reading_a_file_that_shrank_after_opening_is_named(tmp_path):
+    path = save_file({"w": torch.ones(1000)}, tmp_path / "shrinks.safetensors")
+    lazy = SafetensorsFile(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 100)
+    with pytest.raises(FileFormatError, match="truncated while reading tensor 'w'"):
+        lazy["w"]

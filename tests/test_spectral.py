@@ -14,6 +14,7 @@ from diffmem.spectral import (
     energy_rank,
     left_alignment,
     lowrank_channels,
+    lowrank_channels_batch,
     max_cosine_to_base,
     principal_subspace,
     rebuild_factors,
@@ -233,3 +234,37 @@ def test_lowrank_channels_with_a_rank_above_one_dimension(out_features, in_featu
     b, a = rebuild_factors(channels, torch.ones(8), 0.5, rank=16)
     assert b.shape == (out_features, 16) and a.shape == (16, in_features)
     torch.testing.assert_close(0.5 * b @ a, 0.5 * up @ down, atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_of_modules_gives_each_module_its_own_channels():
+    """One batched call equals the per-module function, including a zero-padded member and a negative scale."""
+    ups, downs = zip(*(factors(seed=seed) for seed in range(4)))
+    ups, downs = torch.stack(ups), torch.stack(downs)
+    ups[2, :, 3:] = 0  # a filtered LoRA written at its old rank
+    scales = torch.tensor([0.5, 1.0, 2.0, -0.25])
+    for g, batched in enumerate(lowrank_channels_batch(ups, downs, scales)):
+        alone = lowrank_channels(ups[g], downs[g], float(scales[g]))
+        torch.testing.assert_close(batched.sigma, alone.sigma)
+        torch.testing.assert_close(batched.dense(), float(scales[g]) * ups[g] @ downs[g], rtol=1e-4, atol=1e-4)
+    assert torch.all(lowrank_channels_batch(ups, downs, scales)[2].sigma[3:] == 0)
+
+
+def test_columns_of_very_different_norms_keep_their_channels_accurate():
+    """The Gram matrix is formed in float32 but scaled to a unit diagonal: a factor whose columns span six orders
+    of magnitude (a filtered LoRA's, whose columns carry the channel gains) still gives the dense SVD's channels."""
+    up, down = factors(out=64, inner=80, rank=6)
+    up = up * torch.logspace(0, -3, 6)  # column norms from 1 to 1e-3
+    channels = lowrank_channels(up, down, 1.0)
+    expected = torch.linalg.svdvals(up.double() @ down.double()).float()[:6]
+    torch.testing.assert_close(channels.sigma, expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(channels.u.T @ channels.u, torch.eye(6), atol=1e-4, rtol=0)
+
+
+def test_rebuild_at_the_same_rank_keeps_each_channel_in_its_column_and_writes_the_asked_dtype():
+    up, down = factors()
+    channels = lowrank_channels(up, down, 0.5)
+    weights = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    new_up, new_down = rebuild_factors(channels, weights, 0.5, rank=6, dtype=torch.float16)
+    assert new_up.dtype == new_down.dtype == torch.float16 and new_down.is_contiguous()
+    assert torch.all(new_up[:, [1, 3]] == 0) and torch.all(new_down[[1, 3]] == 0)
+    torch.testing.assert_close(0.5 * new_up.float() @ new_down.float(), channels.dense(weights), rtol=1e-2, atol=1e-2)

@@ -86,7 +86,7 @@ class AnchorStore:
         if shard is None:
             return None
         try:
-            return {part: shard[f"{key}.{part}"] for part in parts}
+            return {part: shard.get(f"{key}.{part}", torch.float32) for part in parts}
         except (DiffmemError, KeyError):
             shard.path.unlink(missing_ok=True)
             self.shards[rule] = {k: s for k, s in self.shards[rule].items() if s is not shard}
@@ -113,7 +113,7 @@ class AnchorStore:
                 if self.unflushed() >= FLUSH_EVERY:
                     self.flush()  # bounds memory, and an interrupted run keeps what it wrote
         return Anchors(u=stored["u"].float() if "u" in parts else None, v=stored["v"].float() if "v" in parts else None,
-                       spectrum=stored["spectrum"].float())
+                       spectrum=stored["spectrum"].float())  # no-ops for anchors read from a shard
 
     def unflushed(self) -> int:
         """Anchors computed but not yet written."""

@@ -21,7 +21,7 @@ from diffmem.filters import BAFConfig, FilterConfig, ModuleView, select
 from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
 from diffmem.formats.lora import LoraFile, LoraModule, read_lora, replace_factors, write_lora
 from diffmem.formats.safetensors_io import refuse_overwriting, sha256_file
-from diffmem.spectral import Anchors, Channels, dense_channels, lowrank_channels, rebuild_factors
+from diffmem.spectral import Anchors, Channels, dense_channels, lowrank_channels_batch, rebuild_factors
 
 
 @dataclass
@@ -92,15 +92,42 @@ class FilterResult:
     report: FilterReport
 
 
+#: Factored modules of one shape decomposed together (bounds the float64 copies a batch holds).
+BATCH_MODULES = 64
+
+
+def shape_batches(keys: dict[str, tuple], size: int = BATCH_MODULES) -> list[list[str]]:
+    """Names grouped by their key (a shape), in batches of at most ``size``, first-seen order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, key in keys.items():
+        groups.setdefault(key, []).append(name)
+    return [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
+
+
+def channels_of(modules: dict[str, LoraModule], device: torch.device | str = "cpu") -> dict[str, Channels]:
+    """Spectral channels of every module, on the CPU (computed on ``device``): factored (lora/locon) modules by
+    the Gram trick, those of one factor shape in one batched call; LoHa/LoKr/Tucker by a dense SVD."""
+    channels = {name: None for name in modules}  # keeps the input order
+    factored = {}
+    for name, module in modules.items():
+        if module.kind in ("lora", "locon"):
+            up, down = module.tensors["up"], module.tensors["down"]
+            factored[name] = (up.shape[0], up.numel() // up.shape[0], down.numel() // down.shape[0])
+        else:
+            found = dense_channels(module.delta().to(device))
+            channels[name] = Channels(u=found.u.cpu(), sigma=found.sigma.cpu(), v=found.v.cpu())
+    for batch in shape_batches(factored):
+        ups = torch.stack([modules[n].tensors["up"].reshape(factored[n][:2]) for n in batch]).to(device)
+        downs = torch.stack([modules[n].tensors["down"].reshape(factored[n][1], -1) for n in batch]).to(device)
+        scales = torch.tensor([modules[n].scale for n in batch], dtype=torch.float64)
+        for name, found in zip(batch, lowrank_channels_batch(ups, downs, scales)):
+            channels[name] = Channels(u=found.u.cpu(), sigma=found.sigma.cpu(), v=found.v.cpu())
+    return channels
+
+
 def module_channels(module: LoraModule, device: torch.device | str = "cpu") -> Channels:
-    """Spectral channels of one module: the QR trick for factored updates, a dense SVD for LoHa/LoKr/Tucker.
-    Computed on ``device``, returned on the CPU."""
-    if module.kind in ("lora", "locon"):
-        up, down = module.factors()
-        channels = lowrank_channels(up.to(device), down.to(device), module.scale)
-    else:
-        channels = dense_channels(module.delta().to(device))
-    return Channels(u=channels.u.cpu(), sigma=channels.sigma.cpu(), v=channels.v.cpu())
+    """Spectral channels of one module (`channels_of`)."""
+    return channels_of({module.name: module}, device)[module.name]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -144,13 +171,12 @@ def filter_lora(
     # Each module's anchors serve its own scores only: holding all of them would cost gigabytes on SDXL.
     store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache, device=device)
 
-    channels: dict[str, Channels] = {}
+    names = list(lora.modules)
+    channels = channels_of(lora.modules, device)
     scores: dict[str, torch.Tensor] = {}
     anchor_ranks: dict[str, int] = {}
-    names = list(lora.modules)
     for name in tqdm(names, desc="scoring channels", unit="module", disable=not progress, leave=False):
         target = targets[name]
-        channels[name] = module_channels(lora.modules[name], device)
         module_anchors: dict[tuple, Anchors] = {}
 
         def anchors(energy: float, k: int | None, side: str = "both", target=target, name=name,
@@ -170,13 +196,17 @@ def filter_lora(
     store.flush()
     weights = select(scores, {name: channels[name].sigma for name in names}, config.selection)
 
-    new_factors = {}
+    def new_rank(name: str) -> int:
+        kept = int((channels[name].sigma * weights[name] > 0).sum())
+        module = lora.modules[name]
+        return max(1, kept) if reduce_rank or module.kind not in ("lora", "locon") else max(module.rank, kept)
+
+    new_factors = {n: rebuild_factors(channels[n], weights[n], lora.modules[n].scale, new_rank(n), lora.modules[n].dtype)
+                   for n in names}
     modules = []
     for name in names:
         module, chans, w = lora.modules[name], channels[name], weights[name]
         kept = int((w > 0).sum())
-        rank = None if reduce_rank or module.kind not in ("lora", "locon") else max(module.rank, kept)
-        new_factors[name] = rebuild_factors(chans, w, module.scale, rank=rank)
         power = chans.sigma.double().square()
         modules.append(
             ModuleReport(
@@ -188,9 +218,9 @@ def filter_lora(
                 kept=kept,
                 energy_kept=float((power * w.double().square()).sum() / power.sum()) if power.sum() > 0 else 1.0,
                 anchor_rank=anchor_ranks.get(name),
-                sigma=[round(float(s), 6) for s in chans.sigma],
-                scores=[round(float(s), 6) for s in scores[name]],
-                weights=[round(float(x), 6) for x in w],
+                sigma=[round(s, 6) for s in chans.sigma.tolist()],
+                scores=[round(s, 6) for s in scores[name].tolist()],
+                weights=[round(x, 6) for x in w.tolist()],
             )
         )
     report = FilterReport(

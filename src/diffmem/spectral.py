@@ -8,7 +8,6 @@ Base-Anchored Filtering (BAF, arXiv 2605.10439) keeps the channels aligned with 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -53,47 +52,70 @@ class Anchors:
         return int((self.u if self.u is not None else self.v).shape[1])
 
 
-#: A direction of a LoRA factor whose Gram eigenvalue is below this share of the largest (a singular value below
-#: 1e-6 of the largest) is treated as null: at that size float64 rounding makes its direction meaningless.
-FACTOR_NULL_RELATIVE_EIGENVALUE = 1e-12
+#: A direction of a LoRA factor whose eigenvalue in the factor's column-normalised Gram matrix is below this share
+#: of the largest is treated as null (columns that are zero or dependent to within 0.3%): the Gram matrix is
+#: formed in float32, whose rounding (about 1e-6 of a unit diagonal at LoRA sizes) makes smaller ones noise.
+FACTOR_NULL_RELATIVE_EIGENVALUE = 1e-5
 
 
-def factor_range(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C, R)`` with ``matrix @ C`` orthonormal and ``matrix = (matrix @ C) @ R`` on its numerical range, from the
-    eigendecomposition of the small Gram matrix ``matrix^T matrix`` (a Cholesky-QR in eigen form, Fukaya et al.
-    2014): matrix products instead of a Householder QR of the tall factor."""
-    values, vectors = torch.linalg.eigh(matrix.T @ matrix)
-    values, vectors = values.flip(0), vectors.flip(1)
-    keep = values > max(float(values[0]), 0.0) * FACTOR_NULL_RELATIVE_EIGENVALUE if values.numel() else values > 0
-    values, vectors = values[keep], vectors[:, keep]
-    roots = values.sqrt()
-    return vectors / roots, roots[:, None] * vectors.T
+def factor_ranges(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(C, R, kept)`` per matrix of a batch ``[G, n, r]``: ``M @ C`` has orthonormal columns on the range of
+    ``M`` and ``M = (M @ C) @ R``, from the eigendecomposition of the small Gram matrix ``M^T M`` (a Cholesky-QR in
+    eigen form, Fukaya et al. 2014): matrix products instead of a Householder QR of the tall factor.
+
+    The Gram matrix is formed in float32 (the one pass over the tall factor) and scaled to a unit diagonal before
+    its float64 eigendecomposition, so columns of very different norms (a filtered LoRA's) lose no accuracy.
+    Directions sorted by decreasing eigenvalue; a null direction (`FACTOR_NULL_RELATIVE_EIGENVALUE`) gets a zero
+    column in ``C`` and a zero row in ``R``; ``kept`` [G] counts the others. ``C`` and ``R`` are float64.
+    """
+    gram = (matrices.transpose(-1, -2) @ matrices).to(torch.float64)
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    values, vectors = torch.linalg.eigh(gram / (norms[..., :, None] * norms[..., None, :]))
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    floor = values[..., :1].clamp_min(0.0) * FACTOR_NULL_RELATIVE_EIGENVALUE
+    keep = (values > floor) & (values > 0)
+    roots = torch.where(keep, values, torch.ones_like(values)).sqrt()
+    coords = torch.where(keep[..., None, :], vectors / roots[..., None, :], torch.zeros_like(vectors))
+    ranges = torch.where(keep[..., :, None], roots[..., :, None] * vectors.transpose(-1, -2), torch.zeros_like(vectors))
+    return coords / norms[..., :, None], ranges * norms[..., None, :], keep.sum(-1)
+
+
+def lowrank_channels_batch(ups: torch.Tensor, downs: torch.Tensor, scales: torch.Tensor) -> list[Channels]:
+    """`lowrank_channels` of G updates of one shape at once: ``ups`` [G, out, r], ``downs`` [G, r, in], ``scales``
+    [G]. Batched decompositions of the small matrices cost one call per shape instead of one per module; the two
+    passes over each tall factor run in float32, everything r x r in float64."""
+    b = ups.to(torch.float32)
+    a = downs.to(torch.float32).transpose(-1, -2)
+    if b.shape[-1] != a.shape[-1] or b.shape[0] != a.shape[0]:
+        raise ValueError(f"rank mismatch: up is {tuple(ups.shape)}, down is {tuple(downs.shape)}")
+    coords_b, range_b, kept_b = factor_ranges(b)
+    coords_a, range_a, kept_a = factor_ranges(a)
+    core_u, core_s, core_vh = torch.linalg.svd(range_b @ range_a.transpose(-1, -2), full_matrices=False)
+    count = min(b.shape[1], a.shape[1], b.shape[2])
+    scales = torch.as_tensor(scales, dtype=torch.float64, device=b.device).reshape(-1)
+    # Beyond min(kept_b, kept_a) the core's singular values are zero: those channels are null (zero vectors).
+    live = (torch.arange(count, device=b.device) < torch.minimum(kept_b, kept_a)[:, None]).to(torch.float64)
+    to_u = (coords_b @ core_u[..., :count]) * live[:, None, :]
+    to_v = (coords_a @ core_vh.transpose(-1, -2)[..., :count]) * (live * scales.sign()[:, None])[:, None, :]
+    u, v = b @ to_u.to(torch.float32), a @ to_v.to(torch.float32)
+    sigma = (scales.abs()[:, None] * core_s[..., :count] * live).to(torch.float32)
+    return [Channels(u=u[g], sigma=sigma[g], v=v[g]) for g in range(b.shape[0])]
 
 
 def lowrank_channels(up: torch.Tensor, down: torch.Tensor, scale: float) -> Channels:
     """Channels of ``scale * up @ down`` without forming it: an orthonormal basis of each factor's range from its
-    r x r Gram matrix (`factor_range`), then the SVD of the small core (elias-gaeros/resize_lora's QR trick, with
+    r x r Gram matrix (`factor_ranges`), then the SVD of the small core (elias-gaeros/resize_lora's QR trick, with
     the QR done through the Gram matrix: 10 to 15 times faster on a CPU at LoRA shapes).
 
     Cost O((out + in) r^2). There are min(out, in, r) channels; null directions of the update (zero or dependent
     columns, a rank above one side's dimension) are channels of gain 0 with zero vectors.
     """
-    b = up.reshape(up.shape[0], -1).to(torch.float64)
-    a = down.reshape(down.shape[0], -1).to(torch.float64)
+    b = up.reshape(up.shape[0], -1)
+    a = down.reshape(down.shape[0], -1)
     if b.shape[1] != a.shape[0]:
         raise ValueError(f"rank mismatch: up is {tuple(up.shape)}, down is {tuple(down.shape)}")
-    coords_b, r_b = factor_range(b)
-    coords_a, r_a = factor_range(a.T)
-    core_u, core_s, core_vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    count = min(b.shape[0], a.shape[1], b.shape[1])
-    u = torch.zeros(b.shape[0], count, dtype=torch.float64)
-    v = torch.zeros(a.shape[1], count, dtype=torch.float64)
-    sigma = torch.zeros(count, dtype=torch.float64)
-    found = core_s.numel()
-    u[:, :found] = b @ (coords_b @ core_u)
-    v[:, :found] = a.T @ (coords_a @ core_vh.T) * math.copysign(1.0, scale)
-    sigma[:found] = abs(scale) * core_s
-    return Channels(u=u.to(torch.float32), sigma=sigma.to(torch.float32), v=v.to(torch.float32))
+    return lowrank_channels_batch(b[None], a[None], torch.tensor([float(scale)]))[0]
 
 
 def dense_channels(delta: torch.Tensor, max_channels: int | None = None, rtol: float = 1e-6) -> Channels:
@@ -231,27 +253,35 @@ def max_cosine_to_base(channels: Channels, weight: torch.Tensor) -> torch.Tensor
 
 
 def rebuild_factors(
-    channels: Channels, weights: torch.Tensor, scale: float, rank: int | None = None
+    channels: Channels, weights: torch.Tensor, scale: float, rank: int | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors ``(B, A)`` with ``scale * B @ A == sum_i w_i sigma_i u_i v_i^T``, zero-padded to ``rank`` columns.
+    """Factors ``(B, A)`` with ``scale * B @ A == sum_i w_i sigma_i u_i v_i^T``, written straight in ``dtype``.
 
-    With ``rank=None`` only channels with a non-zero weight are written (a smaller rank). The square root of each
-    channel's gain is split evenly between the factors, as kohya's resize_lora does.
+    With ``rank`` at least the channel count, each channel keeps its column and a dropped channel's column is zero
+    (zero columns added up to ``rank``); with a smaller ``rank`` the kept channels are packed first, and with
+    ``rank=None`` only they are written (a smaller rank). The square root of each channel's gain is split evenly
+    between the factors, as kohya's resize_lora does.
     """
     if scale == 0:
         raise ValueError("a LoRA scale of 0 cannot carry an update")
     gains = channels.sigma * weights.to(channels.sigma)
-    kept = torch.nonzero(gains > 0).flatten()
-    if rank is None:
-        rank = max(1, int(kept.numel()))
-    if kept.numel() > rank:
-        raise ValueError(f"{kept.numel()} channels kept but the rank is {rank}")
-    root = (gains[kept] / abs(scale)).sqrt()
-    sign = math.copysign(1.0, scale)
-    up = torch.zeros(channels.u.shape[0], rank, dtype=torch.float32)
-    down = torch.zeros(rank, channels.v.shape[0], dtype=torch.float32)
-    up[:, : kept.numel()] = channels.u[:, kept] * root
-    down[: kept.numel()] = (channels.v[:, kept] * root * sign).T
+    kept = gains > 0
+    root = torch.where(kept, gains / abs(scale), torch.zeros_like(gains)).sqrt()
+    u, v = channels.u, channels.v
+    count = int(kept.sum())
+    if rank is None or rank < channels.count:
+        rank = max(1, count) if rank is None else rank
+        if count > rank:
+            raise ValueError(f"{count} channels kept but the rank is {rank}")
+        chosen = torch.nonzero(kept).flatten()
+        u, v, root = u[:, chosen], v[:, chosen], root[chosen]
+    up = torch.empty(u.shape[0], rank, dtype=dtype)
+    down = torch.empty(rank, v.shape[0], dtype=dtype)
+    columns = root.numel()
+    up[:, columns:] = 0
+    down[columns:] = 0
+    torch.mul(u, root, out=up[:, :columns])
+    torch.mul(v.T, (root * (1.0 if scale > 0 else -1.0))[:, None], out=down[:columns])
     return up, down
 
 

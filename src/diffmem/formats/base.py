@@ -3,7 +3,7 @@
 `open_base` reads only headers. Its `targets` is a model-first alias map: it enumerates the base's own
 weights and generates every name a LoRA may use for each (kohya names in diffusers and in LDM/SGM naming,
 diffusers/PEFT dotted names, original Flux/SD3 fused names), so a LoRA module either finds its weight or is
-reported as not belonging to this base. `weight` reads one tensor at a time from memory-mapped files, so an
+reported as not belonging to this base. `weight` reads one tensor at a time, by byte range, so an
 SDXL or Flux base is never held in memory.
 """
 
@@ -581,7 +581,7 @@ class BaseCheckpoint:
         return self._aliases[1]
 
     def weight(self, target: Target) -> torch.Tensor:
-        """The float32 weight `target` describes, reading only the tensors it needs (memory-mapped)."""
+        """The float32 weight `target` describes, reading only the tensors it needs (by byte range)."""
         rows = []
         for key, start, end in target.parts:
             if key not in self._store.entries:

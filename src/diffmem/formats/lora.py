@@ -83,6 +83,11 @@ class LoraModule:
     weight_shape: tuple[int, ...]
     rslora: bool = False  # scale = alpha / sqrt(rank)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype its factors are stored in (what a rewritten module is written in)."""
+        return next(t.dtype for role, t in self.tensors.items() if role not in SHARED_ROLES)
+
     def factors(self) -> tuple[Tensor, Tensor]:
         """(B [out, r], A [r, in*kh*kw]) as float32, with dW = scale * B @ A; lora and locon modules only."""
         if self.kind not in ("lora", "locon"):
@@ -469,12 +474,13 @@ def module_with_factors(
         follows_rank = not module.alpha_stored or (old_alpha is not None and float(old_alpha.float().sum()) == 0)
         alpha = float(rank) if follows_rank else module.alpha
         scale = lora_math.lora_scale(alpha, rank, module.rslora)
-        b = b * (module.scale / scale)
+        if scale != module.scale:
+            b = b * (module.scale / scale)
         alpha_stored = module.alpha_stored
     else:
         alpha, scale = lora_math.alpha_keeping_scale(module.scale, rank, module.rslora), module.scale
         alpha_stored = module.alpha_stored or alpha != rank
-    dtype = next(t.dtype for role, t in module.tensors.items() if role not in SHARED_ROLES)
+    dtype = module.dtype
     conv = len(shape) == 4
     b, a = b.detach().to("cpu", dtype), a.detach().to("cpu", dtype)
     up = b.reshape(out, rank, 1, 1) if conv else b
