@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -15,7 +16,7 @@ from diffmem.cli import main
 from diffmem.errors import BadWeightsError, BaseMismatchError, DiffmemError, FileFormatError
 from diffmem.filters import BAFConfig, KeepAllConfig, MagnitudeConfig, RandomConfig, Selection
 from diffmem.formats.lora import read_lora
-from diffmem.formats.safetensors_io import load_file
+from diffmem.formats.safetensors_io import load_file, save_file
 from diffmem.pipeline import filter_file, filter_lora, module_channels
 
 
@@ -175,6 +176,13 @@ def test_anchor_cache_is_reused_and_survives_corruption(tmp_path):
     assert [m.scores for m in cold.modules] == [m.scores for m in warm.modules]
     stored, _ = load_file(next((cache / "anchors").iterdir()))
     assert {t.dtype for name, t in stored.items() if not name.endswith(".spectrum")} == {torch.float16}
+    shard = next((cache / "anchors").iterdir())
+    poisoned, metadata = load_file(shard)
+    poisoned[next(name for name in sorted(poisoned) if name.endswith(".v"))][0, 0] = float("nan")
+    save_file(poisoned, shard, metadata)  # readable, but one anchor holds a NaN
+    mended = filter_lora(lora, base, cache_dir=cache).report
+    assert mended.anchors_computed > 0 and [m.weights for m in mended.modules] == [m.weights for m in cold.modules]
+    assert all(math.isfinite(s) for m in mended.modules for s in m.scores)
     for file in (cache / "anchors").iterdir():
         file.write_bytes(b"garbage")
     again = filter_lora(lora, base, cache_dir=cache).report
@@ -418,3 +426,22 @@ def test_device_option(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(DiffmemError, match="no CUDA GPU"):
             filter_lora(lora, base, device="cuda")
+
+
+def test_several_threads_give_the_same_filter_and_leave_torch_threads_as_they_were(tmp_path):
+    """Modules are decomposed, scored and rebuilt side by side on torch's threads (one torch thread each)."""
+    base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", convs=True, rank=4), False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = filter_lora(lora, base, cache_dir=tmp_path / "serial")
+        torch.set_num_threads(3)
+        parallel = filter_lora(lora, base, cache_dir=tmp_path / "parallel")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert [m.scores for m in parallel.report.modules] == [m.scores for m in serial.report.modules]
+    assert parallel.report.anchors_computed == serial.report.anchors_computed == len(serial.report.modules)
+    for name, module in serial.lora.modules.items():
+        for role, tensor in module.tensors.items():
+            assert torch.equal(parallel.lora.modules[name].tensors[role], tensor), (name, role)

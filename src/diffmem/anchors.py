@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,9 @@ class AnchorStore:
         self.shards: dict[str, dict[str, SafetensorsFile]] = {}  # rule -> target id -> the shard holding it
         self.computed = 0
         self.loaded = 0
+        # Filters score modules on several threads: the lock guards the shard index, the pending anchors and the
+        # counters; reading a tensor from a shard (a positioned read) and computing anchors happen outside it.
+        self.lock = threading.RLock()
 
     @property
     def folder(self) -> Path:
@@ -82,15 +86,34 @@ class AnchorStore:
         return self.shards[rule]
 
     def read(self, rule: str, key: str, parts: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
-        shard = self.index(rule).get(key)
+        with self.lock:
+            shard = self.index(rule).get(key)
         if shard is None:
             return None
         try:
-            return {part: shard.get(f"{key}.{part}", torch.float32) for part in parts}
+            # Unchecked: the filter checks the scores computed from these instead, and calls `discard` when they
+            # are not finite (one pass over every anchor less).
+            return {part: shard.get(f"{key}.{part}", torch.float32, check=False) for part in parts}
         except (DiffmemError, KeyError):
+            self.drop(rule, shard)
+            return None
+
+    def drop(self, rule: str, shard: SafetensorsFile) -> None:
+        """Delete a corrupt shard; its anchors are computed again when next asked for."""
+        with self.lock:
             shard.path.unlink(missing_ok=True)
             self.shards[rule] = {k: s for k, s in self.shards[rule].items() if s is not shard}
-            return None
+
+    def discard(self, target, energy: float = 0.5, k: int | None = None) -> bool:
+        """Delete the shard holding ``target``'s anchors (they gave non-finite scores: the file is corrupt), so the
+        next `get` computes them again. False when no shard held them."""
+        rule = self.rule_name(energy, k)
+        with self.lock:
+            shard = self.index(rule).get(target_id(target))
+        if shard is None:
+            return False
+        self.drop(rule, shard)
+        return True
 
     def get(self, target, energy: float = 0.5, k: int | None = None, side: str = "both") -> Anchors:
         """Anchors of the base weight behind ``target``; with ``side`` "left" or "right" a cached entry is read
@@ -98,20 +121,24 @@ class AnchorStore:
         rule = self.rule_name(energy, k)
         key = target_id(target)
         parts = {"left": ("u", "spectrum"), "right": ("v", "spectrum"), "both": self.PARTS}[side]
-        pending = self.pending.get(rule, {})
-        if f"{key}.u" in pending:  # computed earlier in this run, not yet written
-            stored = {part: pending[f"{key}.{part}"] for part in parts}
+        with self.lock:
+            pending = self.pending.get(rule, {})
+            stored = {part: pending[f"{key}.{part}"] for part in parts} if f"{key}.u" in pending else None
+        if stored is not None:  # computed earlier in this run, not yet written
+            pass
         elif (stored := self.read(rule, key, parts) if self.use_cache else None) is not None:
-            self.loaded += 1
+            with self.lock:
+                self.loaded += 1
         else:
             computed = principal_subspace(self.base.weight(target).to(self.device), energy=energy, k=k)
             stored = {"u": computed.u.cpu().to(STORAGE_DTYPE), "v": computed.v.cpu().to(STORAGE_DTYPE),
                       "spectrum": computed.spectrum.cpu().float()}
-            self.computed += 1
-            if self.use_cache:
-                self.pending.setdefault(rule, {}).update({f"{key}.{part}": t for part, t in stored.items()})
-                if self.unflushed() >= FLUSH_EVERY:
-                    self.flush()  # bounds memory, and an interrupted run keeps what it wrote
+            with self.lock:
+                self.computed += 1
+                if self.use_cache:
+                    self.pending.setdefault(rule, {}).update({f"{key}.{part}": t for part, t in stored.items()})
+                    if self.unflushed() >= FLUSH_EVERY:
+                        self.flush()  # bounds memory, and an interrupted run keeps what it wrote
         return Anchors(u=stored["u"].float() if "u" in parts else None, v=stored["v"].float() if "v" in parts else None,
                        spectrum=stored["spectrum"].float())  # no-ops for anchors read from a shard
 
@@ -122,17 +149,18 @@ class AnchorStore:
     def flush(self) -> None:
         """Write the anchors computed since the last flush as new shards (atomic writes). `get` flushes by itself
         every `FLUSH_EVERY` new anchors; call this once at the end."""
-        for rule, tensors in self.pending.items():
-            if not tensors:
-                continue
-            digest = hashlib.sha256("\n".join(sorted(tensors)).encode()).hexdigest()[:16]
-            path = self.folder / f"{self.shard_prefix(rule)}{digest}.safetensors"
-            metadata = {"diffmem.base_sha256": self.base.content_hash(), "diffmem.anchor_rule": rule,
-                        "diffmem.cache_version": CACHE_VERSION}
-            save_file(tensors, path, metadata)
-            shard = SafetensorsFile(path)
-            self.index(rule).update({name.rsplit(".", 1)[0]: shard for name in shard})
-        self.pending.clear()
+        with self.lock:
+            for rule, tensors in self.pending.items():
+                if not tensors:
+                    continue
+                digest = hashlib.sha256("\n".join(sorted(tensors)).encode()).hexdigest()[:16]
+                path = self.folder / f"{self.shard_prefix(rule)}{digest}.safetensors"
+                metadata = {"diffmem.base_sha256": self.base.content_hash(), "diffmem.anchor_rule": rule,
+                            "diffmem.cache_version": CACHE_VERSION}
+                save_file(tensors, path, metadata)
+                shard = SafetensorsFile(path)
+                self.index(rule).update({name.rsplit(".", 1)[0]: shard for name in shard})
+            self.pending.clear()
 
 
 @dataclass

@@ -6,8 +6,10 @@ This is the library behind ``diffmem filter`` and ``diffmem inspect``; the maths
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,6 +94,27 @@ class FilterResult:
     report: FilterReport
 
 
+@contextlib.contextmanager
+def parallel_modules(device: torch.device | str = "cpu"):
+    """A ``map`` that runs independent per-module work on every thread torch may use, one torch thread each (a
+    plain ``map`` for work on a GPU, which queues it anyway).
+
+    The work per module (read its anchors, a few small products) is too small for torch's own intra-op threads to
+    pay off; running modules side by side does (torch releases the GIL inside its operations). Torch's thread
+    count is restored afterwards.
+    """
+    workers = torch.get_num_threads()
+    if workers <= 1 or torch.device(device).type != "cpu":
+        yield map
+        return
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            yield pool.map
+    finally:
+        torch.set_num_threads(workers)
+
+
 #: Factored modules of one shape decomposed together (bounds the float64 copies a batch holds).
 BATCH_MODULES = 64
 
@@ -116,12 +139,18 @@ def channels_of(modules: dict[str, LoraModule], device: torch.device | str = "cp
         else:
             found = dense_channels(module.delta().to(device))
             channels[name] = Channels(u=found.u.cpu(), sigma=found.sigma.cpu(), v=found.v.cpu())
-    for batch in shape_batches(factored):
+
+    def decompose(batch: list[str]) -> list[Channels]:
         ups = torch.stack([modules[n].tensors["up"].reshape(factored[n][:2]) for n in batch]).to(device)
         downs = torch.stack([modules[n].tensors["down"].reshape(factored[n][1], -1) for n in batch]).to(device)
         scales = torch.tensor([modules[n].scale for n in batch], dtype=torch.float64)
-        for name, found in zip(batch, lowrank_channels_batch(ups, downs, scales)):
-            channels[name] = Channels(u=found.u.cpu(), sigma=found.sigma.cpu(), v=found.v.cpu())
+        return [Channels(u=c.u.cpu(), sigma=c.sigma.cpu(), v=c.v.cpu())
+                for c in lowrank_channels_batch(ups, downs, scales)]
+
+    batches = shape_batches(factored)
+    with parallel_modules(device) as run:
+        for batch, found in zip(batches, run(decompose, batches)):
+            channels.update(zip(batch, found))
     return channels
 
 
@@ -173,26 +202,36 @@ def filter_lora(
 
     names = list(lora.modules)
     channels = channels_of(lora.modules, device)
-    scores: dict[str, torch.Tensor] = {}
     anchor_ranks: dict[str, int] = {}
-    for name in tqdm(names, desc="scoring channels", unit="module", disable=not progress, leave=False):
+
+    def score_module(name: str) -> torch.Tensor:
         target = targets[name]
         module_anchors: dict[tuple, Anchors] = {}
 
-        def anchors(energy: float, k: int | None, side: str = "both", target=target, name=name,
-                    seen=module_anchors) -> Anchors:
-            if (energy, k, side) not in seen:
-                seen[(energy, k, side)] = store.get(target, energy, k, side)
-                anchor_ranks[name] = seen[(energy, k, side)].k
-            return seen[(energy, k, side)]
+        def anchors(energy: float, k: int | None, side: str = "both") -> Anchors:
+            if (energy, k, side) not in module_anchors:
+                module_anchors[(energy, k, side)] = store.get(target, energy, k, side)
+                anchor_ranks[name] = module_anchors[(energy, k, side)].k
+            return module_anchors[(energy, k, side)]
 
-        view = ModuleView(
-            name=name,
-            channels=channels[name],
-            anchors=anchors,
-            weight=lambda target=target: base.weight(target).reshape(target.shape[0], -1),
-        )
-        scores[name] = config.score(view).float()
+        view = ModuleView(name=name, channels=channels[name], anchors=anchors,
+                          weight=lambda: base.weight(target).reshape(target.shape[0], -1))
+        score = config.score(view).float()
+        if not bool(torch.isfinite(score).all()):
+            # The LoRA and base tensors were checked when read; cached anchors are checked here, through the scores:
+            # a corrupt shard is deleted and the module scored again with anchors computed afresh.
+            discarded = [store.discard(target, energy, k) for energy, k, _ in module_anchors]
+            module_anchors.clear()
+            if any(discarded):
+                score = config.score(view).float()
+            if not bool(torch.isfinite(score).all()):
+                raise DiffmemError(f"module {name}: its channel scores are not finite", lora.path)
+        return score
+
+    with parallel_modules(device) as run:
+        found = run(score_module, names)
+        scores = dict(zip(names, tqdm(found, total=len(names), desc="scoring channels", unit="module",
+                                      disable=not progress, leave=False)))
     store.flush()
     weights = select(scores, {name: channels[name].sigma for name in names}, config.selection)
 
@@ -201,8 +240,12 @@ def filter_lora(
         module = lora.modules[name]
         return max(1, kept) if reduce_rank or module.kind not in ("lora", "locon") else max(module.rank, kept)
 
-    new_factors = {n: rebuild_factors(channels[n], weights[n], lora.modules[n].scale, new_rank(n), lora.modules[n].dtype)
-                   for n in names}
+    def rebuild(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        module = lora.modules[name]
+        return rebuild_factors(channels[name], weights[name], module.scale, new_rank(name), module.dtype)
+
+    with parallel_modules() as run:
+        new_factors = dict(zip(names, run(rebuild, names)))
     modules = []
     for name in names:
         module, chans, w = lora.modules[name], channels[name], weights[name]

@@ -202,13 +202,14 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             done += got
         return buffer.view(TORCH_DTYPES[entry["dtype"]]).reshape(shape)
 
-    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None, check: bool = True) -> torch.Tensor:
         """The tensor ``key``, converted to ``dtype`` if given, checked to be finite (after the conversion, where
-        the check is cheaper for float32)."""
+        the check is cheaper for float32). ``check=False`` is for callers that verify what they compute from it
+        instead (the anchor cache: a NaN or Inf in an anchor makes the module's scores non-finite)."""
         tensor = self._read(key)
         if dtype is not None:
             tensor = tensor.to(dtype)
-        return check_finite(tensor, key, self.path)
+        return check_finite(tensor, key, self.path) if check else tensor
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.get(key)
