@@ -12,6 +12,7 @@ from diffmem.memcontrol.mask import check_mask_fits, load_mask
 from diffmem.memcontrol.search import (
     SearchConfig,
     TrialResult,
+    earlier_trial,
     normalised_mean_choice,
     pareto_front,
     search,
@@ -33,6 +34,9 @@ def test_pareto_front_and_normalised_mean_choice():
     # normalised: trial 0 (0.8, 0), trial 1 (0, 0.667), trial 2 (0.4, 0.067) -> trial 2 has the lowest mean
     assert normalised_mean_choice(values, [0, 1, 2]) == 2
     assert normalised_mean_choice([(1.0, 1.0), (1.0, 1.0)], [0, 1]) == 0
+    again = [*results, TrialResult(4, "10", 1.0, 30.0, 4)]
+    assert earlier_trial(again, "10").number == 1 and earlier_trial(again, "00").number == 3
+    assert earlier_trial(results, "111") is None
 
 
 def test_validation_rows_avoid_the_proxy_set():

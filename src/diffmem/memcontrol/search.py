@@ -200,6 +200,12 @@ def completed(study) -> list[TrialResult]:
             for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])]
 
 
+def earlier_trial(results: list[TrialResult], bits: str) -> TrialResult | None:
+    """The first finished trial that evaluated mask `bits` (NSGA-II proposes a mask again, more so in small spaces:
+    5 entries give 32 masks), or None."""
+    return next((r for r in results if r.bits == bits), None)
+
+
 def pareto_front(results: list[TrialResult]) -> list[TrialResult]:
     """Trials no other trial beats on both objectives (ties on both kept once, the earliest)."""
     front = []
@@ -270,10 +276,18 @@ def search(out: str | Path, config: SearchConfig | None = None, storage: str | N
 
     def objective(trial) -> tuple[float, float]:
         bits = "".join(str(trial.suggest_int(f"m{i}", 0, 1)) for i in range(len(template.entries)))
+        trial.set_user_attr("bits", bits)
+        earlier = earlier_trial(completed(study), bits)
+        if earlier is not None:
+            # the inner fine-tune is deterministic: training the same mask again would repeat these numbers
+            trial.set_user_attr("trainable_parameters", earlier.trainable_parameters)
+            trial.set_user_attr("same_as", earlier.number)
+            if progress:
+                print(f"trial {trial.number} mask {bits}: as trial {earlier.number}", flush=True)
+            return earlier.memorization, earlier.fid
         began = time.time()
         memorization, quality, trained = evaluate_mask(base, template.with_train([b == "1" for b in bits]), config,
                                                        embedder)
-        trial.set_user_attr("bits", bits)
         trial.set_user_attr("trainable_parameters", trained)
         trial.set_user_attr("wall_time_s", round(time.time() - began, 1))
         if progress:
