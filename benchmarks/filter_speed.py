@@ -57,8 +57,12 @@ def kohya_modules(family: str, base_folder: Path, conv: bool) -> dict[str, tuple
 
 
 def write_lora_fixture(path: Path, modules: dict[str, tuple[int, ...]], rank: int, seed: int = 0) -> Path:
-    """A kohya LoRA with random fp16 factors of the given rank for every module, alpha = rank / 2."""
+    """A kohya LoRA with random fp16 factors of the given rank for every module, alpha = rank / 2 (kept if already
+    written: the same arguments always give the same file)."""
     from diffmem.formats.lora import lora_from_factors, write_lora
+
+    if path.exists():
+        return path
 
     generator = torch.Generator().manual_seed(seed)
     factors = {}
@@ -79,7 +83,8 @@ def measure(argv: list[str]) -> dict:
 
 
 def child(kind: str, lora: Path, base: Path, cache: Path, threads: int, device: str) -> None:
-    torch.set_num_threads(threads)
+    # The profile runs on one thread: cProfile sees only the thread it runs on, not the filter's worker threads.
+    torch.set_num_threads(1 if kind == "profile" else threads)
     if kind == "profile":
         import cProfile
         import io
@@ -148,6 +153,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print where a warm filter spends its time")
     parser.add_argument("--render", type=Path, help="write docs/performance.md from a JSON-lines results file")
     parser.add_argument("--note", help="a note stored with the results (e.g. other load on the machine)")
+    parser.add_argument("--repeat", type=int, default=1, help="warm runs to take the median of (default 1)")
     parser.add_argument("--exclusive", action="store_true",
                         help="nothing else ran on the machine: its targets are checked on wall time, not CPU time")
     parser.add_argument("--_child", nargs=6, help=argparse.SUPPRESS)
@@ -175,11 +181,16 @@ def main() -> None:
                "device": args.device, "machine": machine_name(args.device), "exclusive": args.exclusive, "note": args.note or ""}
         kinds = ("warm",) if args.warm_only else ("cold", "warm") + (() if args.skip_dense else ("dense",))
         for kind in kinds:
-            result = measure([kind, str(lora), str(base), str(anchors), str(args.threads), args.device])
+            runs = [measure([kind, str(lora), str(base), str(anchors), str(args.threads), args.device])
+                    for _ in range(args.repeat if kind == "warm" else 1)]
+            result = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
             row[f"{kind}_s"], row[f"{kind}_peak_mb"] = round(result["seconds"], 3), round(result["peak_mb"])
             row[f"{kind}_cpu_s"] = round(result["cpu_seconds"], 3)
+            if len(runs) > 1:
+                row[f"{kind}_runs_s"] = [round(r["seconds"], 3) for r in runs]
             print(f"{args.family} r{rank}: {kind} {result['seconds']:.2f} s ({result['cpu_seconds']:.2f} s CPU), "
-                  f"peak {result['peak_mb']:.0f} MB", file=sys.stderr)
+                  f"peak {result['peak_mb']:.0f} MB" + (f"; runs {row[f'{kind}_runs_s']}" if len(runs) > 1 else ""),
+                  file=sys.stderr)
         if "dense_s" in row:
             row["dense_over_warm"] = round(row["dense_s"] / row["warm_s"], 1)
             row["dense_over_warm_cpu"] = round(row["dense_cpu_s"] / row["warm_cpu_s"], 1)
@@ -237,6 +248,30 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def gpu_paragraph(rows: list[dict]) -> str:
+    """What the CUDA rows show, each against the best CPU row of the same model and rank."""
+    lines = []
+    for r in (r for r in rows if r.get("device", "cpu").startswith("cuda")):
+        cpu = [c for c in rows if c["family"] == r["family"] and c["rank"] == r["rank"] and c.get("device") == "cpu"]
+        parts = []
+        for kind, label in (("whole_anchors", "whole-model anchors"), ("cold", "cold filter"), ("warm", "warm filter"),
+                            ("dense", "dense SVD")):
+            if f"{kind}_s" not in r:
+                continue
+            best = min((c[f"{kind}_s"] for c in cpu if f"{kind}_s" in c), default=None)
+            versus = f" (CPU: {best:.1f} s)" if best is not None else ""
+            parts.append(f"{label} {r[f'{kind}_s']:.1f} s{versus}")
+        lines.append(f"- {r['family']} rank {r['rank']} on {r.get('machine', r['device'])}: " + ", ".join(parts) + ".")
+    if not lines:
+        return "## On a GPU\n\nNo GPU run yet (`--device cuda`)."
+    return ("## On a GPU\n\n`--device cuda` moves the decompositions (anchors, channels) to the GPU; reading, "
+            "scoring and rebuilding stay on the CPU. Wall times (the GPU machine's other figures are in the table):\n\n"
+            + "\n".join(lines) + "\n\nThe GPU pays off where the work is large decompositions: computing anchors "
+            "(cold filters and whole-model builds). A warm filter is many small per-module operations, which a GPU "
+            "does not speed up; the GPU rows predate the batching and threading above. `torch.linalg.svd` on CUDA "
+            "is slow for these shapes, so the dense baseline gains little there.")
+
+
 def render(results: Path, page: Path) -> None:
     """docs/performance.md from the JSON lines this script appended with --json."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
@@ -268,7 +303,7 @@ def render(results: Path, page: Path) -> None:
     coverage = (f"Measured: {', '.join(sorted(measured))} on {', '.join(devices)}. "
                 + (f"Not measured: {', '.join(missing)}. " if missing else "")
                 + ("No GPU run yet (`--device cuda`)." if devices == ["cpu"] else ""))
-    text = PAGE.format(table="\n".join(table), profiles="\n".join(profiles) or "(run with --profile)",
+    text = PAGE.format(gpu=gpu_paragraph(rows), table="\n".join(table), profiles="\n".join(profiles) or "(run with --profile)",
                        notes="\n".join(f"- {n}" for n in notes) or "- none", results=results.name,
                        targets="\n".join(target_lines(rows)), coverage=coverage)
     page.write_text(text)
@@ -286,11 +321,14 @@ docstring). Bases and LoRAs have the exact key names and shapes of the released 
   decomposes the update only, without scoring against the base;
 - **whole-model anchors**: `diffmem anchors BASE --only unet` (or `transformer`) into an empty cache: every weight
   a LoRA could target, what a platform builds once per base;
-- times are wall-clock seconds, with the measuring process's CPU seconds in brackets where recorded: on a machine
-  shared with other jobs the CPU time is the comparable figure (with one thread it approximates the wall time on
-  an idle machine), and the targets below are checked against it;
-- **peak MB**: the measuring process's peak resident memory (`ru_maxrss`); it includes the pages of the
-  memory-mapped base that the process touched, which the kernel can drop under pressure.
+- times are wall-clock seconds, with the measuring process's CPU seconds in brackets where recorded. A row marked
+  **exclusive** ran with nothing else on the machine (another engineer's job paused for the run), and its targets
+  are checked on wall time; on a machine shared with other jobs the CPU time is the comparable figure (with one
+  thread it approximates the wall time on an idle machine), and the targets are checked on it; a warm time with
+  several runs (`--repeat`) is their median;
+- **peak MB**: the measuring process's peak resident memory (`ru_maxrss`). Rows measured before the move to
+  positioned reads (from 2ce493b on, tensors are read with `preadv` instead of a memory map) count the pages of the
+  memory-mapped base and anchor cache that the process touched; later rows count only what the process holds.
 
 {coverage}
 
@@ -298,15 +336,28 @@ docstring). Bases and LoRAs have the exact key names and shapes of the released 
 
 {targets}
 
-How to read the misses. The warm filter's CPU time grows with the number of modules and the anchor rank; the
-profile below shows it spread over the factor decompositions (`lowrank_channels`), reading and NaN-checking the
-cached anchors (`sum`, `get_tensor`, `float`), the alignment products and rebuilding the factors, with no single
-hot spot left. The peak figures are resident set sizes, which count the pages of memory-mapped files the process
-touched: the SDXL base (all its fp16 weights, read by a cold filter) and the anchor cache (read by a warm one). The kernel can drop those pages under memory pressure, so they overstate what a machine needs, but they are
-what `ru_maxrss` reports, and we have not measured a run under a memory limit. The bases here have random
-weights; `python benchmarks/anchor_rank_share.py` shows that the energy-0.5 anchor rank of a random matrix (0.18
-of its dimension) is close to that of the embedded world's trained base (median 0.20), so the anchor sizes are not
-an artefact of the random values.
+What the warm filter does, and what made it fast. A warm filter of an SDXL rank-32 LoRA (722 modules) reads the
+LoRA (170 MB of fp16 factors), decomposes every module's update into channels, reads each module's cached right
+anchors (713 MB of fp16 in all, the dominant cost with the alignment products that use them), scores and selects
+the channels, and rebuilds the factors. Since the previous measurements:
+
+- factored modules of one shape are decomposed in one batched call (15 calls instead of 722), with the two passes
+  over each tall factor in float32 and the r x r work in float64, the Gram matrix scaled to a unit diagonal so
+  columns of very different norms lose no accuracy (tested against a float64 SVD);
+- tensors are read with one positioned read of exactly their bytes instead of through a memory map, so pages
+  leave the process with the tensor; the finite check is one pass (minimum and maximum for 16-bit floats);
+- cached anchors are not checked element by element: the scores computed from them are, and a non-finite score
+  drops the shard and recomputes its anchors (tested with a poisoned shard);
+- modules are decomposed, scored and rebuilt side by side on torch's threads, one torch thread each, because each
+  module's work is too small for torch's own threads to pay off (same output as one thread, tested);
+- factors are rebuilt directly in the file's dtype, and the report rounds with one list conversion per module.
+
+The profile below shows what is left: the alignment products, reading and converting the anchors, and the
+batched decompositions. The bases here have random weights; `python benchmarks/anchor_rank_share.py` shows that
+the energy-0.5 anchor rank of a random matrix (0.18 of its dimension) is close to that of the embedded world's
+trained base (median 0.20), so the anchor sizes are not an artefact of the random values.
+
+{gpu}
 
 ## All measurements
 

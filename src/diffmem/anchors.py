@@ -23,9 +23,10 @@ CACHE_VERSION = "3"  # 3: append-only shards instead of one file rewritten by ev
 #: run and a warm run score every channel identically.
 STORAGE_DTYPE = torch.float16
 
-#: `AnchorStore.get` writes a shard after this many new anchors, so a run holds a bounded amount in memory and an
-#: interrupted run resumes from what it wrote.
+#: `AnchorStore.get` writes a shard after this many new anchors, or once they hold this many bytes (SDXL's and
+#: Flux's big weights), so a run holds a bounded amount in memory and an interrupted run resumes from what it wrote.
 FLUSH_EVERY = 128
+FLUSH_BYTES = 128 * 2**20
 
 
 def target_id(target) -> str:
@@ -137,7 +138,7 @@ class AnchorStore:
                 self.computed += 1
                 if self.use_cache:
                     self.pending.setdefault(rule, {}).update({f"{key}.{part}": t for part, t in stored.items()})
-                    if self.unflushed() >= FLUSH_EVERY:
+                    if self.unflushed() >= FLUSH_EVERY or self.unflushed_bytes() >= FLUSH_BYTES:
                         self.flush()  # bounds memory, and an interrupted run keeps what it wrote
         return Anchors(u=stored["u"].float() if "u" in parts else None, v=stored["v"].float() if "v" in parts else None,
                        spectrum=stored["spectrum"].float())  # no-ops for anchors read from a shard
@@ -145,6 +146,9 @@ class AnchorStore:
     def unflushed(self) -> int:
         """Anchors computed but not yet written."""
         return sum(len(tensors) for tensors in self.pending.values()) // len(self.PARTS)
+
+    def unflushed_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for tensors in self.pending.values() for t in tensors.values())
 
     def flush(self) -> None:
         """Write the anchors computed since the last flush as new shards (atomic writes). `get` flushes by itself

@@ -184,12 +184,14 @@ def principal_subspace(weight: torch.Tensor, energy: float = 0.5, k: int | None 
     if float(sigma[-1]) <= GRAM_MIN_RELATIVE_SIGMA * float(sigma[0]):
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
         return Anchors(u=u[:, :rank].contiguous(), v=vh[:rank].T.contiguous(), spectrum=spectrum)
-    known = vectors[:, :rank]
+    # The other side in float32: anchors are stored in half precision, and a float64 copy of an SDXL or Flux
+    # weight would double the peak memory of a cold filter.
+    known = vectors[:, :rank].to(torch.float32)
     if matrix.shape[0] <= matrix.shape[1]:  # known = left vectors
-        other = (matrix.T.to(torch.float64) @ known) / sigma
+        other = (matrix.T @ known) / sigma.to(torch.float32)
         u, v = known, other
     else:
-        other = (matrix.to(torch.float64) @ known) / sigma
+        other = (matrix @ known) / sigma.to(torch.float32)
         u, v = other, known
     return Anchors(u=u.to(torch.float32).contiguous(), v=v.to(torch.float32).contiguous(), spectrum=spectrum)
 
