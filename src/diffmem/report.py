@@ -122,6 +122,26 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+def between_markers(text: str | None, start: str, end: str | None = None) -> str | None:
+    """The text strictly between the ``start`` line and the ``end`` line (the end of ``text`` when ``end`` is
+    None), or None when ``text`` lacks them: how a regenerated page finds the part people wrote by hand."""
+    if not text or start not in text:
+        return None
+    rest = text.split(start, 1)[1]
+    if end is None:
+        return rest
+    return rest.split(end, 1)[0] if end in rest else None
+
+
+def replace_between_markers(text: str, start: str, end: str, block: str) -> str:
+    """``text`` with what lies between its one ``start`` line and its one ``end`` line replaced by ``block``; a
+    clear error when the markers are missing, repeated or out of order."""
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise DiffmemError(f"needs exactly one {start!r} line followed by one {end!r} line")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{block}{end}{rest.split(end, 1)[1]}"
+
+
 def html_page(title: str, body: str) -> str:
     """A complete, self-contained HTML document."""
     return (

@@ -370,10 +370,10 @@ NOTES_START, NOTES_END = "<!-- NOTES START (kept when the page is regenerated) -
 
 def kept_notes(previous: str | None) -> str:
     """The hand-written block between `NOTES_START` and `NOTES_END` of a previous page (with its markers)."""
-    if previous and NOTES_START in previous and NOTES_END in previous:
-        start, end = previous.index(NOTES_START), previous.index(NOTES_END) + len(NOTES_END)
-        return previous[start:end]
-    return f"{NOTES_START}\n{NOTES_END}"
+    from diffmem.report import between_markers
+
+    notes = between_markers(previous, NOTES_START, NOTES_END)
+    return f"{NOTES_START}{notes}{NOTES_END}" if notes is not None else f"{NOTES_START}\n{NOTES_END}"
 
 
 def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings: RobustnessSettings,

@@ -17,7 +17,7 @@ from PIL import Image
 from diffmem.bench.evaluate import retained
 from diffmem.bench.stats import format_interval, mean_interval
 from diffmem.formats.safetensors_io import write_atomic
-from diffmem.report import image_grid, markdown_table, save_png
+from diffmem.report import between_markers, image_grid, markdown_table, save_png
 
 HAND_WRITTEN = "<!-- Everything below this line is written by hand and kept when `diffmem bench` regenerates the file. -->"
 
@@ -249,11 +249,7 @@ def render_channels(channels: dict, figures: Path) -> str:
 def write_results(rows: list[dict], work: str | Path, out: str | Path, channels: dict | None = None) -> Path:
     """Regenerate `out` (docs/results.md) from `rows`, keeping its hand-written tail."""
     work, out = Path(work), Path(out)
-    tail = ""
-    if out.exists():
-        text = out.read_text()
-        if HAND_WRITTEN in text:
-            tail = text.split(HAND_WRITTEN, 1)[1]
+    tail = between_markers(out.read_text() if out.exists() else None, HAND_WRITTEN) or ""
     body = render_results(rows, work, out, channels)
     write_atomic((body.rstrip() + "\n\n" + HAND_WRITTEN + tail).encode(), out)
     return out
