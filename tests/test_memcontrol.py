@@ -333,7 +333,8 @@ def test_table_run_measures_each_row_and_reuses_a_repeated_training(tmp_path):
     assert [r["label"] for r in rows] == ["Freeze (no fine-tuning)", "SV-DIFF", "MemControl (SV-DIFF mask)"]
     assert rows[1]["lr"] == pytest.approx(3.0 * default_lr("svdiff")) and rows[1]["trainable_parameters"] > 0
     assert rows[2]["same_as"] == "SV-DIFF" and rows[2]["mask"] == "11111"
-    assert rows[2]["fid"] == rows[1]["fid"] and rows[2]["train_s"] == 0
+    assert rows[2]["fid"] == rows[1]["fid"] and rows[2]["train_s"] == 0 and rows[2]["cpu_s"] == 0
+    assert rows[1]["cpu_s"] >= rows[1]["train_cpu_s"] >= 0 and rows[1]["cpu_s"] > 0
     assert rows[0]["trainable_parameters"] == 0 and rows[0]["lr"] is None and rows[0]["wen"] > 0
     record = json.loads((tmp_path / "t" / "rows.json").read_text())
     assert [r["label"] for r in record["rows"]] == [r["label"] for r in rows]

@@ -3,12 +3,13 @@ faces x K plus the other training faces once, MemControl's training data) with a
 checks the copy rate at several step counts, so one run gives the whole curve (a `diffmem memcontrol train` per
 step count would retrain from the start each time).
 
-    .venv/bin/python docs/memcontrol/budget_probe.py --method full --lr 1e-3 --duplicate 5:100 --checks 50,100,150,200
+    .venv/bin/python docs/memcontrol/budget_probe.py --method full --lr 1e-3 --duplicate 2:300 --checks 100,150,200
 
 Prints one JSON line per check: copy rate of 6 generations per duplicated caption (10 DDIM steps, guidance 3,
 Carlini et al.'s relative tiled-L2 test against all 80 training faces, own face nearest), per-caption rates and the
-median tiled-L2 distance of a generation to its own face (the base: 0.535). Training is
-`diffmem.world.train.finetune_loop` itself (caption dropout 0.1, offset noise 0.1), measured part-way through.
+median tiled-L2 distance of a generation to its own face (the base: 0.535 for 5:100, 0.598 for 2:300; the quick
+tables' Freeze rows). Training is `diffmem.world.train.finetune_loop` itself (caption dropout 0.1, offset noise
+0.1), measured part-way through.
 """
 
 from __future__ import annotations

@@ -121,7 +121,9 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
     """Train and measure every row; write `rows.json` and `table.md` to `out` after each row (a stopped run keeps
     the rows it finished). `mask_path`: a mask from `diffmem memcontrol search` (its method is read from it). A
     row that would train the same modules with the same method and mitigation as an earlier one (MemControl's
-    row when the searched mask is all on) reuses that row's numbers instead of training again."""
+    row when the searched mask is all on) reuses that row's numbers instead of training again. Each row records its
+    wall seconds (`train_s` of training, `total_s` with the measuring) and CPU seconds (`train_cpu_s`, `cpu_s`),
+    0 for a reused row."""
     from diffmem.bench.evaluate import BenchSettings, Probe, measure
     from diffmem.metrics.embedder import load_copy_embedder
     from diffmem.world.data import FINETUNE_SETS
@@ -152,10 +154,11 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
         if key in trained:
             # the same modules trained the same way: a deterministic run would repeat that row to the digit
             row = {**trained[key], "label": label, "mask": row_mask.bits if masked else None,
-                   "same_as": trained[key]["label"], "train_s": 0, "total_s": 0}
+                   "same_as": trained[key]["label"], "train_s": 0, "total_s": 0, "train_cpu_s": 0, "cpu_s": 0}
         else:
-            began = time.time()
+            began, began_cpu = time.time(), time.process_time()
             result = finetune_with_mask(base, train, row_mask, progress=False)
+            train_cpu = time.process_time() - began_cpu
             manifest = manifest_of(result, train, row_mask)
             probe = probe or Probe.from_manifest(manifest, embedder)
             numbers, _ = measure(result.unet, probe, BenchSettings())
@@ -165,7 +168,8 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
                    "wen": round(memorization_objective(result.unet, captions, config.wen_steps,
                                                        config.wen_generations, config.guidance, train.seed), 4),
                    "trainable_parameters": result.trainable_parameters,
-                   "train_s": round(result.wall_time_s), "total_s": round(time.time() - began)}
+                   "train_s": round(result.wall_time_s), "total_s": round(time.time() - began),
+                   "train_cpu_s": round(train_cpu), "cpu_s": round(time.process_time() - began_cpu)}
             trained[key] = row
         rows.append(row)
         if progress:
