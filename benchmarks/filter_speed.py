@@ -231,27 +231,29 @@ def target_value(row: dict, field: str) -> float | None:
 
 
 def target_lines(rows: list[dict]) -> list[str]:
-    """One table row per target, from the SDXL rank-32 measurements (or a line saying there are none)."""
-    sdxl = [r for r in rows if r["family"] == "sdxl" and r["rank"] == 32 and r.get("device", "cpu") == "cpu"]
+    """One table row per target, the best of the SDXL rank-32 CPU measurements, with the measurement it comes from
+    (its number in the table of all measurements), or a line saying there are none."""
+    sdxl = [(number, r) for number, r in enumerate(rows, 1)
+            if r["family"] == "sdxl" and r["rank"] == 32 and r.get("device", "cpu") == "cpu"]
     if not sdxl:
         return ["No SDXL rank-32 row has been measured yet (`--family sdxl --ranks 32 --whole-anchors`)."]
-    lines = ["| target | required | measured | met |", "| --- | --- | --- | --- |"]
+    lines = ["| target | required | measured | met | measurement |", "| --- | --- | --- | --- | --- |"]
     for what, field, limit, sense in TARGETS:
-        values = [value for r in sdxl if (value := target_value(r, field)) is not None]
+        values = [(value, number) for number, r in sdxl if (value := target_value(r, field)) is not None]
         if not values:
-            lines.append(f"| {what} | {sense.format(limit=limit)} | not measured | - |")
+            lines.append(f"| {what} | {sense.format(limit=limit)} | not measured | - | - |")
             continue
         at_least = sense.startswith("at least")
-        best = max(values) if at_least else min(values)
+        best, number = max(values) if at_least else min(values)
         met = best >= limit if at_least else best <= limit
-        lines.append(f"| {what} | {sense.format(limit=limit)} | {best:.4g} | {'yes' if met else 'no'} |")
+        lines.append(f"| {what} | {sense.format(limit=limit)} | {best:.4g} | {'yes' if met else 'no'} | #{number} |")
     return lines
 
 
 def gpu_paragraph(rows: list[dict]) -> str:
     """What the CUDA rows show, each against the best CPU row of the same model and rank."""
     lines = []
-    for r in (r for r in rows if r.get("device", "cpu").startswith("cuda")):
+    for number, r in ((n, r) for n, r in enumerate(rows, 1) if r.get("device", "cpu").startswith("cuda")):
         cpu = [c for c in rows if c["family"] == r["family"] and c["rank"] == r["rank"] and c.get("device") == "cpu"]
         parts = []
         for kind, label in (("whole_anchors", "whole-model anchors"), ("cold", "cold filter"), ("warm", "warm filter"),
@@ -261,15 +263,19 @@ def gpu_paragraph(rows: list[dict]) -> str:
             best = min((c[f"{kind}_s"] for c in cpu if f"{kind}_s" in c), default=None)
             versus = f" (CPU: {best:.1f} s)" if best is not None else ""
             parts.append(f"{label} {r[f'{kind}_s']:.1f} s{versus}")
-        lines.append(f"- {r['family']} rank {r['rank']} on {r.get('machine', r['device'])}: " + ", ".join(parts) + ".")
+        lines.append(f"- #{number}, {r['family']} rank {r['rank']} on {r.get('machine', r['device'])}: "
+                     + ", ".join(parts) + ".")
     if not lines:
         return "## On a GPU\n\nNo GPU run yet (`--device cuda`)."
     return ("## On a GPU\n\n`--device cuda` moves the decompositions (anchors, channels) to the GPU; reading, "
             "scoring and rebuilding stay on the CPU. Wall times (the GPU machine's other figures are in the table):\n\n"
             + "\n".join(lines) + "\n\nThe GPU pays off where the work is large decompositions: computing anchors "
-            "(cold filters and whole-model builds). A warm filter is many small per-module operations, which a GPU "
-            "does not speed up; the GPU rows predate the batching and threading above. `torch.linalg.svd` on CUDA "
-            "is slow for these shapes, so the dense baseline gains little there.")
+            "(cold filters and whole-model builds), 10 to 20 times faster than this 2-core CPU. A warm "
+            "filter is many small per-module operations, which a GPU barely speeds up: the first H200 rows, "
+            "measured before the batching and threading above, were slower than the CPU is now, and the later ones "
+            "match it. `torch.linalg.svd` on CUDA is slow for these shapes, so the dense baseline gains little "
+            "there. Flux was measured on the GPU machine only: its random base alone is 24 GB, and computing its "
+            "anchors on this 2-core CPU would take an estimated 35 minutes or more.")
 
 
 def render(results: Path, page: Path) -> None:
@@ -284,19 +290,19 @@ def render(results: Path, page: Path) -> None:
     def where(r: dict) -> str:
         return r.get("device", "cpu") + (f" ({r['machine']})" if r.get("machine") else "")
 
-    table = ["| model | rank | conv | modules | device | threads | cold filter | warm filter | dense SVD "
-             "| dense / warm | whole-model anchors | peak MB (cold / warm / dense) |", "|" + " --- |" * 12]
-    for r in rows:
+    table = ["| # | model | rank | conv | modules | device | threads | cold filter | warm filter | dense SVD "
+             "| dense / warm | whole-model anchors | peak MB (cold / warm / dense) |", "|" + " --- |" * 13]
+    for number, r in enumerate(rows, 1):
         ratio = r.get("dense_over_warm", "-")
         if "dense_over_warm_cpu" in r:
             ratio = f"{ratio} ({r['dense_over_warm_cpu']})"
-        table.append(f"| {r['family']} | {r['rank']} | {'yes' if r['conv'] else 'no'} | {r['modules']} "
+        table.append(f"| {number} | {r['family']}{' (exclusive)' if r.get('exclusive') else ''} | {r['rank']} | {'yes' if r['conv'] else 'no'} | {r['modules']} "
                      f"| {where(r)} | {r['threads']} | {timed(r, 'cold')} | {timed(r, 'warm')} "
                      f"| {timed(r, 'dense')} | {ratio} | {timed(r, 'whole_anchors')} "
                      f"| {r.get('cold_peak_mb', '-')} / {r['warm_peak_mb']} / {r.get('dense_peak_mb', '-')} |")
     profiles = [f"### {r['family']} rank {r['rank']}, warm\n\n```\n{r['profile'].strip()}\n```\n"
                 for r in rows if r.get("profile")]
-    notes = [r["note"] for r in rows if r.get("note")]
+    notes = [f"#{number}: {r['note']}" for number, r in enumerate(rows, 1) if r.get("note")]
     measured = {r["family"] for r in rows}
     missing = [f for f in FAMILIES if f not in measured]
     devices = sorted({r.get("device", "cpu") for r in rows})
