@@ -102,3 +102,10 @@ def test_ray_engine_gives_the_same_outputs(tmp_path, batch):
     assert [r.status for r in remote] == ["filtered", "filtered"]
     for a, b in zip(local, remote):
         assert Path(a.output).read_bytes() == Path(b.output).read_bytes()
+
+
+def test_workers_share_the_cores_instead_of_each_taking_all_of_them():
+    from diffmem.batch import threads_per_worker
+
+    assert threads_per_worker(1, 8) == 8 and threads_per_worker(2, 8) == 4 and threads_per_worker(3, 8) == 2
+    assert threads_per_worker(8, 2) == 1 and threads_per_worker(0, 2) == 2

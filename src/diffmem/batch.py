@@ -11,12 +11,14 @@ import csv
 import io
 import json
 import multiprocessing
+import os
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from diffmem.anchors import AnchorStore
@@ -112,6 +114,11 @@ def filter_one(source: Path, base: Path, output: Path, config: FilterConfig, opt
     )
 
 
+def threads_per_worker(workers: int, cpus: int) -> int:
+    """Torch threads for each of ``workers`` processes sharing ``cpus`` cores (at least one)."""
+    return max(1, cpus // max(1, workers))
+
+
 def filter_many(
     inputs: Iterable[str | Path],
     base: str | Path,
@@ -153,7 +160,11 @@ def filter_many(
             bar.update()
     else:
         # spawn, not fork: a forked child inherits torch's OpenMP thread pool in a broken state and can hang.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # Each worker gets its share of the cores for the filter's own threads, so workers do not oversubscribe them.
+        count = workers or os.cpu_count() or 1
+        with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads,
+                                 initargs=(threads_per_worker(count, os.cpu_count() or 1),)) as pool:
             futures = {pool.submit(filter_one, source, base, output, config, options): source for source, output in todo}
             for future in as_completed(futures):
                 rows[futures[future]] = future.result()
