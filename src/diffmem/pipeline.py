@@ -115,7 +115,7 @@ def parallel_modules(device: torch.device | str = "cpu"):
         torch.set_num_threads(workers)
 
 
-#: Factored modules of one shape decomposed together (bounds the float64 copies a batch holds).
+#: Factored modules of one shape decomposed together (bounds the float32 copies a batch holds).
 BATCH_MODULES = 64
 
 
