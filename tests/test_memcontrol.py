@@ -255,6 +255,14 @@ def test_table_rows_follow_the_seeds_table_1(tiny_unet):
         TableConfig(lr_scale=0.0)
 
 
+def test_a_table_with_no_rows_is_refused_before_any_work(tmp_path):
+    from diffmem.memcontrol.table import TableConfig, run_table
+
+    with pytest.raises(DiffmemError, match="no row to measure"):
+        run_table(tmp_path / "t", TableConfig(methods=()), progress=False)
+    assert not (tmp_path / "t").exists()
+
+
 def test_an_all_on_mask_trains_what_the_unmasked_method_trains(tiny_unet):
     from diffmem.memcontrol.table import trained_modules
 

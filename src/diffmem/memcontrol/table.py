@@ -131,7 +131,6 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
 
     config = config or TableConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     mask, mask_method = None, None
     if mask_path is not None:
         mask = load_mask(mask_path)
@@ -139,12 +138,16 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
         mask_method = record.get("search", {}).get("method")
         if mask_method is None:
             raise DiffmemError("mask has no `search.method`: pass a mask written by `diffmem memcontrol search`", mask_path)
+    planned = table_rows(mask, mask_method, config.mitigations, config.methods)
+    if not planned:
+        raise DiffmemError("no row to measure: give --methods, or a --mask for the MemControl rows", out)
+    out.mkdir(parents=True, exist_ok=True)
     base = load_base()
     embedder = load_copy_embedder()
     probe = None
     rows: list[dict] = []
     trained: dict[tuple, dict] = {}
-    for method, mitigation, masked in table_rows(mask, mask_method, config.mitigations, config.methods):
+    for method, mitigation, masked in planned:
         row_mask = mask if masked else None
         lr = None if method == "none" else scaled_lr(method, config.train.lr, config.lr_scale)
         train = replace(config.train, method=method, lr=lr,
