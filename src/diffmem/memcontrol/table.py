@@ -190,12 +190,9 @@ def table_markers(name: str) -> tuple[str, str]:
 
 def replace_between_markers(text: str, name: str, table: str) -> str:
     """`text` with the lines between `name`'s markers replaced by `table`; an error names a missing marker."""
-    start, end = table_markers(name)
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise DiffmemError(f"needs exactly one {start!r} line followed by one {end!r} line")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{table}{end}{tail}"
+    from diffmem.report import replace_between_markers as replace
+
+    return replace(text, *table_markers(name), table)
 
 
 def updated_doc(doc: str | Path, name: str, rows: list[dict]) -> str:
