@@ -208,3 +208,16 @@ def test_reading_a_file_that_shrank_after_opening_is_named(tmp_path):
         handle.truncate(path.stat().st_size - 100)
     with pytest.raises(FileFormatError, match="truncated while reading tensor 'w'"):
         lazy["w"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_tensors_are_read_and_checked(tmp_path, dtype):
+    """fp8 checkpoints (Flux's, say) read back exactly, and a NaN in one is found (torch has no min/max of fp8)."""
+    values = torch.linspace(-2, 2, 9).to(dtype)
+    path = save_file({"w": values}, tmp_path / "fp8.safetensors")
+    assert torch.equal(load_file(path)[0]["w"].view(torch.uint8), values.view(torch.uint8))
+    broken = values.float()
+    broken[4] = float("nan")
+    save_file({"w": broken.to(dtype)}, path)
+    with pytest.raises(BadWeightsError, match="1 NaN or Inf"):
+        load_file(path)

@@ -115,21 +115,23 @@ def check_entry(path: Path, name: str, entry: object, data_len: int) -> None:
 def check_finite(tensor: torch.Tensor, name: str, path: str | Path | None) -> torch.Tensor:
     """Return `tensor`, or raise when it holds NaN or Inf (a broken training run or a corrupted file).
 
-    One pass finds any NaN or Inf: for 16-bit floats the minimum and maximum (both propagate a NaN, and an Inf is
-    one of them), for wider floats a float32/float64 sum (a NaN or Inf term makes it non-finite), whichever is the
-    faster pass for that dtype. Only a non-finite result, which a huge but finite sum could also give, pays for
-    the exact element-wise count.
+    One pass finds any NaN or Inf: for float16 and bfloat16 the minimum and maximum (both propagate a NaN, and an
+    Inf is one of them; 3 to 5 times faster than summing them), for other floats a float32 (float64) sum (a NaN or
+    Inf term makes it non-finite; torch has no minimum and maximum of float8). Only a non-finite result, which a
+    huge but finite sum could also give, pays for the exact element-wise count.
     """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return tensor
-    if tensor.element_size() <= 2:
+    if tensor.dtype in (torch.float16, torch.bfloat16):
         low, high = torch.aminmax(tensor)
         suspicious = not (math.isfinite(float(low)) and math.isfinite(float(high)))
     else:
-        suspicious = not math.isfinite(float(tensor.sum()))
+        total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+        suspicious = not math.isfinite(float(total))
     if not suspicious:
         return tensor
-    bad = int((~torch.isfinite(tensor)).sum())
+    exact = tensor.float() if tensor.element_size() == 1 else tensor  # torch's isfinite has no float8 kernel
+    bad = int((~torch.isfinite(exact)).sum())
     if bad:
         raise BadWeightsError(f"tensor {name!r} holds {bad} NaN or Inf values", path)
     return tensor
@@ -164,10 +166,9 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.header, self.metadata = read_header(self.path)
-        with open(self.path, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-        self._data_start = 8 + header_len
         self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (held for the object's lifetime)
+        (header_len,) = struct.unpack("<Q", self._file.read(8))
+        self._data_start = 8 + header_len
 
     def __del__(self) -> None:
         file = getattr(self, "_file", None)
