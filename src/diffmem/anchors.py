@@ -122,15 +122,13 @@ class AnchorStore:
         rule = self.rule_name(energy, k)
         key = target_id(target)
         parts = {"left": ("u", "spectrum"), "right": ("v", "spectrum"), "both": self.PARTS}[side]
-        with self.lock:
+        with self.lock:  # computed earlier in this run, not yet written
             pending = self.pending.get(rule, {})
             stored = {part: pending[f"{key}.{part}"] for part in parts} if f"{key}.u" in pending else None
-        if stored is not None:  # computed earlier in this run, not yet written
-            pass
-        elif (stored := self.read(rule, key, parts) if self.use_cache else None) is not None:
+        if stored is None and self.use_cache and (stored := self.read(rule, key, parts)) is not None:
             with self.lock:
                 self.loaded += 1
-        else:
+        if stored is None:
             computed = principal_subspace(self.base.weight(target).to(self.device), energy=energy, k=k)
             stored = {"u": computed.u.cpu().to(STORAGE_DTYPE), "v": computed.v.cpu().to(STORAGE_DTYPE),
                       "spectrum": computed.spectrum.cpu().float()}
@@ -148,6 +146,7 @@ class AnchorStore:
         return sum(len(tensors) for tensors in self.pending.values()) // len(self.PARTS)
 
     def unflushed_bytes(self) -> int:
+        """Bytes of the anchors computed but not yet written."""
         return sum(t.numel() * t.element_size() for tensors in self.pending.values() for t in tensors.values())
 
     def flush(self) -> None:
