@@ -188,13 +188,6 @@ def table_markers(name: str) -> tuple[str, str]:
     return f"<!-- memcontrol table {name} start -->", f"<!-- memcontrol table {name} end -->"
 
 
-def replace_between_markers(text: str, name: str, table: str) -> str:
-    """`text` with the lines between `name`'s markers replaced by `table`; an error names a missing marker."""
-    from diffmem.report import replace_between_markers as replace
-
-    return replace(text, *table_markers(name), table)
-
-
 def updated_doc(doc: str | Path, name: str, rows: list[dict]) -> str:
     """`doc`'s text with the rows' markdown table between `name`'s markers; errors name the document."""
     doc = Path(doc)
@@ -202,8 +195,10 @@ def updated_doc(doc: str | Path, name: str, rows: list[dict]) -> str:
         text = doc.read_text()
     except OSError as error:
         raise DiffmemError(f"cannot read the document: {error.strerror}", doc) from None
+    from diffmem.report import replace_between_markers
+
     try:
-        return replace_between_markers(text, name, markdown_table(rows))
+        return replace_between_markers(text, *table_markers(name), markdown_table(rows))
     except DiffmemError as error:
         raise DiffmemError(error.problem, doc) from None
 

@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import save_file, sha256_file, write_atomic
 from diffmem.memcontrol.mask import Mask, check_mask_fits, mask_to_dict
-from diffmem.memcontrol.methods import check_method, default_lr, merge, prepare
+from diffmem.memcontrol.methods import check_method, merge, prepare, scaled_lr
 from diffmem.memcontrol.mitigation import MitigationConfig, random_word_contexts, threshold_mitigated_loss
 from diffmem.world.data import FINETUNE_SETS
 from diffmem.world.diffusion import training_loss
@@ -78,7 +78,7 @@ class MemControlTrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else default_lr(self.method)
+        return scaled_lr(self.method, self.lr, 1.0)
 
 
 #: The quick budget that `memcontrol table --quick` and `memcontrol search --quick` share: 2 faces x 300 plus the
