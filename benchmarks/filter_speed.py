@@ -342,16 +342,17 @@ docstring). Bases and LoRAs have the exact key names and shapes of the released 
 
 {targets}
 
-What the warm filter does, and what made it fast. A warm filter of an SDXL rank-32 LoRA (722 modules) reads the
-LoRA (170 MB of fp16 factors), decomposes every module's update into channels, reads each module's cached right
-anchors (713 MB of fp16 in all, the dominant cost with the alignment products that use them), scores and selects
-the channels, and rebuilds the factors. Since the previous measurements:
+What the warm filter does, and what made it fast. A warm filter reads the LoRA, decomposes every module's update
+into channels, reads each module's cached right anchors (several times the LoRA's size for SDXL: the dominant cost,
+with the alignment products that use them), scores and selects the channels, and rebuilds the factors. Since the
+previous measurements:
 
-- factored modules of one shape are decomposed in one batched call (15 calls instead of 722), with the two passes
-  over each tall factor in float32 and the r x r work in float64, the Gram matrix scaled to a unit diagonal so
-  columns of very different norms lose no accuracy (tested against a float64 SVD);
+- factored modules of one shape are decomposed in one batched call (one call per factor shape instead of one per
+  module), with the two passes over each tall factor in float32 and the r x r work in float64, the Gram matrix
+  scaled to a unit diagonal so columns of very different norms lose no accuracy (tested against a float64 SVD);
 - tensors are read with one positioned read of exactly their bytes instead of through a memory map, so pages
-  leave the process with the tensor; the finite check is one pass (minimum and maximum for 16-bit floats);
+  leave the process with the tensor; the finite check is one pass (minimum and maximum for float16 and
+  bfloat16);
 - cached anchors are not checked element by element: the scores computed from them are, and a non-finite score
   drops the shard and recomputes its anchors (tested with a poisoned shard);
 - modules are decomposed, scored and rebuilt side by side on torch's threads, one torch thread each, because each
