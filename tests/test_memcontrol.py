@@ -347,3 +347,12 @@ def test_table_run_measures_each_row_and_reuses_a_repeated_training(tmp_path):
     record = json.loads((tmp_path / "t" / "rows.json").read_text())
     assert [r["label"] for r in record["rows"]] == [r["label"] for r in rows]
     assert "(the SV-DIFF run: same modules)" in (tmp_path / "t" / "table.md").read_text()
+
+    # side by side in two processes: the same rows, in the same order, to the digit (only the timings differ)
+    timings = ("train_s", "total_s", "train_cpu_s", "cpu_s")
+    parallel = run_table(tmp_path / "t2", config, tmp_path / "mask.json", progress=False, workers=2)
+    assert [{k: v for k, v in r.items() if k not in timings} for r in parallel] == \
+        [{k: v for k, v in r.items() if k not in timings} for r in rows]
+    assert json.loads((tmp_path / "t2" / "rows.json").read_text())["rows"] == parallel
+    with pytest.raises(DiffmemError, match="workers"):
+        run_table(tmp_path / "t3", config, tmp_path / "mask.json", progress=False, workers=0)

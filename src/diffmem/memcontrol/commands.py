@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,6 +144,9 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
                         "ignored with --lr)")
     p.add_argument("--doc", type=Path, help="also write the table into this markdown file, between its "
                                             "`<!-- memcontrol table <data> start/end -->` lines")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="rows trained side by side, one process and one torch thread each "
+                        "(default: one per CPU core, %(default)s here)")
     add_training_options(p, None, None)
     p.set_defaults(handler=run_table_command)
 
@@ -161,7 +165,7 @@ def run_table_command(args: argparse.Namespace) -> int:
                      lr_scale=args.lr_scale if args.lr_scale is not None else start.lr_scale)
     if args.doc is not None:  # a document without the markers fails now, not after the table's hour
         updated_doc(args.doc, config.train.data, [])
-    rows = run_table(args.out, config, args.mask)
+    rows = run_table(args.out, config, args.mask, workers=args.workers)
     if args.doc is not None:
         write_table_into(args.doc, config.train.data, rows)
     print((args.out / "table.md").read_text())

@@ -4,8 +4,11 @@ Wen's score on the duplicated captions (the denoising-strength heuristic)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -116,20 +119,64 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str | Path | None = None,
-              progress: bool = True) -> list[dict]:
-    """Train and measure every row; write `rows.json` and `table.md` to `out` after each row (a stopped run keeps
-    the rows it finished). `mask_path`: a mask from `diffmem memcontrol search` (its method is read from it). A
-    row that would train the same modules with the same method and mitigation as an earlier one (MemControl's
-    row when the searched mask is all on) reuses that row's numbers instead of training again. Each row records its
-    wall seconds (`train_s` of training, `total_s` with the measuring) and CPU seconds (`train_cpu_s`, `cpu_s`),
-    0 for a reused row."""
-    from diffmem.bench.evaluate import BenchSettings, Probe, measure
+def row_training(config: TableConfig, method: str, mitigation: str) -> MemControlTrainConfig:
+    """The fine-tune of one row: the table's shared training with the row's method, mitigation and learning rate."""
+    lr = None if method == "none" else scaled_lr(method, config.train.lr, config.lr_scale)
+    return replace(config.train, method=method, lr=lr, mitigation=replace(config.train.mitigation, kind=mitigation))
+
+
+@functools.cache
+def table_world():
+    """The base UNet and the copy embedder, loaded once per process (each of a table's workers loads its own)."""
     from diffmem.metrics.embedder import load_copy_embedder
+    from diffmem.world.model import load_base
+
+    return load_base(), load_copy_embedder()
+
+
+def train_and_measure(config: TableConfig, method: str, mitigation: str, mask: Mask | None) -> dict:
+    """One row's numbers: fine-tune the base with the row's method, mitigation and mask, then measure it by
+    `diffmem.bench` plus Wen's score on the duplicated captions. Records wall seconds (`train_s` of training,
+    `total_s` with the measuring) and this process's CPU seconds (`train_cpu_s`, `cpu_s`)."""
+    from diffmem.bench.evaluate import BenchSettings, Probe, measure
     from diffmem.world.data import FINETUNE_SETS
+
+    base, embedder = table_world()
+    train = row_training(config, method, mitigation)
+    began, began_cpu = time.time(), time.process_time()
+    result = finetune_with_mask(base, train, mask, progress=False)
+    train_cpu = time.process_time() - began_cpu
+    probe = Probe.from_manifest(manifest_of(result, train, mask), embedder)
+    numbers, _ = measure(result.unet, probe, BenchSettings())
+    captions = list(FINETUNE_SETS[train.data]("train").subset(result.duplicated).captions)
+    wen = memorization_objective(result.unet, captions, config.wen_steps, config.wen_generations, config.guidance,
+                                 train.seed)
+    return {"method": method, "mitigation": mitigation, "mask": None if mask is None else mask.bits, "lr": train.lr,
+            **numbers, "wen": round(wen, 4), "trainable_parameters": result.trainable_parameters,
+            "train_s": round(result.wall_time_s), "total_s": round(time.time() - began),
+            "train_cpu_s": round(train_cpu), "cpu_s": round(time.process_time() - began_cpu)}
+
+
+def expected_cost(method: str, mitigation: str) -> int:
+    """A rank of a row's training cost, to start the dearest rows first when rows run side by side: the threshold
+    mitigation adds a gradient-free UNet pass per batch, full fine-tuning updates every weight, no fine-tuning
+    trains nothing."""
+    return 2 * (mitigation == "threshold") + (method == "full") - 3 * (method == "none")
+
+
+def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str | Path | None = None,
+              progress: bool = True, workers: int = 1) -> list[dict]:
+    """Train and measure every row; write `rows.json` and `table.md` to `out` as rows finish, in the seed's order
+    (a stopped run keeps the rows it finished). `mask_path`: a mask from `diffmem memcontrol search` (its method is
+    read from it). A row that would train the same modules with the same method and mitigation as an earlier one
+    (MemControl's row when the searched mask is all on) reuses that row's numbers instead of training again, with
+    0 seconds. `workers` > 1 trains rows side by side in that many processes (each on `config.train.threads`
+    threads), dearest first; every row is deterministic, so its numbers do not depend on the worker count."""
     from diffmem.world.model import load_base
 
     config = config or TableConfig()
+    if workers < 1:
+        raise DiffmemError(f"workers must be at least 1, got {workers}")
     out = Path(out)
     mask, mask_method = None, None
     if mask_path is not None:
@@ -143,43 +190,58 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
         raise DiffmemError("no row to measure: give --methods, or a --mask for the MemControl rows", out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_base()
-    embedder = load_copy_embedder()
-    probe = None
-    rows: list[dict] = []
-    trained: dict[tuple, dict] = {}
-    for method, mitigation, masked in planned:
-        row_mask = mask if masked else None
-        lr = None if method == "none" else scaled_lr(method, config.train.lr, config.lr_scale)
-        train = replace(config.train, method=method, lr=lr,
-                        mitigation=replace(config.train.mitigation, kind=mitigation))
-        label = row_label(method, mitigation, masked)
-        key = (method, mitigation, trained_modules(base, method, row_mask))
-        if key in trained:
-            # the same modules trained the same way: a deterministic run would repeat that row to the digit
-            row = {**trained[key], "label": label, "mask": row_mask.bits if masked else None,
-                   "same_as": trained[key]["label"], "train_s": 0, "total_s": 0, "train_cpu_s": 0, "cpu_s": 0}
-        else:
-            began, began_cpu = time.time(), time.process_time()
-            result = finetune_with_mask(base, train, row_mask, progress=False)
-            train_cpu = time.process_time() - began_cpu
-            manifest = manifest_of(result, train, row_mask)
-            probe = probe or Probe.from_manifest(manifest, embedder)
-            numbers, _ = measure(result.unet, probe, BenchSettings())
-            captions = list(FINETUNE_SETS[train.data]("train").subset(result.duplicated).captions)
-            row = {"label": label, "method": method, "mitigation": mitigation,
-                   "mask": row_mask.bits if masked else None, "lr": lr, **numbers,
-                   "wen": round(memorization_objective(result.unet, captions, config.wen_steps,
-                                                       config.wen_generations, config.guidance, train.seed), 4),
-                   "trainable_parameters": result.trainable_parameters,
-                   "train_s": round(result.wall_time_s), "total_s": round(time.time() - began),
-                   "train_cpu_s": round(train_cpu), "cpu_s": round(time.process_time() - began_cpu)}
-            trained[key] = row
-        rows.append(row)
+    # one training per distinct (method, mitigation, trained modules); later rows with the same key repeat it
+    keys = [(method, mitigation, trained_modules(base, method, mask if masked else None))
+            for method, mitigation, masked in planned]
+    first_row = {}
+    for index, key in enumerate(keys):
+        first_row.setdefault(key, index)
+    jobs = sorted(first_row.values(), key=lambda i: -expected_cost(*planned[i][:2]))
+    finished: dict[int, dict] = {}
+    mask_bits = None if mask is None else mask.bits
+
+    def record(index: int, numbers: dict) -> None:
+        finished[index] = {"label": row_label(*planned[index]), **numbers}
         if progress:
-            print(json.dumps(row), flush=True)
+            print(json.dumps(finished[index]), flush=True)
+        rows = table_so_far(planned, keys, first_row, finished, mask_bits)
         summary = {"settings": asdict(config), "mask_file": None if mask_path is None else str(mask_path), "rows": rows}
         write_atomic((json.dumps(summary, indent=2) + "\n").encode(), out / "rows.json")
         write_atomic(markdown_table(rows).encode(), out / "table.md")
+
+    def job_arguments(index: int) -> tuple:
+        method, mitigation, masked = planned[index]
+        return config, method, mitigation, mask if masked else None
+
+    if workers == 1:
+        for index in sorted(jobs):
+            record(index, train_and_measure(*job_arguments(index)))
+    else:
+        # spawn, not fork: a forked child inherits torch's OpenMP thread pool in a broken state and can hang
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_and_measure, *job_arguments(index)): index for index in jobs}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+    return table_so_far(planned, keys, first_row, finished, mask_bits)
+
+
+def table_so_far(planned: list[tuple[str, str, bool]], keys: list[tuple], first_row: dict[tuple, int],
+                 finished: dict[int, dict], mask_bits: str | None) -> list[dict]:
+    """The planned rows whose training has finished, in the planned order; a row repeating an earlier row's training
+    gets its numbers, its own label and mask (`mask_bits` for the MemControl rows), `same_as` and 0 seconds."""
+    rows = []
+    for index, ((method, mitigation, masked), key) in enumerate(zip(planned, keys)):
+        source = first_row[key]
+        if source not in finished:
+            continue
+        if source == index:
+            rows.append(finished[index])
+        else:
+            # the same modules trained the same way: a deterministic run would repeat that row to the digit
+            rows.append({**finished[source], "label": row_label(method, mitigation, masked),
+                         "mask": mask_bits if masked else None,
+                         "same_as": finished[source]["label"], "train_s": 0, "total_s": 0, "train_cpu_s": 0,
+                         "cpu_s": 0})
     return rows
 
 
