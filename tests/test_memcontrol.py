@@ -227,6 +227,11 @@ def test_cli_mask_then_train_writes_a_loadable_unet_and_manifest(tmp_path, capsy
     assert main(["mask", "--out", str(tmp_path / "short.json"), "--bits", "01"]) == 1
     assert "switches" in capsys.readouterr().err
     assert not (tmp_path / "short.json").exists()
+    # a table whose --doc lacks the --name markers fails before it trains anything
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- memcontrol table faces start -->\n<!-- memcontrol table faces end -->\n")
+    assert main(["table", "--quick", "--out", str(tmp_path / "t"), "--doc", str(doc), "--name", "seed-1"]) == 1
+    assert "memcontrol table seed-1 start" in capsys.readouterr().err and not (tmp_path / "t").exists()
 
 
 def test_table_rows_follow_the_seeds_table_1(tiny_unet):

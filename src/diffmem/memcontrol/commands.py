@@ -143,7 +143,8 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
                    help="multiply every method's own learning rate (default 1, or the quick budget's with --quick; "
                         "ignored with --lr)")
     p.add_argument("--doc", type=Path, help="also write the table into this markdown file, between its "
-                                            "`<!-- memcontrol table <data> start/end -->` lines")
+                                            "`<!-- memcontrol table <name> start/end -->` lines")
+    p.add_argument("--name", help="which marked table --doc replaces (default: the --data set's name)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="rows trained side by side, one process and one torch thread each "
                         "(default: one per CPU core, %(default)s here)")
@@ -163,11 +164,12 @@ def run_table_command(args: argparse.Namespace) -> int:
     config = replace(start, train=training_config(args, start.train), mitigations=split_names(args.mitigations),
                      methods=split_names(args.methods),
                      lr_scale=args.lr_scale if args.lr_scale is not None else start.lr_scale)
+    name = args.name or config.train.data
     if args.doc is not None:  # a document without the markers fails now, not after the table's hour
-        updated_doc(args.doc, config.train.data, [])
+        updated_doc(args.doc, name, [])
     rows = run_table(args.out, config, args.mask, workers=args.workers)
     if args.doc is not None:
-        write_table_into(args.doc, config.train.data, rows)
+        write_table_into(args.doc, name, rows)
     print((args.out / "table.md").read_text())
     return 0
 
