@@ -279,21 +279,21 @@ def test_an_all_on_mask_trains_what_the_unmasked_method_trains(tiny_unet):
 
 
 def test_table_goes_between_its_markers_and_nowhere_else(tmp_path):
-    from diffmem.memcontrol.table import table_markers, updated_doc, write_table_into
+    from diffmem.memcontrol.table import markdown_table, table_markers, updated_doc, write_table_into
 
     start, end = table_markers("faces")
     doc = tmp_path / "doc.md"
     doc.write_text(f"intro\n{start}\nold table\n{end}\nafter\n")
     row = {"label": "Full FT", "fid": 1.5, "amd": 0.61, "extracted": 2, "copy_rate": 0.25, "wen": 3.1,
            "heldout_loss": 0.05, "trainable_parameters": 10, "lr": 1e-4, "own_distance": 0.3}
-    write_table_into(doc, "faces", [row])
+    write_table_into(doc, "faces", markdown_table([row]))
     text = doc.read_text()
     assert text.startswith(f"intro\n{start}\n| FT method") and text.endswith(f"{end}\nafter\n")
     assert "old table" not in text and "| Full FT | 1.50 |" in text
     with pytest.raises(DiffmemError, match="memcontrol table photos start"):
-        updated_doc(doc, "photos", [row])
+        updated_doc(doc, "photos", "")
     with pytest.raises(DiffmemError, match="cannot read"):
-        updated_doc(tmp_path / "missing.md", "faces", [row])
+        updated_doc(tmp_path / "missing.md", "faces", "")
 
 
 def test_training_norms_are_per_sample_and_fixed_timesteps_are_honoured(tiny_unet):
@@ -329,6 +329,37 @@ def test_rows_of_a_split_table_are_collected_in_the_seeds_order(tmp_path):
         collect_rows([first, first])
     with pytest.raises(DiffmemError, match="other settings"):
         collect_rows([first, write("c.json", [row("DiffFit", "difffit", "none")], steps=100)])
+
+
+def test_spread_over_seeds_gives_each_rows_mean_and_range_and_refuses_other_settings(tmp_path):
+    from diffmem.memcontrol.table import SPREAD_COLUMNS, seed_spread, spread_table
+
+    def write(name, seed, copy_rates, steps=200):
+        rows = [{"label": label, **{key: 0.5 for key, _, _ in SPREAD_COLUMNS}, "copy_rate": rate}
+                for label, rate in copy_rates.items()]
+        path = tmp_path / name
+        path.write_text(json.dumps({"settings": {"train": {"steps": steps, "seed": seed}, "methods": ["full"]},
+                                    "rows": rows}))
+        return path
+
+    seed0 = write("0.json", 0, {"Full FT": 0.25, "SV-DIFF": 0.0})
+    seed1 = write("1.json", 1, {"SV-DIFF": 0.0, "Full FT": 0.75})
+    seed2 = write("2.json", 2, {"Full FT": 0.5, "SV-DIFF": 0.25})
+    spread = seed_spread([seed0, seed1, seed2])
+    assert [r["label"] for r in spread] == ["Full FT", "SV-DIFF"] and spread[0]["seeds"] == [0, 1, 2]
+    assert spread[0]["copy_rate"] == {"mean": pytest.approx(0.5), "min": 0.25, "max": 0.75}
+    assert "| Full FT | 0.50 (0.25 to 0.75) | 0.500 (0.500 to 0.500) |" in spread_table(spread)
+    with pytest.raises(DiffmemError, match="other settings"):
+        seed_spread([seed0, write("steps.json", 3, {"Full FT": 0.0, "SV-DIFF": 0.0}, steps=100)])
+    with pytest.raises(DiffmemError, match="seed 0 is given twice"):
+        seed_spread([seed0, write("again.json", 0, {"Full FT": 0.0, "SV-DIFF": 0.0})])
+    with pytest.raises(DiffmemError, match="not the first file's rows"):
+        seed_spread([seed0, write("fewer.json", 4, {"Full FT": 0.0})])
+    with pytest.raises(DiffmemError, match="at least two seeds"):
+        seed_spread([seed0])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DiffmemError, match=r"bad\.json"):
+        seed_spread([seed0, tmp_path / "bad.json"])
 
 
 @pytest.mark.slow

@@ -158,7 +158,7 @@ def split_names(text: str) -> tuple[str, ...]:
 
 
 def run_table_command(args: argparse.Namespace) -> int:
-    from diffmem.memcontrol.table import TableConfig, run_table, updated_doc, write_table_into
+    from diffmem.memcontrol.table import TableConfig, markdown_table, run_table, updated_doc, write_table_into
 
     start = TableConfig.quick() if args.quick else TableConfig()
     config = replace(start, train=training_config(args, start.train), mitigations=split_names(args.mitigations),
@@ -166,10 +166,10 @@ def run_table_command(args: argparse.Namespace) -> int:
                      lr_scale=args.lr_scale if args.lr_scale is not None else start.lr_scale)
     name = args.name or config.train.data
     if args.doc is not None:  # a document without the markers fails now, not after the table's hour
-        updated_doc(args.doc, name, [])
+        updated_doc(args.doc, name, "")
     rows = run_table(args.out, config, args.mask, workers=args.workers)
     if args.doc is not None:
-        write_table_into(args.doc, name, rows)
+        write_table_into(args.doc, name, markdown_table(rows))
     print((args.out / "table.md").read_text())
     return 0
 
@@ -188,8 +188,27 @@ def run_collect(args: argparse.Namespace) -> int:
     from diffmem.memcontrol.table import collect_rows, markdown_table, write_table_into
 
     rows = collect_rows(args.rows)
-    write_table_into(args.doc, args.name, rows)
+    write_table_into(args.doc, args.name, markdown_table(rows))
     print(markdown_table(rows))
+    return 0
+
+
+def add_spread(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("spread", help="mean, lowest and highest of each row's numbers over table runs that "
+                                             "differ only in --seed, written into a document")
+    p.add_argument("rows", nargs="+", type=Path, help="rows.json files of `memcontrol table`, one per seed")
+    p.add_argument("--doc", type=Path, help="markdown file with `<!-- memcontrol table <name> start/end -->` lines")
+    p.add_argument("--name", default="faces-seeds", help="which marked table to replace (default faces-seeds)")
+    p.set_defaults(handler=run_spread)
+
+
+def run_spread(args: argparse.Namespace) -> int:
+    from diffmem.memcontrol.table import seed_spread, spread_table, write_table_into
+
+    table = spread_table(seed_spread(args.rows))
+    if args.doc is not None:
+        write_table_into(args.doc, args.name, table)
+    print(table)
     return 0
 
 
@@ -251,5 +270,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_search(commands)
     add_table(commands)
     add_collect(commands)
+    add_spread(commands)
     add_norms(commands)
 

@@ -250,8 +250,8 @@ def table_markers(name: str) -> tuple[str, str]:
     return f"<!-- memcontrol table {name} start -->", f"<!-- memcontrol table {name} end -->"
 
 
-def updated_doc(doc: str | Path, name: str, rows: list[dict]) -> str:
-    """`doc`'s text with the rows' markdown table between `name`'s markers; errors name the document."""
+def updated_doc(doc: str | Path, name: str, table: str) -> str:
+    """`doc`'s text with `table` (markdown) between `name`'s markers; errors name the document."""
     doc = Path(doc)
     try:
         text = doc.read_text()
@@ -260,14 +260,14 @@ def updated_doc(doc: str | Path, name: str, rows: list[dict]) -> str:
     from diffmem.report import replace_between_markers
 
     try:
-        return replace_between_markers(text, *table_markers(name), markdown_table(rows))
+        return replace_between_markers(text, *table_markers(name), table)
     except DiffmemError as error:
         raise DiffmemError(error.problem, doc) from None
 
 
-def write_table_into(doc: str | Path, name: str, rows: list[dict]) -> None:
-    """Put the rows' markdown table between `name`'s markers in `doc` (atomically)."""
-    write_atomic(updated_doc(doc, name, rows).encode(), Path(doc))
+def write_table_into(doc: str | Path, name: str, table: str) -> None:
+    """Put `table` (markdown) between `name`'s markers in `doc` (atomically)."""
+    write_atomic(updated_doc(doc, name, table).encode(), Path(doc))
 
 
 def row_order(row: dict) -> tuple[int, int]:
@@ -276,23 +276,82 @@ def row_order(row: dict) -> tuple[int, int]:
     return method, MITIGATIONS.index(row["mitigation"])
 
 
+def read_table_run(path: str | Path) -> dict:
+    """A `run_table` output (`rows.json`): its settings and rows; errors name the file."""
+    try:
+        record = json.loads(Path(path).read_text())
+        return {"settings": dict(record["settings"]), "rows": list(record["rows"])}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DiffmemError(f"cannot read a table's rows: {error!r}", path) from None
+
+
+def settings_except(settings: dict, varied: tuple[str, ...], train_varied: tuple[str, ...] = ()) -> dict:
+    """`settings` of a table run without the keys that may differ between runs merged or compared."""
+    kept = {k: v for k, v in settings.items() if k not in varied}
+    kept["train"] = {k: v for k, v in settings["train"].items() if k not in train_varied}
+    return kept
+
+
 def collect_rows(paths: list[str | Path]) -> list[dict]:
     """The rows of several `run_table` outputs (`rows.json`; one table split over processes), in the seed's order.
     The runs must share every setting but the methods and mitigations; a row measured twice is an error."""
     rows: list[dict] = []
     shared = None
     for path in paths:
-        try:
-            record = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as error:
-            raise DiffmemError(f"cannot read a table's rows: {error}", path) from None
-        settings = {k: v for k, v in record["settings"].items() if k not in ("methods", "mitigations")}
+        run = read_table_run(path)
+        settings = settings_except(run["settings"], ("methods", "mitigations"))
         if shared is not None and settings != shared:
             raise DiffmemError("these rows were measured with other settings than the first file's", path)
         shared = settings
-        rows += record["rows"]
+        rows += run["rows"]
     labels = [r["label"] for r in rows]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         raise DiffmemError(f"rows measured more than once: {', '.join(repeated)}")
     return sorted(rows, key=row_order)
+
+
+#: The measured columns `seed_spread` summarises: key in a row, heading, decimals.
+SPREAD_COLUMNS = (("copy_rate", "copy rate", 2), ("own_distance", "own distance", 3), ("amd", "AMD", 3),
+                  ("fid", "FID", 2), ("heldout_loss", "held-out loss", 4), ("wen", "Wen score", 2))
+
+
+def seed_spread(paths: list[str | Path]) -> list[dict]:
+    """Per row, the mean, minimum and maximum of each `SPREAD_COLUMNS` column over table runs (one `rows.json`
+    each) that differ only in their seed, which picks the duplicated images and seeds the training. Every run must
+    have the same rows."""
+    runs = [read_table_run(path) for path in paths]
+    if len(runs) < 2:
+        raise DiffmemError("a spread needs the rows of at least two seeds")
+    shared = settings_except(runs[0]["settings"], (), ("seed",))
+    seeds = [run["settings"]["train"]["seed"] for run in runs]
+    for path, run in zip(paths, runs):
+        if settings_except(run["settings"], (), ("seed",)) != shared:
+            raise DiffmemError("these rows were measured with other settings than the first file's (only the seed "
+                               "may differ)", path)
+        if seeds.count(run["settings"]["train"]["seed"]) > 1:
+            raise DiffmemError(f"seed {run['settings']['train']['seed']} is given twice", path)
+    labels = [r["label"] for r in runs[0]["rows"]]
+    for path, run in zip(paths, runs):
+        if sorted(r["label"] for r in run["rows"]) != sorted(labels):
+            raise DiffmemError("this run's rows are not the first file's rows", path)
+    spread = []
+    for label in labels:
+        measured = [next(r for r in run["rows"] if r["label"] == label) for run in runs]
+        row = {"label": label, "seeds": seeds}
+        for key, _, _ in SPREAD_COLUMNS:
+            values = [float(r[key]) for r in measured]
+            row[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+        spread.append(row)
+    return spread
+
+
+def spread_table(spread: list[dict]) -> str:
+    """`seed_spread`'s rows as markdown: each cell the mean over the seeds and, in brackets, the lowest and highest."""
+    lines = ["| FT method + mitigation | " + " | ".join(heading for _, heading, _ in SPREAD_COLUMNS) + " |",
+             "|---" * (len(SPREAD_COLUMNS) + 1) + "|"]
+    for row in spread:
+        cells = [f"{row[key]['mean']:.{digits}f} ({row[key]['min']:.{digits}f} to {row[key]['max']:.{digits}f})"
+                 for key, _, digits in SPREAD_COLUMNS]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
