@@ -221,6 +221,8 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(train_and_measure, *job_arguments(index)): index for index in jobs}
             for future in as_completed(futures):
+                if future.exception() is not None:  # stop now, not after every queued row has trained
+                    pool.shutdown(wait=False, cancel_futures=True)
                 record(futures[future], future.result())
     return table_so_far(planned, keys, first_row, finished, mask_bits)
 
