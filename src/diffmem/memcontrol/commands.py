@@ -145,7 +145,7 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--doc", type=Path, help="also write the table into this markdown file, between its "
                                             "`<!-- memcontrol table <name> start/end -->` lines")
     p.add_argument("--name", help="which marked table --doc replaces (default: the --data set's name)")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="rows trained side by side, one process and one torch thread each "
                         "(default: one per CPU core, %(default)s here)")
     add_training_options(p, None, None)
