@@ -126,12 +126,20 @@ def row_training(config: TableConfig, method: str, mitigation: str) -> MemContro
 
 
 @functools.cache
-def table_world():
-    """The base UNet and the copy embedder, loaded once per process (each of a table's workers loads its own)."""
-    from diffmem.metrics.embedder import load_copy_embedder
+def table_base():
+    """The world base, loaded once per process: `run_table` and the rows it trains in this process share it (it is
+    never changed: each row fine-tunes a copy); each of a table's workers loads its own."""
     from diffmem.world.model import load_base
 
-    return load_base(), load_copy_embedder()
+    return load_base()
+
+
+@functools.cache
+def table_embedder():
+    """The copy embedder, loaded once per process that measures rows."""
+    from diffmem.metrics.embedder import load_copy_embedder
+
+    return load_copy_embedder()
 
 
 def train_and_measure(config: TableConfig, method: str, mitigation: str, mask: Mask | None) -> dict:
@@ -141,7 +149,7 @@ def train_and_measure(config: TableConfig, method: str, mitigation: str, mask: M
     from diffmem.bench.evaluate import BenchSettings, Probe, measure
     from diffmem.world.data import FINETUNE_SETS
 
-    base, embedder = table_world()
+    base, embedder = table_base(), table_embedder()
     train = row_training(config, method, mitigation)
     began, began_cpu = time.time(), time.process_time()
     result = finetune_with_mask(base, train, mask, progress=False)
@@ -172,8 +180,6 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
     (MemControl's row when the searched mask is all on) reuses that row's numbers instead of training again, with
     0 seconds. `workers` > 1 trains rows side by side in that many processes (each on `config.train.threads`
     threads), dearest first; every row is deterministic, so its numbers do not depend on the worker count."""
-    from diffmem.world.model import load_base
-
     config = config or TableConfig()
     if workers < 1:
         raise DiffmemError(f"workers must be at least 1, got {workers}")
@@ -189,7 +195,7 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
     if not planned:
         raise DiffmemError("no row to measure: give --methods, or a --mask for the MemControl rows", out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_base()
+    base = table_base()
     # one training per distinct (method, mitigation, trained modules); later rows with the same key repeat it
     keys = [(method, mitigation, trained_modules(base, method, mask if masked else None))
             for method, mitigation, masked in planned]
