@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint bench bench-quick clean
+.PHONY: install demo test test-fast lint fuzz bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ lint: install
 
 test: lint
 	$(PY) -m pytest -q
+
+# Issue 15's long fuzz run of `diffmem filter` (2,000 mutated LoRAs, a few minutes); `make test` runs 60 of them.
+# The outcome counts go to docs/fuzz.json, quoted in docs/bad-input.md.
+fuzz: install
+	DIFFMEM_FUZZ_EXAMPLES=2000 DIFFMEM_FUZZ_REPORT=docs/fuzz.json $(PY) -m pytest -q tests/test_fuzz.py \
+		--hypothesis-show-statistics
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -115,7 +115,7 @@ def test_atomic_write_refuses_the_input_and_leaves_no_temp_files(good_file, tmp_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("diffmem.formats.safetensors_io.os.fsync", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(DiffmemError, match=r"broken.safetensors: could not write the output \(No space"):
         save_file({"a": torch.zeros(1)}, tmp_path / "broken.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.safetensors", "link.safetensors"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,11 @@ class AnchorStore:
                 path = self.folder / f"{self.shard_prefix(rule)}{digest}.safetensors"
                 metadata = {"diffmem.base_sha256": self.base.content_hash(), "diffmem.anchor_rule": rule,
                             "diffmem.cache_version": CACHE_VERSION}
-                save_file(tensors, path, metadata)
+                try:
+                    save_file(tensors, path, metadata)
+                except DiffmemError as exc:  # a full or read-only cache disk costs time, never the result
+                    warnings.warn(f"anchors not cached ({exc}); they will be computed again", stacklevel=2)
+                    continue
                 shard = SafetensorsFile(path)
                 self.index(rule).update({name.rsplit(".", 1)[0]: shard for name in shard})
             self.pending.clear()

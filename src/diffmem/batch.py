@@ -2,19 +2,26 @@
 
 Anchors are computed once, in the parent, for every base weight any input touches, and written to the anchor
 cache; workers only read them. Resumable: an input whose output already records the same source hash and config is
-skipped. One bad file is reported in the summary and does not stop the batch.
+skipped. One bad file, even one that kills its worker, is a failed row in the summary and does not stop the batch;
+workers die with the parent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import io
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,29 +47,76 @@ class BatchRow:
     output: str
     status: str  # "filtered" | "skipped" | "failed"
     error: str = ""
+    reason: str = ""  # why a row was skipped
     channels_kept: int = 0
     channels_total: int = 0
     energy_kept: float = 0.0
     anchors_computed: int = 0  # by this file's worker; 0 when the batch's shared anchors covered it
+    skipped_unmapped: int = 0  # modules written back unchanged with skip_unmapped
     seconds: float = 0.0
 
 
-def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
-    """LoRA files and PEFT folders named directly or found (non-recursively) in the given folders, sorted."""
+def is_candidate(path: Path) -> bool:
+    """Whether a folder entry is a LoRA to filter: a `.safetensors` file (or any non-folder so named, which the worker
+    then refuses with a clear reason) or a PEFT adapter folder."""
+    if path.suffix == ".safetensors":
+        return not path.is_dir()
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def find_inputs(paths: Iterable[str | Path], exclude: Path | None = None) -> list[Path]:
+    """LoRA files and PEFT folders named directly or found (non-recursively) in the given folders, sorted.
+
+    ``exclude`` (the batch's output folder) is never read as input, named or found: re-filtering earlier outputs
+    would stack ``x.filtered.filtered...`` files on every run.
+    """
+    excluded = Path(os.path.realpath(exclude)) if exclude is not None else None
+
+    def outside(path: Path) -> bool:
+        return excluded is None or not Path(os.path.realpath(path)).is_relative_to(excluded)
+
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir() and not (path / "adapter_config.json").exists():
-            found.extend(sorted(p for p in path.iterdir() if p.suffix == ".safetensors" or (p / "adapter_config.json").exists()))
-        else:
+            if outside(path):
+                found.extend(sorted(p for p in path.iterdir() if is_candidate(p) and outside(p)))
+        elif outside(path) or not path.exists():
             found.append(path)
     return sorted(dict.fromkeys(found))
 
 
-def output_path(source: Path, out_dir: Path) -> Path:
-    """``<out_dir>/<name>.filtered.safetensors`` (a PEFT folder keeps being a folder: ``<name>.filtered``)."""
+def output_name(source: Path) -> str:
+    """``<name>.filtered.safetensors`` (a PEFT folder keeps being a folder: ``<name>.filtered``)."""
     if source.is_dir():
-        return out_dir / f"{source.name}.filtered"
-    return out_dir / f"{source.stem}.filtered{source.suffix or '.safetensors'}"
+        return f"{source.name}.filtered"
+    return f"{source.stem}.filtered{source.suffix or '.safetensors'}"
+
+
+def output_paths(sources: Sequence[Path], out_dir: Path) -> dict[Path, Path]:
+    """Each source's output in ``out_dir``, at its path relative to the folder all sources share, so two files of
+    the same name in different folders (``a/x``, ``b/x``) get two outputs (``out/a/x…``, ``out/b/x…``) and a batch
+    of one folder is written flat, as before."""
+    absolute = [Path(os.path.abspath(source)) for source in sources]
+    root = Path(os.path.commonpath([str(path.parent) for path in absolute]))
+    outputs = {source: out_dir / path.parent.relative_to(root) / output_name(source)
+               for source, path in zip(sources, absolute)}
+    seen: dict[Path, Path] = {}
+    for source, output in outputs.items():
+        if output in seen:  # cannot happen for distinct sources; kept so a future naming change cannot lose data
+            raise DiffmemError(f"{seen[output]} and {source} would both be written to {output}")
+        seen[output] = source
+    return outputs
+
+
+def written_by_diffmem(source: Path) -> bool:
+    """Whether ``source`` is a file diffmem wrote (a filtered output or an anchor shard: its header has
+    ``diffmem.*`` metadata), which a batch never filters again."""
+    header = source / "adapter_model.safetensors" if source.is_dir() else source
+    try:
+        metadata = SafetensorsFile(header).metadata
+    except DiffmemError:
+        return False  # unreadable: the worker reports why
+    return any(key.startswith("diffmem.") for key in metadata)
 
 
 def already_done(source: Path, output: Path, config: FilterConfig) -> bool:
@@ -72,16 +126,18 @@ def already_done(source: Path, output: Path, config: FilterConfig) -> bool:
         return False
     try:
         metadata = SafetensorsFile(header).metadata
+        source_hash = sha256_file(source)
     except DiffmemError:
         return False
     return (
-        metadata.get("diffmem.source_sha256") == sha256_file(source)
+        metadata.get("diffmem.source_sha256") == source_hash
         and metadata.get("diffmem.config") == json.dumps(config.to_dict(), sort_keys=True)
     )
 
 
 def warm_anchors(
-    inputs: Sequence[Path], base_path: Path, config: FilterConfig, cache_dir: Path | None, device: str = "cpu"
+    inputs: Sequence[Path], base_path: Path, config: FilterConfig, cache_dir: Path | None, device: str = "cpu",
+    skip_unmapped: bool = False,
 ) -> None:
     """Compute, once, the anchors of every base weight that any readable input touches, into the cache."""
     energy = getattr(config, "energy", None)
@@ -93,30 +149,89 @@ def warm_anchors(
         try:
             lora = read_lora(source)
             lookups = {name: (m.lookup, tuple(m.weight_shape)) for name, m in lora.modules.items()}
-            targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata)
-        except DiffmemError:
-            continue  # reported by the worker that processes this file
+            targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata, skip_unmapped=skip_unmapped)
+        except Exception:  # any bad file is reported by the worker that processes it
+            continue
         for target in targets.values():
             store.get(target, energy, getattr(config, "anchor_rank", None))
     store.flush()
 
 
 def filter_one(source: Path, base: Path, output: Path, config: FilterConfig, options: dict) -> BatchRow:
-    """Filter one file, catching a user-input error into the row (a bug still raises)."""
+    """Filter one file; any failure, a bad input or a bug an input triggers, becomes the row's one-line error."""
     started = time.perf_counter()
     try:
         report = filter_file(source, base, output, config, **options)
-    except DiffmemError as exc:
-        return BatchRow(str(source), str(output), "failed", error=str(exc), seconds=time.perf_counter() - started)
+    except Exception as exc:  # a batch never dies of one file
+        error = str(exc) if isinstance(exc, DiffmemError) else f"{source}: unexpected {type(exc).__name__}: {exc}"
+        return BatchRow(str(source), str(output), "failed", error=" ".join(error.split()),
+                        seconds=time.perf_counter() - started)
     return BatchRow(
         str(source), str(output), "filtered", channels_kept=report.channels_kept, channels_total=report.channels_total,
-        energy_kept=report.energy_kept, anchors_computed=report.anchors_computed, seconds=time.perf_counter() - started,
+        energy_kept=report.energy_kept, anchors_computed=report.anchors_computed,
+        skipped_unmapped=len(report.skipped_unmapped), seconds=time.perf_counter() - started,
     )
 
 
 def threads_per_worker(workers: int, cpus: int) -> int:
     """Torch threads for each of ``workers`` processes sharing ``cpus`` cores (at least one)."""
     return max(1, cpus // max(1, workers))
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def start_worker(threads: int, parent: int) -> None:
+    """Initialise a pool worker: its share of the cores, and death with the parent.
+
+    A parent killed with SIGKILL runs no clean-up, and its workers would go on filtering for nobody. On Linux the
+    kernel kills them (PR_SET_PDEATHSIG); elsewhere a watchdog thread sees the parent change and exits.
+    """
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="diffmem-parent-watch", daemon=True).start()
+
+
+WORKER_DIED = ("the worker process died while filtering this file (killed by the system, out of memory, or a crash "
+               "in a native library)")
+
+
+def run_in_pool(todo: Sequence[tuple[Path, Path]], base: Path, config: FilterConfig, options: dict, workers: int,
+                on_row) -> list[tuple[Path, Path]]:
+    """Filter ``todo`` in a pool of ``workers`` processes, calling ``on_row(source, row)`` for each result; return
+    the files whose worker died (a dead worker breaks the whole pool, so these are the ones it was running and the
+    ones still queued: innocent files among them are retried, each in a pool of its own)."""
+    broken = []
+    # spawn, not fork: a forked child inherits torch's OpenMP thread pool in a broken state and can hang.
+    # Each worker gets its share of the cores for the filter's own threads, so workers do not oversubscribe them.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=start_worker,
+                               initargs=(threads_per_worker(workers, os.cpu_count() or 1), os.getpid()))
+    try:
+        futures = {pool.submit(filter_one, source, base, output, config, options): (source, output)
+                   for source, output in todo}
+        for future in as_completed(futures):
+            source, output = futures[future]
+            try:
+                on_row(source, future.result())
+            except BrokenProcessPool:
+                broken.append((source, output))
+            except Exception as exc:  # a result that cannot come back, say: still one row
+                on_row(source, BatchRow(str(source), str(output), "failed",
+                                        error=f"{source}: {type(exc).__name__}: {' '.join(str(exc).split())}"))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return sorted(broken)
 
 
 def filter_many(
@@ -131,47 +246,65 @@ def filter_many(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     device: str = "cpu",
+    skip_unmapped: bool = False,
 ) -> list[BatchRow]:
-    """Filter every input into ``out_dir`` and write ``summary.csv`` and ``summary.json`` there."""
+    """Filter every input into ``out_dir`` and write ``summary.csv`` and ``summary.json`` there.
+
+    ``skip_unmapped`` is `filter_lora`'s: modules no base weight matches are written back unchanged (counted in the
+    row's ``skipped_unmapped``) instead of failing the file.
+
+    Every per-file failure, of any kind, is a ``failed`` row and the batch goes on; the summary is written even when
+    the batch is interrupted (files not reached are ``failed`` rows saying so). Files diffmem wrote and ``out_dir``
+    itself are never read as input; no output is ever written over an input.
+    """
     if engine not in ENGINES:
         raise DiffmemError(f"engine must be one of {ENGINES}, got {engine!r}")
     resolve_device(device)  # a missing GPU is a clear error before any work, not a traceback in a worker
     base, out_dir = Path(base), Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else None
-    sources = find_inputs(inputs)
+    inputs = [Path(path) for path in inputs]
+    sources = find_inputs(inputs, exclude=out_dir)
     if not sources:
+        if any(os.path.realpath(path) == os.path.realpath(out_dir) for path in inputs):
+            raise DiffmemError("the input folder is the --out folder; diffmem never reads its own output folder as "
+                               "input: write the outputs to a folder of their own", out_dir)
         raise DiffmemError("no LoRA files found in the given inputs")
+    outputs = output_paths(sources, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[Path, BatchRow] = {}
     todo = []
     for source in sources:
-        output = output_path(source, out_dir)
-        if already_done(source, output, config):
-            rows[source] = BatchRow(str(source), str(output), "skipped")
+        output = outputs[source]
+        if written_by_diffmem(source):
+            rows[source] = BatchRow(str(source), str(output), "skipped",
+                                    reason="written by diffmem (a filtered output), not filtered again")
+        elif already_done(source, output, config):
+            rows[source] = BatchRow(str(source), str(output), "skipped", reason="already done (same file and config)")
         else:
             todo.append((source, output))
-    warm_anchors([source for source, _ in todo], base, config, cache_dir, device)
-    options = {"reduce_rank": reduce_rank, "cache_dir": cache_dir, "device": device}
+    options = {"reduce_rank": reduce_rank, "cache_dir": cache_dir, "device": device, "skip_unmapped": skip_unmapped}
     bar = tqdm(total=len(todo), desc="filtering", unit="file", disable=not progress)
-    if engine == "ray":
-        results = run_on_ray(todo, base, config, options, workers)
-        for (source, _), row in zip(todo, results):
-            rows[source] = row
-            bar.update()
-    else:
-        # spawn, not fork: a forked child inherits torch's OpenMP thread pool in a broken state and can hang.
-        # Each worker gets its share of the cores for the filter's own threads, so workers do not oversubscribe them.
-        count = workers or os.cpu_count() or 1
-        with ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads,
-                                 initargs=(threads_per_worker(count, os.cpu_count() or 1),)) as pool:
-            futures = {pool.submit(filter_one, source, base, output, config, options): source for source, output in todo}
-            for future in as_completed(futures):
-                rows[futures[future]] = future.result()
-                bar.update()
-    bar.close()
-    ordered = [rows[source] for source in sources]
-    write_summary(ordered, out_dir)
+
+    def on_row(source: Path, row: BatchRow) -> None:
+        rows[source] = row
+        bar.update()
+
+    try:
+        warm_anchors([source for source, _ in todo], base, config, cache_dir, device, skip_unmapped)
+        if engine == "ray":
+            for (source, _), row in zip(todo, run_on_ray(todo, base, config, options, workers)):
+                on_row(source, row)
+        else:
+            broken = run_in_pool(todo, base, config, options, workers or os.cpu_count() or 1, on_row)
+            for source, output in broken:  # alone, so a file that kills its worker fails only itself
+                if run_in_pool([(source, output)], base, config, options, 1, on_row):
+                    on_row(source, BatchRow(str(source), str(output), "failed", error=f"{source}: {WORKER_DIED}"))
+    finally:
+        bar.close()
+        ordered = [rows.get(source) or BatchRow(str(source), str(outputs[source]), "failed",
+                                                error=f"{source}: not filtered: the batch stopped before it")
+                   for source in sources]
+        write_summary(ordered, out_dir)
     return ordered
 
 
@@ -184,7 +317,15 @@ def run_on_ray(todo, base: Path, config: FilterConfig, options: dict, workers: i
     if not ray.is_initialized():
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(filter_one)
-    return ray.get([remote.remote(source, base, output, config, options) for source, output in todo])
+    refs = [remote.remote(source, base, output, config, options) for source, output in todo]
+    rows = []
+    for (source, output), ref in zip(todo, refs):
+        try:
+            rows.append(ray.get(ref))
+        except Exception as exc:  # a worker lost with its node, say: that file's row, not the batch
+            rows.append(BatchRow(str(source), str(output), "failed",
+                                 error=f"{source}: the Ray task failed: {type(exc).__name__}"))
+    return rows
 
 
 def write_summary(rows: Sequence[BatchRow], out_dir: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,10 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-cache", action="store_true", help="neither read nor write the anchor cache")
     parser.add_argument("--device", default="cpu",
                         help="where the decompositions run: cpu (default), cuda, cuda:N or mps")
+    parser.add_argument("--skip-unmapped", action="store_true",
+                        help="filter the modules that map to a base weight and write those that map to none back "
+                             "unchanged (counted in the report) instead of refusing the file; a shape mismatch, or "
+                             "no module mapping at all, still refuses")
 
 
 def build_config(args: argparse.Namespace):
@@ -96,7 +101,7 @@ def run_filter(args: argparse.Namespace) -> int:
     report = filter_file(
         args.lora, args.base, args.output, build_config(args), reduce_rank=args.reduce_rank,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet and not args.json,
-        device=args.device,
+        device=args.device, skip_unmapped=args.skip_unmapped,
     )
     if args.json:
         print(json.dumps({"output": str(args.output), **report.to_dict()}, indent=2))
@@ -111,7 +116,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     report = inspect_lora(
         args.lora, args.base, build_config(args), cache_dir=args.cache_dir, use_cache=not args.no_cache,
-        progress=not args.json, device=args.device,
+        progress=not args.json, device=args.device, skip_unmapped=args.skip_unmapped,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -127,6 +132,8 @@ def run_filter_many(args: argparse.Namespace) -> int:
     rows = filter_many(
         args.inputs, args.base, args.out, build_config(args), engine=args.engine, workers=args.workers,
         reduce_rank=args.reduce_rank, cache_dir=args.cache_dir, progress=not args.json, device=args.device,
+        # Passed only when asked, so a filter_many that does not take the option yet serves every other call.
+        skip_unmapped=args.skip_unmapped,
     )
     counts = {status: sum(row.status == status for row in rows) for status in ("filtered", "skipped", "failed")}
     if args.json:
@@ -266,8 +273,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except DiffmemError as exc:
-        print(f"diffmem: error: {exc}", file=sys.stderr)
+        print(f"diffmem: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("diffmem: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a file system refusal diffmem did not wrap: still one line, naming the file
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"diffmem: error: {where}{exc.strerror or one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        # A bug, or an input no check foresaw: one line for the user (a platform parses stderr), the traceback on
+        # request for the report.
+        if os.environ.get("DIFFMEM_TRACEBACK"):
+            raise
+        print(f"diffmem: error: unexpected {type(exc).__name__}: {one_line(str(exc))} (set DIFFMEM_TRACEBACK=1 "
+              "for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks folded, so an error is always exactly one line of stderr."""
+    return " ".join(text.split()) or "(no message)"

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from diffmem import __version__
 from diffmem.anchors import AnchorStore
-from diffmem.errors import DiffmemError
+from diffmem.errors import BadWeightsError, DiffmemError
 from diffmem.filters import BAFConfig, FilterConfig, ModuleView, select
 from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
 from diffmem.formats.lora import LoraFile, LoraModule, read_lora, replace_factors, write_lora
@@ -57,6 +57,8 @@ class FilterReport:
     anchors_computed: int = 0
     anchors_cached: int = 0
     seconds: float = 0.0
+    # Modules that name no base weight, written back unchanged (only with skip_unmapped=True).
+    skipped_unmapped: list[str] = field(default_factory=list)
 
     @property
     def channels_total(self) -> int:
@@ -75,7 +77,8 @@ class FilterReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data.update(channels_total=self.channels_total, channels_kept=self.channels_kept, energy_kept=self.energy_kept)
+        data.update(channels_total=self.channels_total, channels_kept=self.channels_kept, energy_kept=self.energy_kept,
+                    skipped_unmapped_count=len(self.skipped_unmapped))
         return data
 
     def summary(self) -> str:
@@ -85,6 +88,8 @@ class FilterReport:
             f"({self.energy_kept:.1%} of the update energy) in {len(self.modules)} modules; "
             f"base {Path(self.base).name} ({self.base_family}); anchors computed {self.anchors_computed}, "
             f"from cache {self.anchors_cached}; {self.seconds:.2f} s"
+            + (f"; {len(self.skipped_unmapped)} modules with no base weight written back unchanged"
+               if self.skipped_unmapped else "")
         )
 
 
@@ -127,7 +132,9 @@ def shape_batches(keys: dict[str, tuple], size: int = BATCH_MODULES) -> list[lis
     return [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
 
 
-def channels_of(modules: dict[str, LoraModule], device: torch.device | str = "cpu") -> dict[str, Channels]:
+def channels_of(
+    modules: dict[str, LoraModule], device: torch.device | str = "cpu", path: Path | None = None
+) -> dict[str, Channels]:
     """Spectral channels of every module, on the CPU (computed on ``device``): factored (lora/locon) modules by
     the Gram trick, those of one factor shape in one batched call; LoHa/LoKr/Tucker by a dense SVD."""
     channels = {name: None for name in modules}  # keeps the input order
@@ -137,15 +144,39 @@ def channels_of(modules: dict[str, LoraModule], device: torch.device | str = "cp
             up, down = module.tensors["up"], module.tensors["down"]
             factored[name] = (up.shape[0], up.numel() // up.shape[0], down.numel() // down.shape[0])
         else:
-            found = dense_channels(module.delta().to(device))
+            delta = module.delta()
+            if not bool(torch.isfinite(delta).all()):
+                raise BadWeightsError(f"module {name!r}: its update is not finite in float32 (factor values too "
+                                      "large)", path)
+            found = dense_channels(delta.to(device))
             channels[name] = Channels(u=found.u.cpu(), sigma=found.sigma.cpu(), v=found.v.cpu())
 
-    def decompose(batch: list[str]) -> list[Channels]:
+    def decompose_together(batch: list[str]) -> list[Channels]:
         ups = torch.stack([modules[n].tensors["up"].reshape(factored[n][:2]) for n in batch]).to(device)
         downs = torch.stack([modules[n].tensors["down"].reshape(factored[n][1], -1) for n in batch]).to(device)
         scales = torch.tensor([modules[n].scale for n in batch], dtype=torch.float64)
-        return [Channels(u=c.u.cpu(), sigma=c.sigma.cpu(), v=c.v.cpu())
-                for c in lowrank_channels_batch(ups, downs, scales)]
+        found = [Channels(u=c.u.cpu(), sigma=c.sigma.cpu(), v=c.v.cpu())
+                 for c in lowrank_channels_batch(ups, downs, scales)]
+        if not all(bool(torch.isfinite(c.sigma).all() and torch.isfinite(c.u).all() and torch.isfinite(c.v).all())
+                   for c in found):
+            raise torch.linalg.LinAlgError("non-finite channels")
+        return found
+
+    def decompose(batch: list[str]) -> list[Channels]:
+        try:
+            return decompose_together(batch)
+        except torch.linalg.LinAlgError:
+            # Finite factors whose Gram matrices overflow float32 (values near 3e38, a corrupted or hostile file):
+            # decompose one by one to name the module at fault.
+            for name in batch:
+                try:
+                    decompose_together([name])
+                except torch.linalg.LinAlgError:
+                    module = modules[name]
+                    largest = max(float(t.abs().max()) for t in (module.tensors["up"], module.tensors["down"]))
+                    raise BadWeightsError(f"module {name!r}: its update cannot be decomposed (factor values up to "
+                                          f"{largest:.3g}, too large for float32 arithmetic)", path) from None
+            raise
 
     batches = shape_batches(factored)
     with parallel_modules(device) as run:
@@ -182,6 +213,7 @@ def filter_lora(
     use_cache: bool = True,
     progress: bool = False,
     device: str | torch.device = "cpu",
+    skip_unmapped: bool = False,
 ) -> FilterResult:
     """Filter every module of ``lora`` against ``base`` with ``config`` (default: `BAFConfig()`).
 
@@ -189,6 +221,8 @@ def filter_lora(
     module keeps only its kept channels (a smaller rank, alpha rescaled so the scale is unchanged); otherwise the
     rank is unchanged and dropped channels become zero columns, so every front-end sees the same shapes.
     ``device`` runs the decompositions (channels, anchors) there, e.g. "cuda"; everything else stays on the CPU.
+    ``skip_unmapped`` filters the modules that map to a base weight and writes the others back unchanged (listed in
+    ``report.skipped_unmapped``) instead of refusing the file; it still refuses when none maps or a shape differs.
     """
     started = time.perf_counter()
     device = resolve_device(device)
@@ -196,12 +230,12 @@ def filter_lora(
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
     base = base if isinstance(base, BaseCheckpoint) else open_base(base)
     lookups = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora.modules.items()}
-    targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata)
+    targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata, skip_unmapped=skip_unmapped)
     # Each module's anchors serve its own scores only: holding all of them would cost gigabytes on SDXL.
     store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache, device=device)
 
-    names = list(lora.modules)
-    channels = channels_of(lora.modules, device)
+    names = [name for name in lora.modules if name in targets]  # the others are skipped, unchanged
+    channels = channels_of({name: lora.modules[name] for name in names}, device, lora.path)
     anchor_ranks: dict[str, int] = {}
 
     def score_module(name: str) -> torch.Tensor:
@@ -277,6 +311,7 @@ def filter_lora(
         anchors_computed=store.computed,
         anchors_cached=store.loaded,
         seconds=time.perf_counter() - started,
+        skipped_unmapped=[name for name in lora.modules if name not in targets],
     )
     # keep_alpha: a smaller rank folds the scale change into the up factor instead of writing per-module alphas,
     # which diffusers (0.42) misreads for kohya attention modules; the update is the same either way.
@@ -295,6 +330,8 @@ def provenance(report: FilterReport, source: Path | None) -> dict[str, str]:
         "diffmem.channels_kept": f"{report.channels_kept}/{report.channels_total}",
         "diffmem.kept_per_module": json.dumps({m.name: [m.kept, m.channels] for m in report.modules}, sort_keys=True),
     }
+    if report.skipped_unmapped:  # so a reader of the file can tell which modules were left as the trainer wrote them
+        keys["diffmem.skipped_unmapped"] = json.dumps(sorted(report.skipped_unmapped))
     if source is not None and Path(source).is_file():
         keys["diffmem.source_sha256"] = sha256_file(source)
     return keys
@@ -309,9 +346,12 @@ def filter_file(
 ) -> FilterReport:
     """Filter the LoRA file at ``lora_path`` and write the result to ``output`` (atomic; never the input)."""
     lora_path, output = Path(lora_path), Path(output)
-    refuse_overwriting(output, (lora_path,))  # before the work, not after it
+    base_location = base_path.path if isinstance(base_path, BaseCheckpoint) else Path(base_path)
+    # Before the work, not after it: the output is never the LoRA, the base or a file inside a base folder.
+    refuse_overwriting(output, (lora_path,), "the LoRA")
+    refuse_overwriting(output, (base_location,), "the base checkpoint")
     result = filter_lora(lora_path, base_path, config, **options)
-    write_lora(result.lora, output, provenance=provenance(result.report, lora_path), protect=(lora_path,))
+    write_lora(result.lora, output, provenance=provenance(result.report, lora_path), protect=(lora_path, base_location))
     return result.report
 
 

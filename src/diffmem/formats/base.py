@@ -23,6 +23,7 @@ import torch
 
 from diffmem.cache import default_cache_dir
 from diffmem.errors import BaseMismatchError, DiffmemError, FileFormatError
+from diffmem.formats.files import check_input, open_regular, read_text
 from diffmem.formats.names import clip_name_variants, fusions_for, is_layer_weight, kohya_name, module_of
 from diffmem.formats.safetensors_io import (
     SafetensorsFile,
@@ -59,8 +60,8 @@ class TorchPickleFile(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise DiffmemError("no such file", self.path)
+        with open_regular(self.path):
+            pass  # refuses a FIFO, a device or an unreadable file with one line before torch.load could block on it
         try:
             loaded = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # UnpicklingError for code, RuntimeError for a bad or old-format archive
@@ -148,6 +149,8 @@ class Component:
     naming: str  # "original" | "diffusers"
     prefix: str  # prefix of its keys in the store
     kohya: str | None = None  # kohya prefix of its diffusers module names (lora_unet, lora_te1, ...)
+    # Other kohya prefixes writers use for this component where they can mean no other one (see KOHYA_ALIASES).
+    kohya_aliases: tuple[str, ...] = ()
 
 
 # Text encoders inside single-file checkpoints: (key prefix, kind, component).
@@ -181,6 +184,19 @@ KOHYA_TEXT_ENCODER = {
     ("flux", "text_encoder"): "lora_te1",
     ("flux", "text_encoder_2"): "lora_te3",
 }
+
+
+# Prefixes other writers use for a component whose family has only one text encoder, so they name no other:
+# diffusers' `convert_state_dict_to_kohya` writes `lora_te1_` for any `text_encoder`, SD1's included.
+KOHYA_ALIASES = {
+    ("sd1", "text_encoder"): ("lora_te1",),
+    ("sd2", "text_encoder"): ("lora_te1",),
+    ("unet", "text_encoder"): ("lora_te1",),
+}
+# The generic `lycoris.create_lycoris(module)` names a wrapped module `lycoris_<path inside module>`, whatever the
+# module is (UNet, text encoder, transformer): such names carry no component, so they are generated for every
+# component and those that two components share (SDXL's two CLIP towers) are told apart by shape.
+LYCORIS_PREFIX = "lycoris"
 
 
 def detect_denoiser(keys: Iterable[str]) -> tuple[str, str] | None:
@@ -313,7 +329,7 @@ def component_readers(folder: Path) -> list[Reader]:
 def sharded_readers(index: Path) -> list[Reader]:
     """Readers of a sharded checkpoint, checking its `.index.json` against the shards' headers."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(read_text(index))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FileFormatError(f"is not a valid sharded-checkpoint index ({exc})", index) from None
     readers = {}
@@ -331,8 +347,8 @@ def sharded_readers(index: Path) -> list[Reader]:
 def read_json(path: Path) -> dict:
     """A JSON object from `path`, or a FileFormatError naming it."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        value = json.loads(read_text(path))
+    except ValueError as exc:
         raise FileFormatError(f"is not valid JSON ({exc})", path) from None
     if not isinstance(value, dict):
         raise FileFormatError("is not a JSON object", path)
@@ -392,8 +408,9 @@ def diffusers_aliases(component: Component, module: str) -> list[tuple[list[str]
     aliases = []
     for variant in variants:
         names = [f"{component.name}.{variant}"]
-        if component.kohya:
-            names.append(kohya_name(component.kohya, variant))
+        for prefix in (component.kohya, *component.kohya_aliases, LYCORIS_PREFIX):
+            if prefix:
+                names.append(kohya_name(prefix, variant))
         aliases.append((names, variant))
     return aliases
 
@@ -413,9 +430,13 @@ class AliasMap:
     explicit: dict[str, Target] = field(default_factory=dict)
     bare: dict[str, set[Target]] = field(default_factory=lambda: defaultdict(set))
     ambiguous: set[str] = field(default_factory=set)
+    # Every target each name was given for, ambiguous or not: `resolve_targets` tells ambiguous ones apart by shape.
+    candidates: dict[str, set[Target]] = field(default_factory=lambda: defaultdict(set))
 
     def add(self, target: Target, names: list[str], bare: str | None) -> None:
         """Record the prefixed `names` and the `bare` name of `target`."""
+        for name in [*names, *([bare] if bare is not None else [])]:
+            self.candidates[name].add(target)
         for name in names:
             if name in self.ambiguous:
                 continue
@@ -536,7 +557,7 @@ def cached_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
     index[real] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
     try:
         write_atomic(json.dumps(index, indent=1, sort_keys=True).encode(), index_path)
-    except OSError as exc:
+    except (OSError, DiffmemError) as exc:  # a full disk or read-only cache: the hash is right, only not memoised
         warnings.warn(f"could not write the hash index {index_path}: {exc}; hashing will repeat", stacklevel=2)
     return digest
 
@@ -568,7 +589,9 @@ class BaseCheckpoint:
         for component in self.components:
             shapes = {key[len(component.prefix) :]: self._store.shape(key) for key in claimed[component.name]}
             add_component_targets(aliases, component, shapes)
-        return aliases.result(), frozenset(aliases.ambiguous)
+        result = aliases.result()
+        candidates = {name: frozenset(found) for name, found in aliases.candidates.items() if name in aliases.ambiguous}
+        return result, frozenset(aliases.ambiguous), candidates
 
     @property
     def targets(self) -> Mapping[str, Target]:
@@ -579,6 +602,10 @@ class BaseCheckpoint:
     def ambiguous(self) -> frozenset[str]:
         """Names that would fit two different weights (e.g. a bare CLIP path in SDXL), so are not accepted."""
         return self._aliases[1]
+
+    def candidates(self, name: str) -> frozenset[Target]:
+        """The weights an ambiguous name fits (empty for a name that is unambiguous or not in the base)."""
+        return self._aliases[2].get(name, frozenset())
 
     def weight(self, target: Target) -> torch.Tensor:
         """The float32 weight `target` describes, reading only the tensors it needs (by byte range)."""
@@ -617,8 +644,7 @@ class BaseCheckpoint:
 def open_base(path: str | Path) -> BaseCheckpoint:
     """Open a base checkpoint of any supported layout and family without reading its tensors."""
     path = Path(path)
-    if not path.exists():
-        raise DiffmemError("no such file or folder", path)
+    check_input(path)  # a FIFO, device or link loop is one clear error here, not a hang or a traceback later
     if path.is_dir():
         components, store, layout, hidden_act = open_folder(path)
         return assemble(path, components, store, layout, hidden_act)
@@ -650,6 +676,7 @@ def assemble(
         else replace(c, kohya="lora_unet" if c.kind == "unet" else "lora_transformer")
         for c in components
     ]
+    components = [replace(c, kohya_aliases=KOHYA_ALIASES.get((family, c.name), ())) for c in components]
     return BaseCheckpoint(path, family, layout, components, store)
 
 
@@ -706,7 +733,8 @@ def family_from_metadata(metadata: Mapping[str, str]) -> str | None:
 
 
 def family_from_names(names: list[str]) -> str | None:
-    """The family LoRA module names point to; "sd1/sd2" or "flux/sd3" where names alone cannot tell."""
+    """The family LoRA module names point to; "sd1/sd2", "sd1/sd2/sdxl" or "flux/sd3" where names alone cannot
+    tell."""
 
     def any_has(*fragments: str) -> bool:
         return any(fragment in name for name in names for fragment in fragments)
@@ -717,9 +745,12 @@ def family_from_names(names: list[str]) -> str | None:
         return "sd3"
     if any_has("transformer_blocks") and not any_has("attentions", "_attentions_", "input_blocks", "output_blocks"):
         return "flux/sd3"
-    if any_has("lora_te1_", "lora_te2_", "text_encoder_2.", "input_blocks", "output_blocks", "middle_block",
-               "add_embedding"):
+    if any_has("lora_te2_", "text_encoder_2.", "input_blocks", "output_blocks", "middle_block", "add_embedding"):
         return "sdxl"
+    if any_has("lora_te1_"):
+        # sd-scripts writes lora_te1_ only for SDXL, but diffusers' kohya converter writes it for any first text
+        # encoder; without SGM UNet names or a second text encoder it does not tell SDXL from SD1/SD2.
+        return "sd1/sd2/sdxl"
     if any_has("down_blocks", "up_blocks", "mid_block", "lora_te_", "text_encoder."):
         return "sd1/sd2"
     return None
@@ -743,39 +774,70 @@ def resolve_targets(
     base: BaseCheckpoint,
     lora_path: str | Path,
     metadata: Mapping[str, str] | None = None,
+    *,
+    skip_unmapped: bool = False,
 ) -> dict[str, Target]:
     """Target of every LoRA module `{name: (lookup, weight_shape)}`, or a BaseMismatchError naming the LoRA.
 
-    The error says which family the LoRA and the base look like, how many modules did not map (with
-    examples) and every shape mismatch.
+    A name that fits several base weights (a bare CLIP path or a `lycoris_` name in SDXL, whose two text encoders
+    share module paths) is mapped when exactly one of them has the module's shape. The error says which family the
+    LoRA and the base look like, how many modules did not map (with examples) and every shape mismatch. With
+    `skip_unmapped`, modules that name no base weight are left out of the result (the caller writes them back
+    unchanged) as long as at least one module maps and no shape mismatches; shape mismatches always refuse, since
+    they mean the LoRA was trained for another model.
     """
     targets = base.targets
     resolved: dict[str, Target] = {}
+    by_shape: dict[str, Target] = {}
     missing: list[str] = []
+    ambiguous: list[str] = []
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     for name, (lookup, shape) in modules.items():
         target = targets.get(lookup)
         if target is None:
-            missing.append(name)
+            fitting = [t for t in base.candidates(lookup) if shapes_match(tuple(shape), t.shape)]
+            if len(fitting) == 1:
+                by_shape[name] = fitting[0]
+            else:
+                missing.append(name)
+                if base.candidates(lookup):
+                    ambiguous.append(name)
         elif not shapes_match(tuple(shape), target.shape):
             mismatched.append((name, tuple(shape), target.shape))
         else:
             resolved[name] = target
+    # Names told apart by shape must agree on one component: a file whose bare names land in two text encoders by
+    # shape alone is not unambiguous, so none of them is mapped.
+    if len({t.module.split(".", 1)[0] for t in by_shape.values()}) > 1:
+        missing += list(by_shape)
+        ambiguous += list(by_shape)
+    else:
+        resolved.update(by_shape)
     if not missing and not mismatched:
         return resolved
+    if skip_unmapped and resolved and not mismatched:
+        return resolved
     lora_family = guess_lora_family((lookup for lookup, _ in modules.values()), metadata or {})
+    if lora_family is not None and base.family in lora_family.split("/"):
+        # Same family: the base is likely the right model and only some modules name weights it lacks.
+        looks = f"the LoRA's module names fit a {base.family} model, as the base is"
+    else:
+        looks = f"the LoRA looks like {lora_family or 'an unknown family'} and the base like {base.family}"
     problems = [
-        f"it does not fit the base {base.path} (a {base.family} checkpoint, {base.layout} layout); "
-        f"the LoRA looks like {lora_family or 'an unknown family'} and the base like {base.family}"
+        f"it does not fit the base {base.path} (a {base.family} checkpoint, {base.layout} layout); {looks}"
     ]
     if missing:
         examples = ", ".join(sorted(missing)[:3])
-        ambiguous = [name for name in missing if modules[name][0] in base.ambiguous]
         note = f" ({len(ambiguous)} of them name more than one base weight)" if ambiguous else ""
         problems.append(f"{len(missing)} of {len(modules)} modules have no weight in the base{note}, e.g. {examples}")
     if mismatched:
         shown = "; ".join(f"{name}: LoRA {shape} vs base {base_shape}" for name, shape, base_shape in mismatched[:3])
         more = f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
         problems.append(f"{len(mismatched)} modules have the wrong shape ({shown}{more})")
+    elif resolved:
+        maps = "1 other module maps" if len(resolved) == 1 else f"{len(resolved)} other modules map"
+        problems.append(
+            f"{maps}: pass --skip-unmapped (skip_unmapped=True) to filter them and write the unmapped ones back "
+            "unchanged"
+        )
     raise BaseMismatchError(". ".join(problems), lora_path)
-

@@ -34,15 +34,18 @@ from torch import Tensor
 
 from diffmem.errors import BadWeightsError, DiffmemError, FileFormatError
 from diffmem.formats import lora_keys, lora_math
+from diffmem.formats.files import check_input, read_text
 from diffmem.formats.safetensors_io import (
     addnet_hashes,
     load_file,
     refuse_overwriting,
     serialize,
+    sweep_stale_temps,
     write_atomic,
 )
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 PEFT_PICKLE = "adapter_model.bin"
 PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_METADATA = "lora_adapter_metadata"
@@ -140,6 +143,7 @@ def read_lora(path: str | Path) -> LoraFile:
     (re-save it with `save_pretrained(safe_serialization=True)`).
     """
     path = Path(path)
+    check_input(path)  # a FIFO, device or link loop is one clear error here, not a hang or a traceback later
     config = None
     weights = path
     if path.is_dir():
@@ -227,8 +231,8 @@ def read_peft_config(path: Path) -> dict:
     if not path.exists():
         raise FileFormatError(f"PEFT adapter folder without {PEFT_CONFIG}", path.parent)
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        config = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
         raise FileFormatError(f"not valid JSON ({exc})", path) from None
     if not isinstance(config, dict):
         raise FileFormatError("not a PEFT adapter config (not a JSON object)", path)
@@ -303,7 +307,11 @@ def build_module(
     tensors = {role: tensor for role, (_, tensor) in roles.items()}
     keys = {role: key for role, (key, _) in roles.items()}
     kind = module_kind(name, set(tensors), path)
+    check_dtypes(name, tensors, path)
     rank, weight_shape = check_shapes(name, kind, tensors, path)
+    if rank == 0 or 0 in weight_shape:
+        raise FileFormatError(f"module {name!r} has rank 0 or an empty shape {tuple(weight_shape)}: its factors "
+                              "hold no values (a broken export)", path)
     comp = component_config(config, lora_keys.component_of(name, fmt))
     if "alpha" in tensors:
         alpha_tensor = tensors["alpha"]
@@ -316,6 +324,10 @@ def build_module(
                                                      comp.get("lora_alpha", 8)))
     else:
         stored_alpha = None
+    if stored_alpha is not None and not abs(stored_alpha) <= FLOAT32_MAX:
+        # Every front-end applies the update in float32 or less: such an alpha makes it Inf (or NaN) everywhere.
+        raise BadWeightsError(f"alpha of {name!r} is {stored_alpha:g}, beyond float32; the update would not be "
+                              "finite", path)
     rslora = file_uses_rslora(fmt, comp)
     alpha = lora_math.resolve_alpha(stored_alpha, rank)
     if kind == "lokr" and "lokr_w1" in tensors and "lokr_w2" in tensors:
@@ -327,6 +339,16 @@ def build_module(
         alpha=alpha, alpha_stored=stored_alpha is not None, scale=lora_math.lora_scale(alpha, rank, rslora),
         weight_shape=weight_shape, rslora=rslora,
     )
+
+
+def check_dtypes(name: str, tensors: Mapping[str, Tensor], path: Path) -> None:
+    """Raise unless every factor is floating point (an integer or bool factor is a broken or hostile file; alpha may
+    be stored as an integer, as some trainers write it)."""
+    for role, tensor in tensors.items():
+        numeric_alpha = role == "alpha" and tensor.dtype != torch.bool
+        if not (tensor.is_floating_point() or numeric_alpha):
+            raise FileFormatError(f"module {name!r}: {role} is {str(tensor.dtype).removeprefix('torch.')}; LoRA "
+                                  "factors must be floating point", path)
 
 
 def module_kind(name: str, roles: set[str], path: Path) -> str:
@@ -548,12 +570,22 @@ def write_lora(
         config = updated_peft_config(config or {}, list(lora.modules.values()), "peft")
     update_kohya_metadata(metadata, list(lora.modules.values()))
     metadata.update(provenance)
+    refuse_non_finite(tensors, lora.path)
     if lora.metadata.keys() & {"sshs_model_hash", "sshs_legacy_hash"} or any(k.startswith("ss_") for k in metadata):
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
     data = serialize(tensors, metadata)
     if lora.format == "peft":
         return write_peft_folder(data, config, path, protected)
     return write_atomic(data, path, protect=protected)
+
+
+def refuse_non_finite(tensors: Mapping[str, Tensor], source: Path | None) -> None:
+    """Raise rather than write a NaN or Inf: a front-end would load it silently and render black images. An alpha
+    too large for the factors' dtype (1e300 in a float16 LoRA) is how a finite input gets here."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+            raise BadWeightsError(f"refusing to write {key!r}: its values would not be finite (an alpha or scale too "
+                                  f"large for {str(tensor.dtype).removeprefix('torch.')}?)", source)
 
 
 def update_kohya_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> None:
@@ -639,7 +671,8 @@ def write_peft_folder(data: bytes, config: dict, path: Path, protected: tuple[st
         raise DiffmemError("the output folder exists and holds files other than a PEFT adapter's; "
                            "choose a new or adapter-only folder", path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep_stale_temps(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     umask = os.umask(0o022)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; an adapter folder is an ordinary folder
@@ -649,7 +682,7 @@ def write_peft_folder(data: bytes, config: dict, path: Path, protected: tuple[st
         write_atomic(config_text.encode(), staging / PEFT_CONFIG)
         if path.exists():
             # A folder cannot be renamed over a non-empty one: swap the old one aside, then drop it.
-            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".old", dir=path.parent))
             os.replace(path, retired / path.name)
             os.replace(staging, path)
             shutil.rmtree(retired)

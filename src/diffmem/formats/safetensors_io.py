@@ -8,13 +8,18 @@ touched, so a truncated download or a header that lies about offsets never reach
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import io
 import json
 import math
 import os
+import shutil
+import stat
 import struct
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -23,13 +28,15 @@ import safetensors.torch
 import torch
 
 from diffmem.errors import BadWeightsError, DiffmemError, FileFormatError
+from diffmem.formats.files import check_input, open_regular, special_kind
 
 # Bytes per element of each safetensors dtype name.
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_DIM = 2**63 - 1  # a dimension torch can hold (int64)
 
 
 def sniff_pickle(path: Path, head: bytes) -> str | None:
@@ -43,14 +50,16 @@ def sniff_pickle(path: Path, head: bytes) -> str | None:
 
 
 def read_header(path: str | Path) -> tuple[dict, dict[str, str]]:
-    """Return (tensor entries, metadata) of a safetensors file after checking the header against the file."""
+    """Return (tensor entries, metadata) of a safetensors file after checking the header against the file.
+
+    As strict as the safetensors library: a header of at most 100,000,000 bytes, `__metadata__` (when present) an
+    object of strings, and tensors that tile the data exactly, without overlaps, gaps or trailing bytes.
+    """
     path = Path(path)
-    if not path.exists():
-        raise DiffmemError("no such file", path)
-    if path.is_dir():
+    if stat.S_ISDIR(check_input(path).st_mode):
         raise FileFormatError("is a folder, not a .safetensors file", path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
         head = handle.read(9)
         kind = sniff_pickle(path, head)
         head = head[:8]
@@ -64,7 +73,13 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, str]]:
         if len(head) < 8:
             raise FileFormatError(f"is {size} bytes long: too short to be a safetensors file (truncated?)", path)
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        if header_len > MAX_HEADER_BYTES:
+            raise FileFormatError(
+                f"not a safetensors file: the header claims {header_len} bytes, over the format's limit of "
+                f"{MAX_HEADER_BYTES}",
+                path,
+            )
+        if 8 + header_len > size:
             raise FileFormatError(
                 f"not a safetensors file, or truncated: the header claims {header_len} bytes but the file has {size}",
                 path,
@@ -72,16 +87,17 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, str]]:
         raw = handle.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FileFormatError(f"not a safetensors file: its header is not JSON ({exc})", path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FileFormatError(f"not a safetensors file: its header is not JSON ({type(exc).__name__})", path) from None
     if not isinstance(header, dict):
         raise FileFormatError("not a safetensors file: its header is not a JSON object", path)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise FileFormatError("safetensors metadata must map strings to strings", path)
+        raise FileFormatError("safetensors metadata must be a JSON object mapping strings to strings", path)
     data_len = size - 8 - header_len
     for name, entry in header.items():
         check_entry(path, name, entry, data_len)
+    check_tiling(path, header, data_len)
     return header, metadata
 
 
@@ -90,16 +106,15 @@ def check_entry(path: Path, name: str, entry: object, data_len: int) -> None:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise FileFormatError(f"header entry {name!r} is malformed", path)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise FileFormatError(f"tensor {name!r} has unknown dtype {dtype!r}", path)
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    # type() is int, not isinstance(): JSON `true` is a Python bool, which is an int.
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
         raise FileFormatError(f"tensor {name!r} has an invalid shape {shape!r}", path)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise FileFormatError(f"tensor {name!r} has invalid data offsets {offsets!r}", path)
     begin, end = offsets
-    expected = DTYPE_SIZES[dtype]
-    for dim in shape:
-        expected *= dim
+    expected = DTYPE_SIZES[dtype] * math.prod(shape)
     if not 0 <= begin <= end or end - begin != expected:
         raise FileFormatError(
             f"header lies about tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, "
@@ -110,6 +125,21 @@ def check_entry(path: Path, name: str, entry: object, data_len: int) -> None:
         raise FileFormatError(
             f"truncated: tensor {name!r} ends at byte {end} of the data but the file holds only {data_len}", path
         )
+
+
+def check_tiling(path: Path, header: Mapping[str, dict], data_len: int) -> None:
+    """Raise unless the tensors' byte ranges tile the data exactly: two tensors sharing bytes would let a write to
+    one change the other, and bytes no tensor owns are hidden content (both are refused by safetensors too)."""
+    covered, previous = 0, None
+    for name, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, end = entry["data_offsets"]
+        if begin < covered:
+            raise FileFormatError(f"tensors {previous!r} and {name!r} overlap in the data (from byte {begin})", path)
+        if begin > covered:
+            raise FileFormatError(f"bytes {covered}..{begin} of the data are not covered by any tensor", path)
+        covered, previous = end, name
+    if covered != data_len:
+        raise FileFormatError(f"bytes {covered}..{data_len} of the data are not covered by any tensor", path)
 
 
 def check_finite(tensor: torch.Tensor, name: str, path: str | Path | None) -> torch.Tensor:
@@ -166,7 +196,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.header, self.metadata = read_header(self.path)
-        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (held for the object's lifetime)
+        self._file = open_regular(self.path, buffering=0)  # held for the object's lifetime
         (header_len,) = struct.unpack("<Q", self._file.read(8))
         self._data_start = 8 + header_len
 
@@ -255,14 +285,17 @@ def encode_header(header: Mapping) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def refuse_overwriting(path: str | Path, protect: tuple[str | Path, ...]) -> None:
-    """Raise when ``path`` is one of the input files in ``protect`` (the same path, or the same file by a link)."""
+def refuse_overwriting(path: str | Path, protect: tuple[str | Path, ...], what: str = "the input file") -> None:
+    """Raise when ``path`` is one of the files in ``protect`` (the same path, or the same file by a link) or lies
+    inside one of them that is a folder (a diffusers base, a PEFT adapter); ``what`` names them in the message."""
     path = Path(path)
-    for other in protect:
-        other = Path(other)
-        same = other.resolve() == path.resolve() or (other.exists() and path.exists() and os.path.samefile(other, path))
-        if same:
-            raise DiffmemError(f"refusing to overwrite the input file {other}; choose another output path", path)
+    real = Path(os.path.realpath(path))  # realpath, not resolve(): it does not raise on a symlink loop
+    for other in map(Path, protect):
+        other_real = Path(os.path.realpath(other))
+        if other_real == real or (other.exists() and path.exists() and os.path.samefile(other, path)):
+            raise DiffmemError(f"refusing to overwrite {what} {other}; choose another output path", path)
+        if other.is_dir() and real.is_relative_to(other_real):
+            raise DiffmemError(f"refusing to write inside {what} {other}; choose another output path", path)
 
 
 def default_file_mode() -> int:
@@ -272,19 +305,87 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+#: How old a temporary file of unknown owner must be before a later write may delete it.
+STALE_TEMP_SECONDS = 3600
+
+
+def temp_owner_alive(pid: int) -> bool:
+    """Whether process ``pid`` (the writer recorded in a temporary file's name) is still running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or a platform without signal 0: assume it is alive
+    return True
+
+
+def sweep_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files (and staging folders) that killed writes of ``path`` left beside it; return them.
+
+    A temporary is named ``.<name>.<pid>.<random>.tmp`` (``.old`` for a PEFT folder being replaced): it is stale
+    when that process is gone (a write killed with SIGKILL, a power cut) or the name is over a day old, and, for a
+    name without a pid (earlier versions), when it is over an hour old. Writes in progress, of this process or any
+    other live one, are left alone.
+    """
+    swept = []
+    now = time.time()
+    for temp in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if temp.suffix not in (".tmp", ".old"):
+            continue
+        middle = temp.name[len(path.name) + 2 : -len(temp.suffix)].split(".")
+        age = now - temp.lstat().st_mtime
+        if len(middle) == 2 and middle[0].isdigit():
+            stale = not temp_owner_alive(int(middle[0])) or age > 24 * 3600
+        else:
+            stale = age > STALE_TEMP_SECONDS
+        if not stale or temp.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            if temp.is_dir():
+                shutil.rmtree(temp)
+            else:
+                temp.unlink()
+            swept.append(temp)
+    return swept
+
+
+# OS errors of a write that say the disk or file system refused it, not that diffmem has a bug.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def check_output_path(path: Path) -> None:
+    """Raise unless ``path`` is free or an existing regular file: a folder or a device is never replaced."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DiffmemError(f"cannot be used as the output: {exc.strerror}", path) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DiffmemError("output path is a folder; give a file name", path)
+    kind = special_kind(info.st_mode)
+    if kind is not None:
+        raise DiffmemError(f"output path is {kind}, not a regular file; refusing to replace it", path)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, protect: tuple[str | Path, ...] = ()) -> Iterator[BinaryIO]:
     """A binary handle to a temporary file beside `path` that becomes `path` (fsynced, renamed) when the block ends
     without error, and is removed otherwise, so no partial output is ever left behind.
 
-    `protect` lists input files: writing over one of them is refused, so a typo never destroys a user's LoRA.
+    `protect` lists input files: writing over one of them is refused, so a typo never destroys a user's LoRA. A full
+    disk or a read-only folder is one `DiffmemError` naming the output; what was at `path` before is unchanged.
     """
     path = Path(path)
     refuse_overwriting(path, protect)
-    if path.is_dir():
-        raise DiffmemError("output path is a folder; give a file name", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_output_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temps(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise DiffmemError(f"cannot create the output: {exc.strerror}", path) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -292,8 +393,11 @@ def atomic_writer(path: str | Path, protect: tuple[str | Path, ...] = ()) -> Ite
             os.fsync(handle.fileno())
         os.chmod(tmp_name, default_file_mode())  # mkstemp makes 0600; outputs should be as readable as any file
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise DiffmemError(f"could not write the output ({exc.strerror}); any earlier file there is unchanged",
+                               path) from None
         raise
 
 
@@ -356,7 +460,7 @@ def addnet_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
 def sha256_file(path: str | Path, block: int = 1 << 24) -> str:
     """sha256 of a whole file, read in blocks so a multi-GB checkpoint is never held in memory."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for chunk in iter(lambda: handle.read(block), b""):
             digest.update(chunk)
     return digest.hexdigest()
