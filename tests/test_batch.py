@@ -40,7 +40,8 @@ def test_filters_every_file_reports_failures_and_resumes(tmp_path, batch, monkey
     assert "not a safetensors file" in failed["broken.safetensors"] and "sdxl" in failed["sdxl.safetensors"]
     assert sorted(p.name for p in out.glob("*.safetensors")) == [f"lora{i}.filtered.safetensors" for i in range(3)]
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["status"] for r in summary] == [r.status for r in rows]
+    assert [r["status"] for r in summary["files"]] == [r.status for r in rows]
+    assert summary["schema_version"] == 1 and summary["counts"] == {"filtered": 3, "skipped": 0, "failed": 2}
     assert (out / "summary.csv").read_text().splitlines()[0].startswith("input,output,status")
     # Anchors were computed once, in the parent, before any worker started: no worker computed one.
     assert list((cache / "anchors").glob("*.safetensors"))
@@ -109,3 +110,34 @@ def test_workers_share_the_cores_instead_of_each_taking_all_of_them():
 
     assert threads_per_worker(1, 8) == 8 and threads_per_worker(2, 8) == 4 and threads_per_worker(3, 8) == 2
     assert threads_per_worker(8, 2) == 1 and threads_per_worker(0, 2) == 2
+
+
+def test_recursive_inputs_mirror_the_folder_tree(tmp_path, batch):
+    base, folder = batch
+    nested = folder / "users" / "alice"
+    bl.write_kohya_lora(nested / "style.safetensors", bb.lora_lookups("sd1", "kohya"), rank=4, seed=7)
+    assert "style.safetensors" not in [p.name for p in find_inputs([folder])]
+    found = find_inputs([folder], recursive=True)
+    assert nested / "style.safetensors" in found
+    rows = filter_many([folder / "users"], base, tmp_path / "out", BAFConfig(), workers=1, recursive=True,
+                       cache_dir=tmp_path / "cache", progress=False)
+    assert [(Path(r.output).relative_to(tmp_path / "out").as_posix(), r.status) for r in rows] == [
+        ("alice/style.filtered.safetensors", "filtered")]
+
+
+def test_summary_keeps_earlier_runs_rows_and_has_the_json_shape(tmp_path, batch, capsys):
+    base, folder = batch
+    out = tmp_path / "out"
+    common = ["--base", str(base), "--out", str(out), "--workers", "1", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["filter-many", str(folder / "broken.safetensors"), *common]) == 1
+    capsys.readouterr()
+    assert main(["filter-many", str(folder / "lora0.safetensors"), *common, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["counts"] == {"filtered": 1, "skipped": 0, "failed": 0}
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == set(printed) == {"diffmem_version", "schema_version", "counts", "files"}
+    # The earlier run's failure is still there, beside this run's file.
+    assert {Path(r["input"]).name: r["status"] for r in summary["files"]} == {
+        "broken.safetensors": "failed", "lora0.safetensors": "filtered"}
+    assert summary["counts"] == {"filtered": 1, "skipped": 0, "failed": 1}
+    assert len((out / "summary.csv").read_text().splitlines()) == 3

@@ -23,3 +23,100 @@ def test_every_command_formats_its_help():
     assert {"filter", "bench", "attack dori", "mitigate nemo", "memcontrol search", "world finetune"} <= names
     for words, parser in commands:
         assert parser.format_help(), words
+
+
+def test_lazy_command_table_matches_what_each_package_registers():
+    import importlib
+
+    from diffmem.cli import COMMAND_MODULES, LAZY_COMMANDS
+
+    found = {}
+    for module_name in COMMAND_MODULES:
+        parser = argparse.ArgumentParser()
+        commands = parser.add_subparsers()
+        importlib.import_module(module_name).register(commands)
+        found.update({action.dest: (module_name, action.help) for action in commands._choices_actions})
+    assert found == LAZY_COMMANDS
+
+
+def test_filter_method_names_match_the_registry():
+    from diffmem.cli import FILTER_METHODS
+    from diffmem.filters import FILTERS
+
+    assert tuple(sorted(FILTERS)) == FILTER_METHODS
+
+
+def test_help_imports_neither_torch_nor_diffusers():
+    """`diffmem --help` and `diffmem filter --help` start in a tenth of a second because they import no heavy
+    package (benchmarks/startup.py times them); a command of another package imports only that package."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom diffmem.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)), file=sys.stderr)")
+    for argv in (["--help"], ["filter", "--help"], ["filter-many", "--help"], ["inspect", "--help"]):
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
+        assert done.stderr.strip().splitlines()[-1] == "[]", (argv, done.stderr)
+        assert "usage: diffmem" in done.stdout
+
+
+def test_a_lazy_command_is_built_in_full_when_it_is_the_command():
+    from diffmem.cli import build_parser, command_modules
+
+    assert command_modules(["--help"]) == () and command_modules(["filter", "x"]) == ()
+    assert command_modules(["bench-real", "--base", "b"]) == ("diffmem.bench.commands",)
+    argv = ["mitigate", "nemo", "--out", "o", "--ordinary", "o.txt"]
+    args = build_parser(load=command_modules(argv)).parse_args(argv)
+    assert callable(args.handler) and args.ordinary.name == "o.txt"
+
+
+def test_usage_errors_the_program_finds_exit_2_and_name_the_flag(capsys):
+    from diffmem.cli import main
+
+    for argv, flag in ((["--rule", "fraction", "--keep-fraction", "1.5"], "--keep-fraction"),
+                       (["--method", "magnitude", "--side", "left"], "--side"), (["--energy", "0"], "--energy")):
+        assert main(["filter", "l.safetensors", "--base", "b", "-o", "o.safetensors", *argv]) == 2
+        assert capsys.readouterr().err.startswith(f"diffmem: error: {flag} ")
+
+
+def test_configs_validate_their_fields():
+    import pytest
+
+    from diffmem.filters import BAFConfig
+
+    for bad in ({"side": "rigth"}, {"combine": "max"}, {"energy": 1.5}, {"energy": 0.0}, {"anchor_rank": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            BAFConfig(**bad)
+    assert BAFConfig(side="both", combine="min", energy=1.0, anchor_rank=3).anchor_rank == 3
+
+
+def test_reports_and_files_have_short_reprs(tmp_path):
+    import builders_base as bb
+    import builders_lora as bl
+    from diffmem.formats.lora import read_lora
+    from diffmem.pipeline import filter_lora
+
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    bl.write_kohya_lora(tmp_path / "l.safetensors", bb.lora_lookups("sd1", "kohya"), rank=4)
+    result = filter_lora(tmp_path / "l.safetensors", base, cache_dir=tmp_path / "cache")
+    lora = read_lora(tmp_path / "l.safetensors")
+    for obj in (result, result.report, lora, next(iter(lora.modules.values()))):
+        assert len(repr(obj)) < 400, repr(obj)[:500]
+    assert "channels_kept=" in repr(result.report) and "format='kohya'" in repr(lora)
+
+
+def test_package_lists_its_public_names_and_json_reports_carry_versions(tmp_path, capsys):
+    import json
+
+    import builders_base as bb
+    import builders_lora as bl
+    import diffmem
+    from diffmem.cli import main
+
+    assert {"filter_lora", "filter_file", "inspect_lora"} <= set(dir(diffmem))
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    bl.write_kohya_lora(tmp_path / "l.safetensors", bb.lora_lookups("sd1", "kohya"), rank=4)
+    assert main(["inspect", str(tmp_path / "l.safetensors"), "--base", str(base), "--json",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["diffmem_version"] == diffmem.__version__ and report["schema_version"] == 1

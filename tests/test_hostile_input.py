@@ -387,7 +387,7 @@ def test_fifo_in_a_batch_folder_is_a_failed_row(tmp_path, pair):
     code, _ = run_cli("filter-many", folder, "--base", base, "--out", tmp_path / "out", "--workers", "1",
                       "--no-cache", timeout=120)
     assert code == 1
-    rows = {Path(r["input"]).name: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())}
+    rows = {Path(r["input"]).name: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())["files"]}
     assert rows["good.safetensors"]["status"] == "filtered"
     assert rows["pipe.safetensors"]["status"] == "failed"
     assert "not a regular file" in rows["pipe.safetensors"]["error"]
@@ -414,7 +414,7 @@ def test_a_batch_never_dies_of_one_file(tmp_path, pair):
                            "--no-cache")
     assert code == 1, stderr
     assert "Traceback" not in stderr
-    rows = {Path(r["input"]).name: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())}
+    rows = {Path(r["input"]).name: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())["files"]}
     assert rows["good.safetensors"]["status"] == "filtered"
     for bad in ("rank0", "int32", "alpha1e300"):
         assert rows[f"{bad}.safetensors"]["status"] == "failed", rows[f"{bad}.safetensors"]
@@ -462,7 +462,7 @@ def test_a_worker_that_dies_fails_only_its_own_file(tmp_path, pair):
                            str(base), "--out", str(tmp_path / "out"), "--workers", "2", "--no-cache"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr
-    rows = {Path(r["input"]).name: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())}
+    rows = {Path(r["input"]).name: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())["files"]}
     assert rows["a.safetensors"]["status"] == "filtered"
     assert rows["z.safetensors"]["status"] == "filtered"
     assert rows["crash.safetensors"]["status"] == "failed"

@@ -14,3 +14,8 @@ def __getattr__(name: str):
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'diffmem' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names above are not in the module's namespace until first used; list them for tab completion.
+    return sorted({*globals(), *__all__})

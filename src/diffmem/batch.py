@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from diffmem import __version__
 from diffmem.anchors import AnchorStore
 from diffmem.errors import DiffmemError
 from diffmem.filters import FilterConfig
 from diffmem.formats.base import open_base, resolve_targets
+from diffmem.formats.files import read_text
 from diffmem.formats.lora import read_lora
 from diffmem.formats.safetensors_io import SafetensorsFile, sha256_file, write_atomic
 from diffmem.pipeline import filter_file, resolve_device
@@ -64,8 +66,9 @@ def is_candidate(path: Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").is_file()
 
 
-def find_inputs(paths: Iterable[str | Path], exclude: Path | None = None) -> list[Path]:
-    """LoRA files and PEFT folders named directly or found (non-recursively) in the given folders, sorted.
+def find_inputs(paths: Iterable[str | Path], exclude: Path | None = None, recursive: bool = False) -> list[Path]:
+    """LoRA files and PEFT folders named directly or found in the given folders (their subfolders too with
+    ``recursive``; a PEFT folder is an input, not searched), sorted.
 
     ``exclude`` (the batch's output folder) is never read as input, named or found: re-filtering earlier outputs
     would stack ``x.filtered.filtered...`` files on every run.
@@ -79,10 +82,24 @@ def find_inputs(paths: Iterable[str | Path], exclude: Path | None = None) -> lis
     for path in map(Path, paths):
         if path.is_dir() and not (path / "adapter_config.json").exists():
             if outside(path):
-                found.extend(sorted(p for p in path.iterdir() if is_candidate(p) and outside(p)))
+                found.extend(folder_inputs(path, outside, recursive))
         elif outside(path) or not path.exists():
             found.append(path)
     return sorted(dict.fromkeys(found))
+
+
+def folder_inputs(folder: Path, keep, recursive: bool) -> list[Path]:
+    """The candidates in ``folder`` that ``keep(path)`` accepts, descending into subfolders with ``recursive`` (but
+    not into PEFT folders, nor through symlinked folders, which could loop)."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if not keep(path):
+            continue
+        if is_candidate(path):
+            found.append(path)
+        elif recursive and path.is_dir() and not path.is_symlink():
+            found.extend(folder_inputs(path, keep, recursive))
+    return found
 
 
 def output_name(source: Path) -> str:
@@ -92,12 +109,16 @@ def output_name(source: Path) -> str:
     return f"{source.stem}.filtered{source.suffix or '.safetensors'}"
 
 
-def output_paths(sources: Sequence[Path], out_dir: Path) -> dict[Path, Path]:
-    """Each source's output in ``out_dir``, at its path relative to the folder all sources share, so two files of
-    the same name in different folders (``a/x``, ``b/x``) get two outputs (``out/a/x…``, ``out/b/x…``) and a batch
-    of one folder is written flat, as before."""
+def output_paths(sources: Sequence[Path], out_dir: Path, inputs: Sequence[Path] = ()) -> dict[Path, Path]:
+    """Each source's output in ``out_dir``, at its path relative to the folder the named ``inputs`` share (a named
+    folder counts as itself, a named file or PEFT folder as its parent; the sources' own folders without
+    ``inputs``): two files of the same name in different folders (``a/x``, ``b/x``) get two outputs (``out/a/x…``,
+    ``out/b/x…``), a recursive search keeps its subfolders, and one folder of inputs is written flat."""
     absolute = [Path(os.path.abspath(source)) for source in sources]
-    root = Path(os.path.commonpath([str(path.parent) for path in absolute]))
+    named = [Path(os.path.abspath(path)) for path in inputs]
+    folders = [path if path.is_dir() and not (path / "adapter_config.json").exists() else path.parent
+               for path in named] or [path.parent for path in absolute]
+    root = Path(os.path.commonpath([str(folder) for folder in folders + [path.parent for path in absolute]]))
     outputs = {source: out_dir / path.parent.relative_to(root) / output_name(source)
                for source, path in zip(sources, absolute)}
     seen: dict[Path, Path] = {}
@@ -137,7 +158,7 @@ def already_done(source: Path, output: Path, config: FilterConfig) -> bool:
 
 def warm_anchors(
     inputs: Sequence[Path], base_path: Path, config: FilterConfig, cache_dir: Path | None, device: str = "cpu",
-    skip_unmapped: bool = False,
+    skip_unmapped: bool = False, progress: bool = False,
 ) -> None:
     """Compute, once, the anchors of every base weight that any readable input touches, into the cache."""
     energy = getattr(config, "energy", None)
@@ -145,7 +166,7 @@ def warm_anchors(
         return
     base = open_base(base_path)
     store = AnchorStore(base, cache_dir=cache_dir, device=device)
-    for source in inputs:
+    for source in tqdm(inputs, desc="anchors", unit="file", disable=not progress, leave=False):
         try:
             lora = read_lora(source)
             lookups = {name: (m.lookup, tuple(m.weight_shape)) for name, m in lora.modules.items()}
@@ -247,6 +268,7 @@ def filter_many(
     progress: bool = True,
     device: str = "cpu",
     skip_unmapped: bool = False,
+    recursive: bool = False,
 ) -> list[BatchRow]:
     """Filter every input into ``out_dir`` and write ``summary.csv`` and ``summary.json`` there.
 
@@ -263,13 +285,13 @@ def filter_many(
     base, out_dir = Path(base), Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     inputs = [Path(path) for path in inputs]
-    sources = find_inputs(inputs, exclude=out_dir)
+    sources = find_inputs(inputs, exclude=out_dir, recursive=recursive)
     if not sources:
         if any(os.path.realpath(path) == os.path.realpath(out_dir) for path in inputs):
             raise DiffmemError("the input folder is the --out folder; diffmem never reads its own output folder as "
                                "input: write the outputs to a folder of their own", out_dir)
         raise DiffmemError("no LoRA files found in the given inputs")
-    outputs = output_paths(sources, out_dir)
+    outputs = output_paths(sources, out_dir, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[Path, BatchRow] = {}
     todo = []
@@ -290,10 +312,9 @@ def filter_many(
         bar.update()
 
     try:
-        warm_anchors([source for source, _ in todo], base, config, cache_dir, device, skip_unmapped)
+        warm_anchors([source for source, _ in todo], base, config, cache_dir, device, skip_unmapped, progress)
         if engine == "ray":
-            for (source, _), row in zip(todo, run_on_ray(todo, base, config, options, workers)):
-                on_row(source, row)
+            run_on_ray(todo, base, config, options, workers, on_row)
         else:
             broken = run_in_pool(todo, base, config, options, workers or os.cpu_count() or 1, on_row)
             for source, output in broken:  # alone, so a file that kills its worker fails only itself
@@ -308,8 +329,9 @@ def filter_many(
     return ordered
 
 
-def run_on_ray(todo, base: Path, config: FilterConfig, options: dict, workers: int | None) -> list[BatchRow]:
-    """The same work as remote Ray tasks, on the cluster ``ray.init()`` connects to (or a local one)."""
+def run_on_ray(todo, base: Path, config: FilterConfig, options: dict, workers: int | None, on_row) -> None:
+    """The same work as remote Ray tasks, on the cluster ``ray.init()`` connects to (or a local one); ``on_row`` is
+    called as each file finishes, so progress moves with the cluster."""
     try:
         import ray
     except ImportError:
@@ -317,23 +339,48 @@ def run_on_ray(todo, base: Path, config: FilterConfig, options: dict, workers: i
     if not ray.is_initialized():
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(filter_one)
-    refs = [remote.remote(source, base, output, config, options) for source, output in todo]
-    rows = []
-    for (source, output), ref in zip(todo, refs):
+    pending = {remote.remote(source, base, output, config, options): (source, output) for source, output in todo}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        source, output = pending.pop(done[0])
         try:
-            rows.append(ray.get(ref))
+            row = ray.get(done[0])
         except Exception as exc:  # a worker lost with its node, say: that file's row, not the batch
-            rows.append(BatchRow(str(source), str(output), "failed",
-                                 error=f"{source}: the Ray task failed: {type(exc).__name__}"))
-    return rows
+            row = BatchRow(str(source), str(output), "failed", error=f"{source}: the Ray task failed: {type(exc).__name__}")
+        on_row(source, row)
 
 
-def write_summary(rows: Sequence[BatchRow], out_dir: Path) -> None:
-    """``summary.csv`` and ``summary.json`` with one row per input."""
-    records = [asdict(row) for row in rows]
-    write_atomic(json.dumps(records, indent=2).encode(), out_dir / "summary.json")
+SUMMARY_SCHEMA = 1  # version of summary.json's shape (and of `filter-many --json`)
+
+
+def summary_document(rows: Sequence[BatchRow]) -> dict:
+    """What `filter-many --json` prints and summary.json holds: versions, counts by status, one record per input."""
+    counts = {status: sum(row.status == status for row in rows) for status in ("filtered", "skipped", "failed")}
+    return {"diffmem_version": __version__, "schema_version": SUMMARY_SCHEMA, "counts": counts,
+            "files": [asdict(row) for row in rows]}
+
+
+def earlier_rows(out_dir: Path) -> list[BatchRow]:
+    """The rows of the summary.json an earlier run left in ``out_dir`` (none if absent or of another shape)."""
+    try:
+        document = json.loads(read_text(out_dir / "summary.json"))
+        fields = set(BatchRow.__dataclass_fields__)
+        return [BatchRow(**{k: v for k, v in record.items() if k in fields}) for record in document["files"]]
+    except (DiffmemError, ValueError, TypeError, KeyError, AttributeError):
+        return []
+
+
+def write_summary(rows: Sequence[BatchRow], out_dir: Path) -> list[BatchRow]:
+    """``summary.json`` and ``summary.csv``: this run's rows, and the rows of earlier runs into ``out_dir`` for
+    inputs this run did not see (so an earlier failure does not vanish when a later run covers other files).
+    Returns the merged rows."""
+    merged = {row.input: row for row in earlier_rows(out_dir)}
+    merged.update((row.input, row) for row in rows)
+    ordered = sorted(merged.values(), key=lambda row: row.input)
+    write_atomic((json.dumps(summary_document(ordered), indent=2) + "\n").encode(), out_dir / "summary.json")
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(BatchRow.__dataclass_fields__))
     writer.writeheader()
-    writer.writerows(records)
+    writer.writerows(asdict(row) for row in ordered)
     write_atomic(table.getvalue().encode(), out_dir / "summary.csv")
+    return ordered

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,20 +15,38 @@ from pathlib import Path
 from diffmem import __version__
 from diffmem.errors import DiffmemError
 
-# Subpackages that add their own sub-commands through `register(subparsers)`.
-COMMAND_MODULES = ("diffmem.world.commands", "diffmem.metrics.commands", "diffmem.bench.commands",
-                   "diffmem.mitigations.commands", "diffmem.attack.commands", "diffmem.memcontrol.commands",
-                   "diffmem.locality.commands")
+# Sub-commands that subpackages add through `register(subparsers)`, with their one-line help, so `diffmem --help`
+# lists them without importing those packages (some pull in diffusers and torch: seconds of start-up). A command's
+# package is imported only when that command runs or shows its own help. tests/test_cli.py checks this table
+# against what each package registers.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "world": ("diffmem.world.commands", "the embedded tiny text-to-image world: train, fine-tune, check"),
+    "audit": ("diffmem.metrics.commands", "generate from a model (+ LoRA), find memorized prompts, write a report"),
+    "wen-eval": ("diffmem.metrics.commands",
+                 "ROC AUC and TPR at 1%% FPR of Wen et al.'s detector on known memorized vs held-out prompts"),
+    "bench": ("diffmem.bench.commands",
+              "does BAF remove memorization better than its baselines? (world fine-tunes, docs/results.md)"),
+    "bench-real": ("diffmem.bench.commands",
+                   "the benchmark's filter variants on your own Stable Diffusion checkpoint and LoRAs"),
+    "mitigate": ("diffmem.mitigations.commands",
+                 "remove memorization from a world model (NeMo, Wanda, adversarial fine-tuning)"),
+    "attack": ("diffmem.attack.commands", "attacks on memorization mitigations (Dori)"),
+    "memcontrol": ("diffmem.memcontrol.commands", "MemControl: choose which parameters a fine-tune trains"),
+    "locality": ("diffmem.locality.commands",
+                 "is memorization local? Dori embeddings, activations, NeMo vs Wanda (seed 002)"),
+}
+COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in LAZY_COMMANDS.values()))
+# `diffmem.filters.FILTERS` names, here so the filter commands' options need no torch import (tests/test_cli.py
+# checks they agree).
+FILTER_METHODS = ("baf", "base-gain", "intruder", "inverse-baf", "magnitude", "none", "random", "scale")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def add_filter_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `filter` and `inspect` (defaults: each method's own, see docs/filter.md)."""
-    from diffmem.filters import FILTERS
-
     group = parser.add_argument_group("filter method")
-    group.add_argument("--method", choices=sorted(FILTERS), default="baf",
+    group.add_argument("--method", choices=FILTER_METHODS, default="baf",
                        help="channel filter: baf (default) or a baseline")
     group.add_argument("--side", choices=["both", "left", "right"],
                        help="BAF: score output (left), input (right) or both sides of each channel (default right, "
@@ -65,21 +84,32 @@ def build_config(args: argparse.Namespace):
 
     config = FILTERS[args.method]()
     fields = {f.name for f in dataclasses.fields(config)}
+    changes = {}
     for option in ("side", "combine", "energy", "anchor_rank", "seed"):
         value = getattr(args, option)
         if value is None:
             continue
         if option not in fields:
-            raise DiffmemError(f"--{option.replace('_', '-')} does not apply to --method {args.method}")
-        setattr(config, option, value)
+            raise UsageError(f"{flag(option)} does not apply to --method {args.method}")
+        changes[option] = value
     selection = {
         name: getattr(args, name) for name in ("rule", "threshold", "keep_fraction", "scope") if getattr(args, name) is not None
     }
     try:
-        config.selection = dataclasses.replace(config.selection, **selection)
+        # replace() runs each config's own validation (__post_init__) on the new values.
+        return dataclasses.replace(config, **changes, selection=dataclasses.replace(config.selection, **selection))
     except ValueError as exc:
-        raise DiffmemError(str(exc)) from None
-    return config
+        # The configs name their fields ("keep_fraction must be in [0, 1]"); the user typed the flag.
+        raise UsageError(re.sub(r"^([a-z_]+)", lambda m: flag(m.group(1)), str(exc))) from None
+
+
+class UsageError(DiffmemError):
+    """A flag's value the program (not argparse) found wrong: exit code 2, like argparse's own usage errors."""
+
+
+def flag(field_name: str) -> str:
+    """The command-line flag of a config field: keep_fraction -> --keep-fraction."""
+    return "--" + field_name.replace("_", "-")
 
 
 def module_table(report, limit: int | None = None) -> str:
@@ -127,23 +157,23 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_filter_many(args: argparse.Namespace) -> int:
-    from diffmem.batch import filter_many
+    from diffmem.batch import filter_many, summary_document
 
     rows = filter_many(
         args.inputs, args.base, args.out, build_config(args), engine=args.engine, workers=args.workers,
-        reduce_rank=args.reduce_rank, cache_dir=args.cache_dir, progress=not args.json, device=args.device,
-        # Passed only when asked, so a filter_many that does not take the option yet serves every other call.
-        skip_unmapped=args.skip_unmapped,
+        reduce_rank=args.reduce_rank, cache_dir=args.cache_dir, device=args.device, skip_unmapped=args.skip_unmapped,
+        recursive=args.recursive, progress=not args.json and sys.stderr.isatty(),  # no bars in logs or pipes
     )
-    counts = {status: sum(row.status == status for row in rows) for status in ("filtered", "skipped", "failed")}
+    document = summary_document(rows)
+    counts = document["counts"]
     if args.json:
-        print(json.dumps({"counts": counts, "files": [dataclasses.asdict(row) for row in rows]}, indent=2))
+        print(json.dumps(document, indent=2))  # the shape of summary.json (which also keeps earlier runs' rows)
     else:
         for row in rows:
             if row.status == "failed":
                 print(f"failed: {row.error}", file=sys.stderr)
-        print(f"{counts['filtered']} filtered, {counts['skipped']} skipped (already done), {counts['failed']} failed; "
-              f"summary in {args.out / 'summary.csv'}")
+        print(f"{counts['filtered']} filtered, {counts['skipped']} skipped (already done or written by diffmem), "
+              f"{counts['failed']} failed; summary in {args.out / 'summary.csv'}")
     return EXIT_ERROR if counts["failed"] else EXIT_OK
 
 
@@ -174,7 +204,15 @@ def run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_modules(argv: Sequence[str]) -> tuple[str, ...]:
+    """The package to import for the command ``argv`` names (none for `diffmem --help` or a built-in command)."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    return (LAZY_COMMANDS[command][0],) if command in LAZY_COMMANDS else ()
+
+
+def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line. ``load`` names the subpackages whose commands are built in full (default: all of
+    them); the other commands are listed in the help from `LAZY_COMMANDS` without importing anything."""
     parser = argparse.ArgumentParser(
         prog="diffmem",
         description="Find, attack and remove training-data memorization in fine-tuned diffusion models.",
@@ -222,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="local process pool (default) or a Ray cluster (pip install 'diffmem[ray]')")
     many_parser.add_argument("--workers", type=int, help="worker processes (default: one per CPU core)")
     many_parser.add_argument("--reduce-rank", action="store_true", help="write only the kept channels")
+    many_parser.add_argument("-r", "--recursive", action="store_true",
+                             help="also search the folders' subfolders (outputs mirror the folder structure)")
     many_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_filter_options(many_parser)
     many_parser.set_defaults(handler=run_filter_many)
@@ -253,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     demo_parser.set_defaults(handler=run_demo)
 
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if load is None else load:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -261,17 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(commands)
+    for name, (_, help_text) in LAZY_COMMANDS.items():
+        if name not in commands.choices:  # listed in `diffmem --help`; built in full only when it is the command
+            commands.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(load=command_modules(argv))
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return EXIT_USAGE
     try:
         return args.handler(args)
+    except UsageError as exc:
+        print(f"diffmem: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     except DiffmemError as exc:
         print(f"diffmem: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_ERROR

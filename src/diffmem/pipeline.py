@@ -43,7 +43,10 @@ class ModuleReport:
     weights: list[float]
 
 
-@dataclass
+REPORT_SCHEMA = 1  # version of FilterReport.to_dict()'s shape
+
+
+@dataclass(repr=False)  # the generated repr prints every score of every module: hundreds of kilobytes
 class FilterReport:
     """What the filter did to a whole LoRA: per-module reports and totals."""
 
@@ -76,10 +79,16 @@ class FilterReport:
         return kept / total if total > 0 else 1.0
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        """The report as JSON-ready data (what `filter --json` and `inspect --json` print), with the versions of
+        diffmem and of this shape, so a platform parsing it can tell."""
+        data = {"diffmem_version": __version__, "schema_version": REPORT_SCHEMA, **asdict(self)}
         data.update(channels_total=self.channels_total, channels_kept=self.channels_kept, energy_kept=self.energy_kept,
                     skipped_unmapped_count=len(self.skipped_unmapped))
         return data
+
+    def __repr__(self) -> str:
+        return (f"FilterReport(method={self.method!r}, lora={Path(self.lora).name!r}, base_family={self.base_family!r}, "
+                f"channels_kept={self.channels_kept}/{self.channels_total}, modules={len(self.modules)})")
 
     def summary(self) -> str:
         """A few human-readable lines."""
@@ -95,6 +104,8 @@ class FilterReport:
 
 @dataclass
 class FilterResult:
+    """The filtered LoRA (not yet written) and the report of what the filter did."""
+
     lora: LoraFile
     report: FilterReport
 

@@ -215,14 +215,18 @@ def chance_alignment(k: int, dim: int) -> float:
     return min(1.0, k / dim)
 
 
+SIDES = ("left", "right", "both")  # which singular vectors of a channel are scored against the base's
+COMBINES = ("mean", "min", "product")  # how the two side scores of side="both" are merged
+
+
 def relative_alignment(channels: Channels, anchors: Anchors, side: str = "both", combine: str = "mean") -> torch.Tensor:
     """Alignment per channel divided by its chance level (1 = a random direction; > 1 = anchored in the base).
 
     ``side`` is "left", "right" or "both"; "both" combines the two relative scores by ``combine``:
     "mean" (arithmetic), "min", or "product" (geometric mean).
     """
-    if side not in ("left", "right", "both"):
-        raise ValueError(f"side must be 'left', 'right' or 'both', got {side!r}")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     if side != "right":
         left = left_alignment(channels, anchors) / chance_alignment(anchors.k, anchors.u.shape[0])
     if side != "left":
@@ -237,7 +241,7 @@ def relative_alignment(channels: Channels, anchors: Anchors, side: str = "both",
         return torch.minimum(left, right)
     if combine == "product":
         return (left * right).sqrt()
-    raise ValueError(f"combine must be 'mean', 'min' or 'product', got {combine!r}")
+    raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
 
 
 def base_gain(channels: Channels, weight: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from diffmem.filters.core import FilterConfig, ModuleView
 from diffmem.filters.selection import Selection
-from diffmem.spectral import relative_alignment
+from diffmem.spectral import COMBINES, SIDES, relative_alignment
 
 
 @dataclass
@@ -46,6 +46,17 @@ class BAFConfig(FilterConfig):
     energy: float = 0.5
     anchor_rank: int | None = None
     selection: Selection = field(default_factory=lambda: Selection(rule="threshold", threshold=1.0))
+
+    def __post_init__(self) -> None:
+        # A typo (side="rigth") must fail here, not silently fall back or fail module by module mid-filter.
+        if self.side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {self.side!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+        if not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.anchor_rank is not None and self.anchor_rank < 1:
+            raise ValueError(f"anchor_rank must be at least 1, got {self.anchor_rank}")
 
     def score(self, view: ModuleView) -> torch.Tensor:
         """Relative alignment of each channel with the base's principal subspaces."""

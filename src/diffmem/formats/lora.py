@@ -86,6 +86,10 @@ class LoraModule:
     weight_shape: tuple[int, ...]
     rslora: bool = False  # scale = alpha / sqrt(rank)
 
+    def __repr__(self) -> str:
+        return (f"LoraModule({self.name!r}, kind={self.kind!r}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"weight_shape={tuple(self.weight_shape)})")
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype its factors are stored in (what a rewritten module is written in)."""
@@ -131,6 +135,12 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     adapter_config: dict | None = None
     rslora: bool = False
+
+    def __repr__(self) -> str:
+        # The generated repr would print every tensor of every module.
+        kinds = collections.Counter(module.kind for module in self.modules.values())
+        return (f"LoraFile(format={self.format!r}, modules={len(self.modules)} "
+                f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}), path={str(self.path)!r})")
 
 
 # ---------------------------------------------------------------------------------------------------- reading
