@@ -120,3 +120,27 @@ def test_package_lists_its_public_names_and_json_reports_carry_versions(tmp_path
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["diffmem_version"] == diffmem.__version__ and report["schema_version"] == 1
+
+
+def test_filter_names_its_output_and_replaces_one_only_with_force(tmp_path, capsys):
+    import builders_base as bb
+    import builders_lora as bl
+    from diffmem.cli import main
+    from diffmem.formats.lora import read_lora
+
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    lora = tmp_path / "style.safetensors"
+    bl.write_kohya_lora(lora, bb.lora_lookups("sd1", "kohya"), rank=4)
+    common = ["--base", str(base), "--cache-dir", str(tmp_path / "cache"), "-q"]
+    assert main(["filter", str(lora), *common]) == 0  # no -o: beside the input
+    default = tmp_path / "style.filtered.safetensors"
+    assert read_lora(default).metadata["diffmem.method"] == "baf"
+    before = default.read_bytes()
+    assert main(["filter", str(lora), *common, "--method", "magnitude"]) == 1
+    assert "the output exists; pass --force" in capsys.readouterr().err
+    assert default.read_bytes() == before
+    assert main(["filter", str(lora), *common, "--method", "magnitude", "--force"]) == 0
+    assert read_lora(default).metadata["diffmem.method"] == "magnitude"
+    for spelling in ("-o", "--out", "--output"):  # one spelling for every command, the old one still accepted
+        out = tmp_path / f"{spelling.strip('-')}.safetensors"
+        assert main(["filter", str(lora), *common, spelling, str(out)]) == 0 and out.is_file()

@@ -336,7 +336,9 @@ def test_cli_filter_inspect_and_errors(tmp_path, capsys, monkeypatch):
     assert main(["inspect", str(lora), "--base", str(base)]) == 0
     assert "energy kept" in capsys.readouterr().out
     assert main(["filter", str(lora), "--base", str(base), "-o", str(lora)]) == 1
-    assert "refusing to overwrite" in capsys.readouterr().err
+    assert "the output exists; pass --force" in capsys.readouterr().err
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(lora), "--force"]) == 1
+    assert "refusing to overwrite the LoRA" in capsys.readouterr().err
     assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--method", "magnitude", "--energy",
                  "0.3"]) == 2  # a usage error, like argparse's own
     assert "--energy does not apply" in capsys.readouterr().err

@@ -97,9 +97,9 @@ def test_output_on_the_base_is_refused_and_the_base_is_untouched(tmp_path, pair)
     hard = tmp_path / "hard.safetensors"
     os.link(base, hard)
     for output in (base, link, hard):
-        code, stderr = run_cli("filter", lora, "--base", base, "-o", output, "--no-cache", "--quiet")
+        code, stderr = run_cli("filter", lora, "--base", base, "-o", output, "--no-cache", "--quiet", "--force")
         assert code == 1
-        assert "base" in one_line_error(stderr)
+        assert "refusing to overwrite the base checkpoint" in one_line_error(stderr)
     assert base.read_bytes() == before
 
 
@@ -342,7 +342,7 @@ def test_full_disk_keeps_the_old_output_and_says_so_in_one_line(tmp_path, pair, 
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", full)
-    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--no-cache", "--quiet",
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--no-cache", "--quiet", "--force",
                  "--cache-dir", str(tmp_path / "cache")]) == 1
     line = one_line_error(capsys.readouterr().err)
     assert "No space left on device" in line and "out.safetensors" in line

@@ -36,7 +36,7 @@ from diffmem.formats.base import open_base, resolve_targets
 from diffmem.formats.files import read_text
 from diffmem.formats.lora import read_lora
 from diffmem.formats.safetensors_io import SafetensorsFile, sha256_file, write_atomic
-from diffmem.pipeline import filter_file, resolve_device
+from diffmem.pipeline import filter_file, filtered_name, resolve_device
 
 ENGINES = ("process", "ray")
 
@@ -102,13 +102,6 @@ def folder_inputs(folder: Path, keep, recursive: bool) -> list[Path]:
     return found
 
 
-def output_name(source: Path) -> str:
-    """``<name>.filtered.safetensors`` (a PEFT folder keeps being a folder: ``<name>.filtered``)."""
-    if source.is_dir():
-        return f"{source.name}.filtered"
-    return f"{source.stem}.filtered{source.suffix or '.safetensors'}"
-
-
 def output_paths(sources: Sequence[Path], out_dir: Path, inputs: Sequence[Path] = ()) -> dict[Path, Path]:
     """Each source's output in ``out_dir``, at its path relative to the folder the named ``inputs`` share (a named
     folder counts as itself, a named file or PEFT folder as its parent; the sources' own folders without
@@ -119,7 +112,7 @@ def output_paths(sources: Sequence[Path], out_dir: Path, inputs: Sequence[Path] 
     folders = [path if path.is_dir() and not (path / "adapter_config.json").exists() else path.parent
                for path in named] or [path.parent for path in absolute]
     root = Path(os.path.commonpath([str(folder) for folder in folders + [path.parent for path in absolute]]))
-    outputs = {source: out_dir / path.parent.relative_to(root) / output_name(source)
+    outputs = {source: out_dir / path.parent.relative_to(root) / filtered_name(source)
                for source, path in zip(sources, absolute)}
     seen: dict[Path, Path] = {}
     for source, output in outputs.items():

@@ -126,12 +126,16 @@ def module_table(report, limit: int | None = None) -> str:
 
 
 def run_filter(args: argparse.Namespace) -> int:
-    from diffmem.pipeline import filter_file
+    from diffmem.pipeline import filter_file, filtered_name
 
+    config = build_config(args)  # usage errors first
+    args.output = args.output or args.lora.parent / filtered_name(args.lora)
+    if args.output.exists() and not args.force:
+        raise DiffmemError("the output exists; pass --force to replace it, or choose another -o/--out", args.output)
     report = filter_file(
-        args.lora, args.base, args.output, build_config(args), reduce_rank=args.reduce_rank,
-        cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet and not args.json,
-        device=args.device, skip_unmapped=args.skip_unmapped,
+        args.lora, args.base, args.output, config, reduce_rank=args.reduce_rank,
+        cache_dir=args.cache_dir, use_cache=not args.no_cache, device=args.device, skip_unmapped=args.skip_unmapped,
+        progress=not args.quiet and not args.json and sys.stderr.isatty(),  # no bars in logs or pipes
     )
     if args.json:
         print(json.dumps({"output": str(args.output), **report.to_dict()}, indent=2))
@@ -228,7 +232,10 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
     filter_parser.add_argument("lora", type=Path, help="LoRA file (.safetensors) or PEFT adapter folder")
     filter_parser.add_argument("--base", type=Path, required=True,
                                help="base checkpoint: single .safetensors/.ckpt file or diffusers folder")
-    filter_parser.add_argument("-o", "--output", type=Path, required=True, help="where to write the filtered LoRA")
+    filter_parser.add_argument("-o", "--out", "--output", dest="output", type=Path,
+                               help="where to write the filtered LoRA (default: NAME.filtered.safetensors beside it; "
+                                    "--output is the old spelling)")
+    filter_parser.add_argument("--force", action="store_true", help="replace the output if it exists")
     filter_parser.add_argument("--reduce-rank", action="store_true",
                                help="write only the kept channels (smaller file; alpha rescaled so the scale is unchanged)")
     filter_parser.add_argument("--json", action="store_true", help="print the full report as JSON")

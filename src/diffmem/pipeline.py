@@ -348,6 +348,14 @@ def provenance(report: FilterReport, source: Path | None) -> dict[str, str]:
     return keys
 
 
+def filtered_name(source: Path) -> str:
+    """The default name of ``source``'s filtered output: ``<name>.filtered.safetensors`` (a PEFT folder stays a
+    folder: ``<name>.filtered``)."""
+    if source.is_dir():
+        return f"{source.name}.filtered"
+    return f"{source.stem}.filtered{source.suffix or '.safetensors'}"
+
+
 def filter_file(
     lora_path: str | Path,
     base_path: str | Path | BaseCheckpoint,
