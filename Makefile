@@ -37,7 +37,7 @@ test-fast: install
 
 # Issue 5's benchmark: the full grid (hours; resumable) and the quick one (about 10 minutes).
 bench: install
-	$(PY) -m diffmem bench
+	$(PY) -m diffmem bench --out docs/results.md
 
 bench-quick: install
 	$(PY) -m diffmem bench --quick

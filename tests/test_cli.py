@@ -144,3 +144,20 @@ def test_filter_names_its_output_and_replaces_one_only_with_force(tmp_path, caps
     for spelling in ("-o", "--out", "--output"):  # one spelling for every command, the old one still accepted
         out = tmp_path / f"{spelling.strip('-')}.safetensors"
         assert main(["filter", str(lora), *common, spelling, str(out)]) == 0 and out.is_file()
+
+
+def test_anchors_takes_base_as_every_command_does(tmp_path, capsys):
+    import json
+
+    import builders_base as bb
+    from diffmem.cli import main
+
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--json", "--only", "unet"]
+    assert main(["anchors", "--base", str(base), *cache]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["anchors", str(base), *cache]) == 0  # the positional spelling still works: all cached now
+    assert json.loads(capsys.readouterr().out)["computed"] == 0 < first["computed"]
+    assert main(["anchors", "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert main(["anchors", "--base", str(base), str(tmp_path / "other.safetensors")]) == 2
+    assert "--base BASE" in capsys.readouterr().err

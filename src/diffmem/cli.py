@@ -33,7 +33,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "attack": ("diffmem.attack.commands", "attacks on memorization mitigations (Dori)"),
     "memcontrol": ("diffmem.memcontrol.commands", "MemControl: choose which parameters a fine-tune trains"),
     "locality": ("diffmem.locality.commands",
-                 "is memorization local? Dori embeddings, activations, NeMo vs Wanda (seed 002)"),
+                 "is memorization local? Dori embeddings, activations, NeMo vs Wanda (the Finding Dori paper)"),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in LAZY_COMMANDS.values()))
 # `diffmem.filters.FILTERS` names, here so the filter commands' options need no torch import (tests/test_cli.py
@@ -185,9 +185,12 @@ def run_anchors(args: argparse.Namespace) -> int:
     from diffmem.anchors import build_anchors
     from diffmem.filters import BAFConfig
 
+    base = args.base_option or args.base
+    if base is None or (args.base_option and args.base and args.base_option != args.base):
+        raise UsageError("give the base checkpoint once, as --base BASE")
     energy = args.energy if args.energy is not None else BAFConfig.energy
-    build = build_anchors(args.base, energy, args.anchor_rank, only=args.only, cache_dir=args.cache_dir,
-                          device=args.device, progress=not args.json)
+    build = build_anchors(base, energy, args.anchor_rank, only=args.only, cache_dir=args.cache_dir,
+                          device=args.device, progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps({**dataclasses.asdict(build), "cache_folder": str(build.cache_folder)}, indent=2))
     else:
@@ -279,7 +282,9 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
                     "later filters on this base read anchors instead of decomposing the base. Resumes: anchors "
                     "already cached are read, not recomputed.",
     )
-    anchors_parser.add_argument("base", type=Path, help="base checkpoint file or diffusers folder")
+    anchors_parser.add_argument("--base", type=Path, dest="base_option",
+                                help="base checkpoint file or diffusers folder (as in every other command)")
+    anchors_parser.add_argument("base", type=Path, nargs="?", help="the same, as the earlier positional spelling")
     anchors_parser.add_argument("--only", help="only module paths under this prefix, e.g. unet or transformer")
     anchors_parser.add_argument("--energy", type=float, help="anchor energy share (default: BAF's, 0.5)")
     anchors_parser.add_argument("--anchor-rank", type=int, help="a fixed number of anchor directions instead")

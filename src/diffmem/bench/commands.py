@@ -34,7 +34,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from diffmem.bench.run import ensure_finetune, read_rows, run_bench, settings_id
 
     work = args.work or (QUICK_WORK if args.quick else FULL_WORK)
-    out = args.out or (work / "results.md" if args.quick else Path("docs/results.md"))
+    out = args.out or work / "results.md"  # the repository's docs/results.md is written by `make bench`
     settings = BenchSettings(generations=args.generations, steps=args.steps)
     torch.set_num_threads(args.threads)
     if not args.report_only:
@@ -131,7 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "writes runs/bench-quick/results.md")
     p.add_argument("--work", type=Path, default=None,
                    help="folder of fine-tunes, rows and images (default runs/bench, or runs/bench-quick)")
-    p.add_argument("--out", type=Path, default=None, help="report to write (default docs/results.md)")
+    p.add_argument("--out", type=Path, default=None, help="report to write (default WORK/results.md)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the central setting (default 3)")
     p.add_argument("--variation-seeds", type=int, default=1, help="seeds of each varied setting (default 1)")
     p.add_argument("--no-channels", action="store_true", help="skip the single-channel ablations")

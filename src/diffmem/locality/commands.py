@@ -1,4 +1,4 @@
-"""`diffmem locality`: the experiments behind seed 002's locality claims on a world LoRA, writing their JSON and
+"""`diffmem locality`: the experiments behind Finding Dori's (seed 002) locality claims on a world LoRA, writing their JSON and
 docs/locality.md (`diffmem.locality`)."""
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def add_locality(subparsers: argparse._SubParsersAction) -> None:
 
     c, d, s, n = LocalityConfig(), DoriConfig(), CheckSettings(), NeMoConfig()
     p = subparsers.add_parser(
-        "locality", help="is memorization local? Dori embeddings, activations, NeMo vs Wanda (seed 002)",
-        description="Run the experiments behind seed 002's locality claims on a world LoRA with its manifest: where "
+        "locality", help="is memorization local? Dori embeddings, activations, NeMo vs Wanda (the Finding Dori paper)",
+        description="Run the experiments behind the locality claims of 'Finding Dori: Memorization in Text-to-Image "
+                    "Diffusion Models Is Not Local' on a world LoRA with its manifest: where "
                     "Dori's adversarial embeddings lie, how their activations differ from the memorized prompt's, "
                     "and how much NeMo's and Wanda's selections agree. Writes the numbers as JSON and a markdown "
                     "page with the reading (docs/locality.md).")

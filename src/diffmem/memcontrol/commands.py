@@ -129,7 +129,7 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def add_table(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("table", help="the seed's Table 1 on the world: every method x mitigation, measured")
+    p = subparsers.add_parser("table", help="MemControl's Table 1 on the world: every method x mitigation, measured")
     p.add_argument("--out", type=Path, required=True, help="folder for rows.json and table.md")
     p.add_argument("--mask", type=Path, help="mask from `memcontrol search` for the MemControl rows")
     p.add_argument("--quick", action="store_true",
@@ -176,7 +176,7 @@ def run_table_command(args: argparse.Namespace) -> int:
 
 def add_collect(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("collect", help="merge the rows.json of table runs split over processes into one "
-                                              "table, in the seed's order, and write it into a document")
+                                              "table, in the MemControl paper's order, and write it into a document")
     p.add_argument("rows", nargs="+", type=Path, help="rows.json files written by `memcontrol table`")
     p.add_argument("--doc", type=Path, required=True,
                    help="markdown file with `<!-- memcontrol table <name> start/end -->` lines")
