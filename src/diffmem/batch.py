@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from diffmem import __version__
 from diffmem.anchors import AnchorStore
-from diffmem.errors import DiffmemError
+from diffmem.errors import DiffmemError, one_line
 from diffmem.filters import FilterConfig
 from diffmem.formats.base import open_base, resolve_targets
 from diffmem.formats.files import read_text
-from diffmem.formats.lora import read_lora
+from diffmem.formats.lora import PEFT_CONFIG, PEFT_WEIGHTS, read_lora
 from diffmem.formats.safetensors_io import SafetensorsFile, sha256_file, write_atomic
 from diffmem.pipeline import filter_file, filtered_name, resolve_device
 
@@ -58,12 +58,17 @@ class BatchRow:
     seconds: float = 0.0
 
 
+def is_peft_folder(path: Path) -> bool:
+    """Whether ``path`` is a native PEFT adapter folder (an input itself, not a folder to search)."""
+    return path.is_dir() and (path / PEFT_CONFIG).is_file()
+
+
 def is_candidate(path: Path) -> bool:
     """Whether a folder entry is a LoRA to filter: a `.safetensors` file (or any non-folder so named, which the worker
     then refuses with a clear reason) or a PEFT adapter folder."""
     if path.suffix == ".safetensors":
         return not path.is_dir()
-    return path.is_dir() and (path / "adapter_config.json").is_file()
+    return is_peft_folder(path)
 
 
 def find_inputs(paths: Iterable[str | Path], exclude: Path | None = None, recursive: bool = False) -> list[Path]:
@@ -80,7 +85,7 @@ def find_inputs(paths: Iterable[str | Path], exclude: Path | None = None, recurs
 
     found: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir() and not (path / "adapter_config.json").exists():
+        if path.is_dir() and not is_peft_folder(path):
             if outside(path):
                 found.extend(folder_inputs(path, outside, recursive))
         elif outside(path) or not path.exists():
@@ -109,37 +114,37 @@ def output_paths(sources: Sequence[Path], out_dir: Path, inputs: Sequence[Path] 
     ``out/b/x…``), a recursive search keeps its subfolders, and one folder of inputs is written flat."""
     absolute = [Path(os.path.abspath(source)) for source in sources]
     named = [Path(os.path.abspath(path)) for path in inputs]
-    folders = [path if path.is_dir() and not (path / "adapter_config.json").exists() else path.parent
+    folders = [path if path.is_dir() and not is_peft_folder(path) else path.parent
                for path in named] or [path.parent for path in absolute]
     root = Path(os.path.commonpath([str(folder) for folder in folders + [path.parent for path in absolute]]))
-    outputs = {source: out_dir / path.parent.relative_to(root) / filtered_name(source)
-               for source, path in zip(sources, absolute)}
-    seen: dict[Path, Path] = {}
-    for source, output in outputs.items():
-        if output in seen:  # cannot happen for distinct sources; kept so a future naming change cannot lose data
-            raise DiffmemError(f"{seen[output]} and {source} would both be written to {output}")
-        seen[output] = source
-    return outputs
+    return {source: out_dir / path.parent.relative_to(root) / filtered_name(source)
+            for source, path in zip(sources, absolute)}
+
+
+def header_metadata(path: Path) -> dict[str, str] | None:
+    """The safetensors metadata of a LoRA file or PEFT folder, or None when it cannot be read."""
+    header = path / PEFT_WEIGHTS if path.is_dir() else path
+    try:
+        return SafetensorsFile(header).metadata
+    except DiffmemError:
+        return None
 
 
 def written_by_diffmem(source: Path) -> bool:
     """Whether ``source`` is a file diffmem wrote (a filtered output or an anchor shard: its header has
     ``diffmem.*`` metadata), which a batch never filters again."""
-    header = source / "adapter_model.safetensors" if source.is_dir() else source
-    try:
-        metadata = SafetensorsFile(header).metadata
-    except DiffmemError:
-        return False  # unreadable: the worker reports why
+    metadata = header_metadata(source) or {}  # unreadable: the worker reports why
     return any(key.startswith("diffmem.") for key in metadata)
 
 
 def already_done(source: Path, output: Path, config: FilterConfig) -> bool:
     """Whether ``output`` exists and records this source's hash and this config (so re-running is a no-op)."""
-    header = output / "adapter_model.safetensors" if output.is_dir() else output
-    if not header.is_file() or not source.is_file():
+    if not output.exists() or not source.is_file():
+        return False
+    metadata = header_metadata(output)
+    if metadata is None:
         return False
     try:
-        metadata = SafetensorsFile(header).metadata
         source_hash = sha256_file(source)
     except DiffmemError:
         return False
@@ -178,7 +183,7 @@ def filter_one(source: Path, base: Path, output: Path, config: FilterConfig, opt
         report = filter_file(source, base, output, config, **options)
     except Exception as exc:  # a batch never dies of one file
         error = str(exc) if isinstance(exc, DiffmemError) else f"{source}: unexpected {type(exc).__name__}: {exc}"
-        return BatchRow(str(source), str(output), "failed", error=" ".join(error.split()),
+        return BatchRow(str(source), str(output), "failed", error=one_line(error),
                         seconds=time.perf_counter() - started)
     return BatchRow(
         str(source), str(output), "filtered", channels_kept=report.channels_kept, channels_total=report.channels_total,
@@ -242,7 +247,7 @@ def run_in_pool(todo: Sequence[tuple[Path, Path]], base: Path, config: FilterCon
                 broken.append((source, output))
             except Exception as exc:  # a result that cannot come back, say: still one row
                 on_row(source, BatchRow(str(source), str(output), "failed",
-                                        error=f"{source}: {type(exc).__name__}: {' '.join(str(exc).split())}"))
+                                        error=f"{source}: {type(exc).__name__}: {one_line(str(exc))}"))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return sorted(broken)

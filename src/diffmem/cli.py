@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffmem import __version__
-from diffmem.errors import DiffmemError
+from diffmem.errors import DiffmemError, one_line
 
 # Sub-commands that subpackages add through `register(subparsers)`, with their one-line help, so `diffmem --help`
 # lists them without importing those packages (some pull in diffusers and torch: seconds of start-up). A command's
@@ -350,7 +350,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               "for the traceback, and please report it)", file=sys.stderr)
         return EXIT_ERROR
 
-
-def one_line(text: str) -> str:
-    """``text`` with its line breaks folded, so an error is always exactly one line of stderr."""
-    return " ".join(text.split()) or "(no message)"

@@ -14,6 +14,11 @@ class DiffmemError(Exception):
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
 
 
+def one_line(text: str) -> str:
+    """``text`` with its line breaks folded, so an error is always exactly one line (of stderr, of a summary row)."""
+    return " ".join(text.split()) or "(no message)"
+
+
 class FileFormatError(DiffmemError):
     """A file is not what it claims to be: truncated, corrupt, a pickle, an unknown layout."""
 

@@ -37,10 +37,12 @@ from diffmem.formats import lora_keys, lora_math
 from diffmem.formats.files import check_input, read_text
 from diffmem.formats.safetensors_io import (
     addnet_hashes,
+    check_finite,
     load_file,
     refuse_overwriting,
     serialize,
     sweep_stale_temps,
+    temp_prefix,
     write_atomic,
 )
 
@@ -593,9 +595,11 @@ def refuse_non_finite(tensors: Mapping[str, Tensor], source: Path | None) -> Non
     """Raise rather than write a NaN or Inf: a front-end would load it silently and render black images. An alpha
     too large for the factors' dtype (1e300 in a float16 LoRA) is how a finite input gets here."""
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+        try:
+            check_finite(tensor, key, source)
+        except BadWeightsError:
             raise BadWeightsError(f"refusing to write {key!r}: its values would not be finite (an alpha or scale too "
-                                  f"large for {str(tensor.dtype).removeprefix('torch.')}?)", source)
+                                  f"large for {str(tensor.dtype).removeprefix('torch.')}?)", source) from None
 
 
 def update_kohya_metadata(metadata: dict[str, str], modules: list[LoraModule]) -> None:
@@ -682,7 +686,7 @@ def write_peft_folder(data: bytes, config: dict, path: Path, protected: tuple[st
                            "choose a new or adapter-only folder", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     umask = os.umask(0o022)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; an adapter folder is an ordinary folder
@@ -692,7 +696,7 @@ def write_peft_folder(data: bytes, config: dict, path: Path, protected: tuple[st
         write_atomic(config_text.encode(), staging / PEFT_CONFIG)
         if path.exists():
             # A folder cannot be renamed over a non-empty one: swap the old one aside, then drop it.
-            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".old", dir=path.parent))
+            retired = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, retired / path.name)
             os.replace(staging, path)
             shutil.rmtree(retired)

@@ -320,6 +320,12 @@ def temp_owner_alive(pid: int) -> bool:
     return True
 
 
+def temp_prefix(path: Path) -> str:
+    """The name start of a temporary file or folder for writing ``path``: ``.<name>.<pid>.`` (`sweep_stale_temps`
+    reads the pid back to tell a killed write from one in progress)."""
+    return f".{path.name}.{os.getpid()}."
+
+
 def sweep_stale_temps(path: Path) -> list[Path]:
     """Delete the temporary files (and staging folders) that killed writes of ``path`` left beside it; return them.
 
@@ -383,7 +389,7 @@ def atomic_writer(path: str | Path, protect: tuple[str | Path, ...] = ()) -> Ite
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_temps(path)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise DiffmemError(f"cannot create the output: {exc.strerror}", path) from None
     try:
