@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 import builders_base as bb
 import builders_lora as bl
 from diffmem.cli import main
-from diffmem.formats.safetensors_io import encode_header, load_file
+from diffmem.formats.safetensors_io import encode_header, load_file, serialize
 
 EXAMPLES = int(os.environ.get("DIFFMEM_FUZZ_EXAMPLES", "60"))
 REPORT = os.environ.get("DIFFMEM_FUZZ_REPORT")
@@ -47,6 +47,9 @@ def world(tmp_path_factory):
     lora = root / "lora.safetensors"
     lookups = dict(list(bb.lora_lookups("sd1", "kohya").items())[:3])  # three modules: fast, still every role
     bl.write_kohya_lora(lora, lookups, rank=4)
+    # The safetensors library writes header keys in hash-map order, so the same tensors can land at other offsets in
+    # another process; diffmem's serialize sorts them, so every run mutates the same bytes and the counts re-derive.
+    lora.write_bytes(serialize(*load_file(lora)))
     data = lora.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
