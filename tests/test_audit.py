@@ -266,3 +266,40 @@ def test_data_free_flags_follow_the_chosen_wen_statistic():
     assert [r.flagged for r in rows] == [True, False, False, False, False, False]
     with pytest.raises(ValueError, match="wen_statistic"):
         AuditConfig(wen_statistic="last")
+
+
+def attention_lookups(unet: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """kohya names of the attention Linears of a diffusers UNet -> weight shapes."""
+    from diffmem.formats.names import kohya_name
+
+    return {kohya_name("lora_unet", path): tuple(module.weight.shape) for path, module in unet.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".attn" in path}
+
+
+def test_audit_merges_a_lycoris_loha_that_diffusers_refuses(sd_folder, tmp_path, capsys):
+    """A LoHa is merged by diffmem's own reader (diffusers' load_lora_weights has no LoHa support); a LoRA for
+    another model is one line naming the file, exit 1."""
+    from builders_lora import write_kohya_lora, write_lycoris
+
+    base = diffusers_audit_model(sd_folder)
+    loha = tmp_path / "style-loha.safetensors"
+    write_lycoris(loha, attention_lookups(base.unet), algo="loha", rank=2)
+    tuned = diffusers_audit_model(sd_folder, loha)
+    assert tuned.name.endswith("+ style-loha.safetensors")
+    gaps = [float((a - b).abs().max()) for a, b in zip(base.unet.state_dict().values(),
+                                                         tuned.unet.state_dict().values())]
+    assert max(gaps) > 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n")
+    out = tmp_path / "out"
+    assert main(["audit", "--base", str(sd_folder), "--lora", str(loha), "--prompts", str(prompts),
+                 "--generations", "1", "--steps", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["model"].endswith("style-loha.safetensors")
+    capsys.readouterr()
+    wrong = tmp_path / "wrong.safetensors"
+    write_kohya_lora(wrong, {"lora_unet_input_blocks_4_1_proj_in": (640, 640)}, rank=2)
+    assert main(["audit", "--base", str(sd_folder), "--lora", str(wrong), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "out2")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wrong.safetensors" in err[0]
+    assert not (tmp_path / "out2").exists()

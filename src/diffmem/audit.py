@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.errors import DiffmemError, FileFormatError
+from diffmem.formats.merge import merge_lora, pipeline_components
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.amd import embedding_copy_decisions
 from diffmem.metrics.copy import CopyConfig, copy_decisions_from_distances, tiled_l2
@@ -480,7 +481,12 @@ def load_stable_diffusion(path: str | Path, dtype: torch.dtype = torch.float32, 
     takes them from its Hugging Face cache, or from `config`, a local diffusers folder of the same architecture
     (e.g. a Stable Diffusion 1.5 folder for any SD 1.x fine-tune)."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Loading bars of every component would bury diffmem's one-line errors and its own progress bar.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     path = Path(path)
     if not path.exists():
         raise DiffmemError("no such model file or folder", path)
@@ -504,8 +510,8 @@ def diffusers_audit_model(
     path: str | Path, lora: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> AuditModel:
     """A Stable Diffusion 1.x/2.x checkpoint as an `AuditModel`: a diffusers pipeline folder (model_index.json) or
-    a single-file checkpoint, loaded offline, with an optional LoRA (kohya or diffusers format, through
-    diffusers' `load_lora_weights`) and DDIM sampling as in Wen et al."""
+    a single-file checkpoint, loaded offline, with an optional LoRA in any format diffmem reads, merged into its
+    weights (`diffmem.formats.merge.merge_lora`), and DDIM sampling as in Wen et al."""
     from diffusers import DDIMScheduler
 
     path = Path(path)
@@ -515,10 +521,9 @@ def diffusers_audit_model(
         lora = Path(lora)
         if not lora.is_file():
             raise DiffmemError("no such LoRA file", lora)
-        try:
-            pipe.load_lora_weights(str(lora))
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise FileFormatError(f"diffusers could not apply this LoRA to {path.name} ({exc})", lora) from None
+        # diffmem's own merge: every format `diffmem filter` reads (LyCORIS LoHa/LoKr included, which diffusers'
+        # load_lora_weights refuses), with the filter's base-mismatch errors.
+        merge_lora(pipeline_components(pipe), lora, name=path)
         name += f" + {lora.name}"
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
