@@ -303,3 +303,41 @@ def test_audit_merges_a_lycoris_loha_that_diffusers_refuses(sd_folder, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "wrong.safetensors" in err[0]
     assert not (tmp_path / "out2").exists()
+
+
+def test_audit_on_a_tiny_sdxl_pipeline(tmp_path, capsys):
+    """SDXL's added conditioning (pooled text_encoder_2 embedding and time ids) is wired: the audit runs end to end
+    with a LoRA, and the pooled embedding really reaches the UNet (changing it changes Wen's score)."""
+    from builders_pipelines import build_tiny_pipeline, write_pipeline_lora
+
+    folder = build_tiny_pipeline(tmp_path, "sdxl")
+    lora = write_pipeline_lora(folder, "sdxl", tmp_path / "xl.safetensors")
+    model = diffusers_audit_model(folder, lora)
+    assert model.encode_added is not None and model.sample_shape == (4, 8, 8)
+    added = model.encode_added(["a red cat", ""])
+    assert added["text_embeds"].shape == (2, 24) and added["time_ids"].shape == (2, 6)
+    assert added["text_embeds"][1].abs().max() == 0  # force_zeros_for_empty_prompt, as SDXL samples
+    config = AuditConfig(generations=2, num_inference_steps=2)
+    scores = [r.wen_score for r in run_audit(model, ["a red cat", "blue sky"], config).rows]
+    original = model.encode_added
+    model.encode_added = lambda prompts: {**original(prompts), "text_embeds": original(prompts)["text_embeds"] * 3}
+    changed = [r.wen_score for r in run_audit(model, ["a red cat", "blue sky"], config).rows]
+    assert changed != pytest.approx(scores)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\nblue sky\n")
+    out = tmp_path / "out"
+    assert main(["audit", "--base", str(folder), "--lora", str(lora), "--prompts", str(prompts),
+                 "--generations", "2", "--steps", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts"] == 2 and summary["model"].endswith("xl.safetensors")
+
+
+def test_audit_refuses_a_flux_pipeline_in_one_line(tmp_path, capsys):
+    from builders_pipelines import build_tiny_pipeline
+
+    folder = build_tiny_pipeline(tmp_path, "flux")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n")
+    assert main(["audit", "--base", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flux" in err[0] and folder.name in err[0]

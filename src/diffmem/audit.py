@@ -64,6 +64,8 @@ class AuditModel:
         sample_shape: [C, H, W] of the UNet's input.
         image_size: [H, W] of the images `to_images` returns (training images are resized to it).
         default_steps, default_guidance: how this model is normally sampled (used when the user does not say).
+        encode_added: prompts -> SDXL's added conditioning `{"text_embeds": [P, D], "time_ids": [P, 6]}`; None for
+            UNets without it (SD 1.x/2.x, the world).
     """
 
     name: str
@@ -75,6 +77,7 @@ class AuditModel:
     image_size: tuple[int, int]
     default_steps: int = 50
     default_guidance: float = 7.5
+    encode_added: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -473,14 +476,16 @@ def pixel_to_images(samples: torch.Tensor) -> torch.Tensor:
 
 
 
-def load_stable_diffusion(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None):
-    """A Stable Diffusion 1.x/2.x `StableDiffusionPipeline` from a diffusers folder (model_index.json) or a
-    single-file checkpoint, loaded offline on the CPU without safety checker.
+def load_stable_diffusion(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None,
+                          allow_xl: bool = False):
+    """A Stable Diffusion 1.x/2.x `StableDiffusionPipeline` (with `allow_xl`, also an SDXL
+    `StableDiffusionXLPipeline`) from a diffusers folder (model_index.json) or a single-file checkpoint, loaded
+    offline on the CPU without safety checker.
 
     A single file holds weights but not the components' configs (layer sizes, tokenizer, scheduler): diffusers
     takes them from its Hugging Face cache, or from `config`, a local diffusers folder of the same architecture
     (e.g. a Stable Diffusion 1.5 folder for any SD 1.x fine-tune)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -493,29 +498,76 @@ def load_stable_diffusion(path: str | Path, dtype: torch.dtype = torch.float32, 
     if config is not None and not (Path(config) / "model_index.json").is_file():
         raise DiffmemError("the config of a single-file checkpoint must be a diffusers pipeline folder (with "
                            "model_index.json)", config)
+    family = pipeline_family(path)
+    if family not in (("sd1", "sd2", "sdxl") if allow_xl else ("sd1", "sd2")):
+        supported = "Stable Diffusion 1.x/2.x and SDXL" if allow_xl else "Stable Diffusion 1.x/2.x"
+        raise FileFormatError(f"is a {family} model; this command supports {supported} pipelines", path)
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     try:
         if path.is_dir():
-            return StableDiffusionPipeline.from_pretrained(
-                path, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
+            return pipeline_class.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
         options = {} if config is None else {"config": str(config)}
-        return StableDiffusionPipeline.from_single_file(str(path), local_files_only=True, dtype=dtype, **options)
+        return pipeline_class.from_single_file(str(path), local_files_only=True, dtype=dtype, **options)
     except (OSError, ValueError, KeyError) as exc:
         hint = ("; a single-file checkpoint needs its architecture's configs: pass --config with a local diffusers "
                 "folder of the same architecture" if path.is_file() and config is None else "")
         raise FileFormatError(f"could not load a Stable Diffusion pipeline offline ({exc}){hint}", path) from None
 
 
+def pipeline_family(path: Path) -> str:
+    """The model family of a diffusers folder or single-file checkpoint ("sd1", "sd2", "sdxl", "flux", "sd3"),
+    read from its weights' key names and shapes (`diffmem.formats.base.open_base`), no tensor loaded."""
+    from diffmem.formats.base import open_base
+
+    return open_base(path).family
+
+
+def sdxl_added_conditioning(pipe, device: str) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
+    """prompts -> SDXL's added conditioning: the pooled text_encoder_2 embedding and the size/crop time ids of a
+    full-size, uncropped image, as `StableDiffusionXLPipeline` builds them."""
+    height, width = sdxl_image_size(pipe)
+    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+
+    @torch.no_grad()
+    def encode_added(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        _, _, pooled, _ = pipe.encode_prompt(list(prompts), device=torch.device(device), num_images_per_prompt=1,
+                                             do_classifier_free_guidance=False)
+        pooled = zero_empty_prompts(pipe, prompts, pooled)
+        return {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1).to(pooled.device)}
+
+    return encode_added
+
+
+def sdxl_image_size(pipe) -> tuple[int, int]:
+    """The default image size of an SDXL pipeline (the UNet's sample size times the VAE's scale factor)."""
+    size = pipe.unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+
+
+def zero_empty_prompts(pipe, prompts: Sequence[str], embeds: torch.Tensor) -> torch.Tensor:
+    """SDXL samples its unconditional branch from zero embeddings when `force_zeros_for_empty_prompt` is set (the
+    SDXL base's default), not from an encoded empty prompt; the audit does the same, so Wen's difference is taken
+    against what the model is really guided away from."""
+    if not getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return embeds
+    empty = torch.tensor([prompt == "" for prompt in prompts], device=embeds.device)
+    return torch.where(empty.view(-1, *[1] * (embeds.ndim - 1)), torch.zeros_like(embeds), embeds)
+
+
 def diffusers_audit_model(
     path: str | Path, lora: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> AuditModel:
-    """A Stable Diffusion 1.x/2.x checkpoint as an `AuditModel`: a diffusers pipeline folder (model_index.json) or
+    """A Stable Diffusion 1.x/2.x or SDXL checkpoint as an `AuditModel`: a diffusers pipeline folder (model_index.json) or
     a single-file checkpoint, loaded offline, with an optional LoRA in any format diffmem reads, merged into its
     weights (`diffmem.formats.merge.merge_lora`), and DDIM sampling as in Wen et al."""
     from diffusers import DDIMScheduler
 
     path = Path(path)
-    pipe = load_stable_diffusion(path, dtype)
+    pipe = load_stable_diffusion(path, dtype, allow_xl=True)
+    is_xl = hasattr(pipe, "text_encoder_2")
     name = path.name
     if lora is not None:
         lora = Path(lora)
@@ -530,8 +582,9 @@ def diffusers_audit_model(
 
     @torch.no_grad()
     def encode(prompts: Sequence[str]) -> torch.Tensor:
-        embeds, _ = pipe.encode_prompt(list(prompts), torch.device(device), 1, False)
-        return embeds
+        embeds = pipe.encode_prompt(list(prompts), device=torch.device(device), num_images_per_prompt=1,
+                                    do_classifier_free_guidance=False)[0]
+        return zero_empty_prompts(pipe, prompts, embeds) if is_xl else embeds
 
     @torch.no_grad()
     def to_images(latents: torch.Tensor) -> torch.Tensor:
@@ -543,7 +596,8 @@ def diffusers_audit_model(
     height, width = (size, size) if isinstance(size, int) else size
     return AuditModel(name=name, unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
                       encode=encode, to_images=to_images, sample_shape=(pipe.unet.config.in_channels, height, width),
-                      image_size=(height * pipe.vae_scale_factor, width * pipe.vae_scale_factor))
+                      image_size=(height * pipe.vae_scale_factor, width * pipe.vae_scale_factor),
+                      encode_added=sdxl_added_conditioning(pipe, device) if is_xl else None)
 
 
 class WorldDDIMScheduler:
@@ -682,8 +736,11 @@ def wen_scores_of(
     wen = WenConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                     generations=config.generations, batch_size=config.batch_size)
     generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+    added = empty_added = None
+    if model.encode_added is not None:
+        added, empty_added = model.encode_added(list(prompts)), model.encode_added([""])
     return sample_with_wen_scores(model.unet, model.scheduler, model.encode(list(prompts)), model.encode([""]), wen,
-                                  generator, model.sample_shape)
+                                  generator, model.sample_shape, added_cond=added, empty_added_cond=empty_added)
 
 
 def evaluate_wen_detector(

@@ -82,11 +82,13 @@ def sample_with_wen_scores(
     generator: torch.Generator | None = None,
     sample_shape: tuple[int, int, int] | None = None,
     step_kwargs: Mapping[str, object] | None = None,
+    added_cond: Mapping[str, torch.Tensor] | None = None,
+    empty_added_cond: Mapping[str, torch.Tensor] | None = None,
 ) -> WenTrace:
     """Guided sampling that records `||eps(x_t, c) - eps(x_t, empty)||` at every step (Wen et al. 2024).
 
     Works with any diffusers `UNet2DConditionModel` whose forward takes `(sample, timestep,
-    encoder_hidden_states)` (SD 1.x/2.x and the diffmem world; SDXL's extra conditioning is not supplied) and
+    encoder_hidden_states)` (SD 1.x/2.x and the diffmem world; SDXL with `added_cond`) and
     any diffusers scheduler (pass a `DDIMScheduler` to follow Wen et al.; it is copied, not modified).
 
     Args:
@@ -96,6 +98,9 @@ def sample_with_wen_scores(
         sample_shape: [C, H, W] of the UNet input; defaults to the UNet config's channels and sample size.
         step_kwargs: extra arguments of `scheduler.step`, e.g. `{"use_clipped_model_output": True}` for a sampler
             that recomputes the noise from the clipped x0 (as the diffmem world's DDIM does).
+        added_cond, empty_added_cond: SDXL's added conditioning (`{"text_embeds": pooled [P, D], "time_ids":
+            [P, 6]}`) of the prompts and of the empty prompt ([1, ...]), passed to the UNet as
+            `added_cond_kwargs`; None for UNets without added conditioning.
     """
     if prompt_embeds.ndim != 3:
         raise ValueError(f"prompt_embeds must be [P, L, D], got {tuple(prompt_embeds.shape)}")
@@ -116,13 +121,26 @@ def sample_with_wen_scores(
     conds = prompt_embeds.repeat_interleave(generations, dim=0)
     empties = empty_embeds.expand(prompts, -1, -1).repeat_interleave(generations, dim=0)
     noise = torch.randn((prompts * generations, *sample_shape), generator=generator, dtype=torch.float32)
+    if (added_cond is None) != (empty_added_cond is None):
+        raise ValueError("give added_cond and empty_added_cond together")
+    added = empty_added = None
+    if added_cond is not None:
+        added = {k: v.repeat_interleave(generations, dim=0) for k, v in added_cond.items()}
+        empty_added = {k: empty_added_cond[k].expand(prompts, *v.shape[1:]).repeat_interleave(generations, dim=0)
+                       for k, v in added_cond.items()}
 
     norms, samples = [], []
     for start in range(0, prompts * generations, config.batch_size):
         stop = min(start + config.batch_size, prompts * generations)
+        unet_kwargs = {}
+        if added is not None:
+            unet_kwargs["added_cond_kwargs"] = {
+                k: torch.cat([empty_added[k][start:stop], added[k][start:stop]]).to(device, dtype) for k in added
+            }
         chunk_norms, chunk_samples = guided_sampling_chunk(
             unet, copy.deepcopy(scheduler), noise[start:stop].to(device, dtype),
             conds[start:stop].to(device, dtype), empties[start:stop].to(device, dtype), config, step_kwargs or {},
+            unet_kwargs,
         )
         norms.append(chunk_norms)
         samples.append(chunk_samples)
@@ -139,15 +157,17 @@ def guided_sampling_chunk(
     empties: torch.Tensor,
     config: WenConfig,
     step_kwargs: Mapping[str, object],
+    unet_kwargs: Mapping[str, object] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of classifier-free-guided sampling: (norms [T, B], final samples [B, C, H, W])."""
+    """One batch of classifier-free-guided sampling: (norms [T, B], final samples [B, C, H, W]). `unet_kwargs`
+    (e.g. SDXL's `added_cond_kwargs`, unconditional half first) go to every UNet call."""
     scheduler.set_timesteps(config.num_inference_steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     context = torch.cat([empties, conds])
     norms = []
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-        eps_uncond, eps_cond = unet(model_in, t, encoder_hidden_states=context).sample.chunk(2)
+        eps_uncond, eps_cond = unet(model_in, t, encoder_hidden_states=context, **(unet_kwargs or {})).sample.chunk(2)
         norms.append(conditional_difference_norms(eps_cond, eps_uncond).cpu())
         guided = eps_uncond + config.guidance_scale * (eps_cond - eps_uncond)
         x = scheduler.step(guided, t, x, **step_kwargs).prev_sample
