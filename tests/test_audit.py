@@ -7,9 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import FluxPipeline
 from PIL import Image
 
+from builders_lora import write_kohya_lora, write_lycoris
 from builders_metrics import tiny_sd_pipeline_folder
+from builders_pipelines import build_tiny_pipeline, write_pipeline_lora
 from diffmem.audit import (
     AuditConfig,
     AuditResult,
@@ -18,9 +21,11 @@ from diffmem.audit import (
     flag_by_wen,
     load_image_folder,
     load_prompts,
+    load_stable_diffusion,
     robust_z_scores,
     run_audit,
     score_prompts,
+    wen_scores_of,
     write_audit,
 )
 from diffmem.cli import main
@@ -279,8 +284,6 @@ def attention_lookups(unet: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def test_audit_merges_a_lycoris_loha_that_diffusers_refuses(sd_folder, tmp_path, capsys):
     """A LoHa is merged by diffmem's own reader (diffusers' load_lora_weights has no LoHa support); a LoRA for
     another model is one line naming the file, exit 1."""
-    from builders_lora import write_kohya_lora, write_lycoris
-
     base = diffusers_audit_model(sd_folder)
     loha = tmp_path / "style-loha.safetensors"
     write_lycoris(loha, attention_lookups(base.unet), algo="loha", rank=2)
@@ -308,8 +311,6 @@ def test_audit_merges_a_lycoris_loha_that_diffusers_refuses(sd_folder, tmp_path,
 def test_audit_on_a_tiny_sdxl_pipeline(tmp_path, capsys):
     """SDXL's added conditioning (pooled text_encoder_2 embedding and time ids) is wired: the audit runs end to end
     with a LoRA, and the pooled embedding really reaches the UNet (changing it changes Wen's score)."""
-    from builders_pipelines import build_tiny_pipeline, write_pipeline_lora
-
     folder = build_tiny_pipeline(tmp_path, "sdxl")
     lora = write_pipeline_lora(folder, "sdxl", tmp_path / "xl.safetensors")
     model = diffusers_audit_model(folder, lora)
@@ -332,12 +333,33 @@ def test_audit_on_a_tiny_sdxl_pipeline(tmp_path, capsys):
     assert summary["prompts"] == 2 and summary["model"].endswith("xl.safetensors")
 
 
-def test_audit_refuses_a_flux_pipeline_in_one_line(tmp_path, capsys):
-    from builders_pipelines import build_tiny_pipeline
-
+def test_audit_on_a_tiny_flux_pipeline(tmp_path, capsys):
+    """Flux through the UNet-style adapter: the images equal FluxPipeline's own for the same latents (guidance
+    mix at 1.0, distilled guidance inside the model), Wen's velocity difference is positive, the CLI runs with a
+    kohya LoRA, and an SD-only loader refuses the folder in one line."""
     folder = build_tiny_pipeline(tmp_path, "flux")
+    model = diffusers_audit_model(folder)
+    assert model.default_guidance == 1.0 and model.encode_added is not None
+    channels, height, width = model.sample_shape
+    config = AuditConfig(generations=1, num_inference_steps=3)
+    result = run_audit(model, ["abc"], config)
+    assert all(r.wen_score > 0 for r in result.rows)
+    noise = torch.randn((1, channels, height, width), generator=torch.Generator().manual_seed(0))
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    packed = FluxPipeline._pack_latents(noise, 1, channels, height, width)
+    size = height * pipe.vae_scale_factor
+    theirs = pipe("abc", num_inference_steps=3, height=size, width=size, latents=packed, output_type="pt").images
+    trace = wen_scores_of(model, ["abc"], AuditConfig(generations=1, num_inference_steps=3),
+                          torch.Generator().manual_seed(0))
+    ours = model.to_images(trace.samples.flatten(0, 1))
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
+    lora = write_pipeline_lora(folder, "flux", tmp_path / "flux.safetensors")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cat\n")
-    assert main(["audit", "--base", str(folder), "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "flux" in err[0] and folder.name in err[0]
+    prompts.write_text("abc\nxyz\n")
+    out = tmp_path / "out"
+    assert main(["audit", "--base", str(folder), "--lora", str(lora), "--prompts", str(prompts),
+                 "--generations", "1", "--steps", "2", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["model"].endswith("flux.safetensors")
+    with pytest.raises(FileFormatError, match=r"flux model; this command supports Stable Diffusion 1\.x"):
+        load_stable_diffusion(folder)

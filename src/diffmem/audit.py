@@ -476,16 +476,19 @@ def pixel_to_images(samples: torch.Tensor) -> torch.Tensor:
 
 
 
+PIPELINE_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux": "Flux"}
+
+
 def load_stable_diffusion(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None,
-                          allow_xl: bool = False):
-    """A Stable Diffusion 1.x/2.x `StableDiffusionPipeline` (with `allow_xl`, also an SDXL
-    `StableDiffusionXLPipeline`) from a diffusers folder (model_index.json) or a single-file checkpoint, loaded
-    offline on the CPU without safety checker.
+                          families: tuple[str, ...] = ("sd1", "sd2")):
+    """A diffusers pipeline of one of `families` (default Stable Diffusion 1.x/2.x, `StableDiffusionPipeline`;
+    also "sdxl", `StableDiffusionXLPipeline`, and "flux", `FluxPipeline`) from a diffusers folder
+    (model_index.json) or a single-file checkpoint, loaded offline on the CPU without safety checker.
 
     A single file holds weights but not the components' configs (layer sizes, tokenizer, scheduler): diffusers
     takes them from its Hugging Face cache, or from `config`, a local diffusers folder of the same architecture
     (e.g. a Stable Diffusion 1.5 folder for any SD 1.x fine-tune)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -499,11 +502,11 @@ def load_stable_diffusion(path: str | Path, dtype: torch.dtype = torch.float32, 
         raise DiffmemError("the config of a single-file checkpoint must be a diffusers pipeline folder (with "
                            "model_index.json)", config)
     family = pipeline_family(path)
-    if family not in (("sd1", "sd2", "sdxl") if allow_xl else ("sd1", "sd2")):
-        supported = "Stable Diffusion 1.x/2.x and SDXL" if allow_xl else "Stable Diffusion 1.x/2.x"
+    if family not in families:
+        supported = ", ".join(PIPELINE_NAMES[f] for f in families)
         raise FileFormatError(f"is a {family} model; this command supports {supported} pipelines", path)
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipeline_class = {"sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}.get(family, StableDiffusionPipeline)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family in ("sd1", "sd2") else {}
     try:
         if path.is_dir():
             return pipeline_class.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
@@ -566,8 +569,9 @@ def diffusers_audit_model(
     from diffusers import DDIMScheduler
 
     path = Path(path)
-    pipe = load_stable_diffusion(path, dtype, allow_xl=True)
-    is_xl = hasattr(pipe, "text_encoder_2")
+    pipe = load_stable_diffusion(path, dtype, families=("sd1", "sd2", "sdxl", "flux"))
+    is_flux = hasattr(pipe, "transformer")
+    is_xl = hasattr(pipe, "text_encoder_2") and not is_flux
     name = path.name
     if lora is not None:
         lora = Path(lora)
@@ -579,6 +583,8 @@ def diffusers_audit_model(
         name += f" + {lora.name}"
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if is_flux:
+        return flux_audit_model(pipe, name, device)
 
     @torch.no_grad()
     def encode(prompts: Sequence[str]) -> torch.Tensor:
@@ -598,6 +604,35 @@ def diffusers_audit_model(
                       encode=encode, to_images=to_images, sample_shape=(pipe.unet.config.in_channels, height, width),
                       image_size=(height * pipe.vae_scale_factor, width * pipe.vae_scale_factor),
                       encode_added=sdxl_added_conditioning(pipe, device) if is_xl else None)
+
+
+def flux_audit_model(pipe, name: str, device: str) -> AuditModel:
+    """A loaded `FluxPipeline` as an `AuditModel` (`diffmem.backends.flux`: the transformer called like a UNet
+    on unpacked latents, its flow-matching scheduler, distilled guidance inside the model and the loop's own mix
+    at 1.0, so the images are Flux's own and Wen's score is the conditional minus unconditional velocity norm)."""
+    from diffmem.backends.flux import FlowMatchingSampler, FluxDenoiser, flux_decode
+
+    # The VAE's own sample size is the resolution the model was trained at (1024 for FLUX.1); FluxPipeline's
+    # default otherwise.
+    size = getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor
+    size = size[0] if isinstance(size, list | tuple) else size
+    latent = 2 * (size // (pipe.vae_scale_factor * 2))
+    channels = pipe.transformer.config.in_channels // 4
+
+    @torch.no_grad()
+    def encode_both(prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(list(prompts), prompt_2=None, device=torch.device(device),
+                                               num_images_per_prompt=1)
+        return embeds, pooled
+
+    return AuditModel(
+        name=name, unet=FluxDenoiser(pipe.transformer), scheduler=FlowMatchingSampler(pipe.scheduler, latent, latent),
+        encode=lambda prompts: encode_both(prompts)[0],
+        to_images=lambda latents: torch.cat([flux_decode(pipe.vae, chunk) for chunk in latents.split(8)]),
+        sample_shape=(channels, latent, latent), image_size=(latent * pipe.vae_scale_factor,) * 2,
+        default_steps=28, default_guidance=1.0,
+        encode_added=lambda prompts: {"pooled_projections": encode_both(prompts)[1]},
+    )
 
 
 class WorldDDIMScheduler:
