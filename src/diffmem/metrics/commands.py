@@ -12,7 +12,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that sample a model while scoring it."""
     parser.add_argument("--base", required=True,
                         help="'world' (the embedded world base), a world UNet .safetensors, or a Stable Diffusion "
-                             "1.x/2.x or SDXL diffusers folder / single-file checkpoint (loaded offline)")
+                             "1.x/2.x, SDXL or Flux diffusers folder / single-file checkpoint (loaded offline)")
     parser.add_argument("--lora", type=Path, help="LoRA merged into the base (any format diffmem reads)")
     parser.add_argument("--generations", type=int, default=4, help="images per prompt (default 4, Wen et al.)")
     parser.add_argument("--steps", type=int,
