@@ -273,6 +273,16 @@ def test_data_free_flags_follow_the_chosen_wen_statistic():
         AuditConfig(wen_statistic="last")
 
 
+def cli_audit_summary(tmp_path, base, lora, prompts: str, steps: int = 2, generations: int = 1) -> dict:
+    """Run `diffmem audit --base BASE --lora LORA` on `prompts` (one per line) and return its summary.json."""
+    path = tmp_path / "prompts.txt"
+    path.write_text(prompts)
+    out = tmp_path / "out"
+    assert main(["audit", "--base", str(base), "--lora", str(lora), "--prompts", str(path), "--generations",
+                 str(generations), "--steps", str(steps), "--out", str(out)]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
 def attention_lookups(unet: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """kohya names of the attention Linears of a diffusers UNet -> weight shapes."""
     from diffmem.formats.names import kohya_name
@@ -292,12 +302,8 @@ def test_audit_merges_a_lycoris_loha_that_diffusers_refuses(sd_folder, tmp_path,
     gaps = [float((a - b).abs().max()) for a, b in zip(base.unet.state_dict().values(),
                                                          tuned.unet.state_dict().values())]
     assert max(gaps) > 0
+    assert cli_audit_summary(tmp_path, sd_folder, loha, "a red cat\n", steps=1)["model"].endswith("loha.safetensors")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cat\n")
-    out = tmp_path / "out"
-    assert main(["audit", "--base", str(sd_folder), "--lora", str(loha), "--prompts", str(prompts),
-                 "--generations", "1", "--steps", "1", "--out", str(out)]) == 0
-    assert json.loads((out / "summary.json").read_text())["model"].endswith("style-loha.safetensors")
     capsys.readouterr()
     wrong = tmp_path / "wrong.safetensors"
     write_kohya_lora(wrong, {"lora_unet_input_blocks_4_1_proj_in": (640, 640)}, rank=2)
@@ -324,12 +330,7 @@ def test_audit_on_a_tiny_sdxl_pipeline(tmp_path, capsys):
     model.encode_added = lambda prompts: {**original(prompts), "text_embeds": original(prompts)["text_embeds"] * 3}
     changed = [r.wen_score for r in run_audit(model, ["a red cat", "blue sky"], config).rows]
     assert changed != pytest.approx(scores)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cat\nblue sky\n")
-    out = tmp_path / "out"
-    assert main(["audit", "--base", str(folder), "--lora", str(lora), "--prompts", str(prompts),
-                 "--generations", "2", "--steps", "2", "--out", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = cli_audit_summary(tmp_path, folder, lora, "a red cat\nblue sky\n", generations=2)
     assert summary["prompts"] == 2 and summary["model"].endswith("xl.safetensors")
 
 
@@ -355,11 +356,6 @@ def test_audit_on_a_tiny_flux_pipeline(tmp_path, capsys):
     ours = model.to_images(trace.samples.flatten(0, 1))
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
     lora = write_pipeline_lora(folder, "flux", tmp_path / "flux.safetensors")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("abc\nxyz\n")
-    out = tmp_path / "out"
-    assert main(["audit", "--base", str(folder), "--lora", str(lora), "--prompts", str(prompts),
-                 "--generations", "1", "--steps", "2", "--out", str(out)]) == 0
-    assert json.loads((out / "summary.json").read_text())["model"].endswith("flux.safetensors")
+    assert cli_audit_summary(tmp_path, folder, lora, "abc\nxyz\n")["model"].endswith("flux.safetensors")
     with pytest.raises(FileFormatError, match=r"flux model; this command supports Stable Diffusion 1\.x"):
         load_stable_diffusion(folder)
