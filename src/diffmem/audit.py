@@ -529,7 +529,7 @@ def pipeline_family(path: Path) -> str:
 def sdxl_added_conditioning(pipe, device: str) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
     """prompts -> SDXL's added conditioning: the pooled text_encoder_2 embedding and the size/crop time ids of a
     full-size, uncropped image, as `StableDiffusionXLPipeline` builds them."""
-    height, width = sdxl_image_size(pipe)
+    height, width = (side * pipe.vae_scale_factor for side in unet_latent_size(pipe))
     time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), torch.float32,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
 
@@ -543,11 +543,10 @@ def sdxl_added_conditioning(pipe, device: str) -> Callable[[Sequence[str]], dict
     return encode_added
 
 
-def sdxl_image_size(pipe) -> tuple[int, int]:
-    """The default image size of an SDXL pipeline (the UNet's sample size times the VAE's scale factor)."""
+def unet_latent_size(pipe) -> tuple[int, int]:
+    """[H, W] of a UNet pipeline's latents (the UNet's sample size); images are `vae_scale_factor` times larger."""
     size = pipe.unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def zero_empty_prompts(pipe, prompts: Sequence[str], embeds: torch.Tensor) -> torch.Tensor:
@@ -598,8 +597,7 @@ def diffusers_audit_model(
         decoded = [pipe.vae.decode(chunk.to(device, dtype) / scale).sample.float().cpu() for chunk in latents.split(8)]
         return pixel_to_images(torch.cat(decoded))
 
-    size = pipe.unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = unet_latent_size(pipe)
     return AuditModel(name=name, unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
                       encode=encode, to_images=to_images, sample_shape=(pipe.unet.config.in_channels, height, width),
                       image_size=(height * pipe.vae_scale_factor, width * pipe.vae_scale_factor),

@@ -365,12 +365,20 @@ def folder_component(folder: Path, name: str, store: TensorStore) -> Component |
     for reader in component_readers(sub):
         store.add(reader, prefix)
         keys += list(reader)
+    component = diffusers_component(name, keys)
+    if component is None:
+        raise unknown_layout(sub, keys, f"the {name} folder")
+    return component
+
+
+def diffusers_component(name: str, keys: Iterable[str]) -> Component | None:
+    """The `Component` of a diffusers pipeline component `name` whose keys (in the store under `name.`) are `keys`:
+    text encoders by name, the denoiser's kind from its keys; None for a denoiser diffmem does not know."""
+    prefix = f"{name}."
     if name.startswith("text_encoder"):
         return Component(name, "hf", "diffusers", prefix)
     detected = detect_denoiser(keys)
-    if detected is None:
-        raise unknown_layout(sub, keys, f"the {name} folder")
-    return Component(name, detected[0], "diffusers", prefix)
+    return None if detected is None else Component(name, detected[0], "diffusers", prefix)
 
 
 def open_folder(path: Path) -> tuple[list[Component], TensorStore, str, str | None]:
@@ -576,6 +584,11 @@ class BaseCheckpoint:
     def __repr__(self) -> str:
         parts = ", ".join(f"{c.name}:{c.kind}/{c.naming}" for c in self.components)
         return f"BaseCheckpoint({str(self.path)!r}, family={self.family!r}, layout={self.layout!r}, {parts})"
+
+    @property
+    def store(self) -> TensorStore:
+        """Where each tensor lives (store key -> reader and its key); over loaded modules, their own tensors."""
+        return self._store
 
     @property
     def files(self) -> list[Path]:

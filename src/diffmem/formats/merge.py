@@ -17,14 +17,7 @@ from pathlib import Path
 import torch
 
 from diffmem.errors import FileFormatError
-from diffmem.formats.base import (
-    BaseCheckpoint,
-    Component,
-    TensorStore,
-    assemble,
-    detect_denoiser,
-    resolve_targets,
-)
+from diffmem.formats.base import BaseCheckpoint, TensorStore, assemble, diffusers_component, resolve_targets
 from diffmem.formats.lora import LoraFile, read_lora
 
 #: Pipeline attributes whose weights a LoRA may update, in diffusers' own component names.
@@ -59,15 +52,12 @@ def module_checkpoint(components: Mapping[str, torch.nn.Module], name: str | Pat
     for component, module in components.items():
         reader = StateDictReader(module, path)
         store.add(reader, f"{component}.")
-        if component.startswith("text_encoder"):
-            parts.append(Component(component, "hf", "diffusers", f"{component}."))
-            if component == "text_encoder":
-                hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
-            continue
-        detected = detect_denoiser(reader)
-        if detected is None:
+        part = diffusers_component(component, reader)
+        if part is None:
             raise FileFormatError(f"the {component} of this model is not a UNet or transformer diffmem knows", path)
-        parts.append(Component(component, detected[0], "diffusers", f"{component}."))
+        parts.append(part)
+        if component == "text_encoder":
+            hidden_act = getattr(getattr(module, "config", None), "hidden_act", None)
     return assemble(path, parts, store, "diffusers_folder", hidden_act)
 
 
@@ -95,13 +85,12 @@ def merge_lora(
     base = module_checkpoint(components, name)
     lookups = {key: (module.lookup, tuple(module.weight_shape)) for key, module in lora.modules.items()}
     targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata, skip_unmapped=skip_unmapped)
-    tensors = {f"{component}.{key}": tensor for component, module in components.items()
-               for key, tensor in module.state_dict(keep_vars=False).items()}
     for key, target in targets.items():
         delta = lora.modules[key].delta().reshape(target.shape)
         row = 0
         for tensor_key, start, end in target.parts:
-            weight = tensors[tensor_key]
+            reader, inner = base.store.entries[tensor_key]
+            weight = reader[inner]  # the module's own parameter: the store wraps the live state dict
             rows = delta[row : row + end - start].reshape(weight[start:end].shape)
             weight[start:end] += scale * rows.to(weight.device, weight.dtype)
             row += end - start
