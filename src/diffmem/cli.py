@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -326,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return EXIT_USAGE
+    # The command line as typed, for the commands that record it in what they write (library code never reads
+    # sys.argv: it may not be the diffmem command at all).
+    args.command_line = shlex.join(["diffmem", *argv])
     try:
         return args.handler(args)
     except UsageError as exc:

@@ -5,12 +5,26 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from diffmem.attack.dori import START_KINDS, DoriConfig, DoriOutcome
+from diffmem.attack.table import (  # noqa: F401 (merged_rows: kept importable from here)
+    TABLE_GROUPS,
+    TRAINING_RECIPE,
+    RobustnessSettings,
+    merged_rows,
+    run_robustness_table,
+)
+from diffmem.errors import DiffmemError
+from diffmem.memcontrol.train import MemControlTrainConfig
+from diffmem.metrics.copy import CopyConfig
+from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
+from diffmem.mitigations.registry import registered
+from diffmem.world.check import CheckSettings
 
 
 def manifest_reference(model: Path) -> torch.Tensor | None:
@@ -134,17 +148,16 @@ def run_dori_command(args: argparse.Namespace) -> int:
 
 
 def add_table(subparsers: argparse._SubParsersAction) -> None:
-    from diffmem.attack.table import RobustnessSettings
-    from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
-
-    r, a = RobustnessSettings(), AdversarialFinetuneConfig()
+    r, a, t = RobustnessSettings(), AdversarialFinetuneConfig(), TRAINING_RECIPE
+    posthoc = ", ".join(m.label for m in registered(kind="post-hoc"))
+    training = ", ".join(m.label for m in registered(kind="training"))
     p = subparsers.add_parser(
         "table", help="every mitigation of the toolkit under the Dori attack, with quality: docs/robustness.md",
-        description="For a world LoRA with its manifest (default: the committed example LoRA): the LoRA as trained, "
-                    "NeMo, Wanda, BAF and adversarial fine-tuning applied to it, and the training-time mitigations "
-                    "(MemControl, random word addition, threshold) with their unmitigated control, each prompted "
-                    "with the duplicated captions and attacked with Dori; fresh generations are judged with "
-                    "Carlini's relative copy test. Writes the robustness page (--out) and the rows (--json).")
+        description=f"For a world LoRA with its manifest (default: the committed example LoRA): the LoRA as trained, "
+                    f"{posthoc} applied to it, and the training-time mitigations ({training}) with their "
+                    "unmitigated control, each prompted with the duplicated captions and attacked with Dori; fresh "
+                    "generations are judged with Carlini's relative copy test. Writes the robustness page (--out) "
+                    "and the rows (--json). The mitigations are those of diffmem.mitigations.registry.")
     p.add_argument("--lora", type=Path, default=None,
                    help="world LoRA with its manifest .json beside it (default: the committed example LoRA)")
     p.add_argument("--base", type=Path, default=None, help="world UNet file (default: the committed base)")
@@ -163,38 +176,37 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-steps", type=int, default=r.sampling.steps,
                    help=f"DDIM steps of those (default {r.sampling.steps})")
     p.add_argument("--no-fid", action="store_true", help="skip FID (the held-out denoising loss stays)")
-    p.add_argument("--nemo-masks", type=Path, default=None,
-                   help="NeMo mask file for this LoRA (`diffmem mitigate nemo --out`) instead of running NeMo's search")
-    p.add_argument("--wanda-masks", type=Path, default=None,
-                   help="Wanda mask file for this LoRA (`diffmem mitigate wanda --out`) instead of running Wanda")
-    p.add_argument("--adversarial", type=Path, default=None,
-                   help="an adversarially fine-tuned model (`diffmem mitigate adversarial --out`); default: train "
-                        "one now with the --adv-* settings")
-    p.add_argument("--adv-rounds", type=int, default=a.rounds, help=f"its rounds (default {a.rounds})")
-    p.add_argument("--adv-steps", type=int, default=a.steps_per_round,
-                   help=f"its fine-tuning steps per round (default {a.steps_per_round})")
-    p.add_argument("--adv-search-steps", type=int, default=a.search.steps,
-                   help=f"its Dori steps per search (default {a.search.steps})")
-    p.add_argument("--adv-starts", default=",".join(a.starts), help=f"its Dori starts (default {','.join(a.starts)})")
-    for key, what in (("control", "the same-recipe fine-tune without mitigation"),
-                      ("memcontrol", "a MemControl-trained model (`diffmem memcontrol train --mask`)"),
-                      ("rwa", "a fine-tune with random word addition (`memcontrol train --mitigation rwa`)"),
-                      ("threshold", "a fine-tune with Wen's threshold (`memcontrol train --mitigation threshold`)")):
-        p.add_argument(f"--{key}", type=Path, default=None,
-                       help=f"world UNet file of {what}, manifest beside it; default: train it with --train-*")
+    for group in TABLE_GROUPS:  # each registered mitigation's file option, in the table's order
+        if group == "training":
+            p.add_argument("--control", type=Path, default=None,
+                           help="world UNet file of the same-recipe fine-tune without mitigation, manifest beside "
+                                "it; default: train it with --train-*")
+        for mitigation in registered(table_group=group):
+            if mitigation.file_option:
+                p.add_argument(f"--{mitigation.file_option}", type=Path, default=None, help=mitigation.file_help)
+        if group == "adversarial":
+            p.add_argument("--adv-rounds", type=int, default=a.rounds, help=f"its rounds (default {a.rounds})")
+            p.add_argument("--adv-steps", type=int, default=a.steps_per_round,
+                           help=f"its fine-tuning steps per round (default {a.steps_per_round})")
+            p.add_argument("--adv-search-steps", type=int, default=a.search.steps,
+                           help=f"its Dori steps per search (default {a.search.steps})")
+            p.add_argument("--adv-starts", default=",".join(a.starts),
+                           help=f"its Dori starts (default {','.join(a.starts)})")
     p.add_argument("--memcontrol-mask", type=Path, default=None,
                    help="mask for the MemControl model trained here (default: all attention blocks)")
-    p.add_argument("--train-method", default="full", help="method of the training-time rows' fine-tunes "
-                                                          "(default full; MemControl always trains SV-DIFF)")
-    p.add_argument("--train-steps", type=int, default=100, help="their optimizer steps (default 100)")
-    p.add_argument("--train-batch-size", type=int, default=8, help="their batch size (default 8)")
-    p.add_argument("--train-lr", type=float, default=None, help="their learning rate (default: the method's)")
+    p.add_argument("--train-method", default=t.method, help=f"method of the training-time rows' fine-tunes "
+                                                            f"(default {t.method}; MemControl always trains SV-DIFF)")
+    p.add_argument("--train-steps", type=int, default=t.steps, help=f"their optimizer steps (default {t.steps})")
+    p.add_argument("--train-batch-size", type=int, default=t.batch_size,
+                   help=f"their batch size (default {t.batch_size})")
+    p.add_argument("--train-lr", type=float, default=t.lr, help="their learning rate (default: the method's)")
     p.add_argument("--no-train", action="store_true",
                    help="measure only the training-time models given as files; do not train the missing ones")
     p.add_argument("--no-training-time", action="store_true",
                    help="leave out the training-time mitigations (the page says so)")
     p.add_argument("--groups", default=",".join(TABLE_GROUPS),
-                   help="which models to measure: posthoc (the LoRA, NeMo, Wanda, BAF), adversarial, training "
+                   help=f"which models to measure: posthoc (the LoRA, "
+                        f"{', '.join(m.label for m in registered(table_group='posthoc'))}), adversarial, training "
                         f"(the training-time mitigations and their control); default {','.join(TABLE_GROUPS)}")
     p.add_argument("--merge", type=Path, nargs="+", default=[],
                    help="--json files of earlier runs with the same settings: their rows join the page and their "
@@ -203,74 +215,13 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_table_command)
 
 
-TABLE_GROUPS = ("posthoc", "adversarial", "training")
-
-
 def split_starts(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
-def merged_rows(paths: list[Path], settings: dict):
-    """(rows, sources, reference_of, commands) of earlier `attack table --json` files, which must have been
-    measured with `settings`; anything else is a clear error naming the file."""
-    from diffmem.attack.table import RobustnessRow
-    from diffmem.errors import DiffmemError, FileFormatError
-
-    rows, sources, reference_of, commands = [], {}, {}, []
-    for path in paths:
-        if not path.is_file():
-            raise DiffmemError("no such table JSON file", path)
-        try:
-            record = json.loads(path.read_text())
-            found = [RobustnessRow(**row) for row in record["rows"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise FileFormatError(f"is not a JSON file written by `diffmem attack table --json` ({error})",
-                                  path) from None
-        if record.get("settings") != settings:
-            raise DiffmemError("was measured with other settings than this run (faces, starts, steps, sampling); "
-                               "merge only runs of the same settings", path)
-        rows += found
-        sources.update({k: v for k, v in record.get("sources", {}).items() if k in {r.model for r in found}})
-        reference_of.update({k: v for k, v in record.get("reference_of", {}).items()
-                             if k in {r.model for r in found}})
-        commands.append(record.get("command", str(path)))
-    return rows, sources, reference_of, commands
-
-
 def run_table_command(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-    import time
-    from dataclasses import replace
-
-    from diffmem.attack.table import (
-        ADVERSARIAL,
-        POSTHOC,
-        TRAINING_CONTROL,
-        TRAINING_TIME,
-        RobustnessSettings,
-        ToolkitModels,
-        add_adversarial,
-        posthoc_models,
-        robustness_page,
-        robustness_row,
-        training_time_models,
-    )
-    from diffmem.bench.evaluate import Probe
-    from diffmem.errors import DiffmemError
-    from diffmem.formats.safetensors_io import write_atomic
-    from diffmem.memcontrol.train import MemControlTrainConfig
-    from diffmem.metrics.copy import CopyConfig
-    from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
-    from diffmem.world.check import CheckSettings, example_lora_path
-
+    """`diffmem attack table`: the options as `run_robustness_table`'s arguments, then the table printed."""
     torch.set_num_threads(args.threads)
-    lora = args.lora or example_lora_path()
-    manifest_path = lora.with_suffix(".json")
-    if manifest_reference(lora) is None:
-        raise DiffmemError("no manifest .json beside the LoRA listing its training images (written by "
-                           "`diffmem world finetune`)", lora)
-    manifest = json.loads(manifest_path.read_text())
     try:
         settings = RobustnessSettings(
             dori=DoriConfig(steps=args.dori_steps, seed=args.seed), starts=split_starts(args.starts),
@@ -283,87 +234,24 @@ def run_table_command(args: argparse.Namespace) -> int:
                                        batch_size=args.train_batch_size, lr=args.train_lr)
     except ValueError as error:
         raise DiffmemError(str(error)) from None
-    inputs = [p for p in (lora, manifest_path, args.base, args.adversarial, args.control, args.memcontrol, args.rwa,
-                          args.threshold, args.memcontrol_mask, args.nemo_masks, args.wanda_masks, *args.merge)
-              if p is not None]
-    previous = args.out.read_text() if args.out is not None and args.out.is_file() else None
+    groups = set(split_starts(args.groups))
+    if not groups <= set(TABLE_GROUPS):
+        raise DiffmemError(f"--groups takes {', '.join(TABLE_GROUPS)}, got {args.groups}")
+    if args.no_training_time:
+        groups.discard("training")
+    files = {m.name: getattr(args, m.file_option.replace("-", "_")) for m in registered() if m.file_option}
     began = time.time()
 
     def log(message: str) -> None:
         print(f"[{time.time() - began:6.0f}s] {message}", flush=True)
 
-    probe = Probe.from_manifest(manifest)
-    if args.faces is not None:
-        probe = replace(probe, duplicated=probe.duplicated.subset(range(min(args.faces, len(probe.duplicated)))))
-    command = "diffmem attack table " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if sys.argv[1:3] == [
-        "attack", "table"] else "diffmem attack table"
-    budget = (f"{len(probe.duplicated)} of the LoRA's {len(manifest['duplicated'])} duplicated faces attacked "
-              f"(manifest order); {args.threads} torch thread(s); seconds per row in the per-caption table")
-    rows = []
-
-    def write_outputs(toolkit: ToolkitModels, planned: list[str]) -> None:
-        """The JSON and the page of the rows so far; models not measured yet are named as such."""
-        done = {row.model for row in rows}
-        pending = {n: "not measured yet (the run stopped before it)" for n in [*toolkit.models, *planned]
-                   if n not in done}
-        notes = {**{n: why for n, why in toolkit.notes.items() if n not in done}, **pending}
-        if args.json is not None:
-            record = {"lora": str(lora), "command": command, "settings": settings.to_dict(),
-                      "adversarial": adversarial.to_dict(),
-                      "training_recipe": {**asdict(recipe), "duplicate": list(recipe.duplicate)},
-                      "reference_of": toolkit.reference_of, "sources": toolkit.sources, "notes": notes,
-                      "rows": [row.to_dict() for row in rows], "seconds": round(time.time() - began)}
-            write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json, protect=tuple(inputs))
-        if args.out is not None:
-            shown = ToolkitModels(toolkit.models, toolkit.reference_of, notes, toolkit.sources)
-            page = robustness_page(rows, shown, settings, [command, *merged_commands], budget, previous)
-            write_atomic(page.encode(), args.out, protect=tuple(inputs))
-
-    def measure_new(toolkit: ToolkitModels, planned: list[str]) -> None:
-        """Measure the models not measured yet, writing the outputs after each (a stopped run keeps its rows)."""
-        for name, unet in toolkit.models.items():
-            if name in {row.model for row in rows}:
-                continue
-            log(f"measuring {name} ...")
-            rows.append(robustness_row(name, unet, probe, settings))
-            log(json.dumps(rows[-1].to_dict()))
-            write_outputs(toolkit, planned)
-
-    groups = set(split_starts(args.groups))
-    if not groups <= set(TABLE_GROUPS):
-        raise DiffmemError(f"--groups takes {', '.join(TABLE_GROUPS)}, got {args.groups}")
-    merged, merged_sources, merged_reference_of, merged_commands = merged_rows(args.merge, settings.to_dict())
-    rows.extend(merged)
-    done = {row.model for row in rows}
-    training_names = [TRAINING_CONTROL, *TRAINING_TIME.values()]
-    wanted = {"posthoc": [n for n in POSTHOC if n not in done], "adversarial": [ADVERSARIAL] if ADVERSARIAL not in
-              done else [], "training": [n for n in training_names if n not in done]}
-    if args.no_training_time:
-        groups.discard("training")
-    wanted = {group: names for group, names in wanted.items() if group in groups}
-    planned = [name for names in wanted.values() for name in names]
-    toolkit = ToolkitModels(sources=dict(merged_sources), reference_of=dict(merged_reference_of))
-    if wanted.get("posthoc"):
-        built = posthoc_models(lora, args.base, manifest, args.nemo_masks, args.wanda_masks, log)
-        for name in wanted["posthoc"]:
-            toolkit.add(name, built.models[name], built.reference_of[name], built.sources[name])
-    if args.no_training_time or "training" not in groups:
-        toolkit.notes.update({name: "left out of this run" for name in training_names if name not in done})
-    if "adversarial" not in groups and ADVERSARIAL not in done:
-        toolkit.notes[ADVERSARIAL] = "left out of this run"
-    measure_new(toolkit, planned)
-    if wanted.get("adversarial"):
-        add_adversarial(toolkit, lora, args.base, args.adversarial, adversarial, args.work, log)
-        measure_new(toolkit, planned)
-    if wanted.get("training") and not args.no_training_time:
-        files = {"control": args.control, "memcontrol": args.memcontrol, "rwa": args.rwa, "threshold": args.threshold}
-        training_time_models(toolkit, manifest, recipe, files, args.memcontrol_mask, args.work, log,
-                             train_missing=not args.no_train)
-        measure_new(toolkit, planned)
-    write_outputs(toolkit, planned)
-    from diffmem.attack.table import markdown_rows
-
-    print(markdown_rows(rows, toolkit.notes))
+    run = run_robustness_table(
+        settings, args.lora, args.base, groups=groups, faces=args.faces, files={**files, "control": args.control},
+        configs={"adversarial": adversarial}, recipe=recipe, memcontrol_mask=args.memcontrol_mask,
+        train_missing=not args.no_train, merge=args.merge, out=args.out, json_out=args.json, work=args.work,
+        # The command line as typed (cli.main passes it); without it, as when the handler is called directly:
+        command=getattr(args, "command_line", None) or "diffmem attack table", log=log)
+    print(run.markdown())
     return 0
 
 

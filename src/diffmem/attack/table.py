@@ -5,23 +5,37 @@ the copy rate of fresh generations from each memorized caption, the copy rate of
 embedding Dori finds for that caption's image (from each start: the caption, random tokens, ...), the loss each
 search reached, and quality (held-out denoising loss, FID) beside it. Every model is measured with the same
 `RobustnessSettings`, seeds and probe, so rows differ only by the model.
+
+The models come from the mitigation registry (`diffmem.mitigations.registry`): every registered mitigation gets a
+row, built by its entry function. `run_robustness_table` is the whole run behind `diffmem attack table`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
+import torch
 from diffusers import UNet2DConditionModel
 from tqdm import tqdm
 
 from diffmem.attack.dori import START_KINDS, DoriConfig, attack_success, dori_attack
-from diffmem.bench.evaluate import Probe
-from diffmem.errors import DiffmemError
+from diffmem.attack.search_loss import final_search_loss
+from diffmem.bench.evaluate import BenchSettings, Probe, quality_generations
+from diffmem.errors import DiffmemError, FileFormatError
+from diffmem.formats.safetensors_io import write_atomic
+from diffmem.memcontrol.train import MemControlTrainConfig
 from diffmem.metrics.copy import CopyConfig
-from diffmem.world.check import CheckSettings
+from diffmem.metrics.features import embed
+from diffmem.metrics.fid import fid_from_features
+from diffmem.mitigations import registry
+from diffmem.mitigations.registry import TABLE_GROUPS, Mitigation, MitigationInputs, trained_model
+from diffmem.report import between_markers, markdown_table
+from diffmem.world.check import CheckSettings, example_lora_path
 from diffmem.world.diffusion import denoising_loss
 from diffmem.world.text import encode_prompts
 
@@ -92,19 +106,9 @@ class RobustnessRow:
         return asdict(self)
 
 
-def final_search_loss(losses: list[float]) -> float:
-    """The loss a Dori search reached: the mean of its last 10 steps (the per-step loss is one noisy batch)."""
-    tail = losses[-10:]
-    return sum(tail) / len(tail)
-
-
 def fid_of(unet: UNet2DConditionModel, probe: Probe, sampling: CheckSettings) -> float:
     """FID of one generation per held-out caption against the held-out images, copy-embedder features (as
     `diffmem.bench`), sampled with `sampling`'s steps and guidance."""
-    from diffmem.bench.evaluate import BenchSettings, quality_generations
-    from diffmem.metrics.features import embed
-    from diffmem.metrics.fid import fid_from_features
-
     bench = BenchSettings(quality_generations=1, steps=sampling.steps, guidance=sampling.guidance, seed=sampling.seed)
     generated = quality_generations(unet, probe, bench)
     return round(fid_from_features(probe.heldout_features, embed(probe.embedder, generated)), 3)
@@ -168,8 +172,6 @@ START_LABELS = {"prompt": "from the caption", "random": "from random tokens", "u
 
 def markdown_rows(rows: list[RobustnessRow], notes: Mapping[str, str] | None = None) -> str:
     """The table as markdown: one line per model; `notes` (model -> why) adds lines for models not measured."""
-    from diffmem.report import markdown_table
-
     starts = list(rows[0].copy_rate_dori) if rows else ["prompt"]
     header = ["model", "copy rate, captions",
               *[f"copy rate, Dori {START_LABELS[s]}" for s in starts],
@@ -218,8 +220,6 @@ def verdict(row: RobustnessRow, reference: RobustnessRow) -> str:
 
 def shown_path(path) -> str:
     """`path` relative to the working directory when it lies below it (as a page should show it), else as is."""
-    from pathlib import Path
-
     try:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -231,12 +231,25 @@ def shown_path(path) -> str:
 NO_MITIGATION = "none (the LoRA as trained)"
 #: Name of the unmitigated same-recipe fine-tune the training-time mitigations are compared with.
 TRAINING_CONTROL = "fine-tune without mitigation (same recipe)"
-#: Rows of the post-hoc mitigations `posthoc_models` builds, and of the adversarial fine-tuning `add_adversarial` adds.
-POSTHOC = (NO_MITIGATION, "NeMo (default)", "Wanda (default)", "BAF (default)")
-ADVERSARIAL = "adversarial fine-tuning"
-#: The training-time mitigations: option name -> row name.
-TRAINING_TIME = {"memcontrol": "MemControl (SV-DIFF under a mask)", "rwa": "random word addition (training)",
-                 "threshold": "threshold mitigation (training)"}
+#: The fine-tune of the training-time rows when none is given (`diffmem attack table`'s --train-* defaults): full
+#: fine-tuning, 100 steps of 8 images, at the method's own learning rate.
+TRAINING_RECIPE = MemControlTrainConfig(method="full", steps=100, batch_size=8)
+
+
+def judged_against(mitigation: Mitigation) -> str:
+    """The row a mitigation is judged against: the LoRA as trained for a post-hoc one, the same recipe without
+    mitigation for a training-time one."""
+    return NO_MITIGATION if mitigation.kind == "post-hoc" else TRAINING_CONTROL
+
+
+def planned_rows(groups: Collection[str] = TABLE_GROUPS, done: Collection[str] = ()) -> dict[str, list[str]]:
+    """The rows each of `groups` measures, in the order they are built: the group's reference (the LoRA as trained;
+    the same-recipe fine-tune without mitigation), then each registered mitigation of the group in registration
+    order (`diffmem.mitigations.registry`). Rows in `done` (measured by earlier runs) are left out."""
+    rows: dict[str, list[str]] = {"posthoc": [NO_MITIGATION], "adversarial": [], "training": [TRAINING_CONTROL]}
+    for mitigation in registry.registered():
+        rows[mitigation.table_group].append(mitigation.row)
+    return {group: [name for name in rows[group] if name not in done] for group in TABLE_GROUPS if group in groups}
 
 
 @dataclass
@@ -253,114 +266,239 @@ class ToolkitModels:
         self.models[name], self.reference_of[name], self.sources[name] = unet, reference, source
 
 
-def posthoc_models(lora, base: str | None, manifest: dict, nemo_masks=None, wanda_masks=None,
-                   log=print) -> ToolkitModels:
-    """The LoRA as trained and the mitigations applied to it afterwards with default settings: NeMo, Wanda and BAF
-    (`diffmem.pipeline.filter_lora`). NeMo and Wanda run their searches, or apply the mask files `nemo_masks` /
-    `wanda_masks` that `diffmem mitigate nemo|wanda --out` wrote for this LoRA (NeMo's search takes tens of CPU
-    minutes). Adversarial fine-tuning is added by `add_adversarial`."""
-    from diffmem.filters import BAFConfig
-    from diffmem.mitigations.nemo import nemo_mitigate
-    from diffmem.mitigations.pruning import apply_masks, check_masks_fit, load_masks, masked_count
-    from diffmem.mitigations.run import load_world_model, manifest_prompts
-    from diffmem.mitigations.wanda import wanda_mitigate
-    from diffmem.pipeline import filter_lora
-    from diffmem.world.lora import apply_lora
-    from diffmem.world.model import BASE_FILE, assets_dir
+def add_mitigations(toolkit: ToolkitModels, group: str, inputs: MitigationInputs,
+                    configs: Mapping[str, Any] | None = None, rows: Collection[str] | None = None) -> None:
+    """Add to `toolkit` every registered mitigation of the table group `group` whose row is in `rows` (all when
+    None), each built by its entry function with `configs[name]` (its defaults when absent) and judged against its
+    reference (`judged_against`)."""
+    for mitigation in registry.registered(table_group=group):
+        if rows is None or mitigation.row in rows:
+            built = mitigation.apply(inputs, (configs or {}).get(mitigation.name))
+            toolkit.add(mitigation.row, built.unet, judged_against(mitigation), built.source)
 
-    def from_file(path, method: str):
-        masks, written_by, report = load_masks(path)
-        if written_by != method:
-            raise DiffmemError(f"is a {written_by} mask, not a {method} one", path)
-        check_masks_fit(tuned, masks, path)
-        return apply_masks(tuned, masks), (f"mask file {path} ({masked_count(masks)} weights zeroed; config "
-                                           f"{json.dumps(report.get('config', {}), sort_keys=True)})")
 
+def posthoc_models(inputs: MitigationInputs, configs: Mapping[str, Any] | None = None,
+                   rows: Collection[str] | None = None) -> ToolkitModels:
+    """The LoRA as trained (`inputs.lora`) and the registered post-hoc mitigations of the table's "posthoc" group
+    applied to it (NeMo, Wanda and BAF by default settings), those in `rows` (all when None). NeMo and Wanda run
+    their searches, or apply the mask files `inputs.files["nemo"]` / `["wanda"]` that `diffmem mitigate nemo|wanda
+    --out` wrote for this LoRA (NeMo's search takes tens of CPU minutes). Adversarial fine-tuning is added by
+    `add_adversarial`."""
     toolkit = ToolkitModels()
-    plain = load_world_model(base, None)
-    tuned = apply_lora(plain, lora)
-    toolkit.add(NO_MITIGATION, tuned, NO_MITIGATION, shown_path(lora))
-    prompts = manifest_prompts(manifest)
-    if nemo_masks is not None:
-        pruned, source = from_file(nemo_masks, "nemo")
-        toolkit.add(POSTHOC[1], pruned, NO_MITIGATION, source)
-    else:
-        log("NeMo ...")
-        pruned, _, masks = nemo_mitigate(tuned, prompts.memorized, prompts.ordinary, prompts.calibration or None)
-        toolkit.add(POSTHOC[1], pruned, NO_MITIGATION, f"nemo_mitigate, NeMoConfig(): {masked_count(masks)} "
-                    "weights zeroed")
-    if wanda_masks is not None:
-        pruned, source = from_file(wanda_masks, "wanda")
-        toolkit.add(POSTHOC[2], pruned, NO_MITIGATION, source)
-    else:
-        log("Wanda ...")
-        pruned, _, masks = wanda_mitigate(tuned, prompts.memorized)
-        toolkit.add(POSTHOC[2], pruned, NO_MITIGATION, f"wanda_mitigate, WandaConfig(): {masked_count(masks)} "
-                    "weights zeroed")
-    log("BAF ...")
-    filtered = filter_lora(lora, base or assets_dir() / BASE_FILE, BAFConfig(), use_cache=False).lora
-    toolkit.add(POSTHOC[3], apply_lora(plain, filtered), NO_MITIGATION, "diffmem.pipeline.filter_lora, BAFConfig()")
+    if rows is None or NO_MITIGATION in rows:
+        toolkit.add(NO_MITIGATION, inputs.tuned(), NO_MITIGATION, shown_path(inputs.required("lora")))
+    add_mitigations(toolkit, "posthoc", inputs, configs, rows)
     return toolkit
 
 
-def add_adversarial(toolkit: ToolkitModels, lora, base: str | None, path=None, config=None, work=None,
-                    log=print) -> None:
-    """Add adversarial fine-tuning of the LoRA to `toolkit`: the model file `path` (`diffmem mitigate adversarial
-    --out`), or trained now with `config` and written to `<work>/adversarial.safetensors`."""
-    from pathlib import Path
-
-    from diffmem.world.model import load_unet_file
-
-    if path is None:
-        from diffmem.mitigations.adversarial import adversarial_finetune_files
-
-        path = Path(work or "runs/robustness") / "adversarial.safetensors"
-        log(f"adversarial fine-tuning -> {path} ...")
-        adversarial_finetune_files(path, lora=lora, base=base, config=config, progress=False)
-    toolkit.add(ADVERSARIAL, load_unet_file(path), NO_MITIGATION, str(path))
+def add_adversarial(toolkit: ToolkitModels, inputs: MitigationInputs, configs: Mapping[str, Any] | None = None,
+                    rows: Collection[str] | None = None) -> None:
+    """Add the table's "adversarial" group to `toolkit`: adversarial fine-tuning of the LoRA, the model file
+    `inputs.files["adversarial"]` (`diffmem mitigate adversarial --out`), or trained now with
+    `configs["adversarial"]` and written to `<inputs.work>/adversarial.safetensors`."""
+    add_mitigations(toolkit, "adversarial", inputs, configs, rows)
 
 
-def training_time_models(toolkit: ToolkitModels, manifest: dict, recipe, files: Mapping[str, str | None],
-                         memcontrol_mask: str | None = None, work=None, log=print, train_missing: bool = True) -> None:
-    """Add the training-time mitigations to `toolkit`: each is a fine-tune of the base on the LoRA's data (its
-    duplicated faces must be the manifest's), from the file given in `files` ("control", "memcontrol", "rwa",
-    "threshold" -> world UNet path) or trained now with `recipe` (a `MemControlTrainConfig`) and written under
-    `work`. MemControl trains SV-DIFF under `memcontrol_mask` (a `diffmem memcontrol search` mask; all attention
-    blocks when None) with the same steps, batch and data; a file whose duplicated faces differ is noted, not
-    measured, and so is a missing file when `train_missing` is off."""
-    from pathlib import Path
+def training_time_models(toolkit: ToolkitModels, inputs: MitigationInputs, configs: Mapping[str, Any] | None = None,
+                         rows: Collection[str] | None = None, train_missing: bool = True) -> None:
+    """Add the same-recipe control and the registered training-time mitigations (MemControl, random word addition,
+    threshold) to `toolkit`, those in `rows` (all when None): each is a fine-tune of the base on the LoRA's data (its
+    duplicated faces must be `inputs.manifest`'s), from the file `inputs.files[name]` ("control" for the control) or
+    trained now with `inputs.recipe` and written under `inputs.work`. MemControl trains SV-DIFF under
+    `inputs.memcontrol_mask` (all attention blocks when None) with the same steps, batch and data. A file whose
+    duplicated faces differ is noted, not measured, and so is a missing file when `train_missing` is off."""
+    wanted = [entry["id"] for entry in inputs.required("manifest")["duplicated"]]
+    if inputs.recipe is None:  # the control and the mitigations must share one recipe: this table's default
+        inputs = replace(inputs, recipe=TRAINING_RECIPE)
 
-    from diffmem.memcontrol.mask import load_mask
-    from diffmem.memcontrol.mitigation import MitigationConfig
-    from diffmem.memcontrol.train import train_masked
-    from diffmem.world.model import load_unet_file
+    def control(inputs: MitigationInputs, _config: Any):
+        return trained_model(inputs, "control", TRAINING_CONTROL, inputs.recipe)
 
-    wanted = [entry["id"] for entry in manifest["duplicated"]]
-    for key, name in {"control": TRAINING_CONTROL, **TRAINING_TIME}.items():
-        path = files.get(key)
-        if path is None and not train_missing:
+    builders = [("control", TRAINING_CONTROL, control),
+                *((m.name, m.row, m.apply) for m in registry.registered(table_group="training"))]
+    for key, name, build in builders:
+        if rows is not None and name not in rows:
+            continue
+        if inputs.files.get(key) is None and not train_missing:
             toolkit.notes[name] = "no model file given to this run"
             continue
-        if path is None:
-            path = Path(work or "runs/robustness") / f"train-{key}.safetensors"
-            mask = load_mask(memcontrol_mask) if key == "memcontrol" and memcontrol_mask else None
-            config = replace(recipe, method="svdiff", lr=None) if key == "memcontrol" else recipe
-            if key in ("rwa", "threshold"):
-                config = replace(config, mitigation=MitigationConfig(kind=key))
-            log(f"training {name} -> {path} ...")
-            train_masked(path, config, mask, progress=False)
-        record_path = Path(path).with_suffix(".json")
+        built = build(inputs, (configs or {}).get(key))
+        record_path = built.path.with_suffix(".json")
         if not record_path.is_file():
-            toolkit.notes[name] = f"no manifest beside {path}: cannot tell which faces it memorized"
+            toolkit.notes[name] = f"no manifest beside {built.path}: cannot tell which faces it memorized"
             continue
         record = json.loads(record_path.read_text())
         if [entry["id"] for entry in record.get("duplicated", [])] != wanted:
-            toolkit.notes[name] = f"{path} duplicated other faces than the LoRA's manifest"
+            toolkit.notes[name] = f"{built.path} duplicated other faces than the LoRA's manifest"
             continue
-        settings = record.get("settings", {})
-        toolkit.add(name, load_unet_file(path), TRAINING_CONTROL,
-                    f"{path} ({settings.get('method')}, {settings.get('steps')} x {settings.get('batch_size')}, "
-                    f"lr {settings.get('lr')})")
+        toolkit.add(name, built.unet, TRAINING_CONTROL, built.source)
+
+
+# ------------------------------------------------------------------------------------------------ the whole run
+def merged_rows(paths: Sequence[str | Path], settings: dict):
+    """(rows, sources, reference_of, commands) of earlier `attack table --json` files, which must have been
+    measured with `settings`; anything else is a clear error naming the file."""
+    rows, sources, reference_of, commands = [], {}, {}, []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DiffmemError("no such table JSON file", path)
+        try:
+            record = json.loads(path.read_text())
+            found = [RobustnessRow(**row) for row in record["rows"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise FileFormatError(f"is not a JSON file written by `diffmem attack table --json` ({error})",
+                                  path) from None
+        if record.get("settings") != settings:
+            raise DiffmemError("was measured with other settings than this run (faces, starts, steps, sampling); "
+                               "merge only runs of the same settings", path)
+        rows += found
+        sources.update({k: v for k, v in record.get("sources", {}).items() if k in {r.model for r in found}})
+        reference_of.update({k: v for k, v in record.get("reference_of", {}).items()
+                             if k in {r.model for r in found}})
+        commands.append(record.get("command", str(path)))
+    return rows, sources, reference_of, commands
+
+
+def lora_manifest(lora: Path) -> dict:
+    """The manifest `.json` beside a world LoRA, which must list its training images (duplicated and seen once)."""
+    path = lora.with_suffix(".json")
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if not {"data", "duplicated", "seen_once"} <= set(manifest):
+        raise DiffmemError("no manifest .json beside the LoRA listing its training images (written by "
+                           "`diffmem world finetune`)", lora)
+    return manifest
+
+
+@dataclass
+class RobustnessRun:
+    """What `run_robustness_table` measured: the rows (merged ones first) and the models with their references,
+    sources and the notes on models not measured."""
+
+    rows: list[RobustnessRow]
+    toolkit: ToolkitModels
+
+    def markdown(self) -> str:
+        """The table as markdown (`markdown_rows`), with a line per model not measured."""
+        return markdown_rows(self.rows, self.toolkit.notes)
+
+
+def run_robustness_table(
+    settings: RobustnessSettings | None = None,
+    lora: str | Path | None = None,
+    base: str | Path | None = None,
+    *,
+    groups: Collection[str] = TABLE_GROUPS,
+    faces: int | None = None,
+    files: Mapping[str, str | Path | None] | None = None,
+    configs: Mapping[str, Any] | None = None,
+    recipe: MemControlTrainConfig | None = None,
+    memcontrol_mask: str | Path | None = None,
+    train_missing: bool = True,
+    merge: Sequence[str | Path] = (),
+    out: str | Path | None = None,
+    json_out: str | Path | None = None,
+    work: str | Path = "runs/robustness",
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RobustnessRun:
+    """The robustness table of a world LoRA (default: the committed example LoRA) with its manifest beside it: the
+    LoRA as trained and every registered mitigation (`diffmem.mitigations.registry`) in `groups` (`TABLE_GROUPS`),
+    each prompted with the duplicated captions (the first `faces` of them; all when None) and attacked with Dori
+    under `settings`. Post-hoc rows are measured before adversarial fine-tuning is trained, and that before the
+    training-time fine-tunes, writing `json_out` and the page `out` (its notes block kept) after each row, so a
+    stopped run keeps what it measured.
+
+    `files` maps a mitigation name (or "control", the same-recipe fine-tune without mitigation) to the file of an
+    earlier run used instead of running it (`MitigationInputs.files`); `configs` a mitigation name to its config
+    (its defaults when absent); `recipe` is the training-time rows' fine-tune (default `TRAINING_RECIPE`), and
+    MemControl trains under `memcontrol_mask`. A training-time model without a file is trained into `work` unless
+    `train_missing` is off. `merge` takes `json_out` files of earlier runs with the same settings: their rows join
+    and are not measured again. `command` is the command line the page and the JSON record; `log` gets a line per
+    step."""
+    settings = settings or RobustnessSettings()
+    files = dict(files or {})
+    log = log or (lambda message: None)
+    unknown_groups = set(groups) - set(TABLE_GROUPS)
+    if unknown_groups:
+        raise DiffmemError(f"unknown table groups {', '.join(sorted(unknown_groups))}; the groups are "
+                           f"{', '.join(TABLE_GROUPS)}")
+    unknown_files = set(files) - {"control", *registry.MITIGATIONS}
+    if unknown_files:
+        raise DiffmemError(f"files given for unknown models {', '.join(sorted(unknown_files))}; give them for "
+                           f"control, {', '.join(registry.MITIGATIONS)}")
+    lora = Path(lora) if lora is not None else example_lora_path()
+    manifest = lora_manifest(lora)
+    recipe = recipe if recipe is not None else TRAINING_RECIPE
+    adversarial = (configs or {}).get("adversarial")
+    if adversarial is None and "adversarial" in registry.MITIGATIONS:
+        adversarial = registry.MITIGATIONS["adversarial"].default_config()
+    command = command or "diffmem.attack.table.run_robustness_table"
+    out = Path(out) if out is not None else None
+    json_out = Path(json_out) if json_out is not None else None
+    protect = tuple(p for p in (lora, lora.with_suffix(".json"), base, *files.values(), memcontrol_mask, *merge)
+                    if p is not None)
+    previous = out.read_text() if out is not None and out.is_file() else None
+    began = time.time()
+    probe = Probe.from_manifest(manifest)
+    if faces is not None:
+        probe = replace(probe, duplicated=probe.duplicated.subset(range(min(faces, len(probe.duplicated)))))
+    budget = (f"{len(probe.duplicated)} of the LoRA's {len(manifest['duplicated'])} duplicated faces attacked "
+              f"(manifest order); {torch.get_num_threads()} torch thread(s); seconds per row in the per-caption "
+              "table")
+    rows: list[RobustnessRow] = []
+
+    def write_outputs(toolkit: ToolkitModels, planned: list[str]) -> None:
+        """The JSON and the page of the rows so far; models not measured yet are named as such."""
+        done = {row.model for row in rows}
+        pending = {n: "not measured yet (the run stopped before it)" for n in [*toolkit.models, *planned]
+                   if n not in done}
+        notes = {**{n: why for n, why in toolkit.notes.items() if n not in done}, **pending}
+        if json_out is not None:
+            record = {"lora": str(lora), "command": command, "settings": settings.to_dict(),
+                      "adversarial": None if adversarial is None else adversarial.to_dict(),
+                      "training_recipe": {**asdict(recipe), "duplicate": list(recipe.duplicate)},
+                      "reference_of": toolkit.reference_of, "sources": toolkit.sources, "notes": notes,
+                      "rows": [row.to_dict() for row in rows], "seconds": round(time.time() - began)}
+            write_atomic((json.dumps(record, indent=2) + "\n").encode(), json_out, protect=protect)
+        if out is not None:
+            shown = ToolkitModels(toolkit.models, toolkit.reference_of, notes, toolkit.sources)
+            page = robustness_page(rows, shown, settings, [command, *merged_commands], budget, previous)
+            write_atomic(page.encode(), out, protect=protect)
+
+    def measure_new(toolkit: ToolkitModels, planned: list[str]) -> None:
+        """Measure the models not measured yet, writing the outputs after each (a stopped run keeps its rows)."""
+        for name, unet in toolkit.models.items():
+            if name in {row.model for row in rows}:
+                continue
+            log(f"measuring {name} ...")
+            rows.append(robustness_row(name, unet, probe, settings))
+            log(json.dumps(rows[-1].to_dict()))
+            write_outputs(toolkit, planned)
+
+    merged, merged_sources, merged_reference_of, merged_commands = merged_rows(merge, settings.to_dict())
+    rows.extend(merged)
+    done = {row.model for row in rows}
+    wanted = planned_rows(groups, done)
+    planned = [name for names in wanted.values() for name in names]
+    inputs = MitigationInputs(lora=lora, base=base, manifest=manifest, files=files, work=Path(work), recipe=recipe,
+                              memcontrol_mask=memcontrol_mask, command=command, log=log)
+    toolkit = ToolkitModels(sources=dict(merged_sources), reference_of=dict(merged_reference_of))
+    for group, names in planned_rows(TABLE_GROUPS, done).items():
+        if group not in groups:
+            toolkit.notes.update({name: "left out of this run" for name in names})
+    if wanted.get("posthoc"):
+        built = posthoc_models(inputs, configs, wanted["posthoc"])
+        for name in built.models:
+            toolkit.add(name, built.models[name], built.reference_of[name], built.sources[name])
+    measure_new(toolkit, planned)
+    if wanted.get("adversarial"):
+        add_adversarial(toolkit, inputs, configs, wanted["adversarial"])
+        measure_new(toolkit, planned)
+    if wanted.get("training"):
+        training_time_models(toolkit, inputs, configs, wanted["training"], train_missing)
+        measure_new(toolkit, planned)
+    write_outputs(toolkit, planned)
+    return RobustnessRun(rows, toolkit)
 
 
 # ------------------------------------------------------------------------------------------------------ the page
@@ -370,8 +508,6 @@ NOTES_START, NOTES_END = "<!-- NOTES START (kept when the page is regenerated) -
 
 def kept_notes(previous: str | None) -> str:
     """The hand-written block between `NOTES_START` and `NOTES_END` of a previous page (with its markers)."""
-    from diffmem.report import between_markers
-
     notes = between_markers(previous, NOTES_START, NOTES_END)
     return f"{NOTES_START}{notes}{NOTES_END}" if notes is not None else f"{NOTES_START}\n{NOTES_END}"
 
@@ -382,10 +518,6 @@ def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings:
     measured rows it merged), the table with a verdict per mitigation, each model's source, per-caption rates,
     the models that could not be measured and why, and the hand-written notes of `previous` (the page being
     replaced)."""
-    from pathlib import Path
-
-    from diffmem.report import markdown_table
-
     by_name = {row.model: row for row in rows}
     starts = ", ".join(f"{s} ({START_LABELS[s]})" for s in settings.starts)
     verdicts = [[row.model, toolkit.reference_of.get(row.model, ""),

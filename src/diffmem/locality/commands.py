@@ -4,13 +4,30 @@ docs/locality.md (`diffmem.locality`)."""
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import replace
 from pathlib import Path
+
+import torch
+
+from diffmem.attack import START_KINDS, DoriConfig
+from diffmem.errors import DiffmemError, FileFormatError
+from diffmem.formats.safetensors_io import write_atomic
+from diffmem.locality.experiment import (
+    LocalityConfig,
+    between_captions_of_results,
+    example_lora_inputs,
+    run_locality,
+)
+from diffmem.locality.report import markdown, write_results
+from diffmem.mitigations.nemo import NeMoConfig
+from diffmem.world.check import CheckSettings, load_example_lora
+from diffmem.world.lora import apply_lora
+from diffmem.world.model import load_base
 
 
 def parse_starts(text: str) -> tuple[str, ...]:
     """A comma-separated list of Dori starts ("prompt,random,random,unrelated")."""
-    from diffmem.attack import START_KINDS
-
     starts = tuple(s.strip() for s in text.split(",") if s.strip())
     if not starts or any(s not in START_KINDS for s in starts):
         raise argparse.ArgumentTypeError(f"starts must be a comma-separated list of {', '.join(START_KINDS)}")
@@ -18,11 +35,6 @@ def parse_starts(text: str) -> tuple[str, ...]:
 
 
 def add_locality(subparsers: argparse._SubParsersAction) -> None:
-    from diffmem.attack import DoriConfig
-    from diffmem.locality.experiment import LocalityConfig
-    from diffmem.mitigations.nemo import NeMoConfig
-    from diffmem.world.check import CheckSettings
-
     c, d, s, n = LocalityConfig(), DoriConfig(), CheckSettings(), NeMoConfig()
     p = subparsers.add_parser(
         "locality", help="is memorization local? Dori embeddings, activations, NeMo vs Wanda (the Finding Dori paper)",
@@ -69,22 +81,7 @@ def add_locality(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_locality_command(args: argparse.Namespace) -> int:
-    import json
-    import shlex
-    import sys
-    from dataclasses import replace
-
-    import torch
-
-    from diffmem.errors import DiffmemError
-    from diffmem.locality.experiment import LocalityConfig, example_lora_inputs, run_locality
-    from diffmem.locality.report import write_results
-    from diffmem.world.check import CheckSettings, load_example_lora
-    from diffmem.world.lora import apply_lora
-    from diffmem.world.model import load_base
-
-    argv = sys.argv[sys.argv.index("locality") + 1:] if "locality" in sys.argv else []
-    command = " ".join(["diffmem locality", *(shlex.quote(a) for a in argv)])
+    command = getattr(args, "command_line", None) or "diffmem locality"  # as typed: `diffmem.cli.main` passes it
     if args.from_json:
         return render_from_json(args.json, args.markdown)
     if args.add_between_captions is not None and args.add_between_captions.resolve() == args.json.resolve():
@@ -100,8 +97,6 @@ def run_locality_command(args: argparse.Namespace) -> int:
         manifest = json.loads(manifest_path.read_text())
         unet = apply_lora(load_base(), args.lora)
     if args.add_between_captions is not None:
-        from diffmem.locality.experiment import between_captions_of_results
-
         results = read_results(args.add_between_captions)
         results |= {"between_captions": between_captions_of_results(unet, results), "between_command": command}
         write_results(results, args.json, args.markdown)
@@ -134,10 +129,6 @@ def run_locality_command(args: argparse.Namespace) -> int:
 
 def read_results(json_path: Path) -> dict:
     """The results of a `diffmem locality` run saved as JSON, or a clear error naming the file."""
-    import json
-
-    from diffmem.errors import DiffmemError, FileFormatError
-
     if not json_path.is_file():
         raise DiffmemError("no such results file", json_path)
     try:
@@ -151,10 +142,6 @@ def read_results(json_path: Path) -> dict:
 
 def render_from_json(json_path: Path, markdown_path: Path | None) -> int:
     """Write the page of a run saved as JSON (finished, or a checkpoint of the captions done so far)."""
-    from diffmem.errors import DiffmemError
-    from diffmem.formats.safetensors_io import write_atomic
-    from diffmem.locality.report import markdown
-
     if markdown_path is None:
         raise DiffmemError("--from-json needs --markdown, the page to write")
     results = read_results(json_path)

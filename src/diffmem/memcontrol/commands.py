@@ -11,7 +11,7 @@ from pathlib import Path
 from diffmem.memcontrol.mask import GRANULARITIES
 from diffmem.memcontrol.methods import METHODS
 from diffmem.memcontrol.mitigation import MITIGATIONS
-from diffmem.memcontrol.table import BASELINES
+from diffmem.memcontrol.table import BASELINES, TABLE_MITIGATIONS
 
 
 def add_training_options(p: argparse.ArgumentParser, steps: int | None, batch_size: int | None) -> None:
@@ -135,7 +135,7 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true",
                    help="the quick budget: 2 faces x 300, 200 steps of 8 images per row at 10x each method's "
                         "learning rate (see docs/memcontrol.md)")
-    p.add_argument("--mitigations", default=",".join(MITIGATIONS),
+    p.add_argument("--mitigations", default=",".join(TABLE_MITIGATIONS),
                    help="comma-separated mitigations crossed with full, svdiff, difffit and attention (default %(default)s)")
     p.add_argument("--methods", default=",".join(BASELINES),
                    help="comma-separated baseline methods (default %(default)s)")

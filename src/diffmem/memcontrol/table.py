@@ -12,11 +12,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from diffmem.bench.evaluate import BenchSettings, Probe, measure
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import write_atomic
-from diffmem.memcontrol.mask import Mask, load_mask
+from diffmem.memcontrol.mask import Mask, derive_mask, load_mask
 from diffmem.memcontrol.methods import check_method, scaled_lr
-from diffmem.memcontrol.mitigation import MITIGATIONS, MitigationConfig
+from diffmem.memcontrol.mitigation import MitigationConfig
 from diffmem.memcontrol.search import memorization_objective
 from diffmem.memcontrol.train import (
     QUICK_LR_SCALE,
@@ -25,6 +26,11 @@ from diffmem.memcontrol.train import (
     finetune_with_mask,
     manifest_of,
 )
+from diffmem.metrics.embedder import load_copy_embedder
+from diffmem.mitigations.registry import training_loop_mitigations
+from diffmem.report import replace_between_markers
+from diffmem.world.data import FINETUNE_SETS
+from diffmem.world.model import load_base
 
 BASELINES = ("none", "full", "svdiff", "difffit", "attention", "lora")
 #: The methods the seed's Table 1 crosses with each mitigation; the others (no fine-tuning, and LoRA, which the seed
@@ -32,7 +38,11 @@ BASELINES = ("none", "full", "svdiff", "difffit", "attention", "lora")
 CROSSED = ("full", "svdiff", "difffit", "attention")
 LABELS = {"none": "Freeze (no fine-tuning)", "full": "Full FT", "svdiff": "SV-DIFF", "difffit": "DiffFit",
           "attention": "Attn tuning", "lora": "LoRA"}
-MITIGATION_LABELS = {"none": "", "rwa": " + RWA", "threshold": " + Threshold"}
+#: The mitigations crossed with each method in `CROSSED`: none, then every registered mitigation that acts inside the
+#: training loop (`diffmem.mitigations.registry`: random word addition, Wen's threshold), in registration order.
+#: Read from the registry once, at import: each must also be a `MitigationConfig` kind, which the training runs.
+TABLE_MITIGATIONS = ("none", *(m.name for m in training_loop_mitigations()))
+MITIGATION_LABELS = {"none": "", **{m.name: f" + {m.label}" for m in training_loop_mitigations()}}
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,7 @@ class TableConfig:
     wen_steps: int = 10
     wen_generations: int = 2
     guidance: float = 3.0
-    mitigations: tuple[str, ...] = MITIGATIONS
+    mitigations: tuple[str, ...] = TABLE_MITIGATIONS
     methods: tuple[str, ...] = BASELINES
     lr_scale: float = 1.0
 
@@ -92,8 +102,6 @@ def table_rows(mask: Mask | None, mask_method: str | None, mitigations: tuple[st
 def trained_modules(unet, method: str, mask: Mask | None) -> tuple[str, ...] | None:
     """The attention modules a masked method trains (all of them without a mask); None for full/no fine-tuning.
     Two rows with the same method, mitigation and modules train the same model (training is deterministic)."""
-    from diffmem.memcontrol.mask import derive_mask
-
     if not check_method(method).masked:
         return None
     return tuple(sorted((mask or derive_mask(unet, "layers")).modules))
@@ -129,16 +137,12 @@ def row_training(config: TableConfig, method: str, mitigation: str) -> MemContro
 def table_base():
     """The world base, loaded once per process: `run_table` and the rows it trains in this process share it (it is
     never changed: each row fine-tunes a copy); each of a table's workers loads its own."""
-    from diffmem.world.model import load_base
-
     return load_base()
 
 
 @functools.cache
 def table_embedder():
     """The copy embedder, loaded once per process that measures rows."""
-    from diffmem.metrics.embedder import load_copy_embedder
-
     return load_copy_embedder()
 
 
@@ -146,9 +150,6 @@ def train_and_measure(config: TableConfig, method: str, mitigation: str, mask: M
     """One row's numbers: fine-tune the base with the row's method, mitigation and mask, then measure it by
     `diffmem.bench` plus Wen's score on the duplicated captions. Records wall seconds (`train_s` of training,
     `total_s` with the measuring) and this process's CPU seconds (`train_cpu_s`, `cpu_s`)."""
-    from diffmem.bench.evaluate import BenchSettings, Probe, measure
-    from diffmem.world.data import FINETUNE_SETS
-
     base, embedder = table_base(), table_embedder()
     train = row_training(config, method, mitigation)
     began, began_cpu = time.time(), time.process_time()
@@ -265,8 +266,6 @@ def updated_doc(doc: str | Path, name: str, table: str) -> str:
         text = doc.read_text()
     except OSError as error:
         raise DiffmemError(f"cannot read the document: {error.strerror}", doc) from None
-    from diffmem.report import replace_between_markers
-
     try:
         return replace_between_markers(text, *table_markers(name), table)
     except DiffmemError as error:
@@ -279,9 +278,10 @@ def write_table_into(doc: str | Path, name: str, table: str) -> None:
 
 
 def row_order(row: dict) -> tuple[int, int]:
-    """Sort key of a row in the seed's order: methods as `BASELINES`, MemControl last, mitigations as `MITIGATIONS`."""
+    """Sort key of a row in the seed's order: methods as `BASELINES`, MemControl last, mitigations as
+    `TABLE_MITIGATIONS`."""
     method = len(BASELINES) if row.get("mask") is not None else BASELINES.index(row["method"])
-    return method, MITIGATIONS.index(row["mitigation"])
+    return method, TABLE_MITIGATIONS.index(row["mitigation"])
 
 
 def read_table_run(path: str | Path) -> dict:

@@ -4,14 +4,40 @@ pure functions for its maths and one library function `<method>_mitigate(unet, m
 
 - `nemo`: deactivate memorization neurons of the cross-attention value layers (Hintersdorf et al. 2024);
 - `wanda`: prune feed-forward weights that memorized prompts use more than the empty prompt (Chavhan et al. 2024);
-- `pruning`: the weight masks both report and apply, their file format, hooks.
+- `adversarial`: adversarial fine-tuning against Dori embeddings (Kowalczuk et al. 2025);
+- `pruning`: the weight masks both report and apply, their file format, hooks;
+- `registry`: every mitigation of diffmem (these, BAF and the training-time ones) by name, behind one entry
+  function each (docs/mitigations.md).
 """
 
-from diffmem.mitigations.nemo import NeMoConfig, NeMoResult, nemo_mitigate
-from diffmem.mitigations.pruning import WeightMasks, apply_masks, load_masks, masked_count, save_masks
-from diffmem.mitigations.wanda import WandaConfig, WandaResult, wanda_mitigate
+from __future__ import annotations
+
+import importlib
+
+# Name -> the module that defines it. Imported on first use, so that `diffmem.mitigations.registry` (which lists
+# mitigations without running one) does not pull torch in through this package.
+LAZY_NAMES = {
+    "NeMoConfig": "nemo", "NeMoResult": "nemo", "nemo_mitigate": "nemo",
+    "WandaConfig": "wanda", "WandaResult": "wanda", "wanda_mitigate": "wanda",
+    "WeightMasks": "pruning", "apply_masks": "pruning", "load_masks": "pruning", "masked_count": "pruning",
+    "save_masks": "pruning",
+    "MITIGATIONS": "registry", "Mitigation": "registry", "MitigationInputs": "registry",
+    "MitigatedModel": "registry", "get_mitigation": "registry", "register_mitigation": "registry",
+}
 
 __all__ = [
-    "NeMoConfig", "NeMoResult", "WandaConfig", "WandaResult", "WeightMasks", "apply_masks", "load_masks",
-    "masked_count", "nemo_mitigate", "save_masks", "wanda_mitigate",
+    "MITIGATIONS", "MitigatedModel", "Mitigation", "MitigationInputs", "NeMoConfig", "NeMoResult", "WandaConfig",
+    "WandaResult", "WeightMasks", "apply_masks", "get_mitigation", "load_masks", "masked_count", "nemo_mitigate",
+    "register_mitigation", "save_masks", "wanda_mitigate",
 ]
+
+
+def __getattr__(name: str):
+    if name in LAZY_NAMES:
+        return getattr(importlib.import_module(f"diffmem.mitigations.{LAZY_NAMES[name]}"), name)
+    raise AttributeError(f"module 'diffmem.mitigations' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names are not in the module's namespace until first used; list them for tab completion.
+    return sorted({*globals(), *__all__})

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,10 +22,16 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from diffmem.attack.dori import START_KINDS, DoriConfig, dori_attack
-from diffmem.attack.table import final_search_loss
+from diffmem.attack.search_loss import final_search_loss
 from diffmem.errors import DiffmemError
+from diffmem.formats.safetensors_io import sha256_file, write_atomic
+from diffmem.mitigations.run import load_world_model, read_manifest, save_world_unet
+from diffmem.world.check import manifest_images
 from diffmem.world.data import ImageSet
+from diffmem.world.diffusion import generate
+from diffmem.world.model import load_base, load_unet_file
 from diffmem.world.text import encode_prompts
+from diffmem.world.train import finetune_loop, table_contexts
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,6 @@ def surrogate_images(model: UNet2DConditionModel, captions: list[str], seed: int
                      guidance: float = 3.0) -> torch.Tensor:
     """One generation per caption from `model` (a model that did not memorize them, e.g. the base): the image each
     memorized caption and its adversarial embeddings are taught to produce instead of the training image."""
-    from diffmem.world.diffusion import generate
-
     return generate(model, captions, [seed + i for i in range(len(captions))], steps=steps, guidance=guidance)
 
 
@@ -172,8 +174,6 @@ def adversarial_finetune(
     """Adversarially fine-tune a copy of `unet` (`unet` is untouched) against Dori embeddings for every image of
     `memorized` (with its caption), mapping them to `surrogates` [len(memorized), 3, H, W], with the ordinary loss on
     `ordinary` (other training data; may be empty)."""
-    from diffmem.world.train import finetune_loop, table_contexts
-
     config = config or AdversarialFinetuneConfig()
     if len(memorized) == 0:
         raise DiffmemError("adversarial fine-tuning needs at least one memorized image")
@@ -221,6 +221,7 @@ def adversarial_finetune_files(
     surrogate_base: str | Path | None = None,
     config: AdversarialFinetuneConfig | None = None,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict:
     """Adversarially fine-tune a world model (`base`, default the committed one, plus an optional `lora`) against
     the memorized images of its fine-tune manifest (default: the `.json` beside `lora`, else beside `base`).
@@ -229,12 +230,7 @@ def adversarial_finetune_files(
     `surrogate_base` (default: `base` when a LoRA is given, the committed world base otherwise) for the duplicated
     captions. Writes the UNet (float32, world UNet file that `load_unet_file`, `diffmem attack dori --base`, `bench`
     and `world check` read) to `out` and a manifest in `diffmem world finetune`'s layout to `<out minus suffix>.json`
-    (atomic; never over an input). Returns that manifest."""
-    from diffmem.formats.safetensors_io import sha256_file, write_atomic
-    from diffmem.mitigations.run import load_world_model, read_manifest, save_world_unet
-    from diffmem.world.check import manifest_images
-    from diffmem.world.model import load_base, load_unet_file
-
+    (atomic; never over an input). `command` is the command line the manifest records. Returns that manifest."""
     config = config or AdversarialFinetuneConfig()
     out = Path(out)
     manifest_path = Path(manifest) if manifest is not None else Path(lora or base or "").with_suffix(".json")
@@ -259,7 +255,7 @@ def adversarial_finetune_files(
     result = adversarial_finetune(unet, memorized, ordinary, surrogates, config, progress)
     save_world_unet(result.unet, out, "adversarial", protect=inputs)
     written = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command,
         "data": record["data"],
         "duplicated": record["duplicated"],
         "seen_once": record.get("seen_once", []),

@@ -124,7 +124,8 @@ def run_adversarial(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, adversarial_share=args.adversarial_share, lr=args.lr, seed=args.seed)
     except ValueError as error:
         raise DiffmemError(str(error)) from None
-    manifest = adversarial_finetune_files(args.out, args.lora, args.base, args.manifest, args.surrogate_base, config)
+    manifest = adversarial_finetune_files(args.out, args.lora, args.base, args.manifest, args.surrogate_base, config,
+                                          command=getattr(args, "command_line", None))
     for index, done in enumerate(manifest["adversarial"]["rounds"], 1):
         losses = ", ".join(f"{start} {sum(v) / len(v):.4f}" for start, v in done["search_loss"].items())
         print(f"round {index}: Dori loss reached before the update ({losses}); fine-tuning loss "
