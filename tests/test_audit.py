@@ -17,17 +17,17 @@ from diffmem.audit import (
     AuditConfig,
     AuditResult,
     audit_files,
-    diffusers_audit_model,
     flag_by_wen,
     load_image_folder,
     load_prompts,
-    load_stable_diffusion,
     robust_z_scores,
     run_audit,
     score_prompts,
     wen_scores_of,
     write_audit,
 )
+from diffmem.backends import Conditioning, open_backend
+from diffmem.backends.stable_diffusion import load_pipeline
 from diffmem.cli import main
 from diffmem.errors import DiffmemError, FileFormatError
 
@@ -119,7 +119,7 @@ def sd_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_stable_diffusion_path_on_a_tiny_pipeline(sd_folder):
-    model = diffusers_audit_model(sd_folder)
+    model = open_backend(sd_folder)
     assert model.sample_shape == (4, 8, 8) and model.image_size == (16, 16)
     config = AuditConfig(generations=2, num_inference_steps=2, batch_size=3)
     result = run_audit(model, ["a red cat", "blue sky", "cat"], config)
@@ -175,7 +175,7 @@ def test_wen_eval_command_on_a_tiny_pipeline(sd_folder, tmp_path, capsys):
 @pytest.mark.slow
 def test_world_sampling_matches_world_generate():
     """The audit samples the world through the scheduler interface; it must produce the world's own images."""
-    from diffmem.audit import WorldDDIMScheduler
+    from diffmem.backends.world import WorldDDIMScheduler
     from diffmem.metrics.wen import WenConfig, sample_with_wen_scores
     from diffmem.world.diffusion import generate
     from diffmem.world.model import UNetConfig, build_unet
@@ -294,13 +294,13 @@ def attention_lookups(unet: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def test_audit_merges_a_lycoris_loha_that_diffusers_refuses(sd_folder, tmp_path, capsys):
     """A LoHa is merged by diffmem's own reader (diffusers' load_lora_weights has no LoHa support); a LoRA for
     another model is one line naming the file, exit 1."""
-    base = diffusers_audit_model(sd_folder)
+    base = open_backend(sd_folder)
     loha = tmp_path / "style-loha.safetensors"
-    write_lycoris(loha, attention_lookups(base.unet), algo="loha", rank=2)
-    tuned = diffusers_audit_model(sd_folder, loha)
+    write_lycoris(loha, attention_lookups(base.denoiser), algo="loha", rank=2)
+    tuned = open_backend(sd_folder, loha)
     assert tuned.name.endswith("+ style-loha.safetensors")
-    gaps = [float((a - b).abs().max()) for a, b in zip(base.unet.state_dict().values(),
-                                                         tuned.unet.state_dict().values())]
+    gaps = [float((a - b).abs().max()) for a, b in zip(base.denoiser.state_dict().values(),
+                                                         tuned.denoiser.state_dict().values())]
     assert max(gaps) > 0
     assert cli_audit_summary(tmp_path, sd_folder, loha, "a red cat\n", steps=1)["model"].endswith("loha.safetensors")
     prompts = tmp_path / "prompts.txt"
@@ -319,15 +319,20 @@ def test_audit_on_a_tiny_sdxl_pipeline(tmp_path, capsys):
     with a LoRA, and the pooled embedding really reaches the UNet (changing it changes Wen's score)."""
     folder = build_tiny_pipeline(tmp_path, "sdxl")
     lora = write_pipeline_lora(folder, "sdxl", tmp_path / "xl.safetensors")
-    model = diffusers_audit_model(folder, lora)
-    assert model.encode_added is not None and model.sample_shape == (4, 8, 8)
-    added = model.encode_added(["a red cat", ""])
+    model = open_backend(folder, lora)
+    assert model.family == "sdxl" and model.sample_shape == (4, 8, 8)
+    added = model.encode(["a red cat", ""]).added
     assert added["text_embeds"].shape == (2, 24) and added["time_ids"].shape == (2, 6)
     assert added["text_embeds"][1].abs().max() == 0  # force_zeros_for_empty_prompt, as SDXL samples
     config = AuditConfig(generations=2, num_inference_steps=2)
     scores = [r.wen_score for r in run_audit(model, ["a red cat", "blue sky"], config).rows]
-    original = model.encode_added
-    model.encode_added = lambda prompts: {**original(prompts), "text_embeds": original(prompts)["text_embeds"] * 3}
+    original = model.encode
+
+    def stronger_pooled(prompts):
+        encoded = original(prompts)
+        return Conditioning(encoded.context, {**encoded.added, "text_embeds": encoded.added["text_embeds"] * 3})
+
+    model.encode = stronger_pooled
     changed = [r.wen_score for r in run_audit(model, ["a red cat", "blue sky"], config).rows]
     assert changed != pytest.approx(scores)
     summary = cli_audit_summary(tmp_path, folder, lora, "a red cat\nblue sky\n", generations=2)
@@ -339,8 +344,8 @@ def test_audit_on_a_tiny_flux_pipeline(tmp_path, capsys):
     mix at 1.0, distilled guidance inside the model), Wen's velocity difference is positive, the CLI runs with a
     kohya LoRA, and an SD-only loader refuses the folder in one line."""
     folder = build_tiny_pipeline(tmp_path, "flux")
-    model = diffusers_audit_model(folder)
-    assert model.default_guidance == 1.0 and model.encode_added is not None
+    model = open_backend(folder)
+    assert model.default_guidance == 1.0 and "pooled_projections" in model.encode(["abc"]).added
     channels, height, width = model.sample_shape
     config = AuditConfig(generations=1, num_inference_steps=3)
     result = run_audit(model, ["abc"], config)
@@ -353,9 +358,9 @@ def test_audit_on_a_tiny_flux_pipeline(tmp_path, capsys):
     theirs = pipe("abc", num_inference_steps=3, height=size, width=size, latents=packed, output_type="pt").images
     trace = wen_scores_of(model, ["abc"], AuditConfig(generations=1, num_inference_steps=3),
                           torch.Generator().manual_seed(0))
-    ours = model.to_images(trace.samples.flatten(0, 1))
+    ours = model.decode(trace.samples.flatten(0, 1))
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
     lora = write_pipeline_lora(folder, "flux", tmp_path / "flux.safetensors")
     assert cli_audit_summary(tmp_path, folder, lora, "abc\nxyz\n")["model"].endswith("flux.safetensors")
     with pytest.raises(FileFormatError, match=r"flux model; this command supports Stable Diffusion 1\.x"):
-        load_stable_diffusion(folder)
+        load_pipeline(folder, families=("sd1", "sd2"))

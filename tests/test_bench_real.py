@@ -261,13 +261,13 @@ def write_single_file(pipe, path: Path) -> Path:
 
 
 def test_a_single_file_base_loads_with_config_and_filters_alike(example, tmp_path):
-    from diffmem.bench.real import load_pipeline
+    from diffmem.bench.real import load_sd_pipeline
     from diffmem.formats.base import open_base
     from diffmem.pipeline import filter_lora
 
-    folder_pipe = load_pipeline(example["base"], torch.device("cpu"))
+    folder_pipe = load_sd_pipeline(example["base"], torch.device("cpu"))
     single = write_single_file(folder_pipe, tmp_path / "tiny-sd1.safetensors")
-    single_pipe = load_pipeline(single, torch.device("cpu"), config=example["base"])
+    single_pipe = load_sd_pipeline(single, torch.device("cpu"), config=example["base"])
     assert torch.equal(unet_output(single_pipe), unet_output(folder_pipe))
     assert open_base(single).layout != open_base(example["base"]).layout
     from_folder = filter_lora(example["lora"], example["base"]).report
@@ -277,21 +277,21 @@ def test_a_single_file_base_loads_with_config_and_filters_alike(example, tmp_pat
 
 def test_a_single_file_base_without_configs_says_to_pass_config(tmp_path, example):
     from builders_base import build_tiny_base
-    from diffmem.bench.real import load_pipeline
+    from diffmem.bench.real import load_sd_pipeline
 
     single = build_tiny_base(tmp_path, "sd1", "single_file")
     with pytest.raises(FileFormatError, match="pass --config") as caught:
-        load_pipeline(single, torch.device("cpu"))
+        load_sd_pipeline(single, torch.device("cpu"))
     assert str(single) in str(caught.value)
     with pytest.raises(DiffmemError, match=r"model_index\.json"):
-        load_pipeline(single, torch.device("cpu"), config=tmp_path)
+        load_sd_pipeline(single, torch.device("cpu"), config=tmp_path)
 
 
 def test_batching_does_not_change_the_images(example):
     """Each image has its own seeded generator, so --batch-size (not part of the rows' key) cannot change a row."""
-    from diffmem.bench.real import generate_images, load_pipeline
+    from diffmem.bench.real import generate_images, load_sd_pipeline
 
-    pipe = load_pipeline(example["base"], torch.device("cpu"))
+    pipe = load_sd_pipeline(example["base"], torch.device("cpu"))
     captions, seeds = ["a photo of sks person", "a dog", "a red house"], [0, 1, 0]
     one_by_one = generate_images(pipe, captions, seeds, SETTINGS, batch_size=1)
     together = generate_images(pipe, captions, seeds, SETTINGS, batch_size=3)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffmem.backends import Backend, open_backend
 from diffmem.errors import DiffmemError, FileFormatError
-from diffmem.formats.merge import merge_lora, pipeline_components
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.amd import embedding_copy_decisions
 from diffmem.metrics.copy import CopyConfig, copy_decisions_from_distances, tiled_l2
@@ -47,37 +47,6 @@ from diffmem.report import (
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 WEN_STATISTICS = ("all_steps", "first_step")
-
-
-@dataclass
-class AuditModel:
-    """What the audit needs from a text-to-image diffusion model, whatever it is (the world or Stable Diffusion).
-
-    Attributes:
-        name: shown in the report, e.g. the base and LoRA file names.
-        unet: a diffusers `UNet2DConditionModel` (with any LoRA already applied).
-        scheduler: the scheduler sampling runs with (DDIM for Wen et al.'s protocol): a diffusers scheduler, or
-            anything with its `set_timesteps`, `timesteps`, `init_noise_sigma`, `scale_model_input` and `step`.
-        encode: prompts -> text-encoder hidden states [P, L, D] (the empty string gives the unconditional context).
-        to_images: final samples of the UNet's space -> images [N, 3, H, W] in [0, 1] (a VAE decode for latent
-            models, a rescale for pixel models).
-        sample_shape: [C, H, W] of the UNet's input.
-        image_size: [H, W] of the images `to_images` returns (training images are resized to it).
-        default_steps, default_guidance: how this model is normally sampled (used when the user does not say).
-        encode_added: prompts -> SDXL's added conditioning `{"text_embeds": [P, D], "time_ids": [P, 6]}`; None for
-            UNets without it (SD 1.x/2.x, the world).
-    """
-
-    name: str
-    unet: torch.nn.Module
-    scheduler: object
-    encode: Callable[[Sequence[str]], torch.Tensor]
-    to_images: Callable[[torch.Tensor], torch.Tensor]
-    sample_shape: tuple[int, int, int]
-    image_size: tuple[int, int]
-    default_steps: int = 50
-    default_guidance: float = 7.5
-    encode_added: Callable[[Sequence[str]], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -270,7 +239,7 @@ def score_prompts(
     return rows
 
 
-def settle_config(config: AuditConfig, model: AuditModel) -> AuditConfig:
+def settle_config(config: AuditConfig, model: Backend) -> AuditConfig:
     """`config` with the model's own sampling settings where the config leaves them open (None)."""
     steps = model.default_steps if config.num_inference_steps is None else config.num_inference_steps
     guidance = model.default_guidance if config.guidance_scale is None else config.guidance_scale
@@ -278,7 +247,7 @@ def settle_config(config: AuditConfig, model: AuditModel) -> AuditConfig:
 
 
 def run_audit(
-    model: AuditModel,
+    model: Backend,
     prompts: Sequence[str],
     config: AuditConfig = AuditConfig(),
     train_images: torch.Tensor | None = None,
@@ -302,7 +271,7 @@ def run_audit(
     generator = torch.Generator().manual_seed(config.seed)
     traces = [wen_scores_of(model, prompts[start : start + chunk], config, generator) for start in starts]
     samples = torch.cat([t.samples for t in traces])
-    flat_images = model.to_images(samples.flatten(0, 1))
+    flat_images = model.decode(samples.flatten(0, 1))
     images = flat_images.reshape(len(prompts), config.generations, *flat_images.shape[-3:])
     scores = torch.cat([t.scores for t in traces])
     first = torch.cat([t.first_step for t in traces])
@@ -470,232 +439,6 @@ def write_audit(result: AuditResult, out_dir: str | Path, protect: Sequence[str 
             for name, text in contents.items()}
 
 
-def pixel_to_images(samples: torch.Tensor) -> torch.Tensor:
-    """Pixel-space samples in [-1, 1] to images in [0, 1]."""
-    return ((samples.float() + 1) / 2).clamp(0, 1)
-
-
-
-PIPELINE_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux": "Flux"}
-
-
-def load_stable_diffusion(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None,
-                          families: tuple[str, ...] = ("sd1", "sd2")):
-    """A diffusers pipeline of one of `families` (default Stable Diffusion 1.x/2.x, `StableDiffusionPipeline`;
-    also "sdxl", `StableDiffusionXLPipeline`, and "flux", `FluxPipeline`) from a diffusers folder
-    (model_index.json) or a single-file checkpoint, loaded offline on the CPU without safety checker.
-
-    A single file holds weights but not the components' configs (layer sizes, tokenizer, scheduler): diffusers
-    takes them from its Hugging Face cache, or from `config`, a local diffusers folder of the same architecture
-    (e.g. a Stable Diffusion 1.5 folder for any SD 1.x fine-tune)."""
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # Loading bars of every component would bury diffmem's one-line errors and its own progress bar.
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    path = Path(path)
-    if not path.exists():
-        raise DiffmemError("no such model file or folder", path)
-    if config is not None and not (Path(config) / "model_index.json").is_file():
-        raise DiffmemError("the config of a single-file checkpoint must be a diffusers pipeline folder (with "
-                           "model_index.json)", config)
-    family = pipeline_family(path)
-    if family not in families:
-        supported = ", ".join(PIPELINE_NAMES[f] for f in families)
-        raise FileFormatError(f"is a {family} model; this command supports {supported} pipelines", path)
-    pipeline_class = {"sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}.get(family, StableDiffusionPipeline)
-    extra = {"safety_checker": None, "requires_safety_checker": False} if family in ("sd1", "sd2") else {}
-    try:
-        if path.is_dir():
-            return pipeline_class.from_pretrained(path, local_files_only=True, dtype=dtype, **extra)
-        options = {} if config is None else {"config": str(config)}
-        return pipeline_class.from_single_file(str(path), local_files_only=True, dtype=dtype, **options)
-    except (OSError, ValueError, KeyError) as exc:
-        hint = ("; a single-file checkpoint needs its architecture's configs: pass --config with a local diffusers "
-                "folder of the same architecture" if path.is_file() and config is None else "")
-        raise FileFormatError(f"could not load a Stable Diffusion pipeline offline ({exc}){hint}", path) from None
-
-
-def pipeline_family(path: Path) -> str:
-    """The model family of a diffusers folder or single-file checkpoint ("sd1", "sd2", "sdxl", "flux", "sd3"),
-    read from its weights' key names and shapes (`diffmem.formats.base.open_base`), no tensor loaded."""
-    from diffmem.formats.base import open_base
-
-    return open_base(path).family
-
-
-def sdxl_added_conditioning(pipe, device: str) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
-    """prompts -> SDXL's added conditioning: the pooled text_encoder_2 embedding and the size/crop time ids of a
-    full-size, uncropped image, as `StableDiffusionXLPipeline` builds them."""
-    height, width = (side * pipe.vae_scale_factor for side in unet_latent_size(pipe))
-    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), torch.float32,
-                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-
-    @torch.no_grad()
-    def encode_added(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        _, _, pooled, _ = pipe.encode_prompt(list(prompts), device=torch.device(device), num_images_per_prompt=1,
-                                             do_classifier_free_guidance=False)
-        pooled = zero_empty_prompts(pipe, prompts, pooled)
-        return {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1).to(pooled.device)}
-
-    return encode_added
-
-
-def unet_latent_size(pipe) -> tuple[int, int]:
-    """[H, W] of a UNet pipeline's latents (the UNet's sample size); images are `vae_scale_factor` times larger."""
-    size = pipe.unet.config.sample_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def zero_empty_prompts(pipe, prompts: Sequence[str], embeds: torch.Tensor) -> torch.Tensor:
-    """SDXL samples its unconditional branch from zero embeddings when `force_zeros_for_empty_prompt` is set (the
-    SDXL base's default), not from an encoded empty prompt; the audit does the same, so Wen's difference is taken
-    against what the model is really guided away from."""
-    if not getattr(pipe.config, "force_zeros_for_empty_prompt", False):
-        return embeds
-    empty = torch.tensor([prompt == "" for prompt in prompts], device=embeds.device)
-    return torch.where(empty.view(-1, *[1] * (embeds.ndim - 1)), torch.zeros_like(embeds), embeds)
-
-
-def diffusers_audit_model(
-    path: str | Path, lora: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> AuditModel:
-    """A Stable Diffusion 1.x/2.x or SDXL checkpoint as an `AuditModel`: a diffusers pipeline folder (model_index.json) or
-    a single-file checkpoint, loaded offline, with an optional LoRA in any format diffmem reads, merged into its
-    weights (`diffmem.formats.merge.merge_lora`), and DDIM sampling as in Wen et al."""
-    from diffusers import DDIMScheduler
-
-    path = Path(path)
-    pipe = load_stable_diffusion(path, dtype, families=("sd1", "sd2", "sdxl", "flux"))
-    is_flux = hasattr(pipe, "transformer")
-    is_xl = hasattr(pipe, "text_encoder_2") and not is_flux
-    name = path.name
-    if lora is not None:
-        lora = Path(lora)
-        if not lora.is_file():
-            raise DiffmemError("no such LoRA file", lora)
-        # diffmem's own merge: every format `diffmem filter` reads (LyCORIS LoHa/LoKr included, which diffusers'
-        # load_lora_weights refuses), with the filter's base-mismatch errors.
-        merge_lora(pipeline_components(pipe), lora, name=path)
-        name += f" + {lora.name}"
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if is_flux:
-        return flux_audit_model(pipe, name, device)
-
-    @torch.no_grad()
-    def encode(prompts: Sequence[str]) -> torch.Tensor:
-        embeds = pipe.encode_prompt(list(prompts), device=torch.device(device), num_images_per_prompt=1,
-                                    do_classifier_free_guidance=False)[0]
-        return zero_empty_prompts(pipe, prompts, embeds) if is_xl else embeds
-
-    @torch.no_grad()
-    def to_images(latents: torch.Tensor) -> torch.Tensor:
-        scale = pipe.vae.config.scaling_factor
-        decoded = [pipe.vae.decode(chunk.to(device, dtype) / scale).sample.float().cpu() for chunk in latents.split(8)]
-        return pixel_to_images(torch.cat(decoded))
-
-    height, width = unet_latent_size(pipe)
-    return AuditModel(name=name, unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-                      encode=encode, to_images=to_images, sample_shape=(pipe.unet.config.in_channels, height, width),
-                      image_size=(height * pipe.vae_scale_factor, width * pipe.vae_scale_factor),
-                      encode_added=sdxl_added_conditioning(pipe, device) if is_xl else None)
-
-
-def flux_audit_model(pipe, name: str, device: str) -> AuditModel:
-    """A loaded `FluxPipeline` as an `AuditModel` (`diffmem.backends.flux`: the transformer called like a UNet
-    on unpacked latents, its flow-matching scheduler, distilled guidance inside the model and the loop's own mix
-    at 1.0, so the images are Flux's own and Wen's score is the conditional minus unconditional velocity norm)."""
-    from diffmem.backends.flux import FlowMatchingSampler, FluxDenoiser, flux_decode
-
-    # The VAE's own sample size is the resolution the model was trained at (1024 for FLUX.1); FluxPipeline's
-    # default otherwise.
-    size = getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor
-    size = size[0] if isinstance(size, list | tuple) else size
-    latent = 2 * (size // (pipe.vae_scale_factor * 2))
-    channels = pipe.transformer.config.in_channels // 4
-
-    @torch.no_grad()
-    def encode_both(prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, pooled, _ = pipe.encode_prompt(list(prompts), prompt_2=None, device=torch.device(device),
-                                               num_images_per_prompt=1)
-        return embeds, pooled
-
-    return AuditModel(
-        name=name, unet=FluxDenoiser(pipe.transformer), scheduler=FlowMatchingSampler(pipe.scheduler, latent, latent),
-        encode=lambda prompts: encode_both(prompts)[0],
-        to_images=lambda latents: torch.cat([flux_decode(pipe.vae, chunk) for chunk in latents.split(8)]),
-        sample_shape=(channels, latent, latent), image_size=(latent * pipe.vae_scale_factor,) * 2,
-        default_steps=28, default_guidance=1.0,
-        encode_added=lambda prompts: {"pooled_projections": encode_both(prompts)[1]},
-    )
-
-
-class WorldDDIMScheduler:
-    """The world's own DDIM sampler (`diffmem.world.diffusion`: its timesteps, its clipped eta = 0 update) behind
-    the part of the diffusers scheduler interface that `sample_with_wen_scores` uses, so the audit's images are
-    exactly those of `diffmem.world.generate`."""
-
-    init_noise_sigma = 1.0
-
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        from diffmem.world.diffusion import ddim_timesteps
-
-        steps = ddim_timesteps(num_inference_steps)
-        self.timesteps = torch.tensor(steps, device=device)
-        self.previous = dict(zip(steps, [*steps[1:], -1]))
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
-        return sample
-
-    def step(self, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor):
-        from types import SimpleNamespace
-
-        from diffmem.world.diffusion import ddim_step
-
-        t = int(timestep)
-        return SimpleNamespace(prev_sample=ddim_step(sample, model_output, t, self.previous[t]))
-
-
-def world_audit_model(base: Path | None = None, lora: str | Path | None = None, device: str = "cpu") -> AuditModel:
-    """The embedded world (committed base, or a world UNet file) with an optional LoRA, as an `AuditModel`."""
-    from diffmem.world.diffusion import from_model_range
-    from diffmem.world.model import load_base, load_unet_file
-    from diffmem.world.text import encode_prompts
-
-    unet = load_base() if base is None else load_unet_file(base)
-    name = "world base" if base is None else Path(base).name
-    if lora is not None:
-        from diffmem.world.lora import apply_lora
-
-        unet = apply_lora(unet, lora)
-        name += f" + {Path(lora).name}"
-    size = unet.config.sample_size
-    return AuditModel(name=name, unet=unet.to(device).eval(), scheduler=WorldDDIMScheduler(), encode=encode_prompts,
-                      to_images=from_model_range, sample_shape=(unet.config.in_channels, size, size),
-                      image_size=(size, size), default_steps=25, default_guidance=3.0)
-
-
-def is_world_file(path: Path) -> bool:
-    """True when `path` is a world UNet saved by diffmem (its safetensors metadata carries the UNet config)."""
-    from diffmem.formats.safetensors_io import read_header
-
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    _, metadata = read_header(path)
-    return "diffmem_unet_config" in metadata
-
-
-def open_audit_model(base: str | Path, lora: str | Path | None = None, device: str = "cpu") -> AuditModel:
-    """'world' or a world UNet file -> the world model; anything else -> a Stable Diffusion pipeline."""
-    base_path = Path(base)
-    if str(base) == "world" or is_world_file(base_path):
-        return world_audit_model(None if str(base) == "world" else base_path, lora, device)
-    return diffusers_audit_model(base_path, lora, device)
-
-
 def audit_files(
     base: str | Path,
     prompts: str | Path | None,
@@ -708,12 +451,15 @@ def audit_files(
     progress: bool = True,
     manifest: str | Path | None = None,
     data_free: bool = False,
+    dtype: torch.dtype = torch.float32,
+    model_config: str | Path | None = None,
 ) -> dict:
     """The `diffmem audit` command as a function: load, generate, score, write; returns the summary.
 
     `manifest`: a world fine-tune manifest (the `.json` beside a world LoRA). Its training images (duplicated and
     seen once) become the training images, and without `prompts` its duplicated and held-out captions are
     audited with their known labels, so the summary says how well the audit finds the memorized ones.
+    `dtype` and `model_config` open a pipeline as `diffmem.backends.open_backend` does.
     `data_free`: ignore the manifest's training images (rank and flag by Wen's score, still with known labels)."""
     prompt_list = load_prompts(prompts) if prompts is not None else None
     train = names = known = None
@@ -727,7 +473,7 @@ def audit_files(
             prompt_list, known = manifest_prompts, manifest_known
     if prompt_list is None:
         raise DiffmemError("give --prompts (or a --manifest whose captions are audited)")
-    model = open_audit_model(base, lora, device)
+    model = open_backend(base, lora, device, dtype, model_config)
     if train_images is not None:
         train, names = load_image_folder(train_images, size=model.image_size)
     result = run_audit(model, prompt_list, config, train, names, progress=progress, known_memorized=known)
@@ -761,7 +507,7 @@ def world_manifest_inputs(manifest: str | Path) -> tuple[torch.Tensor, list[str]
 
 
 def wen_scores_of(
-    model: AuditModel, prompts: Sequence[str], config: AuditConfig = AuditConfig(),
+    model: Backend, prompts: Sequence[str], config: AuditConfig = AuditConfig(),
     generator: torch.Generator | None = None,
 ) -> WenTrace:
     """Wen et al.'s trace (per-step norms, samples) for prompts, sampled with the audit's settings."""
@@ -769,15 +515,14 @@ def wen_scores_of(
     wen = WenConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                     generations=config.generations, batch_size=config.batch_size)
     generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
-    added = empty_added = None
-    if model.encode_added is not None:
-        added, empty_added = model.encode_added(list(prompts)), model.encode_added([""])
-    return sample_with_wen_scores(model.unet, model.scheduler, model.encode(list(prompts)), model.encode([""]), wen,
-                                  generator, model.sample_shape, added_cond=added, empty_added_cond=empty_added)
+    conditioning, empty = model.encode(list(prompts)), model.unconditional()
+    return sample_with_wen_scores(model.denoiser, model.sampler(), conditioning.context, empty.context, wen,
+                                  generator, model.sample_shape, added_cond=conditioning.added or None,
+                                  empty_added_cond=empty.added or None)
 
 
 def evaluate_wen_detector(
-    model: AuditModel,
+    model: Backend,
     memorized: Sequence[str],
     held_out: Sequence[str],
     config: AuditConfig = AuditConfig(),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.attack.dori import START_KINDS, DoriConfig, DoriOutcome
+from diffmem.attack.dori import START_KINDS, DoriConfig, DoriOutcome, run_dori
 from diffmem.attack.table import (  # noqa: F401 (merged_rows: kept importable from here)
     TABLE_GROUPS,
     TRAINING_RECIPE,
@@ -19,11 +19,16 @@ from diffmem.attack.table import (  # noqa: F401 (merged_rows: kept importable f
     merged_rows,
     run_robustness_table,
 )
+from diffmem.audit import load_image_folder, resize_images
+from diffmem.backends import Conditioning
+from diffmem.backends.options import add_backend_options, backend_from, model_inputs
 from diffmem.errors import DiffmemError
+from diffmem.formats.safetensors_io import save_file, write_atomic
 from diffmem.memcontrol.train import MemControlTrainConfig
 from diffmem.metrics.copy import CopyConfig
 from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
 from diffmem.mitigations.registry import registered
+from diffmem.report import load_image
 from diffmem.world.check import CheckSettings
 
 
@@ -65,17 +70,16 @@ def png_bytes(image: torch.Tensor, scale: int = 3) -> bytes:
 
 
 def add_dori(subparsers: argparse._SubParsersAction) -> None:
-    from diffmem.world.check import CheckSettings
-
     d, s = DoriConfig(), CheckSettings()
     p = subparsers.add_parser(
         "dori", help="search a text embedding that makes the model replicate a target image (Dori attack)",
-        description="Optimise a text embedding so that the model (base plus optional LoRA, e.g. a mitigated one) "
-                    "denoises towards --target, then judge fresh generations from it with the copy test.")
-    p.add_argument("--target", type=Path, required=True, help="the (memorized) image to bring back, e.g. a PNG")
+        description="Optimise the text conditioning so that the model (base plus optional LoRA, e.g. a mitigated "
+                    "one) denoises towards --target, then judge fresh generations from it with the copy test. "
+                    "Runs on the embedded world and on Stable Diffusion 1.x/2.x, SDXL and Flux pipelines.")
+    p.add_argument("--target", type=Path, required=True,
+                   help="the (memorized) image to bring back, e.g. a PNG (resized to the model's image size)")
     p.add_argument("--prompt", required=True, help="the prompt the image was trained with (start of the search)")
-    p.add_argument("--base", type=Path, default=None, help="world UNet file (default: the committed base)")
-    p.add_argument("--lora", type=Path, default=None, help="LoRA merged into the base (any format diffmem reads)")
+    add_backend_options(p)
     p.add_argument("--reference", type=Path, default=None,
                    help="folder of the training images (target among them) for Carlini's relative copy test "
                         "(default: the images the manifest beside --lora, or beside --base without a LoRA, lists)")
@@ -91,55 +95,62 @@ def add_dori(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the start and of the search (default {d.seed})")
     p.add_argument("--generations", type=int, default=s.generations,
                    help=f"fresh generations that judge success (default {s.generations})")
-    p.add_argument("--sample-steps", type=int, default=s.steps, help=f"DDIM steps of those (default {s.steps})")
-    p.add_argument("--guidance", type=float, default=s.guidance, help=f"their guidance scale (default {s.guidance:g})")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="sampling steps of those (default: the model's own: 25 on the world, 50 on Stable "
+                        "Diffusion, 28 on Flux)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="their guidance scale (default: the model's own: 3 on the world, 7.5 on Stable Diffusion, "
+                        "1 on Flux, whose distilled guidance is inside the model)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder for embedding.safetensors, summary.json, generations.png "
                         "(default runs/dori/<target name>)")
     p.set_defaults(handler=run_dori_command)
 
 
-def run_dori_command(args: argparse.Namespace) -> int:
-    from diffmem.attack.dori import run_dori
-    from diffmem.audit import load_image_folder
-    from diffmem.errors import DiffmemError
-    from diffmem.formats.safetensors_io import save_file, write_atomic
-    from diffmem.metrics.copy import CopyConfig
-    from diffmem.report import load_image
-    from diffmem.world.check import CheckSettings
-    from diffmem.world.lora import apply_lora
-    from diffmem.world.model import load_base, load_unet_file
+def conditioning_tensors(prefix: str, conditioning: Conditioning) -> dict[str, torch.Tensor]:
+    """A conditioning as named tensors for a safetensors file: `prefix` for the text states, `prefix.<key>` for
+    each added tensor (SDXL's pooled embedding and time ids, Flux's pooled embedding)."""
+    # Copies: a tensor the search left untouched (SDXL's time ids) is shared with the start, which safetensors refuses.
+    return {prefix: conditioning.context.clone(),
+            **{f"{prefix}.{key}": value.clone() for key, value in conditioning.added.items()}}
 
+
+def run_dori_command(args: argparse.Namespace) -> int:
     try:
         config = DoriConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, start=args.start,
                             start_noise=args.start_noise, seed=args.seed)
     except ValueError as error:
         raise DiffmemError(str(error)) from None
-    settings = CheckSettings(generations=args.generations, steps=args.sample_steps, guidance=args.guidance)
     target = load_image(args.target)[None]
+    model = backend_from(args)
+    settings = CheckSettings(generations=args.generations, steps=args.sample_steps or model.default_steps,
+                             guidance=model.default_guidance if args.guidance is None else args.guidance)
+    original_size = tuple(target.shape[-2:])
+    if original_size != model.image_size:
+        target = resize_images(target, model.image_size)
     if args.reference is not None:
-        reference, _ = load_image_folder(args.reference)
+        reference, _ = load_image_folder(args.reference, size=model.image_size)
     else:
-        tuned = args.lora if args.lora is not None else args.base
+        tuned = args.lora if args.lora is not None else None if args.base == "world" else Path(args.base)
         reference = manifest_reference(tuned) if tuned is not None else None
     if reference is None and args.distance_threshold is None:
         raise DiffmemError("no reference images to test copies against: pass --reference (the training images) "
                            "or --distance-threshold")
-    unet = load_base() if args.base is None else load_unet_file(args.base)
-    if args.lora is not None:
-        unet = apply_lora(unet, args.lora)
-    outcome = run_dori(unet, target, args.prompt, config, reference, settings,
+    outcome = run_dori(model, target, args.prompt, config, reference, settings,
                        CopyConfig(distance_threshold=args.distance_threshold))
 
     out = args.out or Path("runs/dori") / args.target.stem
-    inputs = tuple(p for p in (args.target, args.base, args.lora) if p is not None)
-    summary = {"prompt": args.prompt, "target": str(args.target), "base": str(args.base or "committed world base"),
-               "lora": None if args.lora is None else str(args.lora), **outcome.summary(),
-               "losses": [round(x, 6) for x in outcome.result.losses],
+    inputs = (args.target, *model_inputs(args))
+    summary = {"prompt": args.prompt, "target": str(args.target),
+               "base": "committed world base" if args.base == "world" else str(args.base),
+               "lora": None if args.lora is None else str(args.lora), "model": model.name, "family": model.family,
+               "target_resized_from": list(original_size) if original_size != model.image_size else None,
+               **outcome.summary(), "losses": [round(x, 6) for x in outcome.result.losses],
                "config": asdict(config), "sampling": asdict(settings)}
     metadata = {"prompt": args.prompt, "dori_config": json.dumps(asdict(config), sort_keys=True)}
-    save_file({"embedding": outcome.result.embedding, "start": outcome.result.start},
-              out / "embedding.safetensors", metadata, protect=inputs)
+    tensors = {**conditioning_tensors("embedding", outcome.result.conditioning),
+               **conditioning_tensors("start", outcome.result.start_conditioning)}
+    save_file(tensors, out / "embedding.safetensors", metadata, protect=inputs)
     write_atomic(png_bytes(outcome_grid(target, outcome)), out / "generations.png", protect=inputs)
     write_atomic((json.dumps(summary, indent=2) + "\n").encode(), out / "summary.json", protect=inputs)
     print(f"copy rate {outcome.before.rate:.0%} from the start embedding, {outcome.after.rate:.0%} after Dori "

@@ -10,18 +10,21 @@ the search loss: `attack_success` samples new images from the embedding and appl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from diffusers import UNet2DConditionModel
 
+from diffmem.backends import Backend, Conditioning, as_backend
 from diffmem.errors import DiffmemError
 from diffmem.metrics.copy import CopyConfig, copy_decisions, paired_tiled_l2
 from diffmem.world.check import CheckSettings, seeds_for
-from diffmem.world.diffusion import generate_from_context, training_loss
 from diffmem.world.text import encode_prompts
 
 START_KINDS = ("prompt", "random", "unrelated")
+#: Added conditioning that is not an embedding of the prompt, so Dori does not search it.
+NOT_SEARCHED = frozenset({"time_ids"})
 
 
 @dataclass(frozen=True)
@@ -69,15 +72,26 @@ class DoriConfig:
 
 @dataclass(frozen=True)
 class DoriResult:
-    """The embedding found ([1, tokens, dim]), the one the search started from, and the loss of every step."""
+    """The conditioning found, the one the search started from (each one row), and the loss of every step.
 
-    embedding: torch.Tensor
-    start: torch.Tensor
+    `embedding` and `start` are their text-encoder states [1, tokens, dim] (all of the conditioning for the world
+    and SD 1.x/2.x)."""
+
+    conditioning: Conditioning
+    start_conditioning: Conditioning
     losses: list[float] = field(default_factory=list)
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self.conditioning.context
+
+    @property
+    def start(self) -> torch.Tensor:
+        return self.start_conditioning.context
 
 
 def random_embedding_like(embedding: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian tokens with the overall standard deviation of `embedding` (Dori's random start)."""
+    """Gaussian values with the overall standard deviation of `embedding` (Dori's random start)."""
     return embedding.std() * torch.randn(embedding.shape, generator=generator)
 
 
@@ -86,79 +100,133 @@ def perturb_embedding(embedding: torch.Tensor, scale: float, generator: torch.Ge
     return embedding + scale * embedding.std() * torch.randn(embedding.shape, generator=generator)
 
 
-def start_embedding(prompt: str, config: DoriConfig | None = None) -> torch.Tensor:
-    """The [1, tokens, dim] embedding a search for `prompt`'s image starts from, as `config.start` and
-    `config.start_noise` say (world text encoder, `diffmem.world.text.encode_prompts`)."""
+def as_conditioning(embedding: Conditioning | torch.Tensor) -> Conditioning:
+    """A conditioning as given; text-encoder states alone as the conditioning of the world or SD 1.x/2.x."""
+    return embedding if isinstance(embedding, Conditioning) else Conditioning(embedding)
+
+
+def start_conditioning(encode: Callable[[list[str]], Conditioning], prompt: str,
+                       config: DoriConfig | None = None) -> Conditioning:
+    """The one-row conditioning a search for `prompt`'s image starts from (`encode`: a backend's), as
+    `config.start` and `config.start_noise` say: the prompt's own, random values with the scale of each of its
+    searched tensors, or an unrelated prompt's; noise is added to the searched tensors only."""
     config = config or DoriConfig()
     generator = torch.Generator().manual_seed(config.seed)
-    embedding = encode_prompts([prompt])
-    if config.start == "random":
-        embedding = random_embedding_like(embedding, generator)
-    elif config.start == "unrelated":
-        embedding = encode_prompts([config.unrelated_prompt])
-    return perturb_embedding(embedding, config.start_noise, generator) if config.start_noise else embedding
+    chosen = config.unrelated_prompt if config.start == "unrelated" else prompt
+    own = encode([chosen]).map(lambda tensor: tensor.float().cpu())
+    searched = searched_keys(own)
+    start = Conditioning(
+        random_embedding_like(own.context, generator) if config.start == "random" else own.context,
+        {key: random_embedding_like(value, generator) if config.start == "random" and key in searched else value
+         for key, value in own.added.items()})
+    if not config.start_noise:
+        return start
+    return Conditioning(perturb_embedding(start.context, config.start_noise, generator),
+                        {key: perturb_embedding(value, config.start_noise, generator) if key in searched else value
+                         for key, value in start.added.items()})
 
 
-def check_target(unet: UNet2DConditionModel, target: torch.Tensor) -> torch.Tensor:
-    """`target` as a [1, C, H, W] float image in [0, 1] that `unet` generates, or a clear error."""
+def start_embedding(prompt: str, config: DoriConfig | None = None) -> torch.Tensor:
+    """The world's [1, tokens, dim] start embedding for `prompt` (`start_conditioning` on the world)."""
+    return start_conditioning(lambda prompts: Conditioning(encode_prompts(prompts)), prompt, config).context
+
+
+def searched_keys(conditioning: Conditioning) -> tuple[str, ...]:
+    """The added-conditioning tensors Dori optimises besides the text states: the embeddings (SDXL's pooled
+    text_encoder_2 embedding, Flux's pooled CLIP embedding), not SDXL's time ids, which state the image size and
+    crop rather than the prompt."""
+    return tuple(key for key in conditioning.added if key not in NOT_SEARCHED)
+
+
+def check_target(model: Backend | UNet2DConditionModel, target: torch.Tensor) -> torch.Tensor:
+    """`target` as a [1, 3, H, W] float image in [0, 1] of the size the model generates, or a clear error."""
+    backend = as_backend(model)
     if target.ndim == 3:
         target = target[None]
-    size, channels = unet.config.sample_size, unet.config.in_channels
-    if target.ndim != 4 or target.shape[0] != 1 or tuple(target.shape[1:]) != (channels, size, size):
+    shape = (3, *backend.image_size)
+    if target.ndim != 4 or target.shape[0] != 1 or tuple(target.shape[1:]) != shape:
         raise DiffmemError(f"the target image has shape {tuple(target.shape)}, but this model generates "
-                           f"[{channels}, {size}, {size}] images; resize the target first")
+                           f"[{shape[0]}, {shape[1]}, {shape[2]}] images; resize the target first")
     if not target.is_floating_point() or not torch.isfinite(target).all() or target.min() < 0 or target.max() > 1:
         raise DiffmemError("the target image must be a finite float tensor with values in [0, 1]")
     return target.float()
 
 
-def check_embedding(unet: UNet2DConditionModel, embedding: torch.Tensor) -> torch.Tensor:
-    """`embedding` as a finite [1, tokens, cross_attention_dim] context for `unet`, or a clear error."""
-    if embedding.ndim == 2:
-        embedding = embedding[None]
-    dim = unet.config.cross_attention_dim
-    if embedding.ndim != 3 or embedding.shape[0] != 1 or embedding.shape[2] != dim:
-        raise DiffmemError(f"the text embedding has shape {tuple(embedding.shape)}, but this model's "
-                           f"cross-attention takes [1, tokens, {dim}]")
-    if not embedding.is_floating_point() or not torch.isfinite(embedding).all():
-        raise DiffmemError("the text embedding must be a finite float tensor")
-    return embedding.float()
+def check_conditioning(model: Backend | UNet2DConditionModel,
+                       embedding: Conditioning | torch.Tensor) -> Conditioning:
+    """`embedding` as one finite row of conditioning shaped like the model's own, or a clear error."""
+    backend, conditioning = as_backend(model), as_conditioning(embedding)
+    if conditioning.context.ndim == 2:
+        conditioning = conditioning.map(lambda tensor: tensor[None])
+    reference = backend.unconditional()
+    for key, tensor in [("text embedding", conditioning.context), *conditioning.added.items()]:
+        expected = reference.context if key == "text embedding" else reference.added.get(key)
+        if expected is None:
+            raise DiffmemError(f"this model takes no {key!r} conditioning")
+        if tensor.ndim != expected.ndim or tensor.shape[0] != 1 or tensor.shape[-1] != expected.shape[-1]:
+            where = "cross-attention" if key == "text embedding" else f"{key!r} input"
+            raise DiffmemError(f"the {key} has shape {tuple(tensor.shape)}, but this model's {where} takes "
+                               f"[1, {'tokens, ' if tensor.ndim == 3 else ''}{expected.shape[-1]}]")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise DiffmemError(f"the {key} must be a finite float tensor")
+    missing = set(reference.added) - set(conditioning.added)
+    if missing:
+        raise DiffmemError(f"the conditioning lacks {', '.join(sorted(missing))}, which this model takes")
+    return conditioning.map(lambda tensor: tensor.float())
+
+
+def check_embedding(model: Backend | UNet2DConditionModel, embedding: torch.Tensor) -> torch.Tensor:
+    """`embedding` as a finite [1, tokens, dim] text context for the model, or a clear error."""
+    return check_conditioning(model, embedding).context
 
 
 def dori_search(
-    unet: UNet2DConditionModel, target: torch.Tensor, start: torch.Tensor, config: DoriConfig | None = None
+    model: Backend | UNet2DConditionModel, target: torch.Tensor, start: Conditioning | torch.Tensor,
+    config: DoriConfig | None = None,
 ) -> DoriResult:
-    """Minimise || eps - eps_theta(x_t, t, y) ||^2 over the text embedding y, with x_0 = `target` and fresh noise and
-    timesteps every step (Kowalczuk et al. 2025, "Finding Dori"). The UNet's weights are left untouched."""
-    config = config or DoriConfig()
-    target = check_target(unet, target)
-    start = check_embedding(unet, start)
-    embedding = start.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([embedding], lr=config.lr)
+    """Minimise the model's denoising loss on `target` over the conditioning (text states and, for SDXL and Flux,
+    the pooled embedding), with fresh noise and timesteps every step (Kowalczuk et al. 2025, "Finding Dori"; for
+    an epsilon model || eps - eps_theta(x_t, t, y) ||^2, for Flux the flow-matching loss). The model's weights are
+    left untouched."""
+    config, backend = config or DoriConfig(), as_backend(model)
+    target = check_target(backend, target)
+    start = check_conditioning(backend, start).detach()
+    searched = searched_keys(start)
+    variables = {"context": start.context.clone().requires_grad_(True),
+                 **{key: start.added[key].clone().requires_grad_(True) for key in searched}}
+    optimizer = torch.optim.Adam(list(variables.values()), lr=config.lr)
     # A generator of its own, offset from the start's, so the step noise does not replay the start noise.
     generator = torch.Generator().manual_seed(config.seed + 1)
-    images = target.expand(config.batch_size, -1, -1, -1)
-    was_training = unet.training
-    unet.eval()
+    x0 = backend.encode_images(target).expand(config.batch_size, -1, -1, -1)
+    denoiser = backend.denoiser
+    was_training = denoiser.training
+    denoiser.eval()
     losses = []
+
+    def current() -> Conditioning:
+        return Conditioning(variables["context"], {key: variables.get(key, value)
+                                                   for key, value in start.added.items()})
+
     try:
         for _ in range(config.steps):
-            loss = training_loss(unet, images, embedding.expand(config.batch_size, -1, -1), generator)
-            # Gradient for the embedding only: the UNet's parameters may require grad and must not accumulate any.
-            (embedding.grad,) = torch.autograd.grad(loss, [embedding])
+            loss = backend.denoising_loss(x0, current().expand(config.batch_size), generator)
+            # Gradients for the conditioning only: the model's parameters may require grad and must not accumulate.
+            for variable, grad in zip(variables.values(), torch.autograd.grad(loss, list(variables.values()))):
+                variable.grad = grad
             optimizer.step()
             losses.append(float(loss.detach()))
     finally:
-        unet.train(was_training)
-    return DoriResult(embedding=embedding.detach(), start=start.detach(), losses=losses)
+        denoiser.train(was_training)
+    return DoriResult(conditioning=current().detach(), start_conditioning=start, losses=losses)
 
 
 def dori_attack(
-    unet: UNet2DConditionModel, target: torch.Tensor, prompt: str, config: DoriConfig | None = None
+    model: Backend | UNet2DConditionModel, target: torch.Tensor, prompt: str, config: DoriConfig | None = None
 ) -> DoriResult:
-    """Dori search for `target` on `unet`, started as `config` says from `prompt` (`start_embedding`)."""
+    """Dori search for `target` on the model, started as `config` says from `prompt` (`start_conditioning`)."""
     config = config or DoriConfig()
-    return dori_search(unet, target, start_embedding(prompt, config), config)
+    backend = as_backend(model)
+    return dori_search(backend, target, start_conditioning(backend.encode, prompt, config), config)
 
 
 def reference_row(image: torch.Tensor, reference: torch.Tensor, tolerance: float = 0.5 / 255) -> int | None:
@@ -190,27 +258,28 @@ class AttackSuccess:
 
 
 def attack_success(
-    unet: UNet2DConditionModel,
-    embedding: torch.Tensor,
+    model: Backend | UNet2DConditionModel,
+    embedding: Conditioning | torch.Tensor,
     target: torch.Tensor,
     reference: torch.Tensor | None = None,
     settings: CheckSettings | None = None,
     copy: CopyConfig | None = None,
 ) -> AttackSuccess:
-    """Does `embedding` make `unet` replicate `target`? Sample `settings.generations` fresh images from it (seeds
-    from `settings.seed`, DDIM with guidance against the empty prompt) and test each for a copy of `target`.
+    """Does `embedding` (a conditioning, or text states alone) make the model replicate `target`? Sample
+    `settings.generations` fresh images from it (seeds from `settings.seed`, the model's sampler with guidance
+    against the empty prompt) and test each for a copy of `target`.
 
     With `reference` (the training images, `target` among them) a generation is a copy when Carlini et al.'s
     relative test passes and its nearest reference image is `target`, as in `diffmem.world.check`. Without it
     there is nothing to be relative to, so `copy.distance_threshold` on the tiled L2 to `target` decides alone
     (it must then be set).
     """
-    settings, copy = settings or CheckSettings(), copy or CopyConfig()
-    target = check_target(unet, target)
-    embedding = check_embedding(unet, embedding)
+    settings, copy, backend = settings or CheckSettings(), copy or CopyConfig(), as_backend(model)
+    target = check_target(backend, target)
+    conditioning = check_conditioning(backend, embedding)
     seeds = seeds_for(1, settings)
-    generated = generate_from_context(unet, embedding.expand(len(seeds), -1, -1), seeds, steps=settings.steps,
-                                      guidance=settings.guidance)
+    generated = backend.generate(conditioning.expand(len(seeds)), seeds, steps=settings.steps,
+                                 guidance=settings.guidance)
     distance = paired_tiled_l2(generated, target.expand_as(generated), copy.tiles)
     if reference is None:
         if copy.distance_threshold is None:
@@ -250,7 +319,7 @@ class DoriOutcome:
 
 
 def run_dori(
-    unet: UNet2DConditionModel,
+    model: Backend | UNet2DConditionModel,
     target: torch.Tensor,
     prompt: str,
     config: DoriConfig | None = None,
@@ -259,9 +328,10 @@ def run_dori(
     copy: CopyConfig | None = None,
 ) -> DoriOutcome:
     """Dori search for `target` from `prompt` (`dori_attack`), with `attack_success` of its start and of its result."""
-    result = dori_attack(unet, target, prompt, config)
+    backend = as_backend(model)
+    result = dori_attack(backend, target, prompt, config)
     return DoriOutcome(
         result=result,
-        before=attack_success(unet, result.start, target, reference, settings, copy),
-        after=attack_success(unet, result.embedding, target, reference, settings, copy),
+        before=attack_success(backend, result.start_conditioning, target, reference, settings, copy),
+        after=attack_success(backend, result.conditioning, target, reference, settings, copy),
     )

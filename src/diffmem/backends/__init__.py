@@ -1,6 +1,77 @@
-"""Adapters that let diffmem's sampling and scoring code drive model families other than UNets.
+"""Backends: every text-to-image model diffmem's methods run on, behind one interface (`Backend`).
 
-- `flux`: a Flux pipeline's transformer behind the UNet call signature (`sample, timestep, encoder_hidden_states,
-  added_cond_kwargs`) and its flow-matching scheduler behind the DDIM-style scheduler interface, so Wen et al.'s
-  sampling loop (`diffmem.metrics.wen.sample_with_wen_scores`) and the audit run on Flux unchanged.
+- `base`: the `Backend` interface and `Conditioning`, shared sampling and layer lookups;
+- `world`: the embedded world (its own sampler and loss, so world results are unchanged);
+- `stable_diffusion`: Stable Diffusion 1.x/2.x and SDXL pipelines, and loading any supported pipeline;
+- `flux`: Flux pipelines (the transformer behind the UNet call signature, flow matching).
+
+`open_backend(base, lora)` opens whichever one `base` names. docs/backends.md: which command runs on which backend,
+and how to add one.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffmem.backends.base import Backend, Conditioning
+from diffmem.backends.world import WorldBackend, is_world_file, world_backend
+from diffmem.errors import DiffmemError
+
+__all__ = ["DTYPES", "Backend", "Conditioning", "as_backend", "is_world_file", "open_backend", "parse_dtype"]
+
+#: The `--dtype` names (`diffmem.backends.options.DTYPE_NAMES`) as torch dtypes.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """A `--dtype` name ("float32", "float16", "bfloat16") as a torch dtype."""
+    if name not in DTYPES:
+        raise DiffmemError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def as_backend(model: Backend | torch.nn.Module) -> Backend:
+    """A backend as given; a bare world UNet (what the library's world functions take) as the world backend
+    around it."""
+    return model if isinstance(model, Backend) else WorldBackend(model)
+
+
+def open_backend(
+    base: str | Path | None = None,
+    lora: str | Path | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: str | Path | None = None,
+) -> Backend:
+    """The model `base` names, with `lora` (any format diffmem reads) merged into its weights:
+
+    - None, "world" or a world UNet file: the embedded world (`world_backend`; float32 on its device);
+    - a diffusers pipeline folder or a single-file checkpoint (`config`: a diffusers folder of the same
+      architecture, for single files): SD 1.x/2.x, SDXL or Flux, loaded offline in `dtype` on `device`.
+
+    A LoRA for another model is refused in one line before any weight changes (`diffmem.formats.merge`)."""
+    if base is None or str(base) == "world" or is_world_file(Path(base)):
+        return world_backend(base, lora, device)
+    from diffmem.backends.flux import FluxBackend
+    from diffmem.backends.stable_diffusion import StableDiffusionBackend, load_pipeline, pipeline_family
+    from diffmem.formats.merge import merge_lora, pipeline_components
+
+    path = Path(base)
+    family = pipeline_family(path) if path.exists() else None
+    pipe = load_pipeline(path, dtype, config)
+    name = path.name
+    if lora is not None:
+        lora = Path(lora)
+        if not lora.is_file():
+            raise DiffmemError("no such LoRA file", lora)
+        # diffmem's own merge: every format `diffmem filter` reads (LyCORIS LoHa/LoKr included, which diffusers'
+        # load_lora_weights refuses), with the filter's base-mismatch errors.
+        merge_lora(pipeline_components(pipe), lora, name=path)
+        name += f" + {lora.name}"
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if family == "flux":
+        return FluxBackend(pipe, name)
+    return StableDiffusionBackend(pipe, name, family)

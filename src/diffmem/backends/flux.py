@@ -15,13 +15,16 @@ How the loop's definitions carry over (decided here, documented in docs/audit.md
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from diffmem.backends.base import Backend, Conditioning, batched, mse_per_sample
 
 #: FluxPipeline's default distilled guidance strength.
 FLUX_GUIDANCE = 3.5
@@ -89,3 +92,74 @@ def flux_decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         images = vae.decode(scaled).sample.float().cpu()
     return ((images + 1) / 2).clamp(0, 1)
+
+
+def flux_encode_images(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> unpacked Flux latents (the posterior's mean, scaled and shifted as Flux trains)."""
+    config = vae.config
+    parameter = next(vae.parameters())
+    with torch.no_grad():
+        latents = vae.encode(images.to(parameter.device, parameter.dtype) * 2 - 1).latent_dist.mean.float()
+    return (latents - config.shift_factor) * config.scaling_factor
+
+
+def shifted_sigmas(u: torch.Tensor, mu: float) -> torch.Tensor:
+    """Flux's resolution-dependent time shift of uniform noise levels u in (0, 1): e^mu / (e^mu + 1/u - 1), the
+    same shift its sampling schedule uses (`FlowMatchEulerDiscreteScheduler.time_shift`, exponential)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+
+
+class FluxBackend(Backend):
+    """A loaded `FluxPipeline`: conditioning is T5's hidden states plus the pooled CLIP embedding
+    (`pooled_projections`); the denoiser is `FluxDenoiser`; sampling is the flow-matching Euler scheduler with
+    distilled guidance inside the model and the loop's own mix at 1.0.
+
+    The denoising loss is flow matching (Lipman et al. 2023; Esser et al. 2024, "Scaling Rectified Flow
+    Transformers"): x_t = (1 - s) x_0 + s * noise with target velocity noise - x_0, s drawn uniformly and shifted
+    as sampling shifts it at this resolution. NeMo's value layers are the text stream's value projections of the
+    joint-attention blocks (`transformer_blocks.*.attn.add_v_proj`); the single-stream blocks fuse text and image
+    into one projection and are left out. Wanda prunes the image stream's feed-forward output (`ff.net.2`)."""
+
+    family = "flux"
+    default_steps, default_guidance = 28, 1.0
+    value_blocks = ("transformer_blocks",)
+
+    def __init__(self, pipe, name: str, guidance: float = FLUX_GUIDANCE) -> None:
+        self.pipe, self.name = pipe, name
+        # The VAE's own sample size is the resolution the model was trained at (1024 for FLUX.1); FluxPipeline's
+        # default otherwise.
+        size = getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor
+        size = size[0] if isinstance(size, list | tuple) else size
+        latent = 2 * (size // (pipe.vae_scale_factor * 2))
+        self.denoiser = FluxDenoiser(pipe.transformer, guidance)
+        self.scheduler = FlowMatchingSampler(pipe.scheduler, latent, latent)
+        self.sample_shape = (pipe.transformer.config.in_channels // 4, latent, latent)
+        self.image_size = (latent * pipe.vae_scale_factor,) * 2
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        embeds, pooled, _ = self.pipe.encode_prompt(list(prompts), prompt_2=None, device=self.device,
+                                                    num_images_per_prompt=1)
+        return Conditioning(embeds, {"pooled_projections": pooled})
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        return batched(lambda chunk: flux_decode(self.pipe.vae, chunk), samples)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return batched(lambda chunk: flux_encode_images(self.pipe.vae, chunk), images.float())
+
+    def denoising_loss(self, x0: torch.Tensor, conditioning: Conditioning, generator: torch.Generator | None = None,
+                       reduce: bool = True) -> torch.Tensor:
+        x0 = x0.float().cpu()
+        noise = torch.randn(x0.shape, generator=generator)
+        u = torch.rand((x0.shape[0],), generator=generator).clamp(1e-4, 1 - 1e-4)
+        sigma = shifted_sigmas(u, self.scheduler.mu).view(-1, 1, 1, 1)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        per_sample = mse_per_sample(self.predict(noisy, sigma.flatten() * 1000, conditioning),
+                                    (noise - x0).to(self.device))
+        return per_sample.mean() if reduce else per_sample
+
+    def value_layers(self, blocks: Sequence[str] | None = None) -> dict[str, torch.nn.Linear]:
+        blocks = tuple(blocks or self.value_blocks)
+        # Paths start with "transformer." (the FluxDenoiser wrapper); the block is the transformer's top level.
+        return self.linear_layers(lambda path: path.endswith("attn.add_v_proj") and path.split(".")[1] in blocks)

@@ -200,16 +200,16 @@ def load_images(files: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
-def load_pipeline(base: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
-                  config: str | Path | None = None):
-    """A Stable Diffusion 1.x/2.x pipeline (`diffmem.audit.load_stable_diffusion`: a diffusers folder, or a single
+def load_sd_pipeline(base: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
+                     config: str | Path | None = None):
+    """A Stable Diffusion 1.x/2.x pipeline (`diffmem.backends.stable_diffusion.load_pipeline`: a diffusers folder, or a
     file whose configs come from `config`), with a DDIM scheduler from the checkpoint's own scheduler config, on
     `device`."""
     from diffusers import DDIMScheduler
 
-    from diffmem.audit import load_stable_diffusion
+    from diffmem.backends.stable_diffusion import load_pipeline
 
-    pipe = load_stable_diffusion(base, dtype, config)
+    pipe = load_pipeline(base, dtype, config, families=("sd1", "sd2"))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -430,7 +430,7 @@ def run_real_bench(
     the base pipeline with diffusers' `load_lora_weights`, measure it against the probe, and append a row to
     ``<out>/results.jsonl``; then write ``<out>/report.md``. Rows already measured with the same LoRA, base,
     probe and settings are skipped. Returns the rows of this base, probe and settings. `config`: the diffusers
-    folder whose configs describe a single-file `base` (see `load_pipeline`)."""
+    folder whose configs describe a single-file `base` (see `load_sd_pipeline`)."""
     device = resolve_device(device)
     out = Path(out)
     manifest = read_probe(probe)
@@ -465,7 +465,7 @@ def run_real_bench(
         variants = variants_for(lora, checkpoint, plan, device)
         todo = [v for v in variants if (lora_sha, v.key) not in done]
         if todo and pipe is None:
-            pipe = load_pipeline(base, device, dtype, config)
+            pipe = load_sd_pipeline(base, device, dtype, config)
             probe_images = ProbeImages.load(manifest, pipe, features)
         for variant in tqdm(todo, desc=label, unit="variant", disable=not progress):
             started = time.perf_counter()

@@ -96,7 +96,7 @@ def write_example(folder: str | Path, steps: int = 2, guidance: float = 7.5, see
     The suspected images are the LoRA's generations of their captions at `seed` with `steps` DDIM steps and
     `guidance` (the benchmark's first generation of each caption with the same settings); the references and the
     held-out images are the base's generations at other seeds. Returns the three paths."""
-    from diffmem.bench.real import RealBenchSettings, generate_images, load_lora_weights, load_pipeline
+    from diffmem.bench.real import RealBenchSettings, generate_images, load_lora_weights, load_sd_pipeline
 
     folder = Path(folder)
     pipe_folder, lora_path, probe = folder / "pipeline", folder / "lora.safetensors", folder / "probe"
@@ -104,7 +104,7 @@ def write_example(folder: str | Path, steps: int = 2, guidance: float = 7.5, see
         if path.exists():
             raise DiffmemError("exists already; choose an empty folder for the example", path)
     tiny_pipeline(pipe_folder, seed)
-    pipe = load_pipeline(pipe_folder, torch.device("cpu"))
+    pipe = load_sd_pipeline(pipe_folder, torch.device("cpu"))
     write_lora(tiny_kohya_lora(pipe, seed=seed), lora_path)
     settings = RealBenchSettings(steps=steps, guidance=guidance, seed=seed)
     base_images = generate_images(pipe, [*SUSPECTED_CAPTIONS, *HELDOUT_CAPTIONS],

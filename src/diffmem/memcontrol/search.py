@@ -108,7 +108,7 @@ class TrialResult:
 def memorization_objective(unet: UNet2DConditionModel, captions: list[str], steps: int, generations: int,
                            guidance: float, seed: int) -> float:
     """Mean Wen score of `captions` (Wen et al. 2024, eq. 6 of the seed), sampled with the world's DDIM."""
-    from diffmem.audit import WorldDDIMScheduler
+    from diffmem.backends.world import WorldDDIMScheduler
     from diffmem.metrics.wen import WenConfig, sample_with_wen_scores
     from diffmem.world.text import encode_prompts
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffmem.backends.options import add_backend_options, backend_from
 from diffmem.errors import DiffmemError
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that sample a model while scoring it."""
-    parser.add_argument("--base", required=True,
-                        help="'world' (the embedded world base), a world UNet .safetensors, or a Stable Diffusion "
-                             "1.x/2.x, SDXL or Flux diffusers folder / single-file checkpoint (loaded offline)")
-    parser.add_argument("--lora", type=Path, help="LoRA merged into the base (any format diffmem reads)")
+    add_backend_options(parser, base_required=True)
     parser.add_argument("--generations", type=int, default=4, help="images per prompt (default 4, Wen et al.)")
     parser.add_argument("--steps", type=int,
                         help="DDIM steps (default: 50 for Stable Diffusion as in Wen et al., 25 for the world)")
@@ -21,7 +19,6 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance scale (default: 7.5 for Stable Diffusion, 3.0 for the world)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per UNet call (default 32)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
 
 
 def audit_config(args: argparse.Namespace):
@@ -38,10 +35,12 @@ def audit_config(args: argparse.Namespace):
 
 def run_audit_command(args: argparse.Namespace) -> int:
     from diffmem.audit import audit_files
+    from diffmem.backends import parse_dtype
 
     summary = audit_files(
         base=args.base, lora=args.lora, prompts=args.prompts, train_images=args.train_images, out_dir=args.out,
         config=audit_config(args), device=args.device, screenshot=args.screenshot, manifest=args.manifest,
+        dtype=parse_dtype(args.dtype), model_config=args.config,
         data_free=args.data_free,
     )
     print(f"audited {summary['prompts']} prompts of {summary['model']} ({summary['mode']})")
@@ -59,7 +58,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
 def run_wen_eval_command(args: argparse.Namespace) -> int:
     import json
 
-    from diffmem.audit import evaluate_wen_detector, load_prompts, open_audit_model
+    from diffmem.audit import evaluate_wen_detector, load_prompts
 
     if args.manifest is not None:
         from diffmem.audit import world_manifest_inputs
@@ -71,7 +70,7 @@ def run_wen_eval_command(args: argparse.Namespace) -> int:
         memorized, held_out = load_prompts(args.memorized), load_prompts(args.held_out)
     else:
         raise DiffmemError("give --memorized and --held-out prompt files, or a world --manifest")
-    model = open_audit_model(args.base, args.lora, args.device)
+    model = backend_from(args)
     result = evaluate_wen_detector(model, memorized, held_out, audit_config(args), max_fpr=args.max_fpr)
     for key in ("all_steps", "first_step"):
         numbers = result[key]

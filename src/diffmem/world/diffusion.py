@@ -63,7 +63,18 @@ def training_loss(
     offset noise"; kohya's `--noise_offset`), which teaches the model to set each image's mean colour itself
     instead of taking it from the random mean of the starting noise.
     """
-    x0 = to_model_range(images)
+    return training_loss_x0(unet, to_model_range(images), context, generator, reduce, noise_offset)
+
+
+def training_loss_x0(
+    unet: UNet2DConditionModel,
+    x0: torch.Tensor,
+    context: torch.Tensor,
+    generator: torch.Generator | None = None,
+    reduce: bool = True,
+    noise_offset: float = 0.0,
+) -> torch.Tensor:
+    """`training_loss` on clean samples x0 already in the model's [-1, 1]."""
     noise = torch.randn(x0.shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=generator)

@@ -1,0 +1,159 @@
+"""Backends: every model family behind one interface, checked against the model's own diffusers pipeline, and the
+Dori attack end to end on tiny SD1, SD2, SDXL and Flux pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from builders_pipelines import build_tiny_pipeline, write_pipeline_lora
+from diffmem.attack import DoriConfig, dori_attack, dori_search
+from diffmem.attack.commands import register
+from diffmem.backends import Conditioning, as_backend, open_backend, parse_dtype
+from diffmem.backends.world import WorldBackend
+from diffmem.errors import DiffmemError
+from diffmem.formats.safetensors_io import load_file
+from diffmem.report import save_png
+from diffmem.world.diffusion import generate
+from diffmem.world.model import load_base
+
+FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pipeline(request, tmp_path_factory):
+    """(family, pipeline folder, a LoRA for it) for each family, built once per module."""
+    folder = tmp_path_factory.mktemp(request.param)
+    path = build_tiny_pipeline(folder, request.param)
+    return request.param, path, write_pipeline_lora(path, request.param, folder / "lora.safetensors")
+
+
+def test_every_family_samples_trains_and_names_its_layers(pipeline):
+    family, path, lora = pipeline
+    backend = open_backend(path, lora)
+    assert backend.family == family and backend.name.endswith("+ lora.safetensors")
+    conditioning = backend.encode(["abc", "xyz"])
+    assert len(conditioning) == 2 and conditioning.context.ndim == 3
+    expected_added = {"sdxl": {"text_embeds", "time_ids"}, "flux": {"pooled_projections"}}.get(family, set())
+    assert set(conditioning.added) == expected_added
+    images = backend.generate(conditioning, [3, 4], steps=2)
+    assert images.shape == (2, 3, *backend.image_size) and 0 <= images.min() <= images.max() <= 1
+    # Each image depends on its own seed only, not on the batch it was drawn in.
+    torch.testing.assert_close(backend.generate(conditioning.rows(1, 2), [4], steps=2), images[1:])
+    x0 = backend.encode_images(images)
+    assert x0.shape == (2, *backend.sample_shape)
+    losses = backend.denoising_loss(x0, conditioning, torch.Generator().manual_seed(0), reduce=False)
+    assert losses.shape == (2,) and torch.isfinite(losses).all() and (losses > 0).all()
+    again = backend.denoising_loss(x0, conditioning, torch.Generator().manual_seed(0), reduce=False)
+    assert torch.equal(losses, again)
+    assert backend.value_layers() and backend.feed_forward_layers()
+    marker = "attn.add_v_proj" if family == "flux" else "attn2.to_v"
+    assert all(name.endswith(marker) for name in backend.value_layers())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_generation_equals_the_diffusers_pipeline(tmp_path, family):
+    """Same noise, same prompt, DDIM and guidance 7.5: the backend's images are the pipeline's own (so is the
+    unconditional branch: an encoded empty prompt for SD1, zeros for SDXL)."""
+    path = build_tiny_pipeline(tmp_path, family)
+    backend = open_backend(path)
+    ours = backend.generate(backend.encode(["abc"]), [5], steps=3, guidance=7.5)
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipe = pipeline_class.from_pretrained(path, local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    size = backend.image_size[0]
+    theirs = pipe("abc", num_inference_steps=3, guidance_scale=7.5, height=size, width=size,
+                  latents=backend.initial_noise([5]), output_type="pt").images
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_v_prediction_trains_towards_the_velocity(tmp_path):
+    """SD 2.x's 768-v models predict v: the loss is the error against the scheduler's velocity, not the noise."""
+    backend = open_backend(build_tiny_pipeline(tmp_path, "sd2"))
+    schedule = backend.training_schedule
+    assert schedule.config.prediction_type == "v_prediction"
+    x0 = torch.randn(2, *backend.sample_shape, generator=torch.Generator().manual_seed(1))
+    conditioning = backend.encode(["abc", "xyz"])
+    loss = backend.denoising_loss(x0, conditioning, torch.Generator().manual_seed(2), reduce=False)
+    generator = torch.Generator().manual_seed(2)
+    noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (2,), generator=generator)
+    prediction = backend.predict(schedule.add_noise(x0, noise, timesteps), timesteps, conditioning)
+    velocity = schedule.get_velocity(x0, noise, timesteps)
+    torch.testing.assert_close(loss, ((prediction - velocity) ** 2).flatten(1).mean(1))
+    assert not torch.allclose(loss, ((prediction - noise) ** 2).flatten(1).mean(1))
+
+
+def test_the_world_backend_is_the_world():
+    """The world backend samples with the world's own functions: identical images to `diffmem.world.generate`."""
+    unet = load_base()
+    backend = as_backend(unet)
+    assert isinstance(backend, WorldBackend) and as_backend(backend) is backend
+    prompts = ["a photo of a cat", "a red circle"]
+    ours = backend.generate(backend.encode(prompts), [0, 1], steps=3)
+    assert torch.equal(ours, generate(unet, prompts, [0, 1], steps=3))
+    assert open_backend("world").family == "world"
+
+
+def test_bad_dtype_and_missing_base_are_one_line_errors(tmp_path):
+    with pytest.raises(DiffmemError, match="--dtype must be one of"):
+        parse_dtype("float64")
+    with pytest.raises(DiffmemError, match="no such model file or folder"):
+        open_backend(tmp_path / "missing")
+
+
+def run_dori_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["attack", "dori", *argv])
+    return args.handler(args)
+
+
+def test_dori_searches_each_pipelines_whole_conditioning(pipeline, tmp_path):
+    """`diffmem attack dori --base PIPELINE --lora L` end to end: the target is resized to the model's size, the
+    text states and (SDXL, Flux) the pooled embedding move, SDXL's time ids stay, and the files are written."""
+    family, path, lora = pipeline
+    target = tmp_path / "target.png"
+    save_png(torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(0)), target)
+    out = tmp_path / "dori"
+    code = run_dori_cli("--base", str(path), "--lora", str(lora), "--target", str(target), "--prompt", "abc",
+                        "--distance-threshold", "0.2", "--steps", "3", "--batch-size", "2", "--generations", "2",
+                        "--sample-steps", "2", "--out", str(out))
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["family"] == family and summary["target_resized_from"] == [24, 24]
+    assert len(summary["losses"]) == 3 and summary["embedding_shift"] > 0
+    tensors, _ = load_file(out / "embedding.safetensors")
+    searched = {"sdxl": ["text_embeds"], "flux": ["pooled_projections"]}.get(family, [])
+    for key in ["", *(f".{name}" for name in searched)]:
+        assert not torch.equal(tensors[f"embedding{key}"], tensors[f"start{key}"]), key
+    if family == "sdxl":
+        assert torch.equal(tensors["embedding.time_ids"], tensors["start.time_ids"])
+    assert (out / "generations.png").is_file()
+
+
+def test_dori_refuses_a_conditioning_of_another_model(tmp_path):
+    backend = open_backend(build_tiny_pipeline(tmp_path, "sdxl"))
+    target = torch.rand(1, 3, *backend.image_size)
+    wrong = Conditioning(backend.encode(["abc"]).context)  # no pooled embedding
+    with pytest.raises(DiffmemError, match="lacks text_embeds, time_ids"):
+        dori_search(backend, target, wrong, DoriConfig(steps=1, batch_size=1))
+    result = dori_attack(backend, target, "abc", DoriConfig(steps=2, batch_size=1, start="random"))
+    assert len(result.losses) == 2 and set(result.conditioning.added) == {"text_embeds", "time_ids"}
+
+
+def test_backends_page_example(tmp_path, monkeypatch, capsys):
+    """The Python example of docs/backends.md runs as written on a tiny Flux pipeline of the name it uses."""
+    monkeypatch.chdir(tmp_path)
+    build_tiny_pipeline(tmp_path, "flux").rename(tmp_path / "flux-pipeline")
+    (block,) = re.findall(r"```python\n(.*?)```", DOCS.joinpath("backends.md").read_text(), flags=re.S)
+    exec(compile(block, "docs/backends.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "flux (1, 3, 16, 16) 3 Dori steps"
