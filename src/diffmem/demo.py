@@ -26,7 +26,7 @@ from diffmem.world.diffusion import denoising_loss
 from diffmem.world.lora import apply_lora
 from diffmem.world.model import BASE_FILE, assets_dir, load_base, load_unet_file
 
-DEMO_SETTINGS = CheckSettings(generations=4, steps=25, guidance=3.0, seed=1000)
+DEMO_SETTINGS = CheckSettings(generations=4, seed=1000)
 
 
 def own_distances(generated: torch.Tensor, training: torch.Tensor, generations: int) -> torch.Tensor:

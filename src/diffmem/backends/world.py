@@ -16,6 +16,8 @@ from diffusers import UNet2DConditionModel
 from diffmem.backends.base import Backend, Conditioning
 from diffmem.formats.safetensors_io import read_header
 from diffmem.world.diffusion import (
+    WORLD_GUIDANCE,
+    WORLD_STEPS,
     ddim_step,
     ddim_timesteps,
     from_model_range,
@@ -26,9 +28,6 @@ from diffmem.world.diffusion import (
 from diffmem.world.lora import apply_lora
 from diffmem.world.model import load_base, load_unet_file
 from diffmem.world.text import encode_prompts
-
-#: How the world is sampled everywhere (`diffmem.world.diffusion.generate`): 25 DDIM steps, guidance 3.
-WORLD_STEPS, WORLD_GUIDANCE = 25, 3.0
 
 
 class WorldDDIMScheduler:

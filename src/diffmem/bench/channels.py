@@ -34,7 +34,7 @@ from diffmem.formats.lora import read_lora
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.roc import roc_auc
 from diffmem.pipeline import filter_lora, module_channels
-from diffmem.world.diffusion import denoising_loss
+from diffmem.world.diffusion import WORLD_GUIDANCE, denoising_loss
 from diffmem.world.lora import apply_lora, module_paths
 from diffmem.world.model import BASE_FILE, assets_dir, load_base
 
@@ -67,7 +67,7 @@ class ChannelTruthConfig:
     max_channels: int | None = None
     copy_generations: int = 1
     steps: int = 10
-    guidance: float = 3.0
+    guidance: float = WORLD_GUIDANCE
     seed: int = 1000
     timesteps_per_image: int = 4
 

@@ -14,7 +14,7 @@ from diffmem.metrics.features import embed
 from diffmem.metrics.fid import fid_from_features
 from diffmem.world.check import manifest_images, own_reference_rows
 from diffmem.world.data import ImageSet
-from diffmem.world.diffusion import denoising_loss, generate
+from diffmem.world.diffusion import WORLD_GUIDANCE, denoising_loss, generate
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class BenchSettings:
     generations: int = 6
     quality_generations: int = 1
     steps: int = 10
-    guidance: float = 3.0
+    guidance: float = WORLD_GUIDANCE
     seed: int = 1000
     timesteps_per_image: int = 8
 

@@ -23,6 +23,7 @@ from diffmem.memcontrol.mask import Mask, derive_mask, save_mask
 from diffmem.memcontrol.methods import check_method, scaled_lr
 from diffmem.memcontrol.train import QUICK_LR_SCALE, QUICK_TRAIN, MemControlTrainConfig, finetune_with_mask
 from diffmem.world.data import ImageSet
+from diffmem.world.diffusion import WORLD_GUIDANCE
 
 STUDY_FILE = "study.db"
 
@@ -59,7 +60,7 @@ class SearchConfig:
         duplicate=(5, 20), rest_share=0.1, steps=60, batch_size=8))
     wen_steps: int = 10
     wen_generations: int = 2
-    guidance: float = 3.0
+    guidance: float = WORLD_GUIDANCE
     validation_size: int = 20
     quality_generations: int = 2
     quality_steps: int = 10

@@ -30,6 +30,7 @@ from diffmem.metrics.embedder import load_copy_embedder
 from diffmem.mitigations.registry import training_loop_mitigations
 from diffmem.report import replace_between_markers
 from diffmem.world.data import FINETUNE_SETS
+from diffmem.world.diffusion import WORLD_GUIDANCE
 from diffmem.world.model import load_base
 
 BASELINES = ("none", "full", "svdiff", "difffit", "attention", "lora")
@@ -64,7 +65,7 @@ class TableConfig:
     train: MemControlTrainConfig = field(default_factory=MemControlTrainConfig)
     wen_steps: int = 10
     wen_generations: int = 2
-    guidance: float = 3.0
+    guidance: float = WORLD_GUIDANCE
     mitigations: tuple[str, ...] = TABLE_MITIGATIONS
     methods: tuple[str, ...] = BASELINES
     lr_scale: float = 1.0

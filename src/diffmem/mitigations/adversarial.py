@@ -28,7 +28,7 @@ from diffmem.formats.safetensors_io import sha256_file, write_atomic
 from diffmem.mitigations.run import load_world_model, read_manifest, save_world_unet
 from diffmem.world.check import manifest_images
 from diffmem.world.data import ImageSet
-from diffmem.world.diffusion import generate
+from diffmem.world.diffusion import WORLD_GUIDANCE, WORLD_STEPS, generate
 from diffmem.world.model import load_base, load_unet_file
 from diffmem.world.text import encode_prompts
 from diffmem.world.train import finetune_loop, table_contexts
@@ -85,8 +85,8 @@ class AdversarialFinetuneConfig:
     caption_dropout: float = 0.1
     noise_offset: float = 0.1
     include_captions: bool = True
-    surrogate_steps: int = 25
-    surrogate_guidance: float = 3.0
+    surrogate_steps: int = WORLD_STEPS
+    surrogate_guidance: float = WORLD_GUIDANCE
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -130,8 +130,8 @@ def paired_training_set(embeddings: torch.Tensor, surrogates: torch.Tensor, ordi
     return images, torch.cat(contexts), torch.arange(1, 1 + len(images))
 
 
-def surrogate_images(model: UNet2DConditionModel, captions: list[str], seed: int = 0, steps: int = 25,
-                     guidance: float = 3.0) -> torch.Tensor:
+def surrogate_images(model: UNet2DConditionModel, captions: list[str], seed: int = 0, steps: int = WORLD_STEPS,
+                     guidance: float = WORLD_GUIDANCE) -> torch.Tensor:
     """One generation per caption from `model` (a model that did not memorize them, e.g. the base): the image each
     memorized caption and its adversarial embeddings are taught to produce instead of the training image."""
     return generate(model, captions, [seed + i for i in range(len(captions))], steps=steps, guidance=guidance)

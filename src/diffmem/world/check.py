@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from diffmem.errors import DiffmemError
+from diffmem.evaluation.sampling import SamplingSettings, seeds_for
 from diffmem.formats.safetensors_io import sha256_file
 from diffmem.world.data import FINETUNE_SETS, ImageSet
 from diffmem.world.diffusion import denoising_loss, generate
@@ -28,22 +29,8 @@ EXAMPLE_LORA_SHA256 = "d9f67cb8b19737b9d2f0e6ab88b299b97060e6deee4a2b383830f1817
 EXAMPLE_LORA_FILE = "example_lora.safetensors"
 
 
-@dataclass(frozen=True)
-class CheckSettings:
-    """How `memorization_check` samples.
-
-    Attributes:
-        generations: images per caption (different seeds); MemControl uses 50 per prompt on a GPU, 8 keeps the
-            check to a couple of minutes on the CPU while resolving a 50% rate to about +-18% per caption.
-        steps: DDIM steps (Song et al. 2021); 25 is where the world's samples stop changing visibly.
-        guidance: classifier-free guidance scale (Ho & Salimans 2022); 3 suits a small pixel model (SD uses 7.5).
-        seed: first seed; caption i uses seeds seed + i * generations ... .
-    """
-
-    generations: int = 8
-    steps: int = 25
-    guidance: float = 3.0
-    seed: int = 0
+#: The world check's name for `diffmem.evaluation.SamplingSettings` (kept for its callers).
+CheckSettings = SamplingSettings
 
 
 def manifest_images(manifest: dict, key: str) -> ImageSet:
@@ -55,11 +42,6 @@ def manifest_images(manifest: dict, key: str) -> ImageSet:
     except KeyError as error:
         raise DiffmemError(f"manifest lists an image id {error} that the world's {manifest['data']} set lacks") from None
     return full.subset(rows)
-
-
-def seeds_for(count: int, settings: CheckSettings) -> list[int]:
-    """Seeds of `settings.generations` generations for each of `count` captions."""
-    return [settings.seed + i for i in range(count * settings.generations)]
 
 
 def own_reference_rows(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
