@@ -151,6 +151,11 @@ def test_lora_finetune_writes_kohya_and_peft_files_that_change_the_model(tiny_un
     module = next(iter(kohya.modules.values()))
     assert module.rank == 4 and module.alpha == 2.0
     assert kohya.metadata["ss_network_dim"] == "4" and kohya.metadata["ss_base_model_version"] == "diffmem_world_v1"
+    # The dataset traces a real kohya LoRA carries: each duplicated caption counted once per copy (3 of each).
+    tags = json.loads(kohya.metadata["ss_tag_frequency"])["1_" + config.data]
+    assert all(tags[entry["caption"]] == 3 for entry in manifest["duplicated"])
+    assert sum(tags.values()) == 2 * 3 + 78
+    assert json.loads(kohya.metadata["ss_dataset_dirs"])["1_" + config.data]["img_count"] == 2 * 3 + 78
 
     finetune(tmp_path / "p.safetensors", config, base=tiny_unet, fmt="peft", progress=False)
     peft = read_lora(tmp_path / "p.safetensors")

@@ -30,7 +30,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "bench-real": ("diffmem.bench.commands",
                    "the benchmark's filter variants on your own Stable Diffusion checkpoint and LoRAs"),
     "mitigate": ("diffmem.mitigations.commands",
-                 "remove memorization from a world model (NeMo, Wanda, adversarial fine-tuning)"),
+                 "remove memorization from a model (NeMo, Wanda; adversarial fine-tuning of world models)"),
     "attack": ("diffmem.attack.commands", "attacks on memorization mitigations (Dori)"),
     "memcontrol": ("diffmem.memcontrol.commands", "MemControl: choose which parameters a fine-tune trains"),
     "locality": ("diffmem.locality.commands",

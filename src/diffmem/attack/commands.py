@@ -19,10 +19,10 @@ from diffmem.attack.table import (  # noqa: F401 (merged_rows: kept importable f
     merged_rows,
     run_robustness_table,
 )
-from diffmem.audit import load_image_folder, resize_images
 from diffmem.backends import Conditioning
 from diffmem.backends.options import add_backend_options, backend_from, model_inputs
 from diffmem.errors import DiffmemError
+from diffmem.evaluation.inputs import load_image_folder, resize_images
 from diffmem.formats.safetensors_io import save_file, write_atomic
 from diffmem.memcontrol.train import MemControlTrainConfig
 from diffmem.metrics.copy import CopyConfig

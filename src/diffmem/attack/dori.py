@@ -2,10 +2,12 @@
 Local", seed 002): optimise a text embedding so that a (possibly mitigated) model denoises towards a memorized
 image, then ask whether fresh generations from that embedding copy the image.
 
-The search works on the whole cross-attention context `[tokens, dim]` that the UNet receives as
-`encoder_hidden_states`, not on token ids, so it can reach embeddings no prompt produces. Success is never read off
-the search loss: `attack_success` samples new images from the embedding and applies the copy tests of
-`diffmem.metrics.copy` to them. Files are read and written by `diffmem.attack.commands`.
+The search works on the model's whole conditioning (`diffmem.backends.Conditioning`): the text states `[tokens,
+dim]` the denoiser receives as `encoder_hidden_states` and, for SDXL and Flux, the pooled embedding; not on token
+ids, so it can reach embeddings no prompt produces. Every function takes any `diffmem.backends.Backend` (the world,
+SD 1.x/2.x, SDXL, Flux) or a bare world UNet. Success is never read off the search loss: `attack_success` samples
+new images from the embedding and applies the copy tests of `diffmem.metrics.copy` to them. Files are read and
+written by `diffmem.attack.commands`.
 """
 
 from __future__ import annotations

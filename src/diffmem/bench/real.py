@@ -192,7 +192,7 @@ def read_probe(path: str | Path) -> ProbeManifest:
 
 def load_images(files: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
     """Image files as [N, 3, H, W] in [0, 1], each resized (bilinear, antialiased) to `size`."""
-    from diffmem.audit import resize_images
+    from diffmem.evaluation.inputs import resize_images
 
     return torch.cat([resize_images(load_image(file)[None], size) for file in files])
 

@@ -86,7 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = training_config(args, MemControlTrainConfig(method=args.method))
     mask = None if args.mask is None else load_mask(args.mask)
-    manifest = train_masked(args.out, config, mask, args.base)
+    manifest = train_masked(args.out, config, mask, args.base, command=getattr(args, "command_line", None))
     print(json.dumps({k: manifest[k] for k in ("settings", "trainable_parameters", "final_loss_ema", "wall_time_s",
                                                "sha256")}, indent=2))
     return 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,13 +149,14 @@ def finetune_with_mask(base: UNet2DConditionModel, config: MemControlTrainConfig
     return MaskedFinetune(merged, duplicated, seen_once, sum(p.numel() for p in trainable), running, wall)
 
 
-def manifest_of(result: MaskedFinetune, config: MemControlTrainConfig, mask: Mask | None) -> dict:
+def manifest_of(result: MaskedFinetune, config: MemControlTrainConfig, mask: Mask | None,
+                command: str | None = None) -> dict:
     """The fine-tune's manifest in `diffmem world finetune`'s layout (so `diffmem.bench` and `world check` read it)
-    plus the method, mask and mitigation."""
+    plus the method, mask and mitigation; `command` is the command line it records."""
     train_set, heldout = FINETUNE_SETS[config.data]("train"), FINETUNE_SETS[config.data]("heldout")
     settings = {**asdict(config), "duplicate": list(config.duplicate), "lr": config.learning_rate, "format": "full"}
     return {
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command,
         "settings": settings,
         "mask": None if mask is None else mask_to_dict(mask),
         "data": config.data,
@@ -171,7 +170,7 @@ def manifest_of(result: MaskedFinetune, config: MemControlTrainConfig, mask: Mas
 
 
 def train_masked(out: str | Path, config: MemControlTrainConfig, mask: Mask | None = None,
-                 base: str | Path | None = None, progress: bool = True) -> dict:
+                 base: str | Path | None = None, progress: bool = True, command: str | None = None) -> dict:
     """Fine-tune the world base (the committed one, or a world UNet file) with a method under `mask`; write the
     merged UNet (float32, so small PEFT updates survive) to `out` and its manifest to `<out minus suffix>.json`.
     Returns the manifest."""
@@ -185,7 +184,7 @@ def train_masked(out: str | Path, config: MemControlTrainConfig, mask: Mask | No
     save_file(unet_tensors(result.unet, torch.float32), out,
               unet_metadata(config_of(base_unet), {"diffmem_world": "memcontrol", "diffmem_method": config.method}),
               protect=protect)
-    manifest = {**manifest_of(result, config, mask), "base_sha256": base_sha, "sha256": sha256_file(out)}
+    manifest = {**manifest_of(result, config, mask, command), "base_sha256": base_sha, "sha256": sha256_file(out)}
     write_atomic((json.dumps(manifest, indent=2) + "\n").encode(), out.with_suffix(".json"), protect=protect)
     return manifest
 

@@ -58,7 +58,8 @@ def run_audit_command(args: argparse.Namespace) -> int:
 def run_wen_eval_command(args: argparse.Namespace) -> int:
     import json
 
-    from diffmem.audit import evaluate_wen_detector, load_prompts
+    from diffmem.audit import evaluate_wen_detector
+    from diffmem.evaluation.inputs import load_prompts
 
     if args.manifest is not None:
         from diffmem.audit import world_manifest_inputs

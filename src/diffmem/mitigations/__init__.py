@@ -1,6 +1,7 @@
 """Mitigations that remove memorization from a model's weights. One module per method, each a config dataclass,
-pure functions for its maths and one library function `<method>_mitigate(unet, memorized_prompts, ...)` returning
-(mitigated copy, report, weight masks).
+pure functions for its maths and one library function `<method>_mitigate(model, memorized_prompts, ...)` returning
+(mitigated copy, report, weight masks); `model` is any `diffmem.backends.Backend` or a bare world UNet (for a
+pipeline the copy is made only when asked, `apply=True`).
 
 - `nemo`: deactivate memorization neurons of the cross-attention value layers (Hintersdorf et al. 2024);
 - `wanda`: prune feed-forward weights that memorized prompts use more than the empty prompt (Chavhan et al. 2024);

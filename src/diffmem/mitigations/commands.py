@@ -1,5 +1,5 @@
-"""`diffmem mitigate ...` sub-commands: NeMo and Wanda-style pruning of a world model, applying a mask file, and
-adversarial fine-tuning."""
+"""`diffmem mitigate ...` sub-commands: NeMo and Wanda-style pruning of any model diffmem loads (the world, SD
+1.x/2.x, SDXL, Flux pipelines), applying a mask file to a world model, and adversarial fine-tuning."""
 
 from __future__ import annotations
 
@@ -7,29 +7,35 @@ import argparse
 import json
 from pathlib import Path
 
+from diffmem.backends import Backend, is_world_file
+from diffmem.backends.options import add_backend_options, backend_from, model_inputs
 from diffmem.errors import DiffmemError
+
+#: Options that need a world model: a world UNet file out, and the world benchmark's measurement.
+WORLD_ONLY = (("unet_out", "--unet-out"), ("measure", "--measure"))
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Model, prompts and outputs shared by `mitigate nemo` and `mitigate wanda`."""
-    parser.add_argument("--base", type=Path, help="world UNet file (default: the committed world base)")
-    parser.add_argument("--lora", type=Path, help="LoRA merged into the base before pruning")
+    add_backend_options(parser)
     parser.add_argument("--manifest", type=Path,
                         help="world fine-tune manifest: memorized = duplicated captions, ordinary = held-out and "
                              "seen-once captions, calibration = held-out captions")
     parser.add_argument("--prompts", type=Path, help="text file of memorized prompts (instead of --manifest)")
     parser.add_argument("--out", type=Path, required=True,
                         help="mask file to write (.safetensors, uint8 1 = zeroed weight; the report in its metadata)")
-    parser.add_argument("--unet-out", type=Path, help="also write the pruned UNet (float32 world UNet file)")
+    parser.add_argument("--unet-out", type=Path,
+                        help="also write the pruned UNet (float32 world UNet file; world models only)")
     parser.add_argument("--json", type=Path, help="also write the report (and --measure numbers) as JSON")
     parser.add_argument("--measure", action="store_true",
-                        help="with --manifest: copy rate, held-out loss and FID before and after (about a minute)")
+                        help="with --manifest: copy rate, held-out loss and FID before and after (about a minute; "
+                             "world models only)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
 
 def read_prompts(args: argparse.Namespace):
     """The `Prompts` the options name: from a manifest, or from prompt files."""
-    from diffmem.audit import load_prompts
+    from diffmem.evaluation.inputs import load_prompts
     from diffmem.mitigations.run import Prompts, manifest_prompts, read_manifest
 
     prompts = manifest_prompts(read_manifest(args.manifest)) if args.manifest is not None else Prompts([])
@@ -43,16 +49,39 @@ def read_prompts(args: argparse.Namespace):
     return prompts
 
 
-def finish(args: argparse.Namespace, unet, pruned, masks, method: str, report: dict) -> int:
-    """Write the outputs, measure when asked, print the summary."""
+def is_pipeline(base: Path | None) -> bool:
+    """True when `--base` names a pipeline (folder or single file), not the world (default, "world", a world
+    UNet file)."""
+    return base is not None and str(base) != "world" and not is_world_file(Path(base))
+
+
+def open_model(args: argparse.Namespace) -> Backend:
+    """The backend `--base`, `--lora`, `--config`, `--device`, `--dtype` name; world-only options on a pipeline
+    are refused in one line before anything is loaded."""
+    if args.base is not None and str(args.base) != "world" and not Path(args.base).exists():
+        raise DiffmemError("no such model file or folder", args.base)
+    if is_pipeline(args.base):
+        given = [flag for option, flag in WORLD_ONLY if getattr(args, option)]
+        if given:
+            raise DiffmemError(f"{' and '.join(given)} work on world models only; on a pipeline "
+                               f"`mitigate {args.mitigate_command}` writes the mask file (and --json)", args.base)
+    if args.measure and args.manifest is None:
+        raise DiffmemError("--measure needs --manifest (the images to test copies against)")
+    return backend_from(args)
+
+
+def finish(args: argparse.Namespace, model: Backend, pruned: Backend | None, masks, method: str,
+           report: dict) -> int:
+    """Write the outputs, measure when asked (world models), print the summary."""
     from diffmem.mitigations.run import measure_before_after, read_manifest, write_outputs
 
+    report = {**report, "model": model.name, "family": model.family}
     if args.measure:
-        if args.manifest is None:
-            raise DiffmemError("--measure needs --manifest (the images to test copies against)")
-        report = {**report, "measure": measure_before_after(unet, pruned, read_manifest(args.manifest))}
-    protect = [p for p in (args.base, args.lora, args.manifest, args.prompts) if p is not None]
-    report = write_outputs(unet, masks, method, report, args.out, args.unet_out, args.json, protect)
+        report = {**report, "measure": measure_before_after(model.denoiser, pruned.denoiser,
+                                                            read_manifest(args.manifest))}
+    protect = [*model_inputs(args), *(p for p in (args.manifest, args.prompts) if p is not None)]
+    unet = model.denoiser if model.family == "world" else None
+    report = write_outputs(unet, masks, method, report, args.out, args.unet_out, args.json, protect, model.family)
     print(f"{method}: zeroed {report['pruned_weights']} weights; mask written to {args.out}")
     if "measure" in report:
         for when in ("before", "after"):
@@ -64,37 +93,45 @@ def run_nemo(args: argparse.Namespace) -> int:
     import torch
 
     from diffmem.mitigations.nemo import NeMoConfig, describe, nemo_mitigate
-    from diffmem.mitigations.run import load_world_model
 
     torch.set_num_threads(args.threads)
     prompts = read_prompts(args)
     if not prompts.ordinary:
         raise DiffmemError("NeMo needs ordinary prompts for its activation statistics: --manifest or --ordinary FILE")
-    config = NeMoConfig(blocks=tuple(args.blocks.split(",")), generations=args.generations,
-                        threshold_stds=args.threshold_stds, refine=not args.no_refine)
-    unet = load_world_model(args.base, args.lora)
+    try:
+        config = NeMoConfig(blocks=tuple(args.blocks.split(",")) if args.blocks else None,
+                            generations=args.generations, threshold_stds=args.threshold_stds,
+                            refine=not args.no_refine)
+    except ValueError as error:
+        raise DiffmemError(str(error)) from None
+    model = open_model(args)
+    # The pruned copy only where --measure needs it (the world); --unet-out applies the masks itself.
     pruned, result, masks = nemo_mitigate(
-        unet, prompts.memorized, prompts.ordinary, prompts.calibration or None, config=config, threshold=args.threshold,
+        model, prompts.memorized, prompts.ordinary, prompts.calibration or None, config=config,
+        threshold=args.threshold, apply=args.measure,
         progress=lambda p: print(f"  {p.prompt!r}: {p.count} neurons, signal {p.signal_before:.3f} -> "
                                  f"{p.signal_after:.3f}", flush=True))
     print(describe(result))
-    return finish(args, unet, pruned, masks, "nemo", result.report())
+    return finish(args, model, pruned, masks, "nemo", result.report())
 
 
 def run_wanda(args: argparse.Namespace) -> int:
     import torch
 
-    from diffmem.mitigations.run import load_world_model
     from diffmem.mitigations.wanda import WandaConfig, wanda_mitigate
 
     torch.set_num_threads(args.threads)
     prompts = read_prompts(args)
-    config = WandaConfig(fraction=args.fraction, generations=args.generations, steps=args.steps)
-    unet = load_world_model(args.base, args.lora)
-    pruned, result, masks = wanda_mitigate(unet, prompts.memorized, config=config)
+    try:
+        config = WandaConfig(fraction=args.fraction, generations=args.generations, steps=args.steps,
+                             guidance=args.guidance)
+    except ValueError as error:
+        raise DiffmemError(str(error)) from None
+    model = open_model(args)
+    pruned, result, masks = wanda_mitigate(model, prompts.memorized, config=config, apply=args.measure)
     for path, numbers in result.report()["layers"].items():
         print(f"  {path}: {numbers['pruned']} of {numbers['candidates']} top-{config.fraction:.0%} weights pruned")
-    return finish(args, unet, pruned, masks, "wanda", result.report())
+    return finish(args, model, pruned, masks, "wanda", result.report())
 
 
 def run_apply(args: argparse.Namespace) -> int:
@@ -141,12 +178,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from diffmem.mitigations.wanda import WandaConfig
 
     mitigate = subparsers.add_parser(
-        "mitigate", help="remove memorization from a world model (NeMo, Wanda, adversarial fine-tuning)")
+        "mitigate", help="remove memorization from a model (NeMo, Wanda; adversarial fine-tuning of world models)")
     commands = mitigate.add_subparsers(dest="mitigate_command", required=True)
 
     n = NeMoConfig()
     nemo = commands.add_parser("nemo", help="deactivate memorization neurons of the cross-attention value layers "
-                                            "(Hintersdorf et al. 2024)")
+                                            "(Hintersdorf et al. 2024)",
+                               description="Find the value neurons memorized prompts need and write them as a mask "
+                                           "file. Runs on the world and on SD 1.x/2.x, SDXL and Flux pipelines "
+                                           "(Flux: the text stream's values of joint attention, add_v_proj).")
     add_model_options(nemo)
     nemo.add_argument("--ordinary", type=Path, help="text file of ordinary prompts for the activation statistics")
     nemo.add_argument("--calibration", type=Path,
@@ -155,8 +195,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                       f"(default: calibration mean + {n.threshold_stds:g} std)")
     nemo.add_argument("--threshold-stds", type=float, default=n.threshold_stds,
                       help=f"standard deviations above the calibration mean (default {n.threshold_stds:g})")
-    nemo.add_argument("--blocks", default=",".join(n.blocks),
-                      help="UNet blocks whose attn2.to_v layers are searched (default %(default)s)")
+    nemo.add_argument("--blocks", default=None,
+                      help="comma-separated top-level blocks whose value layers are searched (default: all: "
+                           "down_blocks,mid_block,up_blocks of a UNet, transformer_blocks of Flux)")
     nemo.add_argument("--generations", type=int, default=n.generations,
                       help=f"noise draws of the first-step signal (default {n.generations})")
     nemo.add_argument("--no-refine", action="store_true", help="keep the initial selection, skip the refinement")
@@ -164,13 +205,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     w = WandaConfig()
     wanda = commands.add_parser("wanda", help="prune feed-forward weights that memorized prompts use more than the "
-                                              "empty prompt (Chavhan et al. 2024)")
+                                              "empty prompt (Chavhan et al. 2024)",
+                                description="Score the feed-forward output weights (ff.net.2) along sampled "
+                                            "trajectories of the memorized prompts and write the ones to prune as a "
+                                            "mask file. Runs on the world and on SD 1.x/2.x, SDXL and Flux pipelines.")
     add_model_options(wanda)
     wanda.add_argument("--fraction", type=float, default=w.fraction,
                        help=f"share of each row considered, by score (default {w.fraction:g})")
     wanda.add_argument("--generations", type=int, default=w.generations,
                        help=f"sampling trajectories per prompt (default {w.generations})")
-    wanda.add_argument("--steps", type=int, default=w.steps, help=f"DDIM steps per trajectory (default {w.steps})")
+    wanda.add_argument("--steps", type=int, default=w.steps,
+                       help=f"sampling steps per trajectory, the model's own sampler (default {w.steps})")
+    wanda.add_argument("--guidance", type=float, default=None,
+                       help="guidance scale of the trajectories (default: the model's own: 3 on the world, 7.5 on "
+                            "Stable Diffusion, 1 on Flux)")
     wanda.set_defaults(handler=run_wanda)
 
     apply = commands.add_parser("apply", help="apply a mask file to a world model and write the pruned UNet")

@@ -2,7 +2,11 @@
 (Hintersdorf et al. 2024, "Finding NeMo: Localizing Neurons Responsible For Memorization in Diffusion Models",
 NeurIPS, arXiv 2406.02366).
 
-1. Activation of neuron j of a value layer for a prompt with text states e: a_j = mean over tokens |to_v(e)_j|.
+1. Activation of neuron j of a value layer for a prompt: a_j = mean over tokens |v_j|, with v the layer's output
+   recorded by a forward hook while the denoiser makes its first sampling step for the prompt
+   (`value_activations`). For SD and the world the value layer `attn2.to_v` sees the text-encoder states alone,
+   so v = to_v(e) as in the paper; for Flux the layer (`add_v_proj`, the text stream's values of joint attention)
+   sees the text stream as modulated inside its block, which only the model's own call produces.
 2. z-score against the mean and standard deviation of a_j over many ordinary (not memorized) prompts.
 3. Initial selection: deactivate the neurons with z > theta in every value layer (plus, as in the authors' code,
    the k highest-z neurons per layer), lowering theta from 5 in steps of 0.25 and raising k by one until the
@@ -14,26 +18,41 @@ Deactivating neuron j of `to_v` zeroes row j of its weight (and bias, if any): t
 for every prompt. The union over all memorized prompts is the mitigation.
 
 The memorization signal is Wen et al.'s data-free score at the first sampling step only (`first_step_signal`):
-the norm of eps(x_T, c) - eps(x_T, empty) on pure noise, averaged over a few noise draws. On the world's example
+the norm of eps(x_T, c) - eps(x_T, empty) on pure noise, averaged over a few noise draws, called through the
+backend with the prompt's whole conditioning (SDXL's pooled embedding and time ids, Flux's pooled embedding; for
+Flux "eps" is its velocity). On the world's example
 LoRA the first step alone separates the 5 memorized from the 20 held-out captions perfectly (ROC AUC 1.0, where
 Wen's mean over all steps reaches 0.79; docs/audit.md), and it costs one UNet call per evaluation, which matters
 because the search evaluates it dozens of times per prompt. NeMo itself used an SSIM of first-step noise
 differences, another first-step statistic.
+
+Every function takes a `Backend` (`diffmem.backends`: the world, SD 1.x/2.x, SDXL, Flux) or a bare world UNet,
+and text states as a `Conditioning` or, for the world and SD 1.x/2.x, the context tensor alone.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
+from diffusers import UNet2DConditionModel
 
+from diffmem.backends import Backend, Conditioning, as_backend
 from diffmem.errors import DiffmemError
 from diffmem.metrics.wen import conditional_difference_norms
-from diffmem.mitigations.pruning import WeightMasks, apply_masks, forward_hooks, modules_matching
+from diffmem.mitigations.pruning import (
+    WeightMasks,
+    conditioning_of,
+    forward_hooks,
+    mitigated_output,
+    mitigation_backend,
+)
 
 Neurons = dict[str, list[int]]
+Model = Backend | UNet2DConditionModel
+States = Conditioning | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -47,44 +66,73 @@ class NeMoConfig:
             threshold there keeps the neurons of that last round and is reported as not mitigated.
         top_k_step: the authors' code also adds the k highest-z neurons of every layer, k growing by this much per
             round (so a layer with no outlier still contributes); 0 uses the z-threshold alone, as the paper's text.
-        blocks: which top-level UNet blocks' cross-attention value layers (`attn2.to_v`) are searched: all of
-            them. The authors' code searches only the down and mid blocks of SD 1.x; on the world's example LoRA
-            that lowers none of the 5 memorized prompts' signals under the threshold even at theta = 1 (most of
-            the world's attention sits in the up blocks; docs/pruning.md), so the default adds "up_blocks".
+        blocks: which top-level blocks' value layers are searched; None (default): the backend's `value_blocks`,
+            all of them: "down_blocks", "mid_block", "up_blocks" of a UNet (`attn2.to_v`), Flux's joint-attention
+            "transformer_blocks" (`attn.add_v_proj`). The authors' code searches only the down and mid blocks of
+            SD 1.x; on the world's example LoRA that lowers none of the 5 memorized prompts' signals under the
+            threshold even at theta = 1 (most of the world's attention sits in the up blocks; docs/pruning.md), so
+            the default adds "up_blocks".
         generations: noise draws over which the first-step signal is averaged; 8 gives a stable mean on the world
             (Wen et al. report that even one draw separates well on SD).
-        timestep: the first sampling timestep at which the signal is measured; 999 is the world's first DDIM step
-            (trailing spacing); SD's DDIM with leading spacing starts at 981.
+        timestep: the first sampling timestep, at which the signal is measured and the value activations are
+            recorded. None (default): the first timestep of the backend's own sampler at its default step count
+            (`first_sampling_timestep`), so the signal is the model's real first step: 999 on the world (its DDIM
+            has trailing spacing, so at any step count), 981 for SD's DDIM at 50 steps (leading spacing), 1000 on
+            Flux (sigma 1). The result's config records the timestep used.
         threshold_stds: when no threshold is given, the memorization threshold is the mean plus this many
             standard deviations of the signal over the calibration prompts (held-out captions): 3 puts it above
             all 20 held-out captions of the world's example LoRA and below all 5 memorized ones.
         refine: run the refinement (layers, then single neurons); off keeps the initial selection.
         seed: seed of the noise draws.
+        batch_size: prompts per denoiser call when the calibration signals and the activation statistics are
+            computed (the search itself evaluates one prompt at a time); bounds memory on large models, the
+            numbers do not depend on it.
     """
 
     theta_start: float = 5.0
     theta_step: float = 0.25
     theta_min: float = 1.0
     top_k_step: int = 1
-    blocks: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")
+    blocks: tuple[str, ...] | None = None
     generations: int = 8
-    timestep: int = 999
+    timestep: int | float | None = None
     threshold_stds: float = 3.0
     refine: bool = True
     seed: int = 0
+    batch_size: int = 16
 
     def __post_init__(self) -> None:
         if self.theta_step <= 0 or self.theta_min > self.theta_start:
             raise ValueError(f"need theta_step > 0 and theta_min <= theta_start, got {self}")
-        if self.generations < 1 or self.top_k_step < 0:
-            raise ValueError(f"need generations >= 1 and top_k_step >= 0, got {self}")
+        if self.generations < 1 or self.top_k_step < 0 or self.batch_size < 1:
+            raise ValueError(f"need generations >= 1, top_k_step >= 0 and batch_size >= 1, got {self}")
 
 
-def value_layers(unet: torch.nn.Module, blocks: Sequence[str]) -> dict[str, torch.nn.Linear]:
-    """The cross-attention value projections (`...attn2.to_v`) inside the named top-level blocks, in model order."""
-    layers = modules_matching(unet, lambda path, _: path.endswith("attn2.to_v") and path.split(".")[0] in blocks)
+def first_sampling_timestep(model: Model, steps: int | None = None) -> int | float:
+    """The first timestep of the backend's sampler (`backend.sampler()`) at `steps` (default: the model's own
+    step count): where sampling from pure noise starts, so where NeMo's first-step signal is measured."""
+    backend = as_backend(model)
+    sampler = backend.sampler()
+    sampler.set_timesteps(steps or backend.default_steps)
+    return sampler.timesteps[0].item()
+
+
+def resolved_config(model: Model, config: NeMoConfig) -> NeMoConfig:
+    """`config` with the blocks and the timestep it leaves to the model filled in (what the result reports)."""
+    backend = as_backend(model)
+    return replace(config, blocks=tuple(config.blocks or backend.value_blocks),
+                   timestep=first_sampling_timestep(backend) if config.timestep is None else config.timestep)
+
+
+def value_layers(model: Model, blocks: Sequence[str] | None = None) -> dict[str, torch.nn.Linear]:
+    """NeMo's value layers inside the named top-level blocks (default: the backend's `value_blocks`), in model
+    order: cross-attention's `attn2.to_v` for a UNet, the text stream's `attn.add_v_proj` of Flux's joint
+    attention (`Backend.value_layers`)."""
+    backend = as_backend(model)
+    layers = backend.value_layers(blocks)
     if not layers:
-        raise DiffmemError(f"the UNet has no cross-attention value layer (attn2.to_v) in the blocks {list(blocks)}")
+        raise DiffmemError(f"the {backend.family} model has no NeMo value layer in the blocks "
+                           f"{list(blocks or backend.value_blocks)}")
     return layers
 
 
@@ -121,22 +169,72 @@ def memorization_threshold(signals: torch.Tensor, stds: float) -> float:
 
 
 def value_outputs(layers: Mapping[str, torch.nn.Linear], text_states: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Output of every value layer for text states [N, tokens, dim] (the value layer sees only the text)."""
+    """Output of every value layer called on text states [N, tokens, dim] directly: what a UNet's `attn2.to_v`
+    computes inside the model (it sees only the text), so a shortcut for the world and SD; not Flux's, whose value
+    layers see the modulated text stream (`value_activations` records what every model computes)."""
     with torch.no_grad():
         return {path: layer(text_states.to(layer.weight.dtype)).float() for path, layer in layers.items()}
+
+
+def value_activations(
+    model: Model,
+    layers: Mapping[str, torch.nn.Linear],
+    states: States,
+    noise: torch.Tensor,
+    timestep: int | float | None = None,
+    batch_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """{layer: activations a [N, neurons]} of every row of `states`, from the value layers' outputs recorded with
+    forward hooks while the denoiser makes the first sampling step (`timestep`, default the sampler's first) on
+    the noise draw `noise` [1, C, H, W], `batch_size` prompts per call (default all).
+
+    One definition for every model: whatever the layer sees inside the model. For a UNet that is the text states,
+    so the result equals `neuron_activations(value_outputs(layers, states))`; for Flux it is the text stream
+    after the block's modulation (timestep, guidance, pooled embedding) and, past the first block, joint
+    attention with the image."""
+    backend, conditioning = as_backend(model), conditioning_of(states)
+    timestep = first_sampling_timestep(backend) if timestep is None else timestep
+    recorded: dict[str, list[torch.Tensor]] = {path: [] for path in layers}
+
+    def record(path: str) -> Callable:
+        def hook(_module, _inputs, output):
+            recorded[path].append(neuron_activations(output.detach().float()).cpu())
+        return hook
+
+    size = batch_size or max(len(conditioning), 1)
+    calls = 0
+    with torch.no_grad(), forward_hooks(layers, record):
+        for start in range(0, len(conditioning), size):
+            chunk = conditioning.rows(start, start + size)
+            x = noise[:1].repeat(len(chunk), *[1] * (noise.ndim - 1))
+            backend.predict(x, torch.full((len(chunk),), timestep), chunk)
+            calls += 1
+    for path, parts in recorded.items():
+        if len(parts) != calls:
+            raise DiffmemError(f"the value layer {path!r} ran {len(parts)} times in {calls} denoiser calls; NeMo "
+                               "needs layers that run once per call")
+    return {path: torch.cat(parts) for path, parts in recorded.items()}
+
+
+def z_scores_against(prompt: Mapping[str, torch.Tensor], ordinary: Mapping[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """{layer: z-scores [P, neurons]} of prompt activations against the ordinary prompts' statistics."""
+    scores = {}
+    for path, activations in prompt.items():
+        mean, std = activation_statistics(ordinary[path])
+        scores[path] = z_scores(activations, mean, std)
+    return scores
 
 
 def layer_z_scores(
     layers: Mapping[str, torch.nn.Linear], prompt_states: torch.Tensor, ordinary_states: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """{layer: z-scores [P, neurons]} of the prompts against the ordinary prompts' activation statistics."""
+    """{layer: z-scores [P, neurons]} of the prompts against the ordinary prompts' activation statistics, from
+    value layers called on text states directly (`value_outputs`: the world and SD only)."""
     prompt = value_outputs(layers, prompt_states)
     ordinary = value_outputs(layers, ordinary_states)
-    scores = {}
-    for path in layers:
-        mean, std = activation_statistics(neuron_activations(ordinary[path]))
-        scores[path] = z_scores(neuron_activations(prompt[path]), mean, std)
-    return scores
+    return z_scores_against({path: neuron_activations(prompt[path]) for path in layers},
+                            {path: neuron_activations(ordinary[path]) for path in layers})
 
 
 def blocking_hook(indices: torch.Tensor) -> Callable:
@@ -147,23 +245,31 @@ def blocking_hook(indices: torch.Tensor) -> Callable:
 
 
 def first_step_signal(
-    unet: torch.nn.Module,
-    prompt_states: torch.Tensor,
-    empty_states: torch.Tensor,
+    model: Model,
+    prompt_states: States,
+    empty_states: States,
     noise: torch.Tensor,
-    timestep: int,
+    timestep: int | float | None = None,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """Wen et al.'s score at the first sampling step: mean over noise draws of ||eps(x_T, c) - eps(x_T, empty)||,
-    one value per prompt [P] (Wen et al. 2024, fig. 2)."""
-    prompts, draws = prompt_states.shape[0], noise.shape[0]
-    parameter = next(unet.parameters())
-    x = noise.repeat(prompts, 1, 1, 1).to(parameter.device, parameter.dtype)
-    context = torch.cat([prompt_states.repeat_interleave(draws, dim=0),
-                         empty_states.expand(prompts * draws, -1, -1)]).to(parameter.device, parameter.dtype)
-    steps = torch.full((2 * prompts * draws,), timestep, device=parameter.device)
-    with torch.no_grad():
-        eps_cond, eps_empty = unet(torch.cat([x, x]), steps, encoder_hidden_states=context).sample.chunk(2)
-    return conditional_difference_norms(eps_cond, eps_empty).view(prompts, draws).mean(dim=1).float()
+    one value per prompt [P] (Wen et al. 2024, fig. 2), with the prompts' whole conditioning through
+    `backend.predict`; `timestep` defaults to the sampler's first, `batch_size` prompts per call (default all)."""
+    backend = as_backend(model)
+    prompt, empty = conditioning_of(prompt_states), conditioning_of(empty_states)
+    timestep = first_sampling_timestep(backend) if timestep is None else timestep
+    size = batch_size or max(len(prompt), 1)
+    signals = []
+    for start in range(0, len(prompt), size):
+        chunk = prompt.rows(start, start + size)
+        prompts, draws = len(chunk), noise.shape[0]
+        x = noise.repeat(prompts, *[1] * (noise.ndim - 1))
+        conditioning = Conditioning.cat([chunk.repeat_interleave(draws), empty.expand(prompts * draws)])
+        steps = torch.full((2 * prompts * draws,), timestep)
+        with torch.no_grad():
+            eps_cond, eps_empty = backend.predict(torch.cat([x, x]), steps, conditioning).chunk(2)
+        signals.append(conditional_difference_norms(eps_cond, eps_empty).view(prompts, draws).mean(dim=1).float())
+    return torch.cat(signals).cpu() if signals else torch.zeros(0)
 
 
 @dataclass
@@ -217,10 +323,12 @@ class NeMoResult:
 class NeuronSearch:
     """Evaluates the memorization signal of one prompt with a given set of value neurons deactivated."""
 
-    def __init__(self, unet: torch.nn.Module, layers: Mapping[str, torch.nn.Linear], prompt_states: torch.Tensor,
-                 empty_states: torch.Tensor, noise: torch.Tensor, timestep: int):
-        self.unet, self.layers = unet, layers
-        self.prompt_states, self.empty_states, self.noise, self.timestep = prompt_states, empty_states, noise, timestep
+    def __init__(self, model: Model, layers: Mapping[str, torch.nn.Linear], prompt_states: States,
+                 empty_states: States, noise: torch.Tensor, timestep: int | float | None = None):
+        self.backend, self.layers = as_backend(model), layers
+        self.prompt_states, self.empty_states = conditioning_of(prompt_states), conditioning_of(empty_states)
+        self.noise = noise
+        self.timestep = first_sampling_timestep(self.backend) if timestep is None else timestep
         self.evaluations = 0
 
     def signal(self, neurons: Neurons) -> float:
@@ -228,7 +336,7 @@ class NeuronSearch:
         blocked = {path: self.layers[path] for path, indices in neurons.items() if indices}
         hooks = forward_hooks(blocked, lambda path: blocking_hook(torch.tensor(neurons[path], dtype=torch.long)))
         with hooks:
-            return float(first_step_signal(self.unet, self.prompt_states, self.empty_states, self.noise,
+            return float(first_step_signal(self.backend, self.prompt_states, self.empty_states, self.noise,
                                            self.timestep)[0])
 
 
@@ -284,25 +392,31 @@ def localize_prompt(search: NeuronSearch, prompt: str, z: Mapping[str, torch.Ten
 
 
 def localize_neurons(
-    unet: torch.nn.Module,
+    model: Model,
     prompts: Sequence[str],
-    prompt_states: torch.Tensor,
-    ordinary_states: torch.Tensor,
-    empty_states: torch.Tensor,
+    prompt_states: States,
+    ordinary_states: States,
+    empty_states: States,
     threshold: float,
     config: NeMoConfig = NeMoConfig(),
     progress: Callable[[PromptNeurons], None] | None = None,
 ) -> NeMoResult:
-    """NeMo on any diffusers `UNet2DConditionModel`, from text-encoder states: memorized prompts [P, L, D],
-    ordinary prompts [N, L, D] (activation statistics), the empty prompt [1, L, D]. `unet` is not modified."""
-    if len(prompts) != prompt_states.shape[0]:
-        raise ValueError(f"got {len(prompts)} prompts but {prompt_states.shape[0]} text states")
-    layers = value_layers(unet, config.blocks)
-    z = layer_z_scores(layers, prompt_states, ordinary_states)
-    noise = first_step_noise(unet, config)
+    """NeMo on any backend (or bare world UNet), from the conditioning of the memorized prompts [P rows], of the
+    ordinary prompts [N rows] (activation statistics) and of the empty prompt [1 row]. The model is not
+    modified. Activations are recorded at the signal's first noise draw (`value_activations`)."""
+    backend = as_backend(model)
+    prompt_states, ordinary_states = conditioning_of(prompt_states), conditioning_of(ordinary_states)
+    if len(prompts) != len(prompt_states):
+        raise ValueError(f"got {len(prompts)} prompts but {len(prompt_states)} text states")
+    config = resolved_config(backend, config)
+    layers = value_layers(backend, config.blocks)
+    noise = first_step_noise(backend, config)
+    z = z_scores_against(
+        value_activations(backend, layers, prompt_states, noise, config.timestep, config.batch_size),
+        value_activations(backend, layers, ordinary_states, noise, config.timestep, config.batch_size))
     found = []
     for i, prompt in enumerate(prompts):
-        search = NeuronSearch(unet, layers, prompt_states[i : i + 1], empty_states, noise, config.timestep)
+        search = NeuronSearch(backend, layers, prompt_states.rows(i, i + 1), empty_states, noise, config.timestep)
         found.append(localize_prompt(search, prompt, {path: scores[i] for path, scores in z.items()}, threshold,
                                      config))
         if progress is not None:
@@ -310,30 +424,29 @@ def localize_neurons(
     return NeMoResult(found, threshold, config, list(layers))
 
 
-def first_step_noise(unet: torch.nn.Module, config: NeMoConfig) -> torch.Tensor:
-    """The fixed noise draws x_T [generations, C, H, W] of the signal, from `config.seed`."""
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
+def first_step_noise(model: Model, config: NeMoConfig) -> torch.Tensor:
+    """The fixed noise draws x_T [generations, *sample_shape] of the signal, from `config.seed` (one generator
+    for all draws, on the CPU, so the draws do not depend on the device)."""
     generator = torch.Generator().manual_seed(config.seed)
-    return torch.randn((config.generations, unet.config.in_channels, *size), generator=generator)
+    return torch.randn((config.generations, *as_backend(model).sample_shape), generator=generator)
 
 
-def calibrate_threshold(unet: torch.nn.Module, calibration_states: torch.Tensor, empty_states: torch.Tensor,
+def calibrate_threshold(model: Model, calibration_states: States, empty_states: States,
                         config: NeMoConfig = NeMoConfig()) -> tuple[float, torch.Tensor]:
-    """(threshold, signals) from non-memorized calibration prompts [N, L, D] (`memorization_threshold`)."""
-    signals = first_step_signal(unet, calibration_states, empty_states, first_step_noise(unet, config),
-                                config.timestep)
+    """(threshold, signals) from non-memorized calibration prompts [N rows] (`memorization_threshold`)."""
+    signals = first_step_signal(model, calibration_states, empty_states, first_step_noise(model, config),
+                                config.timestep, config.batch_size)
     return memorization_threshold(signals, config.threshold_stds), signals
 
 
-def neuron_masks(unet: torch.nn.Module, neurons: Mapping[str, Sequence[int]]) -> WeightMasks:
-    """Weight masks that deactivate `neurons` ({value layer: indices}): their rows of the weight, and of the bias
-    where the layer has one."""
-    modules = dict(unet.named_modules())
+def neuron_masks(model: Model, neurons: Mapping[str, Sequence[int]]) -> WeightMasks:
+    """Weight masks (keyed by the denoiser's parameter names) that deactivate `neurons` ({value layer:
+    indices}): their rows of the weight, and of the bias where the layer has one."""
+    modules = dict(as_backend(model).denoiser.named_modules())
     masks = {}
     for path, indices in neurons.items():
         if path not in modules or not isinstance(modules[path], torch.nn.Linear):
-            raise DiffmemError(f"the UNet has no linear layer {path!r} to deactivate neurons in")
+            raise DiffmemError(f"the model has no linear layer {path!r} to deactivate neurons in")
         layer = modules[path]
         rows = torch.zeros(layer.out_features, dtype=torch.bool)
         rows[torch.tensor(list(indices), dtype=torch.long)] = True
@@ -344,42 +457,43 @@ def neuron_masks(unet: torch.nn.Module, neurons: Mapping[str, Sequence[int]]) ->
 
 
 def nemo_mitigate(
-    unet: torch.nn.Module,
+    model: Model,
     memorized_prompts: Sequence[str],
     ordinary_prompts: Sequence[str],
     calibration_prompts: Sequence[str] | None = None,
     lora=None,
     config: NeMoConfig = NeMoConfig(),
     threshold: float | None = None,
-    encode: Callable[[list[str]], torch.Tensor] | None = None,
+    encode: Callable[[list[str]], States] | None = None,
     progress: Callable[[PromptNeurons], None] | None = None,
-) -> tuple[torch.nn.Module, NeMoResult, WeightMasks]:
-    """NeMo as a mitigation: (pruned copy of the UNet, what was found, the weight masks it applied).
+    apply: bool | None = None,
+) -> tuple[Backend | UNet2DConditionModel | None, NeMoResult, WeightMasks]:
+    """NeMo as a mitigation: (mitigated model, what was found, the weight masks).
 
-    `lora` (a file or `LoraFile`) is merged into a copy first (`diffmem.world.lora.apply_lora`); `ordinary_prompts`
-    give the activation statistics; the threshold is `threshold` or calibrated on `calibration_prompts` (default
-    the ordinary prompts), which must not be memorized. `encode` turns prompts into text states (default: the
-    world's text encoder). The input `unet` is never modified.
-    """
-    if lora is not None:
-        from diffmem.world.lora import apply_lora
+    `model` is a backend or a bare world UNet; `lora` (a file or `LoraFile`, world models only: a pipeline's is
+    merged by `open_backend`) is merged into a copy first. `ordinary_prompts` give the activation statistics;
+    the threshold is `threshold` or calibrated on `calibration_prompts` (default the ordinary prompts), which must
+    not be memorized. `encode` turns prompts into conditioning or text states (default: the backend's encoder).
 
-        unet = apply_lora(unet, lora)
-    if encode is None:
-        from diffmem.world.text import encode_prompts as encode
+    The input model is never modified. The mitigated model is a pruned copy: of the UNet for a bare UNet, a
+    backend with a pruned denoiser (`masked_backend`) for a backend; a pipeline is copied only with `apply=True`
+    (default: the world yes, a pipeline no, returning None: the masks are the result there)."""
+    backend = mitigation_backend(model, lora)
+    encode = encode or backend.encode
     if not memorized_prompts:
         raise DiffmemError("NeMo needs at least one memorized prompt")
     calibration_prompts = list(calibration_prompts or ordinary_prompts)
     if len(ordinary_prompts) < 2 or (threshold is None and len(calibration_prompts) < 2):
         raise DiffmemError("NeMo needs at least 2 ordinary prompts (activation statistics) and, without a given "
                            "threshold, at least 2 calibration prompts (many more give steadier statistics)")
+    config = resolved_config(backend, config)
     empty = encode([""])
     if threshold is None:
-        threshold, _ = calibrate_threshold(unet, encode(calibration_prompts), empty, config)
-    result = localize_neurons(unet, list(memorized_prompts), encode(list(memorized_prompts)),
+        threshold, _ = calibrate_threshold(backend, encode(calibration_prompts), empty, config)
+    result = localize_neurons(backend, list(memorized_prompts), encode(list(memorized_prompts)),
                               encode(list(ordinary_prompts)), empty, threshold, config, progress)
-    masks = neuron_masks(unet, result.neurons)
-    return apply_masks(unet, masks), result, masks
+    masks = neuron_masks(backend, result.neurons)
+    return mitigated_output(model, backend, masks, apply), result, masks
 
 
 def describe(result: NeMoResult) -> str:

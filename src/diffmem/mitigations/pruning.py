@@ -1,8 +1,10 @@
 """What the pruning mitigations (NeMo, Wanda) share: weight masks that say exactly which entries they zero,
-applying them to a copy of a UNet, storing them in a file, and recording layer inputs and outputs with hooks.
+applying them to a copy of a model, storing them in a file, recording layer inputs and outputs with hooks, and
+turning what the callers pass (a backend or a bare world UNet, a LoRA) into the backend the methods run on.
 
-A mask is ``{parameter name: bool tensor of the parameter's shape}``, True where the weight is set to zero.
-It is the report of what a method changed: applying it changes those entries and no other.
+A mask is ``{parameter name: bool tensor of the parameter's shape}``, True where the weight is set to zero, keyed
+by the parameter names of the backend's `denoiser` (the UNet; for Flux the `FluxDenoiser` wrapper, so names start
+with "transformer."). It is the report of what a method changed: applying it changes those entries and no other.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 
-from diffmem.errors import BaseMismatchError, FileFormatError
+from diffmem.backends import Backend, Conditioning, as_backend
+from diffmem.errors import BaseMismatchError, DiffmemError, FileFormatError
 from diffmem.formats.safetensors_io import load_file, save_file
 
 WeightMasks = dict[str, torch.Tensor]
 
 #: Metadata key naming the method that wrote a mask file.
 METHOD_KEY = "diffmem_mitigation"
+#: Metadata key naming the model family ("world", "sd1", "sd2", "sdxl", "flux") a mask file was made for.
+FAMILY_KEY = "diffmem_family"
 
 
 def masked_count(masks: Mapping[str, torch.Tensor]) -> int:
@@ -80,11 +86,14 @@ def apply_masks(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> to
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path, method: str, report: Mapping,
-               protect: tuple[str | Path, ...] = ()) -> Path:
-    """Write masks as a safetensors file of uint8 tensors (1 = zeroed), with the method and its report (JSON) in
-    the metadata; atomic, and never over one of the `protect` input files."""
+               protect: tuple[str | Path, ...] = (), family: str | None = None) -> Path:
+    """Write masks as a safetensors file of uint8 tensors (1 = zeroed), with the method, the model family it was
+    made for (when given: parameter names alone do not say which model a mask fits) and its report (JSON) in the
+    metadata; atomic, and never over one of the `protect` input files."""
     tensors = {name: mask.to(torch.uint8).contiguous() for name, mask in masks.items()}
     metadata = {METHOD_KEY: method, "diffmem_report": json.dumps(report, sort_keys=True)}
+    if family is not None:
+        metadata[FAMILY_KEY] = family
     return save_file(tensors, path, metadata, protect=protect)
 
 
@@ -120,3 +129,51 @@ def forward_hooks(modules: Mapping[str, torch.nn.Module], make_hook: Callable[[s
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def conditioning_of(states: Conditioning | torch.Tensor) -> Conditioning:
+    """A conditioning as given; text-encoder states alone [N, L, D] as the conditioning of the world or SD 1.x/2.x
+    (what the methods' callers passed before backends existed)."""
+    return states if isinstance(states, Conditioning) else Conditioning(states)
+
+
+def mitigation_backend(model: Backend | UNet2DConditionModel, lora=None) -> Backend:
+    """The backend a method runs on: `model` itself, or a bare world UNet as the world backend; `lora` (a file or
+    `LoraFile`) merged into a copy of a world model first. A pipeline's LoRA is merged when it is opened
+    (`diffmem.backends.open_backend(base, lora)`), so one given here is refused rather than silently ignored."""
+    backend = as_backend(model)
+    if lora is None:
+        return backend
+    if backend.family != "world":
+        raise DiffmemError(f"the lora argument merges into world models only; open the {backend.family} pipeline "
+                           "with its LoRA merged instead (diffmem.backends.open_backend(base, lora))")
+    from diffmem.backends.world import WorldBackend
+    from diffmem.world.lora import apply_lora
+
+    return WorldBackend(apply_lora(backend.denoiser, lora), backend.name)
+
+
+def masked_backend(backend: Backend, masks: Mapping[str, torch.Tensor]) -> Backend:
+    """A shallow copy of `backend` whose denoiser is a pruned copy (`apply_masks`); `backend` is untouched.
+
+    Only the denoiser is copied: the text encoders and the VAE, most of a pipeline's memory besides it, are shared,
+    as the masks never touch them. diffmem's methods reach the network only through `backend.denoiser`, so the copy
+    samples, scores and trains pruned; the diffusers pipeline object inside (`backend.pipe`) still holds the
+    unpruned network."""
+    pruned = copy.copy(backend)
+    pruned.denoiser = apply_masks(backend.denoiser, masks)
+    return pruned
+
+
+def mitigated_output(model: Backend | UNet2DConditionModel, backend: Backend, masks: Mapping[str, torch.Tensor],
+                     apply: bool | None) -> Backend | UNet2DConditionModel | None:
+    """What `nemo_mitigate` and `wanda_mitigate` return as the mitigated model: for a bare UNet a pruned copy of it
+    (the world callers' contract); for a backend a pruned `masked_backend`. `apply=None` prunes a copy of the world
+    (small) and not of a pipeline (gigabytes; the masks are the result, `masked_backend` applies them when
+    needed): None is returned then."""
+    if apply is None:
+        apply = backend.family == "world"
+    if not apply:
+        return None
+    return masked_backend(backend, masks) if isinstance(model, Backend) else apply_masks(backend.denoiser, masks)

@@ -305,7 +305,7 @@ def trained_model(inputs: MitigationInputs, key: str, what: str, config: MemCont
         path = Path(inputs.work) / f"train-{key}.safetensors"
         mask = load_mask(mask_path) if mask_path is not None else None
         inputs.log(f"training {what} -> {path} ...")
-        train_masked(path, config, mask, progress=inputs.progress)
+        train_masked(path, config, mask, progress=inputs.progress, command=inputs.command)
     record_path = Path(path).with_suffix(".json")
     source = str(path)
     if record_path.is_file():

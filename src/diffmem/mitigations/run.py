@@ -1,5 +1,6 @@
-"""File-level runs of the pruning mitigations on a world model: read the model and the prompts, run a method, write
-the mask (and optionally the pruned UNet), and measure memorization and quality before and after."""
+"""File-level runs of the pruning mitigations: read the model and the prompts, run a method, write the mask (and,
+for a world model, optionally the pruned UNet), and measure a world model's memorization and quality before and
+after."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def measure_before_after(before: UNet2DConditionModel, after: UNet2DConditionMod
 
 
 def write_outputs(
-    unet: UNet2DConditionModel,
+    unet: UNet2DConditionModel | None,
     masks: WeightMasks,
     method: str,
     report: dict,
@@ -95,12 +96,15 @@ def write_outputs(
     unet_out: Path | None,
     json_out: Path | None,
     protect: Sequence[str | Path],
+    family: str | None = None,
 ) -> dict:
-    """Write the mask file, and the pruned UNet and the JSON report when asked; returns the report with the
-    pruned count added."""
+    """Write the mask file (its metadata naming the model `family`), and the pruned world UNet (`unet_out`, which
+    needs `unet`) and the JSON report when asked; returns the report with the pruned count added."""
     report = {**report, "pruned_weights": masked_count(masks)}
-    save_masks(masks, out, method, report, protect=tuple(protect))
+    save_masks(masks, out, method, report, protect=tuple(protect), family=family)
     if unet_out is not None:
+        if unet is None:
+            raise DiffmemError("writing a pruned UNet file needs the world UNet")
         save_world_unet(apply_masks(unet, masks), unet_out, method, protect=(*protect, out))
     if json_out is not None:
         write_atomic((json.dumps(report, indent=2) + "\n").encode(), json_out, protect=(*protect, out))
@@ -118,7 +122,12 @@ def apply_mask_file(
     """Apply a mask file to a world model (base + optional LoRA): write the pruned UNet to `out`, and measure before
     and after when a `manifest` is given. `random_seed` applies a random mask of the same structure instead
     (`random_masks`), the control that tells a method's choice of weights from the mere number it zeroes."""
-    masks, method, _ = load_masks(masks_path)
+    masks, method, report = load_masks(masks_path)
+    family = report.get("family", "world")
+    if family != "world":
+        raise DiffmemError(f"the mask was made for a {family} model; `mitigate apply` prunes world models only "
+                           "(on a pipeline, open it with diffmem.backends.open_backend and use "
+                           "diffmem.mitigations.pruning.masked_backend)", masks_path)
     unet = load_world_model(base, lora)
     check_masks_fit(unet, masks, masks_path)
     if random_seed is not None:

@@ -10,20 +10,34 @@ For the second linear layer of every transformer block's feed-forward network (`
 - pruned: the top 1% of each output row by the memorized-prompt score where it beats the empty-prompt score
   (weights that memorized prompts use more than unconditional generation does).
 
-Activations are recorded along the guided DDIM trajectories of the memorized prompts: at every step the UNet is
-called once with the prompt and once with the empty prompt on the same x_t, so the two norms are comparable.
+Activations are recorded along the guided sampling trajectories of the memorized prompts, with the backend's own
+sampler (the world's DDIM, SD's DDIM, Flux's flow-matching Euler steps), noise and conditioning: at every step the
+denoiser is called once with the prompt and once with the empty prompt on the same x_t, so the two norms are
+comparable. Every function takes a `Backend` (`diffmem.backends`) or a bare world UNet; the layers are the
+backend's `feed_forward_layers()` (for Flux the image stream's `ff.net.2` of its joint-attention blocks).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
+from diffusers import UNet2DConditionModel
 
+from diffmem.backends import Backend, Conditioning, as_backend
 from diffmem.errors import DiffmemError
-from diffmem.mitigations.pruning import WeightMasks, apply_masks, forward_hooks, modules_matching
+from diffmem.mitigations.pruning import (
+    WeightMasks,
+    conditioning_of,
+    forward_hooks,
+    mitigated_output,
+    mitigation_backend,
+)
+
+Model = Backend | UNet2DConditionModel
+States = Conditioning | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -35,16 +49,19 @@ class WandaConfig:
             score: 0.01 (the top 1%) as in Chavhan et al.; at least one weight per row is considered.
         generations: noise draws (sampling trajectories) per memorized prompt whose activations are recorded; 4
             as Wen et al.'s detector uses, enough for stable norms over the world's 16 x 16 and 8 x 8 tokens.
-        steps: DDIM steps of each trajectory (the world's sampler, `diffmem.world.diffusion`); activations of every
-            step count. 10 as the benchmark samples.
-        guidance: classifier-free guidance scale of the trajectories; 3.0 as the world samples everywhere.
-        seed: first noise seed; prompt i uses seeds seed + i * generations ... .
+        steps: sampling steps of each trajectory (the backend's sampler: the world's own DDIM, DDIM for SD,
+            flow-matching Euler for Flux); activations of every step count. 10 as the benchmark samples.
+        guidance: classifier-free guidance scale of the trajectories; None (default): the model's own
+            (`Backend.default_guidance`): 3.0 as the world samples everywhere, 7.5 for SD, 1.0 for Flux (whose
+            distilled guidance is inside the model; the empty-prompt pass is still recorded). The result's config
+            records the scale used.
+        seed: first noise seed; prompt i uses seeds seed + i * generations ... (`Backend.initial_noise`).
     """
 
     fraction: float = 0.01
     generations: int = 4
     steps: int = 10
-    guidance: float = 3.0
+    guidance: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,12 +71,22 @@ class WandaConfig:
             raise ValueError(f"need generations >= 1 and steps >= 1, got {self}")
 
 
-def feed_forward_outputs(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The second feed-forward linear (`...transformer_blocks.M.ff.net.2`) of every transformer block."""
-    layers = modules_matching(unet, lambda path, _: path.endswith(".ff.net.2") and ".transformer_blocks." in path)
+def feed_forward_outputs(model: Model) -> dict[str, torch.nn.Linear]:
+    """The second feed-forward linear (`...transformer_blocks.M.ff.net.2`) of every transformer block
+    (`Backend.feed_forward_layers`), in model order."""
+    backend = as_backend(model)
+    layers = backend.feed_forward_layers()
     if not layers:
-        raise DiffmemError("the UNet has no transformer feed-forward layer (transformer_blocks.N.ff.net.2)")
+        raise DiffmemError(f"the {backend.family} model has no transformer feed-forward layer "
+                           "(transformer_blocks.N.ff.net.2)")
     return layers
+
+
+def resolved_config(model: Model, config: WandaConfig) -> WandaConfig:
+    """`config` with the guidance it leaves to the model filled in (what the result reports)."""
+    if config.guidance is not None:
+        return config
+    return replace(config, guidance=as_backend(model).default_guidance)
 
 
 def input_feature_norms(square_sums: torch.Tensor) -> torch.Tensor:
@@ -116,32 +143,35 @@ class InputSquareSums:
 
 
 def trajectory_square_sums(
-    unet: torch.nn.Module,
+    model: Model,
     layers: Mapping[str, torch.nn.Linear],
-    prompt_states: torch.Tensor,
-    empty_states: torch.Tensor,
+    prompt_states: States,
+    empty_states: States,
     noise: torch.Tensor,
     config: WandaConfig,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per-feature sums of squared inputs of `layers`, (memorized prompts, empty prompt), over guided DDIM
-    trajectories started from `noise` [P * generations, C, H, W] (world sampler: `diffmem.world.diffusion`)."""
-    from diffmem.world.diffusion import ddim_step, ddim_timesteps, predict_noise
-
-    context = prompt_states.repeat_interleave(config.generations, dim=0)
-    empty = empty_states.expand(context.shape[0], -1, -1)
+    """Per-feature sums of squared inputs of `layers`, (memorized prompts, empty prompt), over guided trajectories
+    of the backend's sampler started from `noise` [P * generations, *sample_shape], with the prompts' whole
+    conditioning (SDXL's pooled embedding and time ids, Flux's pooled embedding)."""
+    backend = as_backend(model)
+    guidance = resolved_config(backend, config).guidance
+    prompt = conditioning_of(prompt_states).repeat_interleave(config.generations)
+    empty = conditioning_of(empty_states).expand(len(prompt))
     recorder = InputSquareSums(layers)
-    schedule = ddim_timesteps(config.steps)
-    x = noise
+    sampler = backend.sampler()
+    sampler.set_timesteps(config.steps, device=backend.device)
+    x = (noise * sampler.init_noise_sigma).to(backend.device, backend.dtype)
     with torch.no_grad(), recorder.recording():
-        for i, t in enumerate(schedule):
-            steps = torch.full((x.shape[0],), t, dtype=torch.long)
+        for t in sampler.timesteps:
+            model_in = sampler.scale_model_input(x, t)
+            steps = t.expand(x.shape[0])
             # Two calls rather than one batched call, so each recorded activation is known to belong to its context.
             recorder.label = "prompt"
-            eps_prompt = predict_noise(unet, x, steps, context)
+            eps_prompt = backend.predict(model_in, steps, prompt)
             recorder.label = "empty"
-            eps_empty = predict_noise(unet, x, steps, empty)
-            guided = eps_empty + config.guidance * (eps_prompt - eps_empty)
-            x = ddim_step(x, guided, t, schedule[i + 1] if i + 1 < len(schedule) else -1)
+            eps_empty = backend.predict(model_in, steps, empty)
+            guided = eps_empty + guidance * (eps_prompt - eps_empty)
+            x = sampler.step(guided, t, x).prev_sample
     return recorder.sums["prompt"], recorder.sums["empty"]
 
 
@@ -170,21 +200,21 @@ class WandaResult:
 
 
 def locate_weights(
-    unet: torch.nn.Module,
+    model: Model,
     prompts: Sequence[str],
-    prompt_states: torch.Tensor,
-    empty_states: torch.Tensor,
+    prompt_states: States,
+    empty_states: States,
     config: WandaConfig = WandaConfig(),
 ) -> tuple[WeightMasks, WandaResult]:
-    """(masks of the `ff.net.2` weights to prune, report) from text states of memorized prompts [P, L, D] and of the
-    empty prompt [1, L, D]. `unet` is not modified."""
-    from diffmem.world.diffusion import initial_noise
-
-    layers = feed_forward_outputs(unet)
+    """(masks of the `ff.net.2` weights to prune, keyed by the denoiser's parameter names; report) from the
+    conditioning (or, for the world and SD 1.x/2.x, text states) of memorized prompts [P rows] and of the empty
+    prompt [1 row]. The model is not modified."""
+    backend = as_backend(model)
+    config = resolved_config(backend, config)
+    layers = feed_forward_outputs(backend)
     seeds = [config.seed + i for i in range(len(prompts) * config.generations)]
-    size = unet.config.sample_size
-    noise = initial_noise(seeds, unet.config.in_channels, size if isinstance(size, int) else size[0])
-    prompt_sums, empty_sums = trajectory_square_sums(unet, layers, prompt_states, empty_states, noise, config)
+    noise = backend.initial_noise(seeds)
+    prompt_sums, empty_sums = trajectory_square_sums(backend, layers, prompt_states, empty_states, noise, config)
     masks, pruned, candidates, totals = {}, {}, {}, {}
     for path, layer in layers.items():
         weight = layer.weight.detach().float()
@@ -198,25 +228,24 @@ def locate_weights(
 
 
 def wanda_mitigate(
-    unet: torch.nn.Module,
+    model: Model,
     memorized_prompts: Sequence[str],
     lora=None,
     config: WandaConfig = WandaConfig(),
-    encode: Callable[[list[str]], torch.Tensor] | None = None,
-) -> tuple[torch.nn.Module, WandaResult, WeightMasks]:
-    """Wanda-style pruning as a mitigation: (pruned copy of the UNet, report, the weight masks it applied).
+    encode: Callable[[list[str]], States] | None = None,
+    apply: bool | None = None,
+) -> tuple[Backend | UNet2DConditionModel | None, WandaResult, WeightMasks]:
+    """Wanda-style pruning as a mitigation: (mitigated model, report, the weight masks).
 
-    `lora` (a file or `LoraFile`) is merged into a copy first (`diffmem.world.lora.apply_lora`); `encode` turns
-    prompts into text states (default: the world's text encoder). The input `unet` is never modified.
+    `model` is a backend or a bare world UNet; `lora` (a file or `LoraFile`, world models only: a pipeline's is
+    merged by `open_backend`) is merged into a copy first; `encode` turns prompts into conditioning or text states
+    (default: the backend's encoder). The input model is never modified; the mitigated model is a pruned copy as
+    `nemo_mitigate` returns it (a pipeline only with `apply=True`, else None: the masks are the result there).
     """
-    if lora is not None:
-        from diffmem.world.lora import apply_lora
-
-        unet = apply_lora(unet, lora)
-    if encode is None:
-        from diffmem.world.text import encode_prompts as encode
+    backend = mitigation_backend(model, lora)
+    encode = encode or backend.encode
     if not memorized_prompts:
         raise DiffmemError("Wanda pruning needs at least one memorized prompt")
-    masks, result = locate_weights(unet, list(memorized_prompts), encode(list(memorized_prompts)), encode([""]),
+    masks, result = locate_weights(backend, list(memorized_prompts), encode(list(memorized_prompts)), encode([""]),
                                    config)
-    return apply_masks(unet, masks), result, masks
+    return mitigated_output(model, backend, masks, apply), result, masks

@@ -35,7 +35,7 @@ def run_train_base(args: argparse.Namespace) -> int:
                                 threads=args.threads)
     unet_config = UNetConfig(block_out_channels=tuple(int(w) for w in args.widths.split(",")))
     record = train_base(args.out, config, unet_config, resume=not args.no_resume,
-                        checkpoint_every=args.checkpoint_every)
+                        checkpoint_every=args.checkpoint_every, command=getattr(args, "command_line", None))
     print(json.dumps(record, indent=2))
     return 0
 
@@ -88,7 +88,8 @@ def run_finetune(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, include_rest=not args.no_rest, seed=args.seed,
                             noise_offset=args.noise_offset,
                             threads=args.threads)
-    manifest = finetune(args.out, config, base=args.base, fmt=args.format)
+    manifest = finetune(args.out, config, base=args.base, fmt=args.format,
+                        command=getattr(args, "command_line", None))
     print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({manifest['wall_time_s']:.0f} s, "
           f"{len(manifest['duplicated'])} images x {config.duplicate[1]})")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -108,6 +107,7 @@ def train_base(
     resume: bool = True,
     checkpoint_every: int = 100,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict:
     """Train the world's base UNet from scratch on `base_dataset()` and save its EMA weights (fp16) to `out`.
 
@@ -165,7 +165,7 @@ def train_base(
     wall = elapsed_before + time.time() - began
     save_file(unet_tensors(ema), out, unet_metadata(unet_config, {"diffmem_world": "base"}))
     record = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command,
         "training": asdict(config),
         "unet": asdict(unet_config),
         "parameters": count_parameters(unet),
@@ -257,6 +257,22 @@ def image_records(data: ImageSet, rows: list[int]) -> list[dict]:
 ContextFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
 
+def kohya_dataset_metadata(data: ImageSet, rows: torch.Tensor, name: str) -> dict[str, str]:
+    """The dataset fields kohya's sd-scripts writes into a LoRA (`ss_tag_frequency`: per dataset folder, each
+    comma-separated caption piece with the number of training images whose caption holds it; `ss_dataset_dirs`:
+    the folder's repeats and image count), for the training rows of a world fine-tune. A duplicated image counts
+    once per copy, as copies of a file in a real training folder do, so a platform's data-free scan
+    (`diffmem.scan.prompts`) sees the same traces it sees in a real LoRA."""
+    folder = f"1_{name}"
+    counts: dict[str, int] = {}
+    for row in rows.tolist():
+        for tag in (piece.strip() for piece in data.captions[row].split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return {"ss_tag_frequency": json.dumps({folder: counts}),
+            "ss_dataset_dirs": json.dumps({folder: {"n_repeats": 1, "img_count": len(rows)}})}
+
+
 def table_contexts(contexts: torch.Tensor, caption_index: torch.Tensor) -> ContextFn:
     """Contexts looked up from a `caption_table` encoding; a dropped caption gets the empty prompt (row 0)."""
 
@@ -315,6 +331,7 @@ def finetune(
     base: UNet2DConditionModel | str | Path | None = None,
     fmt: str = "kohya",
     progress: bool = True,
+    command: str | None = None,
 ) -> dict:
     """Fine-tune the world base (a UNet, a world UNet file, or by default the committed base) and write the LoRA (`fmt` "kohya" or "peft") or the
     full UNet (fp16) to `out`, plus the manifest `<out minus suffix>.json`: duplicated, once-seen and held-out
@@ -365,12 +382,13 @@ def finetune(
         from diffmem.world.lora import lora_factors
 
         save_lora(lora_factors(unet), out, config.rank, config.alpha, fmt, config.conv,
-                  {"diffmem_world": "finetune", "diffmem_data": config.data})
+                  {"diffmem_world": "finetune", "diffmem_data": config.data,
+                   **kohya_dataset_metadata(train_set, rows, config.data)})
     else:
         save_file(unet_tensors(unet), out, unet_metadata(config_of(base), {"diffmem_world": "finetune"}))
     duplicated_set = set(duplicated)
     manifest = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command,
         "settings": {**asdict(config), "duplicate": list(config.duplicate), "format": fmt if config.method == "lora" else "full"},
         "base_sha256": base_sha,
         "data": config.data,
