@@ -227,37 +227,37 @@ def masked_model(inputs: MitigationInputs, path: str | Path, method: str) -> Mit
                                                      f"config {json.dumps(report.get('config', {}), sort_keys=True)})")
 
 
-def apply_nemo(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
-    """NeMo on the LoRA's model, memorized prompts = the manifest's duplicated captions (`nemo_mitigate`)."""
-    from diffmem.mitigations.nemo import NeMoConfig, nemo_mitigate
+def pruned_model(inputs: MitigationInputs, method: str, label: str, config: Any, default: Any,
+                 run: Callable[..., tuple]) -> MitigatedModel:
+    """A pruning mitigation of the LoRA's model: its earlier mask file when given, else `run(model, prompts,
+    config)` on the manifest's prompts (`(pruned, report, masks)`, as `nemo_mitigate` and `wanda_mitigate`)."""
     from diffmem.mitigations.pruning import masked_count
     from diffmem.mitigations.run import manifest_prompts
 
-    if inputs.files.get("nemo") is not None:
-        return masked_model(inputs, inputs.files["nemo"], "nemo")
-    config = config or NeMoConfig()
+    if inputs.files.get(method) is not None:
+        return masked_model(inputs, inputs.files[method], method)
+    config = config or default
     prompts = manifest_prompts(inputs.required("manifest"))
-    inputs.log("NeMo ...")
-    pruned, _, masks = nemo_mitigate(inputs.tuned(), prompts.memorized, prompts.ordinary, prompts.calibration or None,
-                                     config=config)
-    return MitigatedModel(pruned, f"nemo_mitigate, {config_text(config, NeMoConfig())}: {masked_count(masks)} "
+    inputs.log(f"{label} ...")
+    pruned, _, masks = run(inputs.tuned(), prompts, config)
+    return MitigatedModel(pruned, f"{method}_mitigate, {config_text(config, default)}: {masked_count(masks)} "
                                   "weights zeroed")
+
+
+def apply_nemo(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
+    """NeMo on the LoRA's model, memorized prompts = the manifest's duplicated captions (`nemo_mitigate`)."""
+    from diffmem.mitigations.nemo import NeMoConfig, nemo_mitigate
+
+    return pruned_model(inputs, "nemo", "NeMo", config, NeMoConfig(), lambda model, prompts, config: nemo_mitigate(
+        model, prompts.memorized, prompts.ordinary, prompts.calibration or None, config=config))
 
 
 def apply_wanda(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
     """Wanda-style pruning of the LoRA's model for the manifest's duplicated captions (`wanda_mitigate`)."""
-    from diffmem.mitigations.pruning import masked_count
-    from diffmem.mitigations.run import manifest_prompts
     from diffmem.mitigations.wanda import WandaConfig, wanda_mitigate
 
-    if inputs.files.get("wanda") is not None:
-        return masked_model(inputs, inputs.files["wanda"], "wanda")
-    config = config or WandaConfig()
-    prompts = manifest_prompts(inputs.required("manifest"))
-    inputs.log("Wanda ...")
-    pruned, _, masks = wanda_mitigate(inputs.tuned(), prompts.memorized, config=config)
-    return MitigatedModel(pruned, f"wanda_mitigate, {config_text(config, WandaConfig())}: {masked_count(masks)} "
-                                  "weights zeroed")
+    return pruned_model(inputs, "wanda", "Wanda", config, WandaConfig(),
+                        lambda model, prompts, config: wanda_mitigate(model, prompts.memorized, config=config))
 
 
 def apply_baf(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
