@@ -1,5 +1,6 @@
 """Backends: every model family behind one interface, checked against the model's own diffusers pipeline, and the
-Dori attack end to end on tiny SD1, SD2, SDXL and Flux pipelines."""
+Dori attack end to end on tiny SD1, SD2, SDXL, Flux and SD3 pipelines (the audit and wen-eval too on SD3, whose
+other families' runs are in tests/test_audit.py)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler
 
 from builders_pipelines import build_tiny_pipeline, write_pipeline_lora
 from diffmem.attack import DoriConfig, dori_attack, dori_search
 from diffmem.attack.commands import register
 from diffmem.backends import Conditioning, as_backend, open_backend, parse_dtype
+from diffmem.backends.stable_diffusion import PIPELINE_CLASSES
 from diffmem.backends.world import WorldBackend
+from diffmem.cli import main
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import load_file
 from diffmem.report import save_png
 from diffmem.world.diffusion import generate
 from diffmem.world.model import load_base
 
-FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3")
+#: What each family adds to the text states (`Conditioning.added`), all of it searched by Dori but the time ids.
+ADDED = {"sdxl": {"text_embeds", "time_ids"}, "flux": {"pooled_projections"}, "sd3": {"pooled_projections"}}
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
@@ -41,8 +46,7 @@ def test_every_family_samples_trains_and_names_its_layers(pipeline):
     assert backend.family == family and backend.name.endswith("+ lora.safetensors")
     conditioning = backend.encode(["abc", "xyz"])
     assert len(conditioning) == 2 and conditioning.context.ndim == 3
-    expected_added = {"sdxl": {"text_embeds", "time_ids"}, "flux": {"pooled_projections"}}.get(family, set())
-    assert set(conditioning.added) == expected_added
+    assert set(conditioning.added) == ADDED.get(family, set())
     images = backend.generate(conditioning, [3, 4], steps=2)
     assert images.shape == (2, 3, *backend.image_size) and 0 <= images.min() <= images.max() <= 1
     # Each image depends on its own seed only, not on the batch it was drawn in.
@@ -54,25 +58,60 @@ def test_every_family_samples_trains_and_names_its_layers(pipeline):
     again = backend.denoising_loss(x0, conditioning, torch.Generator().manual_seed(0), reduce=False)
     assert torch.equal(losses, again)
     assert backend.value_layers() and backend.feed_forward_layers()
-    marker = "attn.add_v_proj" if family == "flux" else "attn2.to_v"
+    marker = "attn.add_v_proj" if family in ("flux", "sd3") else "attn2.to_v"
     assert all(name.endswith(marker) for name in backend.value_layers())
+    if family == "sd3":
+        # Every joint block's text values, the last (context_pre_only) block's included; not SD3.5's image-only
+        # attn2; the image stream's feed-forward, not the text stream's ff_context.
+        blocks = backend.denoiser.transformer.transformer_blocks
+        assert blocks[-1].context_pre_only and blocks[0].attn2 is not None
+        assert len(backend.value_layers()) == len(blocks) == len(backend.feed_forward_layers())
+        assert not any("ff_context" in name for name in backend.feed_forward_layers())
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
 def test_generation_equals_the_diffusers_pipeline(tmp_path, family):
-    """Same noise, same prompt, DDIM and guidance 7.5: the backend's images are the pipeline's own (so is the
-    unconditional branch: an encoded empty prompt for SD1, zeros for SDXL)."""
+    """Same noise, same prompt: the backend's images are the pipeline's own, unconditional branch included. SD1 and
+    SDXL with DDIM at guidance 7.5 (an encoded empty prompt for SD1, zeros for SDXL); SD3 with the pipeline's own
+    flow-matching Euler scheduler at its defaults' guidance 7.0 (an encoded empty prompt, the unscaled timestep,
+    no packing)."""
     path = build_tiny_pipeline(tmp_path, family)
     backend = open_backend(path)
-    ours = backend.generate(backend.encode(["abc"]), [5], steps=3, guidance=7.5)
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    pipe = pipeline_class.from_pretrained(path, local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    guidance = 7.0 if family == "sd3" else 7.5
+    if family == "sd3":
+        assert (backend.default_steps, backend.default_guidance) == (28, 7.0)
+    ours = backend.generate(backend.encode(["abc"]), [5], steps=3, guidance=guidance)
+    pipe = PIPELINE_CLASSES[family].from_pretrained(path, local_files_only=True)
+    if family != "sd3":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = backend.image_size[0]
-    theirs = pipe("abc", num_inference_steps=3, guidance_scale=7.5, height=size, width=size,
+    theirs = pipe("abc", num_inference_steps=3, guidance_scale=guidance, height=size, width=size,
                   latents=backend.initial_noise([5]), output_type="pt").images
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_sd3_trains_on_the_statically_shifted_flow(tmp_path):
+    """SD3's loss: x_t = (1 - s) x_0 + s noise against the velocity noise - x_0, with s uniform and then shifted by
+    the scheduler's static shift (3.0) as its sampling sigmas are, and the timestep s * 1000."""
+    backend = open_backend(build_tiny_pipeline(tmp_path, "sd3"))
+    shift = backend.scheduler.scheduler.config.shift
+    assert shift == 3.0 and backend.scheduler.mu is None
+    x0 = torch.randn(2, *backend.sample_shape, generator=torch.Generator().manual_seed(1))
+    conditioning = backend.encode(["abc", "xyz"])
+    loss = backend.denoising_loss(x0, conditioning, torch.Generator().manual_seed(2), reduce=False)
+    generator = torch.Generator().manual_seed(2)
+    noise = torch.randn(x0.shape, generator=generator)
+    u = torch.rand((2,), generator=generator).clamp(1e-4, 1 - 1e-4)
+    sigma = (shift * u / (1 + (shift - 1) * u)).view(-1, 1, 1, 1)
+    prediction = backend.predict((1 - sigma) * x0 + sigma * noise, sigma.flatten() * 1000, conditioning)
+    torch.testing.assert_close(loss, ((prediction - (noise - x0)) ** 2).flatten(1).mean(1))
+    # The same shift as sampling's: the scheduler's sigmas are its evenly spaced grid (1 down to its sigma_min)
+    # shifted by the same function.
+    sampler = backend.sampler()
+    sampler.set_timesteps(4)
+    grid = torch.linspace(1, sampler.scheduler.sigma_min, 4, dtype=torch.float64)
+    torch.testing.assert_close(sampler.scheduler.sigmas[:-1], backend.scheduler.shift(grid).float())
 
 
 def test_v_prediction_trains_towards_the_velocity(tmp_path):
@@ -119,7 +158,7 @@ def run_dori_cli(*argv: str) -> int:
 
 def test_dori_searches_each_pipelines_whole_conditioning(pipeline, tmp_path):
     """`diffmem attack dori --base PIPELINE --lora L` end to end: the target is resized to the model's size, the
-    text states and (SDXL, Flux) the pooled embedding move, SDXL's time ids stay, and the files are written."""
+    text states and (SDXL, Flux, SD3) the pooled embedding move, SDXL's time ids stay, and the files are written."""
     family, path, lora = pipeline
     target = tmp_path / "target.png"
     save_png(torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(0)), target)
@@ -132,12 +171,33 @@ def test_dori_searches_each_pipelines_whole_conditioning(pipeline, tmp_path):
     assert summary["family"] == family and summary["target_resized_from"] == [24, 24]
     assert len(summary["losses"]) == 3 and summary["embedding_shift"] > 0
     tensors, _ = load_file(out / "embedding.safetensors")
-    searched = {"sdxl": ["text_embeds"], "flux": ["pooled_projections"]}.get(family, [])
+    searched = sorted(ADDED.get(family, set()) - {"time_ids"})
     for key in ["", *(f".{name}" for name in searched)]:
         assert not torch.equal(tensors[f"embedding{key}"], tensors[f"start{key}"]), key
     if family == "sdxl":
         assert torch.equal(tensors["embedding.time_ids"], tensors["start.time_ids"])
     assert (out / "generations.png").is_file()
+
+
+def test_audit_and_wen_eval_cli_on_a_tiny_sd3_pipeline(tmp_path, capsys):
+    """`diffmem audit` and `diffmem wen-eval` with `--base SD3 --lora L` end to end: the LoRA is merged, every
+    prompt gets a positive Wen score (the conditional minus unconditional velocity), the files are written."""
+    path = build_tiny_pipeline(tmp_path, "sd3")
+    lora = write_pipeline_lora(path, "sd3", tmp_path / "sd3.safetensors")
+    prompts, held_out = tmp_path / "prompts.txt", tmp_path / "held.txt"
+    prompts.write_text("abc\nxyz\n")
+    held_out.write_text("red\nsky\n")
+    out = tmp_path / "audit"
+    assert main(["audit", "--base", str(path), "--lora", str(lora), "--prompts", str(prompts), "--generations", "1",
+                 "--steps", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "tiny-sd3-pipeline + sd3.safetensors" and summary["prompts"] == 2
+    assert summary["mean_wen_score"] > 0 and (out / "report.html").is_file()
+    scores = tmp_path / "wen.json"
+    assert main(["wen-eval", "--base", str(path), "--lora", str(lora), "--memorized", str(prompts), "--held-out",
+                 str(held_out), "--generations", "1", "--steps", "2", "--json", str(scores)]) == 0
+    result = json.loads(scores.read_text())
+    assert (result["memorized"], result["held_out"]) == (2, 2) and 0 <= result["all_steps"]["auc"] <= 1
 
 
 def test_dori_refuses_a_conditioning_of_another_model(tmp_path):

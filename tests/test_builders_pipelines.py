@@ -15,6 +15,7 @@ from diffmem.formats.lora import read_lora
 
 torch.set_num_threads(1)
 CLIP = ("CLIPTextModel", "CLIPTokenizer")
+CLIP_PROJECTION = "CLIPTextModelWithProjection"
 EXPECTED_CLASSES = {
     "sd1": ("StableDiffusionPipeline", {"unet": "UNet2DConditionModel", "text_encoder": CLIP[0],
                                         "tokenizer": CLIP[1], "scheduler": "DDIMScheduler"}),
@@ -24,9 +25,13 @@ EXPECTED_CLASSES = {
     "flux": ("FluxPipeline", {"transformer": "FluxTransformer2DModel", "text_encoder": CLIP[0],
                               "tokenizer": CLIP[1], "text_encoder_2": "T5EncoderModel",
                               "scheduler": "FlowMatchEulerDiscreteScheduler"}),
+    "sd3": ("StableDiffusion3Pipeline", {"transformer": "SD3Transformer2DModel", "text_encoder": CLIP_PROJECTION,
+                                         "tokenizer": CLIP[1], "text_encoder_2": CLIP_PROJECTION,
+                                         "tokenizer_2": CLIP[1], "text_encoder_3": "T5EncoderModel",
+                                         "scheduler": "FlowMatchEulerDiscreteScheduler"}),
 }
 EXPECTED_CLASSES["sd2"] = EXPECTED_CLASSES["sd1"]
-DENOISER = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "flux": "transformer"}
+DENOISER = {"sd1": "unet", "sd2": "unet", "sdxl": "unet", "flux": "transformer", "sd3": "transformer"}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +75,20 @@ def test_pipeline_reloads_offline_with_the_real_classes_and_generates(built, fam
         assert isinstance(pipe.tokenizer_2, T5TokenizerFast)  # transformers 5 names the class T5Tokenizer
         assert pipe.transformer.config.in_channels == 4 * pipe.vae.config.latent_channels
         assert not pipe.vae.config.use_quant_conv and not pipe.vae.config.use_post_quant_conv
+    elif family == "sd3":
+        assert isinstance(pipe.tokenizer_3, T5TokenizerFast)
+        assert pipe.transformer.config.in_channels == pipe.vae.config.latent_channels  # no packing
+        assert not pipe.vae.config.use_quant_conv and not pipe.vae.config.use_post_quant_conv
+        assert pipe.scheduler.config.shift == 3.0 and not pipe.scheduler.config.use_dynamic_shifting
+        # encode_prompt's shape rules: both CLIPs' states fit T5's width (zero-padded to it), the projections
+        # side by side are the pooled embedding.
+        clips = (pipe.text_encoder.config, pipe.text_encoder_2.config)
+        assert sum(c.hidden_size for c in clips) <= pipe.text_encoder_3.config.d_model == \
+            pipe.transformer.config.joint_attention_dim
+        assert sum(c.projection_dim for c in clips) == pipe.transformer.config.pooled_projection_dim
+        embeds, _, pooled, _ = pipe.encode_prompt("abc", None, None, do_classifier_free_guidance=False)
+        assert embeds.shape == (1, pipe.tokenizer.model_max_length + 256, pipe.text_encoder_3.config.d_model)
+        assert pooled.shape == (1, pipe.transformer.config.pooled_projection_dim)
     else:
         assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size + (
             pipe.text_encoder_2.config.hidden_size if family == "sdxl" else 0)
@@ -111,7 +130,7 @@ def test_lora_for_another_family_is_refused(built, tmp_path):
     with pytest.raises(ValueError, match="StableDiffusionXLPipeline"):
         write_pipeline_lora(built["sdxl"], "sd1", tmp_path / "lora.safetensors")
     with pytest.raises(ValueError, match="no tiny pipeline"):
-        build_tiny_pipeline(tmp_path, "sd3")
+        build_tiny_pipeline(tmp_path, "sd4")
 
 
 # diffusers' kohya Flux converter hardcodes full-size widths (3072), so only the UNet families load this way.

@@ -32,7 +32,7 @@ def changed_tensors(before: dict[str, torch.nn.Module], after: dict[str, torch.n
     return out
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "sd3"])
 def test_module_checkpoint_knows_the_family(family):
     assert module_checkpoint(fresh(family)).family == family
 
@@ -113,10 +113,11 @@ def test_lora_for_another_model_changes_nothing(tmp_path):
     assert not changed_tensors(before, models)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "sd3"])
 def test_merged_pipeline_generates_differently(tmp_path, family):
     """On complete tiny pipelines, including Flux, whose kohya file diffusers' own converter cannot load at tiny
-    widths (it hard-codes Flux-dev's), the merged LoRA changes the generated image."""
+    widths (it hard-codes Flux-dev's), and SD3 (three text encoders, T5 among them, beside the transformer), the
+    merged LoRA changes the generated image."""
     folder = build_tiny_pipeline(tmp_path, family)
     lora = write_pipeline_lora(folder, family, tmp_path / "l.safetensors", strength=0.6)
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)

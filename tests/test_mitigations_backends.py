@@ -35,7 +35,8 @@ MEMORIZED = "a red cat"
 ORDINARY = ["blue sky", "green field", "old house", "brown dog"]
 #: What each method may zero: NeMo the value layers (a UNet's cross-attention values, Flux's text-stream values of
 #: joint attention), Wanda the feed-forward outputs.
-VALUE_SUFFIX = {"sd1": ("attn2.to_v",), "sdxl": ("attn2.to_v",), "flux": ("attn.add_v_proj",)}
+VALUE_SUFFIX = {"sd1": ("attn2.to_v",), "sdxl": ("attn2.to_v",), "flux": ("attn.add_v_proj",),
+                "sd3": ("attn.add_v_proj",)}
 FEED_FORWARD_SUFFIX = ("ff.net.2",)
 
 
@@ -62,6 +63,11 @@ def flux(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    return pipeline(tmp_path_factory, "sd3")
+
+
+@pytest.fixture(scope="module")
 def prompt_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prompts")
     (folder / "memorized.txt").write_text(MEMORIZED + "\n")
@@ -83,7 +89,7 @@ def assert_masks_fit(path, backend, suffixes: tuple[str, ...], family: str) -> t
     return masks, report
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "flux", "sd3"])
 def test_nemo_and_wanda_commands_on_pipelines(family, request, prompt_files, tmp_path):
     folder, lora, backend = request.getfixturevalue(family)
     memorized, ordinary = prompt_files

@@ -3,7 +3,9 @@
 - `base`: the `Backend` interface and `Conditioning`, shared sampling and layer lookups;
 - `world`: the embedded world (its own sampler and loss, so world results are unchanged);
 - `stable_diffusion`: Stable Diffusion 1.x/2.x and SDXL pipelines, and loading any supported pipeline;
-- `flux`: Flux pipelines (the transformer behind the UNet call signature, flow matching).
+- `flux`: Flux pipelines (the transformer behind the UNet call signature, flow matching);
+- `sd3`: Stable Diffusion 3 / 3.5 pipelines (likewise, with classifier-free guidance);
+- `flow_matching`: what Flux and SD3 share (the sampler's interface, the VAE's shift, the loss, the value layers).
 
 `open_backend(base, lora)` opens whichever one `base` names. docs/backends.md: which command runs on which backend,
 and how to add one.
@@ -16,8 +18,12 @@ from pathlib import Path
 import torch
 
 from diffmem.backends.base import Backend, Conditioning
+from diffmem.backends.flux import FluxBackend
+from diffmem.backends.sd3 import SD3Backend
+from diffmem.backends.stable_diffusion import StableDiffusionBackend, load_pipeline, pipeline_family
 from diffmem.backends.world import WorldBackend, is_world_file, world_backend
 from diffmem.errors import DiffmemError
+from diffmem.formats.merge import merge_lora, pipeline_components
 
 __all__ = ["DTYPES", "Backend", "Conditioning", "as_backend", "is_world_file", "open_backend", "parse_dtype"]
 
@@ -49,15 +55,11 @@ def open_backend(
 
     - None, "world" or a world UNet file: the embedded world (`world_backend`; float32 on its device);
     - a diffusers pipeline folder or a single-file checkpoint (`config`: a diffusers folder of the same
-      architecture, for single files): SD 1.x/2.x, SDXL or Flux, loaded offline in `dtype` on `device`.
+      architecture, for single files): SD 1.x/2.x, SDXL, Flux or SD3, loaded offline in `dtype` on `device`.
 
     A LoRA for another model is refused in one line before any weight changes (`diffmem.formats.merge`)."""
     if base is None or str(base) == "world" or is_world_file(Path(base)):
         return world_backend(base, lora, device)
-    from diffmem.backends.flux import FluxBackend
-    from diffmem.backends.stable_diffusion import StableDiffusionBackend, load_pipeline, pipeline_family
-    from diffmem.formats.merge import merge_lora, pipeline_components
-
     path = Path(base)
     family = pipeline_family(path) if path.exists() else None
     pipe = load_pipeline(path, dtype, config)
@@ -74,4 +76,6 @@ def open_backend(
     pipe.set_progress_bar_config(disable=True)
     if family == "flux":
         return FluxBackend(pipe, name)
+    if family == "sd3":
+        return SD3Backend(pipe, name)
     return StableDiffusionBackend(pipe, name, family)

@@ -1,6 +1,6 @@
 """The one interface every diffmem method talks to a text-to-image diffusion model through.
 
-A `Backend` hides what differs between the embedded world, Stable Diffusion 1.x/2.x, SDXL and Flux: how prompts
+A `Backend` hides what differs between the embedded world, Stable Diffusion 1.x/2.x, SDXL, Flux and SD3: how prompts
 become conditioning, how the denoiser is called, how it is sampled and trained, how its samples become images, and
 which of its layers the mitigations touch. The methods (the audit, Wen's detector, the Dori attack, NeMo, Wanda)
 take a backend and nothing model-specific, so a method written once runs on every model diffmem loads
@@ -86,7 +86,7 @@ class Backend:
 
     Attributes:
         name: shown in reports, e.g. the base and LoRA file names.
-        family: "world", "sd1", "sd2", "sdxl" or "flux".
+        family: "world", "sd1", "sd2", "sdxl", "flux" or "sd3".
         denoiser: the network, called like a diffusers UNet: `denoiser(x, t, encoder_hidden_states=...,
             added_cond_kwargs=...)` returns an object whose `.sample` is the prediction (noise, v or velocity).
         scheduler: the sampler (DDIM for the SD family as in Wen et al.; the flow-matching Euler scheduler for

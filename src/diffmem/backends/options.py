@@ -16,7 +16,7 @@ def add_backend_options(parser: argparse.ArgumentParser, base_required: bool = F
     default = "" if base_required else " (default: the committed world base)"
     parser.add_argument("--base", required=base_required, default=None if base_required else "world",
                         help=f"the model: 'world', a world UNet file{default}, or a diffusers pipeline folder / "
-                             "single-file checkpoint of Stable Diffusion 1.x/2.x, SDXL or Flux (loaded offline)")
+                             "single-file checkpoint of Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux (loaded offline)")
     parser.add_argument("--lora", type=Path, default=None, help="LoRA merged into the base (any format diffmem reads)")
     parser.add_argument("--config", type=Path, default=None,
                         help="for a single-file --base: a local diffusers folder of the same architecture (its configs)")

@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.x/2.x and SDXL pipelines (diffusers) as `Backend`s, and loading any supported pipeline.
+"""Stable Diffusion 1.x/2.x and SDXL pipelines (diffusers) as `Backend`s, and loading any supported pipeline
+(these, Flux and SD3, whose backends are `diffmem.backends.flux` and `diffmem.backends.sd3`).
 
 - Conditioning: the text encoder's last hidden states; for SDXL both encoders' states concatenated, plus the pooled
   text_encoder_2 embedding and the size/crop time ids of a full-size uncropped image as `added_cond_kwargs`, as
@@ -19,6 +20,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     FluxPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -29,9 +31,10 @@ from diffmem.backends.base import Backend, Conditioning, batched, mse_per_sample
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.base import open_base
 
-PIPELINE_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux": "Flux"}
+PIPELINE_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux": "Flux",
+                  "sd3": "Stable Diffusion 3"}
 PIPELINE_CLASSES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
-                    "sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline}
+                    "sdxl": StableDiffusionXLPipeline, "flux": FluxPipeline, "sd3": StableDiffusion3Pipeline}
 
 
 def pipeline_family(path: Path) -> str:
@@ -41,10 +44,10 @@ def pipeline_family(path: Path) -> str:
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, config: str | Path | None = None,
-                  families: tuple[str, ...] = ("sd1", "sd2", "sdxl", "flux")):
+                  families: tuple[str, ...] = ("sd1", "sd2", "sdxl", "flux", "sd3")):
     """A diffusers pipeline of one of `families` (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
-    `FluxPipeline`) from a diffusers folder (model_index.json) or a single-file checkpoint, loaded offline on the
-    CPU without safety checker; another family is refused in one line.
+    `FluxPipeline`, `StableDiffusion3Pipeline`) from a diffusers folder (model_index.json) or a single-file
+    checkpoint, loaded offline on the CPU without safety checker; another family is refused in one line.
 
     A single file holds weights but not the components' configs (layer sizes, tokenizer, scheduler): diffusers
     takes them from its Hugging Face cache, or from `config`, a local diffusers folder of the same architecture

@@ -26,7 +26,7 @@ WeightMasks = dict[str, torch.Tensor]
 
 #: Metadata key naming the method that wrote a mask file.
 METHOD_KEY = "diffmem_mitigation"
-#: Metadata key naming the model family ("world", "sd1", "sd2", "sdxl", "flux") a mask file was made for.
+#: Metadata key naming the model family ("world", "sd1", "sd2", "sdxl", "flux", "sd3") a mask file was made for.
 FAMILY_KEY = "diffmem_family"
 
 
