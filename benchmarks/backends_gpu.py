@@ -1,4 +1,4 @@
-"""Timings of `audit` and `attack dori` on SDXL and Flux, on a GPU and on the CPU (docs/performance.md).
+"""Timings of `audit` and `attack dori` on SDXL and Flux, on a GPU and on the CPU (docs/backends.md, "Speed").
 
 Two tiers, each stage timed on its own, results as JSON (one object per stage):
 
