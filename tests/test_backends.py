@@ -217,3 +217,15 @@ def test_backends_page_example(tmp_path, monkeypatch, capsys):
     (block,) = re.findall(r"```python\n(.*?)```", DOCS.joinpath("backends.md").read_text(), flags=re.S)
     exec(compile(block, "docs/backends.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "flux (1, 3, 16, 16) 3 Dori steps"
+
+
+def test_a_device_this_torch_lacks_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("abc\n")
+    with pytest.raises(DiffmemError, match="is not a torch device"):
+        open_backend("world", device="gpu0")
+    if not torch.cuda.is_available():
+        assert main(["audit", "--base", "world", "--prompts", str(prompts), "--device", "cuda",
+                     "--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no usable CUDA device" in err[0] and not (tmp_path / "out").exists()

@@ -322,6 +322,9 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # transformers warns on import about optional packages (torchvision for image processors diffmem never uses);
+    # on stderr those lines would bury diffmem's one-line errors. A user's own setting wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser(load=command_modules(argv))
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

@@ -44,6 +44,19 @@ def as_backend(model: Backend | torch.nn.Module) -> Backend:
     return model if isinstance(model, Backend) else WorldBackend(model)
 
 
+def check_device(device: str) -> None:
+    """A clear error for a `--device` that is not a torch device, or one this torch build or machine lacks."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise DiffmemError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DiffmemError(f"--device {device}: this torch has no usable CUDA device "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise DiffmemError(f"--device {device}: the MPS backend is not available on this machine")
+
+
 def open_backend(
     base: str | Path | None = None,
     lora: str | Path | None = None,
@@ -57,7 +70,9 @@ def open_backend(
     - a diffusers pipeline folder or a single-file checkpoint (`config`: a diffusers folder of the same
       architecture, for single files): SD 1.x/2.x, SDXL, Flux or SD3, loaded offline in `dtype` on `device`.
 
-    A LoRA for another model is refused in one line before any weight changes (`diffmem.formats.merge`)."""
+    A LoRA for another model is refused in one line before any weight changes (`diffmem.formats.merge`), and so is
+    a device this torch cannot use, before anything is loaded."""
+    check_device(device)
     if base is None or str(base) == "world" or is_world_file(Path(base)):
         return world_backend(base, lora, device)
     path = Path(base)
