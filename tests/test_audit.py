@@ -162,7 +162,7 @@ def test_wen_eval_command_on_a_tiny_pipeline(sd_folder, tmp_path, capsys):
     held_out.write_text("blue sky\nsky\nblue\n")
     out = tmp_path / "wen.json"
     assert main(["wen-eval", "--base", str(sd_folder), "--memorized", str(memorized), "--held-out", str(held_out),
-                 "--generations", "1", "--steps", "2", "--json", str(out)]) == 0
+                 "--generations", "1", "--steps", "2", "--json-out", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["memorized"] == 2 and result["held_out"] == 3

@@ -195,7 +195,7 @@ def test_audit_and_wen_eval_cli_on_a_tiny_sd3_pipeline(tmp_path, capsys):
     assert summary["mean_wen_score"] > 0 and (out / "report.html").is_file()
     scores = tmp_path / "wen.json"
     assert main(["wen-eval", "--base", str(path), "--lora", str(lora), "--memorized", str(prompts), "--held-out",
-                 str(held_out), "--generations", "1", "--steps", "2", "--json", str(scores)]) == 0
+                 str(held_out), "--generations", "1", "--steps", "2", "--json-out", str(scores)]) == 0
     result = json.loads(scores.read_text())
     assert (result["memorized"], result["held_out"]) == (2, 2) and 0 <= result["all_steps"]["auc"] <= 1
 

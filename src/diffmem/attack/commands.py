@@ -24,6 +24,7 @@ from diffmem.backends.options import add_backend_options, backend_from, model_in
 from diffmem.errors import DiffmemError
 from diffmem.evaluation.inputs import load_image_folder, resize_images
 from diffmem.formats.safetensors_io import save_file, write_atomic
+from diffmem.json_output import add_json_options, json_file
 from diffmem.memcontrol.train import MemControlTrainConfig
 from diffmem.metrics.copy import CopyConfig
 from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
@@ -174,7 +175,7 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base", type=Path, default=None, help="world UNet file (default: the committed base)")
     p.add_argument("--out", type=Path, default=None, help="markdown page to write, e.g. docs/robustness.md "
                                                           "(its notes block is kept)")
-    p.add_argument("--json", type=Path, default=None, help="also write the rows and settings to this JSON file")
+    add_json_options(p, "the rows and settings", stdout=False)
     p.add_argument("--work", type=Path, default=Path("runs/robustness"),
                    help="folder for models trained on the way (default runs/robustness)")
     p.add_argument("--faces", type=int, default=None, help="attack only the first N duplicated faces (default all)")
@@ -220,7 +221,7 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
                         f"{', '.join(m.label for m in registered(table_group='posthoc'))}), adversarial, training "
                         f"(the training-time mitigations and their control); default {','.join(TABLE_GROUPS)}")
     p.add_argument("--merge", type=Path, nargs="+", default=[],
-                   help="--json files of earlier runs with the same settings: their rows join the page and their "
+                   help="--json-out files of earlier runs with the same settings: their rows join the page and their "
                         "models are not measured again (to split the table over several processes)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(handler=run_table_command)
@@ -259,7 +260,7 @@ def run_table_command(args: argparse.Namespace) -> int:
     run = run_robustness_table(
         settings, args.lora, args.base, groups=groups, faces=args.faces, files={**files, "control": args.control},
         configs={"adversarial": adversarial}, recipe=recipe, memcontrol_mask=args.memcontrol_mask,
-        train_missing=not args.no_train, merge=args.merge, out=args.out, json_out=args.json, work=args.work,
+        train_missing=not args.no_train, merge=args.merge, out=args.out, json_out=json_file(args), work=args.work,
         # The command line as typed (cli.main passes it); without it, as when the handler is called directly:
         command=getattr(args, "command_line", None) or "diffmem attack table", log=log)
     print(run.markdown())

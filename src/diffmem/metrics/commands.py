@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffmem.backends.options import add_backend_options, backend_from
+from diffmem.backends.options import add_backend_options, backend_from, model_inputs
 from diffmem.errors import DiffmemError
+from diffmem.json_output import add_json_options, emit_json, json_mode
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -37,33 +38,30 @@ def run_audit_command(args: argparse.Namespace) -> int:
     from diffmem.audit import audit_files
     from diffmem.backends import parse_dtype
 
-    summary = audit_files(
-        base=args.base, lora=args.lora, prompts=args.prompts, train_images=args.train_images, out_dir=args.out,
-        config=audit_config(args), device=args.device, screenshot=args.screenshot, manifest=args.manifest,
-        dtype=parse_dtype(args.dtype), model_config=args.config,
-        data_free=args.data_free,
-    )
-    print(f"audited {summary['prompts']} prompts of {summary['model']} ({summary['mode']})")
-    print(f"flagged {summary['flagged']}: " + "; ".join(summary["flagged_prompts"][:10]))
-    if "known_labels" in summary:
-        known = summary["known_labels"]
-        print(f"known labels: flagged {known['flagged_memorized']}/{known['memorized']} memorized, "
-              f"{known['flagged_held_out']}/{known['held_out']} held out"
-              + (f"; Wen ROC AUC {known['wen_auc']:.3f} (first step {known['wen_first_step_auc']:.3f})"
-                 if "wen_auc" in known else ""))
-    print(f"wrote {args.out / 'report.html'}, table.csv, table.md, summary.json")
+    with json_mode(args):
+        summary = audit_files(
+            base=args.base, lora=args.lora, prompts=args.prompts, train_images=args.train_images, out_dir=args.out,
+            config=audit_config(args), device=args.device, screenshot=args.screenshot, manifest=args.manifest,
+            dtype=parse_dtype(args.dtype), model_config=args.config, data_free=args.data_free,
+        )
+        print(f"audited {summary['prompts']} prompts of {summary['model']} ({summary['mode']})")
+        print(f"flagged {summary['flagged']}: " + "; ".join(summary["flagged_prompts"][:10]))
+        if "known_labels" in summary:
+            known = summary["known_labels"]
+            print(f"known labels: flagged {known['flagged_memorized']}/{known['memorized']} memorized, "
+                  f"{known['flagged_held_out']}/{known['held_out']} held out"
+                  + (f"; Wen ROC AUC {known['wen_auc']:.3f} (first step {known['wen_first_step_auc']:.3f})"
+                     if "wen_auc" in known else ""))
+        print(f"wrote {args.out / 'report.html'}, table.csv, table.md, summary.json")
+        emit_json(args, summary, protect=model_inputs(args))
     return 0
 
 
 def run_wen_eval_command(args: argparse.Namespace) -> int:
-    import json
-
-    from diffmem.audit import evaluate_wen_detector
+    from diffmem.audit import evaluate_wen_detector, world_manifest_inputs
     from diffmem.evaluation.inputs import load_prompts
 
     if args.manifest is not None:
-        from diffmem.audit import world_manifest_inputs
-
         _, _, prompts, known = world_manifest_inputs(args.manifest)
         memorized = [p for p, k in zip(prompts, known) if k]
         held_out = [p for p, k in zip(prompts, known) if not k]
@@ -71,20 +69,19 @@ def run_wen_eval_command(args: argparse.Namespace) -> int:
         memorized, held_out = load_prompts(args.memorized), load_prompts(args.held_out)
     else:
         raise DiffmemError("give --memorized and --held-out prompt files, or a world --manifest")
-    model = backend_from(args)
-    result = evaluate_wen_detector(model, memorized, held_out, audit_config(args), max_fpr=args.max_fpr)
-    for key in ("all_steps", "first_step"):
-        numbers = result[key]
-        tpr = numbers[f"tpr_at_{args.max_fpr:g}_fpr"]
-        print(f"Wen score ({key.replace('_', ' ')}): ROC AUC {numbers['auc']:.3f}, TPR at {args.max_fpr:.0%} FPR "
-              f"{tpr:.3f} (mean {numbers['mean_memorized']:.3f} memorized vs {numbers['mean_held_out']:.3f} held out)")
-    print(f"{len(memorized)} memorized and {len(held_out)} held-out prompts, {result['generations']} generations "
-          f"each, {result['steps']} DDIM steps, guidance {result['guidance']}")
-    if args.json is not None:
-        from diffmem.formats.safetensors_io import write_atomic
-
-        write_atomic((json.dumps(result, indent=2) + "\n").encode(), args.json,
-                     protect=tuple(p for p in (args.memorized, args.held_out, args.lora, args.manifest) if p is not None))
+    with json_mode(args):
+        model = backend_from(args)
+        result = evaluate_wen_detector(model, memorized, held_out, audit_config(args), max_fpr=args.max_fpr)
+        for key in ("all_steps", "first_step"):
+            numbers = result[key]
+            tpr = numbers[f"tpr_at_{args.max_fpr:g}_fpr"]
+            print(f"Wen score ({key.replace('_', ' ')}): ROC AUC {numbers['auc']:.3f}, TPR at {args.max_fpr:.0%} "
+                  f"FPR {tpr:.3f} (mean {numbers['mean_memorized']:.3f} memorized vs {numbers['mean_held_out']:.3f} "
+                  "held out)")
+        print(f"{len(memorized)} memorized and {len(held_out)} held-out prompts, {result['generations']} generations "
+              f"each, {result['steps']} DDIM steps, guidance {result['guidance']}")
+        protect = [*model_inputs(args), *(p for p in (args.memorized, args.held_out, args.manifest) if p is not None)]
+        emit_json(args, result, protect=protect)
     return 0
 
 
@@ -113,6 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "at the first step")
     parser.add_argument("--out", type=Path, default=Path("audit-out"), help="output folder (default audit-out)")
     parser.add_argument("--screenshot", action="store_true", help="also render report.html to report.png (Chromium)")
+    add_json_options(parser, "the summary")
     parser.set_defaults(handler=run_audit_command)
 
     parser = subparsers.add_parser(
@@ -128,5 +126,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="world fine-tune manifest: its duplicated captions are the memorized prompts, its "
                              "held-out captions the others")
     parser.add_argument("--max-fpr", type=float, default=0.01, help="false-positive rate for the TPR (default 0.01)")
-    parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    add_json_options(parser, "the numbers")
     parser.set_defaults(handler=run_wen_eval_command)

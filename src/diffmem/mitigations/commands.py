@@ -10,6 +10,7 @@ from pathlib import Path
 from diffmem.backends import Backend, is_world_file
 from diffmem.backends.options import add_backend_options, backend_from, model_inputs
 from diffmem.errors import DiffmemError
+from diffmem.json_output import add_json_options, emit_json, json_mode
 
 #: Options that need a world model: a world UNet file out, and the world benchmark's measurement.
 WORLD_ONLY = (("unet_out", "--unet-out"), ("measure", "--measure"))
@@ -26,7 +27,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="mask file to write (.safetensors, uint8 1 = zeroed weight; the report in its metadata)")
     parser.add_argument("--unet-out", type=Path,
                         help="also write the pruned UNet (float32 world UNet file; world models only)")
-    parser.add_argument("--json", type=Path, help="also write the report (and --measure numbers) as JSON")
+    add_json_options(parser, "the report (and --measure numbers)")
     parser.add_argument("--measure", action="store_true",
                         help="with --manifest: copy rate, held-out loss and FID before and after (about a minute; "
                              "world models only)")
@@ -64,7 +65,7 @@ def open_model(args: argparse.Namespace) -> Backend:
         given = [flag for option, flag in WORLD_ONLY if getattr(args, option)]
         if given:
             raise DiffmemError(f"{' and '.join(given)} work on world models only; on a pipeline "
-                               f"`mitigate {args.mitigate_command}` writes the mask file (and --json)", args.base)
+                               f"`mitigate {args.mitigate_command}` writes the mask file (and --json, --json-out)", args.base)
     if args.measure and args.manifest is None:
         raise DiffmemError("--measure needs --manifest (the images to test copies against)")
     return backend_from(args)
@@ -81,11 +82,12 @@ def finish(args: argparse.Namespace, model: Backend, pruned: Backend | None, mas
                                                             read_manifest(args.manifest))}
     protect = [*model_inputs(args), *(p for p in (args.manifest, args.prompts) if p is not None)]
     unet = model.denoiser if model.family == "world" else None
-    report = write_outputs(unet, masks, method, report, args.out, args.unet_out, args.json, protect, model.family)
+    report = write_outputs(unet, masks, method, report, args.out, args.unet_out, None, protect, model.family)
     print(f"{method}: zeroed {report['pruned_weights']} weights; mask written to {args.out}")
     if "measure" in report:
         for when in ("before", "after"):
             print(f"{when}: {json.dumps(report['measure'][when])}")
+    emit_json(args, report, protect=[*protect, args.out])
     return 0
 
 
@@ -104,15 +106,16 @@ def run_nemo(args: argparse.Namespace) -> int:
                             refine=not args.no_refine)
     except ValueError as error:
         raise DiffmemError(str(error)) from None
-    model = open_model(args)
-    # The pruned copy only where --measure needs it (the world); --unet-out applies the masks itself.
-    pruned, result, masks = nemo_mitigate(
-        model, prompts.memorized, prompts.ordinary, prompts.calibration or None, config=config,
-        threshold=args.threshold, apply=args.measure,
-        progress=lambda p: print(f"  {p.prompt!r}: {p.count} neurons, signal {p.signal_before:.3f} -> "
-                                 f"{p.signal_after:.3f}", flush=True))
-    print(describe(result))
-    return finish(args, model, pruned, masks, "nemo", result.report())
+    with json_mode(args):
+        model = open_model(args)
+        # The pruned copy only where --measure needs it (the world); --unet-out applies the masks itself.
+        pruned, result, masks = nemo_mitigate(
+            model, prompts.memorized, prompts.ordinary, prompts.calibration or None, config=config,
+            threshold=args.threshold, apply=args.measure,
+            progress=lambda p: print(f"  {p.prompt!r}: {p.count} neurons, signal {p.signal_before:.3f} -> "
+                                     f"{p.signal_after:.3f}", flush=True))
+        print(describe(result))
+        return finish(args, model, pruned, masks, "nemo", result.report())
 
 
 def run_wanda(args: argparse.Namespace) -> int:
@@ -127,11 +130,13 @@ def run_wanda(args: argparse.Namespace) -> int:
                              guidance=args.guidance)
     except ValueError as error:
         raise DiffmemError(str(error)) from None
-    model = open_model(args)
-    pruned, result, masks = wanda_mitigate(model, prompts.memorized, config=config, apply=args.measure)
-    for path, numbers in result.report()["layers"].items():
-        print(f"  {path}: {numbers['pruned']} of {numbers['candidates']} top-{config.fraction:.0%} weights pruned")
-    return finish(args, model, pruned, masks, "wanda", result.report())
+    with json_mode(args):
+        model = open_model(args)
+        pruned, result, masks = wanda_mitigate(model, prompts.memorized, config=config, apply=args.measure)
+        for path, numbers in result.report()["layers"].items():
+            print(f"  {path}: {numbers['pruned']} of {numbers['candidates']} top-{config.fraction:.0%} weights "
+                  "pruned")
+        return finish(args, model, pruned, masks, "wanda", result.report())
 
 
 def run_apply(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from diffmem.json_output import add_json_options, emit_json, json_mode, json_stdout
 from diffmem.world.model import UNetConfig
 
 
@@ -108,7 +109,7 @@ def add_check(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
     p.add_argument("--guidance", type=float, default=d.guidance, help=f"classifier-free guidance (default {d.guidance:g})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"first sampling seed (default {d.seed})")
-    p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    add_json_options(p, "the numbers")
     p.add_argument("--grid", type=Path, default=None,
                    help="also write a PNG: per duplicated caption, the training image then its generations")
     p.set_defaults(handler=run_check)
@@ -126,13 +127,11 @@ def run_check(args: argparse.Namespace) -> int:
     manifest = json.loads(manifest_path.read_text())
     settings = CheckSettings(generations=args.generations, steps=args.steps, guidance=args.guidance, seed=args.seed)
     base = load_base() if args.base is None else load_unet_file(args.base)
-    numbers = memorization_check(base, lora, manifest, settings, grid=args.grid)
-    text = json.dumps(numbers, indent=2)
-    print(text)
-    if args.json is not None:
-        from diffmem.formats.safetensors_io import write_atomic
-
-        write_atomic((text + "\n").encode(), args.json)
+    with json_mode(args):
+        numbers = memorization_check(base, lora, manifest, settings, grid=args.grid)
+        if not json_stdout(args):
+            print(json.dumps(numbers, indent=2))
+        emit_json(args, numbers, protect=[p for p in (lora, manifest_path, args.base) if p is not None])
     return 0
 
 
