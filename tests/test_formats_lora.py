@@ -923,3 +923,18 @@ def test_lora_from_factors_round_trips(tmp_path, fmt, alpha):
         assert module.scale == pytest.approx(scale)
         torch.testing.assert_close(module.delta().flatten(1), scale * up.flatten(1) @ down.flatten(1))
     assert back.metadata["ss_output_name"] == "x"
+
+
+def test_lorafile_save_writes_the_same_lora_and_never_over_its_source(tmp_path):
+    source = tmp_path / "mine.safetensors"
+    bl.write_kohya_lora(source, {"lora_unet_down_blocks_0_attentions_0_proj_in": (8, 6)}, rank=2)
+    lora = read_lora(source)
+    copy = lora.save(tmp_path / "copy.safetensors")
+    again = read_lora(copy)
+    assert again.format == lora.format and set(again.modules) == set(lora.modules)
+    for name, module in lora.modules.items():
+        torch.testing.assert_close(again.modules[name].delta(), module.delta())
+    before = source.read_bytes()
+    with pytest.raises(DiffmemError):
+        lora.save(source)
+    assert source.read_bytes() == before

@@ -138,6 +138,12 @@ class LoraFile:
     adapter_config: dict | None = None
     rslora: bool = False
 
+    def save(self, path: str | Path, protect: tuple[str | Path, ...] = ()) -> Path:
+        """Write this LoRA to `path` in its own format and key naming (`write_lora`: atomic, deterministic bytes,
+        never over its own source file or `protect`)."""
+        sources = (self.path,) if self.path is not None else ()
+        return write_lora(self, path, protect=(*sources, *protect))
+
     def __repr__(self) -> str:
         # The generated repr would print every tensor of every module.
         kinds = collections.Counter(module.kind for module in self.modules.values())
