@@ -124,11 +124,29 @@ def test_v_prediction_trains_towards_the_velocity(tmp_path):
     loss = backend.denoising_loss(x0, conditioning, torch.Generator().manual_seed(2), reduce=False)
     generator = torch.Generator().manual_seed(2)
     noise = torch.randn(x0.shape, generator=generator)
-    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (2,), generator=generator)
+    steps = schedule.config.num_train_timesteps
+    timesteps = (torch.rand((2,), generator=generator) * steps).long()
     prediction = backend.predict(schedule.add_noise(x0, noise, timesteps), timesteps, conditioning)
     velocity = schedule.get_velocity(x0, noise, timesteps)
     torch.testing.assert_close(loss, ((prediction - velocity) ** 2).flatten(1).mean(1))
     assert not torch.allclose(loss, ((prediction - noise) ** 2).flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_heldout_loss_compares_models_on_the_same_noisy_inputs(tmp_path, family):
+    """Fixed noise and stratified levels: the same number twice and whatever the batch, a changed denoiser
+    changes it, and it is the mean of the per-sample losses at those inputs."""
+    backend = open_backend(build_tiny_pipeline(tmp_path, family))
+    x0 = torch.randn(3, *backend.sample_shape, generator=torch.Generator().manual_seed(1))
+    conditioning = backend.encode(["abc", "xyz", "abc"])
+    loss = backend.heldout_loss(x0, conditioning, levels_per_sample=4, seed=7)
+    assert loss == pytest.approx(backend.heldout_loss(x0, conditioning, levels_per_sample=4, seed=7, batch_size=5))
+    assert loss != pytest.approx(backend.heldout_loss(x0, conditioning, levels_per_sample=4, seed=8))
+    with torch.no_grad():
+        next(backend.denoiser.parameters()).mul_(1.5)
+    assert loss != pytest.approx(backend.heldout_loss(x0, conditioning, levels_per_sample=4, seed=7))
+    with pytest.raises(ValueError, match="one conditioning row per sample"):
+        backend.heldout_loss(x0, conditioning.rows(0, 2))
 
 
 def test_the_world_backend_is_the_world():

@@ -25,7 +25,7 @@ from diffmem.backends.world import WorldBackend, is_world_file, world_backend
 from diffmem.errors import DiffmemError
 from diffmem.formats.merge import merge_lora, pipeline_components
 
-__all__ = ["DTYPES", "Backend", "Conditioning", "as_backend", "is_world_file", "open_backend", "parse_dtype"]
+__all__ = ["DTYPES", "Backend", "Conditioning", "as_backend", "is_world_file", "open_backend", "parse_dtype", "pipeline_backend"]
 
 #: The `--dtype` names (`diffmem.backends.options.DTYPE_NAMES`) as torch dtypes.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -87,7 +87,13 @@ def open_backend(
         # load_lora_weights refuses), with the filter's base-mismatch errors.
         merge_lora(pipeline_components(pipe), lora, name=path)
         name += f" + {lora.name}"
-    pipe = pipe.to(device)
+    return pipeline_backend(pipe.to(device), name, family)
+
+
+def pipeline_backend(pipe, name: str, family: str) -> Backend:
+    """A loaded diffusers pipeline of `family` ("sd1", "sd2", "sdxl", "flux", "sd3") as its `Backend`, with the
+    pipeline's own progress bars off. The backend keeps `pipe`, so a LoRA loaded into it afterwards (diffusers'
+    `load_lora_weights`, as `bench-real` does) acts on the backend's denoiser too."""
     pipe.set_progress_bar_config(disable=True)
     if family == "flux":
         return FluxBackend(pipe, name)

@@ -123,13 +123,50 @@ class Backend:
         models, a rescale for pixel models)."""
         raise NotImplementedError
 
-    def denoising_loss(self, x0: torch.Tensor, conditioning: Conditioning, generator: torch.Generator | None = None,
-                       reduce: bool = True) -> torch.Tensor:
-        """The model's training loss on clean samples `x0` (from `encode_images`): noise, then timesteps, drawn
-        from `generator`; the mean squared error to the model's training target; per sample unless `reduce`."""
+    def training_pair(self, x0: torch.Tensor, noise: torch.Tensor,
+                      u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy x_t, the denoiser's timesteps, the training target) for clean samples `x0`, `noise` and noise
+        levels `u` [N] in [0, 1) (0: clean, towards 1: pure noise), as the model is trained: a DDPM timestep
+        floor(u T) with an epsilon or v target, or a flow-matching sigma with a velocity target."""
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------------------------
+
+    def loss_at(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor, conditioning: Conditioning,
+                reduce: bool = True) -> torch.Tensor:
+        """Mean squared error of the denoiser's prediction to the training target at given noise and noise levels
+        (`training_pair`); per sample unless `reduce`."""
+        noisy, timesteps, target = self.training_pair(x0.float().cpu(), noise, u)
+        per_sample = mse_per_sample(self.predict(noisy, timesteps, conditioning), target.to(self.device))
+        return per_sample.mean() if reduce else per_sample
+
+    def denoising_loss(self, x0: torch.Tensor, conditioning: Conditioning, generator: torch.Generator | None = None,
+                       reduce: bool = True) -> torch.Tensor:
+        """The model's training loss on clean samples `x0` (from `encode_images`): noise, then noise levels,
+        drawn from `generator` (Ho et al. 2020's simple loss; flow matching for Flux and SD3)."""
+        noise = torch.randn(x0.shape, generator=generator)
+        return self.loss_at(x0, noise, torch.rand((x0.shape[0],), generator=generator), conditioning, reduce)
+
+    @torch.no_grad()
+    def heldout_loss(self, x0: torch.Tensor, conditioning: Conditioning, levels_per_sample: int = 8, seed: int = 0,
+                     batch_size: int = 16) -> float:
+        """Mean denoising loss of clean samples `x0` with their conditioning at fixed noise and stratified noise
+        levels (one level in each of `levels_per_sample` equal strata of [0, 1) per sample), all drawn from `seed`:
+        two models (a LoRA, its filtered variant) are compared on exactly the same noisy inputs."""
+        if len(x0) == 0 or len(x0) != len(conditioning):
+            raise ValueError(f"need one conditioning row per sample, got {len(x0)} samples, {len(conditioning)} rows")
+        generator = torch.Generator().manual_seed(seed)
+        offsets = torch.rand((len(x0), 1), generator=generator)
+        levels = ((torch.arange(levels_per_sample) + offsets) / levels_per_sample).flatten()
+        samples = x0.float().cpu().repeat_interleave(levels_per_sample, dim=0)
+        noise = torch.randn(samples.shape, generator=generator)
+        rows = conditioning.repeat_interleave(levels_per_sample)
+        total = 0.0
+        for start in range(0, len(samples), batch_size):
+            stop = start + batch_size
+            total += float(self.loss_at(samples[start:stop], noise[start:stop], levels[start:stop],
+                                        rows.rows(start, stop), reduce=False).sum())
+        return total / len(samples)
 
     @property
     def device(self) -> torch.device:

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from diffmem.backends.base import Backend, Conditioning, batched, mse_per_sample
+from diffmem.backends.base import Backend, batched
 
 
 class FlowMatchingSampler:
@@ -116,16 +116,10 @@ class FlowMatchingBackend(Backend):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return batched(lambda chunk: encode_latents(self.pipe.vae, chunk), images.float())
 
-    def denoising_loss(self, x0: torch.Tensor, conditioning: Conditioning, generator: torch.Generator | None = None,
-                       reduce: bool = True) -> torch.Tensor:
-        x0 = x0.float().cpu()
-        noise = torch.randn(x0.shape, generator=generator)
-        u = torch.rand((x0.shape[0],), generator=generator).clamp(1e-4, 1 - 1e-4)
-        sigma = self.scheduler.shift(u).view(-1, 1, 1, 1)
-        noisy = (1 - sigma) * x0 + sigma * noise
-        per_sample = mse_per_sample(self.predict(noisy, sigma.flatten() * 1000, conditioning),
-                                    (noise - x0).to(self.device))
-        return per_sample.mean() if reduce else per_sample
+    def training_pair(self, x0: torch.Tensor, noise: torch.Tensor,
+                      u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sigma = self.scheduler.shift(u.clamp(1e-4, 1 - 1e-4)).view(-1, 1, 1, 1)
+        return (1 - sigma) * x0 + sigma * noise, sigma.flatten() * 1000, noise - x0
 
     def value_layers(self, blocks: Sequence[str] | None = None) -> dict[str, torch.nn.Linear]:
         blocks = tuple(blocks or self.value_blocks)

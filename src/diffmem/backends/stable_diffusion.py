@@ -27,7 +27,7 @@ from diffusers import (
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from diffmem.backends.base import Backend, Conditioning, batched, mse_per_sample
+from diffmem.backends.base import Backend, Conditioning, batched
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.base import open_base
 
@@ -143,16 +143,12 @@ class StableDiffusionBackend(Backend):
         return batched(lambda chunk: vae.encode(chunk.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean.float()
                        * scale, images.float())
 
-    def denoising_loss(self, x0: torch.Tensor, conditioning: Conditioning, generator: torch.Generator | None = None,
-                       reduce: bool = True) -> torch.Tensor:
+    def training_pair(self, x0: torch.Tensor, noise: torch.Tensor,
+                      u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         schedule = self.training_schedule
-        noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(0, schedule.config.num_train_timesteps, (x0.shape[0],), generator=generator)
-        x0 = x0.float().cpu()
+        steps = schedule.config.num_train_timesteps
+        timesteps = (u * steps).long().clamp(0, steps - 1)
         noisy = schedule.add_noise(x0, noise, timesteps)
         if schedule.config.prediction_type == "v_prediction":
-            target = schedule.get_velocity(x0, noise, timesteps)
-        else:
-            target = noise
-        per_sample = mse_per_sample(self.predict(noisy, timesteps, conditioning), target.to(self.device))
-        return per_sample.mean() if reduce else per_sample
+            return noisy, timesteps, schedule.get_velocity(x0, noise, timesteps)
+        return noisy, timesteps, noise

@@ -16,8 +16,10 @@ from diffusers import UNet2DConditionModel
 from diffmem.backends.base import Backend, Conditioning
 from diffmem.formats.safetensors_io import read_header
 from diffmem.world.diffusion import (
+    TRAIN_TIMESTEPS,
     WORLD_GUIDANCE,
     WORLD_STEPS,
+    add_noise,
     ddim_step,
     ddim_timesteps,
     from_model_range,
@@ -75,8 +77,14 @@ class WorldBackend(Backend):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return to_model_range(images.float())
 
+    def training_pair(self, x0: torch.Tensor, noise: torch.Tensor,
+                      u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        timesteps = (u * TRAIN_TIMESTEPS).long().clamp(0, TRAIN_TIMESTEPS - 1)
+        return add_noise(x0, noise, timesteps), timesteps, noise
+
     def denoising_loss(self, x0: torch.Tensor, conditioning: Conditioning, generator: torch.Generator | None = None,
                        reduce: bool = True) -> torch.Tensor:
+        # The world's own loss (integer timesteps drawn directly), so its attacks and fine-tunes are unchanged.
         return training_loss_x0(self.denoiser, x0, conditioning.context, generator, reduce)
 
     @torch.no_grad()

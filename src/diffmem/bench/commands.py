@@ -83,7 +83,8 @@ def register_real(subparsers: argparse._SubParsersAction) -> None:
                     "distances, AMD, denoising losses and FID. Resumable: rows already measured are kept. "
                     "See docs/bench.md, 'On your own checkpoints'.")
     p.add_argument("--base", type=Path, required=True,
-                   help="Stable Diffusion 1.x/2.x base: a diffusers folder or a single-file checkpoint")
+                   help="the base: a diffusers folder or a single-file checkpoint of Stable Diffusion 1.x/2.x, SDXL, "
+                        "Flux or SD3 (the LoRAs are loaded with diffusers' own load_lora_weights)")
     p.add_argument("--config", type=Path, default=None,
                    help="for a single-file --base: a local diffusers folder of the same architecture whose "
                         "configs (layer sizes, tokenizer, scheduler) describe it (default: diffusers' local cache)")
@@ -103,7 +104,8 @@ def register_real(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-generations", type=int, default=d.heldout_generations,
                    help=f"generations per held-out caption, for FID (default {d.heldout_generations})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
-    p.add_argument("--guidance", type=float, default=d.guidance, help=f"guidance scale (default {d.guidance})")
+    p.add_argument("--guidance", type=float, default=d.guidance,
+                   help="guidance scale (default: the model's own: 7.5 for Stable Diffusion, 7 for SD3, 1 for Flux)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"first sampling seed (default {d.seed})")
     p.add_argument("--copy-distance", type=float, default=None,
                    help="also require a copy's tiled-L2 distance to be at most this (default: relative test only)")

@@ -3,8 +3,9 @@
 The world benchmark (`diffmem.bench.run`) knows which images each fine-tune memorized; on a real checkpoint the
 user says which training images they suspect, in a probe manifest (`read_probe`). Every LoRA is filtered with
 the same variants and baselines as the world benchmark (`diffmem.bench.grid`), each filtered file is written and
-loaded into a diffusers `StableDiffusionPipeline` with diffusers' own `load_lora_weights` (so a variant that a
-front-end could not load fails here too), a few images per caption are generated with fixed seeds, and the
+loaded into the base's diffusers pipeline (Stable Diffusion 1.x/2.x, SDXL, Flux or SD3, driven through
+`diffmem.backends`) with diffusers' own `load_lora_weights` (so a variant that a front-end could not load fails
+here too), a few images per caption are generated with fixed seeds, and the
 generations are measured against the probe images with `diffmem.metrics`. Rows go to ``<out>/results.jsonl`` as
 soon as each is measured and are keyed by LoRA, base, probe and settings, so a stopped run resumes.
 """
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from diffmem.backends import Backend, pipeline_backend
+from diffmem.backends.stable_diffusion import load_pipeline, pipeline_family
 from diffmem.bench.grid import FULL_PLAN, QUICK_PLAN, VARIATION_PLAN, Variant, VariantPlan, reference_variants
 from diffmem.bench.run import append_row, read_rows, settings_id
 from diffmem.errors import DiffmemError, FileFormatError
@@ -39,7 +42,6 @@ from diffmem.metrics.features import (
     preprocessor_settings,
 )
 from diffmem.metrics.fid import fid_from_features
-from diffmem.metrics.quality import denoising_loss
 from diffmem.pipeline import filter_lora, provenance, resolve_device
 from diffmem.report import image_grid, load_image, markdown_table, save_png
 
@@ -60,11 +62,13 @@ class RealBenchSettings:
         generations: images per suspected caption. 4, Wen et al.'s number per prompt; the extraction attack
             needs at least 3 near-identical generations of a caption to call it extracted.
         heldout_generations: images per held-out caption (for FID).
-        steps: DDIM steps. 25, the usual interactive setting for Stable Diffusion 1.x/2.x.
-        guidance: classifier-free guidance scale. 7.5, Stable Diffusion's default (also Wen et al.'s).
+        steps: sampling steps. 25, the usual interactive setting for Stable Diffusion 1.x/2.x.
+        guidance: classifier-free guidance scale. None (default): the model's own (`Backend.default_guidance`:
+            7.5 for Stable Diffusion, also Wen et al.'s; 7.0 for SD3; 1.0 for Flux, whose distilled guidance is
+            inside the model).
         seed: generation g of every caption starts from the noise of seed `seed + g` (a CPU generator, so the
             noise is the same on every device); held-out captions use seeds from `seed + 10000`.
-        timesteps_per_image: stratified timesteps per image of the denoising losses (as the world benchmark).
+        timesteps_per_image: stratified noise levels per image of the denoising losses (as the world benchmark).
         embedder: the feature space of AMD and FID: "pixelsN" (raw pixels average-pooled to N x N, no learned
             network), "safety-checker" (the CLIP image encoder SD 1.x folders ship) or a feature-network file
             given with ``--embedder``. Default "pixels16": the project's copy embedder is trained on the world's
@@ -77,7 +81,7 @@ class RealBenchSettings:
     generations: int = 4
     heldout_generations: int = 1
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float | None = None
     seed: int = 0
     timesteps_per_image: int = 8
     embedder: str = "pixels16"
@@ -200,65 +204,55 @@ def load_images(files: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
-def load_sd_pipeline(base: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
-                     config: str | Path | None = None):
-    """A Stable Diffusion 1.x/2.x pipeline (`diffmem.backends.stable_diffusion.load_pipeline`: a diffusers folder, or a
-    file whose configs come from `config`), with a DDIM scheduler from the checkpoint's own scheduler config, on
-    `device`."""
-    from diffusers import DDIMScheduler
-
-    from diffmem.backends.stable_diffusion import load_pipeline
-
-    pipe = load_pipeline(base, dtype, config, families=("sd1", "sd2"))
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+def load_bench_model(base: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
+                     config: str | Path | None = None) -> Backend:
+    """The base pipeline (`diffmem.backends.stable_diffusion.load_pipeline`: a diffusers folder, or a single file
+    whose configs come from `config`; SD 1.x/2.x, SDXL, Flux or SD3) as its `Backend` on `device`. The LoRAs are
+    loaded into its `pipe` with diffusers' own loader (`load_lora_weights`), so a variant a front-end could not
+    load fails here too."""
+    pipe = load_pipeline(base, dtype, config)
+    return pipeline_backend(pipe.to(device), Path(base).name, pipeline_family(Path(base)))
 
 
 def load_lora_weights(pipe, lora: Path, adapter_name: str) -> None:
-    """Apply a LoRA file with diffusers' own loader; a file diffusers refuses is an error naming it."""
+    """Apply a LoRA file with diffusers' own loader; a file diffusers refuses, or of which it loads nothing, is an
+    error naming it."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    # transformers prints a "MISSING keys" table for every LoRA'd text encoder: PEFT loads only the LoRA keys.
-    verbosity = transformers_logging.get_verbosity()
+    # transformers prints a "MISSING keys" table for every LoRA'd text encoder (PEFT loads only the LoRA keys), and
+    # diffusers a warning for every component a UNet-only LoRA has no keys for; what matters is checked below.
+    verbosity, diffusers_verbosity = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
     try:
         pipe.load_lora_weights(str(lora), adapter_name=adapter_name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise FileFormatError(f"diffusers' load_lora_weights refused this file ({exc})", lora) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
+        diffusers_logging.set_verbosity(diffusers_verbosity)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    if not any(adapter_name in getattr(module, "lora_A", {}) for module in denoiser.modules()):
+        # diffusers only warns when it finds no key it reads for this model: measuring the base as if it were
+        # the LoRA would be a silent wrong row.
+        pipe.unload_lora_weights()
+        raise FileFormatError(f"diffusers' load_lora_weights loaded none of its weights into the "
+                              f"{type(denoiser).__name__} (a key naming diffusers does not read for this model); "
+                              "bench-real measures LoRAs as diffusers loads them", lora)
 
 
-@torch.no_grad()
-def generate_images(pipe, captions: Sequence[str], seeds: Sequence[int], settings: RealBenchSettings,
+def generate_images(model: Backend, captions: Sequence[str], seeds: Sequence[int], settings: RealBenchSettings,
                     batch_size: int = 8) -> torch.Tensor:
-    """One image per (caption, seed) pair with the pipeline's DDIM sampler, [N, 3, H, W] in [0, 1] on the CPU."""
-    images = []
-    for start in range(0, len(captions), batch_size):
-        chunk = slice(start, start + batch_size)
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds[chunk]]
-        out = pipe(list(captions[chunk]), num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                   generator=generators, output_type="pt")
-        images.append(out.images.float().cpu().clamp(0, 1))
-    return torch.cat(images)
+    """One image per (caption, seed) pair with the model's own sampler (DDIM for Stable Diffusion), [N, 3, H, W] in
+    [0, 1] on the CPU; each image depends on its own seed only."""
+    return model.generate(model.encode(list(captions)), seeds, settings.steps, settings.guidance, batch_size)
 
 
-@torch.no_grad()
-def encode_latents(pipe, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (posterior means, times the scaling factor) of images [N, 3, H, W] in [0, 1]."""
-    param = next(pipe.vae.parameters())
-    parts = [pipe.vae.encode((chunk * 2 - 1).to(param.device, param.dtype)).latent_dist.mean.float().cpu()
-             for chunk in images.split(batch_size)]
-    return torch.cat(parts) * pipe.vae.config.scaling_factor
-
-
-@torch.no_grad()
-def caption_loss(pipe, latents: torch.Tensor, captions: Sequence[str], settings: RealBenchSettings) -> float:
-    """Denoising loss of the pipeline's UNet on `latents` with their captions, at fixed noise and timesteps."""
-    embeds, _ = pipe.encode_prompt(list(captions), pipe.unet.device, 1, False)
-    return denoising_loss(pipe.unet, pipe.scheduler, latents, embeds.float().cpu(),
-                          timesteps_per_sample=settings.timesteps_per_image)
+def caption_loss(model: Backend, latents: torch.Tensor, captions: Sequence[str], settings: RealBenchSettings) -> float:
+    """Denoising loss of the model on `latents` with their captions, at fixed noise and stratified noise levels
+    (`Backend.heldout_loss`), so every variant is measured on the same noisy inputs."""
+    return model.heldout_loss(latents, model.encode(list(captions)), settings.timesteps_per_image)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -278,24 +272,23 @@ class ProbeImages:
     heldout_features: torch.Tensor | None
 
     @classmethod
-    def load(cls, manifest: ProbeManifest, pipe, embedder: Callable[[torch.Tensor], torch.Tensor]) -> ProbeImages:
+    def load(cls, manifest: ProbeManifest, model: Backend,
+             embedder: Callable[[torch.Tensor], torch.Tensor]) -> ProbeImages:
         """Read, resize and embed the images once; every model is measured against the same tensors."""
-        size = pipe.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        size = (size[0] * pipe.vae_scale_factor, size[1] * pipe.vae_scale_factor)
+        size = model.image_size
         suspected = load_images(manifest.suspected_images, size)
         pool = torch.cat([suspected, load_images(manifest.references, size)]) if manifest.references else suspected
         heldout_files = [image for image, _ in manifest.heldout_with_images]
         heldout = load_images(heldout_files, size) if heldout_files else None
-        return cls(manifest, suspected, pool, heldout, encode_latents(pipe, suspected),
-                   None if heldout is None else encode_latents(pipe, heldout), embed(embedder, pool),
+        return cls(manifest, suspected, pool, heldout, model.encode_images(suspected),
+                   None if heldout is None else model.encode_images(heldout), embed(embedder, pool),
                    None if heldout is None or len(heldout) < 2 else embed(embedder, heldout))
 
 
-def measure_pipeline(pipe, probe: ProbeImages, settings: RealBenchSettings,
+def measure_pipeline(model: Backend, probe: ProbeImages, settings: RealBenchSettings,
                      embedder: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 8,
                      ) -> tuple[dict, torch.Tensor]:
-    """Memorization and quality numbers of the pipeline as it is (with whatever LoRA is loaded), and its
+    """Memorization and quality numbers of the model as it is (with whatever LoRA is loaded into it), and its
     suspected-caption generations [captions * generations, 3, H, W], caption-major.
 
     - copy_rate: share of suspected-caption generations that Carlini et al.'s relative tiled-L2 test calls a copy
@@ -313,7 +306,7 @@ def measure_pipeline(pipe, probe: ProbeImages, settings: RealBenchSettings,
     manifest = probe.manifest
     captions, count = manifest.suspected_captions, settings.generations
     prompts = [c for c in captions for _ in range(count)]
-    generated = generate_images(pipe, prompts, [settings.seed + g for _ in captions for g in range(count)],
+    generated = generate_images(model, prompts, [settings.seed + g for _ in captions for g in range(count)],
                                 settings, batch_size)
     copy = CopyConfig(distance_threshold=settings.copy_distance)
     decisions = copy_decisions(generated, probe.pool, copy)
@@ -328,16 +321,16 @@ def measure_pipeline(pipe, probe: ProbeImages, settings: RealBenchSettings,
         "nearest_distance": round(float(decisions.distance.median()), 4),
         "extracted": extraction.extracted_images,
         "amd": round(amd(embed(embedder, generated), probe.pool_features), 4),
-        "suspected_loss": round(caption_loss(pipe, probe.suspected_latents, captions, settings), 6),
+        "suspected_loss": round(caption_loss(model, probe.suspected_latents, captions, settings), 6),
     }
     if probe.heldout_latents is not None:
         heldout_captions = [caption for _, caption in manifest.heldout_with_images]
-        numbers["heldout_loss"] = round(caption_loss(pipe, probe.heldout_latents, heldout_captions, settings), 6)
+        numbers["heldout_loss"] = round(caption_loss(model, probe.heldout_latents, heldout_captions, settings), 6)
     if probe.heldout_features is not None:
         heldout_prompts = [c for c in manifest.heldout_captions for _ in range(settings.heldout_generations)]
         if len(heldout_prompts) >= 2:
             seeds = [settings.seed + HELDOUT_SEED_OFFSET + i for i in range(len(heldout_prompts))]
-            quality = generate_images(pipe, heldout_prompts, seeds, settings, batch_size)
+            quality = generate_images(model, heldout_prompts, seeds, settings, batch_size)
             numbers["fid"] = round(fid_from_features(probe.heldout_features, embed(embedder, quality)), 4)
     return numbers, generated
 
@@ -430,7 +423,7 @@ def run_real_bench(
     the base pipeline with diffusers' `load_lora_weights`, measure it against the probe, and append a row to
     ``<out>/results.jsonl``; then write ``<out>/report.md``. Rows already measured with the same LoRA, base,
     probe and settings are skipped. Returns the rows of this base, probe and settings. `config`: the diffusers
-    folder whose configs describe a single-file `base` (see `load_sd_pipeline`)."""
+    folder whose configs describe a single-file `base` (see `load_bench_model`)."""
     device = resolve_device(device)
     out = Path(out)
     manifest = read_probe(probe)
@@ -458,33 +451,33 @@ def run_real_bench(
 
     done = {(r["lora_sha256"], r["variant"]) for r in matching()}
     base_numbers = next((r["numbers"] for r in matching() if r["variant"] == "base"), None)
-    pipe = probe_images = None
+    model = probe_images = None
     for lora in lora_paths:
         lora_sha = sha256_file(lora)
         label = lora_label(lora, lora_sha)
         variants = variants_for(lora, checkpoint, plan, device)
         todo = [v for v in variants if (lora_sha, v.key) not in done]
-        if todo and pipe is None:
-            pipe = load_sd_pipeline(base, device, dtype, config)
-            probe_images = ProbeImages.load(manifest, pipe, features)
+        if todo and model is None:
+            model = load_bench_model(base, device, dtype, config)
+            probe_images = ProbeImages.load(manifest, model, features)
         for variant in tqdm(todo, desc=label, unit="variant", disable=not progress):
             started = time.perf_counter()
             report = generated = None
             if variant.config is None and base_numbers is not None:
                 numbers = base_numbers  # the base is the same model for every LoRA: measured once
             elif variant.config is None:
-                numbers, generated = measure_pipeline(pipe, probe_images, settings, features, batch_size)
+                numbers, generated = measure_pipeline(model, probe_images, settings, features, batch_size)
                 base_numbers = numbers
             else:
                 result = filter_lora(lora, checkpoint, variant.config, device=device)
                 report = result.report
                 written = write_lora(result.lora, out / "loras" / label / f"{file_safe(variant.key)}.safetensors",
                                      provenance=provenance(report, lora), protect=inputs)
-                load_lora_weights(pipe, written, adapter_name="bench")
+                load_lora_weights(model.pipe, written, adapter_name="bench")
                 try:
-                    numbers, generated = measure_pipeline(pipe, probe_images, settings, features, batch_size)
+                    numbers, generated = measure_pipeline(model, probe_images, settings, features, batch_size)
                 finally:
-                    pipe.unload_lora_weights()
+                    model.pipe.unload_lora_weights()
             if generated is not None:
                 save_png(image_grid(generated, columns=settings.generations), out / grid_path(label, variant.key))
             row = {"lora": str(lora), "lora_label": label, "lora_sha256": lora_sha, "base": str(base), **identity,

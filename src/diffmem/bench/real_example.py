@@ -96,7 +96,7 @@ def write_example(folder: str | Path, steps: int = 2, guidance: float = 7.5, see
     The suspected images are the LoRA's generations of their captions at `seed` with `steps` DDIM steps and
     `guidance` (the benchmark's first generation of each caption with the same settings); the references and the
     held-out images are the base's generations at other seeds. Returns the three paths."""
-    from diffmem.bench.real import RealBenchSettings, generate_images, load_lora_weights, load_sd_pipeline
+    from diffmem.bench.real import RealBenchSettings, generate_images, load_bench_model, load_lora_weights
 
     folder = Path(folder)
     pipe_folder, lora_path, probe = folder / "pipeline", folder / "lora.safetensors", folder / "probe"
@@ -104,13 +104,13 @@ def write_example(folder: str | Path, steps: int = 2, guidance: float = 7.5, see
         if path.exists():
             raise DiffmemError("exists already; choose an empty folder for the example", path)
     tiny_pipeline(pipe_folder, seed)
-    pipe = load_sd_pipeline(pipe_folder, torch.device("cpu"))
-    write_lora(tiny_kohya_lora(pipe, seed=seed), lora_path)
+    model = load_bench_model(pipe_folder, torch.device("cpu"))
+    write_lora(tiny_kohya_lora(model.pipe, seed=seed), lora_path)
     settings = RealBenchSettings(steps=steps, guidance=guidance, seed=seed)
-    base_images = generate_images(pipe, [*SUSPECTED_CAPTIONS, *HELDOUT_CAPTIONS],
+    base_images = generate_images(model, [*SUSPECTED_CAPTIONS, *HELDOUT_CAPTIONS],
                                   [seed + 100 + i for i in range(4)], settings)
-    load_lora_weights(pipe, lora_path, "example")
-    suspected = generate_images(pipe, SUSPECTED_CAPTIONS, [seed] * len(SUSPECTED_CAPTIONS), settings)
+    load_lora_weights(model.pipe, lora_path, "example")
+    suspected = generate_images(model, SUSPECTED_CAPTIONS, [seed] * len(SUSPECTED_CAPTIONS), settings)
     manifest: dict[str, list] = {"suspected": [], "references": [], "heldout": []}
     for index, (caption, image) in enumerate(zip(SUSPECTED_CAPTIONS, suspected)):
         name = f"train/suspected-{index}.png"
