@@ -76,7 +76,7 @@ def add_dori(subparsers: argparse._SubParsersAction) -> None:
         "dori", help="search a text embedding that makes the model replicate a target image (Dori attack)",
         description="Optimise the text conditioning so that the model (base plus optional LoRA, e.g. a mitigated "
                     "one) denoises towards --target, then judge fresh generations from it with the copy test. "
-                    "Runs on the embedded world and on Stable Diffusion 1.x/2.x, SDXL and Flux pipelines.")
+                    "Runs on the embedded world and on Stable Diffusion 1.x/2.x, SDXL, Flux and SD3 pipelines.")
     p.add_argument("--target", type=Path, required=True,
                    help="the (memorized) image to bring back, e.g. a PNG (resized to the model's image size)")
     p.add_argument("--prompt", required=True, help="the prompt the image was trained with (start of the search)")
@@ -98,10 +98,10 @@ def add_dori(subparsers: argparse._SubParsersAction) -> None:
                    help=f"fresh generations that judge success (default {s.generations})")
     p.add_argument("--sample-steps", type=int, default=None,
                    help="sampling steps of those (default: the model's own: 25 on the world, 50 on Stable "
-                        "Diffusion, 28 on Flux)")
+                        "Diffusion, 28 on Flux and SD3)")
     p.add_argument("--guidance", type=float, default=None,
                    help="their guidance scale (default: the model's own: 3 on the world, 7.5 on Stable Diffusion, "
-                        "1 on Flux, whose distilled guidance is inside the model)")
+                        "7 on SD3, 1 on Flux, whose distilled guidance is inside the model)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder for embedding.safetensors, summary.json, generations.png "
                         "(default runs/dori/<target name>)")

@@ -3,7 +3,7 @@ Local", seed 002): optimise a text embedding so that a (possibly mitigated) mode
 image, then ask whether fresh generations from that embedding copy the image.
 
 The search works on the model's whole conditioning (`diffmem.backends.Conditioning`): the text states `[tokens,
-dim]` the denoiser receives as `encoder_hidden_states` and, for SDXL and Flux, the pooled embedding; not on token
+dim]` the denoiser receives as `encoder_hidden_states` and, for SDXL, Flux and SD3, the pooled embedding; not on token
 ids, so it can reach embeddings no prompt produces. Every function takes any `diffmem.backends.Backend` (the world,
 SD 1.x/2.x, SDXL, Flux) or a bare world UNet. Success is never read off the search loss: `attack_success` samples
 new images from the embedding and applies the copy tests of `diffmem.metrics.copy` to them. Files are read and
@@ -186,7 +186,7 @@ def dori_search(
     model: Backend | UNet2DConditionModel, target: torch.Tensor, start: Conditioning | torch.Tensor,
     config: DoriConfig | None = None,
 ) -> DoriResult:
-    """Minimise the model's denoising loss on `target` over the conditioning (text states and, for SDXL and Flux,
+    """Minimise the model's denoising loss on `target` over the conditioning (text states and, for SDXL, Flux and SD3,
     the pooled embedding), with fresh noise and timesteps every step (Kowalczuk et al. 2025, "Finding Dori"; for
     an epsilon model || eps - eps_theta(x_t, t, y) ||^2, for Flux the flow-matching loss). The model's weights are
     left untouched."""

@@ -190,7 +190,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     nemo = commands.add_parser("nemo", help="deactivate memorization neurons of the cross-attention value layers "
                                             "(Hintersdorf et al. 2024)",
                                description="Find the value neurons memorized prompts need and write them as a mask "
-                                           "file. Runs on the world and on SD 1.x/2.x, SDXL and Flux pipelines "
+                                           "file. Runs on the world and on SD 1.x/2.x, SDXL, Flux and SD3 pipelines "
                                            "(Flux: the text stream's values of joint attention, add_v_proj).")
     add_model_options(nemo)
     nemo.add_argument("--ordinary", type=Path, help="text file of ordinary prompts for the activation statistics")
@@ -213,7 +213,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                               "empty prompt (Chavhan et al. 2024)",
                                 description="Score the feed-forward output weights (ff.net.2) along sampled "
                                             "trajectories of the memorized prompts and write the ones to prune as a "
-                                            "mask file. Runs on the world and on SD 1.x/2.x, SDXL and Flux pipelines.")
+                                            "mask file. Runs on the world and on SD 1.x/2.x, SDXL, Flux and SD3 pipelines.")
     add_model_options(wanda)
     wanda.add_argument("--fraction", type=float, default=w.fraction,
                        help=f"share of each row considered, by score (default {w.fraction:g})")
