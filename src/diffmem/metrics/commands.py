@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from diffmem.backends.options import add_backend_options, backend_from, model_inputs
@@ -43,6 +44,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
             base=args.base, lora=args.lora, prompts=args.prompts, train_images=args.train_images, out_dir=args.out,
             config=audit_config(args), device=args.device, screenshot=args.screenshot, manifest=args.manifest,
             dtype=parse_dtype(args.dtype), model_config=args.config, data_free=args.data_free,
+            progress=sys.stderr.isatty(),  # no bars in logs or pipes
         )
         print(f"audited {summary['prompts']} prompts of {summary['model']} ({summary['mode']})")
         print(f"flagged {summary['flagged']}: " + "; ".join(summary["flagged_prompts"][:10]))
