@@ -12,7 +12,11 @@ own training images (which the scan never reads). A style-only fine-tune (issue 
 world does not have yet (issue 18); it is not in these populations.
 
 Each LoRA is written with its manifest to `--out/<population>/<name>.safetensors` (+ `.json`), skipped when it
-exists, so the script resumes. One LoRA takes about 11 CPU-minutes at 500 steps on one thread (docs/world.md);
+exists, so the script resumes. `--labels` then measures each trained LoRA's label into `<name>.label.json`:
+memorizing when at least one training caption (all duplicated ones and the first `LABEL_SEEN_ONCE` seen once)
+gets a copy of its own training image in at least half of 8 generations (Carlini et al.'s relative tiled-L2
+test against the LoRA's whole training set, `diffmem.world.check.own_copy_rate`), with the base's rate on the
+same captions beside it. One LoRA takes about 11 CPU-minutes at 500 steps on one thread (docs/world.md);
 the 32 take about 5 hours on one core. Run it in the background at low priority:
 
     nice -n 19 python benchmarks/scan_population.py --out runs/scan-population [--only eval] [--threads 1]
@@ -26,7 +30,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from diffmem.world.check import CheckSettings, manifest_images, own_copy_rate
+from diffmem.world.data import ImageSet
+from diffmem.world.lora import apply_lora
+from diffmem.world.model import load_base
 from diffmem.world.train import FinetuneConfig, finetune
+
+#: Seen-once training captions tested for copies besides the duplicated ones (the only ones an ordinary recipe has).
+LABEL_SEEN_ONCE = 10
 
 
 @dataclass(frozen=True)
@@ -65,12 +76,41 @@ def recipes(population: str) -> list[Recipe]:
     return out
 
 
+def measure_label(lora: Path) -> dict:
+    """The measured label of a population LoRA (see the module docstring), JSON-ready."""
+    manifest = json.loads(lora.with_suffix(".json").read_text())
+    duplicated, seen_once = manifest_images(manifest, "duplicated"), manifest_images(manifest, "seen_once")
+    tested = ImageSet.concat([duplicated, seen_once.subset(list(range(min(LABEL_SEEN_ONCE, len(seen_once)))))])
+    reference = ImageSet.concat([duplicated, seen_once]).images
+    settings = CheckSettings(generations=8, seed=5000)
+    base = load_base()
+    tuned = own_copy_rate(apply_lora(base, lora), tested, reference, settings)
+    control = own_copy_rate(base, tested, reference, settings)
+    return {"memorizing": tuned["captions_copied_in_half"] >= 1,
+            "captions_copied_in_half": tuned["captions_copied_in_half"], "captions": len(tested),
+            "duplicated_captions": len(duplicated), "copy_rate_own": tuned["copy_rate_own"],
+            "base_copy_rate_own": control["copy_rate_own"], "per_caption_own_rate": tuned["per_caption_own_rate"],
+            "settings": {"generations": settings.generations, "steps": settings.steps,
+                         "guidance": settings.guidance, "seed": settings.seed}}
+
+
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/scan-population"))
     parser.add_argument("--only", choices=("tune", "eval"), default=None, help="train one population only")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per fine-tune (default 1)")
+    parser.add_argument("--labels", action="store_true",
+                        help="train nothing: measure the label of every trained LoRA without one (<name>.label.json)")
     args = parser.parse_args()
+    if args.labels:
+        for lora in sorted(args.out.glob("*/*.safetensors")):
+            label_path = lora.with_suffix(".label.json")
+            if lora.with_suffix(".json").is_file() and not label_path.is_file():
+                label = measure_label(lora)
+                label_path.write_text(json.dumps(label, indent=2) + "\n")
+                print(f"{lora.parent.name}/{lora.stem}: memorizing {label['memorizing']} "
+                      f"({label['captions_copied_in_half']}/{label['captions']} captions copied)", flush=True)
+        return 0
     for population in [args.only] if args.only else ["tune", "eval"]:
         folder = args.out / population
         folder.mkdir(parents=True, exist_ok=True)
