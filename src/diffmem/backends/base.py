@@ -82,7 +82,7 @@ def per_seed_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
 
 class Backend:
     """A text-to-image diffusion model as diffmem's methods use it. Subclasses set the attributes and implement
-    `encode`, `decode`, `encode_images` and `denoising_loss`; sampling and the layer lookups are shared.
+    `encode`, `decode`, `encode_images` and `training_pair`; sampling, the losses and the layer lookups are shared.
 
     Attributes:
         name: shown in reports, e.g. the base and LoRA file names.
