@@ -35,6 +35,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "memcontrol": ("diffmem.memcontrol.commands", "MemControl: choose which parameters a fine-tune trains"),
     "locality": ("diffmem.locality.commands",
                  "is memorization local? Dori embeddings, activations, NeMo vs Wanda (the Finding Dori paper)"),
+    "scan": ("diffmem.scan.commands",
+             "does this LoRA memorize? a data-free verdict (provisional rule) with its evidence and an HTML report"),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in LAZY_COMMANDS.values()))
 # `diffmem.filters.FILTERS` names, here so the filter commands' options need no torch import (tests/test_cli.py

@@ -18,11 +18,13 @@ from diffusers import UNet2DConditionModel
 
 from diffmem.errors import DiffmemError
 from diffmem.evaluation.sampling import SamplingSettings, seeds_for
+from diffmem.formats.lora import read_lora
 from diffmem.formats.safetensors_io import sha256_file
 from diffmem.world.data import FINETUNE_SETS, ImageSet
 from diffmem.world.diffusion import denoising_loss, generate
 from diffmem.world.lora import apply_lora
 from diffmem.world.model import assets_dir, load_base
+from diffmem.world.train import duplicated_rows, kohya_dataset_metadata, training_rows
 
 #: sha256 of the committed example LoRA `assets/example_lora.safetensors` (checked by `load_example_lora`).
 EXAMPLE_LORA_SHA256 = "d9f67cb8b19737b9d2f0e6ab88b299b97060e6deee4a2b383830f18173d15451"
@@ -193,3 +195,20 @@ def load_example_lora() -> tuple[UNet2DConditionModel, dict]:
 def example_lora_path() -> Path:
     """Path of the committed example LoRA (kohya format); its manifest is the `.json` beside it."""
     return assets_dir() / EXAMPLE_LORA_FILE
+
+
+def write_example_lora(out: str | Path, scale: float = 1.0) -> Path:
+    """The committed example LoRA as a world fine-tune writes it today, to `out`: with the kohya dataset metadata
+    of its own training rows (`diffmem.world.train.kohya_dataset_metadata`, rebuilt from its manifest; the
+    committed file predates it) and its update scaled by `scale` (0 gives the base alone, in LoRA form). A data-free
+    scan reads that metadata as a real LoRA's."""
+    source = example_lora_path()
+    settings = json.loads(source.with_suffix(".json").read_text())["settings"]
+    train = FINETUNE_SETS[settings["data"]]("train")
+    duplicated = duplicated_rows(len(train), settings["duplicate"][0], settings["seed"])
+    rows = training_rows(len(train), duplicated, settings["duplicate"][1], settings["include_rest"])
+    lora = read_lora(source)
+    lora.metadata.update(kohya_dataset_metadata(train, rows, settings["data"]))
+    for module in lora.modules.values():
+        module.tensors["up"] = module.tensors["up"] * scale
+    return lora.save(out)

@@ -1,0 +1,92 @@
+"""The scan's self-contained report.html: the verdict with what it rests on, the candidate extracted images beside the
+base's own generations of the same prompts and seeds, and every prompt's scores.
+
+A platform's reviewer decides from the images, not from the number: the report puts each kept group's representative
+next to the base's nearest generation, so "the LoRA reproduces this picture and the base does not" can be checked by
+eye. Built from `diffmem.report`'s helpers, as the audit's report is.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING
+
+import torch
+
+from diffmem.metrics.copy import tiled_l2
+from diffmem.report import html_page, html_table, image_grid, img_tag, png_data_uri
+
+if TYPE_CHECKING:  # run imports this module; the type is only named here
+    from diffmem.scan.run import ScanResult
+
+
+def grid_tag(images: torch.Tensor, columns: int, thumbnail: int, title: str) -> str:
+    """An `<img>` of a grid of [N, 3, H, W] images, each shown `thumbnail` pixels wide."""
+    grid = image_grid(images, columns=columns)
+    width = thumbnail * grid.shape[-1] // images.shape[-1]
+    return f'<img class="pix" src="{png_data_uri(grid)}" width="{width}" alt="{html.escape(title)}">'
+
+
+def prompt_label(prompt: str) -> str:
+    """A prompt as table-ready HTML (kept as HTML by `html_table`: it starts with '<')."""
+    return f"<span>{html.escape(prompt)}</span>" if prompt else "<i>(empty prompt)</i>"
+
+
+def render_html(result: ScanResult, thumbnail: int = 64) -> str:
+    """The whole report as one HTML document (images embedded as PNG data URIs)."""
+    summary = result.summary()
+    evidence, config = summary["evidence"], result.config
+    verdict_class = {"memorizing": "bad", "not memorizing": "good"}.get(result.verdict, "")
+    parts = [
+        f"<p><b>LoRA:</b> {html.escape(result.lora)}<br><b>Base:</b> {html.escape(result.base)} "
+        f"({html.escape(result.family)})</p>",
+        f'<p><b>Verdict:</b> <span class="{verdict_class}">{html.escape(result.verdict)}</span> '
+        f"(risk {result.risk:.2f} in [0, 1]; rule: <b>{summary['rule']}</b>)</p>",
+        f'<p class="note">{html.escape(summary["rule_note"])}</p>',
+        "<p><b>What it rests on.</b> Wen et al.'s first-step statistic ||eps(x_T, c) - eps(x_T, empty)||: largest "
+        f"ratio fine-tune / base {evidence['largest_wen_ratio'] if evidence['largest_wen_ratio'] is not None else '—'}"
+        f" (prompt {prompt_label(evidence['largest_wen_ratio_prompt'] or '')}), evidence {evidence['wen']:.2f}. "
+        f"Model-guided extraction (FineXtract, model guidance {config.model_guidance:g}): "
+        f"{evidence['extracted_groups']} group(s) of at least {config.min_group} near-identical generations "
+        f"(tiled L2 below {config.group_threshold:g}) that the base does not produce, "
+        f"{evidence['groups_base_also_produces']} more that it does (not evidence); evidence "
+        f"{evidence['extraction']:.2f}. Risk = 1 - (1 - Wen evidence)(1 - extraction evidence); "
+        f"memorizing at >= {config.risk_memorizing:g}, not memorizing below {config.risk_clear:g}.</p>",
+    ]
+    kept = result.kept_groups
+    if kept:
+        parts.append("<h2>Candidate extracted images</h2>")
+        rows = []
+        for group in kept:
+            images, own = result.samples[group.prompt]
+            members = images[list(group.members)]
+            nearest = "—"
+            if own is not None and len(own):
+                closest = int(tiled_l2(images[group.representative][None], own, config.tiles).argmin())
+                nearest = img_tag(own[closest], thumbnail, "base's nearest generation")
+            rows.append([prompt_label(group.prompt), img_tag(images[group.representative], thumbnail, "representative"),
+                         grid_tag(members, min(len(members), 8), thumbnail // 2, "group members"), nearest,
+                         group.size, group.spread, group.base_distance])
+        parts.append(html_table(["prompt", "representative", "members", "base's nearest generation", "size",
+                                 "spread", "distance to base"], rows))
+    parts.append("<h2>Sampled prompts: the fine-tune (model-guided) and the base, same seeds</h2>")
+    rows = []
+    for prompt, (images, own) in result.samples.items():
+        columns = min(len(images), 8)
+        base_html = grid_tag(own, columns, thumbnail // 2, "base") if own is not None else \
+            '<span class="note">not sampled (no group to check)</span>'
+        rows.append([prompt_label(prompt), grid_tag(images, columns, thumbnail // 2, "fine-tune"), base_html])
+    parts.append(html_table(["prompt", "fine-tune", "base"], rows))
+    parts.append("<h2>Every candidate prompt</h2>")
+    header = ["prompt", "source", "Wen fine-tune", "Wen base", "ratio", "sampled", "kept groups", "base also"]
+    table = []
+    for row in sorted(summary["prompts"], key=lambda r: -(r["wen_ratio"] or 0)):
+        table.append([prompt_label(row["prompt"]), row["source"], "—" if row["wen_tuned"] is None else row["wen_tuned"],
+                      "—" if row["wen_base"] is None else row["wen_base"],
+                      "—" if row["wen_ratio"] is None else row["wen_ratio"], "yes" if row["sampled"] else "no",
+                      row["kept_groups"], row["dropped_groups"]])
+    parts.append(html_table(header, table))
+    settings = ", ".join(f"{key} {value}" for key, value in summary["settings"].items())
+    timings = ", ".join(f"{key} {value:.1f} s" for key, value in summary["timings_s"].items())
+    parts.append(f'<p class="note">Settings: {html.escape(settings)}.<br>Time: {html.escape(timings)}.</p>')
+    return html_page("diffmem scan (provisional rule)", "".join(parts))
