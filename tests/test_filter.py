@@ -334,7 +334,9 @@ def test_cli_filter_inspect_and_errors(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out == ""
     assert read_lora(tmp_path / "m.safetensors").metadata["diffmem.method"] == "magnitude"
     assert main(["inspect", str(lora), "--base", str(base)]) == 0
-    assert "energy kept" in capsys.readouterr().out
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert "energy kept" in printed[0] and printed[-1].startswith("reading: ")
+    assert f"diffmem scan {lora} --base {base}" in printed[-1]
     assert main(["filter", str(lora), "--base", str(base), "-o", str(lora)]) == 1
     assert "the output exists; pass --force" in capsys.readouterr().err
     assert main(["filter", str(lora), "--base", str(base), "-o", str(lora), "--force"]) == 1

@@ -215,13 +215,15 @@ def test_bad_input_is_one_line_and_exit_1_with_no_output(tmp_path, capsys):
     assert main(["scan", str(corrupt), "--generations", "0"]) == 2
 
 
-def test_scan_runs_on_a_tiny_flux_pipeline(tmp_path, one_torch_thread):
-    # Flow matching, guidance 1.0 and pooled conditioning: the model-guided loop must still run (machinery only).
-    pipeline = build_tiny_pipeline(tmp_path, "flux")
-    lora = write_pipeline_lora(pipeline, "flux", tmp_path / "lora.safetensors")
+@pytest.mark.parametrize(("family", "guidance"), [("flux", 1.0), ("sdxl", 7.5), ("sd3", 7.0), ("sd2", 7.5)])
+def test_scan_runs_on_tiny_pipelines(tmp_path, one_torch_thread, family, guidance):
+    # Flow matching with guidance 1.0, SDXL's and SD3's pooled conditioning, SD2's v-prediction: the model-guided
+    # loop must run on each (machinery only: random weights).
+    pipeline = build_tiny_pipeline(tmp_path, family)
+    lora = write_pipeline_lora(pipeline, family, tmp_path / "lora.safetensors")
     result = scan_lora(lora, pipeline, ScanConfig(max_prompts=1, extract_prompts=1, generations=3, steps=2,
                                                   generic_prompts=False))
-    assert result.family == "flux" and result.config.guidance == 1.0
+    assert result.family == family and result.config.guidance == guidance
     images, _ = result.samples[""]
     assert images.shape[0] == 3 and images.min() >= 0 and images.max() <= 1
     assert result.summary()["rule"] == "provisional"

@@ -160,7 +160,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         print(module_table(report, limit=args.limit))
         print(report.summary())
+        print(inspect_reading(report, args.lora, args.base))
     return EXIT_OK
+
+
+def inspect_reading(report, lora: Path, base: Path) -> str:
+    """The one line a person acts on: how much of the update the filter keeps as base-aligned, what `filter`
+    would drop, and where a memorization verdict comes from (alignment is not one)."""
+    return (f"reading: {report.energy_kept:.0%} of this LoRA's update energy lies in channels {report.method} keeps "
+            f"(aligned with the base); `diffmem filter` would drop the other {1 - report.energy_kept:.0%}. "
+            f"Alignment is not a memorization verdict: `diffmem scan {shlex.quote(str(lora))} --base "
+            f"{shlex.quote(str(base))}` gives one (provisional rule, docs/scan.md).")
 
 
 def run_filter_many(args: argparse.Namespace) -> int:
