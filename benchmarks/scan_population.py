@@ -16,7 +16,11 @@ exists, so the script resumes. `--labels` then measures each trained LoRA's labe
 memorizing when at least one training caption (all duplicated ones and the first `LABEL_SEEN_ONCE` seen once)
 gets a copy of its own training image in at least half of 8 generations (Carlini et al.'s relative tiled-L2
 test against the LoRA's whole training set, `diffmem.world.check.own_copy_rate`), with the base's rate on the
-same captions beside it. One LoRA takes about 11 CPU-minutes at 500 steps on one thread (docs/world.md);
+same captions beside it. `--evaluate JSON` scans every labelled LoRA (`diffmem.scan.scan_lora`, default settings;
+the scan never reads the manifest or the training images) and writes, per population, the verdict risk's ROC AUC
+and TPR at 5% FPR against the labels with 95% bootstrap intervals over LoRAs, and for memorizing LoRAs the share
+of duplicated training images the kept extraction groups recover (their representatives pass the tiled-L2 copy
+test against the LoRA's training set and their nearest training image is a duplicated one). One LoRA takes about 11 CPU-minutes at 500 steps on one thread (docs/world.md);
 the 32 take about 5 hours on one core. Run it in the background at low priority:
 
     nice -n 19 python benchmarks/scan_population.py --out runs/scan-population [--only eval] [--threads 1]
@@ -30,7 +34,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from diffmem.world.check import CheckSettings, manifest_images, own_copy_rate
+import torch
+
+from diffmem.metrics.copy import copy_decisions
+from diffmem.metrics.roc import roc_auc, tpr_at_fpr
+from diffmem.scan import scan_lora
+from diffmem.world.check import CheckSettings, manifest_images, own_copy_rate, own_reference_rows
 from diffmem.world.data import ImageSet
 from diffmem.world.lora import apply_lora
 from diffmem.world.model import load_base
@@ -94,6 +103,70 @@ def measure_label(lora: Path) -> dict:
                          "guidance": settings.guidance, "seed": settings.seed}}
 
 
+def recovered_share(result, manifest: dict) -> float | None:
+    """Share of the LoRA's duplicated training images that a kept extraction group recovers (None without any)."""
+    duplicated, seen_once = manifest_images(manifest, "duplicated"), manifest_images(manifest, "seen_once")
+    if not len(duplicated):
+        return None
+    reference = ImageSet.concat([duplicated, seen_once]).images
+    representatives = [result.samples[g.prompt][0][g.representative] for g in result.kept_groups]
+    if not representatives:
+        return 0.0
+    decisions = copy_decisions(torch.stack(representatives), reference)
+    own_rows = set(own_reference_rows(duplicated.images, reference).tolist())
+    found = {int(row) for row, copy in zip(decisions.nearest_index, decisions.is_copy) if copy and int(row) in own_rows}
+    return len(found) / len(duplicated)
+
+
+def bootstrap(statistic, risks: torch.Tensor, labels: torch.Tensor, resamples: int = 1000) -> list[float] | None:
+    """95% percentile interval of `statistic(risks, labels)` over LoRAs resampled with replacement (resamples
+    with one class only are skipped); None with fewer than 2 of each class."""
+    if int(labels.sum()) < 2 or int((~labels).sum()) < 2:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(resamples):
+        rows = torch.randint(0, len(labels), (len(labels),), generator=generator)
+        if labels[rows].any() and not labels[rows].all():
+            values.append(statistic(risks[rows], labels[rows]))
+    values.sort()
+    return [round(values[int(0.025 * len(values))], 4), round(values[int(0.975 * len(values)) - 1], 4)]
+
+
+def evaluate(folder: Path) -> dict:
+    """Scan every labelled LoRA under `folder`/<population>/ and score the verdicts against the labels."""
+    report: dict = {"command": f"python benchmarks/scan_population.py --out {folder} --evaluate ...", "populations": {}}
+    for population in ("tune", "eval"):
+        rows = []
+        for lora in sorted((folder / population).glob("*.safetensors")):
+            label_path = lora.with_suffix(".label.json")
+            if not label_path.is_file():
+                continue
+            label = json.loads(label_path.read_text())
+            manifest = json.loads(lora.with_suffix(".json").read_text())
+            began = time.time()
+            result = scan_lora(lora, base="world")
+            rows.append({"lora": lora.stem, "memorizing": label["memorizing"], "risk": round(result.risk, 4),
+                         "verdict": result.verdict, "recovered_share": recovered_share(result, manifest),
+                         "seconds": round(time.time() - began, 1)})
+            print(f"{population}/{lora.stem}: label {label['memorizing']}, {result.verdict} ({result.risk:.2f})",
+                  flush=True)
+        if not rows:
+            continue
+        risks = torch.tensor([row["risk"] for row in rows])
+        labels = torch.tensor([row["memorizing"] for row in rows])
+        summary: dict = {"loras": len(rows), "memorizing": int(labels.sum()), "rows": rows}
+        if labels.any() and not labels.all():
+            tpr5 = lambda r, y: tpr_at_fpr(r, y, 0.05)  # noqa: E731 - a statistic for `bootstrap`
+            summary |= {"roc_auc": round(roc_auc(risks, labels), 4), "roc_auc_95ci": bootstrap(roc_auc, risks, labels),
+                        "tpr_at_5pct_fpr": round(tpr5(risks, labels), 4),
+                        "tpr_at_5pct_fpr_95ci": bootstrap(tpr5, risks, labels)}
+        shares = [row["recovered_share"] for row in rows if row["memorizing"] and row["recovered_share"] is not None]
+        summary["recovered_share_mean"] = round(sum(shares) / len(shares), 4) if shares else None
+        report["populations"][population] = summary
+    return report
+
+
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/scan-population"))
@@ -101,7 +174,12 @@ def run() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per fine-tune (default 1)")
     parser.add_argument("--labels", action="store_true",
                         help="train nothing: measure the label of every trained LoRA without one (<name>.label.json)")
+    parser.add_argument("--evaluate", type=Path, default=None, metavar="JSON",
+                        help="train nothing: scan every labelled LoRA and write the verdicts' accuracy to JSON")
     args = parser.parse_args()
+    if args.evaluate is not None:
+        args.evaluate.write_text(json.dumps(evaluate(args.out), indent=2) + "\n")
+        return 0
     if args.labels:
         for lora in sorted(args.out.glob("*/*.safetensors")):
             label_path = lora.with_suffix(".label.json")
