@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+import builders_base as bb
+import builders_lora as bl
 from diffmem import __version__
 from diffmem.cli import main
 from diffmem.json_output import JSON_SCHEMA, add_json_options, emit_json, json_mode
@@ -64,3 +66,16 @@ def test_every_record_command_takes_both_spellings(command, capsys):
         main([*command, "--help"])
     text = capsys.readouterr().out
     assert "--json [PATH]" in text and "--json-out PATH" in text
+
+
+def test_filter_and_inspect_write_json_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    lora = tmp_path / "l.safetensors"
+    bl.write_kohya_lora(lora, bb.lora_lookups("sd1", "kohya"), rank=4)
+    assert main(["filter", str(lora), "--base", str(base), "-q", "--json-out", str(tmp_path / "f.json")]) == 0
+    written = json.loads((tmp_path / "f.json").read_text())
+    assert written["schema"] == JSON_SCHEMA and written["output"].endswith("l.filtered.safetensors")
+    assert main(["inspect", str(lora), "--base", str(base), "--json", "--json-out", str(tmp_path / "i.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "i.json").read_text())["channels_total"] == printed["channels_total"]

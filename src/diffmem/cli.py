@@ -15,6 +15,7 @@ from pathlib import Path
 
 from diffmem import __version__
 from diffmem.errors import DiffmemError, one_line
+from diffmem.json_output import add_json_out_option, write_json_out
 
 # Sub-commands that subpackages add through `register(subparsers)`, with their one-line help, so `diffmem --help`
 # lists them without importing those packages (some pull in diffusers and torch: seconds of start-up). A command's
@@ -140,8 +141,10 @@ def run_filter(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, use_cache=not args.no_cache, device=args.device, skip_unmapped=args.skip_unmapped,
         progress=not args.quiet and not args.json and sys.stderr.isatty(),  # no bars in logs or pipes
     )
+    document = {"output": str(args.output), **report.to_dict()}
+    write_json_out(args, document, protect=(args.lora, args.base, args.output))
     if args.json:
-        print(json.dumps({"output": str(args.output), **report.to_dict()}, indent=2))
+        print(json.dumps(document, indent=2))
     elif not args.quiet:
         print(report.summary())
         print(f"wrote {args.output}" + (" (smaller rank)" if args.reduce_rank else " (same rank; dropped channels are zero)"))
@@ -155,6 +158,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         args.lora, args.base, build_config(args), cache_dir=args.cache_dir, use_cache=not args.no_cache,
         progress=not args.json, device=args.device, skip_unmapped=args.skip_unmapped,
     )
+    write_json_out(args, report.to_dict(), protect=(args.lora, args.base))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -182,6 +186,7 @@ def run_filter_many(args: argparse.Namespace) -> int:
         recursive=args.recursive, progress=not args.json and sys.stderr.isatty(),  # no bars in logs or pipes
     )
     document = summary_document(rows)
+    write_json_out(args, document, protect=(*args.inputs, args.base))
     counts = document["counts"]
     if args.json:
         print(json.dumps(document, indent=2))  # the shape of summary.json (which also keeps earlier runs' rows)
@@ -204,8 +209,10 @@ def run_anchors(args: argparse.Namespace) -> int:
     energy = args.energy if args.energy is not None else BAFConfig.energy
     build = build_anchors(base, energy, args.anchor_rank, only=args.only, cache_dir=args.cache_dir,
                           device=args.device, progress=not args.json and sys.stderr.isatty())
+    document = {**dataclasses.asdict(build), "cache_folder": str(build.cache_folder)}
+    write_json_out(args, document, protect=(base,))
     if args.json:
-        print(json.dumps({**dataclasses.asdict(build), "cache_folder": str(build.cache_folder)}, indent=2))
+        print(json.dumps(document, indent=2))
     else:
         print(build.summary())
     return EXIT_OK
@@ -255,6 +262,7 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
     filter_parser.add_argument("--reduce-rank", action="store_true",
                                help="write only the kept channels (smaller file; alpha rescaled so the scale is unchanged)")
     filter_parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    add_json_out_option(filter_parser, "the full report")
     filter_parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     add_filter_options(filter_parser)
     filter_parser.set_defaults(handler=run_filter)
@@ -266,6 +274,7 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
     inspect_parser.add_argument("lora", type=Path, help="LoRA file (.safetensors) or PEFT adapter folder")
     inspect_parser.add_argument("--base", type=Path, required=True, help="base checkpoint file or diffusers folder")
     inspect_parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    add_json_out_option(inspect_parser, "the full report")
     inspect_parser.add_argument("--limit", type=int, default=40, help="modules shown in the table (default 40)")
     add_filter_options(inspect_parser)
     inspect_parser.set_defaults(handler=run_inspect)
@@ -286,6 +295,7 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
     many_parser.add_argument("-r", "--recursive", action="store_true",
                              help="also search the folders' subfolders (outputs mirror the folder structure)")
     many_parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json_out_option(many_parser, "the summary")
     add_filter_options(many_parser)
     many_parser.set_defaults(handler=run_filter_many)
 
@@ -305,6 +315,7 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
                                 help="anchor cache (default $DIFFMEM_CACHE or ~/.cache/diffmem)")
     anchors_parser.add_argument("--device", default="cpu", help="where decompositions run: cpu (default), cuda, mps")
     anchors_parser.add_argument("--json", action="store_true", help="print what was done as JSON")
+    add_json_out_option(anchors_parser, "what was done")
     anchors_parser.set_defaults(handler=run_anchors)
 
     demo_parser = commands.add_parser(

@@ -35,6 +35,20 @@ def add_json_options(parser: argparse.ArgumentParser, what: str = "the result", 
     parser.add_argument("--json-out", type=Path, default=None, metavar="PATH", help=f"also write {what} as JSON to PATH")
 
 
+def add_json_out_option(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    """`--json-out PATH` alone, for the commands whose `--json` is a plain flag (`filter`, `inspect`,
+    `filter-many`, `anchors`: a LoRA path may follow it on the command line, so it cannot take a value)."""
+    parser.add_argument("--json-out", type=Path, default=None, metavar="PATH", help=f"also write {what} as JSON to PATH")
+
+
+def write_json_out(args: argparse.Namespace, result: dict, protect: Sequence[str | Path] = ()) -> None:
+    """Write `result` (stamped) to `--json-out` when given (atomically, never over `protect`)."""
+    from diffmem.formats.safetensors_io import write_atomic
+
+    if getattr(args, "json_out", None) is not None:
+        write_atomic((json.dumps(stamped(result), indent=2) + "\n").encode(), args.json_out, protect=tuple(protect))
+
+
 def json_stdout(args: argparse.Namespace) -> bool:
     """True when `--json` asks for JSON on stdout."""
     return getattr(args, "json", None) == STDOUT
