@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> None:
 def test_json_alone_on_stdout(capsys):
     run(parse("--json"))
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"diffmem_version": __version__, "schema": JSON_SCHEMA, "answer": 42}
+    assert json.loads(out) == {"diffmem_version": __version__, "schema_version": JSON_SCHEMA, "answer": 42}
     assert err == "a line for people\n"
 
 
@@ -41,7 +41,7 @@ def test_json_out_and_the_old_spelling_write_the_file(tmp_path, capsys):
     run(parse("--json", str(tmp_path / "old.json")))
     out, err = capsys.readouterr()
     assert out == "a line for people\n" and "old spelling of --json-out" in err
-    assert json.loads((tmp_path / "old.json").read_text())["schema"] == JSON_SCHEMA
+    assert json.loads((tmp_path / "old.json").read_text())["schema_version"] == JSON_SCHEMA
 
 
 def test_nothing_asked_nothing_written(tmp_path, capsys):
@@ -75,7 +75,7 @@ def test_filter_and_inspect_write_json_out(tmp_path, capsys, monkeypatch):
     bl.write_kohya_lora(lora, bb.lora_lookups("sd1", "kohya"), rank=4)
     assert main(["filter", str(lora), "--base", str(base), "-q", "--json-out", str(tmp_path / "f.json")]) == 0
     written = json.loads((tmp_path / "f.json").read_text())
-    assert written["schema"] == JSON_SCHEMA and written["output"].endswith("l.filtered.safetensors")
+    assert written["schema_version"] == JSON_SCHEMA and written["output"].endswith("l.filtered.safetensors")
     assert main(["inspect", str(lora), "--base", str(base), "--json", "--json-out", str(tmp_path / "i.json")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "i.json").read_text())["channels_total"] == printed["channels_total"]

@@ -2,8 +2,8 @@
 nothing else goes there), `--json-out PATH` also writes it to a file.
 
 `--json PATH`, the old spelling of `--json-out` in some commands, is still accepted for one release, with a note on
-stderr. Every JSON result carries `diffmem_version` and `schema` (the version of its layout), so a platform that
-stores results can tell which release wrote them.
+stderr. Every JSON result carries `diffmem_version` and `schema_version` (the version of its layout, as
+`filter-many`'s summary), so a platform that stores results can tell which release wrote them.
 
 Imports nothing heavy, so a command's `--help` stays fast.
 """
@@ -66,8 +66,8 @@ def json_file(args: argparse.Namespace) -> Path | None:
 
 
 def stamped(result: dict) -> dict:
-    """`result` with `diffmem_version` and `schema` first."""
-    return {"diffmem_version": __version__, "schema": JSON_SCHEMA, **result}
+    """`result` with `diffmem_version` and `schema_version` first."""
+    return {"diffmem_version": __version__, "schema_version": JSON_SCHEMA, **result}
 
 
 @contextlib.contextmanager
