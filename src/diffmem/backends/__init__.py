@@ -21,11 +21,11 @@ from diffmem.backends.base import Backend, Conditioning
 from diffmem.backends.flux import FluxBackend
 from diffmem.backends.sd3 import SD3Backend
 from diffmem.backends.stable_diffusion import StableDiffusionBackend, load_pipeline, pipeline_family
-from diffmem.backends.world import WorldBackend, is_world_file, world_backend
+from diffmem.backends.world import WorldBackend, is_world_base, is_world_file, world_backend
 from diffmem.errors import DiffmemError
 from diffmem.formats.merge import merge_lora, pipeline_components
 
-__all__ = ["DTYPES", "Backend", "Conditioning", "as_backend", "is_world_file", "open_backend", "parse_dtype", "pipeline_backend"]
+__all__ = ["DTYPES", "Backend", "Conditioning", "as_backend", "is_world_base", "is_world_file", "open_backend", "parse_dtype", "pipeline_backend"]
 
 #: The `--dtype` names (`diffmem.backends.options.DTYPE_NAMES`) as torch dtypes.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -73,7 +73,7 @@ def open_backend(
     A LoRA for another model is refused in one line before any weight changes (`diffmem.formats.merge`), and so is
     a device this torch cannot use, before anything is loaded."""
     check_device(device)
-    if base is None or str(base) == "world" or is_world_file(Path(base)):
+    if is_world_base(base):
         return world_backend(base, lora, device)
     path = Path(base)
     family = pipeline_family(path) if path.exists() else None

@@ -103,6 +103,12 @@ def is_world_file(path: Path) -> bool:
     return "diffmem_unet_config" in metadata
 
 
+def is_world_base(base: str | Path | None) -> bool:
+    """True when `--base` names the world: None or "world" (the committed base) or a world UNet file; anything else
+    is a pipeline folder or checkpoint."""
+    return base is None or str(base) == "world" or is_world_file(Path(base))
+
+
 def world_backend(base: str | Path | None = None, lora: str | Path | None = None, device: str = "cpu") -> WorldBackend:
     """The world (committed base when `base` is None or "world", else a world UNet file), with an optional LoRA in
     any format diffmem reads merged in."""

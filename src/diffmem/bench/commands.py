@@ -56,7 +56,8 @@ def run_bench_real_command(args: argparse.Namespace) -> int:
     """Filter each LoRA with every variant, load it with diffusers, measure it against the probe, write the report."""
     import torch
 
-    from diffmem.bench.real import DTYPES, PLANS, REPORT_FILE, RealBenchSettings, run_real_bench
+    from diffmem.backends import DTYPES
+    from diffmem.bench.real import PLANS, REPORT_FILE, RealBenchSettings, run_real_bench
 
     torch.set_num_threads(args.threads)
     settings = RealBenchSettings(generations=args.generations, heldout_generations=args.heldout_generations,
@@ -72,7 +73,8 @@ def run_bench_real_command(args: argparse.Namespace) -> int:
 def register_real(subparsers: argparse._SubParsersAction) -> None:
     """Add `diffmem bench-real` (its own command: none of the world grid's options apply to it, and it needs a
     base, LoRAs and a probe)."""
-    from diffmem.bench.real import DTYPES, PLANS, RealBenchSettings
+    from diffmem.backends import DTYPES
+    from diffmem.bench.real import PLANS, RealBenchSettings
 
     d = RealBenchSettings()
     p = subparsers.add_parser(

@@ -50,7 +50,6 @@ REPORT_FILE = "report.md"
 PLANS = {"quick": QUICK_PLAN, "variation": VARIATION_PLAN, "full": FULL_PLAN}
 #: Seed offset of the held-out captions' generations, so they never share noise with the suspected ones.
 HELDOUT_SEED_OFFSET = 10_000
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffmem.backends import Backend, is_world_file
+from diffmem.backends import Backend, is_world_base
 from diffmem.backends.options import add_backend_options, backend_from, model_inputs
 from diffmem.errors import DiffmemError
 from diffmem.json_output import add_json_options, emit_json, json_mode
@@ -53,7 +53,7 @@ def read_prompts(args: argparse.Namespace):
 def is_pipeline(base: Path | None) -> bool:
     """True when `--base` names a pipeline (folder or single file), not the world (default, "world", a world
     UNet file)."""
-    return base is not None and str(base) != "world" and not is_world_file(Path(base))
+    return not is_world_base(base)
 
 
 def open_model(args: argparse.Namespace) -> Backend:
