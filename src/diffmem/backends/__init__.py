@@ -27,7 +27,7 @@ from diffmem.formats.merge import merge_lora, pipeline_components
 
 __all__ = ["DTYPES", "Backend", "Conditioning", "as_backend", "is_world_base", "is_world_file", "open_backend", "parse_dtype", "pipeline_backend"]
 
-#: The `--dtype` names (`diffmem.backends.options.DTYPE_NAMES`) as torch dtypes.
+#: The `--dtype` names as torch dtypes.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

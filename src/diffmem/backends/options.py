@@ -1,14 +1,12 @@
 """The command-line flags that name a model (`--base`, `--lora`, `--config`, `--device`, `--dtype`), shared by
-every model-using command, and the backend they open (`diffmem.backends.open_backend`).
-
-Imports nothing heavy, so a command's `--help` stays fast."""
+every model-using command, and the backend they open (`diffmem.backends.open_backend`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+from diffmem.backends import DTYPES, open_backend, parse_dtype
 
 
 def add_backend_options(parser: argparse.ArgumentParser, base_required: bool = False) -> None:
@@ -21,14 +19,12 @@ def add_backend_options(parser: argparse.ArgumentParser, base_required: bool = F
     parser.add_argument("--config", type=Path, default=None,
                         help="for a single-file --base: a local diffusers folder of the same architecture (its configs)")
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, mps")
-    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
                         help="precision of a pipeline's weights (default float32; the world is always float32)")
 
 
 def backend_from(args: argparse.Namespace):
     """The `Backend` the model flags of `args` name."""
-    from diffmem.backends import open_backend, parse_dtype
-
     return open_backend(args.base, args.lora, args.device, parse_dtype(args.dtype), args.config)
 
 
