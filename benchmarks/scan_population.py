@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ import torch
 from diffmem.metrics.copy import copy_decisions
 from diffmem.metrics.roc import roc_auc, tpr_at_fpr
 from diffmem.scan import scan_lora
+from diffmem.scan.score import VERDICTS, ScanConfig, risk_of, verdict_of, wen_evidence
 from diffmem.world.check import CheckSettings, manifest_images, own_copy_rate, own_reference_rows
 from diffmem.world.data import ImageSet
 from diffmem.world.lora import apply_lora
@@ -58,8 +59,14 @@ class Recipe:
     config: FinetuneConfig
 
 
-def recipes(population: str) -> list[Recipe]:
-    """The LoRAs of `population` ("tune" or "eval"); seeds 100+ for tune, 200+ for eval, one per LoRA."""
+#: LoRAs per kind (memorizing recipe, ordinary recipe) in each population as designed: 8 and 24 LoRAs.
+DESIGNED_PER_KIND = {"tune": 4, "eval": 12}
+
+
+def recipes(population: str, per_kind: int | None = None) -> list[Recipe]:
+    """The LoRAs of `population` ("tune" or "eval"), memorizing and ordinary recipes alternating (so a population cut
+    short still holds both kinds); `per_kind` of each, `DESIGNED_PER_KIND` by default. Seeds 100+ for tune, 200+ for
+    eval, one per LoRA; a smaller population is the designed one's first LoRAs of each kind."""
     first_seed = {"tune": 100, "eval": 200}[population]
     memorizing = [  # (data, rank, steps, duplicate N x K)
         ("faces", 32, 500, (5, 100)), ("photos", 32, 500, (5, 100)), ("faces", 8, 500, (5, 100)),
@@ -72,17 +79,19 @@ def recipes(population: str) -> list[Recipe]:
         ("photos", 16, 150), ("faces", 32, 300), ("photos", 4, 500), ("faces", 4, 300), ("photos", 32, 150),
         ("faces", 16, 500), ("photos", 16, 300),
     ]
-    count = {"tune": 4, "eval": 12}[population]
-    out = []
+    count = DESIGNED_PER_KIND[population] if per_kind is None else per_kind
+    if not 1 <= count <= len(memorizing):
+        raise ValueError(f"per_kind must be 1 to {len(memorizing)}, got {count}")
+    mem, ordinary_recipes = [], []
     for i, (data, rank, steps, duplicate) in enumerate(memorizing[:count]):
         config = FinetuneConfig(data=data, rank=rank, alpha=float(rank), steps=steps, duplicate=duplicate,
                                 seed=first_seed + i)
-        out.append(Recipe(f"mem-{data}-r{rank}-s{steps}-d{duplicate[0]}x{duplicate[1]}-{config.seed}", True, config))
+        mem.append(Recipe(f"mem-{data}-r{rank}-s{steps}-d{duplicate[0]}x{duplicate[1]}-{config.seed}", True, config))
     for i, (data, rank, steps) in enumerate(ordinary[:count]):
         config = FinetuneConfig(data=data, rank=rank, alpha=float(rank), steps=steps, duplicate=(0, 1),
                                 seed=first_seed + 50 + i)
-        out.append(Recipe(f"ord-{data}-r{rank}-s{steps}-{config.seed}", False, config))
-    return out
+        ordinary_recipes.append(Recipe(f"ord-{data}-r{rank}-s{steps}-{config.seed}", False, config))
+    return [recipe for pair in zip(mem, ordinary_recipes) for recipe in pair]
 
 
 def measure_label(lora: Path) -> dict:
@@ -133,77 +142,168 @@ def bootstrap(statistic, risks: torch.Tensor, labels: torch.Tensor, resamples: i
     return [round(values[int(0.025 * len(values))], 4), round(values[int(0.975 * len(values)) - 1], 4)]
 
 
+def scan_row(lora: Path) -> dict:
+    """Scan one labelled LoRA with the default settings (cached in `<name>.scan.json`, so evaluation resumes and
+    workers share it): the scan's summary, its label, and the recovered share of its duplicated images."""
+    cache = lora.with_suffix(".scan.json")
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    label = json.loads(lora.with_suffix(".label.json").read_text())
+    manifest = json.loads(lora.with_suffix(".json").read_text())
+    began = time.time()
+    result = scan_lora(lora, base="world")
+    row = {"lora": lora.stem, "memorizing": label["memorizing"], "recovered_share": recovered_share(result, manifest),
+           "seconds": round(time.time() - began, 1), "summary": result.summary()}
+    cache.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def rescored(row: dict, config: ScanConfig) -> float:
+    """The risk of a cached scan under another rule: the Wen evidence from the largest ratio under `config`'s
+    ratio bounds, the extraction evidence (which no rule constant changes) as scanned."""
+    evidence = row["summary"]["evidence"]
+    return risk_of(wen_evidence(evidence["largest_wen_ratio"], config), evidence["extraction"])
+
+
+def verdict_accuracy(rows: list[dict], config: ScanConfig) -> float:
+    """Share of `rows` whose verdict under `config` is their label ("unsure" counts as wrong either way)."""
+    right = 0
+    for row in rows:
+        verdict = verdict_of(rescored(row, config), config)
+        right += verdict == ("memorizing" if row["memorizing"] else "not memorizing")
+    return right / len(rows) if rows else 0.0
+
+
+#: The rules `choose_rule` may pick from: the Wen ratio's floor (the ceiling is 1.6 x the floor, as 2.0 / 1.25);
+#: the verdict thresholds stay at their provisional 0.5 and 0.2.
+RATIO_FLOORS = (1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.4, 1.5, 1.75, 2.0)
+
+
+def choose_rule(tune: list[dict]) -> tuple[ScanConfig, list[dict]]:
+    """The rule with the best verdict accuracy on the tune population (ties: the floor nearest the provisional
+    1.25), and the accuracy of every candidate, for the record."""
+    provisional = ScanConfig()
+    candidates = [replace(provisional, ratio_floor=floor, ratio_full=round(1.6 * floor, 4)) for floor in RATIO_FLOORS]
+    table = [{"ratio_floor": c.ratio_floor, "ratio_full": c.ratio_full, "accuracy": round(verdict_accuracy(tune, c), 4)}
+             for c in candidates]
+    best = max(zip(candidates, table),
+               key=lambda pair: (pair[1]["accuracy"], -abs(pair[0].ratio_floor - provisional.ratio_floor)))[0]
+    return best, table
+
+
+def score_population(rows: list[dict], config: ScanConfig) -> dict:
+    """ROC AUC and TPR at 5% FPR of the risk under `config` against the labels, with bootstrap intervals, the
+    verdicts' confusion counts and the mean recovered share of the memorizing LoRAs."""
+    risks = torch.tensor([rescored(row, config) for row in rows])
+    labels = torch.tensor([bool(row["memorizing"]) for row in rows])
+    verdicts = [verdict_of(float(r), config) for r in risks]
+    summary: dict = {"loras": len(rows), "memorizing": int(labels.sum()),
+                     "verdicts": {f"{'memorizing' if y else 'not memorizing'} labelled, {v}":
+                                  sum(1 for yy, vv in zip(labels.tolist(), verdicts) if yy == y and vv == v)
+                                  for y in (True, False) for v in VERDICTS},
+                     "verdict_accuracy": round(verdict_accuracy(rows, config), 4)}
+    if labels.any() and not labels.all():
+        tpr5 = lambda r, y: tpr_at_fpr(r, y, 0.05)  # noqa: E731 - a statistic for `bootstrap`
+        summary |= {"roc_auc": round(roc_auc(risks, labels), 4), "roc_auc_95ci": bootstrap(roc_auc, risks, labels),
+                    "tpr_at_5pct_fpr": round(tpr5(risks, labels), 4),
+                    "tpr_at_5pct_fpr_95ci": bootstrap(tpr5, risks, labels)}
+    shares = [row["recovered_share"] for row in rows if row["memorizing"] and row["recovered_share"] is not None]
+    summary["recovered_share_mean"] = round(sum(shares) / len(shares), 4) if shares else None
+    summary["rows"] = [{"lora": row["lora"], "memorizing": row["memorizing"], "risk": round(float(risk), 4),
+                        "verdict": verdict, "largest_wen_ratio": row["summary"]["evidence"]["largest_wen_ratio"],
+                        "extraction_evidence": row["summary"]["evidence"]["extraction"],
+                        "recovered_share": row["recovered_share"], "scan_seconds": row["seconds"]}
+                       for row, risk, verdict in zip(rows, risks.tolist(), verdicts)]
+    return summary
+
+
 def evaluate(folder: Path) -> dict:
-    """Scan every labelled LoRA under `folder`/<population>/ and score the verdicts against the labels."""
-    report: dict = {"command": f"python benchmarks/scan_population.py --out {folder} --evaluate ...", "populations": {}}
-    for population in ("tune", "eval"):
-        rows = []
-        for lora in sorted((folder / population).glob("*.safetensors")):
-            label_path = lora.with_suffix(".label.json")
-            if not label_path.is_file():
-                continue
-            label = json.loads(label_path.read_text())
-            manifest = json.loads(lora.with_suffix(".json").read_text())
-            began = time.time()
-            result = scan_lora(lora, base="world")
-            rows.append({"lora": lora.stem, "memorizing": label["memorizing"], "risk": round(result.risk, 4),
-                         "verdict": result.verdict, "recovered_share": recovered_share(result, manifest),
-                         "seconds": round(time.time() - began, 1)})
-            print(f"{population}/{lora.stem}: label {label['memorizing']}, {result.verdict} ({result.risk:.2f})",
-                  flush=True)
-        if not rows:
-            continue
-        risks = torch.tensor([row["risk"] for row in rows])
-        labels = torch.tensor([row["memorizing"] for row in rows])
-        summary: dict = {"loras": len(rows), "memorizing": int(labels.sum()), "rows": rows}
-        if labels.any() and not labels.all():
-            tpr5 = lambda r, y: tpr_at_fpr(r, y, 0.05)  # noqa: E731 - a statistic for `bootstrap`
-            summary |= {"roc_auc": round(roc_auc(risks, labels), 4), "roc_auc_95ci": bootstrap(roc_auc, risks, labels),
-                        "tpr_at_5pct_fpr": round(tpr5(risks, labels), 4),
-                        "tpr_at_5pct_fpr_95ci": bootstrap(tpr5, risks, labels)}
-        shares = [row["recovered_share"] for row in rows if row["memorizing"] and row["recovered_share"] is not None]
-        summary["recovered_share_mean"] = round(sum(shares) / len(shares), 4) if shares else None
-        report["populations"][population] = summary
+    """Scan every labelled LoRA under `folder`/<population>/ (cached), choose the rule on the tune population and
+    score both the provisional and the chosen rule on both populations (the eval population's numbers are the
+    held-out result)."""
+    rows = {population: [scan_row(lora) for lora in sorted((folder / population).glob("*.safetensors"))
+                         if lora.with_suffix(".label.json").is_file()] for population in ("tune", "eval")}
+    chosen, table = choose_rule(rows["tune"])
+    report: dict = {"command": f"python benchmarks/scan_population.py --out {folder} --evaluate ...",
+                    "label_rule": f"memorizing when >= 1 tested training caption is copied (own tiled-L2 copy) in at "
+                                  f"least half of 8 generations (duplicated captions and {LABEL_SEEN_ONCE} seen once)",
+                    "chosen_on_tune": {"ratio_floor": chosen.ratio_floor, "ratio_full": chosen.ratio_full,
+                                       "risk_memorizing": chosen.risk_memorizing, "risk_clear": chosen.risk_clear,
+                                       "candidates": table},
+                    "populations": {}}
+    for population, population_rows in rows.items():
+        if population_rows:
+            report["populations"][population] = {"provisional_rule": score_population(population_rows, ScanConfig()),
+                                                 "chosen_rule": score_population(population_rows, chosen)}
     return report
+
+
+def train_one(recipe: Recipe, folder: Path, population: str, args: argparse.Namespace) -> Path:
+    """Fine-tune `recipe` into `folder` with its manifest, unless both exist."""
+    path = folder / f"{recipe.name}.safetensors"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    began = time.time()
+    config = replace(recipe.config, threads=args.threads)
+    manifest = finetune(path, config, progress=False,
+                        command=f"python benchmarks/scan_population.py --out {args.out} ({population})")
+    manifest["population"] = {"name": population, "memorizing_recipe": recipe.memorizing_recipe}
+    path.with_suffix(".json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"{population}/{recipe.name}: trained in {time.time() - began:.0f} s", flush=True)
+    return path
+
+
+def label_one(lora: Path) -> dict:
+    """The LoRA's measured label, cached in `<name>.label.json`."""
+    label_path = lora.with_suffix(".label.json")
+    if label_path.is_file():
+        return json.loads(label_path.read_text())
+    label = measure_label(lora)
+    label_path.write_text(json.dumps(label, indent=2) + "\n")
+    print(f"{lora.parent.name}/{lora.stem}: memorizing {label['memorizing']} "
+          f"({label['captions_copied_in_half']}/{label['captions']} captions copied)", flush=True)
+    return label
 
 
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/scan-population"))
     parser.add_argument("--only", choices=("tune", "eval"), default=None, help="train one population only")
+    parser.add_argument("--per-kind", default=None, metavar="TUNE,EVAL",
+                        help="LoRAs per kind (memorizing / ordinary recipe) in tune and eval, e.g. 2,6 "
+                             f"(default {DESIGNED_PER_KIND['tune']},{DESIGNED_PER_KIND['eval']}: the designed sizes)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per fine-tune (default 1)")
+    parser.add_argument("--worker", default="0/1", metavar="I/N",
+                        help="train, label and scan every N-th LoRA from the I-th (run N workers side by side, one "
+                             "per core; default 0/1: all)")
     parser.add_argument("--labels", action="store_true",
                         help="train nothing: measure the label of every trained LoRA without one (<name>.label.json)")
     parser.add_argument("--evaluate", type=Path, default=None, metavar="JSON",
                         help="train nothing: scan every labelled LoRA and write the verdicts' accuracy to JSON")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.evaluate is not None:
         args.evaluate.write_text(json.dumps(evaluate(args.out), indent=2) + "\n")
         return 0
     if args.labels:
         for lora in sorted(args.out.glob("*/*.safetensors")):
-            label_path = lora.with_suffix(".label.json")
-            if lora.with_suffix(".json").is_file() and not label_path.is_file():
-                label = measure_label(lora)
-                label_path.write_text(json.dumps(label, indent=2) + "\n")
-                print(f"{lora.parent.name}/{lora.stem}: memorizing {label['memorizing']} "
-                      f"({label['captions_copied_in_half']}/{label['captions']} captions copied)", flush=True)
+            if lora.with_suffix(".json").is_file():
+                label_one(lora)
         return 0
-    for population in [args.only] if args.only else ["tune", "eval"]:
+    sizes = dict(DESIGNED_PER_KIND)
+    if args.per_kind:
+        sizes = dict(zip(("tune", "eval"), (int(n) for n in args.per_kind.split(","))))
+    index, workers = (int(n) for n in args.worker.split("/"))
+    jobs = [(population, recipe) for population in ([args.only] if args.only else ["tune", "eval"])
+            for recipe in recipes(population, sizes[population])]
+    for population, recipe in jobs[index::workers]:
         folder = args.out / population
         folder.mkdir(parents=True, exist_ok=True)
-        for recipe in recipes(population):
-            path = folder / f"{recipe.name}.safetensors"
-            if path.is_file() and path.with_suffix(".json").is_file():
-                continue
-            began = time.time()
-            config = FinetuneConfig(**{**asdict(recipe.config), "duplicate": recipe.config.duplicate,
-                                       "threads": args.threads})
-            manifest = finetune(path, config, progress=False,
-                                command=f"python benchmarks/scan_population.py --out {args.out} ({population})")
-            manifest["population"] = {"name": population, "memorizing_recipe": recipe.memorizing_recipe}
-            path.with_suffix(".json").write_text(json.dumps(manifest, indent=2) + "\n")
-            print(f"{population}/{recipe.name}: {time.time() - began:.0f} s", flush=True)
+        lora = train_one(recipe, folder, population, args)
+        label_one(lora)
+        row = scan_row(lora)
+        print(f"{population}/{lora.stem}: scan {row['summary']['verdict']} ({row['summary']['risk']:.2f}) in "
+              f"{row['seconds']:.0f} s", flush=True)
     return 0
 
 

@@ -1,5 +1,9 @@
 """Filter many LoRA files against one base: a local process pool (default) or a Ray cluster.
 
+The machinery is shared with `diffmem scan-many` (`diffmem.scan.batch`): `run_jobs` runs any per-file job in the
+pool or on Ray and turns every failure into that file's row, and `write_summary` merges a run's rows with earlier
+runs' into summary.json and summary.csv.
+
 Anchors are computed once, in the parent, for every base weight any input touches, and written to the anchor
 cache; workers only read them. Resumable: an input whose output already records the same source hash and config is
 skipped. One bad file, even one that kills its worker, is a failed row in the summary and does not stop the batch;
@@ -19,10 +23,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -107,17 +112,30 @@ def folder_inputs(folder: Path, keep, recursive: bool) -> list[Path]:
     return found
 
 
-def output_paths(sources: Sequence[Path], out_dir: Path, inputs: Sequence[Path] = ()) -> dict[Path, Path]:
+def batch_sources(inputs: Sequence[Path], out_dir: Path, recursive: bool = False) -> list[Path]:
+    """The LoRAs a batch works on (`find_inputs`, never inside ``out_dir``); none found is one clear error."""
+    sources = find_inputs(inputs, exclude=out_dir, recursive=recursive)
+    if not sources:
+        if any(os.path.realpath(path) == os.path.realpath(out_dir) for path in inputs):
+            raise DiffmemError("the input folder is the --out folder; diffmem never reads its own output folder as "
+                               "input: write the outputs to a folder of their own", out_dir)
+        raise DiffmemError("no LoRA files found in the given inputs")
+    return sources
+
+
+def output_paths(sources: Sequence[Path], out_dir: Path, inputs: Sequence[Path] = (),
+                 name: Callable[[Path], str] = filtered_name) -> dict[Path, Path]:
     """Each source's output in ``out_dir``, at its path relative to the folder the named ``inputs`` share (a named
     folder counts as itself, a named file or PEFT folder as its parent; the sources' own folders without
     ``inputs``): two files of the same name in different folders (``a/x``, ``b/x``) get two outputs (``out/a/x…``,
-    ``out/b/x…``), a recursive search keeps its subfolders, and one folder of inputs is written flat."""
+    ``out/b/x…``), a recursive search keeps its subfolders, and one folder of inputs is written flat. ``name``
+    gives an output's file name from its source (the filtered LoRA's by default)."""
     absolute = [Path(os.path.abspath(source)) for source in sources]
     named = [Path(os.path.abspath(path)) for path in inputs]
     folders = [path if path.is_dir() and not is_peft_folder(path) else path.parent
                for path in named] or [path.parent for path in absolute]
     root = Path(os.path.commonpath([str(folder) for folder in folders + [path.parent for path in absolute]]))
-    return {source: out_dir / path.parent.relative_to(root) / filtered_name(source)
+    return {source: out_dir / path.parent.relative_to(root) / name(source)
             for source, path in zip(sources, absolute)}
 
 
@@ -221,24 +239,34 @@ def start_worker(threads: int, parent: int) -> None:
     threading.Thread(target=watch, name="diffmem-parent-watch", daemon=True).start()
 
 
-WORKER_DIED = ("the worker process died while filtering this file (killed by the system, out of memory, or a crash "
+WORKER_DIED = ("the worker process died while working on this file (killed by the system, out of memory, or a crash "
                "in a native library)")
 
+#: A per-file job, `job(source=..., output=...) -> row`, called with keywords (picklable: a module-level function
+#: or a `functools.partial` of one with its other arguments as keywords), and how a failed file's row is made,
+#: `failed_row(source, output, error)`.
+Job = Callable[[Path, Path], object]
+FailedRow = Callable[[Path, Path, str], object]
 
-def run_in_pool(todo: Sequence[tuple[Path, Path]], base: Path, config: FilterConfig, options: dict, workers: int,
+
+def failed_batch_row(source: Path, output: Path, error: str) -> BatchRow:
+    """A `filter-many` row for a file that failed outside the filter itself (a dead worker, a lost Ray task)."""
+    return BatchRow(str(source), str(output), "failed", error=error)
+
+
+def run_in_pool(todo: Sequence[tuple[Path, Path]], job: Job, failed_row: FailedRow, workers: int,
                 on_row) -> list[tuple[Path, Path]]:
-    """Filter ``todo`` in a pool of ``workers`` processes, calling ``on_row(source, row)`` for each result; return
-    the files whose worker died (a dead worker breaks the whole pool, so these are the ones it was running and the
-    ones still queued: innocent files among them are retried, each in a pool of its own)."""
+    """Run ``job`` on ``todo`` in a pool of ``workers`` processes, calling ``on_row(source, row)`` for each result;
+    return the files whose worker died (a dead worker breaks the whole pool, so these are the ones it was running
+    and the ones still queued: innocent files among them are retried, each in a pool of its own)."""
     broken = []
     # spawn, not fork: a forked child inherits torch's OpenMP thread pool in a broken state and can hang.
-    # Each worker gets its share of the cores for the filter's own threads, so workers do not oversubscribe them.
+    # Each worker gets its share of the cores for the job's own threads, so workers do not oversubscribe them.
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=start_worker,
                                initargs=(threads_per_worker(workers, os.cpu_count() or 1), os.getpid()))
     try:
-        futures = {pool.submit(filter_one, source, base, output, config, options): (source, output)
-                   for source, output in todo}
+        futures = {pool.submit(job, source=source, output=output): (source, output) for source, output in todo}
         for future in as_completed(futures):
             source, output = futures[future]
             try:
@@ -246,11 +274,26 @@ def run_in_pool(todo: Sequence[tuple[Path, Path]], base: Path, config: FilterCon
             except BrokenProcessPool:
                 broken.append((source, output))
             except Exception as exc:  # a result that cannot come back, say: still one row
-                on_row(source, BatchRow(str(source), str(output), "failed",
-                                        error=f"{source}: {type(exc).__name__}: {one_line(str(exc))}"))
+                on_row(source, failed_row(source, output, f"{source}: {type(exc).__name__}: {one_line(str(exc))}"))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return sorted(broken)
+
+
+def run_jobs(todo: Sequence[tuple[Path, Path]], job: Job, failed_row: FailedRow, on_row, engine: str = "process",
+             workers: int | None = None) -> None:
+    """Run ``job`` on every (source, output) of ``todo`` with ``engine`` ("process": a local pool of ``workers``,
+    one per core by default; "ray": a Ray cluster), calling ``on_row(source, row)`` as each file finishes. A file
+    whose worker dies is retried alone, and fails alone."""
+    if engine not in ENGINES:
+        raise DiffmemError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "ray":
+        run_on_ray(todo, job, failed_row, workers, on_row)
+        return
+    broken = run_in_pool(todo, job, failed_row, workers or os.cpu_count() or 1, on_row)
+    for source, output in broken:  # alone, so a file that kills its worker fails only itself
+        if run_in_pool([(source, output)], job, failed_row, 1, on_row):
+            on_row(source, failed_row(source, output, f"{source}: {WORKER_DIED}"))
 
 
 def filter_many(
@@ -283,12 +326,7 @@ def filter_many(
     base, out_dir = Path(base), Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     inputs = [Path(path) for path in inputs]
-    sources = find_inputs(inputs, exclude=out_dir, recursive=recursive)
-    if not sources:
-        if any(os.path.realpath(path) == os.path.realpath(out_dir) for path in inputs):
-            raise DiffmemError("the input folder is the --out folder; diffmem never reads its own output folder as "
-                               "input: write the outputs to a folder of their own", out_dir)
-        raise DiffmemError("no LoRA files found in the given inputs")
+    sources = batch_sources(inputs, out_dir, recursive)
     outputs = output_paths(sources, out_dir, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[Path, BatchRow] = {}
@@ -311,13 +349,9 @@ def filter_many(
 
     try:
         warm_anchors([source for source, _ in todo], base, config, cache_dir, device, skip_unmapped, progress)
-        if engine == "ray":
-            run_on_ray(todo, base, config, options, workers, on_row)
-        else:
-            broken = run_in_pool(todo, base, config, options, workers or os.cpu_count() or 1, on_row)
-            for source, output in broken:  # alone, so a file that kills its worker fails only itself
-                if run_in_pool([(source, output)], base, config, options, 1, on_row):
-                    on_row(source, BatchRow(str(source), str(output), "failed", error=f"{source}: {WORKER_DIED}"))
+        # `filter_one` is looked up now, not at import, so a test can replace it.
+        job = partial(filter_one, base=base, config=config, options=options)
+        run_jobs(todo, job, failed_batch_row, on_row, engine, workers)
     finally:
         bar.close()
         ordered = [rows.get(source) or BatchRow(str(source), str(outputs[source]), "failed",
@@ -327,57 +361,67 @@ def filter_many(
     return ordered
 
 
-def run_on_ray(todo, base: Path, config: FilterConfig, options: dict, workers: int | None, on_row) -> None:
+def call_job(job: Job, source: Path, output: Path):
+    """``job(source=source, output=output)``: what a Ray task runs (Ray's remote functions are module-level
+    functions)."""
+    return job(source=source, output=output)
+
+
+def run_on_ray(todo: Sequence[tuple[Path, Path]], job: Job, failed_row: FailedRow, workers: int | None,
+               on_row) -> None:
     """The same work as remote Ray tasks, on the cluster ``ray.init()`` connects to (or a local one); ``on_row`` is
     called as each file finishes, so progress moves with the cluster."""
     try:
-        import ray
+        import ray  # optional: only --engine ray needs it
     except ImportError:
         raise DiffmemError("--engine ray needs Ray: pip install 'diffmem[ray]'") from None
     if not ray.is_initialized():
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(filter_one)
-    pending = {remote.remote(source, base, output, config, options): (source, output) for source, output in todo}
+    remote = ray.remote(call_job)
+    pending = {remote.remote(job, source, output): (source, output) for source, output in todo}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         source, output = pending.pop(done[0])
         try:
             row = ray.get(done[0])
         except Exception as exc:  # a worker lost with its node, say: that file's row, not the batch
-            row = BatchRow(str(source), str(output), "failed", error=f"{source}: the Ray task failed: {type(exc).__name__}")
+            row = failed_row(source, output, f"{source}: the Ray task failed: {type(exc).__name__}")
         on_row(source, row)
 
 
 SUMMARY_SCHEMA = 1  # version of summary.json's shape (and of `filter-many --json`)
+FILTER_STATUSES = ("filtered", "skipped", "failed")
 
 
-def summary_document(rows: Sequence[BatchRow]) -> dict:
-    """What `filter-many --json` prints and summary.json holds: versions, counts by status, one record per input."""
-    counts = {status: sum(row.status == status for row in rows) for status in ("filtered", "skipped", "failed")}
+def summary_document(rows: Sequence, statuses: Sequence[str] = FILTER_STATUSES) -> dict:
+    """What `filter-many --json` prints and summary.json holds: versions, counts by status, one record per input
+    (rows: dataclasses with `input` and `status` fields, `BatchRow` or `diffmem.scan.batch.ScanRow`)."""
+    counts = {status: sum(row.status == status for row in rows) for status in statuses}
     return {"diffmem_version": __version__, "schema_version": SUMMARY_SCHEMA, "counts": counts,
             "files": [asdict(row) for row in rows]}
 
 
-def earlier_rows(out_dir: Path) -> list[BatchRow]:
+def earlier_rows(out_dir: Path, row_type: type = BatchRow) -> list:
     """The rows of the summary.json an earlier run left in ``out_dir`` (none if absent or of another shape)."""
     try:
         document = json.loads(read_text(out_dir / "summary.json"))
-        fields = set(BatchRow.__dataclass_fields__)
-        return [BatchRow(**{k: v for k, v in record.items() if k in fields}) for record in document["files"]]
+        names = {f.name for f in fields(row_type)}
+        return [row_type(**{k: v for k, v in record.items() if k in names}) for record in document["files"]]
     except (DiffmemError, ValueError, TypeError, KeyError, AttributeError):
         return []
 
 
-def write_summary(rows: Sequence[BatchRow], out_dir: Path) -> list[BatchRow]:
+def write_summary(rows: Sequence, out_dir: Path, row_type: type = BatchRow,
+                  statuses: Sequence[str] = FILTER_STATUSES) -> list:
     """``summary.json`` and ``summary.csv``: this run's rows, and the rows of earlier runs into ``out_dir`` for
     inputs this run did not see (so an earlier failure does not vanish when a later run covers other files).
     Returns the merged rows."""
-    merged = {row.input: row for row in earlier_rows(out_dir)}
+    merged = {row.input: row for row in earlier_rows(out_dir, row_type)}
     merged.update((row.input, row) for row in rows)
     ordered = sorted(merged.values(), key=lambda row: row.input)
-    write_atomic((json.dumps(summary_document(ordered), indent=2) + "\n").encode(), out_dir / "summary.json")
+    write_atomic((json.dumps(summary_document(ordered, statuses), indent=2) + "\n").encode(), out_dir / "summary.json")
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(BatchRow.__dataclass_fields__))
+    writer = csv.DictWriter(table, fieldnames=[f.name for f in fields(row_type)])
     writer.writeheader()
     writer.writerows(asdict(row) for row in ordered)
     write_atomic(table.getvalue().encode(), out_dir / "summary.csv")

@@ -38,6 +38,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
                  "is memorization local? Dori embeddings, activations, NeMo vs Wanda (the Finding Dori paper)"),
     "scan": ("diffmem.scan.commands",
              "does this LoRA memorize? a data-free verdict (provisional rule) with its evidence and an HTML report"),
+    "scan-many": ("diffmem.scan.commands",
+                  "scan a folder or a list of LoRAs against one base (resumable; process pool or Ray)"),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in LAZY_COMMANDS.values()))
 # `diffmem.filters.FILTERS` names, here so the filter commands' options need no torch import (tests/test_cli.py
@@ -47,8 +49,10 @@ FILTER_METHODS = ("baf", "base-gain", "intruder", "inverse-baf", "magnitude", "n
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def add_filter_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `filter` and `inspect` (defaults: each method's own, see docs/filter.md)."""
+def add_filter_method_options(parser: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
+    """The filter method, its selection rule and the anchor cache (defaults: each method's own, see docs/filter.md);
+    `build_config` reads them. `seed_flag` spells the random filter's seed where `--seed` means something else
+    (`scan --filter`: `--filter-seed`)."""
     group = parser.add_argument_group("filter method")
     group.add_argument("--method", choices=FILTER_METHODS, default="baf",
                        help="channel filter: baf (default) or a baseline")
@@ -61,7 +65,7 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
                        help="BAF: anchors are the base's top singular directions holding this share of its energy "
                             "(default 0.5)")
     group.add_argument("--anchor-rank", type=int, help="BAF: a fixed number of anchor directions instead of --energy")
-    group.add_argument("--seed", type=int, help="random: seed of the draw (default 0)")
+    group.add_argument(seed_flag, dest="filter_seed", type=int, help="random: seed of the draw (default 0)")
     group = parser.add_argument_group("selection rule")
     group.add_argument("--rule", choices=["threshold", "fraction", "energy", "soft", "uniform", "all"],
                        help="keep channels scoring >= --threshold, the top --keep-fraction of channels or of energy, "
@@ -74,6 +78,12 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("anchor cache")
     group.add_argument("--cache-dir", type=Path, help="where anchors are cached (default $DIFFMEM_CACHE or ~/.cache/diffmem)")
     group.add_argument("--no-cache", action="store_true", help="neither read nor write the anchor cache")
+
+
+def add_filter_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `filter`, `inspect` and `filter-many`: `add_filter_method_options`, where the
+    decompositions run, and what to do with modules that map to no base weight."""
+    add_filter_method_options(parser)
     parser.add_argument("--device", default="cpu",
                         help="where the decompositions run: cpu (default), cuda, cuda:N or mps")
     parser.add_argument("--skip-unmapped", action="store_true",
@@ -82,19 +92,22 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
                              "no module mapping at all, still refuses")
 
 
-def build_config(args: argparse.Namespace):
-    """The filter config the options describe; an option the method does not take is a usage error."""
+def build_config(args: argparse.Namespace, seed_flag: str = "--seed"):
+    """The filter config the options of `add_filter_method_options(parser, seed_flag)` describe; an option the
+    method does not take is a usage error."""
     from diffmem.filters import FILTERS
 
     config = FILTERS[args.method]()
     fields = {f.name for f in dataclasses.fields(config)}
     changes = {}
-    for option in ("side", "combine", "energy", "anchor_rank", "seed"):
-        value = getattr(args, option)
+    for option, dest in (("side", "side"), ("combine", "combine"), ("energy", "energy"),
+                         ("anchor_rank", "anchor_rank"), ("seed", "filter_seed")):
+        value = getattr(args, dest)
         if value is None:
             continue
         if option not in fields:
-            raise UsageError(f"{flag(option)} does not apply to --method {args.method}")
+            raise UsageError(f"{seed_flag if option == 'seed' else flag(option)} does not apply to --method "
+                             f"{args.method}")
         changes[option] = value
     selection = {
         name: getattr(args, name) for name in ("rule", "threshold", "keep_fraction", "scope") if getattr(args, name) is not None
@@ -348,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # transformers warns on import about optional packages (torchvision for image processors diffmem never uses);
     # on stderr those lines would bury diffmem's one-line errors. A user's own setting wins.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.stderr.isatty():  # diffusers' and transformers' loading bars too: only on a terminal
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser(load=command_modules(argv))
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

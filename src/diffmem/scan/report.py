@@ -16,8 +16,12 @@ import torch
 from diffmem.metrics.copy import tiled_l2
 from diffmem.report import html_page, html_table, image_grid, img_tag, png_data_uri
 
-if TYPE_CHECKING:  # run imports this module; the type is only named here
+if TYPE_CHECKING:  # run and loop import this module; the types are only named here
+    from diffmem.scan.loop import LoopResult
     from diffmem.scan.run import ScanResult
+
+#: Thumbnail width in pixels: the world's 32-pixel images are enlarged 4x, a pipeline's are shrunk to it.
+THUMBNAIL = 128
 
 
 def grid_tag(images: torch.Tensor, columns: int, thumbnail: int, title: str) -> str:
@@ -32,7 +36,7 @@ def prompt_label(prompt: str) -> str:
     return f"<span>{html.escape(prompt)}</span>" if prompt else "<i>(empty prompt)</i>"
 
 
-def render_html(result: ScanResult, thumbnail: int = 64) -> str:
+def render_html(result: ScanResult, thumbnail: int = THUMBNAIL) -> str:
     """The whole report as one HTML document (images embedded as PNG data URIs)."""
     summary = result.summary()
     evidence, config = summary["evidence"], result.config
@@ -90,3 +94,43 @@ def render_html(result: ScanResult, thumbnail: int = 64) -> str:
     timings = ", ".join(f"{key} {value:.1f} s" for key, value in summary["timings_s"].items())
     parts.append(f'<p class="note">Settings: {html.escape(settings)}.<br>Time: {html.escape(timings)}.</p>')
     return html_page("diffmem scan (provisional rule)", "".join(parts))
+
+
+def render_loop_html(result: LoopResult, thumbnail: int = THUMBNAIL) -> str:
+    """The `scan --filter` report: the loop's verdict, both scans side by side (each with its own report in before/
+    and after/), the filter, and each Dori attack's target beside what the filtered LoRA generates from the
+    conditioning Dori found."""
+    before, after = result.before.summary(), result.after.summary()
+    filter_report = result.filter_report
+    verdict_class = {"removed": "good", "nothing to fix": "good"}.get(result.verdict, "bad")
+    rows = [[label, html.escape(s["verdict"]), s["risk"], s["evidence"]["largest_wen_ratio"] or "—",
+             s["evidence"]["extracted_groups"], f'<a href="{folder}/report.html">{folder}/report.html</a>']
+            for label, s, folder in (("LoRA", before, "before"), ("filtered LoRA", after, "after"))]
+    parts = [
+        f"<p><b>LoRA:</b> {html.escape(result.before.lora)}<br><b>Base:</b> {html.escape(result.before.base)} "
+        f"({html.escape(result.before.family)})</p>",
+        f'<p><b>Loop verdict:</b> <span class="{verdict_class}">{html.escape(result.verdict)}</span></p>',
+        f'<p class="note">{html.escape(before["rule_note"])}</p>',
+        f"<p><b>Filter:</b> {html.escape(str(filter_report.get('method')))} kept "
+        f"{filter_report.get('channels_kept')} of {filter_report.get('channels_total')} channels "
+        f"({filter_report.get('energy_kept', 0):.1%} of the update's energy)"
+        + (f"; written to {html.escape(str(result.filtered))}" if result.filtered is not None else "") + ".</p>",
+        html_table(["", "verdict", "risk", "largest Wen ratio", "extracted groups", "report"], rows),
+    ]
+    if result.attacks:
+        parts.append("<h2>Dori on the filtered LoRA, towards the images the first scan extracted</h2>"
+                     "<p>A target still comes back when at least half of the fresh generations from the conditioning "
+                     "Dori found lie within the scan's near-identical distance of it: the filter removed the prompt's "
+                     "way to the image, not the image.</p>")
+        table = []
+        for attack in result.attacks:
+            target = img_tag(attack.target, thumbnail, "extracted image") if attack.target is not None else "—"
+            generated = grid_tag(attack.generated, min(len(attack.generated), 4), thumbnail // 2, "after Dori") \
+                if attack.generated is not None else "—"
+            table.append([prompt_label(attack.prompt), target, generated, f"{attack.start_copy_share:.0%}",
+                          f"{attack.attack_copy_share:.0%}", "yes" if attack.reachable else "no"])
+        parts.append(html_table(["prompt", "extracted image", "filtered LoRA after Dori", "copies from the prompt",
+                                 "copies after Dori", "still reachable"], table))
+    else:
+        parts.append("<p>No image was extracted by the first scan, so there was nothing to attack.</p>")
+    return html_page("diffmem scan --filter (provisional rule)", "".join(parts))

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from diffmem.backends import Backend, open_backend
 from diffmem.errors import DiffmemError
-from diffmem.formats.lora import read_lora
-from diffmem.formats.safetensors_io import write_atomic
+from diffmem.formats.lora import PEFT_WEIGHTS, read_lora
+from diffmem.formats.safetensors_io import sha256_file, write_atomic
 from diffmem.scan.extraction import (
     ExtractedGroup,
     candidate_groups,
@@ -98,6 +98,7 @@ class ScanResult:
     groups: list[ExtractedGroup]
     samples: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    lora_sha256: str = ""
 
     @property
     def kept_groups(self) -> list[ExtractedGroup]:
@@ -139,6 +140,7 @@ class ScanResult:
             "rule": RULE,
             "rule_note": RULE_NOTE,
             "lora": self.lora,
+            "lora_sha256": self.lora_sha256,
             "base": self.base,
             "model": self.model,
             "family": self.family,
@@ -171,6 +173,13 @@ def settle(config: ScanConfig, model: Backend) -> ScanConfig:
     """`config` with the model's own steps and guidance where it leaves them open."""
     return replace(config, steps=config.steps or model.default_steps,
                    guidance=model.default_guidance if config.guidance is None else config.guidance)
+
+
+def lora_digest(lora: str | Path) -> str:
+    """sha256 of the LoRA's weights file (a PEFT folder's adapter_model.safetensors), so a summary names the exact
+    file it scanned and `scan-many` can tell an unchanged file from a replaced one."""
+    path = Path(lora)
+    return sha256_file(path / PEFT_WEIGHTS if path.is_dir() else path)
 
 
 def lora_metadata(lora: str | Path) -> dict[str, str]:
@@ -254,7 +263,8 @@ def scan_lora(
     bar.close()
     timings["total"] = time.perf_counter() - started
     return ScanResult(lora=str(lora), base=str(base), model=tuned.name, family=tuned.family, config=config,
-                      prompts=list(rows.values()), groups=groups, samples=samples, timings=timings)
+                      prompts=list(rows.values()), groups=groups, samples=samples, timings=timings,
+                      lora_sha256=lora_digest(lora))
 
 
 def write_scan(result: ScanResult, out_dir: str | Path, protect: Sequence[str | Path] = ()) -> dict[str, Path]:

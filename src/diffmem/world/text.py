@@ -58,9 +58,18 @@ class TextEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().requires_grad_(False)
+        # Loading a 6-layer encoder from local disk takes a blink: its "Loading weights" bar is noise in every
+        # world command's output. The user's own setting comes back afterwards.
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval().requires_grad_(False)
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
         self.cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

@@ -1,0 +1,117 @@
+"""`diffmem scan --filter`: filter, re-scan and attack the filtered LoRA towards the first scan's extracted images
+(small settings on the world: the machinery and the direction of the results, not their size)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffmem.attack import DoriConfig
+from diffmem.cli import main
+from diffmem.filters import FILTERS, BAFConfig
+from diffmem.scan import ScanConfig
+from diffmem.scan.loop import AttackRow, LoopConfig, loop_verdict, scan_filter_attack, write_loop
+from diffmem.world.check import write_example_lora
+
+SMALL = ScanConfig(max_prompts=6, generic_prompts=False, extract_prompts=1, generations=4, steps=8, wen_draws=2)
+QUICK_ATTACK = LoopConfig(attack_targets=1, dori=DoriConfig(steps=3), generations=2)
+SMALL_FLAGS = ["--max-prompts", "6", "--no-generic", "--extract-prompts", "1", "--generations", "4", "--steps", "8",
+               "--attack-targets", "1", "--dori-steps", "2"]
+
+
+def attack(reachable: bool) -> AttackRow:
+    return AttackRow("p", 4, 0.0, 1.0 if reachable else 0.0, 0.3, 0.05 if reachable else 0.3, reachable)
+
+
+def test_loop_verdicts():
+    assert loop_verdict("not memorizing", "not memorizing", []) == "nothing to fix"
+    assert loop_verdict("unsure", "memorizing", [attack(True)]) == "nothing to fix"
+    assert loop_verdict("memorizing", "memorizing", []) == "still memorizing"
+    assert loop_verdict("memorizing", "not memorizing", [attack(False), attack(True)]) == "images still reachable"
+    assert loop_verdict("memorizing", "not memorizing", [attack(False)]) == "removed"
+    assert loop_verdict("memorizing", "unsure", [attack(False)]) == "unsure"
+    with pytest.raises(ValueError, match="copied_share"):
+        LoopConfig(copied_share=0)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    return write_example_lora(tmp_path_factory.mktemp("loop") / "example.safetensors")
+
+
+def test_baf_loop_on_the_example_lora(example, tmp_path, one_torch_thread):
+    filtered = tmp_path / "example.filtered.safetensors"
+    result = scan_filter_attack(example, "world", BAFConfig(), SMALL, QUICK_ATTACK, filtered,
+                                cache_dir=tmp_path / "cache")
+    assert result.before.verdict == "memorizing" and filtered.is_file() and result.filtered == filtered
+    assert 0 < result.filter_report["channels_kept"] < result.filter_report["channels_total"]
+    # The filtered LoRA is scanned on the same candidate prompts, with lower Wen evidence than the original.
+    assert [p.prompt for p in result.after.prompts] == [p.prompt for p in result.before.prompts]
+    assert result.after.largest_ratio.wen_ratio < result.before.largest_ratio.wen_ratio
+    assert len(result.attacks) == 1
+    row = result.attacks[0]
+    assert row.prompt == max(result.before.kept_groups, key=lambda g: g.size).prompt
+    assert 0 <= row.attack_copy_share <= 1 and row.generated.shape == (2, 3, 32, 32) and row.target.shape == (3, 32, 32)
+    summary = result.summary()
+    assert summary["verdict"] == result.verdict and summary["attacks"][0]["prompt"] == row.prompt
+    assert "generated" not in summary["attacks"][0]
+    paths = write_loop(result, tmp_path / "out", protect=[example])
+    assert set(paths) == {"before/summary.json", "before/report.html", "after/summary.json", "after/report.html",
+                          "loop.json", "report.html"}
+    html = paths["report.html"].read_text()
+    assert "before/report.html" in html and "Dori" in html and html.count("data:image/png;base64,") >= 2
+    assert json.loads(paths["loop.json"].read_text())["verdict"] == result.verdict
+
+
+def test_a_filter_that_keeps_everything_leaves_the_lora_memorizing(example, tmp_path, one_torch_thread):
+    result = scan_filter_attack(example, "world", FILTERS["none"](), SMALL, LoopConfig(attack_targets=0),
+                                cache_dir=tmp_path / "cache")
+    assert result.filtered is None and not list(tmp_path.glob("**/*.safetensors"))  # nothing but the cache
+    assert result.after.verdict == "memorizing" and result.verdict == "still memorizing" and result.attacks == []
+
+
+def test_cli_scan_filter(example, tmp_path, capsys, one_torch_thread):
+    out = tmp_path / "out"
+    code = main(["scan", str(example), "--filter", "--out", str(out), "--json", "--cache-dir", str(tmp_path / "c"),
+                 *SMALL_FLAGS])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["before"]["verdict"] == "memorizing" and summary["filter"]["method"] == "baf"
+    assert (out / "example.filtered.safetensors").is_file() and (out / "after" / "report.html").is_file()
+    # The filtered LoRA is not replaced without --force; filter options need --filter.
+    assert main(["scan", str(example), "--filter", "--out", str(out), *SMALL_FLAGS]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["scan", str(example), "--keep-fraction", "0.3"]) == 2
+    assert "--keep-fraction applies only with --filter" in capsys.readouterr().err
+    assert main(["scan", str(example), "--filter", "--filter-seed", "3"]) == 2
+    assert "--filter-seed does not apply to --method baf" in capsys.readouterr().err
+
+
+SCAN_FLAGS = ["--max-prompts", "3", "--no-generic", "--extract-prompts", "1", "--generations", "4", "--steps", "6"]
+
+
+def test_scan_many_resumes_and_a_bad_file_is_one_failed_row(example, tmp_path, capsys, one_torch_thread):
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    write_example_lora(folder / "zero.safetensors", 0.0)
+    (folder / "example.safetensors").write_bytes(example.read_bytes())
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    out = tmp_path / "scans"
+    assert main(["scan-many", str(folder), "--out", str(out), "--json", *SCAN_FLAGS]) == 1
+    document = json.loads(capsys.readouterr().out)
+    rows = {row["input"].rsplit("/", 1)[1]: row for row in document["files"]}
+    assert document["counts"] == {"scanned": 2, "skipped": 0, "failed": 1}
+    assert rows["example.safetensors"]["verdict"] == "memorizing" and rows["zero.safetensors"]["verdict"] == \
+        "not memorizing"
+    assert "broken.safetensors" in rows["broken.safetensors"]["error"] and "\n" not in rows["broken.safetensors"]["error"]
+    assert (out / "example" / "report.html").is_file() and (out / "summary.csv").is_file()
+    assert json.loads((out / "example" / "summary.json").read_text())["lora_sha256"]
+    # Again: the two scanned files are skipped, the broken one fails again; other settings scan again.
+    assert main(["scan-many", str(folder), "--out", str(out), "--json", *SCAN_FLAGS]) == 1
+    assert json.loads(capsys.readouterr().out)["counts"] == {"scanned": 0, "skipped": 2, "failed": 1}
+    (folder / "broken.safetensors").unlink()
+    assert main(["scan-many", str(folder / "zero.safetensors"), "--out", str(out), *SCAN_FLAGS[:-1], "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "scanned  " in printed and "1 scanned, 0 skipped, 0 failed" in printed
+    summary = json.loads((out / "summary.json").read_text())  # the earlier rows stay
+    assert [row["status"] for row in summary["files"]] == ["failed", "skipped", "scanned"]  # broken, example, zero
