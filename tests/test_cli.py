@@ -161,3 +161,24 @@ def test_anchors_takes_base_as_every_command_does(tmp_path, capsys):
     assert main(["anchors", "--cache-dir", str(tmp_path / "cache")]) == 2
     assert main(["anchors", "--base", str(base), str(tmp_path / "other.safetensors")]) == 2
     assert "--base BASE" in capsys.readouterr().err
+
+
+def test_every_command_takes_quiet_and_no_progress(tmp_path, capsys):
+    import builders_base as bb
+    import builders_lora as bl
+    from diffmem.cli import main, wants_progress
+
+    for words, parser in command_parsers(build_parser()):
+        if words and not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+            options = {option for action in parser._actions for option in action.option_strings}
+            assert {"-q", "--quiet", "--no-progress"} <= options, words
+    assert not wants_progress(["filter", "x", "--no-progress"]) and not wants_progress(["scan", "x", "-q"])
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    lora = tmp_path / "lora.safetensors"
+    bl.write_kohya_lora(lora, bb.lora_lookups("sd1", "kohya"), rank=4)
+    options = ["--base", str(base), "--no-cache", "--json"]
+    assert main(["inspect", str(lora), *options]) == 0 and capsys.readouterr().out.startswith("{")
+    assert main(["inspect", str(lora), *options, "-q"]) == 0 and capsys.readouterr().out == ""
+    # -q silences standard output only: an error is still its one line on standard error
+    assert main(["inspect", str(tmp_path / "missing.safetensors"), *options, "-q"]) == 1
+    assert "missing.safetensors" in capsys.readouterr().err

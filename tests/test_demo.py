@@ -11,6 +11,7 @@ from PIL import Image
 from diffmem.demo import run_demo
 from diffmem.formats.lora import read_lora
 from diffmem.formats.safetensors_io import save_file
+from diffmem.scan import ScanConfig
 from diffmem.world import FinetuneConfig, build_unet, finetune
 from diffmem.world.check import CheckSettings
 from diffmem.world.model import config_of, unet_metadata, unet_tensors
@@ -31,7 +32,8 @@ def small_world(tmp_path_factory):
 def test_demo_writes_a_report_with_every_image(tmp_path, small_world):
     base, lora = small_world
     settings = CheckSettings(generations=2, steps=3, guidance=3.0, seed=0)
-    summary = run_demo(tmp_path, lora=lora, base=base, settings=settings, progress=False)
+    scan = ScanConfig(max_prompts=3, generic_prompts=False, extract_prompts=1, generations=3, steps=3, wen_draws=1)
+    summary = run_demo(tmp_path, lora=lora, base=base, settings=settings, progress=False, scan=scan)
     manifest = json.loads(lora.with_suffix(".json").read_text())
     duplicated = len(manifest["duplicated"])
     assert summary["duplicated_captions"] == duplicated
@@ -39,8 +41,16 @@ def test_demo_writes_a_report_with_every_image(tmp_path, small_world):
     assert all(0.0 <= rate <= 1.0 for rate in summary["copy_rate_own"].values())
     assert read_lora(summary["filtered"]).metadata["diffmem.method"] == "baf"
     html = (tmp_path / "report.html").read_text()
-    # per duplicated caption: the training image plus `generations` images for the LoRA and the filtered LoRA
-    assert html.count("data:image/png;base64,") == duplicated * (1 + 2 * settings.generations)
+    # per duplicated caption: the training image plus `generations` images for the LoRA and the filtered LoRA, then
+    # one image per group the scan extracted
+    extracted = summary["scan"]["lora"]["extracted_groups"]
+    assert html.count("data:image/png;base64,") == duplicated * (1 + 2 * settings.generations) + extracted
+    # both scans ran on the same candidate prompts (the LoRA's kohya header), each with its own report
+    assert set(summary["scan"]) == {"lora", "filtered"} and summary["scan"]["lora"]["rule"] == "provisional"
+    before = json.loads((tmp_path / "scan-before" / "summary.json").read_text())
+    after = json.loads((tmp_path / "scan-after" / "summary.json").read_text())
+    assert [p["prompt"] for p in before["prompts"]] == [p["prompt"] for p in after["prompts"]]
+    assert before["verdict"] == summary["scan"]["lora"]["verdict"] and "scan-after/report.html" in html
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert "| near-copies of the training image |" in (tmp_path / "summary.md").read_text()
 

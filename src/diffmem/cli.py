@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import io
 import json
 import os
 import re
@@ -353,7 +355,33 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for name, (_, help_text) in LAZY_COMMANDS.items():
         if name not in commands.choices:  # listed in `diffmem --help`; built in full only when it is the command
             commands.add_parser(name, help=help_text)
+    add_output_flags(parser)
     return parser
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """`-q/--quiet` and `--no-progress` on every command that runs (the leaves of the command tree), where the
+    command does not declare them itself; `main` acts on them, so no command needs its own code for them."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for command in action.choices.values():
+            if any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+                add_output_flags(command)
+                continue
+            options = {option for a in command._actions for option in a.option_strings}
+            if "--quiet" not in options:
+                command.add_argument("-q", "--quiet", action="store_true",
+                                     help="print nothing on standard output (errors still go to standard error)")
+            if "--no-progress" not in options:
+                command.add_argument("--no-progress", action="store_true",
+                                     help="no progress bars (they show only on a terminal anyway)")
+
+
+def wants_progress(argv: Sequence[str]) -> bool:
+    """Progress bars only on a terminal, and not with --no-progress or -q/--quiet (read from the raw arguments:
+    tqdm reads its switch, TQDM_DISABLE, when it is first imported, before the command line is parsed)."""
+    return sys.stderr.isatty() and not {"--no-progress", "-q", "--quiet"} & set(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -361,8 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # transformers warns on import about optional packages (torchvision for image processors diffmem never uses);
     # on stderr those lines would bury diffmem's one-line errors. A user's own setting wins.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if not sys.stderr.isatty():  # diffusers' and transformers' loading bars too: only on a terminal
+    if not wants_progress(argv):  # every tqdm bar, diffusers' and transformers' loading bars too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser(load=command_modules(argv))
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
@@ -372,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # sys.argv: it may not be the diffmem command at all).
     args.command_line = shlex.join(["diffmem", *argv])
     try:
+        if getattr(args, "quiet", False):
+            with contextlib.redirect_stdout(io.StringIO()):
+                return args.handler(args)
         return args.handler(args)
     except UsageError as exc:
         print(f"diffmem: error: {one_line(str(exc))}", file=sys.stderr)

@@ -1,8 +1,11 @@
-"""The demo behind ``make demo``: measure the example LoRA's memorization, filter it, measure again, report.
+"""The demo behind ``make demo``: measure the example LoRA's memorization, filter it, measure again, scan both
+without the training data, report.
 
 Everything comes from the repository: the embedded world's committed base and example memorizing LoRA (faces
 duplicated in training, listed in its manifest), `diffmem filter` for the mitigation, `diffmem.metrics` for the
-copy test. The output folder gets ``report.html`` (open it in a browser), ``summary.md`` and ``summary.json``.
+copy test against the training images, and `diffmem scan` for the verdict a platform gets without them. The output
+folder gets ``report.html`` (open it in a browser), ``summary.md``, ``summary.json``, and the two scans' own reports
+in ``scan-before/`` and ``scan-after/``.
 """
 
 from __future__ import annotations
@@ -20,13 +23,24 @@ from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.copy import paired_tiled_l2
 from diffmem.pipeline import filter_file
 from diffmem.report import html_page, html_table, img_tag, markdown_table
-from diffmem.world.check import CheckSettings, example_lora_path, manifest_images, own_copy_rate
+from diffmem.scan import ScanConfig, scan_lora, write_scan
+from diffmem.scan.loop import rescan
+from diffmem.scan.run import ScanResult
+from diffmem.world.check import (
+    CheckSettings,
+    example_lora_path,
+    manifest_images,
+    own_copy_rate,
+    write_example_lora,
+)
 from diffmem.world.data import ImageSet
 from diffmem.world.diffusion import denoising_loss
 from diffmem.world.lora import apply_lora
 from diffmem.world.model import BASE_FILE, assets_dir, load_base, load_unet_file
 
 DEMO_SETTINGS = CheckSettings(generations=4, seed=1000)
+#: The demo's scans: `diffmem scan`'s defaults (about 75 s each on 2 cores, docs/scan.md).
+DEMO_SCAN = ScanConfig()
 
 
 def own_distances(generated: torch.Tensor, training: torch.Tensor, generations: int) -> torch.Tensor:
@@ -41,19 +55,27 @@ def run_demo(
     config: FilterConfig | None = None,
     settings: CheckSettings = DEMO_SETTINGS,
     progress: bool = True,
+    scan: ScanConfig | None = DEMO_SCAN,
 ) -> dict:
     """Filter the example LoRA (or ``lora``, a world LoRA with its ``.json`` manifest beside it) against the
-    committed base (or ``base``, a world UNet file), measure memorization and quality before and after, and write
-    the report. Returns the summary numbers."""
+    committed base (or ``base``, a world UNet file), measure memorization and quality before and after, scan both
+    with ``scan``'s settings (None: no scan), and write the report. Returns the summary numbers.
+
+    The example LoRA is first written into ``out_dir`` with the kohya dataset metadata a trainer writes (the
+    committed file predates it; the weights are the same), so the scan reads its header as a real LoRA's."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lora = Path(lora) if lora is not None else example_lora_path()
+    if lora is None:
+        lora = write_example_lora(out_dir / "example.safetensors")
+        write_atomic(example_lora_path().with_suffix(".json").read_bytes(), lora.with_suffix(".json"))
+    lora = Path(lora)
     manifest = json.loads(lora.with_suffix(".json").read_text())
     config = config or BAFConfig()
-    steps = tqdm(total=6, desc="demo", unit="step", disable=not progress)
+    steps = tqdm(total=6 + 2 * (scan is not None), desc="demo", unit="step", disable=not progress)
 
     filtered_path = out_dir / f"{lora.stem}.filtered.safetensors"
+    base_arg = base
     base_path = Path(base) if base is not None else assets_dir() / BASE_FILE
     report = filter_file(lora, base_path, filtered_path, config, cache_dir=out_dir / "cache")
     steps.update()
@@ -84,12 +106,45 @@ def run_demo(
         "heldout_denoising_loss": {name: round(value, 5) for name, value in losses.items()},
         "duplicated_captions": len(duplicated),
         "settings": asdict(settings),
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    write_report(out_dir, summary, duplicated, measured, distances, settings.generations)
+    scans = None
+    if scan is not None:
+        scan_base = "world" if base_arg is None else base_path
+        before = scan_lora(lora, scan_base, scan)
+        steps.update()
+        scans = (before, rescan(before, filtered_path))
+        steps.update()
+        for folder, result in zip(("scan-before", "scan-after"), scans):
+            write_scan(result, out_dir / folder, protect=[lora, filtered_path])
+        summary["scan"] = {name: scan_summary(result) for name, result in zip(("lora", "filtered"), scans)}
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    write_report(out_dir, summary, duplicated, measured, distances, settings.generations, scans)
     steps.update()
     steps.close()
     return summary
+
+
+def scan_summary(result: ScanResult) -> dict:
+    """The numbers of a scan the demo reports: verdict, risk and the evidence."""
+    summary = result.summary()
+    return {"verdict": summary["verdict"], "risk": summary["risk"], "rule": summary["rule"], **summary["evidence"]}
+
+
+def scan_section(scans: tuple[ScanResult, ScanResult]) -> str:
+    """The report's data-free part: both scans' verdicts and the images the first one extracted."""
+    rows = [[label, result.verdict, f"{result.risk:.2f}",
+             "—" if result.largest_ratio is None else f"{result.largest_ratio.wen_ratio:.2f}",
+             len(result.kept_groups), f'<a href="{folder}/report.html">{folder}/report.html</a>']
+            for label, result, folder in zip(("example LoRA", "filtered LoRA"), scans, ("scan-before", "scan-after"))]
+    before = scans[0]
+    pictures = "".join(img_tag(before.samples[g.prompt][0][g.representative], 128, g.prompt or "(empty prompt)")
+                       for g in before.kept_groups)
+    return ("<h2>Without the training images: diffmem scan</h2>"
+            "<p>What a platform that receives only the LoRA and its base can find: candidate prompts from the "
+            "LoRA's header, Wen et al.'s first-step statistic against the base, and model-guided extraction "
+            "(FineXtract). The verdict's rule is provisional (docs/scan.md).</p>"
+            + html_table(["", "verdict", "risk", "largest Wen ratio", "extracted groups", "report"], rows)
+            + (f"<p>Images the scan extracted from the example LoRA:</p><p>{pictures}</p>" if pictures else ""))
 
 
 def captioned(image: torch.Tensor, distance: float) -> str:
@@ -99,8 +154,8 @@ def captioned(image: torch.Tensor, distance: float) -> str:
 
 
 def write_report(out_dir: Path, summary: dict, duplicated: ImageSet, measured: dict, distances: dict,
-                 generations: int) -> None:
-    """``report.html`` (image rows per duplicated caption), ``summary.md`` and ``summary.json``."""
+                 generations: int, scans: tuple[ScanResult, ScanResult] | None = None) -> None:
+    """``report.html`` (image rows per duplicated caption, then the scans), ``summary.md`` and ``summary.json``."""
     header = ["", "example LoRA", "filtered LoRA", "base model"]
     rows = [
         ["near-copies of the training image", *(f"{summary['copy_rate_own'][n]:.0%}" for n in ("lora", "filtered", "base"))],
@@ -130,10 +185,18 @@ def write_report(out_dir: Path, summary: dict, duplicated: ImageSet, measured: d
         + '<p class="note">Number under each generation: tiled-L2 distance to the training image (max over 16 tiles '
         "of the RMS difference; Carlini et al. 2023). Small = near-copy.</p>"
         + html_table(["caption", "training image", "example LoRA", "filtered LoRA"], image_rows)
+        + (scan_section(scans) if scans is not None else "")
         + f'<p class="note">Generated by <code>make demo</code> in {summary["seconds"]} s; settings '
         f"{summary['settings']}.</p>"
     )
     write_atomic(html_page("diffmem demo: filtering a memorizing LoRA", body).encode(), out_dir / "report.html")
-    markdown = ("# diffmem demo\n\n" + filter_line + "\n\n" + markdown_table(header, rows) + "\n")
+    markdown = "# diffmem demo\n\n" + filter_line + "\n\n" + markdown_table(header, rows) + "\n"
+    if "scan" in summary:
+        scan_rows = [[label, summary["scan"][name]["verdict"], f"{summary['scan'][name]['risk']:.2f}",
+                      summary["scan"][name]["largest_wen_ratio"], summary["scan"][name]["extracted_groups"]]
+                     for label, name in (("example LoRA", "lora"), ("filtered LoRA", "filtered"))]
+        markdown += ("\nWithout the training images (`diffmem scan`, provisional rule):\n\n"
+                     + markdown_table(["", "verdict", "risk", "largest Wen ratio", "extracted groups"], scan_rows)
+                     + "\n")
     write_atomic(markdown.encode(), out_dir / "summary.md")
     write_atomic(json.dumps(summary, indent=2).encode(), out_dir / "summary.json")

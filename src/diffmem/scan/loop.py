@@ -131,6 +131,15 @@ def filter_base(base: str | Path) -> Path:
     return assets_dir() / BASE_FILE if str(base) == "world" else Path(base)
 
 
+def rescan(before: ScanResult, lora: str | Path, **options) -> ScanResult:
+    """Scan `lora` (a filtered version of `before`'s LoRA) on exactly `before`'s candidate prompts and settings:
+    its candidates come first as given prompts, so a header the filter changed cannot change what is sampled.
+    `options`: `scan_lora`'s device, dtype, progress and model_config."""
+    same_prompts = [p.prompt for p in before.prompts if p.prompt]
+    config = replace(before.config, max_prompts=max(before.config.max_prompts, len(same_prompts)))
+    return scan_lora(lora, before.base, config, prompts=same_prompts, **options)
+
+
 def attack_extracted(result: ScanResult, filtered_lora: Path, config: LoopConfig, device: str = "cpu",
                      dtype: torch.dtype = torch.float32, model_config: str | Path | None = None) -> list[AttackRow]:
     """Dori on `filtered_lora` towards the representatives of `result`'s largest kept groups (`config`)."""
@@ -180,12 +189,7 @@ def scan_filter_attack(
         output = Path(filtered_output) if filtered_output is not None else Path(scratch) / filtered_name(lora)
         report = filter_file(lora, filter_base(base), output, filter_config or BAFConfig(), cache_dir=cache_dir,
                              progress=False)
-        # The filtered file keeps the LoRA's header, so its own scan sees the same metadata prompts; the first
-        # scan's prompts (given and found) are passed too, so both scans sample exactly the same candidates.
-        same_prompts = [p.prompt for p in before.prompts if p.prompt]
-        after = scan_lora(output, base, replace(scan_config, max_prompts=max(scan_config.max_prompts,
-                                                                             len(same_prompts))),
-                          prompts=same_prompts, **options)
+        after = rescan(before, output, **options)
         attacks = attack_extracted(before, output, loop_config, device, dtype, model_config)
     record = {key: value for key, value in report.to_dict().items()
               if key in ("method", "config", "channels_kept", "channels_total", "energy_kept")}
