@@ -41,10 +41,12 @@ def test_demo_writes_a_report_with_every_image(tmp_path, small_world):
     assert all(0.0 <= rate <= 1.0 for rate in summary["copy_rate_own"].values())
     assert read_lora(summary["filtered"]).metadata["diffmem.method"] == "baf"
     html = (tmp_path / "report.html").read_text()
-    # per duplicated caption: the training image plus `generations` images for the LoRA and the filtered LoRA, then
-    # one image per group the scan extracted
     extracted = summary["scan"]["lora"]["extracted_groups"]
-    assert html.count("data:image/png;base64,") == duplicated * (1 + 2 * settings.generations) + extracted
+    # per duplicated caption: the training image and `generations` images for each of the LoRA, the filtered
+    # LoRA and the base; one plot; one image per group the scan extracted
+    assert html.count("data:image/png;base64,") == duplicated * (1 + 3 * settings.generations) + 1 + extracted
+    assert html.count("border:3px solid #c62828") == sum(round(rate * duplicated * settings.generations)
+                                                         for rate in summary["copy_rate_own"].values())
     # both scans ran on the same candidate prompts (the LoRA's kohya header), each with its own report
     assert set(summary["scan"]) == {"lora", "filtered"} and summary["scan"]["lora"]["rule"] == "provisional"
     before = json.loads((tmp_path / "scan-before" / "summary.json").read_text())

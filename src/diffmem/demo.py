@@ -10,19 +10,21 @@ in ``scan-before/`` and ``scan-after/``.
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from diffmem.filters import BAFConfig, FilterConfig
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.copy import paired_tiled_l2
 from diffmem.pipeline import filter_file
-from diffmem.report import html_page, html_table, img_tag, markdown_table
+from diffmem.report import figure_tag, html_page, html_table, img_tag, markdown_table, short_path
 from diffmem.scan import ScanConfig, scan_lora, write_scan
 from diffmem.scan.loop import rescan
 from diffmem.scan.run import ScanResult
@@ -147,10 +149,33 @@ def scan_section(scans: tuple[ScanResult, ScanResult]) -> str:
             + (f"<p>Images the scan extracted from the example LoRA:</p><p>{pictures}</p>" if pictures else ""))
 
 
-def captioned(image: torch.Tensor, distance: float) -> str:
-    """A generation with its distance to the training image written under it."""
+#: Thumbnail width in the demo's report: the world's 32-pixel images enlarged 4x.
+THUMBNAIL = 128
+MODELS = (("lora", "example LoRA"), ("filtered", "filtered LoRA"), ("base", "base model"))
+
+
+def captioned(image: torch.Tensor, distance: float, copy: bool) -> str:
+    """A generation with its distance to the training image under it, framed in red when it is a near-copy."""
+    frame = "border:3px solid #c62828" if copy else "border:3px solid transparent"
+    label = f"{distance:.3f}" + (" copy" if copy else "")
     return (f'<span style="display:inline-block;text-align:center;margin:2px">'
-            f'{img_tag(image, 64, f"tiled L2 {distance:.3f}")}<br><small>{distance:.3f}</small></span>')
+            f'<span style="display:inline-block;{frame}">{img_tag(image, THUMBNAIL, f"tiled L2 {label}")}</span>'
+            f"<br><small>{label}</small></span>")
+
+
+def copy_rate_plot(summary: dict, measured: dict, captions: list[str]) -> str:
+    """A bar chart of each duplicated caption's near-copy share for the LoRA, the filtered LoRA and the base."""
+    figure = Figure(figsize=(7.5, 2.8), dpi=100)
+    axes = figure.subplots()
+    width = 0.27
+    for offset, (name, label) in enumerate(MODELS):
+        rates = measured[name]["per_caption_own_rate"]
+        axes.bar([i + (offset - 1) * width for i in range(len(rates))], rates, width, label=label)
+    axes.set_xticks(range(len(captions)), [c.rsplit(" of ", 1)[-1] for c in captions], rotation=20, fontsize=8)
+    axes.set_ylim(0, 1)
+    axes.set_ylabel("near-copy share")
+    axes.legend(fontsize=8, frameon=False)
+    return figure_tag(figure, "near-copy share per duplicated caption")
 
 
 def write_report(out_dir: Path, summary: dict, duplicated: ImageSet, measured: dict, distances: dict,
@@ -172,19 +197,25 @@ def write_report(out_dir: Path, summary: dict, duplicated: ImageSet, measured: d
                    "update energy)")
     image_rows = []
     for i, caption in enumerate(duplicated.captions):
-        cells = [caption, img_tag(duplicated.images[i], 64, "training image")]
-        for name in ("lora", "filtered"):
-            pictures = measured[name]["generated"][i * generations : (i + 1) * generations]
-            cells.append("".join(captioned(p, float(d)) for p, d in zip(pictures, distances[name][i])))
+        cells = [caption, img_tag(duplicated.images[i], THUMBNAIL, "training image")]
+        for name, _ in MODELS:
+            own = slice(i * generations, (i + 1) * generations)
+            pictures, copies = measured[name]["generated"][own], measured[name]["is_own_copy"][own]
+            cells.append("<div>" + "".join(captioned(picture, float(distance), bool(copy)) for picture, distance, copy
+                                           in zip(pictures, distances[name][i], copies)) + "</div>")
         image_rows.append(cells)
     body = (
-        f"<p>Base: <code>{summary['base']}</code>. LoRA: <code>{summary['lora']}</code>, trained with some "
-        f"training images duplicated (the memorization case; its manifest lists them). Filter: {filter_line}.</p>"
+        f"<p>Base: <code>{html.escape(short_path(summary['base']))}</code>. LoRA: "
+        f"<code>{html.escape(short_path(summary['lora']))}</code>, trained with some training images duplicated (the "
+        f"memorization case; its manifest lists them). Filter: {filter_line}.</p>"
         + html_table(header, rows)
-        + "<h2>Duplicated captions: training image, LoRA generations, filtered-LoRA generations</h2>"
+        + copy_rate_plot(summary, measured, duplicated.captions)
+        + "<h2>Duplicated captions: training image, then the generations of the LoRA, the filtered LoRA and the "
+        "base</h2>"
         + '<p class="note">Number under each generation: tiled-L2 distance to the training image (max over 16 tiles '
-        "of the RMS difference; Carlini et al. 2023). Small = near-copy.</p>"
-        + html_table(["caption", "training image", "example LoRA", "filtered LoRA"], image_rows)
+        "of the RMS difference; Carlini et al. 2023). Framed in red: a near-copy (Carlini's relative test against "
+        "the training set, nearest image the caption's own).</p>"
+        + html_table(["caption", "training image", "example LoRA", "filtered LoRA", "base model"], image_rows)
         + (scan_section(scans) if scans is not None else "")
         + f'<p class="note">Generated by <code>make demo</code> in {summary["seconds"]} s; settings '
         f"{summary['settings']}.</p>"

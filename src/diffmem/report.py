@@ -142,6 +142,24 @@ def replace_between_markers(text: str, start: str, end: str, block: str) -> str:
     return f"{head}{start}\n{block}{end}{rest.split(end, 1)[1]}"
 
 
+def figure_tag(figure, title: str = "") -> str:
+    """A matplotlib `Figure` (made with `matplotlib.figure.Figure`, not pyplot: no global state, no GUI backend) as
+    an inline ``<img>`` (PNG data URI)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<img src="{uri}" alt="{html.escape(title)}" title="{html.escape(title)}">'
+
+
+def short_path(path: str | Path) -> str:
+    """``path`` relative to the working folder when it lies inside it (a report's header stays readable), else as
+    given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def html_page(title: str, body: str) -> str:
     """A complete, self-contained HTML document."""
     return (

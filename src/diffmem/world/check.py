@@ -75,6 +75,7 @@ def own_copy_rate(unet: UNet2DConditionModel, images: ImageSet, reference: torch
         "captions": len(images),
         "median_distance": round(float(result.distance.median()), 4),
         "generated": generated,
+        "is_own_copy": own_copy,
         "per_caption_own_rate": [round(float(r), 3) for r in per_caption],
     }
 
