@@ -79,7 +79,8 @@ def test_write_audit_files(tmp_path):
     assert paths["table.csv"].read_text().splitlines()[1].startswith("dup,yes,5.0,6.0,3,yes,")
     assert paths["table.csv"].read_text().splitlines()[0].endswith("nearest_train,embedding_cosine")
     page = paths["report.html"].read_text()
-    assert page.count("data:image/png;base64,") == 4  # two generation grids, two nearest training images
+    # two generation grids, two nearest training images, the score plot
+    assert page.count("data:image/png;base64,") == 5 and "Wen score per prompt" in page
     assert "e.png" in page and "http" not in page.replace("https://", "")  # self-contained
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("x\n")
@@ -243,7 +244,7 @@ def test_report_renders_with_its_images(tmp_path):
     png = screenshot_html(paths["report.html"], tmp_path / "report.png", width=1000, height=700)
     pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 50) & (pixels[..., 2] < 50)
-    assert red.sum() > 4 * 48 * 48  # four red generation thumbnails, 64 px wide each, fully on screen
+    assert red.sum() > 4 * 96 * 96  # four red generation thumbnails, 128 px wide each, fully on screen
     colourful = pixels.std(axis=2) > 40
     assert colourful.sum() > red.sum() + 2000  # the random-noise thumbnails are there too
 

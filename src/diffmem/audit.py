@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from diffmem.backends import Backend, open_backend
 from diffmem.errors import DiffmemError, FileFormatError
@@ -35,6 +36,7 @@ from diffmem.metrics.extraction import ExtractionConfig, extract_prompt
 from diffmem.metrics.features import embed
 from diffmem.metrics.wen import WenConfig, WenTrace, sample_with_wen_scores
 from diffmem.report import (
+    figure_tag,
     html_page,
     html_table,
     image_grid,
@@ -309,7 +311,21 @@ def ranked(result: AuditResult) -> list[PromptAudit]:
     return sorted(result.rows, key=lambda r: (not r.flagged, r.copy_distance))
 
 
-def render_html(result: AuditResult, thumbnail: int = 64) -> str:
+def score_plot(result: AuditResult) -> str:
+    """A bar chart of every prompt's Wen score in report order, flagged prompts in red (the score a data-free audit
+    ranks by; with training images, beside the copy decision)."""
+    rows = ranked(result)
+    figure = Figure(figsize=(7.5, 2.6), dpi=100)
+    axes = figure.subplots()
+    axes.bar(range(len(rows)), [wen_statistic_of(r, result.config) for r in rows],
+             color=["#c62828" if r.flagged else "#90a4ae" for r in rows])
+    axes.set_xlabel("prompts, in the table's order (red: flagged)")
+    axes.set_ylabel("Wen first step" if result.config.wen_statistic == "first_step" else "Wen score")
+    axes.set_xticks([])
+    return figure_tag(figure, "Wen score per prompt")
+
+
+def render_html(result: AuditResult, thumbnail: int = 128) -> str:
     """The self-contained report: summary, then per prompt its generations, nearest training image and scores."""
     summary = result.summary()
     mode = summary["mode"]
@@ -346,7 +362,7 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
     rows = []
     for r in ranked(result):
         p = index_of[id(r)]
-        grid = image_grid(result.images[p], columns=min(result.config.generations, 8))
+        grid = image_grid(result.images[p], columns=min(result.config.generations, 4))
         grid_size = thumbnail * grid.shape[-1] // result.images.shape[-1]
         grid_html = (f'<img class="pix" src="{png_data_uri(grid)}" width="{grid_size}" '
                      f'alt="generations for {html.escape(r.prompt)}">')
@@ -373,6 +389,8 @@ def render_html(result: AuditResult, thumbnail: int = 64) -> str:
                f"{agreement['wen_first_step_tpr_at_1pct_fpr']:.2f})" if "wen_auc" in agreement else "") + ".</p>"
         )
     parts.append(html_table(header, rows))
+    if rows:
+        parts.append(score_plot(result))
     return html_page("diffmem audit", "".join(parts))
 
 
