@@ -115,3 +115,27 @@ def test_scan_many_resumes_and_a_bad_file_is_one_failed_row(example, tmp_path, c
     assert "scanned  " in printed and "1 scanned, 0 skipped, 0 failed" in printed
     summary = json.loads((out / "summary.json").read_text())  # the earlier rows stay
     assert [row["status"] for row in summary["files"]] == ["failed", "skipped", "scanned"]  # broken, example, zero
+
+
+def test_the_loop_runs_on_a_tiny_sdxl_pipeline(tmp_path, one_torch_thread):
+    from dataclasses import replace
+
+    from builders_pipelines import build_tiny_pipeline, write_pipeline_lora
+    from diffmem.scan.extraction import ExtractedGroup
+    from diffmem.scan.loop import attack_extracted
+
+    pipeline = build_tiny_pipeline(tmp_path, "sdxl")
+    lora = write_pipeline_lora(pipeline, "sdxl", tmp_path / "lora.safetensors")
+    filtered = tmp_path / "lora.filtered.safetensors"
+    tiny = ScanConfig(max_prompts=1, extract_prompts=1, generations=3, steps=2, generic_prompts=False)
+    result = scan_filter_attack(lora, pipeline, BAFConfig(), tiny, LoopConfig(attack_targets=0), filtered,
+                                cache_dir=tmp_path / "cache")
+    assert filtered.is_file() and result.after.family == "sdxl" and result.after.lora == str(filtered)
+    assert [p.prompt for p in result.after.prompts] == [p.prompt for p in result.before.prompts]
+    # Random weights group nothing, so one sampled image is named a group here to drive Dori (pooled embedding and
+    # all) on the filtered pipeline LoRA: machinery only.
+    group = ExtractedGroup(prompt="", members=(0, 1, 2), representative=0, spread=0.0, base_distance=1.0,
+                           base_also=False)
+    rows = attack_extracted(replace(result.before, groups=[group]), filtered,
+                            LoopConfig(attack_targets=1, dori=DoriConfig(steps=2), generations=2))
+    assert len(rows) == 1 and rows[0].generated.shape[0] == 2 and 0 <= rows[0].attack_copy_share <= 1

@@ -103,7 +103,7 @@ def render_loop_html(result: LoopResult, thumbnail: int = THUMBNAIL) -> str:
     before, after = result.before.summary(), result.after.summary()
     filter_report = result.filter_report
     verdict_class = {"removed": "good", "nothing to fix": "good"}.get(result.verdict, "bad")
-    rows = [[label, s["verdict"], s["risk"], s["evidence"]["largest_wen_ratio"] or "—",
+    rows = [[label, s["verdict"], f"{s['risk']:.2f}", s["evidence"]["largest_wen_ratio"] or "—",
              s["evidence"]["extracted_groups"], f'<a href="{folder}/report.html">{folder}/report.html</a>']
             for label, s, folder in (("LoRA", before, "before"), ("filtered LoRA", after, "after"))]
     parts = [
