@@ -58,6 +58,11 @@ def test_help_imports_neither_torch_nor_diffusers():
         done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
         assert done.stderr.strip().splitlines()[-1] == "[]", (argv, done.stderr)
         assert "usage: diffmem" in done.stdout
+    # The model commands' help needs torch for its defaults, but no model library (the backends import theirs on
+    # first use).
+    for argv in (["audit", "--help"], ["wen-eval", "--help"]):
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
+        assert done.stderr.strip().splitlines()[-1] == "['torch']", (argv, done.stderr)
 
 
 def test_a_lazy_command_is_built_in_full_when_it_is_the_command():

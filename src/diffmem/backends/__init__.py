@@ -9,23 +9,53 @@
 
 `open_backend(base, lora)` opens whichever one `base` names. docs/backends.md: which command runs on which backend,
 and how to add one.
+
+The model modules are imported when first used, not with this package: the world pulls in diffusers' UNet and the
+world's text encoder, a pipeline all of diffusers, and a command's `--help` or a usage error needs neither
+(`diffmem scan --help` would otherwise wait seconds for them). `backends.FluxBackend` and the other names below
+work as attributes all the same.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from diffmem.backends.base import Backend, Conditioning
-from diffmem.backends.flux import FluxBackend
-from diffmem.backends.sd3 import SD3Backend
-from diffmem.backends.stable_diffusion import StableDiffusionBackend, load_pipeline, pipeline_family
-from diffmem.backends.world import WorldBackend, is_world_base, is_world_file, world_backend
+from diffmem.backends.naming import is_world_base, is_world_file
 from diffmem.errors import DiffmemError
 from diffmem.formats.merge import merge_lora, pipeline_components
 
-__all__ = ["DTYPES", "Backend", "Conditioning", "as_backend", "is_world_base", "is_world_file", "open_backend", "parse_dtype", "pipeline_backend"]
+__all__ = ["DTYPES", "Backend", "Conditioning", "FluxBackend", "SD3Backend", "StableDiffusionBackend", "WorldBackend",
+           "as_backend", "is_world_base", "is_world_file", "load_pipeline", "open_backend", "parse_dtype",
+           "pipeline_backend", "pipeline_family", "world_backend"]
+
+#: The names this package gives from its model modules, by module (imported on first use, see above).
+MODEL_NAMES = {
+    "WorldBackend": "world", "world_backend": "world",
+    "StableDiffusionBackend": "stable_diffusion", "load_pipeline": "stable_diffusion",
+    "pipeline_family": "stable_diffusion",
+    "FluxBackend": "flux",
+    "SD3Backend": "sd3",
+}
+
+
+def model_name(name: str) -> Any:
+    """`name` from its model module (`MODEL_NAMES`), importing the module the first time."""
+    return getattr(importlib.import_module(f"diffmem.backends.{MODEL_NAMES[name]}"), name)
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `diffmem.backends.FluxBackend` and friends, imported on first use
+    if name in MODEL_NAMES:
+        return model_name(name)
+    raise AttributeError(f"module 'diffmem.backends' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *MODEL_NAMES])
 
 #: The `--dtype` names as torch dtypes.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,7 +71,7 @@ def parse_dtype(name: str) -> torch.dtype:
 def as_backend(model: Backend | torch.nn.Module) -> Backend:
     """A backend as given; a bare world UNet (what the library's world functions take) as the world backend
     around it."""
-    return model if isinstance(model, Backend) else WorldBackend(model)
+    return model if isinstance(model, Backend) else model_name("WorldBackend")(model)
 
 
 def check_device(device: str) -> None:
@@ -74,10 +104,10 @@ def open_backend(
     a device this torch cannot use, before anything is loaded."""
     check_device(device)
     if is_world_base(base):
-        return world_backend(base, lora, device)
+        return model_name("world_backend")(base, lora, device)
     path = Path(base)
-    family = pipeline_family(path) if path.exists() else None
-    pipe = load_pipeline(path, dtype, config)
+    family = model_name("pipeline_family")(path) if path.exists() else None
+    pipe = model_name("load_pipeline")(path, dtype, config)
     name = path.name
     if lora is not None:
         lora = Path(lora)
@@ -96,7 +126,7 @@ def pipeline_backend(pipe, name: str, family: str) -> Backend:
     `load_lora_weights`, as `bench-real` does) acts on the backend's denoiser too."""
     pipe.set_progress_bar_config(disable=True)
     if family == "flux":
-        return FluxBackend(pipe, name)
+        return model_name("FluxBackend")(pipe, name)
     if family == "sd3":
-        return SD3Backend(pipe, name)
-    return StableDiffusionBackend(pipe, name, family)
+        return model_name("SD3Backend")(pipe, name)
+    return model_name("StableDiffusionBackend")(pipe, name, family)

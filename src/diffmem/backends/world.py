@@ -14,7 +14,6 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from diffmem.backends.base import Backend, Conditioning
-from diffmem.formats.safetensors_io import read_header
 from diffmem.world.diffusion import (
     TRAIN_TIMESTEPS,
     WORLD_GUIDANCE,
@@ -93,20 +92,6 @@ class WorldBackend(Backend):
         # The world's own sampler, batch for batch as `diffmem.world.generate` draws it.
         return generate_from_context(self.denoiser, conditioning.context, seeds, steps or self.default_steps,
                                      self.default_guidance if guidance is None else guidance, batch_size)
-
-
-def is_world_file(path: Path) -> bool:
-    """True when `path` is a world UNet saved by diffmem (its safetensors metadata carries the UNet config)."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    _, metadata = read_header(path)
-    return "diffmem_unet_config" in metadata
-
-
-def is_world_base(base: str | Path | None) -> bool:
-    """True when `--base` names the world: None or "world" (the committed base) or a world UNet file; anything else
-    is a pipeline folder or checkpoint."""
-    return base is None or str(base) == "world" or is_world_file(Path(base))
 
 
 def world_backend(base: str | Path | None = None, lora: str | Path | None = None, device: str = "cpu") -> WorldBackend:
