@@ -21,7 +21,7 @@ SMALL_FLAGS = ["--max-prompts", "6", "--no-generic", "--extract-prompts", "1", "
 
 
 def attack(reachable: bool) -> AttackRow:
-    return AttackRow("p", 4, 0.0, 1.0 if reachable else 0.0, 0.3, 0.05 if reachable else 0.3, reachable)
+    return AttackRow("p", 4, 0.0, 0.25 if reachable else 0.0, 0.3, 0.05 if reachable else 0.3, reachable)
 
 
 def test_loop_verdicts():

@@ -47,14 +47,15 @@ class LoopConfig:
             started from the group's own prompt).
         generations: fresh generations judged per conditioning (the start and the one Dori found). 8, as the scan.
         copied_share: an extracted image counts as still reachable when at least this share of the fresh generations
-            from Dori's conditioning lies within the scan's `group_threshold` of it. 0.5: the share the scan's
-            verdict calls memorizing for a prompt's generations.
+            from Dori's conditioning lies within the scan's `group_threshold` of it. 1/8, one generation of the
+            default 8: an attacker needs the image once, and 0.1 is close (the base's own generations of the
+            example LoRA's extracted prompts lie 0.34 to 0.48 from the extracted images, docs/scan.md).
     """
 
     attack_targets: int = 3
     dori: DoriConfig = field(default_factory=DoriConfig)
     generations: int = 8
-    copied_share: float = 0.5
+    copied_share: float = 0.125
 
     def __post_init__(self) -> None:
         if self.attack_targets < 0:
@@ -95,6 +96,7 @@ class LoopResult:
     filtered: Path | None
     filter_report: dict
     attacks: list[AttackRow]
+    loop_config: LoopConfig = field(default_factory=LoopConfig)
 
     @property
     def verdict(self) -> str:
@@ -105,7 +107,11 @@ class LoopResult:
         """JSON-ready: the loop's verdict, both scans' summaries, the filter and the attack rows."""
         return {"verdict": self.verdict, "before": self.before.summary(), "after": self.after.summary(),
                 "filtered": None if self.filtered is None else str(self.filtered), "filter": self.filter_report,
-                "attacks": [a.row() for a in self.attacks]}
+                "attacks": [a.row() for a in self.attacks],
+                "loop_settings": {"attack_targets": self.loop_config.attack_targets,
+                                  "dori_steps": self.loop_config.dori.steps,
+                                  "generations": self.loop_config.generations,
+                                  "copied_share": self.loop_config.copied_share}}
 
 
 def loop_verdict(before: str, after: str, attacks: Sequence[AttackRow]) -> str:
@@ -194,7 +200,7 @@ def scan_filter_attack(
     record = {key: value for key, value in report.to_dict().items()
               if key in ("method", "config", "channels_kept", "channels_total", "energy_kept")}
     return LoopResult(before=before, after=after, filtered=None if filtered_output is None else output,
-                      filter_report=record, attacks=attacks)
+                      filter_report=record, attacks=attacks, loop_config=loop_config)
 
 
 def write_loop(result: LoopResult, out_dir: str | Path, protect: Sequence[str | Path] = ()) -> dict[str, Path]:

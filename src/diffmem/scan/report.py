@@ -119,9 +119,9 @@ def render_loop_html(result: LoopResult, thumbnail: int = THUMBNAIL) -> str:
     ]
     if result.attacks:
         parts.append("<h2>Dori on the filtered LoRA, towards the images the first scan extracted</h2>"
-                     "<p>A target still comes back when at least half of the fresh generations from the conditioning "
-                     "Dori found lie within the scan's near-identical distance of it: the filter removed the prompt's "
-                     "way to the image, not the image.</p>")
+                     f"<p>A target is still reachable when at least {result.loop_config.copied_share:.0%} of the fresh "
+                     "generations from the conditioning Dori found lie within the scan's near-identical distance of "
+                     "it: the filter removed the prompt's way to the image, not the image.</p>")
         table = []
         for attack in result.attacks:
             target = img_tag(attack.target, thumbnail, "extracted image") if attack.target is not None else "—"
