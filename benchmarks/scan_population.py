@@ -211,8 +211,12 @@ def score_population(rows: list[dict], config: ScanConfig) -> dict:
     summary["recovered_share_mean"] = round(sum(shares) / len(shares), 4) if shares else None
     summary["rows"] = [{"lora": row["lora"], "memorizing": row["memorizing"], "risk": round(float(risk), 4),
                         "verdict": verdict, "largest_wen_ratio": row["summary"]["evidence"]["largest_wen_ratio"],
+                        "largest_wen_ratio_prompt": row["summary"]["evidence"]["largest_wen_ratio_prompt"],
                         "extraction_evidence": row["summary"]["evidence"]["extraction"],
-                        "recovered_share": row["recovered_share"], "scan_seconds": row["seconds"]}
+                        "extracted_groups": row["summary"]["evidence"]["extracted_groups"],
+                        "groups_base_also_produces": row["summary"]["evidence"]["groups_base_also_produces"],
+                        "recovered_share": row["recovered_share"], "scan_seconds": row["seconds"],
+                        "label": row.get("label")}
                        for row, risk, verdict in zip(rows, risks.tolist(), verdicts)]
     return summary
 
@@ -221,8 +225,20 @@ def evaluate(folder: Path) -> dict:
     """Scan every labelled LoRA under `folder`/<population>/ (cached), choose the rule on the tune population and
     score both the provisional and the chosen rule on both populations (the eval population's numbers are the
     held-out result)."""
-    rows = {population: [scan_row(lora) for lora in sorted((folder / population).glob("*.safetensors"))
-                         if lora.with_suffix(".label.json").is_file()] for population in ("tune", "eval")}
+    rows: dict[str, list[dict]] = {"tune": [], "eval": []}
+    for population in rows:
+        # From the labels, so the committed caches (labels, manifests, scans; not the 3 MB LoRAs) re-evaluate alone.
+        for label_path in sorted((folder / population).glob("*.label.json")):
+            lora = label_path.with_name(label_path.name.removesuffix(".label.json") + ".safetensors")
+            if lora.with_suffix(".scan.json").is_file() or lora.is_file():
+                label = json.loads(label_path.read_text())
+                manifest = json.loads(lora.with_suffix(".json").read_text())
+                recipe = {key: manifest["settings"][key] for key in ("data", "rank", "steps", "duplicate")
+                          if key in manifest.get("settings", {})}
+                rows[population].append({**scan_row(lora), "label": {
+                    "captions_copied_in_half": label["captions_copied_in_half"], "captions": label["captions"],
+                    "copy_rate_own": label["copy_rate_own"], "base_copy_rate_own": label["base_copy_rate_own"],
+                    "recipe": recipe}})
     chosen, table = choose_rule(rows["tune"])
     report: dict = {"command": f"python benchmarks/scan_population.py --out {folder} --evaluate ...",
                     "label_rule": f"memorizing when >= 1 tested training caption is copied (own tiled-L2 copy) in at "
