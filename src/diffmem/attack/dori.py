@@ -14,15 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from diffmem.backends import Backend, Conditioning, as_backend
 from diffmem.errors import DiffmemError
+from diffmem.evaluation.sampling import SamplingSettings, seeds_for
 from diffmem.metrics.copy import CopyConfig, copy_decisions, paired_tiled_l2
-from diffmem.world.check import CheckSettings, seeds_for
 from diffmem.world.text import encode_prompts
+
+if TYPE_CHECKING:  # a bare world UNet is accepted too; naming its type needs no diffusers import at run time
+    from diffusers import UNet2DConditionModel
 
 START_KINDS = ("prompt", "random", "unrelated")
 #: Added conditioning that is not an embedding of the prompt, so Dori does not search it.
@@ -264,7 +267,7 @@ def attack_success(
     embedding: Conditioning | torch.Tensor,
     target: torch.Tensor,
     reference: torch.Tensor | None = None,
-    settings: CheckSettings | None = None,
+    settings: SamplingSettings | None = None,
     copy: CopyConfig | None = None,
 ) -> AttackSuccess:
     """Does `embedding` (a conditioning, or text states alone) make the model replicate `target`? Sample
@@ -276,7 +279,7 @@ def attack_success(
     there is nothing to be relative to, so `copy.distance_threshold` on the tiled L2 to `target` decides alone
     (it must then be set).
     """
-    settings, copy, backend = settings or CheckSettings(), copy or CopyConfig(), as_backend(model)
+    settings, copy, backend = settings or SamplingSettings(), copy or CopyConfig(), as_backend(model)
     target = check_target(backend, target)
     conditioning = check_conditioning(backend, embedding)
     seeds = seeds_for(1, settings)
@@ -326,7 +329,7 @@ def run_dori(
     prompt: str,
     config: DoriConfig | None = None,
     reference: torch.Tensor | None = None,
-    settings: CheckSettings | None = None,
+    settings: SamplingSettings | None = None,
     copy: CopyConfig | None = None,
 ) -> DoriOutcome:
     """Dori search for `target` from `prompt` (`dori_attack`), with `attack_success` of its start and of its result."""

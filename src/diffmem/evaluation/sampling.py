@@ -1,6 +1,6 @@
 """How a study samples a model: one settings object instead of a copy of the numbers in every command.
 
-The defaults are the embedded world's (`diffmem.world.diffusion.WORLD_STEPS`, `WORLD_GUIDANCE`); a command on a
+The defaults are the embedded world's (`diffmem.world.settings.WORLD_STEPS`, `WORLD_GUIDANCE`); a command on a
 pipeline fills in that model's own steps and guidance (`Backend.default_steps`, `default_guidance`), as
 `diffmem attack dori` does.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffmem.world.diffusion import WORLD_GUIDANCE, WORLD_STEPS
+from diffmem.world.settings import WORLD_GUIDANCE, WORLD_STEPS
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from diffmem.pipeline import filter_file, filtered_name
 from diffmem.scan.report import render_loop_html
 from diffmem.scan.run import ScanResult, scan_lora, write_scan
 from diffmem.scan.score import ScanConfig
-from diffmem.world.model import BASE_FILE, assets_dir
+from diffmem.world.settings import BASE_FILE, assets_dir
 
 #: Verdicts of the loop, in the order `loop_verdict` checks them.
 LOOP_VERDICTS = ("nothing to fix", "still memorizing", "images still reachable", "removed", "unsure")

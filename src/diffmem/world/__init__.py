@@ -10,26 +10,35 @@ purpose. See docs/world.md.
     images = generate(unet, ["a large red circle at the left on a white background"], seeds=[0])
 """
 
-from diffmem.world.check import CheckSettings, example_lora_path, load_example_lora, memorization_check
-from diffmem.world.data import (
-    ImageSet,
-    base_dataset,
-    base_photos_dataset,
-    faces_dataset,
-    photos_dataset,
-    shapes_dataset,
-)
-from diffmem.world.diffusion import (
-    denoising_loss,
-    generate,
-    generate_from_context,
-    noise_scheduler,
-    training_loss,
-)
-from diffmem.world.lora import apply_lora, save_lora, target_pattern
-from diffmem.world.model import UNetConfig, build_unet, load_base, load_unet_file
-from diffmem.world.text import TextEncoder, encode_prompts
-from diffmem.world.train import BaseTrainingConfig, FinetuneConfig, finetune, train_base
+import importlib
+from typing import Any
+
+# The names below come from the world's modules, each imported when a name of it is first used: the model and the
+# data pull in diffusers and scikit-image, and importing one light module (`diffmem.world.text`, say) runs this file
+# first, so an eager import here would make every `diffmem.world.*` import cost all of them.
+MODULE_OF = {
+    "CheckSettings": "check", "example_lora_path": "check", "load_example_lora": "check",
+    "memorization_check": "check",
+    "ImageSet": "data", "base_dataset": "data", "base_photos_dataset": "data", "faces_dataset": "data",
+    "photos_dataset": "data", "shapes_dataset": "data",
+    "denoising_loss": "diffusion", "generate": "diffusion", "generate_from_context": "diffusion",
+    "noise_scheduler": "diffusion", "training_loss": "diffusion",
+    "apply_lora": "lora", "save_lora": "lora", "target_pattern": "lora",
+    "UNetConfig": "model", "build_unet": "model", "load_base": "model", "load_unet_file": "model",
+    "TextEncoder": "text", "encode_prompts": "text",
+    "BaseTrainingConfig": "train", "FinetuneConfig": "train", "finetune": "train", "train_base": "train",
+}
+
+
+def __getattr__(name: str) -> Any:  # PEP 562
+    if name in MODULE_OF:
+        return getattr(importlib.import_module(f"diffmem.world.{MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'diffmem.world' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *MODULE_OF])
+
 
 __all__ = [
     "BaseTrainingConfig",

@@ -13,13 +13,11 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from diffmem.formats.lora import LoraFile
+from diffmem.world.settings import WORLD_GUIDANCE, WORLD_STEPS
 from diffmem.world.text import encode_prompts
 
 #: Number of diffusion timesteps (DDPM, Ho et al. 2020).
 TRAIN_TIMESTEPS = 1000
-#: How the world is sampled everywhere: 25 DDIM steps (where its samples stop changing visibly) and guidance 3 (a
-#: small pixel model needs less than Stable Diffusion's 7.5). Every world default refers to these two.
-WORLD_STEPS, WORLD_GUIDANCE = 25, 3.0
 
 
 def noise_scheduler() -> DDPMScheduler:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -17,10 +16,10 @@ from diffusers import UNet2DConditionModel
 
 from diffmem.errors import BadWeightsError, DiffmemError
 from diffmem.formats.safetensors_io import load_file, sha256_file
+from diffmem.world.settings import BASE_FILE, assets_dir
 
 #: sha256 of the committed base weights, `assets/base.safetensors` (checked by `load_base`).
 BASE_SHA256 = "328f6ffbbe7967438f4c22332290c93e1c343b2d6cb011c486ac9617458a108e"
-BASE_FILE = "base.safetensors"
 
 
 @dataclass(frozen=True)
@@ -89,11 +88,6 @@ def build_unet(config: UNetConfig | None = None) -> UNet2DConditionModel:
 def count_parameters(unet: torch.nn.Module) -> int:
     """Number of parameters of a module."""
     return sum(p.numel() for p in unet.parameters())
-
-
-def assets_dir() -> Path:
-    """Folder of the committed world weights inside the installed package."""
-    return Path(str(resources.files("diffmem.world") / "assets"))
 
 
 def load_unet_file(path: str | Path, expected_sha256: str | None = None) -> UNet2DConditionModel:
