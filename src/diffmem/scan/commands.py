@@ -89,6 +89,27 @@ def print_loop(summary: dict, out: Path | None) -> None:
         print(f"wrote {out / 'report.html'}, {out / 'loop.json'}, before/ and after/")
 
 
+def model_options(args: argparse.Namespace) -> dict:
+    """`scan_lora`'s device, dtype, progress, extra prompts and model config from the flags (no bars in logs or
+    pipes, nor with --json)."""
+    return {"device": args.device, "dtype": parse_dtype(args.dtype), "progress": not args.json and sys.stderr.isatty(),
+            "prompts": extra_prompts(args), "model_config": args.config}
+
+
+def protected_inputs(args: argparse.Namespace) -> tuple[Path, ...]:
+    """The files the outputs must never overwrite: the LoRA, the model's files and a prompts file."""
+    return (args.lora_file, *model_inputs(args), *((args.prompts,) if args.prompts is not None else ()))
+
+
+def emit(summary: dict, args: argparse.Namespace, print_text) -> int:
+    """The summary as JSON with --json, else in a few lines (`print_text(summary, out)`)."""
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_text(summary, args.out)
+    return 0
+
+
 def run_loop(args: argparse.Namespace, config: ScanConfig) -> int:
     """`scan --filter`: filter, re-scan and attack (`diffmem.scan.loop`)."""
     filter_config, loop = build_config(args, seed_flag="--filter-seed"), loop_config(args)
@@ -96,18 +117,10 @@ def run_loop(args: argparse.Namespace, config: ScanConfig) -> int:
     if filtered is not None and filtered.exists() and not args.force:
         raise UsageError(f"{filtered} exists; pass --force to replace it, or choose another --out")
     result = scan_filter_attack(args.lora_file, args.base, filter_config, config, loop, filtered,
-                                device=args.device, dtype=parse_dtype(args.dtype),
-                                progress=not args.json and sys.stderr.isatty(), prompts=extra_prompts(args),
-                                model_config=args.config, cache_dir=args.cache_dir)
+                                cache_dir=args.cache_dir, **model_options(args))
     if args.out is not None:
-        protect = (args.lora_file, *model_inputs(args), *((args.prompts,) if args.prompts is not None else ()))
-        write_loop(result, args.out, protect=protect)
-    summary = result.summary()
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_loop(summary, args.out)
-    return 0
+        write_loop(result, args.out, protect=protected_inputs(args))
+    return emit(result.summary(), args, print_loop)
 
 
 def run_scan_command(args: argparse.Namespace) -> int:
@@ -120,18 +133,10 @@ def run_scan_command(args: argparse.Namespace) -> int:
                                                                                   else [])
     if given:
         raise UsageError(f"--{given[0].replace('_', '-')} applies only with --filter")
-    result = scan_lora(args.lora_file, args.base, config, device=args.device, dtype=parse_dtype(args.dtype),
-                       progress=not args.json and sys.stderr.isatty(),  # no bars in logs or pipes
-                       prompts=extra_prompts(args), model_config=args.config)
+    result = scan_lora(args.lora_file, args.base, config, **model_options(args))
     if args.out is not None:
-        protect = (args.lora_file, *model_inputs(args), *((args.prompts,) if args.prompts is not None else ()))
-        write_scan(result, args.out, protect=protect)
-    summary = result.summary()
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_summary(summary, args.out)
-    return 0
+        write_scan(result, args.out, protect=protected_inputs(args))
+    return emit(result.summary(), args, print_summary)
 
 
 def add_scan_options(parser: argparse.ArgumentParser) -> None:
