@@ -365,3 +365,21 @@ def test_audit_on_a_tiny_flux_pipeline(tmp_path, capsys):
     assert cli_audit_summary(tmp_path, folder, lora, "abc\nxyz\n")["model"].endswith("flux.safetensors")
     with pytest.raises(FileFormatError, match=r"flux model; this command supports Stable Diffusion 1\.x"):
         load_pipeline(folder, families=("sd1", "sd2"))
+
+
+def test_a_flagged_held_out_prompt_that_shares_a_name_is_explained(tmp_path):
+    from diffmem.audit import shared_names
+
+    assert shared_names("a photo of Jonas Smith", ["a black and white photo of Jonas Castell"]) == ["Jonas"]
+    assert shared_names("A portrait of Anna", ["a photo of Jonas"]) == []
+    images, train = make_generations()
+    images[1] = images[0]  # the held-out prompt returns the memorized image too
+    names = [f"{i}.png" for i in range(6)]
+    prompts = ["a photo of Jonas Castell", "a photo of Jonas Smith"]
+    rows = score_prompts(prompts, images, torch.tensor([5.0, 4.0]), torch.tensor([6.0, 5.0]), AuditConfig(), train,
+                         names)
+    assert all(r.flagged for r in rows)
+    result = AuditResult(model="m", rows=rows, images=images, config=AuditConfig(), train_images=train,
+                         train_names=names, known_memorized=[True, False])
+    page = write_audit(result, tmp_path)["report.html"].read_text()
+    assert page.count("shares Jonas with a memorized prompt") == 1

@@ -311,6 +311,14 @@ def ranked(result: AuditResult) -> list[PromptAudit]:
     return sorted(result.rows, key=lambda r: (not r.flagged, r.copy_distance))
 
 
+def shared_names(prompt: str, others: Sequence[str]) -> list[str]:
+    """Capitalised words of `prompt` (names, mostly: "Jonas") that also occur in any of `others`, in prompt order.
+    A held-out caption flagged for sharing a first name with a memorized one is explained by it in the report."""
+    words = [w.strip(".,;:!?\"'()") for w in prompt.split()[1:]]  # the first word is capitalised anyway
+    found = {w.strip(".,;:!?\"'()") for other in others for w in other.split()}
+    return list(dict.fromkeys(w for w in words if w[:1].isupper() and w in found))
+
+
 def score_plot(result: AuditResult) -> str:
     """A bar chart of every prompt's Wen score in report order, flagged prompts in red (the score a data-free audit
     ranks by; with training images, beside the copy decision)."""
@@ -377,7 +385,13 @@ def render_html(result: AuditResult, thumbnail: int = 128) -> str:
             row += [r.copy_distance, f"{r.copy_fraction:.0%}",
                     "—" if r.embedding_cosine is None else r.embedding_cosine]
         if result.known_memorized is not None:
-            row.append("memorized" if result.known_memorized[p] else "held out")
+            known = "memorized" if result.known_memorized[p] else "held out"
+            shared = shared_names(r.prompt, [q.prompt for q, m in zip(result.rows, result.known_memorized) if m])
+            if r.flagged and not result.known_memorized[p] and shared:
+                known += (f'<br><span class="note">shares {html.escape(", ".join(shared))} with a memorized prompt: '
+                          "the fine-tune may have tied the image to the name</span>")
+                known = f"<span>{known}</span>"
+            row.append(known)
         rows.append(row)
     if result.known_memorized is not None:
         agreement = summary["known_labels"]
