@@ -195,8 +195,12 @@ def scan_filter_attack(
         output = Path(filtered_output) if filtered_output is not None else Path(scratch) / filtered_name(lora)
         report = filter_file(lora, filter_base(base), output, filter_config or BAFConfig(), cache_dir=cache_dir,
                              progress=False)
-        after = rescan(before, output, **options)
-        attacks = attack_extracted(before, output, loop_config, device, dtype, model_config)
+        try:
+            after = rescan(before, output, **options)
+            attacks = attack_extracted(before, output, loop_config, device, dtype, model_config)
+        except BaseException:  # no filtered LoRA left behind without the loop's verdict on it
+            output.unlink(missing_ok=True)
+            raise
     record = {key: value for key, value in report.to_dict().items()
               if key in ("method", "config", "channels_kept", "channels_total", "energy_kept")}
     return LoopResult(before=before, after=after, filtered=None if filtered_output is None else output,
