@@ -139,3 +139,16 @@ def test_the_loop_runs_on_a_tiny_sdxl_pipeline(tmp_path, one_torch_thread):
     rows = attack_extracted(replace(result.before, groups=[group]), filtered,
                             LoopConfig(attack_targets=1, dori=DoriConfig(steps=2), generations=2))
     assert len(rows) == 1 and rows[0].generated.shape[0] == 2 and 0 <= rows[0].attack_copy_share <= 1
+
+
+def test_a_loop_that_fails_leaves_no_filtered_lora(example, tmp_path, monkeypatch, one_torch_thread):
+    import diffmem.scan.loop as loop
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the attack broke")
+
+    monkeypatch.setattr(loop, "attack_extracted", broken)
+    filtered = tmp_path / "example.filtered.safetensors"
+    with pytest.raises(RuntimeError, match="the attack broke"):
+        scan_filter_attack(example, "world", BAFConfig(), SMALL, QUICK_ATTACK, filtered, cache_dir=tmp_path / "c")
+    assert not filtered.exists()
