@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from diffmem.json_output import add_json_options, emit_json, json_mode, json_stdout
-from diffmem.world.model import UNetConfig
+from diffmem.world.settings import UNetConfig
 
 
 def add_train_base(subparsers: argparse._SubParsersAction) -> None:
