@@ -178,6 +178,14 @@ def test_every_command_takes_quiet_and_no_progress(tmp_path, capsys):
             options = {option for action in parser._actions for option in action.option_strings}
             assert {"-q", "--quiet", "--no-progress"} <= options, words
     assert not wants_progress(["filter", "x", "--no-progress"]) and not wants_progress(["scan", "x", "-q"])
+    import io
+
+    from diffmem.progress import progress_bar, set_bars
+
+    set_bars(False)  # what main does off a terminal: a caller's own progress=True no longer shows a bar
+    assert progress_bar(range(3), file=io.StringIO()).disable
+    set_bars(True)
+    assert not progress_bar(range(3), file=io.StringIO()).disable and progress_bar(range(3), disable=True).disable
     base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
     lora = tmp_path / "lora.safetensors"
     bl.write_kohya_lora(lora, bb.lora_lookups("sd1", "kohya"), rank=4)

@@ -111,3 +111,18 @@ def test_bad_inputs_are_refused():
         tiled_l2(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="tiles"):
         tiled_l2(torch.rand(1, 3, 2, 2), torch.rand(1, 3, 2, 2), tiles=4)
+
+
+def test_luminance_tiled_l2_is_blind_to_a_colour_cast_and_not_to_another_picture():
+    from diffmem.metrics.copy import LUMINANCE_COPY_DISTANCE, luminance_tiled_l2, normalized_luminance
+
+    generator = torch.Generator().manual_seed(0)
+    grey = torch.rand(2, 1, 16, 16, generator=generator).expand(2, 3, 16, 16)
+    cast = (grey * torch.tensor([0.6, 0.9, 1.0]).view(1, 3, 1, 1) + torch.tensor([0.3, 0.05, 0.0]).view(1, 3, 1, 1))
+    assert normalized_luminance(grey).shape == (2, 1, 16, 16)
+    same = luminance_tiled_l2(cast, grey)
+    assert same.diagonal().max() < 1e-5  # an affine map of every channel of a grey image: the same picture
+    assert same[0, 1] > LUMINANCE_COPY_DISTANCE and same[1, 0] > LUMINANCE_COPY_DISTANCE
+    assert tiled_l2(cast, grey).diagonal().min() > 0.1  # where RGB tiled L2 sees a different image
+    with pytest.raises(ValueError, match="shapes differ"):
+        luminance_tiled_l2(grey, grey[:, :, :8])

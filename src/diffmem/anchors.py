@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from diffmem.cache import default_cache_dir
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import SafetensorsFile, save_file
+from diffmem.progress import progress_bar
 from diffmem.spectral import Anchors, principal_subspace
 
 CACHE_VERSION = "3"  # 3: append-only shards instead of one file rewritten by every flush
@@ -217,7 +217,7 @@ def build_anchors(
     if not targets:
         raise DiffmemError(f"has no LoRA-targetable weights{f' under {only!r}' if only else ''}", base.path)
     store = AnchorStore(base, cache_dir=cache_dir, device=device)
-    for target in tqdm(targets, desc="anchors", unit="weight", disable=not progress):
+    for target in progress_bar(targets, desc="anchors", unit="weight", disable=not progress):
         store.get(target, energy, k)
     store.flush()
     return AnchorBuild(weights=len(targets), computed=store.computed, loaded=store.loaded,

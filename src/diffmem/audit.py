@@ -35,6 +35,7 @@ from diffmem.metrics.copy import CopyConfig, copy_decisions_from_distances, tile
 from diffmem.metrics.extraction import ExtractionConfig, extract_prompt
 from diffmem.metrics.features import embed
 from diffmem.metrics.wen import WenConfig, WenTrace, sample_with_wen_scores
+from diffmem.progress import progress_bar
 from diffmem.report import (
     figure_tag,
     html_page,
@@ -265,9 +266,7 @@ def run_audit(
     chunk = max(1, config.batch_size // config.generations)
     starts = range(0, len(prompts), chunk)
     if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="audit", unit=f"x{chunk} prompts")
+        starts = progress_bar(starts, desc="audit", unit=f"x{chunk} prompts")
     generator = torch.Generator().manual_seed(config.seed)
     traces = [wen_scores_of(model, prompts[start : start + chunk], config, generator) for start in starts]
     samples = torch.cat([t.samples for t in traces])

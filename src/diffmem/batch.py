@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from diffmem import __version__
 from diffmem.anchors import AnchorStore
@@ -42,6 +41,7 @@ from diffmem.formats.files import read_text
 from diffmem.formats.lora import PEFT_CONFIG, PEFT_WEIGHTS, read_lora
 from diffmem.formats.safetensors_io import SafetensorsFile, sha256_file, write_atomic
 from diffmem.pipeline import filter_file, filtered_name, resolve_device
+from diffmem.progress import progress_bar
 
 ENGINES = ("process", "ray")
 
@@ -182,7 +182,7 @@ def warm_anchors(
         return
     base = open_base(base_path)
     store = AnchorStore(base, cache_dir=cache_dir, device=device)
-    for source in tqdm(inputs, desc="anchors", unit="file", disable=not progress, leave=False):
+    for source in progress_bar(inputs, desc="anchors", unit="file", disable=not progress, leave=False):
         try:
             lora = read_lora(source)
             lookups = {name: (m.lookup, tuple(m.weight_shape)) for name, m in lora.modules.items()}
@@ -341,7 +341,7 @@ def filter_many(
         else:
             todo.append((source, output))
     options = {"reduce_rank": reduce_rank, "cache_dir": cache_dir, "device": device, "skip_unmapped": skip_unmapped}
-    bar = tqdm(total=len(todo), desc="filtering", unit="file", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="filtering", unit="file", disable=not progress)
 
     def on_row(source: Path, row: BatchRow) -> None:
         rows[source] = row

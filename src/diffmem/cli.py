@@ -18,6 +18,7 @@ from pathlib import Path
 from diffmem import __version__
 from diffmem.errors import DiffmemError, one_line
 from diffmem.json_output import add_json_out_option, write_json_out
+from diffmem.progress import set_bars
 
 # Sub-commands that subpackages add through `register(subparsers)`, with their one-line help, so `diffmem --help`
 # lists them without importing those packages (some pull in diffusers and torch: seconds of start-up). A command's
@@ -397,7 +398,8 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
 
 def wants_progress(argv: Sequence[str]) -> bool:
     """Progress bars only on a terminal, and not with --no-progress or -q/--quiet (read from the raw arguments:
-    tqdm reads its switch, TQDM_DISABLE, when it is first imported, before the command line is parsed)."""
+    diffusers and transformers read their switch, HF_HUB_DISABLE_PROGRESS_BARS, when first imported, which may be
+    while the command line is parsed)."""
     return sys.stderr.isatty() and not {"--no-progress", "-q", "--quiet"} & set(argv)
 
 
@@ -419,9 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # transformers warns on import about optional packages (torchvision for image processors diffmem never uses);
     # on stderr those lines would bury diffmem's one-line errors. A user's own setting wins.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if not wants_progress(argv):  # every tqdm bar, diffusers' and transformers' loading bars too
+    bars = wants_progress(argv)
+    set_bars(bars)  # every diffmem bar
+    if not bars:  # diffusers' and transformers' loading bars too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         parser = build_parser(load=command_modules(argv))
     except ModuleNotFoundError as exc:  # the command's own module needs a package of an extra

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from diffmem.filters import BAFConfig, FilterConfig
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.copy import paired_tiled_l2
 from diffmem.pipeline import filter_file
+from diffmem.progress import progress_bar
 from diffmem.report import figure_tag, html_page, html_table, img_tag, markdown_table, short_path
 from diffmem.scan import ScanConfig, scan_lora, write_scan
 from diffmem.scan.loop import rescan
@@ -74,7 +74,7 @@ def run_demo(
     lora = Path(lora)
     manifest = json.loads(lora.with_suffix(".json").read_text())
     config = config or BAFConfig()
-    steps = tqdm(total=6 + 2 * (scan is not None), desc="demo", unit="step", disable=not progress)
+    steps = progress_bar(total=6 + 2 * (scan is not None), desc="demo", unit="step", disable=not progress)
 
     filtered_path = out_dir / f"{lora.stem}.filtered.safetensors"
     base_arg = base

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from diffmem import __version__
 from diffmem.anchors import AnchorStore
@@ -23,6 +22,7 @@ from diffmem.filters import BAFConfig, FilterConfig, ModuleView, select
 from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
 from diffmem.formats.lora import LoraFile, LoraModule, read_lora, replace_factors, write_lora
 from diffmem.formats.safetensors_io import refuse_overwriting, sha256_file
+from diffmem.progress import progress_bar
 from diffmem.spectral import Anchors, Channels, dense_channels, lowrank_channels_batch, rebuild_factors
 
 
@@ -275,7 +275,7 @@ def filter_lora(
 
     with parallel_modules(device) as run:
         found = run(score_module, names)
-        scores = dict(zip(names, tqdm(found, total=len(names), desc="scoring channels", unit="module",
+        scores = dict(zip(names, progress_bar(found, total=len(names), desc="scoring channels", unit="module",
                                       disable=not progress, leave=False)))
     store.flush()
     weights = select(scores, {name: channels[name].sigma for name in names}, config.selection)

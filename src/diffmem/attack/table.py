@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from tqdm import tqdm
 
 from diffmem.attack.dori import START_KINDS, DoriConfig, attack_success, dori_attack
 from diffmem.attack.search_loss import final_search_loss
@@ -34,6 +33,7 @@ from diffmem.metrics.features import embed
 from diffmem.metrics.fid import fid_from_features
 from diffmem.mitigations import registry
 from diffmem.mitigations.registry import TABLE_GROUPS, Mitigation, MitigationInputs, trained_model
+from diffmem.progress import progress_bar
 from diffmem.report import between_markers, markdown_table
 from diffmem.world.check import CheckSettings, example_lora_path
 from diffmem.world.diffusion import denoising_loss
@@ -131,7 +131,7 @@ def robustness_row(name: str, unet: UNet2DConditionModel, probe: Probe,
     attacked: dict[str, list[float]] = {start: [] for start in settings.starts}
     losses: dict[str, list[float]] = {start: [] for start in settings.starts}
     pairs = list(zip(images.images, images.captions))
-    for image, caption in tqdm(pairs, desc=name, unit="caption", disable=not settings.progress, leave=False):
+    for image, caption in progress_bar(pairs, desc=name, unit="caption", disable=not settings.progress, leave=False):
         target = image[None]
         prompted.append(attack_success(unet, encode_prompts([caption]), target, probe.reference, settings.sampling,
                                        settings.copy).rate)

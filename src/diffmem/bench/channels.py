@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from diffmem.bench.evaluate import BenchSettings, Probe, duplicated_generations, own_distances
 from diffmem.filters import (
@@ -34,6 +33,7 @@ from diffmem.formats.lora import read_lora
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.roc import roc_auc
 from diffmem.pipeline import filter_lora, module_channels
+from diffmem.progress import progress_bar
 from diffmem.world.diffusion import WORLD_GUIDANCE, denoising_loss
 from diffmem.world.lora import apply_lora, module_paths
 from diffmem.world.model import BASE_FILE, assets_dir, load_base
@@ -118,7 +118,7 @@ def ablate_channels(lora_path: str | Path, manifest: dict, config: ChannelTruthC
         picked = picked[: config.max_channels]
 
     records = []
-    for sigma, name, index, channels in tqdm(picked, desc="ablating channels", unit="channel", disable=not progress):
+    for sigma, name, index, channels in progress_bar(picked, desc="ablating channels", unit="channel", disable=not progress):
         weight = weights[paths[lora.modules[name].lookup]].weight
         original = weight.detach().clone()
         rank_one = sigma * torch.outer(channels.u[:, index], channels.v[:, index])

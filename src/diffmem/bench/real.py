@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from diffmem.backends import Backend, pipeline_backend
 from diffmem.backends.stable_diffusion import load_pipeline, pipeline_family
@@ -43,6 +42,7 @@ from diffmem.metrics.features import (
 )
 from diffmem.metrics.fid import fid_from_features
 from diffmem.pipeline import filter_lora, provenance, resolve_device
+from diffmem.progress import progress_bar
 from diffmem.report import image_grid, load_image, markdown_table, save_png
 
 RESULTS_FILE = "results.jsonl"
@@ -459,7 +459,7 @@ def run_real_bench(
         if todo and model is None:
             model = load_bench_model(base, device, dtype, config)
             probe_images = ProbeImages.load(manifest, model, features)
-        for variant in tqdm(todo, desc=label, unit="variant", disable=not progress):
+        for variant in progress_bar(todo, desc=label, unit="variant", disable=not progress):
             started = time.perf_counter()
             report = generated = None
             if variant.config is None and base_numbers is not None:

@@ -16,12 +16,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from diffmem.bench.evaluate import BenchSettings, Probe, measure
 from diffmem.bench.grid import FinetuneSpec, GridCell, Variant, reference_variants
 from diffmem.errors import DiffmemError
 from diffmem.pipeline import filter_lora
+from diffmem.progress import progress_bar
 from diffmem.report import image_grid, save_png
 from diffmem.world.check import EXAMPLE_LORA_SHA256, example_lora_path
 from diffmem.world.lora import apply_lora
@@ -138,7 +138,7 @@ def run_bench(
         if not todo:
             continue
         probe = Probe.from_manifest(json.loads(lora_path.with_suffix(".json").read_text()))
-        for variant in tqdm(todo, desc=spec.name, unit="variant", disable=not progress):
+        for variant in progress_bar(todo, desc=spec.name, unit="variant", disable=not progress):
             started = time.perf_counter()
             report = None
             if variant.config is None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffmem.errors import BadWeightsError, DiffmemError
 from diffmem.formats.safetensors_io import load_file, sha256_file
 from diffmem.metrics.features import ModuleEmbedder
+from diffmem.progress import progress_bar
 
 EMBEDDER_FILE = "copy_embedder.safetensors"
 #: sha256 of the committed embedder weights, checked by `load_copy_embedder`.
@@ -150,9 +151,7 @@ def train_copy_embedder(
     losses = []
     iterator = range(config.steps)
     if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="embedder", unit="step")
+        iterator = progress_bar(iterator, desc="embedder", unit="step")
     for _ in iterator:
         batch = images[torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)]
         view_a = random_augment(batch, generator, config.crop_scale)

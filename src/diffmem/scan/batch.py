@@ -17,11 +17,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from diffmem.batch import batch_sources, output_paths, run_jobs, write_summary
 from diffmem.errors import DiffmemError, one_line
 from diffmem.formats.files import read_text
+from diffmem.progress import progress_bar
 from diffmem.scan.run import lora_digest, scan_lora, write_scan
 from diffmem.scan.score import ScanConfig
 
@@ -124,7 +124,7 @@ def scan_many(
         else:
             todo.append((source, output))
     options = {"device": device, "dtype": dtype, "model_config": model_config}
-    bar = tqdm(total=len(todo), desc="scanning", unit="LoRA", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="scanning", unit="LoRA", disable=not progress)
 
     def on_row(source: Path, row: ScanRow) -> None:
         rows[source] = row

@@ -81,7 +81,8 @@ def print_loop(summary: dict, out: Path | None) -> None:
               f"{evidence['largest_wen_ratio']}; {evidence['extracted_groups']} extracted group(s))")
     for attack in summary["attacks"]:
         print(f"  Dori towards the image of {attack['prompt'] or '(empty prompt)'!r}: {attack['attack_copy_share']:.0%} "
-              f"of generations copy it (from the prompt alone: {attack['start_copy_share']:.0%})"
+              f"of generations copy it by RGB, {attack['attack_luminance_share']:.0%} by luminance (from the prompt "
+              f"alone: {attack['start_copy_share']:.0%}, {attack['start_luminance_share']:.0%})"
               + (" - still reachable" if attack["reachable"] else ""))
     if summary["filtered"]:
         print(f"wrote {summary['filtered']}")

@@ -24,7 +24,7 @@ from diffmem.backends import open_backend
 from diffmem.evaluation.sampling import SamplingSettings
 from diffmem.filters import BAFConfig, FilterConfig
 from diffmem.formats.safetensors_io import write_atomic
-from diffmem.metrics.copy import CopyConfig
+from diffmem.metrics.copy import LUMINANCE_COPY_DISTANCE, CopyConfig, luminance_tiled_l2
 from diffmem.pipeline import filter_file, filtered_name
 from diffmem.scan.report import render_loop_html
 from diffmem.scan.run import ScanResult, scan_lora, write_scan
@@ -50,12 +50,17 @@ class LoopConfig:
             from Dori's conditioning lies within the scan's `group_threshold` of it. 1/8, one generation of the
             default 8: an attacker needs the image once, and 0.1 is close (the base's own generations of the
             example LoRA's extracted prompts lie 0.34 to 0.48 from the extracted images, docs/scan.md).
+        luminance_distance: the same generations are also tested by `luminance_tiled_l2` (blind to a global colour
+            cast, which RGB tiled L2 is not: after the world example's scale-down, Dori brought all three attacked
+            faces back under colour casts that RGB missed, docs/scan.md); a generation within this distance counts
+            as a copy too. 0.5, `diffmem.metrics.copy.LUMINANCE_COPY_DISTANCE` (calibrated on the world's faces).
     """
 
     attack_targets: int = 3
     dori: DoriConfig = field(default_factory=DoriConfig)
     generations: int = 8
     copied_share: float = 0.125
+    luminance_distance: float = LUMINANCE_COPY_DISTANCE
 
     def __post_init__(self) -> None:
         if self.attack_targets < 0:
@@ -69,7 +74,8 @@ class LoopConfig:
 @dataclass(frozen=True)
 class AttackRow:
     """Dori on the filtered LoRA towards one extracted image: the share of fresh generations within the scan's
-    near-identical distance of it from the start (the group's prompt) and from the conditioning Dori found."""
+    near-identical distance of it (RGB tiled L2) from the start (the group's prompt) and from the conditioning Dori
+    found, and the same shares by the colour-blind luminance test (`luminance_tiled_l2`)."""
 
     prompt: str
     group_size: int
@@ -78,6 +84,9 @@ class AttackRow:
     start_median_distance: float
     attack_median_distance: float
     reachable: bool
+    start_luminance_share: float = 0.0
+    attack_luminance_share: float = 0.0
+    attack_median_luminance_distance: float = 0.0
     target: torch.Tensor | None = field(default=None, repr=False)  # [3, H, W], the extracted image
     generated: torch.Tensor | None = field(default=None, repr=False)  # [N, 3, H, W] from Dori's conditioning
 
@@ -111,7 +120,8 @@ class LoopResult:
                 "loop_settings": {"attack_targets": self.loop_config.attack_targets,
                                   "dori_steps": self.loop_config.dori.steps,
                                   "generations": self.loop_config.generations,
-                                  "copied_share": self.loop_config.copied_share}}
+                                  "copied_share": self.loop_config.copied_share,
+                                  "luminance_distance": self.loop_config.luminance_distance}}
 
 
 def loop_verdict(before: str, after: str, attacks: Sequence[AttackRow]) -> str:
@@ -160,13 +170,19 @@ def attack_extracted(result: ScanResult, filtered_lora: Path, config: LoopConfig
     for group in groups:
         target = result.samples[group.prompt][0][group.representative][None].float().clamp(0, 1)
         outcome = run_dori(model, target, group.prompt, config.dori, settings=settings, copy=copy)
+        start_luminance = luminance_tiled_l2(outcome.before.generated.clamp(0, 1), target, result.config.tiles)[:, 0]
+        attack_luminance = luminance_tiled_l2(outcome.after.generated.clamp(0, 1), target, result.config.tiles)[:, 0]
+        attack_luminance_share = float((attack_luminance <= config.luminance_distance).float().mean())
         rows.append(AttackRow(
             prompt=group.prompt, group_size=group.size, start_copy_share=outcome.before.rate,
             attack_copy_share=outcome.after.rate,
             start_median_distance=float(outcome.before.distance.median()),
             attack_median_distance=float(outcome.after.distance.median()),
-            reachable=outcome.after.rate >= config.copied_share, target=target[0],
-            generated=outcome.after.generated))
+            reachable=max(outcome.after.rate, attack_luminance_share) >= config.copied_share,
+            start_luminance_share=float((start_luminance <= config.luminance_distance).float().mean()),
+            attack_luminance_share=attack_luminance_share,
+            attack_median_luminance_distance=float(attack_luminance.median()),
+            target=target[0], generated=outcome.after.generated))
     return rows
 
 

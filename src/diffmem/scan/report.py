@@ -120,17 +120,22 @@ def render_loop_html(result: LoopResult, thumbnail: int = THUMBNAIL) -> str:
     if result.attacks:
         parts.append("<h2>Dori on the filtered LoRA, towards the images the first scan extracted</h2>"
                      f"<p>A target is still reachable when at least {result.loop_config.copied_share:.0%} of the fresh "
-                     "generations from the conditioning Dori found lie within the scan's near-identical distance of "
-                     "it: the filter removed the prompt's way to the image, not the image.</p>")
+                     "generations from the conditioning Dori found are copies of it, by RGB tiled L2 within the "
+                     "scan's near-identical distance or by the colour-blind luminance test (tiled L2 of normalised "
+                     f"luminance within {result.loop_config.luminance_distance:g}): the filter removed the prompt's "
+                     "way to the image, not the image.</p>")
         table = []
         for attack in result.attacks:
             target = img_tag(attack.target, thumbnail, "extracted image") if attack.target is not None else "—"
             generated = grid_tag(attack.generated, min(len(attack.generated), 4), thumbnail // 2, "after Dori") \
                 if attack.generated is not None else "—"
-            table.append([prompt_label(attack.prompt), target, generated, f"{attack.start_copy_share:.0%}",
-                          f"{attack.attack_copy_share:.0%}", "yes" if attack.reachable else "no"])
-        parts.append(html_table(["prompt", "extracted image", "filtered LoRA after Dori", "copies from the prompt",
-                                 "copies after Dori", "still reachable"], table))
+            table.append([prompt_label(attack.prompt), target, generated,
+                          f"{attack.start_copy_share:.0%} / {attack.start_luminance_share:.0%}",
+                          f"{attack.attack_copy_share:.0%} / {attack.attack_luminance_share:.0%}",
+                          "yes" if attack.reachable else "no"])
+        parts.append(html_table(["prompt", "extracted image", "filtered LoRA after Dori",
+                                 "copies from the prompt (RGB / luminance)", "copies after Dori (RGB / luminance)",
+                                 "still reachable"], table))
     else:
         parts.append("<p>No image was extracted by the first scan, so there was nothing to attack.</p>")
     return html_page("diffmem scan --filter (provisional rule)", "".join(parts))

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from diffmem.backends import Backend, open_backend
 from diffmem.errors import DiffmemError
 from diffmem.formats.lora import PEFT_WEIGHTS, read_lora
 from diffmem.formats.safetensors_io import sha256_file, write_atomic
+from diffmem.progress import progress_bar
 from diffmem.scan.extraction import (
     ExtractedGroup,
     candidate_groups,
@@ -211,7 +211,7 @@ def scan_lora(
     candidates = scan_prompts(metadata, config, prompts)
     extracting = min(config.extract_prompts, sum(bool(c.prompt) for c in candidates)) + any(
         not c.prompt for c in candidates)
-    bar = tqdm(total=3 + extracting, desc="scan", unit="stage", disable=not progress, leave=False)
+    bar = progress_bar(total=3 + extracting, desc="scan", unit="stage", disable=not progress, leave=False)
     bar.set_postfix_str("loading the fine-tune and the base")
     tuned = open_backend(base, lora, device, dtype, model_config)
     reference = open_backend(base, None, device, dtype, model_config)

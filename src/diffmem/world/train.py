@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
-from tqdm import tqdm
 
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import load_file, save_file, sha256_file, write_atomic
+from diffmem.progress import progress_bar
 from diffmem.world.data import FINETUNE_SETS, ImageSet, base_dataset
 from diffmem.world.diffusion import training_loss
 from diffmem.world.model import (
@@ -140,7 +140,7 @@ def train_base(
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + start)
 
     began = time.time()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+    bar = progress_bar(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
                desc="train-base", mininterval=20, file=sys.stdout)
     running = None
     for step in bar:
@@ -308,7 +308,7 @@ def finetune_loop(
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 1)
     running = None
-    bar = tqdm(range(steps), disable=not progress, desc=desc, mininterval=10, file=sys.stdout)
+    bar = progress_bar(range(steps), disable=not progress, desc=desc, mininterval=10, file=sys.stdout)
     for step in bar:
         picked = rows[torch.randint(0, len(rows), (batch_size,), generator=generator)]
         keep = torch.rand(batch_size, generator=generator) >= caption_dropout
