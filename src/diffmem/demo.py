@@ -201,8 +201,10 @@ def write_report(out_dir: Path, summary: dict, duplicated: ImageSet, measured: d
         for name, _ in MODELS:
             own = slice(i * generations, (i + 1) * generations)
             pictures, copies = measured[name]["generated"][own], measured[name]["is_own_copy"][own]
-            cells.append("<div>" + "".join(captioned(picture, float(distance), bool(copy)) for picture, distance, copy
-                                           in zip(pictures, distances[name][i], copies)) + "</div>")
+            # Two generations a row: four 128-px images side by side in each of three columns would not fit.
+            cells.append('<div style="display:grid;grid-template-columns:repeat(2,auto);gap:2px">'
+                         + "".join(captioned(picture, float(distance), bool(copy)) for picture, distance, copy
+                                   in zip(pictures, distances[name][i], copies)) + "</div>")
         image_rows.append(cells)
     body = (
         f"<p>Base: <code>{html.escape(short_path(summary['base']))}</code>. LoRA: "
