@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from scipy.stats import beta
 
 from diffmem.metrics.copy import copy_decisions
 from diffmem.metrics.roc import roc_auc, tpr_at_fpr
@@ -191,6 +192,15 @@ def choose_rule(tune: list[dict]) -> tuple[ScanConfig, list[dict]]:
     return best, table
 
 
+def clopper_pearson(successes: int, trials: int) -> list[float]:
+    """The exact 95% interval of a binomial proportion (Clopper & Pearson 1934). With few LoRAs, all classified
+    right, the bootstrap's interval collapses to [1, 1]; this one says how little a handful shows (4 of 4: the true
+    accuracy could be as low as 0.40)."""
+    lower = 0.0 if successes == 0 else float(beta.ppf(0.025, successes, trials - successes + 1))
+    upper = 1.0 if successes == trials else float(beta.ppf(0.975, successes + 1, trials - successes))
+    return [round(lower, 4), round(upper, 4)]
+
+
 def score_population(rows: list[dict], config: ScanConfig) -> dict:
     """ROC AUC and TPR at 5% FPR of the risk under `config` against the labels, with bootstrap intervals, the
     verdicts' confusion counts and the mean recovered share of the memorizing LoRAs."""
@@ -201,7 +211,9 @@ def score_population(rows: list[dict], config: ScanConfig) -> dict:
                      "verdicts": {f"{'memorizing' if y else 'not memorizing'} labelled, {v}":
                                   sum(1 for yy, vv in zip(labels.tolist(), verdicts) if yy == y and vv == v)
                                   for y in (True, False) for v in VERDICTS},
-                     "verdict_accuracy": round(verdict_accuracy(rows, config), 4)}
+                     "verdict_accuracy": round(verdict_accuracy(rows, config), 4),
+                     "verdict_accuracy_95ci": clopper_pearson(round(verdict_accuracy(rows, config) * len(rows)),
+                                                              len(rows))}
     if labels.any() and not labels.all():
         tpr5 = lambda r, y: tpr_at_fpr(r, y, 0.05)  # noqa: E731 - a statistic for `bootstrap`
         summary |= {"roc_auc": round(roc_auc(risks, labels), 4), "roc_auc_95ci": bootstrap(roc_auc, risks, labels),

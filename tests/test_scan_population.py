@@ -57,4 +57,5 @@ def test_the_rule_is_chosen_on_tune_and_rescored_from_the_cached_evidence(popula
     assert scores["roc_auc"] == 1.0 and scores["tpr_at_5pct_fpr"] == 1.0 and scores["memorizing"] == 4
     assert scores["roc_auc_95ci"] == [1.0, 1.0] and scores["recovered_share_mean"] == pytest.approx(0.4)
     assert scores["verdicts"]["memorizing labelled, memorizing"] == 4 and scores["verdict_accuracy"] == 1.0
+    assert scores["verdict_accuracy_95ci"] == [0.6306, 1.0]  # 8 of 8: Clopper-Pearson
     json.dumps(scores)
