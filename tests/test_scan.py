@@ -246,3 +246,19 @@ def test_the_python_example_in_docs_scan_md_runs(tmp_path, monkeypatch, capsys, 
     exec(compile(block, "docs/scan.md", "exec"), {})
     assert "provisional" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "scan-out").iterdir()} == {"summary.json", "report.html"}
+
+
+def test_a_memorizing_verdict_on_the_wen_ratio_alone_carries_a_caveat():
+    from diffmem.scan.run import PromptScan, ScanResult
+
+    def result(groups):
+        return ScanResult(lora="l", base="world", model="m", family="world", config=ScanConfig(),
+                          prompts=[PromptScan("'Copper Glass No. 41'", "ss_tag_frequency", 3.0, 1.0, 3.0)],
+                          groups=groups)
+
+    alone = result([])
+    assert alone.verdict == "memorizing" and "Wen ratio alone" in alone.summary()["caveat"]
+    from diffmem.scan.extraction import ExtractedGroup
+
+    group = ExtractedGroup("'Copper Glass No. 41'", (0, 1, 2, 3), 0, 0.05, 0.4, False)
+    assert result([group]).summary()["caveat"] is None

@@ -52,6 +52,8 @@ def print_summary(summary: dict, out: Path | None) -> None:
     evidence = summary["evidence"]
     print(f"{summary['lora']}: {summary['verdict']} (risk {summary['risk']:.2f}; rule: {summary['rule'].upper()}, "
           "not yet calibrated on a population of LoRAs)")
+    if summary.get("caveat"):
+        print(f"  caveat: {summary['caveat']}")
     ratio = evidence["largest_wen_ratio"]
     if ratio is not None:
         print(f"  Wen first-step ratio fine-tune/base: largest {ratio:.2f} for {evidence['largest_wen_ratio_prompt']!r}"

@@ -47,6 +47,7 @@ def render_html(result: ScanResult, thumbnail: int = THUMBNAIL) -> str:
         f'<p><b>Verdict:</b> <span class="{verdict_class}">{html.escape(result.verdict)}</span> '
         f"(risk {result.risk:.2f} in [0, 1]; rule: <b>{summary['rule']}</b>)</p>",
         f'<p class="note">{html.escape(summary["rule_note"])}</p>',
+        *([f'<p class="bad"><b>Caveat:</b> {html.escape(summary["caveat"])}</p>'] if summary["caveat"] else []),
         "<p><b>What it rests on.</b> Wen et al.'s first-step statistic ||eps(x_T, c) - eps(x_T, empty)||: largest "
         f"ratio fine-tune / base {evidence['largest_wen_ratio'] if evidence['largest_wen_ratio'] is not None else '—'}"
         f" (prompt {prompt_label(evidence['largest_wen_ratio_prompt'] or '')}), evidence {evidence['wen']:.2f}. "

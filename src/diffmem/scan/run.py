@@ -126,6 +126,18 @@ class ScanResult:
         return risk_of(evidence["wen"], evidence["extraction"])
 
     @property
+    def caveat(self) -> str | None:
+        """A warning when a "memorizing" verdict rests on the Wen ratio alone: on the world's held-out population a
+        LoRA that learned new caption words without duplicated images raised every ratio to 1.5-3.0 while nothing was
+        extracted and its copy test found no copy (docs/scan.md), so the ratio alone does not tell memorizing from
+        learning a new concept."""
+        if self.verdict == "memorizing" and not self.kept_groups:
+            return ("the verdict rests on the Wen ratio alone: no image was extracted, and a LoRA that learned new "
+                    "caption words raises the ratio too (docs/scan.md); read it as 'learned these prompts strongly', "
+                    "not as proof of copies")
+        return None
+
+    @property
     def verdict(self) -> str:
         """"memorizing", "not memorizing" or "unsure" under the PROVISIONAL thresholds."""
         return verdict_of(self.risk, self.config)
@@ -139,6 +151,7 @@ class ScanResult:
             "risk": round(self.risk, 4),
             "rule": RULE,
             "rule_note": RULE_NOTE,
+            "caveat": self.caveat,
             "lora": self.lora,
             "lora_sha256": self.lora_sha256,
             "base": self.base,
