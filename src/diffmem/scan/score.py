@@ -4,7 +4,10 @@ The rule turns two kinds of evidence into a risk in [0, 1] and a verdict. It is 
 by looking at one memorizing LoRA (the committed world example) against two controls (the world base with a LoRA of
 zeros, and the example LoRA scaled to 10%), nothing more. Issue 17 asks for a population of >= 24 world LoRAs,
 half memorizing, kept out of the rule's tuning, on which the rule is chosen on one part and its ROC AUC and TPR at
-5% FPR reported on the other; until then every verdict says `"rule": "provisional"`.
+5% FPR reported on the other; until then every verdict says `"rule": "provisional"`. A first population of 6
+(benchmarks/scan_population.py, docs/scan.md) kept the constants (every ratio floor tried fitted the 2 tune LoRAs)
+and found the rule right for 3 of 4 held-out LoRAs: the error was the Wen evidence alone, on a LoRA that learned
+new caption words and copied nothing, while the extraction evidence separated all six.
 """
 
 from __future__ import annotations
