@@ -327,6 +327,9 @@ def run() -> int:
     for population, recipe in jobs[index::workers]:
         folder = args.out / population
         folder.mkdir(parents=True, exist_ok=True)
+        done = folder / f"{recipe.name}.scan.json"
+        if done.is_file() and done.with_name(f"{recipe.name}.label.json").is_file():
+            continue  # labelled and scanned (the committed caches need no LoRA file): nothing left to do
         lora = train_one(recipe, folder, population, args)
         label_one(lora)
         row = scan_row(lora)
