@@ -268,7 +268,9 @@ def test_a_single_file_base_loads_with_config_and_filters_alike(example, tmp_pat
     folder_pipe = load_bench_model(example["base"], torch.device("cpu")).pipe
     single = write_single_file(folder_pipe, tmp_path / "tiny-sd1.safetensors")
     single_pipe = load_bench_model(single, torch.device("cpu"), config=example["base"]).pipe
-    assert torch.equal(unet_output(single_pipe), unet_output(folder_pipe))
+    # The same weights through two loaders: equal up to float rounding (diffusers 0.42's single-file path differs
+    # from its folder path in the last bits).
+    torch.testing.assert_close(unet_output(single_pipe), unet_output(folder_pipe), rtol=0, atol=1e-5)
     assert open_base(single).layout != open_base(example["base"]).layout
     from_folder = filter_lora(example["lora"], example["base"]).report
     from_single = filter_lora(example["lora"], single).report
