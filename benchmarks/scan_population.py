@@ -207,13 +207,13 @@ def score_population(rows: list[dict], config: ScanConfig) -> dict:
     risks = torch.tensor([rescored(row, config) for row in rows])
     labels = torch.tensor([bool(row["memorizing"]) for row in rows])
     verdicts = [verdict_of(float(r), config) for r in risks]
+    accuracy = verdict_accuracy(rows, config)
     summary: dict = {"loras": len(rows), "memorizing": int(labels.sum()),
                      "verdicts": {f"{'memorizing' if y else 'not memorizing'} labelled, {v}":
                                   sum(1 for yy, vv in zip(labels.tolist(), verdicts) if yy == y and vv == v)
                                   for y in (True, False) for v in VERDICTS},
-                     "verdict_accuracy": round(verdict_accuracy(rows, config), 4),
-                     "verdict_accuracy_95ci": clopper_pearson(round(verdict_accuracy(rows, config) * len(rows)),
-                                                              len(rows))}
+                     "verdict_accuracy": round(accuracy, 4),
+                     "verdict_accuracy_95ci": clopper_pearson(round(accuracy * len(rows)), len(rows))}
     if labels.any() and not labels.all():
         tpr5 = lambda r, y: tpr_at_fpr(r, y, 0.05)  # noqa: E731 - a statistic for `bootstrap`
         summary |= {"roc_auc": round(roc_auc(risks, labels), 4), "roc_auc_95ci": bootstrap(roc_auc, risks, labels),

@@ -27,7 +27,7 @@ from diffmem.formats.safetensors_io import write_atomic
 from diffmem.metrics.copy import LUMINANCE_COPY_DISTANCE, CopyConfig, luminance_tiled_l2
 from diffmem.pipeline import filter_file, filtered_name
 from diffmem.scan.report import render_loop_html
-from diffmem.scan.run import ScanResult, scan_lora, write_scan
+from diffmem.scan.run import ScanResult, input_paths, scan_lora, write_scan
 from diffmem.scan.score import ScanConfig
 from diffmem.world.settings import BASE_FILE, assets_dir
 
@@ -231,10 +231,9 @@ def write_loop(result: LoopResult, out_dir: str | Path, protect: Sequence[str | 
     keep = [*protect, *(p for p in (result.filtered,) if p is not None)]
     written = {f"before/{name}": path for name, path in write_scan(result.before, out_dir / "before", keep).items()}
     written |= {f"after/{name}": path for name, path in write_scan(result.after, out_dir / "after", keep).items()}
-    inputs = [Path(p) for p in (result.before.lora, result.before.base, *keep) if p and str(p) != "world"
-              and Path(p).exists()]
+    inputs = input_paths(result.before, keep)
     contents = {"loop.json": json.dumps(result.summary(), indent=2) + "\n", "report.html": render_loop_html(result)}
-    written |= {name: write_atomic(text.encode("utf-8"), out_dir / name, tuple(inputs)) for name, text in
+    written |= {name: write_atomic(text.encode("utf-8"), out_dir / name, inputs) for name, text in
                 contents.items()}
     return written
 

@@ -281,10 +281,16 @@ def scan_lora(
                       lora_sha256=lora_digest(lora))
 
 
+def input_paths(result: ScanResult, protect: Sequence[str | Path] = ()) -> tuple[Path, ...]:
+    """The files a scan's outputs must never overwrite: its LoRA, a base file (not "world") and `protect`, those
+    that exist."""
+    return tuple(Path(p) for p in (result.lora, result.base, *protect) if p and str(p) != "world" and Path(p).exists())
+
+
 def write_scan(result: ScanResult, out_dir: str | Path, protect: Sequence[str | Path] = ()) -> dict[str, Path]:
     """Write summary.json and the self-contained report.html into `out_dir`, each atomically; the scanned LoRA, a
     base file and every path in `protect` are never overwritten."""
     out_dir = Path(out_dir)
-    inputs = [Path(p) for p in (result.lora, result.base, *protect) if p and str(p) != "world" and Path(p).exists()]
+    inputs = input_paths(result, protect)
     contents = {"summary.json": json.dumps(result.summary(), indent=2) + "\n", "report.html": render_html(result)}
-    return {name: write_atomic(text.encode("utf-8"), out_dir / name, tuple(inputs)) for name, text in contents.items()}
+    return {name: write_atomic(text.encode("utf-8"), out_dir / name, inputs) for name, text in contents.items()}
