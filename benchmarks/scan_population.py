@@ -47,6 +47,13 @@ from diffmem.world.lora import apply_lora
 from diffmem.world.model import load_base
 from diffmem.world.train import FinetuneConfig, finetune
 
+#: The held-out LoRAs whose scans had been seen when the extraction-led rule (`ScanConfig.wen_weight`) was fixed on
+#: 2026-12-06; the eval LoRAs trained after it are "fresh", and their numbers are the rule's honest held-out result.
+SEEN_BEFORE_RULE = frozenset({"mem-faces-r32-s500-d5x100-200", "mem-photos-r32-s500-d5x100-201", "ord-faces-r32-s500-250",
+                              "ord-photos-r32-s500-251"})
+#: The first rule, in which the Wen ratio alone could make a verdict "memorizing" (kept for comparison).
+FIRST_RULE = ScanConfig(wen_weight=1.0)
+
 #: Seen-once training captions tested for copies besides the duplicated ones (the only ones an ordinary recipe has).
 LABEL_SEEN_ONCE = 10
 
@@ -163,7 +170,7 @@ def rescored(row: dict, config: ScanConfig) -> float:
     """The risk of a cached scan under another rule: the Wen evidence from the largest ratio under `config`'s
     ratio bounds, the extraction evidence (which no rule constant changes) as scanned."""
     evidence = row["summary"]["evidence"]
-    return risk_of(wen_evidence(evidence["largest_wen_ratio"], config), evidence["extraction"])
+    return risk_of(wen_evidence(evidence["largest_wen_ratio"], config), evidence["extraction"], config.wen_weight)
 
 
 def verdict_accuracy(rows: list[dict], config: ScanConfig) -> float:
@@ -180,10 +187,11 @@ def verdict_accuracy(rows: list[dict], config: ScanConfig) -> float:
 RATIO_FLOORS = (1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.4, 1.5, 1.75, 2.0)
 
 
-def choose_rule(tune: list[dict]) -> tuple[ScanConfig, list[dict]]:
-    """The rule with the best verdict accuracy on the tune population (ties: the floor nearest the provisional
-    1.25), and the accuracy of every candidate, for the record."""
-    provisional = ScanConfig()
+def choose_rule(tune: list[dict], provisional: ScanConfig | None = None) -> tuple[ScanConfig, list[dict]]:
+    """The rule with the best verdict accuracy on the tune population among `provisional` (default `ScanConfig()`)
+    with each ratio floor of `RATIO_FLOORS` (ties: the floor nearest the provisional one), and the accuracy of every
+    candidate, for the record."""
+    provisional = provisional or ScanConfig()
     candidates = [replace(provisional, ratio_floor=floor, ratio_full=round(1.6 * floor, 4)) for floor in RATIO_FLOORS]
     table = [{"ratio_floor": c.ratio_floor, "ratio_full": c.ratio_full, "accuracy": round(verdict_accuracy(tune, c), 4)}
              for c in candidates]
@@ -259,10 +267,12 @@ def evaluate(folder: Path) -> dict:
                                        "risk_memorizing": chosen.risk_memorizing, "risk_clear": chosen.risk_clear,
                                        "candidates": table},
                     "populations": {}}
-    for population, population_rows in rows.items():
+    fresh = [row for row in rows["eval"] if row["lora"] not in SEEN_BEFORE_RULE]
+    for population, population_rows in (*rows.items(), ("eval_fresh", fresh)):
         if population_rows:
             report["populations"][population] = {"provisional_rule": score_population(population_rows, ScanConfig()),
-                                                 "chosen_rule": score_population(population_rows, chosen)}
+                                                 "chosen_rule": score_population(population_rows, chosen),
+                                                 "first_rule": score_population(population_rows, FIRST_RULE)}
     return report
 
 
@@ -302,8 +312,8 @@ def run() -> int:
                              f"(default {DESIGNED_PER_KIND['tune']},{DESIGNED_PER_KIND['eval']}: the designed sizes)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per fine-tune (default 1)")
     parser.add_argument("--worker", default="0/1", metavar="I/N",
-                        help="train, label and scan every N-th LoRA from the I-th (run N workers side by side, one "
-                             "per core; default 0/1: all)")
+                        help="train, label and scan the I-th of N shares of the LoRAs, each share holding both kinds (run N "
+                             "workers side by side, one per core; default 0/1: all)")
     parser.add_argument("--labels", action="store_true",
                         help="train nothing: measure the label of every trained LoRA without one (<name>.label.json)")
     parser.add_argument("--evaluate", type=Path, default=None, metavar="JSON",
@@ -324,7 +334,10 @@ def run() -> int:
     index, workers = (int(n) for n in args.worker.split("/"))
     jobs = [(population, recipe) for population in ([args.only] if args.only else ["tune", "eval"])
             for recipe in recipes(population, sizes[population])]
-    for population, recipe in jobs[index::workers]:
+    # Worker I takes the pairs' members in turn (memorizing recipe of pair 0, ordinary of pair 1, ...), so every
+    # worker trains both kinds and a run stopped early leaves both classes about equally grown.
+    mine = [job for i, job in enumerate(jobs) if (i // 2 + i % 2) % workers == index]
+    for population, recipe in mine:
         folder = args.out / population
         folder.mkdir(parents=True, exist_ok=True)
         done = folder / f"{recipe.name}.scan.json"

@@ -153,9 +153,13 @@ def test_the_provisional_rule():
     assert extraction_evidence([0, 8], 8) == 1.0 and extraction_evidence([], 8) == 0.0
     assert extraction_evidence([3], 8) == pytest.approx(0.375)
     assert risk_of(0.0, 0.0) == 0.0 and risk_of(1.0, 0.2) == 1.0 and math.isclose(risk_of(0.5, 0.5), 0.75)
+    # Extraction-led default: the Wen evidence alone stops short of "memorizing"; with a kept group of 3 of 8 it decides.
+    assert verdict_of(risk_of(1.0, 0.0, config.wen_weight), config) == "unsure"
+    assert verdict_of(risk_of(1.0, 0.375, config.wen_weight), config) == "memorizing"
+    assert verdict_of(risk_of(0.0, 0.375, config.wen_weight), config) == "unsure"
     assert verdict_of(0.375, config) == "unsure" and verdict_of(0.1, config) == "not memorizing"
     assert verdict_of(0.5, config) == "memorizing"
-    for bad in ({"generations": 0}, {"guidance": 0.0}, {"ratio_floor": 3.0}, {"risk_clear": 0.9}):
+    for bad in ({"generations": 0}, {"guidance": 0.0}, {"ratio_floor": 3.0}, {"risk_clear": 0.9}, {"wen_weight": 1.5}):
         with pytest.raises(ValueError):
             ScanConfig(**bad)
 
@@ -252,13 +256,17 @@ def test_the_python_example_in_docs_scan_md_runs(tmp_path, monkeypatch, capsys, 
 def test_a_memorizing_verdict_on_the_wen_ratio_alone_carries_a_caveat():
     from diffmem.scan.run import PromptScan, ScanResult
 
-    def result(groups):
-        return ScanResult(lora="l", base="world", model="m", family="world", config=ScanConfig(),
+    first_rule = ScanConfig(wen_weight=1.0)  # the first rule, in which the ratio alone could decide
+
+    def result(groups, config=first_rule):
+        return ScanResult(lora="l", base="world", model="m", family="world", config=config,
                           prompts=[PromptScan("'Copper Glass No. 41'", "ss_tag_frequency", 3.0, 1.0, 3.0)],
                           groups=groups)
 
     alone = result([])
     assert alone.verdict == "memorizing" and "Wen ratio alone" in alone.summary()["caveat"]
+    # The extraction-led default: the same ratio with nothing extracted is "unsure", and needs no caveat.
+    assert result([], ScanConfig()).verdict == "unsure" and result([], ScanConfig()).summary()["caveat"] is None
     from diffmem.scan.extraction import ExtractedGroup
 
     group = ExtractedGroup("'Copper Glass No. 41'", (0, 1, 2, 3), 0, 0.05, 0.4, False)

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from diffmem.scan import ScanConfig
-
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "scan_population.py"
 
 
@@ -45,11 +43,14 @@ def test_the_rule_is_chosen_on_tune_and_rescored_from_the_cached_evidence(popula
     # right, and of those the one nearer the provisional floor is chosen.
     tune = [row("m1", True, 1.4, 0.0), row("m2", True, 1.5, 0.0), row("o1", False, 1.0, 0.0),
             row("o2", False, 1.12, 0.0)]
-    chosen, table = population.choose_rule(tune)
-    assert chosen.ratio_floor == 1.1 and chosen.ratio_full == pytest.approx(1.76)
-    assert population.verdict_accuracy(tune, ScanConfig()) == 0.5  # both memorizing ones "unsure"
+    first = population.FIRST_RULE  # the ratio alone can decide in the first rule only
+    chosen, table = population.choose_rule(tune, first)
+    assert chosen.ratio_floor == 1.1 and chosen.ratio_full == pytest.approx(1.76) and chosen.wen_weight == 1.0
+    assert population.verdict_accuracy(tune, first) == 0.5  # both memorizing ones "unsure"
+    # The extraction-led default calls no LoRA "memorizing" on ratios alone, whatever the floor.
+    assert population.verdict_accuracy(tune, population.choose_rule(tune)[0]) == 0.5
     assert max(t["accuracy"] for t in table) == 1.0 and len(table) == len(population.RATIO_FLOORS)
-    assert population.rescored(tune[3], ScanConfig()) == 0.0  # below the provisional floor
+    assert population.rescored(tune[3], first) == 0.0  # below the provisional floor
     assert population.rescored(row("x", True, 1.0, 1.0), chosen) == 1.0  # extraction alone
     held_out = [row(f"m{i}", True, 1.2 + i / 10, 0.5) for i in range(4)] + \
         [row(f"o{i}", False, 1.0, 0.0) for i in range(4)]

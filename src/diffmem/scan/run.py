@@ -52,8 +52,9 @@ DEFAULT_CONFIG = ScanConfig()
 #: What every summary and report says about the rule until issue 17's population calibrates it.
 RULE_NOTE = ("PROVISIONAL rule: thresholds set by looking at the committed world example LoRA against the world base "
              "with a zero LoRA and against the example scaled to 10%; on a first held-out population of 4 world LoRAs "
-             "it was right for 3, the error a LoRA that learned new caption words and copied nothing (docs/scan.md). "
-             "Read the evidence, not just the verdict.")
+             "it was right for 3, the error a LoRA that learned new caption words and copied nothing, so 'memorizing' "
+             "now needs an extracted image and the Wen ratio alone gives 'unsure' at most (docs/scan.md). Read the "
+             "evidence, not just the verdict.")
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class ScanResult:
     def risk(self) -> float:
         """The PROVISIONAL risk in [0, 1]."""
         evidence = self.evidence
-        return risk_of(evidence["wen"], evidence["extraction"])
+        return risk_of(evidence["wen"], evidence["extraction"], self.config.wen_weight)
 
     @property
     def caveat(self) -> str | None:

@@ -8,6 +8,10 @@ half memorizing, kept out of the rule's tuning, on which the rule is chosen on o
 (benchmarks/scan_population.py, docs/scan.md) kept the constants (every ratio floor tried fitted the 2 tune LoRAs)
 and found the rule right for 3 of 4 held-out LoRAs: the error was the Wen evidence alone, on a LoRA that learned
 new caption words and copied nothing, while the extraction evidence separated all six.
+
+So the rule is now extraction-led (`wen_weight`, set on 2026-12-06 before the next held-out LoRAs were trained): the
+Wen ratio alone can raise "unsure" but no longer "memorizing"; an extracted image the base does not draw is needed
+for that. `ScanConfig(wen_weight=1.0)` gives the first rule back.
 """
 
 from __future__ import annotations
@@ -69,6 +73,12 @@ class ScanConfig:
         batch_size: samples per denoiser call.
 
     The provisional risk rule (`risk_of`; see the module docstring for why it is provisional):
+        wen_weight: how far the Wen evidence alone can raise the risk: risk = 1 - (1 - b)(1 - wen_weight * a). 0.45,
+            below `risk_memorizing`, so a high ratio with nothing extracted is "unsure" at most: on the first
+            held-out population a LoRA that learned new caption words (no duplicated image, no copy) had ratios of
+            1.6-3.0 on every caption, while the extraction evidence separated all six LoRAs. With one kept group of 3
+            of 8 generations (b = 0.375) a full Wen evidence makes the verdict "memorizing" (risk 0.66). 1.0 is the
+            first rule's noisy-or, in which either evidence alone could decide.
         ratio_floor, ratio_full: the Wen evidence is 0 at a largest ratio <= `ratio_floor` and 1 at >= `ratio_full`,
             log-linear between. 1.25 and 2.0, from docs/scan.json: the zero LoRA gives 1.00 by construction, the
             example scaled to 10% at most 0.86; the example itself 1.18-2.10 on its five duplicated captions and up
@@ -91,6 +101,7 @@ class ScanConfig:
     tiles: int = 4
     seed: int = 0
     batch_size: int = 16
+    wen_weight: float = 0.45
     ratio_floor: float = 1.25
     ratio_full: float = 2.0
     risk_memorizing: float = 0.5
@@ -110,6 +121,8 @@ class ScanConfig:
             raise ValueError("guidance must be non-zero (model guidance is mixed through it)")
         if self.group_threshold <= 0:
             raise ValueError(f"group_threshold must be positive, got {self.group_threshold}")
+        if not 0 <= self.wen_weight <= 1:
+            raise ValueError(f"wen_weight must be in [0, 1], got {self.wen_weight}")
         if not 0 < self.ratio_floor < self.ratio_full:
             raise ValueError(f"need 0 < ratio_floor < ratio_full, got {self.ratio_floor} and {self.ratio_full}")
         if not 0 <= self.risk_clear <= self.risk_memorizing <= 1:
@@ -165,10 +178,12 @@ def extraction_evidence(kept_members: Sequence[int], generations: int) -> float:
     return max((min(count, generations) / generations for count in kept_members), default=0.0)
 
 
-def risk_of(wen: float, extraction: float) -> float:
-    """The PROVISIONAL risk in [0, 1]: `1 - (1 - a)(1 - b)` of the Wen evidence `a` and the extraction evidence `b`,
-    so that either kind of evidence alone can raise it and both together raise it more (a noisy-or)."""
-    return 1.0 - (1.0 - wen) * (1.0 - extraction)
+def risk_of(wen: float, extraction: float, wen_weight: float = 1.0) -> float:
+    """The PROVISIONAL risk in [0, 1]: `1 - (1 - w a)(1 - b)` of the Wen evidence `a` and the extraction evidence `b`,
+    a noisy-or in which the Wen evidence counts with weight `w` (`ScanConfig.wen_weight`): each evidence alone raises
+    the risk, both together raise it more, and with `w` below the "memorizing" threshold only an extracted image can
+    make the verdict "memorizing"."""
+    return 1.0 - (1.0 - wen_weight * wen) * (1.0 - extraction)
 
 
 def verdict_of(risk: float, config: ScanConfig) -> str:
