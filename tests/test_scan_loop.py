@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +122,7 @@ def test_the_loop_runs_on_a_tiny_sdxl_pipeline(tmp_path, one_torch_thread):
     from dataclasses import replace
 
     from builders_pipelines import build_tiny_pipeline, write_pipeline_lora
+    from diffmem.backends import open_backend
     from diffmem.scan.extraction import ExtractedGroup
     from diffmem.scan.loop import attack_extracted
 
@@ -136,9 +138,27 @@ def test_the_loop_runs_on_a_tiny_sdxl_pipeline(tmp_path, one_torch_thread):
     # all) on the filtered pipeline LoRA: machinery only.
     group = ExtractedGroup(prompt="", members=(0, 1, 2), representative=0, spread=0.0, base_distance=1.0,
                            base_also=False)
-    rows = attack_extracted(replace(result.before, groups=[group]), filtered,
+    rows = attack_extracted(replace(result.before, groups=[group]), open_backend(pipeline, filtered),
                             LoopConfig(attack_targets=1, dori=DoriConfig(steps=2), generations=2))
     assert len(rows) == 1 and rows[0].generated.shape[0] == 2 and 0 <= rows[0].attack_copy_share <= 1
+
+
+def test_the_loop_opens_the_base_once_and_each_lora_once(example, tmp_path, monkeypatch, one_torch_thread):
+    import diffmem.scan.loop as loop
+    import diffmem.scan.run as run
+    from diffmem.backends import open_backend
+
+    opened = []
+
+    def counting(base, lora=None, *args, **kwargs):
+        opened.append(None if lora is None else Path(lora).name)
+        return open_backend(base, lora, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "open_backend", counting)
+    monkeypatch.setattr(run, "open_backend", counting)
+    filtered = tmp_path / "example.filtered.safetensors"
+    scan_filter_attack(example, "world", BAFConfig(), SMALL, QUICK_ATTACK, filtered, cache_dir=tmp_path / "c")
+    assert sorted(opened, key=str) == sorted([None, example.name, filtered.name], key=str)
 
 
 def test_a_loop_that_fails_leaves_no_filtered_lora(example, tmp_path, monkeypatch, one_torch_thread):

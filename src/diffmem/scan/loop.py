@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from diffmem.attack.dori import DoriConfig, run_dori
-from diffmem.backends import open_backend
+from diffmem.backends import Backend, open_backend
 from diffmem.evaluation.sampling import SamplingSettings
 from diffmem.filters import BAFConfig, FilterConfig
 from diffmem.formats.safetensors_io import write_atomic
@@ -150,19 +150,18 @@ def filter_base(base: str | Path) -> Path:
 def rescan(before: ScanResult, lora: str | Path, **options) -> ScanResult:
     """Scan `lora` (a filtered version of `before`'s LoRA) on exactly `before`'s candidate prompts and settings:
     its candidates come first as given prompts, so a header the filter changed cannot change what is sampled.
-    `options`: `scan_lora`'s device, dtype, progress and model_config."""
+    `options`: `scan_lora`'s device, dtype, progress, model_config and models."""
     same_prompts = [p.prompt for p in before.prompts if p.prompt]
     config = replace(before.config, max_prompts=max(before.config.max_prompts, len(same_prompts)))
     return scan_lora(lora, before.base, config, prompts=same_prompts, **options)
 
 
-def attack_extracted(result: ScanResult, filtered_lora: Path, config: LoopConfig, device: str = "cpu",
-                     dtype: torch.dtype = torch.float32, model_config: str | Path | None = None) -> list[AttackRow]:
-    """Dori on `filtered_lora` towards the representatives of `result`'s largest kept groups (`config`)."""
+def attack_extracted(result: ScanResult, model: Backend, config: LoopConfig) -> list[AttackRow]:
+    """Dori on `model` (the base with the filtered LoRA merged, as `open_backend` opens it) towards the
+    representatives of `result`'s largest kept groups (`config`)."""
     groups = sorted(result.kept_groups, key=lambda g: -g.size)[:config.attack_targets]
     if not groups:
         return []
-    model = open_backend(result.base, filtered_lora, device, dtype, model_config)
     settings = SamplingSettings(generations=config.generations, steps=result.config.steps,
                                 guidance=result.config.guidance, seed=result.config.seed)
     copy = CopyConfig(tiles=result.config.tiles, distance_threshold=result.config.group_threshold)
@@ -202,18 +201,21 @@ def scan_filter_attack(
 ) -> LoopResult:
     """Scan `lora`, filter it (BAF by default) into `filtered_output` (a temporary file, removed, when None), scan
     the filtered LoRA with the same candidate prompts and settings, and attack it with Dori towards the images the
-    first scan extracted (`attack_extracted`)."""
+    first scan extracted (`attack_extracted`). The base is opened once and the filtered LoRA once."""
     scan_config, loop_config = scan_config or ScanConfig(), loop_config or LoopConfig()
     lora = Path(lora)
     options = {"device": device, "dtype": dtype, "progress": progress, "model_config": model_config}
-    before = scan_lora(lora, base, scan_config, prompts=prompts, **options)
+    reference = open_backend(base, None, device, dtype, model_config)
+    before = scan_lora(lora, base, scan_config, prompts=prompts, **options,
+                       models=(open_backend(base, lora, device, dtype, model_config), reference))
     with tempfile.TemporaryDirectory(prefix="diffmem-scan-") as scratch:
         output = Path(filtered_output) if filtered_output is not None else Path(scratch) / filtered_name(lora)
         report = filter_file(lora, filter_base(base), output, filter_config or BAFConfig(), cache_dir=cache_dir,
                              progress=False)
         try:
-            after = rescan(before, output, **options)
-            attacks = attack_extracted(before, output, loop_config, device, dtype, model_config)
+            filtered = open_backend(base, output, device, dtype, model_config)
+            after = rescan(before, output, **options, models=(filtered, reference))
+            attacks = attack_extracted(before, filtered, loop_config)
         except BaseException:  # no filtered LoRA left behind without the loop's verdict on it
             output.unlink(missing_ok=True)
             raise

@@ -214,12 +214,16 @@ def scan_lora(
     progress: bool = False,
     prompts: Sequence[str] = (),
     model_config: str | Path | None = None,
+    *,
+    models: tuple[Backend, Backend] | None = None,
 ) -> ScanResult:
     """Scan `lora` against `base` ("world", a world UNet file, or a diffusers pipeline folder / single-file
     checkpoint with `model_config`, as `diffmem.backends.open_backend` opens them) without any training data.
 
     `prompts`: extra candidate prompts tried before the LoRA's own (e.g. captions a platform knows from the LoRA's
-    page). Returns the `ScanResult`; writes nothing (`write_scan` does)."""
+    page). `models`: the fine-tune (`base` with `lora` merged) and the base, already opened with `open_backend`,
+    for a caller that scans several LoRAs of one base (`scan --filter` opens the base once: on SDXL each opening
+    is minutes). Returns the `ScanResult`; writes nothing (`write_scan` does)."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     metadata = lora_metadata(lora)
@@ -228,8 +232,10 @@ def scan_lora(
         not c.prompt for c in candidates)
     bar = progress_bar(total=3 + extracting, desc="scan", unit="stage", disable=not progress, leave=False)
     bar.set_postfix_str("loading the fine-tune and the base")
-    tuned = open_backend(base, lora, device, dtype, model_config)
-    reference = open_backend(base, None, device, dtype, model_config)
+    if models is None:
+        models = (open_backend(base, lora, device, dtype, model_config),
+                  open_backend(base, None, device, dtype, model_config))
+    tuned, reference = models
     config = settle(config, tuned)
     timings["load"] = time.perf_counter() - started
     bar.update()
