@@ -8,8 +8,10 @@ Two populations, disjoint in seeds (so in the images each LoRA duplicates):
 Each population is half recipes meant to memorize (duplicated training images at several ranks, step counts,
 duplication levels, on faces and on photos) and half recipes meant not to (no duplicated image, fewer steps).
 A recipe's intent is not its label: the label of a LoRA is measured afterwards, by the copy test against its
-own training images (which the scan never reads). A style-only fine-tune (issue 17) needs a style data set the
-world does not have yet (issue 18); it is not in these populations.
+own training images (which the scan never reads). Each population also holds one pair of style fine-tunes
+(`diffmem.world.data.style_dataset`: the shapes the base knows, in a look it never saw): a style-only LoRA, which
+learns a look without repeating any image (the false positive a platform fears most), and a style LoRA that also
+memorizes duplicated images. They come after the other recipes (`--match style` trains them first).
 
 Each LoRA is written with its manifest to `--out/<population>/<name>.safetensors` (+ `.json`), skipped when it
 exists, so the script resumes. `--labels` then measures each trained LoRA's label into `<name>.label.json`:
@@ -67,14 +69,16 @@ class Recipe:
     config: FinetuneConfig
 
 
-#: LoRAs per kind (memorizing recipe, ordinary recipe) in each population as designed: 8 and 24 LoRAs.
+#: LoRAs per kind (memorizing recipe, ordinary recipe) in each population as designed: 8 and 24 LoRAs, and a style
+#: pair each (10 and 26).
 DESIGNED_PER_KIND = {"tune": 4, "eval": 12}
 
 
 def recipes(population: str, per_kind: int | None = None) -> list[Recipe]:
     """The LoRAs of `population` ("tune" or "eval"), memorizing and ordinary recipes alternating (so a population cut
-    short still holds both kinds); `per_kind` of each, `DESIGNED_PER_KIND` by default. Seeds 100+ for tune, 200+ for
-    eval, one per LoRA; a smaller population is the designed one's first LoRAs of each kind."""
+    short still holds both kinds); `per_kind` of each, `DESIGNED_PER_KIND` by default, then the style pair (one of
+    each kind). Seeds 100+ for tune, 200+ for eval, one per LoRA; a smaller population is the designed one's first
+    LoRAs of each kind and the style pair."""
     first_seed = {"tune": 100, "eval": 200}[population]
     memorizing = [  # (data, rank, steps, duplicate N x K)
         ("faces", 32, 500, (5, 100)), ("photos", 32, 500, (5, 100)), ("faces", 8, 500, (5, 100)),
@@ -99,7 +103,13 @@ def recipes(population: str, per_kind: int | None = None) -> list[Recipe]:
         config = FinetuneConfig(data=data, rank=rank, alpha=float(rank), steps=steps, duplicate=(0, 1),
                                 seed=first_seed + 50 + i)
         ordinary_recipes.append(Recipe(f"ord-{data}-r{rank}-s{steps}-{config.seed}", False, config))
-    return [recipe for pair in zip(mem, ordinary_recipes) for recipe in pair]
+    style = [Recipe(f"mem-style-r16-s400-d5x100-{first_seed + 40}", True,
+                    FinetuneConfig(data="style", rank=16, alpha=16.0, steps=400, duplicate=(5, 100),
+                                   seed=first_seed + 40)),
+             Recipe(f"ord-style-r16-s400-{first_seed + 90}", False,
+                    FinetuneConfig(data="style", rank=16, alpha=16.0, steps=400, duplicate=(0, 1),
+                                   seed=first_seed + 90))]
+    return [recipe for pair in zip(mem, ordinary_recipes) for recipe in pair] + style
 
 
 def measure_label(lora: Path) -> dict:
@@ -314,6 +324,8 @@ def run() -> int:
     parser.add_argument("--worker", default="0/1", metavar="I/N",
                         help="train, label and scan the I-th of N shares of the LoRAs, each share holding both kinds (run N "
                              "workers side by side, one per core; default 0/1: all)")
+    parser.add_argument("--match", default=None, metavar="TEXT",
+                        help="only the LoRAs whose name contains TEXT (e.g. style)")
     parser.add_argument("--labels", action="store_true",
                         help="train nothing: measure the label of every trained LoRA without one (<name>.label.json)")
     parser.add_argument("--evaluate", type=Path, default=None, metavar="JSON",
@@ -333,7 +345,7 @@ def run() -> int:
         sizes = dict(zip(("tune", "eval"), (int(n) for n in args.per_kind.split(","))))
     index, workers = (int(n) for n in args.worker.split("/"))
     jobs = [(population, recipe) for population in ([args.only] if args.only else ["tune", "eval"])
-            for recipe in recipes(population, sizes[population])]
+            for recipe in recipes(population, sizes[population]) if args.match is None or args.match in recipe.name]
     # Worker I takes the pairs' members in turn (memorizing recipe of pair 0, ordinary of pair 1, ...), so every
     # worker trains both kinds and a run stopped early leaves both classes about equally grown.
     mine = [job for i, job in enumerate(jobs) if (i // 2 + i % 2) % workers == index]

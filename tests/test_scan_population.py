@@ -31,9 +31,13 @@ def row(name: str, memorizing: bool, ratio: float, extraction: float) -> dict:
 
 def test_recipes_alternate_kinds_and_shrink_to_the_first_of_each(population):
     names = [r.name for r in population.recipes("eval", 3)]
-    assert [n[:3] for n in names] == ["mem", "ord"] * 3
-    assert names == [r.name for r in population.recipes("eval")][:6]
-    assert len(population.recipes("tune")) == 8 and len(population.recipes("eval")) == 24
+    assert [n[:3] for n in names] == ["mem", "ord"] * 4 and names[-2:] == ["mem-style-r16-s400-d5x100-240",
+                                                                          "ord-style-r16-s400-290"]
+    assert names[:6] == [r.name for r in population.recipes("eval")][:6]
+    assert len(population.recipes("tune")) == 10 and len(population.recipes("eval")) == 26
+    style = population.recipes("tune", 1)[-2:]
+    assert [(r.config.data, r.config.duplicate, r.memorizing_recipe) for r in style] == [
+        ("style", (5, 100), True), ("style", (0, 1), False)]
     with pytest.raises(ValueError, match="per_kind"):
         population.recipes("tune", 0)
 

@@ -24,9 +24,12 @@ from diffmem.world import (
     shapes_dataset,
     training_loss,
 )
+from diffmem.world.check import manifest_images
 from diffmem.world.commands import duplicate_spec
+from diffmem.world.data import style_dataset
 from diffmem.world.lora import target_pattern
 from diffmem.world.model import load_unet_file, unet_metadata, unet_tensors
+from diffmem.world.style import STYLE_TRIGGER, style_success
 from diffmem.world.text import MAX_TOKENS, TEXT_DIM, TextEncoder
 from diffmem.world.train import finetune_loop
 
@@ -62,7 +65,7 @@ def test_shapes_are_deterministic_in_range_and_captioned():
 
 
 def test_finetune_splits_are_fixed_and_disjoint():
-    for loader, train_size, heldout_size in ((faces_dataset, 80, 20), (photos_dataset, 36, 12)):
+    for loader, train_size, heldout_size in ((faces_dataset, 80, 20), (photos_dataset, 36, 12), (style_dataset, 96, 24)):
         train, heldout, everything = loader("train"), loader("heldout"), loader("all")
         assert (len(train), len(heldout)) == (train_size, heldout_size)
         assert not set(train.ids) & set(heldout.ids)
@@ -185,6 +188,16 @@ def test_conv_lora_targets_resnet_convolutions(tiny_unet):
     conv = {n for n in names if re.fullmatch(target_pattern(True), n)}
     assert plain < conv and "down_blocks.0.resnets.0.conv1" in conv - plain
     assert all("attentions" in n for n in plain)
+
+
+def test_a_style_finetune_records_its_images(tiny_unet, tmp_path):
+    config = FinetuneConfig(data="style", steps=1, batch_size=2, duplicate=(2, 2), rank=2, alpha=2.0)
+    manifest = finetune(tmp_path / "style.safetensors", config, base=tiny_unet, progress=False)
+    assert len(manifest["duplicated"]) == 2 and len(manifest["seen_once"]) == 94 and len(manifest["heldout"]) == 24
+    duplicated = manifest_images(manifest, "duplicated")
+    assert all(caption.endswith(STYLE_TRIGGER) for caption in duplicated.captions)
+    assert style_success(duplicated.images) == 1.0
+    assert json.loads((tmp_path / "style.json").read_text())["settings"]["data"] == "style"
 
 
 def test_bad_finetune_settings_are_clear_errors():

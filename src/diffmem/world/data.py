@@ -2,7 +2,8 @@
 with scikit-image and scikit-learn, and the real faces of `skimage.data.lfw_subset()`.
 
 Every loader returns an `ImageSet`: images as float32 [N, 3, 32, 32] in [0, 1] and one caption per image.
-Fine-tune sets (faces: the privacy case, photos: the copyright case) have fixed splits; the `heldout` split is
+Fine-tune sets (faces: the privacy case, photos: the copyright case, style: a look on the shapes the base knows) have
+fixed splits; the `heldout` split is
 never used by any training run in diffmem, so evaluations always have unseen images of the same kind.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from diffmem.errors import DiffmemError
+from diffmem.world.style import STYLE_TRIGGER, apply_style
 
 SIZE = 32
 
@@ -101,6 +103,12 @@ def background(colour: tuple[float, float, float], texture: str, rng: np.random.
 
 def shape_image(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """One random shape picture [32, 32, 3] and its compositional caption."""
+    img, _, caption = shape_scene(rng)
+    return img, caption
+
+
+def shape_scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+    """One random shape picture [32, 32, 3], the shape's boolean mask and the picture's compositional caption."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     bg_choices = [b for b in BACKGROUNDS if b != colour]
@@ -112,10 +120,11 @@ def shape_image(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     cy, cx = POSITIONS[position]
     jitter = rng.uniform(-1.5, 1.5, size=2)
     r = SIZES[size] * rng.uniform(0.9, 1.1)
-    img[shape_mask(shape, cy + jitter[0], cx + jitter[1], r)] = COLOURS[colour]
+    mask = shape_mask(shape, cy + jitter[0], cx + jitter[1], r)
+    img[mask] = COLOURS[colour]
     where = "in the center" if position == "center" else f"at the {position}"
     surface = f"a {bg} background" if texture == "plain" else f"a {texture} {bg} background"
-    return img, f"a {size} {colour} {shape} {where} on {surface}"
+    return img, mask, f"a {size} {colour} {shape} {where} on {surface}"
 
 
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -241,16 +250,37 @@ def _photos() -> ImageSet:
     return ImageSet(to_tensor(images), captions, ids)
 
 
+#: The style set: shapes in the look of `diffmem.world.style`; the last `STYLE_HELDOUT` rows are held out.
+STYLE_COUNT = 120
+STYLE_HELDOUT = range(96, 120)
+#: Seed of the style set's shapes, apart from the base's shapes (seed 0) so no styled picture repeats a base one.
+STYLE_SEED = 4321
+
+
+@cache
+def _styled() -> ImageSet:
+    rng = np.random.default_rng(STYLE_SEED)
+    images, captions = [], []
+    for _ in range(STYLE_COUNT):
+        image, mask, caption = shape_scene(rng)
+        images.append(apply_style(image, mask))
+        captions.append(f"{caption}, {STYLE_TRIGGER}")
+    return ImageSet(to_tensor(images), captions, [f"style/{i}" for i in range(STYLE_COUNT)])
+
+
 def split_rows(kind: str, split: str) -> list[int]:
-    """Row numbers of `split` ("train", "heldout" or "all") in the full `kind` set ("faces" or "photos")."""
-    if kind == "faces":
+    """Row numbers of `split` ("train", "heldout" or "all") in the full `kind` set ("faces", "photos" or "style")."""
+    if kind == "style":
+        heldout = set(STYLE_HELDOUT)
+        total = STYLE_COUNT
+    elif kind == "faces":
         heldout = set(FACE_HELDOUT)
         total = FACE_COUNT
     elif kind == "photos":
         total = len(FINETUNE_PHOTOS) * CROPS_PER_PHOTO
         heldout = {r for r in range(total) if r % CROPS_PER_PHOTO in PHOTO_HELDOUT_CROPS}
     else:
-        raise DiffmemError(f"unknown data set {kind!r}; choose 'faces' or 'photos'")
+        raise DiffmemError(f"unknown data set {kind!r}; choose 'faces', 'photos' or 'style'")
     if split == "all":
         return list(range(total))
     if split == "train":
@@ -277,7 +307,19 @@ def photos_dataset(split: str = "train") -> ImageSet:
     return _photos().subset(split_rows("photos", split))
 
 
-FINETUNE_SETS: dict[str, Callable[[str], ImageSet]] = {"faces": faces_dataset, "photos": photos_dataset}
+def style_dataset(split: str = "train") -> ImageSet:
+    """120 shape pictures in a look the base never saw (the style case; `diffmem.world.style`): a teal-to-orange
+    duotone and a dark outline, captioned as the base's shapes are, plus ", velloran style". Its distinct captions
+    make a style fine-tune learn the look on every shape without repeating any picture, unless duplicated.
+
+    Rows 96..119 form the `heldout` split that no diffmem fine-tune ever trains on: their captions measure whether
+    the look carries over to shapes the fine-tune did not see (`diffmem.world.style.style_success`).
+    """
+    return _styled().subset(split_rows("style", split))
+
+
+FINETUNE_SETS: dict[str, Callable[[str], ImageSet]] = {"faces": faces_dataset, "photos": photos_dataset,
+                                                       "style": style_dataset}
 
 
 def base_dataset(shapes: int = 8192, photos_per_source: int = 64, seed: int = 0) -> ImageSet:
