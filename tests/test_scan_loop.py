@@ -118,6 +118,32 @@ def test_scan_many_resumes_and_a_bad_file_is_one_failed_row(example, tmp_path, c
     assert [row["status"] for row in summary["files"]] == ["failed", "skipped", "scanned"]  # broken, example, zero
 
 
+@pytest.mark.slow
+def test_scan_many_on_ray_gives_the_local_verdicts_and_one_failed_row(example, tmp_path, one_torch_thread):
+    pytest.importorskip("ray")
+    import ray
+
+    from diffmem.scan.batch import scan_many
+
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    (folder / "example.safetensors").write_bytes(example.read_bytes())
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    tiny = ScanConfig(max_prompts=3, generic_prompts=False, extract_prompts=1, generations=4, steps=6)
+    local = scan_many([folder], "world", tmp_path / "local", tiny, progress=False)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = scan_many([folder], "world", tmp_path / "ray", tiny, engine="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert [row.status for row in remote] == [row.status for row in local] == ["failed", "scanned"]
+    assert "broken.safetensors" in remote[0].error and "\n" not in remote[0].error
+    summaries = [json.loads((out / "example" / "summary.json").read_text()) for out in (tmp_path / "local",
+                                                                                     tmp_path / "ray")]
+    assert summaries[0]["verdict"] == summaries[1]["verdict"] == "memorizing"
+    assert summaries[0]["evidence"] == summaries[1]["evidence"]
+
+
 def test_the_loop_runs_on_a_tiny_sdxl_pipeline(tmp_path, one_torch_thread):
     from dataclasses import replace
 
