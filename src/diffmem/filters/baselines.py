@@ -70,7 +70,18 @@ class BaseGainConfig(FilterConfig):
 class IntruderConfig(FilterConfig):
     """Drop intruder dimensions: channels whose output direction has max cosine below ``threshold`` with every left
     singular vector of the base weight (Shuttleworth et al., "LoRA vs full fine-tuning: an illusion of
-    equivalence", arXiv 2410.21228; PEFT's ``reduce_intruder_dimension`` uses the same test).
+    equivalence", arXiv 2410.21228).
+
+    PEFT's ``reduce_intruder_dimension`` (PEFT >= 0.18) uses the same cosine test and cut-off on other vectors, with
+    another action: it takes the SVD of the merged weight ``W0 + dW`` (not of ``dW``), tests only its ``top_k``
+    (10) largest directions, multiplies each intruder component ``sigma'_j u'_j v'_j^T`` of the merged weight by
+    ``mitigation_lambda`` (0.75) instead of dropping a channel, and re-factorises ``W' - W0`` at the adapter's
+    rank. So it flags little or nothing where the LoRA's channels are small beside the base's top-k singular
+    values, and where it acts it also scales the base's own map along the intruders' input directions. The two
+    updates are equal when the merged SVD splits into base and LoRA directions (intruders orthogonal to the base
+    on both sides and within the top k, flagged channels weighted ``mitigation_lambda``), and on a full-rank base
+    they flag the same channels and differ by about ``||W0|| / (3 sigma_intruder)`` of the update's norm
+    (tests/test_intruder_peft.py; docs/filter.md). PEFT's rule itself: `diffmem.filters.peft_intruder`.
 
     Args:
         selection: default threshold 0.5, the paper's cut-off for an intruder.
