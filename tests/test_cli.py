@@ -46,6 +46,31 @@ def test_filter_method_names_match_the_registry():
     assert tuple(sorted(FILTERS)) == FILTER_METHODS
 
 
+def test_settings_modules_agree_with_the_modules_they_speak_for():
+    """The names the settings modules keep for parsing (without importing the model code) are the model code's, and
+    the moved configs are the same objects under their old import paths."""
+    import diffmem.attack
+    import diffmem.locality
+    import diffmem.world
+    from diffmem.attack import dori, table
+    from diffmem.memcontrol import methods, search, settings, train
+    from diffmem.mitigations import adversarial, nemo, wanda
+    from diffmem.world import data
+    from diffmem.world import train as world_train
+    from diffmem.world.settings import BUILTIN_FINETUNE_DATA
+
+    assert tuple(methods.METHODS) == settings.METHOD_NAMES
+    assert tuple(name for name, m in methods.METHODS.items() if m.masked) == settings.MASKED_METHODS
+    assert set(BUILTIN_FINETUNE_DATA) <= set(data.FINETUNE_SETS)
+    assert train.MemControlTrainConfig is settings.MemControlTrainConfig and search.SearchConfig is settings.SearchConfig
+    assert dori.DoriConfig is diffmem.attack.DoriConfig and table.TRAINING_RECIPE.method == "full"
+    assert nemo.NeMoConfig().generations and wanda.WandaConfig().fraction and adversarial.AdversarialFinetuneConfig()
+    assert world_train.FinetuneConfig is diffmem.world.FinetuneConfig
+    for package in (diffmem.attack, diffmem.locality, diffmem.world):  # PEP 562: every public name resolves
+        assert sorted(package.__all__) == sorted(package.MODULE_OF)
+        assert all(getattr(package, name) is not None for name in package.__all__)
+
+
 def test_help_imports_neither_torch_nor_diffusers():
     """`diffmem --help` and `diffmem filter --help` start in a tenth of a second because they import no heavy
     package (benchmarks/startup.py times them); a command of another package imports only that package."""
@@ -63,6 +88,28 @@ def test_help_imports_neither_torch_nor_diffusers():
     for argv in (["audit", "--help"], ["wen-eval", "--help"]):
         done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=True)
         assert done.stderr.strip().splitlines()[-1] == "['torch']", (argv, done.stderr)
+
+
+def test_the_model_commands_help_loads_no_model_library():
+    """`world`, `memcontrol`, `attack`, `mitigate`, `locality`, `bench` and `bench-real` take their options' defaults
+    from settings modules: none of their helps (each sub-command's too) loads diffusers, transformers or peft, and
+    `world` and `memcontrol` load not even torch (benchmarks/startup.py times them)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import json, sys\nfrom diffmem.cli import main\nfor argv in json.loads(sys.argv[1]):\n    try:\n"
+             "        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+             "print(sorted({'torch', 'diffusers', 'transformers', 'peft'} & set(sys.modules)), file=sys.stderr)")
+    helps = [list(words) for words, _ in command_parsers(build_parser()) if words]
+    for group, loaded in (({"world", "memcontrol"}, "[]"),
+                          ({"attack", "mitigate", "locality", "bench", "bench-real"}, "['torch']")):
+        argvs = [argv for argv in helps if argv[0] in group]
+        assert len(argvs) > len(group)  # the sub-commands too
+        done = subprocess.run([sys.executable, "-c", probe, json.dumps(argvs)], capture_output=True, text=True,
+                              check=True)
+        assert done.stderr.strip().splitlines()[-1] == loaded, (group, done.stderr)
+        assert done.stdout.count("usage: diffmem") == len(argvs)
 
 
 def test_a_lazy_command_is_built_in_full_when_it_is_the_command():
@@ -246,10 +293,18 @@ def test_the_core_install_filters_and_a_command_needing_an_extra_names_it(tmp_pa
         done = lean(*argv)
         assert done.returncode == 0, (argv, done.stderr)
     assert (tmp_path / "lora.filtered.safetensors").is_file()
-    for command, extra in (("audit", "world"), ("scan", "world"), ("memcontrol", "world"), ("world", "world")):
+    for command, extra in (("audit", "world"), ("scan", "world")):
         done = lean(command, "--help")
         assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
         assert f"pip install 'diffmem[{extra}]'" in done.stderr and f"`diffmem {command}`" in done.stderr
+    # `world` and `memcontrol` parse with nothing but the core install (their options' defaults come from settings
+    # modules), so their help shows; running one names the extra it needs.
+    for argv in (["world", "sample", "--out", str(tmp_path / "grid.png")],
+                 ["memcontrol", "mask", "--out", str(tmp_path / "mask.json")]):
+        assert lean(argv[0], "--help").returncode == 0 and lean(*argv[:2], "--help").returncode == 0
+        done = lean(*argv)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert "pip install 'diffmem[world]'" in done.stderr and f"`diffmem {argv[0]}`" in done.stderr
 
 
 def test_every_extra_package_is_in_its_extra():

@@ -264,3 +264,35 @@ def test_command_refuses_to_overwrite_the_results_it_reads(tmp_path):
     args = parser.parse_args(["locality", "--json", str(results), "--add-between-captions", str(results)])
     with pytest.raises(DiffmemError, match="another file"):
         args.handler(args)
+    # The same with the new spelling, and the file's own flag in the message.
+    args = parser.parse_args(["locality", "--json-out", str(results), "--add-between-captions", str(results)])
+    with pytest.raises(DiffmemError, match="--json-out must name another file"):
+        args.handler(args)
+
+
+def test_command_json_options_and_usage_errors(tmp_path, capsys):
+    """`--json-out PATH` names the results file (`--json PATH` is its old spelling, with a note; bare `--json`
+    prints the results on stdout); `--from-json [RESULTS_JSON]` reads a run; a value a config refuses exits 2 naming
+    the flag, before any model is loaded."""
+    from diffmem.cli import main
+
+    bad, page = tmp_path / "bad.json", tmp_path / "page.md"
+    bad.write_text("{}")
+    assert main(["locality", "--markdown", str(page)]) == 2
+    assert "--json-out PATH" in capsys.readouterr().err
+    assert main(["locality", "--from-json", str(bad), "--markdown", str(page)]) == 1
+    assert "not a locality results file" in capsys.readouterr().err
+    assert main(["locality", "--from-json", "--json", str(bad), "--markdown", str(page)]) == 1  # the old spelling
+    err = capsys.readouterr().err
+    assert "not a locality results file" in err and "old spelling of --json-out" in err
+    assert main(["locality", "--from-json", "--markdown", str(page)]) == 2
+    assert "--from-json needs the results" in capsys.readouterr().err
+    out = ["--json-out", str(tmp_path / "r.json")]
+    for argv, message in ((["--top-share", "2"], "--top-share must lie in (0, 1]"),
+                          (["--steps", "0"], "--steps and --batch-size must be >= 1"),
+                          (["--nemo-generations", "0"], "need --nemo-generations >= 1"),
+                          (["--captions", "0"], "--captions must be >= 1"),
+                          (["--starts", "prompt", "--relocalise", "random"], "--relocalise 'random' is not among")):
+        assert main(["locality", *out, *argv]) == 2, argv
+        assert capsys.readouterr().err.startswith(f"diffmem: error: {message}"), argv
+    assert not page.exists() and not (tmp_path / "r.json").exists()

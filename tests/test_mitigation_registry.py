@@ -121,8 +121,8 @@ def test_table_command_options_and_arguments_come_from_the_registry(monkeypatch,
     args = parser.parse_args(["attack", "table", "--dummy-file", "d.safetensors", "--nemo-masks", "n.safetensors"])
     assert args.dummy_file == Path("d.safetensors") and args.nemo_masks == Path("n.safetensors")
 
-    calls = []
-    monkeypatch.setattr(commands, "run_robustness_table",
+    calls = []  # the command imports the table's run when it runs (its help loads no model library)
+    monkeypatch.setattr("diffmem.attack.table.run_robustness_table",
                         lambda *a, **kw: calls.append((a, kw)) or RobustnessRun([], ToolkitModels()))
     threads = torch.get_num_threads()
     try:

@@ -12,7 +12,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from diffmem import __version__
@@ -147,6 +147,21 @@ class UsageError(DiffmemError):
 def flag(field_name: str) -> str:
     """The command-line flag of a config field: keep_fraction -> --keep-fraction."""
     return "--" + field_name.replace("_", "-")
+
+
+def usage_error(error: Exception, flags: Mapping[str, str] | Iterable[str]) -> UsageError:
+    """A config's refusal of a value the user typed (the ValueError or DiffmemError of its `__post_init__`) as a
+    usage error (exit 2) that names the flags: each config field in `flags` that the message names becomes its flag.
+    `flags` maps a field to its flag where they differ ({"steps": "--dori-steps"}); a plain list of fields takes
+    `flag(field)` (steps -> --steps)."""
+    names = dict(flags) if isinstance(flags, Mapping) else {name: flag(name) for name in flags}
+    message = getattr(error, "problem", None) or str(error)
+    if names:
+        # Whole words only, longest first: `steps` must not match inside `steps_per_round` or `--steps`.
+        pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+                             + r")(?![\w-])")
+        message = pattern.sub(lambda match: names[match.group(1)], message)
+    return UsageError(message)
 
 
 def module_table(report, limit: int | None = None) -> str:

@@ -6,20 +6,28 @@ generations. See docs/attack.md.
     success = attack_success(unet, result.embedding, target_image, reference=training_images)
 """
 
-from diffmem.attack.dori import (
-    START_KINDS,
-    AttackSuccess,
-    DoriConfig,
-    DoriOutcome,
-    DoriResult,
-    attack_success,
-    dori_attack,
-    dori_search,
-    perturb_embedding,
-    random_embedding_like,
-    run_dori,
-    start_embedding,
-)
+import importlib
+from typing import Any
+
+# The names below come from `diffmem.attack.dori` (the search needs torch and the model backends) or, for the
+# settings, `diffmem.attack.settings`; each module is imported when a name of it is first used, so importing a light
+# module of this package (`diffmem.attack.settings`, which `diffmem attack --help` reads) does not load the attack.
+MODULE_OF = {
+    "START_KINDS": "settings", "DoriConfig": "settings",
+    **dict.fromkeys(("AttackSuccess", "DoriOutcome", "DoriResult", "attack_success", "dori_attack", "dori_search",
+                     "perturb_embedding", "random_embedding_like", "run_dori", "start_embedding"), "dori"),
+}
+
+
+def __getattr__(name: str) -> Any:  # PEP 562
+    if name in MODULE_OF:
+        return getattr(importlib.import_module(f"diffmem.attack.{MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'diffmem.attack' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *MODULE_OF])
+
 
 __all__ = [
     "START_KINDS",

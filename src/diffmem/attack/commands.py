@@ -8,29 +8,33 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffmem.attack.dori import START_KINDS, DoriConfig, DoriOutcome, run_dori
-from diffmem.attack.table import (  # noqa: F401 (merged_rows: kept importable from here)
-    TABLE_GROUPS,
-    TRAINING_RECIPE,
-    RobustnessSettings,
-    merged_rows,
-    run_robustness_table,
-)
-from diffmem.backends import Conditioning
+from diffmem.attack.settings import START_KINDS, TRAINING_RECIPE, DoriConfig, RobustnessSettings
 from diffmem.backends.options import add_backend_options, backend_from, model_inputs
 from diffmem.errors import DiffmemError
-from diffmem.evaluation.inputs import load_image_folder, resize_images
-from diffmem.formats.safetensors_io import save_file, write_atomic
+from diffmem.evaluation.sampling import SamplingSettings as CheckSettings  # the world check's name for it
 from diffmem.json_output import add_json_options, json_file
-from diffmem.memcontrol.train import MemControlTrainConfig
+from diffmem.memcontrol.settings import MemControlTrainConfig
 from diffmem.metrics.copy import CopyConfig
-from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
-from diffmem.mitigations.registry import registered
-from diffmem.report import load_image
-from diffmem.world.check import CheckSettings
+from diffmem.mitigations.registry import TABLE_GROUPS, registered
+from diffmem.mitigations.settings import AdversarialFinetuneConfig
+
+# Parsing needs only the settings above (their defaults; no model library): `diffmem attack --help` must not load
+# diffusers. The attack, the table and the file readers are imported by the commands when they run.
+if TYPE_CHECKING:
+    from diffmem.attack.dori import DoriOutcome
+    from diffmem.backends import Conditioning
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `merged_rows` stays importable from here, loaded on first use
+    if name == "merged_rows":
+        from diffmem.attack.table import merged_rows
+
+        return merged_rows
+    raise AttributeError(f"module 'diffmem.attack.commands' has no attribute {name!r}")
 
 
 def manifest_reference(model: Path) -> torch.Tensor | None:
@@ -117,6 +121,11 @@ def conditioning_tensors(prefix: str, conditioning: Conditioning) -> dict[str, t
 
 
 def run_dori_command(args: argparse.Namespace) -> int:
+    from diffmem.attack.dori import run_dori
+    from diffmem.evaluation.inputs import load_image_folder, resize_images
+    from diffmem.formats.safetensors_io import save_file, write_atomic
+    from diffmem.report import load_image
+
     try:
         config = DoriConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, start=args.start,
                             start_noise=args.start_noise, seed=args.seed)
@@ -233,6 +242,8 @@ def split_starts(text: str) -> tuple[str, ...]:
 
 def run_table_command(args: argparse.Namespace) -> int:
     """`diffmem attack table`: the options as `run_robustness_table`'s arguments, then the table printed."""
+    from diffmem.attack.table import run_robustness_table
+
     torch.set_num_threads(args.threads)
     try:
         settings = RobustnessSettings(

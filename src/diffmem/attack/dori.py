@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffmem.attack.settings import START_KINDS, DoriConfig  # noqa: F401 (defined there, without a model library)
 from diffmem.backends import Backend, Conditioning, as_backend
 from diffmem.errors import DiffmemError
 from diffmem.evaluation.sampling import SamplingSettings, seeds_for
@@ -27,52 +28,8 @@ from diffmem.world.text import encode_prompts
 if TYPE_CHECKING:  # a bare world UNet is accepted too; naming its type needs no diffusers import at run time
     from diffusers import UNet2DConditionModel
 
-START_KINDS = ("prompt", "random", "unrelated")
 #: Added conditioning that is not an embedding of the prompt, so Dori does not search it.
 NOT_SEARCHED = frozenset({"time_ids"})
-
-
-@dataclass(frozen=True)
-class DoriConfig:
-    """How the Dori search runs (Kowalczuk et al. 2025, "Finding Dori", seed 002; the paper's settings as
-    summarised in notes/methods.md).
-
-    Args:
-        steps: Adam steps. 50, the paper's budget ("about 50 steps"); on the world's example LoRA the loss stops
-            falling well before that (see docs/attack.md).
-        lr: Adam learning rate, 0.1 as in the paper. Large for a text embedding on purpose: the attack may leave
-            the neighbourhood of real prompts, which is what shows that replication triggers are not local.
-        batch_size: noisy copies of the target per step, 8 as in the paper. Each copy draws its own noise and
-            timestep at every step (the ordinary DDPM loss of Ho et al. 2020), so the embedding must work along
-            the whole trajectory instead of fitting one noisy sample.
-        start: where the search starts. "prompt" (default, the paper's main setting): the memorized prompt's own
-            embedding, i.e. the attack on a prompt a mitigation claims to have fixed. "random": Gaussian tokens with
-            the prompt embedding's standard deviation. "unrelated": the embedding of `unrelated_prompt`. The paper
-            starts from random and unrelated embeddings too, to show that triggers are spread over embedding space.
-        unrelated_prompt: the prompt of start="unrelated"; a photo subject the world's base knows, far from faces.
-        start_noise: standard deviation of Gaussian noise added to the start, in units of the start embedding's
-            own standard deviation. 0 (default) starts exactly at `start`; the paper's "small perturbations of the
-            mitigated prompt's embedding" correspond to values below 1.
-        seed: seeds the random start, the start noise, and the noise and timesteps of every step.
-    """
-
-    steps: int = 50
-    lr: float = 0.1
-    batch_size: int = 8
-    start: str = "prompt"
-    unrelated_prompt: str = "a photo of a brick wall"
-    start_noise: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.start not in START_KINDS:
-            raise ValueError(f"start must be one of {', '.join(START_KINDS)}, got {self.start!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.start_noise >= 0:
-            raise ValueError(f"start_noise must be >= 0, got {self.start_noise}")
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from diffmem.attack.dori import START_KINDS, DoriConfig, attack_success, dori_attack
+from diffmem.attack.dori import attack_success, dori_attack
 from diffmem.attack.search_loss import final_search_loss
+from diffmem.attack.settings import TRAINING_RECIPE, RobustnessSettings  # defined there, without diffusers
 from diffmem.bench.evaluate import BenchSettings, Probe, quality_generations
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.memcontrol.train import MemControlTrainConfig
-from diffmem.metrics.copy import CopyConfig
 from diffmem.metrics.features import embed
 from diffmem.metrics.fid import fid_from_features
 from diffmem.mitigations import registry
@@ -38,44 +38,6 @@ from diffmem.report import between_markers, markdown_table
 from diffmem.world.check import CheckSettings, example_lora_path
 from diffmem.world.diffusion import denoising_loss
 from diffmem.world.text import encode_prompts
-
-
-@dataclass(frozen=True)
-class RobustnessSettings:
-    """How every model of a robustness table is attacked and measured.
-
-    Args:
-        dori: the Dori search (Kowalczuk et al. 2025; `DoriConfig`'s defaults are the paper's: Adam, lr 0.1,
-            batch 8, 50 steps). Its `start` is replaced by each of `starts`; its seed is kept, so every model is
-            attacked from the same starts with the same noise.
-        starts: where the searches start, one search per start and caption: "prompt" (the memorized caption's own
-            embedding: the attack on a prompt a mitigation claims to have fixed, the paper's main setting) and
-            "random" (random tokens: a trigger found far from any prompt shows the memorization is not local).
-        sampling: fresh generations that judge the caption and each Dori embedding (`CheckSettings`: 8 per
-            caption, 25 DDIM steps, guidance 3, as `diffmem world check`).
-        copy: the copy test (`CopyConfig`: Carlini et al.'s relative tiled-L2 test, as everywhere in diffmem).
-        fid: also compute FID of one generation per held-out caption against the held-out images, in the copy
-            embedder's space (`diffmem.bench`'s quality figure). Off, only the held-out denoising loss is reported.
-        timesteps_per_image: stratified timesteps per image of the held-out denoising loss (`denoising_loss`).
-        progress: show a bar per model (a search and two rounds of sampling per caption and start take minutes).
-    """
-
-    dori: DoriConfig = field(default_factory=DoriConfig)
-    starts: tuple[str, ...] = ("prompt", "random")
-    sampling: CheckSettings = field(default_factory=CheckSettings)
-    copy: CopyConfig = field(default_factory=CopyConfig)
-    fid: bool = True
-    timesteps_per_image: int = 8
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        unknown = [s for s in self.starts if s not in START_KINDS]
-        if unknown or not self.starts:
-            raise ValueError(f"starts must be a non-empty choice of {', '.join(START_KINDS)}, got {self.starts}")
-
-    def to_dict(self) -> dict:
-        return {"dori": asdict(self.dori), "starts": list(self.starts), "sampling": asdict(self.sampling),
-                "copy": asdict(self.copy), "fid": self.fid, "timesteps_per_image": self.timesteps_per_image}
 
 
 @dataclass(frozen=True)
@@ -231,9 +193,6 @@ def shown_path(path) -> str:
 NO_MITIGATION = "none (the LoRA as trained)"
 #: Name of the unmitigated same-recipe fine-tune the training-time mitigations are compared with.
 TRAINING_CONTROL = "fine-tune without mitigation (same recipe)"
-#: The fine-tune of the training-time rows when none is given (`diffmem attack table`'s --train-* defaults): full
-#: fine-tuning, 100 steps of 8 images, at the method's own learning rate.
-TRAINING_RECIPE = MemControlTrainConfig(method="full", steps=100, batch_size=8)
 
 
 def judged_against(mitigation: Mitigation) -> str:

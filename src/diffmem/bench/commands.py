@@ -7,6 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
+# Parsing needs only the settings (their defaults; no model library): `diffmem bench --help` must not load diffusers.
+# The benchmark itself is imported by the commands when they run.
+from diffmem.bench.settings import PLANS, BenchSettings, RealBenchSettings
+
 QUICK_WORK = Path("runs/bench-quick")
 FULL_WORK = Path("runs/bench")
 CHANNELS_FILE = "channels.json"
@@ -14,8 +18,6 @@ CHANNELS_FILE = "channels.json"
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """Options of `BenchSettings` (changing any of them starts a separate set of rows)."""
-    from diffmem.bench.evaluate import BenchSettings
-
     d = BenchSettings()
     parser.add_argument("--generations", type=int, default=d.generations,
                         help=f"generations per duplicated caption (default {d.generations})")
@@ -28,7 +30,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import torch
 
     from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, write_truth
-    from diffmem.bench.evaluate import BenchSettings
     from diffmem.bench.grid import CORE, full_grid, quick_grid
     from diffmem.bench.report import load_channels, write_results
     from diffmem.bench.run import ensure_finetune, read_rows, run_bench, settings_id
@@ -57,7 +58,7 @@ def run_bench_real_command(args: argparse.Namespace) -> int:
     import torch
 
     from diffmem.backends import DTYPES
-    from diffmem.bench.real import PLANS, REPORT_FILE, RealBenchSettings, run_real_bench
+    from diffmem.bench.real import REPORT_FILE, run_real_bench
 
     torch.set_num_threads(args.threads)
     settings = RealBenchSettings(generations=args.generations, heldout_generations=args.heldout_generations,
@@ -74,7 +75,6 @@ def register_real(subparsers: argparse._SubParsersAction) -> None:
     """Add `diffmem bench-real` (its own command: none of the world grid's options apply to it, and it needs a
     base, LoRAs and a probe)."""
     from diffmem.backends import DTYPES
-    from diffmem.bench.real import PLANS, RealBenchSettings
 
     d = RealBenchSettings()
     p = subparsers.add_parser(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
+from diffmem.bench.settings import BenchSettings  # defined there, without diffusers
 from diffmem.metrics.amd import amd
 from diffmem.metrics.copy import copy_decisions, paired_tiled_l2
 from diffmem.metrics.extraction import extraction_attack
@@ -14,31 +15,7 @@ from diffmem.metrics.features import embed
 from diffmem.metrics.fid import fid_from_features
 from diffmem.world.check import manifest_images, own_reference_rows
 from diffmem.world.data import ImageSet
-from diffmem.world.diffusion import WORLD_GUIDANCE, denoising_loss, generate
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """How each model of the benchmark is sampled and scored.
-
-    Args:
-        generations: generations per duplicated caption for the copy test, AMD and extraction. 6 x 5 captions
-            keeps one model's measurement near half a minute on one CPU thread; every model uses the same seeds,
-            so differences between mitigations are not sampling noise between seeds.
-        quality_generations: generations per held-out caption for FID.
-        steps: DDIM steps. 10, not the world's 25: on the example LoRA the per-caption copy rates at 10 and
-            25 steps differ by at most one generation in eight (`diffmem bench --steps` to change it).
-        guidance: classifier-free guidance scale, as everywhere in the world.
-        seed: first sampling seed.
-        timesteps_per_image: stratified timesteps per image of the denoising losses.
-    """
-
-    generations: int = 6
-    quality_generations: int = 1
-    steps: int = 10
-    guidance: float = WORLD_GUIDANCE
-    seed: int = 1000
-    timesteps_per_image: int = 8
+from diffmem.world.diffusion import denoising_loss, generate
 
 
 @dataclass

@@ -13,7 +13,7 @@ from diffmem.filters import (
     ScaleConfig,
     Selection,
 )
-from diffmem.world.train import FinetuneConfig
+from diffmem.world.settings import FinetuneConfig
 
 
 @dataclass(frozen=True)

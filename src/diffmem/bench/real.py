@@ -24,8 +24,16 @@ import torch
 
 from diffmem.backends import Backend, pipeline_backend
 from diffmem.backends.stable_diffusion import load_pipeline, pipeline_family
-from diffmem.bench.grid import FULL_PLAN, QUICK_PLAN, VARIATION_PLAN, Variant, VariantPlan, reference_variants
+from diffmem.bench.grid import (  # noqa: F401 (the plans: importable from here, as PLANS names them)
+    FULL_PLAN,
+    QUICK_PLAN,
+    VARIATION_PLAN,
+    Variant,
+    VariantPlan,
+    reference_variants,
+)
 from diffmem.bench.run import append_row, read_rows, settings_id
+from diffmem.bench.settings import PLANS, RealBenchSettings  # noqa: F401 (defined there, without diffusers)
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.base import BaseCheckpoint, open_base
 from diffmem.formats.lora import write_lora
@@ -47,48 +55,8 @@ from diffmem.report import image_grid, load_image, markdown_table, save_png
 
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.md"
-PLANS = {"quick": QUICK_PLAN, "variation": VARIATION_PLAN, "full": FULL_PLAN}
 #: Seed offset of the held-out captions' generations, so they never share noise with the suspected ones.
 HELDOUT_SEED_OFFSET = 10_000
-
-
-@dataclass(frozen=True)
-class RealBenchSettings:
-    """How every model (base, LoRA, filtered LoRA) is sampled and scored; rows measured with other settings are
-    kept apart (`settings_id`).
-
-    Args:
-        generations: images per suspected caption. 4, Wen et al.'s number per prompt; the extraction attack
-            needs at least 3 near-identical generations of a caption to call it extracted.
-        heldout_generations: images per held-out caption (for FID).
-        steps: sampling steps. 25, the usual interactive setting for Stable Diffusion 1.x/2.x.
-        guidance: classifier-free guidance scale. None (default): the model's own (`Backend.default_guidance`:
-            7.5 for Stable Diffusion, also Wen et al.'s; 7.0 for SD3; 1.0 for Flux, whose distilled guidance is
-            inside the model).
-        seed: generation g of every caption starts from the noise of seed `seed + g` (a CPU generator, so the
-            noise is the same on every device); held-out captions use seeds from `seed + 10000`.
-        timesteps_per_image: stratified noise levels per image of the denoising losses (as the world benchmark).
-        embedder: the feature space of AMD and FID: "pixelsN" (raw pixels average-pooled to N x N, no learned
-            network), "safety-checker" (the CLIP image encoder SD 1.x folders ship) or a feature-network file
-            given with ``--embedder``. Default "pixels16": the project's copy embedder is trained on the world's
-            32 x 32 images only, no learned network for real photos ships with diffmem, and not every base has a
-            safety checker.
-        copy_distance: optional absolute bound on the tiled-L2 distance that a copy must also meet
-            (`CopyConfig.distance_threshold`); None uses Carlini et al.'s relative test alone.
-    """
-
-    generations: int = 4
-    heldout_generations: int = 1
-    steps: int = 25
-    guidance: float | None = None
-    seed: int = 0
-    timesteps_per_image: int = 8
-    embedder: str = "pixels16"
-    copy_distance: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.generations < 1 or self.heldout_generations < 1 or self.steps < 1:
-            raise DiffmemError("generations, held-out generations and steps must each be at least 1")
 
 
 # ------------------------------------------------------------------------------------------------ probe manifest

@@ -8,17 +8,29 @@ memorized prompt's, and how much the neurons and weights NeMo and Wanda select a
     results = run_locality(unet, example_lora_inputs(manifest), LocalityConfig(captions=1))
 """
 
-from diffmem.locality.experiment import LocalityConfig, LocalityInputs, example_lora_inputs, run_locality
-from diffmem.locality.functional import (
-    embedding_distances,
-    expected_layered_jaccard,
-    expected_random_jaccard,
-    jaccard,
-    layered_agreement,
-    pairwise_embedding_distances,
-    selection_agreement,
-)
-from diffmem.locality.report import markdown, write_results
+import importlib
+from typing import Any
+
+# The names below come from the package's modules, each imported when a name of it is first used: the experiments
+# load the world's model (diffusers), and `diffmem locality --help` imports `diffmem.locality.settings` only.
+MODULE_OF = {
+    "LocalityConfig": "settings",
+    "LocalityInputs": "experiment", "example_lora_inputs": "experiment", "run_locality": "experiment",
+    **dict.fromkeys(("embedding_distances", "expected_layered_jaccard", "expected_random_jaccard", "jaccard",
+                     "layered_agreement", "pairwise_embedding_distances", "selection_agreement"), "functional"),
+    "markdown": "report", "write_results": "report",
+}
+
+
+def __getattr__(name: str) -> Any:  # PEP 562
+    if name in MODULE_OF:
+        return getattr(importlib.import_module(f"diffmem.locality.{MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'diffmem.locality' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *MODULE_OF])
+
 
 __all__ = [
     "LocalityConfig", "LocalityInputs", "embedding_distances", "example_lora_inputs", "expected_layered_jaccard",

@@ -8,22 +8,16 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from diffmem.attack import START_KINDS, DoriConfig
+from diffmem.attack.settings import START_KINDS, DoriConfig
+from diffmem.cli import UsageError, usage_error
 from diffmem.errors import DiffmemError, FileFormatError
-from diffmem.formats.safetensors_io import write_atomic
-from diffmem.locality.experiment import (
-    LocalityConfig,
-    between_captions_of_results,
-    example_lora_inputs,
-    run_locality,
-)
-from diffmem.locality.report import markdown, write_results
-from diffmem.mitigations.nemo import NeMoConfig
-from diffmem.world.check import CheckSettings, load_example_lora
-from diffmem.world.lora import apply_lora
-from diffmem.world.model import load_base
+from diffmem.evaluation.sampling import SamplingSettings as CheckSettings  # the world check's name for it
+from diffmem.json_output import add_json_options, json_file, json_mode, json_stdout, stamped
+from diffmem.locality.settings import LocalityConfig
+from diffmem.mitigations.settings import NeMoConfig
+
+# Parsing needs only the settings above (their defaults; no model library): `diffmem locality --help` must not load
+# diffusers. The experiments are imported by the command when it runs.
 
 
 def parse_starts(text: str) -> tuple[str, ...]:
@@ -45,7 +39,7 @@ def add_locality(subparsers: argparse._SubParsersAction) -> None:
                     "page with the reading (docs/locality.md).")
     p.add_argument("--lora", type=Path, default=None,
                    help="world LoRA whose .json manifest lists the memorized images (default: the committed example)")
-    p.add_argument("--json", type=Path, required=True, help="where to write every number (JSON)")
+    add_json_options(p, "every number")
     p.add_argument("--markdown", type=Path, default=None, help="where to write the page (e.g. docs/locality.md)")
     p.add_argument("--captions", type=int, default=None, help="study the first N memorized captions (default all)")
     p.add_argument("--starts", type=parse_starts, default=c.starts,
@@ -68,25 +62,88 @@ def add_locality(subparsers: argparse._SubParsersAction) -> None:
                    help="re-run only Wanda (cheap) on the adversarial embedding, not NeMo (a search per caption)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="write the results of the captions finished so far here after each caption")
-    p.add_argument("--from-json", action="store_true",
-                   help="run nothing: read --json (a finished or checkpointed run) and write --markdown from it")
+    p.add_argument("--from-json", nargs="?", const=True, default=None, type=Path, metavar="RESULTS_JSON",
+                   help="run nothing: read the results of a finished or checkpointed run (RESULTS_JSON, default the "
+                        "--json-out file) and write --markdown from them")
     p.add_argument("--add-between-captions", type=Path, default=None, metavar="RESULTS_JSON",
                    help="run only the between-faces scale (NeMo's and Wanda's selections for different memorized "
-                        "captions) for a finished run saved without it, and write its results with it as --json "
-                        "(another file) and --markdown")
+                        "captions) for a finished run saved without it, and write its results with it as "
+                        "--json-out (another file) and --markdown")
     p.add_argument("--no-judge-on-nemo", action="store_true",
                    help="do not judge the adversarial embeddings on the NeMo-pruned model")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(handler=run_locality_command)
 
 
+def locality_config(args: argparse.Namespace) -> LocalityConfig:
+    """The LocalityConfig the flags describe; a value a config refuses is a usage error (exit 2) naming its flag."""
+    defaults = LocalityConfig()
+    try:
+        dori = replace(defaults.dori, steps=args.steps, batch_size=args.batch_size)
+        check = CheckSettings(generations=args.generations, steps=args.sample_steps)
+    except ValueError as error:
+        raise usage_error(error, ("steps", "batch_size")) from None
+    try:
+        nemo = replace(defaults.nemo, generations=args.nemo_generations)
+    except ValueError as error:
+        raise usage_error(error, {"generations": "--nemo-generations"}) from None
+    try:
+        wanda = replace(defaults.wanda, generations=args.wanda_generations)
+    except ValueError as error:
+        raise usage_error(error, {"generations": "--wanda-generations"}) from None
+    if args.generations < 1 or args.sample_steps < 1:
+        raise UsageError("--generations and --sample-steps must be at least 1")
+    relocalise = None if str(args.relocalise).lower() == "none" else args.relocalise
+    try:
+        return LocalityConfig(
+            captions=args.captions, starts=args.starts, dori=dori, check=check, top_share=args.top_share, nemo=nemo,
+            wanda=wanda, relocalise_start=relocalise, relocalise_nemo=not args.no_relocalise_nemo,
+            judge_on_nemo=not args.no_judge_on_nemo,
+        )
+    except ValueError as error:
+        raise usage_error(error, {"captions": "--captions", "starts": "--starts", "top_share": "--top-share",
+                                  "relocalise_start": "--relocalise"}) from None
+
+
 def run_locality_command(args: argparse.Namespace) -> int:
+    from diffmem.locality.report import rounded, write_results
+
     command = getattr(args, "command_line", None) or "diffmem locality"  # as typed: `diffmem.cli.main` passes it
-    if args.from_json:
-        return render_from_json(args.json, args.markdown)
-    if args.add_between_captions is not None and args.add_between_captions.resolve() == args.json.resolve():
-        raise DiffmemError("--json must name another file than the results read (inputs are never overwritten)",
-                           args.json)
+    json_path = json_file(args)  # --json-out, or the old spelling --json PATH
+    if args.from_json is not None:
+        source = json_path if args.from_json is True else args.from_json
+        if source is None:
+            raise UsageError("--from-json needs the results to read: --from-json RESULTS_JSON")
+        return render_from_json(source, args.markdown)
+    if json_path is None and not json_stdout(args):
+        raise UsageError("give --json-out PATH, where every number is written (or --json to print them on stdout)")
+    if args.add_between_captions is not None and json_path is None:
+        raise UsageError("--add-between-captions writes its results to --json-out PATH; give one")
+    if args.add_between_captions is not None and args.add_between_captions.resolve() == json_path.resolve():
+        raise UsageError(f"--json-out must name another file than the results read, {json_path} (inputs are "
+                         "never overwritten)")
+    config = locality_config(args) if args.add_between_captions is None else None  # usage errors before loading
+    with json_mode(args):  # with --json, stdout holds the results alone
+        results = run_locality_parts(args, config, command)
+        write_results(results, json_path, args.markdown)
+        wrote = [str(p) for p in (json_path, args.markdown) if p is not None]
+        if wrote:
+            print(f"wrote {' and '.join(wrote)}")
+    if json_stdout(args):
+        print(json.dumps(stamped(rounded(results)), indent=1))
+    return 0
+
+
+def run_locality_parts(args: argparse.Namespace, config: LocalityConfig | None, command: str) -> dict:
+    """Load the model and run the experiments (or only the between-faces scale of `--add-between-captions`)."""
+    import torch
+
+    from diffmem.locality.experiment import between_captions_of_results, example_lora_inputs, run_locality
+    from diffmem.locality.report import write_results
+    from diffmem.world.check import load_example_lora
+    from diffmem.world.lora import apply_lora
+    from diffmem.world.model import load_base
+
     torch.set_num_threads(args.threads)
     if args.lora is None:
         unet, manifest = load_example_lora()
@@ -98,21 +155,7 @@ def run_locality_command(args: argparse.Namespace) -> int:
         unet = apply_lora(load_base(), args.lora)
     if args.add_between_captions is not None:
         results = read_results(args.add_between_captions)
-        results |= {"between_captions": between_captions_of_results(unet, results), "between_command": command}
-        write_results(results, args.json, args.markdown)
-        print(f"wrote {args.json}" + (f" and {args.markdown}" if args.markdown else ""))
-        return 0
-    defaults = LocalityConfig()
-    relocalise = None if str(args.relocalise).lower() == "none" else args.relocalise
-    config = LocalityConfig(
-        captions=args.captions, starts=args.starts,
-        dori=replace(defaults.dori, steps=args.steps, batch_size=args.batch_size),
-        check=CheckSettings(generations=args.generations, steps=args.sample_steps),
-        top_share=args.top_share, nemo=replace(defaults.nemo, generations=args.nemo_generations),
-        wanda=replace(defaults.wanda, generations=args.wanda_generations),
-        relocalise_start=relocalise, relocalise_nemo=not args.no_relocalise_nemo,
-        judge_on_nemo=not args.no_judge_on_nemo,
-    )
+        return results | {"between_captions": between_captions_of_results(unet, results), "between_command": command}
     model = (f"world LoRA {args.lora} merged into the world base" if args.lora is not None else
              "the committed example LoRA merged into the world base (5 faces duplicated 100 times, docs/world.md)")
 
@@ -121,10 +164,7 @@ def run_locality_command(args: argparse.Namespace) -> int:
 
     results = run_locality(unet, example_lora_inputs(manifest), config, progress=lambda m: print(m, flush=True),
                            checkpoint=save_checkpoint if args.checkpoint is not None else None)
-    results |= {"model": model, "command": command}
-    write_results(results, args.json, args.markdown)
-    print(f"wrote {args.json}" + (f" and {args.markdown}" if args.markdown else ""))
-    return 0
+    return results | {"model": model, "command": command}
 
 
 def read_results(json_path: Path) -> dict:
@@ -143,7 +183,10 @@ def read_results(json_path: Path) -> dict:
 def render_from_json(json_path: Path, markdown_path: Path | None) -> int:
     """Write the page of a run saved as JSON (finished, or a checkpoint of the captions done so far)."""
     if markdown_path is None:
-        raise DiffmemError("--from-json needs --markdown, the page to write")
+        raise UsageError("--from-json needs --markdown, the page to write")
+    from diffmem.formats.safetensors_io import write_atomic
+    from diffmem.locality.report import markdown
+
     results = read_results(json_path)
     write_atomic(markdown(results).encode(), markdown_path, protect=(json_path,))
     print(f"wrote {markdown_path}")

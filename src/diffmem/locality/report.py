@@ -386,9 +386,10 @@ def markdown(results: dict) -> str:
     return "\n".join(parts)
 
 
-def write_results(results: dict, json_path: str | Path, markdown_path: str | Path | None) -> None:
-    """Write the JSON of a run and (optionally) its markdown page, each atomically (`results["command"]` is the
-    command the page names)."""
-    write_atomic((json.dumps(rounded(results), indent=1, sort_keys=False) + "\n").encode(), json_path)
+def write_results(results: dict, json_path: str | Path | None, markdown_path: str | Path | None) -> None:
+    """Write the JSON of a run and its markdown page (each when its path is given), atomically
+    (`results["command"]` is the command the page names)."""
+    if json_path is not None:
+        write_atomic((json.dumps(rounded(results), indent=1, sort_keys=False) + "\n").encode(), json_path)
     if markdown_path is not None:
         write_atomic(markdown(rounded(results)).encode(), markdown_path)

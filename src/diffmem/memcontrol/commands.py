@@ -8,10 +8,18 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from diffmem.memcontrol.mask import GRANULARITIES
-from diffmem.memcontrol.methods import METHODS
-from diffmem.memcontrol.mitigation import MITIGATIONS
-from diffmem.memcontrol.table import BASELINES, TABLE_MITIGATIONS
+# Only the settings (names and defaults, in a module without torch) are imported here, so `diffmem memcontrol --help`
+# loads no model; each command imports its work when it runs.
+from diffmem.memcontrol.settings import (
+    BASELINES,
+    GRANULARITIES,
+    MASKED_METHODS,
+    METHOD_NAMES,
+    MITIGATIONS,
+    TABLE_MITIGATIONS,
+    MemControlTrainConfig,
+    SearchConfig,
+)
 
 
 def add_training_options(p: argparse.ArgumentParser, steps: int | None, batch_size: int | None) -> None:
@@ -66,12 +74,10 @@ def run_mask(args: argparse.Namespace) -> int:
 
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    from diffmem.memcontrol.train import MemControlTrainConfig
-
-    d = MemControlTrainConfig()
+    d = MemControlTrainConfig  # the defaults, read off the class
     p = subparsers.add_parser("train", help="fine-tune the world base with a PEFT method under a mask")
     p.add_argument("--out", type=Path, required=True, help="merged UNet (.safetensors, float32); manifest .json beside")
-    p.add_argument("--method", choices=sorted(METHODS), default=d.method, help=f"what to train (default {d.method})")
+    p.add_argument("--method", choices=sorted(METHOD_NAMES), default=d.method, help=f"what to train (default {d.method})")
     p.add_argument("--mask", type=Path, help="mask file (from `memcontrol mask` or `memcontrol search`); "
                                              "default: every attention module (the method as published)")
     p.add_argument("--mitigation", choices=MITIGATIONS, default="none", help="training-time mitigation (default none)")
@@ -82,7 +88,7 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from diffmem.memcontrol.mask import load_mask
-    from diffmem.memcontrol.train import MemControlTrainConfig, train_masked
+    from diffmem.memcontrol.train import train_masked
 
     config = training_config(args, MemControlTrainConfig(method=args.method))
     mask = None if args.mask is None else load_mask(args.mask)
@@ -93,12 +99,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_search(subparsers: argparse._SubParsersAction) -> None:
-    from diffmem.memcontrol.search import SearchConfig
-
-    d = SearchConfig()
+    d = SearchConfig  # the defaults, read off the class
     p = subparsers.add_parser("search", help="MemControl's mask search (NSGA-II; Wen score and FID)")
     p.add_argument("--out", type=Path, required=True, help="folder for the study, Pareto table and plot, mask.json")
-    p.add_argument("--method", choices=("svdiff", "difffit", "attention", "lora"), default=d.method,
+    p.add_argument("--method", choices=MASKED_METHODS, default=d.method,
                    help=f"search space (default {d.method})")
     p.add_argument("--granularity", choices=GRANULARITIES, help="default: layers for attention, blocks otherwise")
     p.add_argument("--trials", type=int, default=d.trials, help=f"trials of the study in all (default {d.trials})")
@@ -116,7 +120,7 @@ def add_search(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from diffmem.memcontrol.search import SearchConfig, search
+    from diffmem.memcontrol.search import search
 
     start = SearchConfig.quick(args.method) if args.quick else SearchConfig(method=args.method)
     config = replace(start, granularity=args.granularity, trials=args.trials, population_size=args.population,

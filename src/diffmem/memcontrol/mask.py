@@ -28,8 +28,8 @@ import torch
 
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.safetensors_io import write_atomic
+from diffmem.memcontrol.settings import GRANULARITIES
 
-GRANULARITIES = ("blocks", "layers")
 MASK_FORMAT = "diffmem-memcontrol-mask"
 MASK_VERSION = 1
 ATTENTION_PATH = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.(\d+)")

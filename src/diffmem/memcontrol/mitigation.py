@@ -4,48 +4,16 @@ et al. 2023) and Wen et al.'s threshold mitigation (ICLR 2024)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-from diffmem.errors import DiffmemError
 from diffmem.memcontrol.functional import insert_random_words
+from diffmem.memcontrol.settings import MITIGATIONS, MitigationConfig  # noqa: F401 (defined there)
 from diffmem.metrics.wen import conditional_difference_norms
 from diffmem.world.diffusion import TRAIN_TIMESTEPS, add_noise, predict_noise, to_model_range
 from diffmem.world.text import encode_prompts, text_encoder
 from diffmem.world.train import ContextFn
-
-MITIGATIONS = ("none", "rwa", "threshold")
-
-
-@dataclass(frozen=True)
-class MitigationConfig:
-    """A training-time mitigation and its setting.
-
-    Attributes:
-        kind: "none", "rwa" (random word addition) or "threshold" (Wen's threshold mitigation).
-        rwa_probability: chance of inserting a random word at each gap of a caption, 0.1 as MemControl's RWA
-            baseline (seed 001, sec. 4.1; Somepalli et al. 2023 add random words to training captions).
-        threshold: drop a sample from the loss when ||eps(x_t, c) - eps(x_t, empty)||_2 at its training timestep
-            reaches this. Wen et al. use 2 for SD's 4 x 64 x 64 latents; the world's 3 x 32 x 32 pixels give other
-            norms: 5.0 is the 90th percentile of the committed base's norms on the training faces at uniform
-            timesteps (5% to 20% of samples dropped depending on the model). Measured there: the norm depends far
-            more on the timestep than on whether a face is memorized, so this threshold drops mostly samples at
-            small t (docs/memcontrol.md).
-    """
-
-    kind: str = "none"
-    rwa_probability: float = 0.1
-    threshold: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in MITIGATIONS:
-            raise DiffmemError(f"unknown mitigation {self.kind!r}; choose one of {', '.join(MITIGATIONS)}")
-        if not 0.0 <= self.rwa_probability <= 1.0:
-            raise DiffmemError(f"rwa_probability must be in [0, 1], got {self.rwa_probability}")
-        if self.threshold <= 0:
-            raise DiffmemError(f"threshold must be positive, got {self.threshold}")
 
 
 @cache

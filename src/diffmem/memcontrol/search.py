@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,79 +20,11 @@ from diffusers import UNet2DConditionModel
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.memcontrol.mask import Mask, derive_mask, save_mask
-from diffmem.memcontrol.methods import check_method, scaled_lr
-from diffmem.memcontrol.train import QUICK_LR_SCALE, QUICK_TRAIN, MemControlTrainConfig, finetune_with_mask
+from diffmem.memcontrol.settings import SearchConfig
+from diffmem.memcontrol.train import finetune_with_mask
 from diffmem.world.data import ImageSet
-from diffmem.world.diffusion import WORLD_GUIDANCE
 
 STUDY_FILE = "study.db"
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """One MemControl search over the masks of one PEFT method.
-
-    Attributes:
-        method: the PEFT method whose search space is searched ("svdiff", "difffit", "attention", "lora").
-        granularity: "blocks" or "layers"; None takes the seed's: layers for attention tuning, blocks otherwise.
-        trials: total trials of the study (a resumed study runs only the missing ones). The first trial is the
-            all-on mask, the method as published, so the front is compared with it.
-        population_size: NSGA-II population per generation (Optuna's default 50 suits hundreds of trials; MemControl
-            on the world affords tens).
-        train: the inner fine-tune on the proxy set: MemControl uses 1% of the data plus 100 pairs x 50; the
-            world's 80 training faces give 10% of the other faces (7) plus 5 faces x 20, 60 steps of 8 images.
-        wen_steps / wen_generations / guidance: Wen's score on the duplicated captions (Wen et al. use DDIM 50 steps,
-            4 generations, guidance 7.5 on SD; the world samples with guidance 3 and few steps here for speed).
-        validation_size: training-split images the proxy fine-tune does not see that serve as the FID's
-            reference and captions (20, as many as the world's held-out faces; the held-out split itself is kept
-            for the reported table).
-        quality_generations: generations per validation caption for the FID.
-        quality_steps: DDIM steps of those generations.
-        lr_scale: multiplies the method's own learning rate when `train.lr` is None (as `TableConfig.lr_scale`).
-        seed: seeds the sampler, the proxy set and the training.
-    """
-
-    method: str = "svdiff"
-    granularity: str | None = None
-    trials: int = 12
-    population_size: int = 6
-    train: MemControlTrainConfig = field(default_factory=lambda: MemControlTrainConfig(
-        duplicate=(5, 20), rest_share=0.1, steps=60, batch_size=8))
-    wen_steps: int = 10
-    wen_generations: int = 2
-    guidance: float = WORLD_GUIDANCE
-    validation_size: int = 20
-    quality_generations: int = 2
-    quality_steps: int = 10
-    lr_scale: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not check_method(self.method).masked:
-            raise DiffmemError(f"method {self.method!r} has no mask to search; choose svdiff, difffit, attention or lora")
-        if self.trials < 1 or self.population_size < 2:
-            raise DiffmemError("a search needs trials >= 1 and population_size >= 2")
-        if self.lr_scale <= 0:
-            raise DiffmemError(f"lr_scale must be positive, got {self.lr_scale}")
-        if self.validation_size < 2:
-            raise DiffmemError(f"the search's FID needs validation_size >= 2 images, got {self.validation_size}")
-
-    @classmethod
-    def quick(cls, method: str = "svdiff", trials: int = 12, population_size: int = 6) -> SearchConfig:
-        """The proxy fine-tune at the table's quick budget (`QUICK_TRAIN`, `QUICK_LR_SCALE`), so that the proxy
-        memorizes as the quick table's rows do: the same 2 faces x 300 and 200 steps of 8, with 10% of the other
-        faces seen once (the seed's proxy is 1% of the data plus the memorization set)."""
-        return cls(method=method, trials=trials, population_size=population_size,
-                   train=replace(QUICK_TRAIN, rest_share=0.1), lr_scale=QUICK_LR_SCALE)
-
-    @property
-    def mask_granularity(self) -> str:
-        return self.granularity or ("layers" if self.method == "attention" else "blocks")
-
-    @property
-    def inner(self) -> MemControlTrainConfig:
-        return replace(self.train, method=self.method, seed=self.seed,
-                       lr=scaled_lr(self.method, self.train.lr, self.lr_scale))
 
 
 @dataclass(frozen=True)

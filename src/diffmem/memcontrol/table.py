@@ -19,6 +19,7 @@ from diffmem.memcontrol.mask import Mask, derive_mask, load_mask
 from diffmem.memcontrol.methods import check_method, scaled_lr
 from diffmem.memcontrol.mitigation import MitigationConfig
 from diffmem.memcontrol.search import memorization_objective
+from diffmem.memcontrol.settings import BASELINES, TABLE_MITIGATIONS
 from diffmem.memcontrol.train import (
     QUICK_LR_SCALE,
     QUICK_TRAIN,
@@ -33,16 +34,13 @@ from diffmem.world.data import FINETUNE_SETS
 from diffmem.world.diffusion import WORLD_GUIDANCE
 from diffmem.world.model import load_base
 
-BASELINES = ("none", "full", "svdiff", "difffit", "attention", "lora")
 #: The methods the seed's Table 1 crosses with each mitigation; the others (no fine-tuning, and LoRA, which the seed
 #: does not report) get their plain row only.
 CROSSED = ("full", "svdiff", "difffit", "attention")
 LABELS = {"none": "Freeze (no fine-tuning)", "full": "Full FT", "svdiff": "SV-DIFF", "difffit": "DiffFit",
           "attention": "Attn tuning", "lora": "LoRA"}
-#: The mitigations crossed with each method in `CROSSED`: none, then every registered mitigation that acts inside the
-#: training loop (`diffmem.mitigations.registry`: random word addition, Wen's threshold), in registration order.
-#: Read from the registry once, at import: each must also be a `MitigationConfig` kind, which the training runs.
-TABLE_MITIGATIONS = ("none", *(m.name for m in training_loop_mitigations()))
+#: `BASELINES` and `TABLE_MITIGATIONS` (the mitigations crossed with each method in `CROSSED`) live in
+#: `diffmem.memcontrol.settings`.
 MITIGATION_LABELS = {"none": "", **{m.name: f" + {m.label}" for m in training_loop_mitigations()}}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,13 @@ from diffusers import UNet2DConditionModel
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import save_file, sha256_file, write_atomic
 from diffmem.memcontrol.mask import Mask, check_mask_fits, mask_to_dict
-from diffmem.memcontrol.methods import check_method, merge, prepare, scaled_lr
-from diffmem.memcontrol.mitigation import MitigationConfig, random_word_contexts, threshold_mitigated_loss
+from diffmem.memcontrol.methods import check_method, merge, prepare
+from diffmem.memcontrol.mitigation import random_word_contexts, threshold_mitigated_loss
+from diffmem.memcontrol.settings import (  # noqa: F401 (defined there, without torch)
+    QUICK_LR_SCALE,
+    QUICK_TRAIN,
+    MemControlTrainConfig,
+)
 from diffmem.world.data import FINETUNE_SETS
 from diffmem.world.diffusion import training_loss
 from diffmem.world.model import BASE_SHA256, config_of, load_base, load_unet_file, unet_metadata, unet_tensors
@@ -30,62 +35,6 @@ from diffmem.world.train import (
     table_contexts,
     training_rows,
 )
-
-
-@dataclass(frozen=True)
-class MemControlTrainConfig:
-    """A masked fine-tune of the world base (MemControl's inner loop, and its retraining on the full data).
-
-    Attributes:
-        method: "svdiff", "difffit", "attention", "lora" (masked PEFT), "full" or "none" (no fine-tuning).
-        data: "faces" (the private domain) or "photos" (the transfer experiment, seed Table 2).
-        duplicate: (N, K): N training images repeated K times each, the known memorization set (MemControl
-            duplicates 100 pairs 50 times; the world's 80 training faces take 5 x 100, as the example LoRA).
-        rest_share: share of the other training images seen once. 1.0 for a full fine-tune; MemControl's search
-            proxy uses 1% of MIMIC, which on 80 faces is nothing, so the search defaults to 0.1 (`SearchConfig`).
-        lr: AdamW learning rate; None takes the method's own default (`diffmem.memcontrol.methods.default_lr`).
-        steps / batch_size: the world recipe is 500 x 16 (about 15 CPU minutes); MemControl runs here use less.
-        caption_dropout / noise_offset: as `diffmem.world.train.FinetuneConfig` (0.1 and 0.1).
-        mitigation: random word addition or Wen's threshold (`MitigationConfig`), or none.
-        seed: picks the duplicated and once-seen images and seeds the training.
-        threads: torch CPU threads.
-    """
-
-    method: str = "svdiff"
-    data: str = "faces"
-    duplicate: tuple[int, int] = (5, 100)
-    rest_share: float = 1.0
-    lr: float | None = None
-    steps: int = 500
-    batch_size: int = 16
-    caption_dropout: float = 0.1
-    noise_offset: float = 0.1
-    mitigation: MitigationConfig = field(default_factory=MitigationConfig)
-    seed: int = 0
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        check_method(self.method)
-        if self.data not in FINETUNE_SETS:
-            raise DiffmemError(f"unknown data set {self.data!r}; choose one of {', '.join(FINETUNE_SETS)}")
-        if not 0.0 <= self.rest_share <= 1.0:
-            raise DiffmemError(f"rest_share must be in [0, 1], got {self.rest_share}")
-        count, repeats = self.duplicate
-        if count < 0 or repeats < 1:
-            raise DiffmemError(f"duplicate must be N:K with N >= 0 images and K >= 1 repeats, got {count}:{repeats}")
-
-    @property
-    def learning_rate(self) -> float:
-        return scaled_lr(self.method, self.lr, 1.0)
-
-
-#: The quick budget that `memcontrol table --quick` and `memcontrol search --quick` share: 2 faces x 300 plus the
-#: other 78 training faces once, 200 steps of 8 images (about 2.5 CPU minutes of full fine-tuning on one thread).
-#: Measured with docs/memcontrol/budget_probe.py: at 10x its own rate, full fine-tuning copies a third of its
-#: duplicated-caption generations there; with 5 faces x 100 it copied none at 200 steps (docs/memcontrol.md).
-QUICK_TRAIN = MemControlTrainConfig(duplicate=(2, 300), steps=200, batch_size=8)
-#: Every method's own learning rate times this in the quick budget (full fine-tuning 1e-3, SV-DIFF 1e-2).
-QUICK_LR_SCALE = 10.0
 
 
 def once_seen_rows(train_size: int, duplicated: list[int], share: float, seed: int) -> list[int]:

@@ -18,8 +18,8 @@ import importlib
 # Name -> the module that defines it. Imported on first use, so that `diffmem.mitigations.registry` (which lists
 # mitigations without running one) does not pull torch in through this package.
 LAZY_NAMES = {
-    "NeMoConfig": "nemo", "NeMoResult": "nemo", "nemo_mitigate": "nemo",
-    "WandaConfig": "wanda", "WandaResult": "wanda", "wanda_mitigate": "wanda",
+    "NeMoConfig": "settings", "NeMoResult": "nemo", "nemo_mitigate": "nemo",
+    "WandaConfig": "settings", "WandaResult": "wanda", "wanda_mitigate": "wanda",
     "WeightMasks": "pruning", "apply_masks": "pruning", "load_masks": "pruning", "masked_count": "pruning",
     "save_masks": "pruning",
     "MITIGATIONS": "registry", "Mitigation": "registry", "MitigationInputs": "registry",

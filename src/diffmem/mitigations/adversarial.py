@@ -15,94 +15,24 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from diffmem.attack.dori import START_KINDS, DoriConfig, dori_attack
+from diffmem.attack.dori import dori_attack
 from diffmem.attack.search_loss import final_search_loss
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import sha256_file, write_atomic
 from diffmem.mitigations.run import load_world_model, read_manifest, save_world_unet
+from diffmem.mitigations.settings import AdversarialFinetuneConfig  # defined there, without diffusers
 from diffmem.world.check import manifest_images
 from diffmem.world.data import ImageSet
 from diffmem.world.diffusion import WORLD_GUIDANCE, WORLD_STEPS, generate
 from diffmem.world.model import load_base, load_unet_file
 from diffmem.world.text import encode_prompts
 from diffmem.world.train import finetune_loop, table_contexts
-
-
-@dataclass(frozen=True)
-class AdversarialFinetuneConfig:
-    """How adversarial fine-tuning alternates Dori searches and weight updates (Kowalczuk et al. 2025, "Finding
-    Dori", seed 002: "bypassing the locality assumption enables more robust mitigation through adversarial
-    fine-tuning", full-model updates that map adversarial embeddings to surrogate images, with a utility loss on
-    other data; notes/methods.md).
-
-    Args:
-        rounds: alternations of (search, fine-tune). 3: the embeddings of round 1 are found on the memorizing model;
-            later rounds search the partly mitigated model again, so the update also covers the triggers that are
-            left once the first ones are closed (an adversarial-training loop in the sense of Madry et al. 2018).
-        starts: Dori starts searched per memorized image and round (`diffmem.attack.START_KINDS`). All three of the
-            paper's: the caption's own embedding (the attack on the prompt a mitigation claims to have fixed),
-            random tokens and an unrelated prompt (triggers are spread over embedding space, so one start is not
-            enough to close them).
-        search: the Dori search of every round. The paper's settings (Adam, lr 0.1, batch 8) with 25 steps instead
-            of 50: on the world's example LoRA the loss stops falling well before 50 (docs/attack.md), and the
-            search runs rounds x starts x images times. Its seed is offset per round and start.
-        steps_per_round: fine-tuning steps after each round's searches: 40, so 3 rounds are 120 full-model steps
-            of 8, a few CPU minutes. docs/robustness.md measured a lighter setting (2 rounds, 2 starts, 10 search
-            steps, 40 steps per round): no copies of the example LoRA's face 0 under a 15-step attack by the copy
-            test, but a 50-step attack brings the face back colour-shifted; the defaults spend more searching,
-            not yet measured.
-        batch_size: images per fine-tuning step (8, the Dori batch).
-        adversarial_share: expected share of each batch drawn from the (embedding, surrogate) pairs; the rest is the
-            ordinary DDPM loss on other training data. 0.5 weighs removal and utility equally, as the paper's sum
-            of the two losses does.
-        lr: AdamW learning rate of the full-model update. 5e-4, chosen without a sweep: the world's ordinary
-            full fine-tuning rate (1e-4, `diffmem.world.train.FinetuneConfig`) memorizes nothing in a few hundred
-            steps (docs/memcontrol.md), and undoing memorization in about a hundred steps needs a rate of the order
-            of the one that creates it; the ordinary loss on other data holds quality. AdamW restarts each round
-            (one `finetune_loop` call per round).
-        caption_dropout / noise_offset: as every world fine-tune (0.1 each, `FinetuneConfig`): dropout keeps the
-            unconditional score usable for guidance; the base and the LoRA were trained with offset noise.
-        include_captions: also map each memorized caption's own embedding to the surrogate, so the plain prompt
-            is mitigated even if no search from it is run.
-        surrogate_steps / surrogate_guidance: DDIM steps and guidance of the surrogate generations, the world's
-            sampling defaults (25 and 3, `diffmem.world.check.CheckSettings`).
-        seed: seeds the surrogates, the searches (offset per round and start) and the fine-tuning.
-    """
-
-    rounds: int = 3
-    starts: tuple[str, ...] = START_KINDS
-    search: DoriConfig = field(default_factory=lambda: DoriConfig(steps=25))
-    steps_per_round: int = 40
-    batch_size: int = 8
-    adversarial_share: float = 0.5
-    lr: float = 5e-4
-    caption_dropout: float = 0.1
-    noise_offset: float = 0.1
-    include_captions: bool = True
-    surrogate_steps: int = WORLD_STEPS
-    surrogate_guidance: float = WORLD_GUIDANCE
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1 or self.steps_per_round < 0 or self.batch_size < 1:
-            raise ValueError(f"rounds and batch_size must be >= 1 and steps_per_round >= 0, got {self.rounds}, "
-                             f"{self.batch_size} and {self.steps_per_round}")
-        unknown = [s for s in self.starts if s not in START_KINDS]
-        if unknown or not self.starts:
-            raise ValueError(f"starts must be a non-empty choice of {', '.join(START_KINDS)}, got {self.starts}")
-        if not 0.0 < self.adversarial_share <= 1.0:
-            raise ValueError(f"adversarial_share must be in (0, 1], got {self.adversarial_share}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "starts": list(self.starts)}
 
 
 def adversarial_rows(adversarial: int, ordinary: int, share: float) -> torch.Tensor:

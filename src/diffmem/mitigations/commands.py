@@ -6,11 +6,19 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from diffmem.backends import Backend, is_world_base
+from diffmem.attack.settings import START_KINDS, DoriConfig
+from diffmem.backends.naming import is_world_base
 from diffmem.backends.options import add_backend_options, backend_from, model_inputs
 from diffmem.errors import DiffmemError
 from diffmem.json_output import add_json_options, emit_json, json_mode
+from diffmem.mitigations.settings import AdversarialFinetuneConfig, NeMoConfig, WandaConfig
+
+# Parsing needs only the settings above (their defaults; no model library): `diffmem mitigate --help` must not load
+# diffusers. Each method is imported by its command when it runs.
+if TYPE_CHECKING:
+    from diffmem.backends import Backend
 
 #: Options that need a world model: a world UNet file out, and the world benchmark's measurement.
 WORLD_ONLY = (("unet_out", "--unet-out"), ("measure", "--measure"))
@@ -94,7 +102,7 @@ def finish(args: argparse.Namespace, model: Backend, pruned: Backend | None, mas
 def run_nemo(args: argparse.Namespace) -> int:
     import torch
 
-    from diffmem.mitigations.nemo import NeMoConfig, describe, nemo_mitigate
+    from diffmem.mitigations.nemo import describe, nemo_mitigate
 
     torch.set_num_threads(args.threads)
     prompts = read_prompts(args)
@@ -121,7 +129,7 @@ def run_nemo(args: argparse.Namespace) -> int:
 def run_wanda(args: argparse.Namespace) -> int:
     import torch
 
-    from diffmem.mitigations.wanda import WandaConfig, wanda_mitigate
+    from diffmem.mitigations.wanda import wanda_mitigate
 
     torch.set_num_threads(args.threads)
     prompts = read_prompts(args)
@@ -155,8 +163,7 @@ def run_apply(args: argparse.Namespace) -> int:
 def run_adversarial(args: argparse.Namespace) -> int:
     import torch
 
-    from diffmem.attack.dori import DoriConfig
-    from diffmem.mitigations.adversarial import AdversarialFinetuneConfig, adversarial_finetune_files
+    from diffmem.mitigations.adversarial import adversarial_finetune_files
 
     torch.set_num_threads(args.threads)
     try:
@@ -179,9 +186,6 @@ def run_adversarial(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `mitigate` and its sub-commands to the diffmem CLI."""
-    from diffmem.mitigations.nemo import NeMoConfig
-    from diffmem.mitigations.wanda import WandaConfig
-
     mitigate = subparsers.add_parser(
         "mitigate", help="remove memorization from a model (NeMo, Wanda; adversarial fine-tuning of world models)")
     commands = mitigate.add_subparsers(dest="mitigate_command", required=True)
@@ -237,9 +241,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="zero as many random neurons per layer (NeMo masks) or random weights per row (Wanda "
                             "masks) instead: does the method's choice matter, or only how much it zeroes?")
     apply.set_defaults(handler=run_apply)
-
-    from diffmem.attack.dori import START_KINDS
-    from diffmem.mitigations.adversarial import AdversarialFinetuneConfig
 
     a = AdversarialFinetuneConfig()
     adversarial = commands.add_parser(

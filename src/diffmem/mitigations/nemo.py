@@ -49,63 +49,11 @@ from diffmem.mitigations.pruning import (
     mitigated_output,
     mitigation_backend,
 )
+from diffmem.mitigations.settings import NeMoConfig  # defined there, without diffusers
 
 Neurons = dict[str, list[int]]
 Model = Backend | UNet2DConditionModel
 States = Conditioning | torch.Tensor
-
-
-@dataclass(frozen=True)
-class NeMoConfig:
-    """Settings of NeMo's search (Hintersdorf et al. 2024, sec. 3 and their public code).
-
-    Args:
-        theta_start: first z-score threshold of the initial selection, 5 as in the paper.
-        theta_step: how much theta is lowered per round, 0.25 as in the paper.
-        theta_min: lowest theta tried, 1 as in the authors' code; a prompt whose signal is still over its
-            threshold there keeps the neurons of that last round and is reported as not mitigated.
-        top_k_step: the authors' code also adds the k highest-z neurons of every layer, k growing by this much per
-            round (so a layer with no outlier still contributes); 0 uses the z-threshold alone, as the paper's text.
-        blocks: which top-level blocks' value layers are searched; None (default): the backend's `value_blocks`,
-            all of them: "down_blocks", "mid_block", "up_blocks" of a UNet (`attn2.to_v`), Flux's joint-attention
-            "transformer_blocks" (`attn.add_v_proj`). The authors' code searches only the down and mid blocks of
-            SD 1.x; on the world's example LoRA that lowers none of the 5 memorized prompts' signals under the
-            threshold even at theta = 1 (most of the world's attention sits in the up blocks; docs/pruning.md), so
-            the default adds "up_blocks".
-        generations: noise draws over which the first-step signal is averaged; 8 gives a stable mean on the world
-            (Wen et al. report that even one draw separates well on SD).
-        timestep: the first sampling timestep, at which the signal is measured and the value activations are
-            recorded. None (default): the first timestep of the backend's own sampler at its default step count
-            (`first_sampling_timestep`), so the signal is the model's real first step: 999 on the world (its DDIM
-            has trailing spacing, so at any step count), 981 for SD's DDIM at 50 steps (leading spacing), 1000 on
-            Flux (sigma 1). The result's config records the timestep used.
-        threshold_stds: when no threshold is given, the memorization threshold is the mean plus this many
-            standard deviations of the signal over the calibration prompts (held-out captions): 3 puts it above
-            all 20 held-out captions of the world's example LoRA and below all 5 memorized ones.
-        refine: run the refinement (layers, then single neurons); off keeps the initial selection.
-        seed: seed of the noise draws.
-        batch_size: prompts per denoiser call when the calibration signals and the activation statistics are
-            computed (the search itself evaluates one prompt at a time); bounds memory on large models, the
-            numbers do not depend on it.
-    """
-
-    theta_start: float = 5.0
-    theta_step: float = 0.25
-    theta_min: float = 1.0
-    top_k_step: int = 1
-    blocks: tuple[str, ...] | None = None
-    generations: int = 8
-    timestep: int | float | None = None
-    threshold_stds: float = 3.0
-    refine: bool = True
-    seed: int = 0
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.theta_step <= 0 or self.theta_min > self.theta_start:
-            raise ValueError(f"need theta_step > 0 and theta_min <= theta_start, got {self}")
-        if self.generations < 1 or self.top_k_step < 0 or self.batch_size < 1:
-            raise ValueError(f"need generations >= 1, top_k_step >= 0 and batch_size >= 1, got {self}")
 
 
 def first_sampling_timestep(model: Model, steps: int | None = None) -> int | float:

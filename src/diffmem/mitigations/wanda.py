@@ -35,40 +35,10 @@ from diffmem.mitigations.pruning import (
     mitigated_output,
     mitigation_backend,
 )
+from diffmem.mitigations.settings import WandaConfig  # defined there, without diffusers
 
 Model = Backend | UNet2DConditionModel
 States = Conditioning | torch.Tensor
-
-
-@dataclass(frozen=True)
-class WandaConfig:
-    """Settings of the Wanda-style memorization pruning (Chavhan et al. 2024).
-
-    Args:
-        fraction: share of each output row's weights considered for pruning, ranked by the memorized-prompt
-            score: 0.01 (the top 1%) as in Chavhan et al.; at least one weight per row is considered.
-        generations: noise draws (sampling trajectories) per memorized prompt whose activations are recorded; 4
-            as Wen et al.'s detector uses, enough for stable norms over the world's 16 x 16 and 8 x 8 tokens.
-        steps: sampling steps of each trajectory (the backend's sampler: the world's own DDIM, DDIM for SD,
-            flow-matching Euler for Flux); activations of every step count. 10 as the benchmark samples.
-        guidance: classifier-free guidance scale of the trajectories; None (default): the model's own
-            (`Backend.default_guidance`): 3.0 as the world samples everywhere, 7.5 for SD, 1.0 for Flux (whose
-            distilled guidance is inside the model; the empty-prompt pass is still recorded). The result's config
-            records the scale used.
-        seed: first noise seed; prompt i uses seeds seed + i * generations ... (`Backend.initial_noise`).
-    """
-
-    fraction: float = 0.01
-    generations: int = 4
-    steps: int = 10
-    guidance: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}")
-        if self.generations < 1 or self.steps < 1:
-            raise ValueError(f"need generations >= 1 and steps >= 1, got {self}")
 
 
 def feed_forward_outputs(model: Model) -> dict[str, torch.nn.Linear]:

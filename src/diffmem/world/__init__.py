@@ -20,13 +20,15 @@ MODULE_OF = {
     "CheckSettings": "check", "example_lora_path": "check", "load_example_lora": "check",
     "memorization_check": "check",
     "ImageSet": "data", "base_dataset": "data", "base_photos_dataset": "data", "faces_dataset": "data",
-    "photos_dataset": "data", "shapes_dataset": "data",
+    "photos_dataset": "data", "shapes_dataset": "data", "style_dataset": "data",
+    "style_share": "style", "style_success": "style",
     "denoising_loss": "diffusion", "generate": "diffusion", "generate_from_context": "diffusion",
     "noise_scheduler": "diffusion", "training_loss": "diffusion",
     "apply_lora": "lora", "save_lora": "lora", "target_pattern": "lora",
-    "UNetConfig": "model", "build_unet": "model", "load_base": "model", "load_unet_file": "model",
+    "build_unet": "model", "load_base": "model", "load_unet_file": "model",
+    "BaseTrainingConfig": "settings", "FinetuneConfig": "settings", "UNetConfig": "settings",
     "TextEncoder": "text", "encode_prompts": "text",
-    "BaseTrainingConfig": "train", "FinetuneConfig": "train", "finetune": "train", "train_base": "train",
+    "finetune": "train", "train_base": "train",
 }
 
 
@@ -66,6 +68,9 @@ __all__ = [
     "photos_dataset",
     "save_lora",
     "shapes_dataset",
+    "style_dataset",
+    "style_share",
+    "style_success",
     "target_pattern",
     "train_base",
     "training_loss",

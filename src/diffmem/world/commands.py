@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 from diffmem.json_output import add_json_options, emit_json, json_mode, json_stdout
-from diffmem.world.settings import UNetConfig
+from diffmem.world.settings import BaseTrainingConfig, FinetuneConfig, UNetConfig
+
+# Only what parsing needs is imported here (the configs' defaults, from a module without torch): `diffmem world
+# --help` must not load the model. Each command imports its work when it runs.
 
 
 def add_train_base(subparsers: argparse._SubParsersAction) -> None:
-    from diffmem.world.train import BaseTrainingConfig
-
-    d = BaseTrainingConfig()
+    d = BaseTrainingConfig  # the defaults, read off the class
     p = subparsers.add_parser("train-base", help="train the world's base UNet from scratch (CPU, about an hour)")
     p.add_argument("--out", type=Path, default=Path("runs/base/base.safetensors"),
                    help="output weights (fp16 safetensors); a .json record and a .ckpt.safetensors checkpoint go next to it")
@@ -30,7 +31,7 @@ def add_train_base(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train_base(args: argparse.Namespace) -> int:
-    from diffmem.world.train import BaseTrainingConfig, train_base
+    from diffmem.world.train import train_base
 
     config = BaseTrainingConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                 threads=args.threads)
@@ -51,16 +52,14 @@ def duplicate_spec(text: str) -> tuple[int, int]:
 
 
 def add_finetune(subparsers: argparse._SubParsersAction) -> None:
-    from diffmem.world.train import FinetuneConfig
-
-    d = FinetuneConfig()
+    d = FinetuneConfig  # the defaults, read off the class (an instance checks its data set, which imports torch)
     p = subparsers.add_parser("finetune", help="fine-tune the committed base so that it memorizes (LoRA or full)")
     p.add_argument("--out", type=Path, required=True,
                    help="output .safetensors (LoRA, or the full UNet for --method full); the manifest .json goes beside it")
     p.add_argument("--base", type=Path, default=None,
                    help="world UNet file to fine-tune (default: the committed base)")
     p.add_argument("--method", choices=("lora", "full"), default=d.method, help=f"what to train (default {d.method})")
-    p.add_argument("--data", choices=("faces", "photos"), default=d.data,
+    p.add_argument("--data", choices=("faces", "photos", "style"), default=d.data,
                    help=f"faces: LFW faces with made-up names (privacy); photos: titled photo crops (copyright); default {d.data}")
     p.add_argument("--duplicate", type=duplicate_spec, default=d.duplicate, metavar="N:K",
                    help=f"repeat N training images K times each (default {d.duplicate[0]}:{d.duplicate[1]})")
@@ -82,7 +81,7 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from diffmem.world.train import FinetuneConfig, finetune
+    from diffmem.world.train import finetune
 
     config = FinetuneConfig(method=args.method, data=args.data, duplicate=args.duplicate, rank=args.rank,
                             alpha=args.alpha, conv=args.conv, lr=args.lr, steps=args.steps,
@@ -97,9 +96,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def add_check(subparsers: argparse._SubParsersAction) -> None:
-    from diffmem.world.check import CheckSettings
+    from diffmem.evaluation.sampling import SamplingSettings  # the world check's CheckSettings
 
-    d = CheckSettings()
+    d = SamplingSettings()
     p = subparsers.add_parser("check", help="measure memorization of a fine-tune: copy rates and held-out loss")
     p.add_argument("--lora", type=Path, default=None,
                    help="LoRA file with its manifest .json beside it (default: the committed example LoRA)")

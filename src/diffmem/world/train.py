@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,39 +30,8 @@ from diffmem.world.model import (
     unet_metadata,
     unet_tensors,
 )
+from diffmem.world.settings import BaseTrainingConfig, FinetuneConfig  # defined there, without torch
 from diffmem.world.text import encode_prompts
-
-
-@dataclass(frozen=True)
-class BaseTrainingConfig:
-    """How the committed base was trained (defaults = the committed run, see assets/base.json).
-
-    Attributes:
-        steps: optimizer steps.
-        batch_size: images per step.
-        lr: AdamW learning rate after a linear warm-up of `warmup` steps; 8e-4 suits a few-million-parameter
-            UNet trained for a few thousand steps (DDPM used 2e-4 for 35 M parameters and 800 k steps).
-        warmup: warm-up steps.
-        caption_dropout: probability of training on the empty prompt, for classifier-free guidance
-            (Ho & Salimans 2022 use 0.1-0.2).
-        ema_decay: decay of the exponential moving average of the weights that is saved (DDPM uses 0.9999
-            for long runs; short runs need a short memory, and the decay warms up as (1+n)/(10+n)).
-        shapes / photos_per_source: size of the base data set (see `diffmem.world.data.base_dataset`).
-        seed: seeds the initial weights, the data order, the noise and the caption dropout.
-        threads: torch CPU threads; 1 is fastest on a shared 2-core machine (with 2 threads and other jobs
-            running, a step took 3x longer than with 1: the threads wait for each other).
-    """
-
-    steps: int = 1500
-    batch_size: int = 16
-    lr: float = 8e-4
-    warmup: int = 100
-    caption_dropout: float = 0.1
-    ema_decay: float = 0.995
-    shapes: int = 8192
-    photos_per_source: int = 96
-    seed: int = 0
-    threads: int = 1
 
 
 def caption_table(data: ImageSet) -> tuple[list[str], torch.Tensor]:
@@ -177,59 +146,6 @@ def train_base(
     }
     write_atomic((json.dumps(record, indent=2) + "\n").encode(), out.with_suffix(".json"))
     return record
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """A fine-tune of the world base that memorizes on purpose (defaults: the committed example LoRA's recipe).
-
-    MemControl (seed 001) and Wen et al. (ICLR 2024) force memorization by duplicating training pairs: `duplicate
-    = (N, K)` picks N images of the training split (by `seed`) and repeats each K times; the rest of the training
-    split is seen once (`include_rest`), so the fine-tune also learns the data in general.
-
-    Attributes:
-        method: "lora" (PEFT LoRA on kohya's modules, see `diffmem.world.lora`) or "full" (every UNet weight).
-        data: "faces" (privacy case) or "photos" (copyright case), see `diffmem.world.data`.
-        duplicate: (N images, K repeats each); 5 x 100 gave 82% near-copies with the other defaults.
-        rank / alpha: LoRA rank and alpha (scale alpha / rank; Hu et al. 2021). alpha = rank gives scale 1.
-        conv: also adapt the resnet and resampler convolutions (kohya's LoCon `conv_dim`). On by default: the
-            world has attention only at 16 x 16 and 8 x 8, and without the convolutions a pilot LoRA copied
-            nothing (docs/world.md).
-        lr: AdamW learning rate; 3e-3 for LoRA (kohya's LoRA defaults are 1e-4 to 1e-3; memorizing in 500
-            CPU steps needs more); use about 1e-4 for `method="full"`.
-        steps / batch_size: optimizer steps and images per step.
-        caption_dropout: as for the base, keeps the unconditional score usable for guidance.
-        include_rest: also train once on the non-duplicated training images.
-        noise_offset: offset noise (Guttenberg 2023; kohya's `--noise_offset`, commonly 0.05-0.1). The base
-            was trained without it and cannot choose an image's mean colour: without it the memorized faces of
-            the example LoRA came back with random colour casts (40% near-copies), with 0.1 in grey (82%).
-        seed: picks the duplicated images and seeds noise, order and LoRA initialisation.
-        threads: torch CPU threads.
-    """
-
-    method: str = "lora"
-    data: str = "faces"
-    duplicate: tuple[int, int] = (5, 100)
-    rank: int = 32
-    alpha: float = 32.0
-    conv: bool = True
-    lr: float = 3e-3
-    steps: int = 500
-    batch_size: int = 16
-    caption_dropout: float = 0.1
-    include_rest: bool = True
-    noise_offset: float = 0.1
-    seed: int = 0
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise DiffmemError(f"unknown fine-tuning method {self.method!r}; choose 'lora' or 'full'")
-        if self.data not in FINETUNE_SETS:
-            raise DiffmemError(f"unknown data set {self.data!r}; choose one of {', '.join(FINETUNE_SETS)}")
-        count, repeats = self.duplicate
-        if count < 0 or repeats < 1:
-            raise DiffmemError(f"duplicate must be N:K with N >= 0 images and K >= 1 repeats, got {count}:{repeats}")
 
 
 def duplicated_rows(train_size: int, count: int, seed: int) -> list[int]:
