@@ -170,7 +170,7 @@ def test_command_without_a_copy_test_fails_before_writing(tmp_path, tiny_files):
     with pytest.raises(DiffmemError, match="no such image"):
         run_cli("--base", str(base), "--target", str(tmp_path / "missing.png"), "--prompt", "a cat",
                 "--distance-threshold", "0.1")
-    with pytest.raises(DiffmemError, match="steps and batch_size must be >= 1"):
+    with pytest.raises(DiffmemError, match="--steps and --batch-size must be >= 1"):
         run_cli("--base", str(base), "--target", str(target_png), "--prompt", "a cat", "--steps", "0",
                 "--distance-threshold", "0.1")
     assert not (tmp_path / "o").exists()

@@ -25,6 +25,27 @@ def test_every_command_formats_its_help():
         assert parser.format_help(), words
 
 
+def test_every_output_takes_o_and_every_seed_says_what_it_seeds():
+    """One spelling of the output: every command with `--out` takes `-o` for it too; `--seed` means one thing per
+    command and its help says which (not "seed (default 0)")."""
+    import re
+    from pathlib import Path
+
+    seeds = 0
+    for words, parser in command_parsers(build_parser()):
+        options = {option: action for action in parser._actions for option in action.option_strings}
+        if "--out" in options:
+            assert options.get("-o") is options["--out"], words
+        if "--seed" in options:
+            seeds += 1
+            what = re.sub(r"\(default [^)]*\)", "", options["--seed"].help)
+            assert len(what.split()) >= 4, (words, options["--seed"].help)
+    assert seeds >= 10
+    args = build_parser().parse_args(["filter-many", "a.safetensors", "--base", "b", "-o", "many"])
+    assert args.out == Path("many")
+    assert build_parser().parse_args(["mitigate", "nemo", "-o", "mask.safetensors"]).out == Path("mask.safetensors")
+
+
 def test_lazy_command_table_matches_what_each_package_registers():
     import importlib
 
@@ -130,6 +151,51 @@ def test_usage_errors_the_program_finds_exit_2_and_name_the_flag(capsys):
         assert main(["filter", "l.safetensors", "--base", "b", "-o", "o.safetensors", *argv]) == 2
         assert capsys.readouterr().err.startswith(f"diffmem: error: {flag} ")
 
+
+def test_the_model_commands_usage_errors_exit_2_and_name_the_flag(tmp_path, capsys):
+    """A value a config refuses, or options that do not go together, exit 2 with one line naming the flag the user
+    typed (not the config's field), before any model is loaded; `usage_error` maps the fields to the flags."""
+    from diffmem.cli import main, usage_error
+    from diffmem.errors import DiffmemError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    out = ["--out", str(tmp_path / "out")]
+    dori = ["attack", "dori", "--target", "t.png", "--prompt", "p"]
+    mitigate = ["--prompts", str(prompts), *out]
+    for argv, message in (
+        ([*dori, "--steps", "0"], "--steps and --batch-size must be >= 1"),
+        ([*dori, "--start-noise", "-1"], "--start-noise must be >= 0"),
+        ([*dori, "--generations", "0"], "--generations and --sample-steps must be at least 1"),
+        (["attack", "table", "--dori-steps", "0"], "--dori-steps and batch_size must be >= 1"),
+        (["attack", "table", "--adv-rounds", "0"], "--adv-rounds and batch_size must be >= 1"),
+        (["attack", "table", "--starts", "prompt,sideways"], "--starts must be a non-empty choice"),
+        (["attack", "table", "--groups", "posthoc,most"], "--groups takes"),
+        (["mitigate", "wanda", *mitigate, "--fraction", "1.5"], "--fraction must lie in (0, 1]"),
+        (["mitigate", "nemo", *mitigate, "--generations", "0"], "need --generations >= 1"),
+        (["mitigate", "nemo", *out], "give the memorized prompts"),
+        (["mitigate", "adversarial", *out, "--adversarial-share", "2"], "--adversarial-share must be in (0, 1]"),
+        (["mitigate", "adversarial", *out, "--search-steps", "0"], "--search-steps and batch_size must be >= 1"),
+        (["world", "finetune", *out, "--duplicate", "5:0"], "--duplicate must be N:K"),
+        (["world", "finetune", *out, "--steps", "0"], "--rank, --steps, --batch-size and --threads"),
+        (["world", "check", "--generations", "0"], "--generations and --steps must be at least 1"),
+        (["memcontrol", "train", *out, "--rest-share", "2"], "--rest-share must be in [0, 1]"),
+        (["memcontrol", "train", *out, "--mitigation", "threshold", "--threshold", "0"], "--threshold must be"),
+        (["memcontrol", "search", *out, "--population", "1"], "a search needs --trials >= 1 and --population >= 2"),
+        (["memcontrol", "table", *out, "--mitigations", "none,prayer"], "--mitigations takes"),
+        (["memcontrol", "table", *out, "--lr-scale", "0"], "--lr-scale must be positive"),
+        (["bench", "--generations", "0"], "--generations, --steps, --seeds and --variation-seeds"),
+        (["bench-real", "--base", "b", "--lora", "l", "--probe", "p", "--steps", "0"], "--generations, --heldout"),
+        (["audit", "--base", "world", "--prompts", str(prompts), "--generations", "0"], "--generations and --steps"),
+    ):
+        assert main(argv) == 2, (argv, capsys.readouterr().err)
+        err = capsys.readouterr().err
+        assert err.startswith(f"diffmem: error: {message}") and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "out").exists()
+    # The mapping: whole field names only, the longest first, and a DiffmemError's problem without its path.
+    error = usage_error(ValueError("steps_per_round and steps must be >= 1"), {"steps": "--dori-steps"})
+    assert str(error) == "steps_per_round and --dori-steps must be >= 1"
+    assert str(usage_error(DiffmemError("rest_share must be in [0, 1]", "x.json"), ["rest_share"])).startswith("--rest")
 
 def test_configs_validate_their_fields():
     import pytest

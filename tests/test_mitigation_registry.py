@@ -135,6 +135,14 @@ def test_table_command_options_and_arguments_come_from_the_registry(monkeypatch,
     assert set(kwargs["files"]) == {"control", "dummy", *registry.MITIGATIONS} - {"baf"}
     assert set(kwargs["groups"]) == {"posthoc"} and kwargs["faces"] == 1
     assert "| model |" in capsys.readouterr().out
+    # --json prints the rows and settings on stdout, and nothing else there (the table goes to stderr).
+    try:
+        assert main(["attack", "table", "--faces", "1", "--groups", "posthoc", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["schema_version"] == 1 and "| model |" in captured.err
+    assert calls[-1][1]["json_out"] is None
 
 
 def test_a_registered_mitigation_is_built_measured_and_merged(tmp_path, monkeypatch):

@@ -85,7 +85,8 @@ def add_filter_method_options(parser: argparse.ArgumentParser, seed_flag: str = 
                        help="BAF: anchors are the base's top singular directions holding this share of its energy "
                             "(default 0.5)")
     group.add_argument("--anchor-rank", type=int, help="BAF: a fixed number of anchor directions instead of --energy")
-    group.add_argument(seed_flag, dest="filter_seed", type=int, help="random: seed of the draw (default 0)")
+    group.add_argument(seed_flag, dest="filter_seed", type=int,
+                       help="--method random: seed of its draw of channels (default 0)")
     group = parser.add_argument_group("selection rule")
     group.add_argument("--rule", choices=["threshold", "fraction", "energy", "soft", "uniform", "all"],
                        help="keep channels scoring >= --threshold, the top --keep-fraction of channels or of energy, "
@@ -394,7 +395,8 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     """`-q/--quiet` and `--no-progress` on every command that runs (the leaves of the command tree), where the
-    command does not declare them itself; `main` acts on them, so no command needs its own code for them."""
+    command does not declare them itself; `main` acts on them, so no command needs its own code for them. A command
+    with `--out` also takes `-o` for it (one spelling of the output everywhere, as `filter`'s `-o/--out`)."""
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
             continue
@@ -403,6 +405,10 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
                 add_output_flags(command)
                 continue
             options = {option for a in command._actions for option in a.option_strings}
+            out = next((a for a in command._actions if "--out" in a.option_strings), None)
+            if out is not None and "-o" not in options:
+                out.option_strings.insert(0, "-o")
+                command._option_string_actions["-o"] = out
             if "--quiet" not in options:
                 command.add_argument("-q", "--quiet", action="store_true",
                                      help="print nothing on standard output (errors still go to standard error)")

@@ -14,10 +14,11 @@ import torch
 
 from diffmem.attack.settings import START_KINDS, TRAINING_RECIPE, DoriConfig, RobustnessSettings
 from diffmem.backends.options import add_backend_options, backend_from, model_inputs
+from diffmem.cli import UsageError, usage_error
 from diffmem.errors import DiffmemError
 from diffmem.evaluation.sampling import SamplingSettings as CheckSettings  # the world check's name for it
-from diffmem.json_output import add_json_options, json_file
-from diffmem.memcontrol.settings import MemControlTrainConfig
+from diffmem.json_output import add_json_options, json_file, json_mode, json_stdout, stamped
+from diffmem.memcontrol.settings import METHOD_NAMES, MemControlTrainConfig
 from diffmem.metrics.copy import CopyConfig
 from diffmem.mitigations.registry import TABLE_GROUPS, registered
 from diffmem.mitigations.settings import AdversarialFinetuneConfig
@@ -130,7 +131,9 @@ def run_dori_command(args: argparse.Namespace) -> int:
         config = DoriConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, start=args.start,
                             start_noise=args.start_noise, seed=args.seed)
     except ValueError as error:
-        raise DiffmemError(str(error)) from None
+        raise usage_error(error, ("steps", "lr", "batch_size", "start", "start_noise")) from None
+    if args.generations < 1 or (args.sample_steps is not None and args.sample_steps < 1):
+        raise UsageError("--generations and --sample-steps must be at least 1")
     target = load_image(args.target)[None]
     model = backend_from(args)
     settings = CheckSettings(generations=args.generations, steps=args.sample_steps or model.default_steps,
@@ -144,8 +147,8 @@ def run_dori_command(args: argparse.Namespace) -> int:
         tuned = args.lora if args.lora is not None else None if args.base == "world" else Path(args.base)
         reference = manifest_reference(tuned) if tuned is not None else None
     if reference is None and args.distance_threshold is None:
-        raise DiffmemError("no reference images to test copies against: pass --reference (the training images) "
-                           "or --distance-threshold")
+        raise UsageError("no reference images to test copies against: pass --reference (the training images) "
+                         "or --distance-threshold")
     outcome = run_dori(model, target, args.prompt, config, reference, settings,
                        CopyConfig(distance_threshold=args.distance_threshold))
 
@@ -178,20 +181,22 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
                     f"{posthoc} applied to it, and the training-time mitigations ({training}) with their "
                     "unmitigated control, each prompted with the duplicated captions and attacked with Dori; fresh "
                     "generations are judged with Carlini's relative copy test. Writes the robustness page (--out) "
-                    "and the rows (--json). The mitigations are those of diffmem.mitigations.registry.")
+                    "and the rows (--json-out; --json prints them). The mitigations are those of "
+                    "diffmem.mitigations.registry.")
     p.add_argument("--lora", type=Path, default=None,
                    help="world LoRA with its manifest .json beside it (default: the committed example LoRA)")
     p.add_argument("--base", type=Path, default=None, help="world UNet file (default: the committed base)")
     p.add_argument("--out", type=Path, default=None, help="markdown page to write, e.g. docs/robustness.md "
                                                           "(its notes block is kept)")
-    add_json_options(p, "the rows and settings", stdout=False)
+    add_json_options(p, "the rows and settings")
     p.add_argument("--work", type=Path, default=Path("runs/robustness"),
                    help="folder for models trained on the way (default runs/robustness)")
     p.add_argument("--faces", type=int, default=None, help="attack only the first N duplicated faces (default all)")
     p.add_argument("--starts", default=",".join(r.starts),
                    help=f"Dori starts, comma-separated, of {', '.join(START_KINDS)} (default {','.join(r.starts)})")
     p.add_argument("--dori-steps", type=int, default=r.dori.steps, help=f"Dori Adam steps (default {r.dori.steps})")
-    p.add_argument("--seed", type=int, default=r.dori.seed, help=f"Dori seed (default {r.dori.seed})")
+    p.add_argument("--seed", type=int, default=r.dori.seed,
+                   help=f"seed of every Dori search: its random start and its noise (default {r.dori.seed})")
     p.add_argument("--generations", type=int, default=r.sampling.generations,
                    help=f"fresh generations per caption and embedding (default {r.sampling.generations})")
     p.add_argument("--sample-steps", type=int, default=r.sampling.steps,
@@ -215,7 +220,7 @@ def add_table(subparsers: argparse._SubParsersAction) -> None:
                            help=f"its Dori starts (default {','.join(a.starts)})")
     p.add_argument("--memcontrol-mask", type=Path, default=None,
                    help="mask for the MemControl model trained here (default: all attention blocks)")
-    p.add_argument("--train-method", default=t.method, help=f"method of the training-time rows' fine-tunes "
+    p.add_argument("--train-method", choices=METHOD_NAMES, default=t.method, help=f"method of the training-time rows' fine-tunes "
                                                             f"(default {t.method}; MemControl always trains SV-DIFF)")
     p.add_argument("--train-steps", type=int, default=t.steps, help=f"their optimizer steps (default {t.steps})")
     p.add_argument("--train-batch-size", type=int, default=t.batch_size,
@@ -244,22 +249,39 @@ def run_table_command(args: argparse.Namespace) -> int:
     """`diffmem attack table`: the options as `run_robustness_table`'s arguments, then the table printed."""
     from diffmem.attack.table import run_robustness_table
 
-    torch.set_num_threads(args.threads)
+    # Each config on its own, so that a refused value is named by its own flag (usage errors: exit 2).
+    try:
+        dori, search = DoriConfig(steps=args.dori_steps, seed=args.seed), DoriConfig(steps=args.adv_search_steps)
+    except ValueError as error:
+        steps = "--dori-steps" if args.dori_steps < 1 else "--adv-search-steps"
+        raise usage_error(error, {"steps": steps}) from None
+    if args.generations < 1 or args.sample_steps < 1:
+        raise UsageError("--generations and --sample-steps must be at least 1")
     try:
         settings = RobustnessSettings(
-            dori=DoriConfig(steps=args.dori_steps, seed=args.seed), starts=split_starts(args.starts),
+            dori=dori, starts=split_starts(args.starts),
             sampling=CheckSettings(generations=args.generations, steps=args.sample_steps), copy=CopyConfig(),
             fid=not args.no_fid, progress=True)
+    except ValueError as error:
+        raise usage_error(error, ("starts",)) from None
+    try:
         adversarial = AdversarialFinetuneConfig(
             rounds=args.adv_rounds, steps_per_round=args.adv_steps, starts=split_starts(args.adv_starts),
-            search=DoriConfig(steps=args.adv_search_steps))
+            search=search)
+    except ValueError as error:
+        raise usage_error(error, {"rounds": "--adv-rounds", "steps_per_round": "--adv-steps",
+                                  "starts": "--adv-starts"}) from None
+    try:
         recipe = MemControlTrainConfig(method=args.train_method, steps=args.train_steps,
                                        batch_size=args.train_batch_size, lr=args.train_lr)
-    except ValueError as error:
-        raise DiffmemError(str(error)) from None
+    except DiffmemError as error:
+        raise usage_error(error, ()) from None
+    if min(args.train_steps, args.train_batch_size) < 1:
+        raise UsageError("--train-steps and --train-batch-size must be at least 1")
     groups = set(split_starts(args.groups))
     if not groups <= set(TABLE_GROUPS):
-        raise DiffmemError(f"--groups takes {', '.join(TABLE_GROUPS)}, got {args.groups}")
+        raise UsageError(f"--groups takes {', '.join(TABLE_GROUPS)}, got {args.groups}")
+    torch.set_num_threads(args.threads)
     if args.no_training_time:
         groups.discard("training")
     files = {m.name: getattr(args, m.file_option.replace("-", "_")) for m in registered() if m.file_option}
@@ -268,13 +290,17 @@ def run_table_command(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"[{time.time() - began:6.0f}s] {message}", flush=True)
 
-    run = run_robustness_table(
-        settings, args.lora, args.base, groups=groups, faces=args.faces, files={**files, "control": args.control},
-        configs={"adversarial": adversarial}, recipe=recipe, memcontrol_mask=args.memcontrol_mask,
-        train_missing=not args.no_train, merge=args.merge, out=args.out, json_out=json_file(args), work=args.work,
-        # The command line as typed (cli.main passes it); without it, as when the handler is called directly:
-        command=getattr(args, "command_line", None) or "diffmem attack table", log=log)
-    print(run.markdown())
+    with json_mode(args):  # with --json, the log and the table go to stderr: stdout holds the JSON alone
+        run = run_robustness_table(
+            settings, args.lora, args.base, groups=groups, faces=args.faces, files={**files, "control": args.control},
+            configs={"adversarial": adversarial}, recipe=recipe, memcontrol_mask=args.memcontrol_mask,
+            train_missing=not args.no_train, merge=args.merge, out=args.out, json_out=json_file(args),
+            work=args.work,
+            # The command line as typed (cli.main passes it); without it, as when the handler is called directly:
+            command=getattr(args, "command_line", None) or "diffmem attack table", log=log)
+        print(run.markdown())
+    if json_stdout(args):
+        print(json.dumps(stamped(run.record), indent=2))
     return 0
 
 

@@ -331,10 +331,11 @@ def lora_manifest(lora: Path) -> dict:
 @dataclass
 class RobustnessRun:
     """What `run_robustness_table` measured: the rows (merged ones first) and the models with their references,
-    sources and the notes on models not measured."""
+    sources and the notes on models not measured; `record` is what it writes to `json_out` (the rows and settings)."""
 
     rows: list[RobustnessRow]
     toolkit: ToolkitModels
+    record: dict = field(default_factory=dict)
 
     def markdown(self) -> str:
         """The table as markdown (`markdown_rows`), with a line per model not measured."""
@@ -405,6 +406,7 @@ def run_robustness_table(
               f"(manifest order); {torch.get_num_threads()} torch thread(s); seconds per row in the per-caption "
               "table")
     rows: list[RobustnessRow] = []
+    record: dict = {}  # the JSON of the rows so far, written to json_out and returned
 
     def write_outputs(toolkit: ToolkitModels, planned: list[str]) -> None:
         """The JSON and the page of the rows so far; models not measured yet are named as such."""
@@ -412,12 +414,13 @@ def run_robustness_table(
         pending = {n: "not measured yet (the run stopped before it)" for n in [*toolkit.models, *planned]
                    if n not in done}
         notes = {**{n: why for n, why in toolkit.notes.items() if n not in done}, **pending}
+        record.clear()
+        record.update({"lora": str(lora), "command": command, "settings": settings.to_dict(),
+                       "adversarial": None if adversarial is None else adversarial.to_dict(),
+                       "training_recipe": {**asdict(recipe), "duplicate": list(recipe.duplicate)},
+                       "reference_of": toolkit.reference_of, "sources": toolkit.sources, "notes": notes,
+                       "rows": [row.to_dict() for row in rows], "seconds": round(time.time() - began)})
         if json_out is not None:
-            record = {"lora": str(lora), "command": command, "settings": settings.to_dict(),
-                      "adversarial": None if adversarial is None else adversarial.to_dict(),
-                      "training_recipe": {**asdict(recipe), "duplicate": list(recipe.duplicate)},
-                      "reference_of": toolkit.reference_of, "sources": toolkit.sources, "notes": notes,
-                      "rows": [row.to_dict() for row in rows], "seconds": round(time.time() - began)}
             write_atomic((json.dumps(record, indent=2) + "\n").encode(), json_out, protect=protect)
         if out is not None:
             shown = ToolkitModels(toolkit.models, toolkit.reference_of, notes, toolkit.sources)
@@ -457,7 +460,7 @@ def run_robustness_table(
         training_time_models(toolkit, inputs, configs, wanted["training"], train_missing)
         measure_new(toolkit, planned)
     write_outputs(toolkit, planned)
-    return RobustnessRun(rows, toolkit)
+    return RobustnessRun(rows, toolkit, record)
 
 
 # ------------------------------------------------------------------------------------------------------ the page

@@ -10,6 +10,7 @@ from pathlib import Path
 # Parsing needs only the settings (their defaults; no model library): `diffmem bench --help` must not load diffusers.
 # The benchmark itself is imported by the commands when they run.
 from diffmem.bench.settings import PLANS, BenchSettings, RealBenchSettings
+from diffmem.cli import UsageError
 
 QUICK_WORK = Path("runs/bench-quick")
 FULL_WORK = Path("runs/bench")
@@ -27,6 +28,8 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """Train/measure what is missing, run the channel ablations, write the report."""
+    if min(args.generations, args.steps, args.seeds, args.variation_seeds) < 1:
+        raise UsageError("--generations, --steps, --seeds and --variation-seeds must be at least 1")
     import torch
 
     from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, write_truth
@@ -55,6 +58,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 def run_bench_real_command(args: argparse.Namespace) -> int:
     """Filter each LoRA with every variant, load it with diffusers, measure it against the probe, write the report."""
+    if min(args.generations, args.heldout_generations, args.steps) < 1:
+        raise UsageError("--generations, --heldout-generations and --steps must be at least 1")
     import torch
 
     from diffmem.backends import DTYPES
@@ -108,7 +113,8 @@ def register_real(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
     p.add_argument("--guidance", type=float, default=d.guidance,
                    help="guidance scale (default: the model's own: 7.5 for Stable Diffusion, 7 for SD3, 1 for Flux)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"first sampling seed (default {d.seed})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"generation g of each caption starts from the noise of seed SEED + g (default {d.seed})")
     p.add_argument("--copy-distance", type=float, default=None,
                    help="also require a copy's tiled-L2 distance to be at most this (default: relative test only)")
     p.add_argument("--embedder", default=None,
@@ -136,8 +142,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=Path, default=None,
                    help="folder of fine-tunes, rows and images (default runs/bench, or runs/bench-quick)")
     p.add_argument("--out", type=Path, default=None, help="report to write (default WORK/results.md)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the central setting (default 3)")
-    p.add_argument("--variation-seeds", type=int, default=1, help="seeds of each varied setting (default 1)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="how many fine-tunes (seeds 0, 1, ...) of the central setting (default 3)")
+    p.add_argument("--variation-seeds", type=int, default=1,
+                   help="how many fine-tunes (seeds 0, 1, ...) of each varied setting (default 1)")
     p.add_argument("--no-channels", action="store_true", help="skip the single-channel ablations")
     p.add_argument("--no-train", action="store_true",
                    help="skip grid cells whose fine-tune is not in the work folder yet instead of training it")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+
+from diffmem.cli import UsageError, flag, usage_error
+from diffmem.errors import DiffmemError
 
 # Only the settings (names and defaults, in a module without torch) are imported here, so `diffmem memcontrol --help`
 # loads no model; each command imports its work when it runs.
@@ -40,18 +45,37 @@ def add_training_options(p: argparse.ArgumentParser, steps: int | None, batch_si
     p.add_argument("--seed", type=int, default=0, help="picks the duplicated images, seeds training (default 0)")
 
 
+#: The flags of the configs' fields that their checks name (a refused value is a usage error naming the flag;
+#: --data, --method and --mitigation take only choices the configs accept).
+FLAGS = {"population_size": "--population", **{
+    name: flag(name) for name in ("duplicate", "rest_share", "threshold", "rwa_probability", "trials", "lr_scale")}}
+
+
 def training_config(args: argparse.Namespace, start):
-    """`start` (a MemControlTrainConfig) with the options given on the command line."""
+    """`start` (a MemControlTrainConfig) with the options given on the command line; a value it refuses is a usage
+    error (exit 2) naming the flag."""
     changes = {k: getattr(args, k) for k in ("data", "duplicate", "rest_share", "lr", "steps", "batch_size", "seed")
                if getattr(args, k, None) is not None}
+    if min(changes.get("steps", 1), changes.get("batch_size", 1)) < 1:
+        raise UsageError("--steps and --batch-size must be at least 1")
     mitigation = start.mitigation
-    if getattr(args, "mitigation", None) is not None:
-        mitigation = replace(mitigation, kind=args.mitigation)
-    if args.threshold is not None:
-        mitigation = replace(mitigation, threshold=args.threshold)
-    if args.rwa_probability is not None:
-        mitigation = replace(mitigation, rwa_probability=args.rwa_probability)
-    return replace(start, **changes, mitigation=mitigation)
+    with configs_as_usage_errors():
+        if getattr(args, "mitigation", None) is not None:
+            mitigation = replace(mitigation, kind=args.mitigation)
+        if args.threshold is not None:
+            mitigation = replace(mitigation, threshold=args.threshold)
+        if args.rwa_probability is not None:
+            mitigation = replace(mitigation, rwa_probability=args.rwa_probability)
+        return replace(start, **changes, mitigation=mitigation)
+
+
+@contextlib.contextmanager
+def configs_as_usage_errors() -> Iterator[None]:
+    """A config's refusal of a value (DiffmemError or ValueError from its checks) as a usage error naming the flag."""
+    try:
+        yield
+    except (DiffmemError, ValueError) as error:
+        raise usage_error(error, FLAGS) from None
 
 
 def add_mask(subparsers: argparse._SubParsersAction) -> None:
@@ -90,7 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
     from diffmem.memcontrol.mask import load_mask
     from diffmem.memcontrol.train import train_masked
 
-    config = training_config(args, MemControlTrainConfig(method=args.method))
+    config = training_config(args, MemControlTrainConfig(method=args.method))  # --method: choices, so valid
     mask = None if args.mask is None else load_mask(args.mask)
     manifest = train_masked(args.out, config, mask, args.base, command=getattr(args, "command_line", None))
     print(json.dumps({k: manifest[k] for k in ("settings", "trainable_parameters", "final_loss_ema", "wall_time_s",
@@ -123,9 +147,11 @@ def run_search(args: argparse.Namespace) -> int:
     from diffmem.memcontrol.search import search
 
     start = SearchConfig.quick(args.method) if args.quick else SearchConfig(method=args.method)
-    config = replace(start, granularity=args.granularity, trials=args.trials, population_size=args.population,
-                     train=training_config(args, start.train), seed=args.seed,
-                     lr_scale=args.lr_scale if args.lr_scale is not None else start.lr_scale)
+    train = training_config(args, start.train)
+    with configs_as_usage_errors():
+        config = replace(start, granularity=args.granularity, trials=args.trials, population_size=args.population,
+                         train=train, seed=args.seed,
+                         lr_scale=args.lr_scale if args.lr_scale is not None else start.lr_scale)
     summary = search(args.out, config, args.storage, args.study_name)
     print((args.out / "pareto.md").read_text())
     print(f"chosen mask {summary['chosen']['bits']} -> {args.out / 'mask.json'}")
@@ -164,10 +190,17 @@ def split_names(text: str) -> tuple[str, ...]:
 def run_table_command(args: argparse.Namespace) -> int:
     from diffmem.memcontrol.table import TableConfig, markdown_table, run_table, updated_doc, write_table_into
 
+    for option, names, known in (("--mitigations", args.mitigations, MITIGATIONS), ("--methods", args.methods,
+                                                                                   METHOD_NAMES)):
+        unknown = [name for name in split_names(names) if name not in known]
+        if unknown:
+            raise UsageError(f"{option} takes {', '.join(known)}; got {', '.join(unknown)}")
     start = TableConfig.quick() if args.quick else TableConfig()
-    config = replace(start, train=training_config(args, start.train), mitigations=split_names(args.mitigations),
-                     methods=split_names(args.methods),
-                     lr_scale=args.lr_scale if args.lr_scale is not None else start.lr_scale)
+    train = training_config(args, start.train)
+    with configs_as_usage_errors():
+        config = replace(start, train=train, mitigations=split_names(args.mitigations),
+                         methods=split_names(args.methods),
+                         lr_scale=args.lr_scale if args.lr_scale is not None else start.lr_scale)
     name = args.name or config.train.data
     if args.doc is not None:  # a document without the markers fails now, not after the table's hour
         updated_doc(args.doc, name, "")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from diffmem.backends.options import add_backend_options, backend_from, model_inputs
-from diffmem.errors import DiffmemError
+from diffmem.cli import UsageError
 from diffmem.json_output import add_json_options, emit_json, json_mode
 
 
@@ -28,7 +28,7 @@ def audit_config(args: argparse.Namespace):
     from diffmem.audit import AuditConfig
 
     if args.generations < 1 or (args.steps is not None and args.steps < 1):
-        raise DiffmemError("--generations and --steps must be at least 1")
+        raise UsageError("--generations and --steps must be at least 1")
     return AuditConfig(generations=args.generations, num_inference_steps=args.steps, guidance_scale=args.guidance,
                        seed=args.seed, batch_size=args.batch_size,
                        wen_threshold=getattr(args, "wen_threshold", None),
@@ -70,7 +70,7 @@ def run_wen_eval_command(args: argparse.Namespace) -> int:
     elif args.memorized is not None and args.held_out is not None:
         memorized, held_out = load_prompts(args.memorized), load_prompts(args.held_out)
     else:
-        raise DiffmemError("give --memorized and --held-out prompt files, or a world --manifest")
+        raise UsageError("give --memorized and --held-out prompt files, or a world --manifest")
     with json_mode(args):
         model = backend_from(args)
         result = evaluate_wen_detector(model, memorized, held_out, audit_config(args), max_fpr=args.max_fpr)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from diffmem.attack.settings import START_KINDS, DoriConfig
 from diffmem.backends.naming import is_world_base
 from diffmem.backends.options import add_backend_options, backend_from, model_inputs
+from diffmem.cli import UsageError, usage_error
 from diffmem.errors import DiffmemError
 from diffmem.json_output import add_json_options, emit_json, json_mode
 from diffmem.mitigations.settings import AdversarialFinetuneConfig, NeMoConfig, WandaConfig
@@ -51,7 +52,7 @@ def read_prompts(args: argparse.Namespace):
     if args.prompts is not None:
         prompts.memorized = load_prompts(args.prompts)
     if not prompts.memorized:
-        raise DiffmemError("give the memorized prompts: --manifest (a world fine-tune's) or --prompts FILE")
+        raise UsageError("give the memorized prompts: --manifest (a world fine-tune's) or --prompts FILE")
     for option in ("ordinary", "calibration"):
         if getattr(args, option, None) is not None:
             setattr(prompts, option, load_prompts(getattr(args, option)))
@@ -72,10 +73,10 @@ def open_model(args: argparse.Namespace) -> Backend:
     if is_pipeline(args.base):
         given = [flag for option, flag in WORLD_ONLY if getattr(args, option)]
         if given:
-            raise DiffmemError(f"{' and '.join(given)} work on world models only; on a pipeline "
-                               f"`mitigate {args.mitigate_command}` writes the mask file (and --json, --json-out)", args.base)
+            raise UsageError(f"{' and '.join(given)} work on world models only; on a pipeline (--base {args.base}) "
+                             f"`mitigate {args.mitigate_command}` writes the mask file (and --json, --json-out)")
     if args.measure and args.manifest is None:
-        raise DiffmemError("--measure needs --manifest (the images to test copies against)")
+        raise UsageError("--measure needs --manifest (the images to test copies against)")
     return backend_from(args)
 
 
@@ -104,16 +105,16 @@ def run_nemo(args: argparse.Namespace) -> int:
 
     from diffmem.mitigations.nemo import describe, nemo_mitigate
 
-    torch.set_num_threads(args.threads)
-    prompts = read_prompts(args)
-    if not prompts.ordinary:
-        raise DiffmemError("NeMo needs ordinary prompts for its activation statistics: --manifest or --ordinary FILE")
     try:
         config = NeMoConfig(blocks=tuple(args.blocks.split(",")) if args.blocks else None,
                             generations=args.generations, threshold_stds=args.threshold_stds,
                             refine=not args.no_refine)
     except ValueError as error:
-        raise DiffmemError(str(error)) from None
+        raise usage_error(error, ("generations", "threshold_stds", "blocks")) from None
+    torch.set_num_threads(args.threads)
+    prompts = read_prompts(args)
+    if not prompts.ordinary:
+        raise UsageError("NeMo needs ordinary prompts for its activation statistics: --manifest or --ordinary FILE")
     with json_mode(args):
         model = open_model(args)
         # The pruned copy only where --measure needs it (the world); --unet-out applies the masks itself.
@@ -131,13 +132,13 @@ def run_wanda(args: argparse.Namespace) -> int:
 
     from diffmem.mitigations.wanda import wanda_mitigate
 
-    torch.set_num_threads(args.threads)
-    prompts = read_prompts(args)
     try:
         config = WandaConfig(fraction=args.fraction, generations=args.generations, steps=args.steps,
                              guidance=args.guidance)
     except ValueError as error:
-        raise DiffmemError(str(error)) from None
+        raise usage_error(error, ("fraction", "generations", "steps", "guidance")) from None
+    torch.set_num_threads(args.threads)
+    prompts = read_prompts(args)
     with json_mode(args):
         model = open_model(args)
         pruned, result, masks = wanda_mitigate(model, prompts.memorized, config=config, apply=args.measure)
@@ -151,7 +152,7 @@ def run_apply(args: argparse.Namespace) -> int:
     from diffmem.mitigations.run import apply_mask_file
 
     if args.out is None and args.manifest is None:
-        raise DiffmemError("give --out (write the pruned UNet) and/or --manifest (measure before and after)")
+        raise UsageError("give --out (write the pruned UNet) and/or --manifest (measure before and after)")
     result = apply_mask_file(args.masks, args.base, args.lora, args.out, args.random_control, args.manifest)
     where = f"; pruned UNet written to {args.out}" if args.out is not None else ""
     print(f"{result['method']}: zeroed {result['pruned_weights']} weights{where}")
@@ -167,12 +168,17 @@ def run_adversarial(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     try:
+        search = DoriConfig(steps=args.search_steps)
+    except ValueError as error:
+        raise usage_error(error, {"steps": "--search-steps"}) from None
+    try:
         config = AdversarialFinetuneConfig(
             rounds=args.rounds, starts=tuple(s.strip() for s in args.starts.split(",") if s.strip()),
-            search=DoriConfig(steps=args.search_steps), steps_per_round=args.steps_per_round,
+            search=search, steps_per_round=args.steps_per_round,
             batch_size=args.batch_size, adversarial_share=args.adversarial_share, lr=args.lr, seed=args.seed)
     except ValueError as error:
-        raise DiffmemError(str(error)) from None
+        raise usage_error(error, ("rounds", "starts", "steps_per_round", "batch_size", "adversarial_share",
+                                  "lr")) from None
     manifest = adversarial_finetune_files(args.out, args.lora, args.base, args.manifest, args.surrogate_base, config,
                                           command=getattr(args, "command_line", None))
     for index, done in enumerate(manifest["adversarial"]["rounds"], 1):
@@ -272,6 +278,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adversarial.add_argument("--adversarial-share", type=float, default=a.adversarial_share,
                              help=f"share of each batch from the adversarial pairs (default {a.adversarial_share:g})")
     adversarial.add_argument("--lr", type=float, default=a.lr, help=f"AdamW learning rate (default {a.lr:g})")
-    adversarial.add_argument("--seed", type=int, default=a.seed, help=f"seed (default {a.seed})")
+    adversarial.add_argument("--seed", type=int, default=a.seed,
+                             help=f"seeds the surrogate images, the Dori searches and the fine-tuning (default {a.seed})")
     adversarial.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     adversarial.set_defaults(handler=run_adversarial)

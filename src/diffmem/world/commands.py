@@ -81,13 +81,21 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from diffmem.world.train import finetune
+    from diffmem.cli import UsageError, usage_error
+    from diffmem.errors import DiffmemError
 
-    config = FinetuneConfig(method=args.method, data=args.data, duplicate=args.duplicate, rank=args.rank,
-                            alpha=args.alpha, conv=args.conv, lr=args.lr, steps=args.steps,
-                            batch_size=args.batch_size, include_rest=not args.no_rest, seed=args.seed,
-                            noise_offset=args.noise_offset,
-                            threads=args.threads)
+    if min(args.rank, args.steps, args.batch_size, args.threads) < 1:
+        raise UsageError("--rank, --steps, --batch-size and --threads must be at least 1")
+    try:
+        config = FinetuneConfig(method=args.method, data=args.data, duplicate=args.duplicate, rank=args.rank,
+                                alpha=args.alpha, conv=args.conv, lr=args.lr, steps=args.steps,
+                                batch_size=args.batch_size, include_rest=not args.no_rest, seed=args.seed,
+                                noise_offset=args.noise_offset,
+                                threads=args.threads)
+    except DiffmemError as error:  # a value the config refuses: a usage error naming the flag
+        raise usage_error(error, ("duplicate",)) from None
+    from diffmem.world.train import finetune  # the model: after the usage checks
+
     manifest = finetune(args.out, config, base=args.base, fmt=args.format,
                         command=getattr(args, "command_line", None))
     print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({manifest['wall_time_s']:.0f} s, "
@@ -107,7 +115,8 @@ def add_check(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--generations", type=int, default=d.generations, help=f"images per caption (default {d.generations})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps (default {d.steps})")
     p.add_argument("--guidance", type=float, default=d.guidance, help=f"classifier-free guidance (default {d.guidance:g})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"first sampling seed (default {d.seed})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of the first generation's noise; the others count up from it (default {d.seed})")
     add_json_options(p, "the numbers")
     p.add_argument("--grid", type=Path, default=None,
                    help="also write a PNG: per duplicated caption, the training image then its generations")
@@ -115,7 +124,11 @@ def add_check(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from diffmem.cli import UsageError
     from diffmem.errors import DiffmemError
+
+    if args.generations < 1 or args.steps < 1:
+        raise UsageError("--generations and --steps must be at least 1")
     from diffmem.world.check import CheckSettings, example_lora_path, memorization_check
     from diffmem.world.model import load_base, load_unet_file
 
