@@ -25,6 +25,23 @@ def test_every_command_formats_its_help():
         assert parser.format_help(), words
 
 
+def test_help_texts_speak_to_users():
+    """No help names the project's internal references ("seed 002", "issue 19", "the seed's Table 1"): a table is
+    named with its paper."""
+    import re
+
+    texts = []
+    for words, parser in command_parsers(build_parser()):
+        texts.append((words, parser.description or ""))
+        for action in parser._actions:
+            texts.append((words, action.help or ""))
+            texts += [(words, choice.help or "") for choice in getattr(action, "_choices_actions", [])]
+    assert len(texts) > 300
+    for words, text in texts:
+        assert not re.search(r"\bseed 0\d\d|\bissue \d|\bseed's\b", text, re.I), (words, text)
+        assert not re.search(r"\bTable[- ]\d", text) or "paper" in text, (words, text)
+
+
 def test_every_output_takes_o_and_every_seed_says_what_it_seeds():
     """One spelling of the output: every command with `--out` takes `-o` for it too; `--seed` means one thing per
     command and its help says which (not "seed (default 0)")."""

@@ -1,5 +1,5 @@
-"""`diffmem locality`: the experiments behind Finding Dori's (seed 002) locality claims on a world LoRA, writing their JSON and
-docs/locality.md (`diffmem.locality`)."""
+"""`diffmem locality`: the experiments behind the locality claims of the Finding Dori paper (Kowalczuk et al. 2025) on
+a world LoRA, writing their JSON and docs/locality.md (`diffmem.locality`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`diffmem memcontrol ...`: derive a mask, fine-tune the world under a mask, search masks, the Table-1 run."""
+"""`diffmem memcontrol ...`: derive a mask, fine-tune the world under a mask, search masks, the run of the MemControl
+paper's Table 1."""
 
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def add_table(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("table", help="MemControl's Table 1 on the world: every method x mitigation, measured")
+    p = subparsers.add_parser("table", help="Table 1 of the MemControl paper (Dutt et al. 2025) on the world: every "
+                                            "fine-tuning method x mitigation, measured")
     p.add_argument("--out", type=Path, required=True, help="folder for rows.json and table.md")
     p.add_argument("--mask", type=Path, help="mask from `memcontrol search` for the MemControl rows")
     p.add_argument("--quick", action="store_true",
