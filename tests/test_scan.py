@@ -218,6 +218,9 @@ def test_bad_input_is_one_line_and_exit_1_with_no_output(tmp_path, capsys):
     assert main(["scan", str(corrupt), "--lora", str(corrupt)]) == 2
     assert "positional" in capsys.readouterr().err
     assert main(["scan", str(corrupt), "--generations", "0"]) == 2
+    assert "--generations must be at least 1" in capsys.readouterr().err  # the flag, not the Python field
+    assert main(["scan", str(corrupt), "--filter", "--dori-steps", "0"]) == 2
+    assert "--dori-steps" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("family", "guidance"), [("flux", 1.0), ("sdxl", 7.5), ("sd3", 7.0), ("sd2", 7.5)])

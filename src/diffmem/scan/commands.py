@@ -11,7 +11,7 @@ from diffmem.attack.dori import DoriConfig
 from diffmem.backends import parse_dtype
 from diffmem.backends.options import add_backend_options, model_inputs
 from diffmem.batch import ENGINES, summary_document
-from diffmem.cli import UsageError, add_filter_method_options, build_config
+from diffmem.cli import UsageError, add_filter_method_options, build_config, usage_error
 from diffmem.evaluation.inputs import load_prompts
 from diffmem.pipeline import filtered_name
 from diffmem.scan.batch import SCAN_STATUSES, scan_many
@@ -36,7 +36,8 @@ def scan_config(args: argparse.Namespace) -> ScanConfig:
                           model_guidance=args.model_guidance, seed=args.seed, batch_size=args.batch_size,
                           generic_prompts=not args.no_generic, wen_draws=d.wen_draws)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise usage_error(error, ("max_prompts", "extract_prompts", "generations", "steps", "guidance",
+                                  "model_guidance", "batch_size")) from None
 
 
 def extra_prompts(args: argparse.Namespace) -> list[str]:
@@ -70,7 +71,7 @@ def loop_config(args: argparse.Namespace) -> LoopConfig:
     try:
         return LoopConfig(attack_targets=args.attack_targets, dori=DoriConfig(steps=args.dori_steps))
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise usage_error(error, {"attack_targets": "--attack-targets", "steps": "--dori-steps"}) from None
 
 
 def print_loop(summary: dict, out: Path | None) -> None:
