@@ -6,8 +6,7 @@ generations. See docs/attack.md.
     success = attack_success(unet, result.embedding, target_image, reference=training_images)
 """
 
-import importlib
-from typing import Any
+from diffmem.lazy import lazy_names
 
 # The names below come from `diffmem.attack.dori` (the search needs torch and the model backends) or, for the
 # settings, `diffmem.attack.settings`; each module is imported when a name of it is first used, so importing a light
@@ -19,14 +18,7 @@ MODULE_OF = {
 }
 
 
-def __getattr__(name: str) -> Any:  # PEP 562
-    if name in MODULE_OF:
-        return getattr(importlib.import_module(f"diffmem.attack.{MODULE_OF[name]}"), name)
-    raise AttributeError(f"module 'diffmem.attack' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *MODULE_OF])
+__getattr__, __dir__ = lazy_names(__name__, MODULE_OF, globals())
 
 
 __all__ = [

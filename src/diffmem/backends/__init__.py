@@ -18,9 +18,7 @@ work as attributes all the same.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -28,6 +26,7 @@ from diffmem.backends.base import Backend, Conditioning
 from diffmem.backends.naming import is_world_base, is_world_file
 from diffmem.errors import DiffmemError
 from diffmem.formats.merge import merge_lora, pipeline_components
+from diffmem.lazy import lazy_names
 
 __all__ = ["DTYPES", "Backend", "Conditioning", "FluxBackend", "SD3Backend", "StableDiffusionBackend", "WorldBackend",
            "as_backend", "is_world_base", "is_world_file", "load_pipeline", "open_backend", "parse_dtype",
@@ -43,19 +42,9 @@ MODEL_NAMES = {
 }
 
 
-def model_name(name: str) -> Any:
-    """`name` from its model module (`MODEL_NAMES`), importing the module the first time."""
-    return getattr(importlib.import_module(f"diffmem.backends.{MODEL_NAMES[name]}"), name)
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: `diffmem.backends.FluxBackend` and friends, imported on first use
-    if name in MODEL_NAMES:
-        return model_name(name)
-    raise AttributeError(f"module 'diffmem.backends' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *MODEL_NAMES])
+# PEP 562: `diffmem.backends.FluxBackend` and friends, imported on first use.
+__getattr__, __dir__ = lazy_names(__name__, MODEL_NAMES, globals())
+model_name = __getattr__  # `name` from its model module, importing the module the first time
 
 #: The `--dtype` names as torch dtypes.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -8,8 +8,7 @@ memorized prompt's, and how much the neurons and weights NeMo and Wanda select a
     results = run_locality(unet, example_lora_inputs(manifest), LocalityConfig(captions=1))
 """
 
-import importlib
-from typing import Any
+from diffmem.lazy import lazy_names
 
 # The names below come from the package's modules, each imported when a name of it is first used: the experiments
 # load the world's model (diffusers), and `diffmem locality --help` imports `diffmem.locality.settings` only.
@@ -22,14 +21,7 @@ MODULE_OF = {
 }
 
 
-def __getattr__(name: str) -> Any:  # PEP 562
-    if name in MODULE_OF:
-        return getattr(importlib.import_module(f"diffmem.locality.{MODULE_OF[name]}"), name)
-    raise AttributeError(f"module 'diffmem.locality' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *MODULE_OF])
+__getattr__, __dir__ = lazy_names(__name__, MODULE_OF, globals())
 
 
 __all__ = [

@@ -13,7 +13,7 @@ pipeline the copy is made only when asked, `apply=True`).
 
 from __future__ import annotations
 
-import importlib
+from diffmem.lazy import lazy_names
 
 # Name -> the module that defines it. Imported on first use, so that `diffmem.mitigations.registry` (which lists
 # mitigations without running one) does not pull torch in through this package.
@@ -33,12 +33,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in LAZY_NAMES:
-        return getattr(importlib.import_module(f"diffmem.mitigations.{LAZY_NAMES[name]}"), name)
-    raise AttributeError(f"module 'diffmem.mitigations' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    # The lazy names are not in the module's namespace until first used; list them for tab completion.
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, LAZY_NAMES, globals())

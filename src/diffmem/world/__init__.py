@@ -10,8 +10,7 @@ purpose. See docs/world.md.
     images = generate(unet, ["a large red circle at the left on a white background"], seeds=[0])
 """
 
-import importlib
-from typing import Any
+from diffmem.lazy import lazy_names
 
 # The names below come from the world's modules, each imported when a name of it is first used: the model and the
 # data pull in diffusers and scikit-image, and importing one light module (`diffmem.world.text`, say) runs this file
@@ -32,14 +31,7 @@ MODULE_OF = {
 }
 
 
-def __getattr__(name: str) -> Any:  # PEP 562
-    if name in MODULE_OF:
-        return getattr(importlib.import_module(f"diffmem.world.{MODULE_OF[name]}"), name)
-    raise AttributeError(f"module 'diffmem.world' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *MODULE_OF])
+__getattr__, __dir__ = lazy_names(__name__, MODULE_OF, globals())
 
 
 __all__ = [
