@@ -52,7 +52,7 @@ def print_summary(summary: dict, out: Path | None) -> None:
     """The verdict and what it rests on, in a few lines."""
     evidence = summary["evidence"]
     print(f"{summary['lora']}: {summary['verdict']} (risk {summary['risk']:.2f}; rule: {summary['rule'].upper()}, "
-          "right for 3 of 4 held-out world LoRAs so far, docs/scan.md)")
+          "its measured accuracy on held-out world LoRAs: docs/scan-population.md)")
     if summary.get("caveat"):
         print(f"  caveat: {summary['caveat']}")
     ratio = evidence["largest_wen_ratio"]
