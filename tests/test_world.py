@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +257,133 @@ def test_finetune_loop_calls_after_step_with_each_trained_step():
     assert [step for step, _ in seen] == [1, 2, 3]
     assert not torch.equal(seen[0][1], seen[1][1])  # each call sees the weights after its own step
     assert torch.equal(seen[-1][1], first.detach())
+
+
+TRACKED = dict(steps=5, batch_size=2, duplicate=(2, 3), rank=4, alpha=2.0, lr=1e-2)
+
+
+def test_heldout_tracking_records_the_curve_and_changes_no_weight(tiny_unet, tmp_path):
+    (tmp_path / "off").mkdir(), (tmp_path / "on").mkdir()
+    off = finetune(tmp_path / "off" / "k.safetensors", FinetuneConfig(**TRACKED), base=tiny_unet, progress=False)
+    on = finetune(tmp_path / "on" / "k.safetensors", FinetuneConfig(**TRACKED, heldout_every=2), base=tiny_unet,
+                  progress=False, best_out=tmp_path / "on" / "best.safetensors")
+    # The same bytes: the measurement draws nothing from the training's random numbers.
+    assert on["sha256"] == off["sha256"] == sha256_file(tmp_path / "off" / "k.safetensors")
+    # Off, the manifest is the one a run wrote before tracking existed.
+    assert "heldout_loss" not in off and "trained_steps" not in off and "heldout_every" not in off["settings"]
+    track = on["heldout_loss"]
+    assert on["settings"]["heldout_every"] == 2 and on["trained_steps"] == 5
+    assert [step for step, _ in track["curve"]] == [0, 2, 4, 5]  # before training, every 2 steps, the last
+    assert (track["seed"], track["timesteps_per_image"], track["images"]) == (0, 8, 20)
+    trained = [(loss, step) for step, loss in track["curve"] if step > 0]
+    assert (track["best_loss"], track["best_step"]) == min(trained)
+    # Step 0 is the base (a fresh LoRA adds zero); the last point is the saved LoRA (up to its fp16 rounding).
+    heldout = faces_dataset("heldout")
+    assert track["curve"][0][1] == pytest.approx(denoising_loss(tiny_unet, heldout.images, heldout.captions), rel=1e-6)
+    final = denoising_loss(apply_lora(tiny_unet, tmp_path / "on" / "k.safetensors"), heldout.images, heldout.captions)
+    assert track["curve"][-1][1] == pytest.approx(final, rel=1e-3)
+    assert json.loads((tmp_path / "on" / "k.json").read_text()) == on
+    best = json.loads((tmp_path / "on" / "best.json").read_text())
+    assert best["trained_steps"] == track["best_step"] and best["heldout_loss"] == track
+    assert best["sha256"] == sha256_file(tmp_path / "on" / "best.safetensors") and best["final_loss_ema"] is None
+    assert read_lora(tmp_path / "on" / "best.safetensors").metadata["ss_network_dim"] == "4"
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_best_step_output_is_the_run_stopped_at_that_step(tiny_unet, tmp_path, monkeypatch, method):
+    from diffmem.world.train import HeldoutTrack
+
+    # Scripted losses put the best step inside the run (steps 0..3: the lowest at step 2).
+    losses = iter([1.0, 0.5, 0.3, 0.4])
+    monkeypatch.setattr(HeldoutTrack, "measure", lambda self: next(losses))
+    settings = dict(TRACKED, steps=3, method=method, lr=1e-2 if method == "lora" else 1e-3)
+    (tmp_path / "tracked").mkdir(), (tmp_path / "stopped").mkdir()
+    manifest = finetune(tmp_path / "tracked" / "k.safetensors", FinetuneConfig(**settings, heldout_every=1),
+                        base=tiny_unet, progress=False, best_out=tmp_path / "tracked" / "best" / "k.safetensors")
+    assert manifest["heldout_loss"]["curve"] == [[0, 1.0], [1, 0.5], [2, 0.3], [3, 0.4]]
+    assert (manifest["heldout_loss"]["best_step"], manifest["heldout_loss"]["best_loss"]) == (2, 0.3)
+    best = json.loads((tmp_path / "tracked" / "best" / "k.json").read_text())
+    assert best["trained_steps"] == 2 and best["heldout_loss"]["best_loss"] == 0.3
+    # A run of 2 steps is the first 2 steps of the longer run (no schedule depends on the run's length), so the
+    # snapshot taken in memory must be that run's output, byte for byte.
+    stopped = finetune(tmp_path / "stopped" / "k.safetensors", FinetuneConfig(**dict(settings, steps=2)),
+                       base=tiny_unet, progress=False)
+    assert best["sha256"] == stopped["sha256"] != manifest["sha256"]
+
+
+def test_heldout_track_measures_in_eval_mode_without_touching_the_random_state():
+    from diffmem.world.train import HeldoutTrack
+
+    torch.manual_seed(0)
+    unet = build_unet(TINY).train()
+    modes: list[bool] = []
+    unet.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    heldout = faces_dataset("heldout").subset([0, 1])
+    track = HeldoutTrack(unet, list(unet.parameters()), heldout, every=2, steps=3, timesteps_per_image=2)
+    state = torch.get_rng_state()
+    track.start()
+    track(1)  # neither a multiple of 2 nor the last step: not measured
+    assert [step for step, _ in track.curve] == [0] and track.best is None
+    track(2)
+    assert modes and not any(modes) and unet.training
+    assert torch.equal(torch.get_rng_state(), state)
+    assert track.best_step == 2 and all(torch.equal(a, b) for a, b in zip(track.best, unet.parameters()))
+    with pytest.raises(DiffmemError, match="heldout_every"):
+        HeldoutTrack(unet, [], heldout, every=0, steps=3)
+
+
+def test_tracking_usage_errors_and_no_partial_outputs(tiny_unet, tmp_path, monkeypatch, capsys):
+    import diffmem.world.lora as world_lora
+    from diffmem.cli import main
+
+    with pytest.raises(DiffmemError, match="heldout_every"):
+        FinetuneConfig(heldout_every=-1)
+    out = ["world", "finetune", "--out", str(tmp_path / "k.safetensors"), "--steps", "2", "--batch-size", "2"]
+    for argv, named in (
+        (["--heldout-every", "-1"], "--heldout-every must be 0"),
+        (["--save-best", str(tmp_path / "b.safetensors")], "--save-best needs --heldout-every"),
+        (["--heldout-every", "1", "--save-best", str(tmp_path / "k.json")], "--save-best must differ from --out"),
+    ):
+        assert main([*out, *argv]) == 2
+        assert named in capsys.readouterr().err
+    config = FinetuneConfig(steps=2, batch_size=2, duplicate=(1, 2), rank=2, alpha=2.0)
+    with pytest.raises(DiffmemError, match="heldout_every"):
+        finetune(tmp_path / "k.safetensors", config, base=tiny_unet, progress=False, best_out=tmp_path / "b.safetensors")
+    tracked = FinetuneConfig(**{**config.__dict__, "heldout_every": 1})
+    with pytest.raises(DiffmemError, match="written twice"):
+        finetune(tmp_path / "k.safetensors", tracked, base=tiny_unet, progress=False, best_out=tmp_path / "k.json")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DiffmemError, match="output"):  # refused before training, not after it
+        finetune(tmp_path / "k.safetensors", tracked, base=tiny_unet, progress=False,
+                 best_out=tmp_path / "file" / "b.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+    # The best output fails after the final one was written: neither is left behind.
+    save_lora = world_lora.save_lora
+
+    def failing(factors, path, *args, **kwargs):
+        if Path(path).name == "b.safetensors":
+            raise DiffmemError("disk full", path)
+        return save_lora(factors, path, *args, **kwargs)
+
+    monkeypatch.setattr(world_lora, "save_lora", failing)
+    with pytest.raises(DiffmemError, match="disk full"):
+        finetune(tmp_path / "k.safetensors", tracked, base=tiny_unet, progress=False, best_out=tmp_path / "b.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_finetune_command_saves_the_best_step(tiny_unet, tmp_path, capsys):
+    from diffmem.cli import main
+
+    base = save_file(unet_tensors(tiny_unet), tmp_path / "base.safetensors", unet_metadata(TINY))
+    argv = ["world", "finetune", "--base", str(base), "--out", str(tmp_path / "k.safetensors"), "--steps", "2",
+            "--batch-size", "2", "--duplicate", "1:2", "--rank", "2", "--heldout-every", "1",
+            "--save-best", str(tmp_path / "best.safetensors")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    best = json.loads((tmp_path / "best.json").read_text())
+    step = best["trained_steps"]
+    assert f"lowest {best['heldout_loss']['best_loss']:.5f} at step {step}" in printed
+    assert f"--steps {3 * step}" in printed
+    assert best["sha256"] == sha256_file(tmp_path / "best.safetensors")
+    assert json.loads((tmp_path / "k.json").read_text())["settings"]["heldout_every"] == 1

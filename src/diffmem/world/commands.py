@@ -77,6 +77,13 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch CPU threads (default {d.threads})")
     p.add_argument("--format", choices=("kohya", "peft"), default="kohya",
                    help="LoRA key naming: kohya (lora_unet_..., default) or diffusers/PEFT (unet....lora_A)")
+    p.add_argument("--heldout-every", type=int, default=d.heldout_every, metavar="N",
+                   help="measure the held-out denoising loss every N steps (and before the first, after the last) "
+                        "and record the curve and its best step in the manifest; it changes no trained weight "
+                        f"(default {d.heldout_every}: off)")
+    p.add_argument("--save-best", type=Path, default=None, metavar="PATH",
+                   help="also write the weights of the step of lowest held-out loss (the 'tuned' LoRA) to PATH, "
+                        "its manifest .json beside it; needs --heldout-every")
     p.set_defaults(handler=run_finetune)
 
 
@@ -91,15 +98,29 @@ def run_finetune(args: argparse.Namespace) -> int:
                                 alpha=args.alpha, conv=args.conv, lr=args.lr, steps=args.steps,
                                 batch_size=args.batch_size, include_rest=not args.no_rest, seed=args.seed,
                                 noise_offset=args.noise_offset,
-                                threads=args.threads)
+                                threads=args.threads, heldout_every=args.heldout_every)
     except DiffmemError as error:  # a value the config refuses: a usage error naming the flag
-        raise usage_error(error, ("duplicate",)) from None
+        raise usage_error(error, ("duplicate", "heldout_every")) from None
+    if args.save_best is not None:
+        if not args.heldout_every:
+            raise UsageError("--save-best needs --heldout-every N (N >= 1): the held-out loss picks the step to save")
+        outputs = {args.out, args.out.with_suffix(".json")}
+        if {args.save_best.resolve(), args.save_best.with_suffix(".json").resolve()} & {p.resolve() for p in outputs}:
+            raise UsageError("--save-best must differ from --out, and so must their .json manifests")
     from diffmem.world.train import finetune  # the model: after the usage checks
 
     manifest = finetune(args.out, config, base=args.base, fmt=args.format,
-                        command=getattr(args, "command_line", None))
+                        command=getattr(args, "command_line", None), best_out=args.save_best)
     print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({manifest['wall_time_s']:.0f} s, "
           f"{len(manifest['duplicated'])} images x {config.duplicate[1]})")
+    if "heldout_loss" in manifest:
+        track = manifest["heldout_loss"]
+        base_loss, final_loss = track["curve"][0][1], track["curve"][-1][1]
+        print(f"held-out loss: {base_loss:.5f} before training, {final_loss:.5f} at step {config.steps}, lowest "
+              f"{track['best_loss']:.5f} at step {track['best_step']}")
+        if args.save_best is not None:
+            print(f"wrote {args.save_best} and {args.save_best.with_suffix('.json')} (the weights of step "
+                  f"{track['best_step']}; for the over-trained LoRA: --steps {3 * track['best_step']})")
     return 0
 
 

@@ -241,6 +241,91 @@ def finetune_loop(
     return running
 
 
+#: Noise seed and timesteps per image of the held-out loss tracked during a fine-tune: those of `diffmem world
+#: check`'s held-out loss (`denoising_loss`'s defaults), so the curve's last point is the number the check reports
+#: (up to the fp16 rounding of the saved LoRA).
+HELDOUT_SEED, HELDOUT_TIMESTEPS = 0, 8
+
+
+class HeldoutTrack:
+    """The held-out denoising loss of a model in training, for `finetune_loop(after_step=...)`: measured at step 0
+    (`start()`, the model before training), every `every` steps and at step `steps`, with fixed noise and
+    timesteps (`denoising_loss`), so every point sees the same noisy inputs. At each new lowest loss (over the
+    trained steps, step 0 excluded: the untrained model is no fine-tune) the `trainable` tensors are copied in
+    memory, so `restore_best()` puts the weights of the best step back without training again.
+
+    The model is measured in eval mode and put back in the mode it was in; the global torch random state is
+    restored after each measurement, and the training draws from its own generator, so tracking changes no
+    trained weight."""
+
+    def __init__(self, unet: torch.nn.Module, trainable: list[torch.nn.Parameter], heldout: ImageSet, every: int,
+                 steps: int, seed: int = HELDOUT_SEED, timesteps_per_image: int = HELDOUT_TIMESTEPS) -> None:
+        if every < 1:
+            raise DiffmemError(f"heldout_every must be at least 1 to track the held-out loss, got {every}")
+        if len(heldout) == 0:
+            raise DiffmemError("the held-out split is empty: there is no held-out loss to track")
+        self.unet, self.trainable, self.heldout = unet, trainable, heldout
+        self.every, self.steps, self.seed, self.timesteps_per_image = every, steps, seed, timesteps_per_image
+        self.curve: list[tuple[int, float]] = []
+        self.best_step: int | None = None
+        self.best_loss: float | None = None
+        self.best: list[torch.Tensor] | None = None
+
+    def measure(self) -> float:
+        """The held-out loss of the model as it is now (eval mode, global random state untouched)."""
+        from diffmem.world.diffusion import denoising_loss
+
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return denoising_loss(self.unet, self.heldout.images, self.heldout.captions, seed=self.seed,
+                                      timesteps_per_image=self.timesteps_per_image)
+        finally:
+            self.unet.train(was_training)
+
+    def start(self) -> None:
+        """Measure the model before its first step (step 0)."""
+        self.curve.append((0, self.measure()))
+
+    def __call__(self, step: int) -> None:
+        if step % self.every and step != self.steps:
+            return
+        loss = self.measure()
+        self.curve.append((step, loss))
+        if self.best_loss is None or loss < self.best_loss:  # ties keep the earlier step
+            self.best_step, self.best_loss = step, loss
+            self.best = [p.detach().clone() for p in self.trainable]
+
+    def restore_best(self) -> None:
+        """Put the weights of the best step back into `trainable`."""
+        if self.best is None:
+            raise DiffmemError("no trained step was measured: there is no best step to restore")
+        with torch.no_grad():
+            for parameter, saved in zip(self.trainable, self.best):
+                parameter.copy_(saved)
+
+    def record(self) -> dict:
+        """The manifest entry: how it was measured, the curve [[step, loss], ...] and the best step."""
+        return {"every": self.every, "seed": self.seed, "timesteps_per_image": self.timesteps_per_image,
+                "images": len(self.heldout), "curve": [[step, loss] for step, loss in self.curve],
+                "best_step": self.best_step, "best_loss": self.best_loss}
+
+
+def distinct_outputs(paths: list[Path]) -> None:
+    """Refuse outputs of which two are the same file (a LoRA path equal to another's manifest, say), or any that
+    cannot be written (a folder, a device, under a file), before an hour of training is spent."""
+    from diffmem.formats.safetensors_io import check_output_path
+
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        real = path.resolve()
+        if real in seen:
+            raise DiffmemError(f"is written twice (also as {seen[real]}); choose distinct output paths", path)
+        seen[real] = path
+        check_output_path(path)  # a folder, a device, or a path under a file
+
+
 def finetune(
     out: str | Path,
     config: FinetuneConfig | None = None,
@@ -248,14 +333,31 @@ def finetune(
     fmt: str = "kohya",
     progress: bool = True,
     command: str | None = None,
+    best_out: str | Path | None = None,
 ) -> dict:
     """Fine-tune the world base (a UNet, a world UNet file, or by default the committed base) and write the LoRA (`fmt` "kohya" or "peft") or the
     full UNet (fp16) to `out`, plus the manifest `<out minus suffix>.json`: duplicated, once-seen and held-out
-    images with captions, the settings, seed, wall time and sha256s. Returns the manifest."""
+    images with captions, the settings, seed, wall time and sha256s. Returns the manifest.
+
+    With `config.heldout_every` = N >= 1 the held-out loss is measured every N steps (`HeldoutTrack`) and the
+    manifest gains `heldout_loss` (the curve and its best step) and `trained_steps`. `best_out` (which needs N >= 1)
+    also writes the weights as they were at the step of lowest held-out loss, in the same format and metadata, with
+    its own manifest `<best_out minus suffix>.json` (the same entries, `trained_steps` = that step, its sha256, and
+    `final_loss_ema` null: the training loss's average is known only at the end of the run). Nothing is written
+    unless every output is; a failure removes what this call had written."""
     from diffmem.world.lora import save_lora, target_pattern
 
     config = config or FinetuneConfig()
     out = Path(out)
+    best_out = None if best_out is None else Path(best_out)
+    if best_out is not None and not config.heldout_every:
+        raise DiffmemError("a best-step output needs heldout_every >= 1 (the held-out loss picks the step)", best_out)
+    if best_out is not None and config.steps < 1:
+        raise DiffmemError("a best-step output needs at least one training step", best_out)
+    outputs = [out, out.with_suffix(".json")]
+    if best_out is not None:
+        outputs += [best_out, best_out.with_suffix(".json")]
+    distinct_outputs(outputs)
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     base_sha = None
@@ -288,24 +390,33 @@ def finetune(
         trainable = list(unet.parameters())
     began = time.time()
     context_of = table_contexts(contexts, caption_index)
+    track = None
+    if config.heldout_every:
+        track = HeldoutTrack(unet, trainable, heldout, config.heldout_every, config.steps)
+        track.start()
     running = finetune_loop(unet, trainable, train_set.images, rows, context_of, steps=config.steps,
                             batch_size=config.batch_size, lr=config.lr, caption_dropout=config.caption_dropout,
                             noise_offset=config.noise_offset, seed=config.seed, progress=progress,
-                            desc=f"finetune {config.method}")
+                            desc=f"finetune {config.method}", after_step=track)
     wall = time.time() - began
 
-    if config.method == "lora":
-        from diffmem.world.lora import lora_factors
+    def save(path: Path) -> None:
+        if config.method == "lora":
+            from diffmem.world.lora import lora_factors
 
-        save_lora(lora_factors(unet), out, config.rank, config.alpha, fmt, config.conv,
-                  {"diffmem_world": "finetune", "diffmem_data": config.data,
-                   **kohya_dataset_metadata(train_set, rows, config.data)})
-    else:
-        save_file(unet_tensors(unet), out, unet_metadata(config_of(base), {"diffmem_world": "finetune"}))
+            save_lora(lora_factors(unet), path, config.rank, config.alpha, fmt, config.conv,
+                      {"diffmem_world": "finetune", "diffmem_data": config.data,
+                       **kohya_dataset_metadata(train_set, rows, config.data)})
+        else:
+            save_file(unet_tensors(unet), path, unet_metadata(config_of(base), {"diffmem_world": "finetune"}))
+
+    settings = {**asdict(config), "duplicate": list(config.duplicate), "format": fmt if config.method == "lora" else "full"}
+    if not config.heldout_every:
+        del settings["heldout_every"]  # a run without tracking writes the manifest it always wrote
     duplicated_set = set(duplicated)
     manifest = {
         "command": command,
-        "settings": {**asdict(config), "duplicate": list(config.duplicate), "format": fmt if config.method == "lora" else "full"},
+        "settings": settings,
         "base_sha256": base_sha,
         "data": config.data,
         "duplicated": image_records(train_set, duplicated),
@@ -315,7 +426,24 @@ def finetune(
         "samples_per_epoch": len(rows),
         "final_loss_ema": None if running is None else round(running, 5),
         "wall_time_s": round(wall, 1),
-        "sha256": sha256_file(out),
     }
-    write_atomic((json.dumps(manifest, indent=2) + "\n").encode(), out.with_suffix(".json"))
+    if track is not None:
+        manifest |= {"trained_steps": config.steps, "heldout_loss": track.record()}
+    written: list[Path] = []  # each write is atomic; a later failure removes the earlier ones
+    try:
+        save(out)
+        written.append(out)
+        manifest["sha256"] = sha256_file(out)
+        written.append(write_atomic((json.dumps(manifest, indent=2) + "\n").encode(), out.with_suffix(".json")))
+        if best_out is not None:
+            track.restore_best()  # the final weights are saved: the model may now go back to the best step
+            save(best_out)
+            written.append(best_out)
+            best = {**manifest, "trained_steps": track.best_step, "final_loss_ema": None,
+                    "sha256": sha256_file(best_out)}
+            written.append(write_atomic((json.dumps(best, indent=2) + "\n").encode(), best_out.with_suffix(".json")))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return manifest
