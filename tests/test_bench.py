@@ -14,14 +14,25 @@ from diffmem.bench.grid import (
     CORE,
     FULL_PLAN,
     QUICK_PLAN,
+    TRANSFORMS,
+    VARIATION_PLAN,
     GridCell,
     VariantPlan,
     budget_variant,
     full_grid,
+    quick_grid,
     reference_variants,
 )
-from diffmem.bench.report import HAND_WRITTEN, comparison_table, with_retention, write_results
-from diffmem.bench.run import append_row, ensure_finetune, read_rows, run_bench, settings_id
+from diffmem.bench.report import HAND_WRITTEN, METHOD_COLOURS, comparison_table, with_retention, write_results
+from diffmem.bench.run import (
+    append_row,
+    ensure_finetune,
+    read_rows,
+    run_bench,
+    settings_id,
+    update_energy,
+    variant_lora,
+)
 from diffmem.bench.stats import format_interval, mean_interval
 from diffmem.errors import DiffmemError
 from diffmem.filters import BAFConfig
@@ -58,6 +69,47 @@ def test_variant_keys_are_unique_and_budgets_reach_the_selection():
     fractions = [v for v in QUICK_PLAN.variants(0.4321) if v.budget == "fraction"]
     assert {v.level for v in fractions} == {0.432} and {v.key for v in fractions} == {
         "baf@fraction=matched", "random@fraction=matched", "magnitude@fraction=matched"}
+
+
+def test_peft_intruder_is_a_transform_of_the_full_and_variation_plans_not_the_quick_one():
+    for plan in (FULL_PLAN, VARIATION_PLAN):
+        assert [v.key for v in plan.variants(0.5)].count("peft-intruder") == 1
+    assert all(v.transform is None for cell in quick_grid() for v in cell.plan.variants(0.5))  # --quick: as before
+    variant = TRANSFORMS["peft-intruder"]
+    assert variant.method == "peft-intruder" and variant.budget == "default" and variant.level is None
+    assert variant.config is None and variant.transform is not None and not variant.is_base
+    assert [v.is_base for v in reference_variants()] == [False, True, False]
+    assert "peft-intruder" in METHOD_COLOURS
+
+
+def test_the_peft_intruder_variant_rewrites_the_example_lora_as_peft_does():
+    """The bench's path for a transform variant (`variant_lora`, what `run_bench` and `run_real_bench` call) on the
+    world's example LoRA: PEFT's own output, module for module, and not the input. A second or two on one torch
+    thread, as `run_bench` runs it (two threads on the 2 busy cores make PEFT's 236 small SVDs ten times slower)."""
+    pytest.importorskip("peft.tuners.lora.intruders")  # PEFT >= 0.18
+    from diffmem.filters.peft_intruder import peft_intruder_lora
+    from diffmem.formats.lora import read_lora
+    from diffmem.world.check import example_lora_path
+    from diffmem.world.model import BASE_FILE, assets_dir
+
+    lora_path, base_path = example_lora_path(), assets_dir() / BASE_FILE
+    variant = next(v for v in FULL_PLAN.variants(0.5) if v.key == "peft-intruder")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out, report, kept = variant_lora(variant, lora_path, base_path)
+        expected, lora = peft_intruder_lora(lora_path, base_path), read_lora(lora_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert report is None and set(kept) == {"energy_kept"} and 0 < kept["energy_kept"] < 1
+    assert kept["energy_kept"] == round(update_energy(out) / update_energy(lora), 4)
+    assert out.format == lora.format and list(out.modules) == list(expected.modules) == list(lora.modules)
+    changed = 0
+    for name, module in out.modules.items():
+        assert module.tensors.keys() == expected.modules[name].tensors.keys()
+        assert all(torch.equal(t, expected.modules[name].tensors[role]) for role, t in module.tensors.items())
+        changed += not torch.allclose(module.delta(), lora.modules[name].delta())
+    assert changed > 0
 
 
 # --- statistics -----------------------------------------------------------------------------------------------

@@ -26,9 +26,11 @@ from diffmem.errors import DiffmemError, FileFormatError
 
 torch.set_num_threads(1)
 
-#: A small plan (BAF's right-side rule, random at 80% of the energy, BAF at its own channel share) keeps the
-#: file near half a minute; the variant logic is the world benchmark's own (`diffmem.bench.grid`).
-PLAN = VariantPlan(rules=("baf-right",), levels=(0.8,), methods=("random",), fraction_methods=("baf",))
+#: A small plan (BAF's right-side rule, random at 80% of the energy, BAF at its own channel share, PEFT's intruder
+#: reduction: a transform, not a channel filter) keeps the file near half a minute; the variant logic is the world
+#: benchmark's own (`diffmem.bench.grid`).
+PLAN = VariantPlan(rules=("baf-right",), levels=(0.8,), methods=("random",), fraction_methods=("baf",),
+                   transforms=("peft-intruder",))
 SETTINGS = RealBenchSettings(generations=2, steps=2, embedder="pixels4")
 
 
@@ -73,7 +75,8 @@ def unet_output(pipe) -> torch.Tensor:
 def test_rows_exist_for_every_variant_of_every_lora(bench, example, diffusers_lora):
     out, rows = bench
     expected = [v.key for v in reference_variants() + PLAN.variants(default_fraction=0.5)]
-    assert set(expected) >= {"lora", "base", "baf", "baf-right", "random@energy=0.8", "baf@fraction=matched"}
+    assert set(expected) >= {"lora", "base", "baf", "baf-right", "random@energy=0.8", "baf@fraction=matched",
+                             "peft-intruder"}
     for lora in (example["lora"], diffusers_lora):
         keys = [r["variant"] for r in rows if r["lora"] == str(lora)]
         assert sorted(keys) == sorted(expected), lora.name
@@ -90,6 +93,8 @@ def test_rows_exist_for_every_variant_of_every_lora(bench, example, diffusers_lo
     assert by_key["baf"]["channels_kept"] < by_key["baf"]["channels_total"]
     assert by_key["baf@fraction=matched"]["channels_kept"] <= by_key["baf@fraction=matched"]["channels_total"]
     assert "channels_kept" not in by_key["base"]
+    # A transform keeps no channels as such; its energy kept is the share of the update its output holds.
+    assert "channels_kept" not in by_key["peft-intruder"] and 0 < by_key["peft-intruder"]["energy_kept"] < 1
 
 
 def test_the_lora_reproduces_its_probe_and_the_base_does_not(bench):

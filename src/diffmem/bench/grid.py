@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from diffmem.filters import (
@@ -13,6 +14,9 @@ from diffmem.filters import (
     ScaleConfig,
     Selection,
 )
+from diffmem.filters.peft_intruder import peft_intruder_lora
+from diffmem.formats.base import BaseCheckpoint
+from diffmem.formats.lora import LoraFile
 from diffmem.world.settings import FinetuneConfig
 
 
@@ -66,15 +70,19 @@ VARIATIONS = (
 
 @dataclass(frozen=True)
 class Variant:
-    """One mitigation applied to a fine-tune.
+    """One mitigation applied to a fine-tune: a channel filter (`config`), a function that rewrites the LoRA
+    (`transform`), or neither (the base model).
 
     Args:
         key: unique label used in tables, e.g. ``baf@energy=0.8``.
-        method: the filter (a `diffmem.filters.FILTERS` name), or "base" for the base model without the LoRA.
+        method: the filter (a `diffmem.filters.FILTERS` name), a `TRANSFORMS` key, or "base" for the base model
+            without the LoRA.
         budget: "default" (the method's own rule), "energy" (keep this share of each module's update energy),
             "fraction" (keep this share of each module's channels) or "none".
         level: the energy or channel share for the "energy" and "fraction" budgets.
-        config: the filter config; None for "base".
+        config: the filter config; None for "base" and for a transform.
+        transform: ``(lora, base) -> lora`` run instead of a channel filter (a library's own method, e.g. PEFT's
+            intruder reduction); None for a channel filter and for "base".
     """
 
     key: str
@@ -82,6 +90,12 @@ class Variant:
     budget: str
     level: float | None
     config: FilterConfig | None
+    transform: Callable[[LoraFile, BaseCheckpoint], LoraFile] | None = None
+
+    @property
+    def is_base(self) -> bool:
+        """The base model without the LoRA: nothing to filter or rewrite."""
+        return self.config is None and self.transform is None
 
 
 #: BAF's two-sided score (the paper's reading), spelled out: `BAFConfig`'s default side changed after these runs.
@@ -133,6 +147,13 @@ def baf_rule_variants() -> list[Variant]:
 
 RULE_KEYS = tuple(v.key for v in baf_rule_variants())
 
+#: Methods that rewrite the LoRA through a library's own function, each with its own rule (no budget), by key:
+#: ``peft-intruder`` is PEFT's ``reduce_intruder_dimension`` with PEFT's defaults, run on every module
+#: (`diffmem.filters.peft_intruder`; not our `intruder` channel filter: docs/filter.md).
+TRANSFORMS = {
+    "peft-intruder": Variant("peft-intruder", "peft-intruder", "default", None, None, transform=peft_intruder_lora),
+}
+
 ENERGY_METHODS = ("baf", "baf-right", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")
 
 
@@ -159,6 +180,7 @@ class VariantPlan:
         fraction_methods: methods run at the channel share BAF's default rule kept.
         scale_levels: further energy shares for "scale" alone (turning the whole LoRA down is the cheapest
             mitigation, so its curve is traced further).
+        transforms: keys of the `TRANSFORMS` to include (none by default).
     """
 
     rules: tuple[str, ...] = RULE_KEYS
@@ -166,16 +188,20 @@ class VariantPlan:
     methods: tuple[str, ...] = ENERGY_METHODS
     fraction_methods: tuple[str, ...] = ("baf", "random", "magnitude")
     scale_levels: tuple[float, ...] = ()
+    transforms: tuple[str, ...] = ()
 
     def variants(self, default_fraction: float) -> list[Variant]:
         """All variants after the reference ones, given the channel share BAF's default rule kept."""
         extra = [v for v in baf_rule_variants() if v.key in self.rules]
         scaled = [budget_variant("scale", "energy", level) for level in self.scale_levels]
-        return extra + matched_variants(self.levels, default_fraction, self.methods, self.fraction_methods) + scaled
+        transformed = [TRANSFORMS[key] for key in self.transforms]
+        return (extra + matched_variants(self.levels, default_fraction, self.methods, self.fraction_methods)
+                + scaled + transformed)
 
 
-FULL_PLAN = VariantPlan(scale_levels=(0.25, 0.35))
-VARIATION_PLAN = VariantPlan(rules=("baf-right",), levels=(0.8,), scale_levels=(0.25, 0.5))
+FULL_PLAN = VariantPlan(scale_levels=(0.25, 0.35), transforms=("peft-intruder",))
+VARIATION_PLAN = VariantPlan(rules=("baf-right",), levels=(0.8,), scale_levels=(0.25, 0.5),
+                             transforms=("peft-intruder",))
 QUICK_PLAN = VariantPlan(rules=("baf-right",), levels=(0.8,), methods=("baf", "random", "magnitude", "scale"))
 
 

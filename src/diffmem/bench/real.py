@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from diffmem import __version__
 from diffmem.backends import Backend, pipeline_backend
 from diffmem.backends.stable_diffusion import load_pipeline, pipeline_family
 from diffmem.bench.grid import (  # noqa: F401 (the plans: importable from here, as PLANS names them)
@@ -32,7 +33,7 @@ from diffmem.bench.grid import (  # noqa: F401 (the plans: importable from here,
     VariantPlan,
     reference_variants,
 )
-from diffmem.bench.run import append_row, read_rows, settings_id
+from diffmem.bench.run import append_row, read_rows, settings_id, variant_lora
 from diffmem.bench.settings import PLANS, RealBenchSettings  # noqa: F401 (defined there, without diffusers)
 from diffmem.errors import DiffmemError, FileFormatError
 from diffmem.formats.base import BaseCheckpoint, open_base
@@ -357,6 +358,14 @@ def variants_for(lora: Path, base: BaseCheckpoint, plan: VariantPlan, device: to
     return reference_variants() + plan.variants(default.channels_kept / default.channels_total)
 
 
+def transform_provenance(variant: Variant, base: BaseCheckpoint, source_sha256: str) -> dict[str, str]:
+    """The ``diffmem.*`` metadata keys of a file a transform variant (`Variant.transform`) wrote: what
+    `diffmem.pipeline.provenance` records of a channel filter, less its channels."""
+    return {"diffmem.version": __version__, "diffmem.method": variant.method,
+            "diffmem.base_sha256": base.content_hash(), "diffmem.base_family": base.family,
+            "diffmem.source_sha256": source_sha256}
+
+
 def file_safe(key: str) -> str:
     """A variant key as a file name stem: ``baf@energy=0.8`` -> ``baf_energy_0.8``."""
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in key).replace("__", "_")
@@ -429,17 +438,18 @@ def run_real_bench(
             probe_images = ProbeImages.load(manifest, model, features)
         for variant in progress_bar(todo, desc=label, unit="variant", disable=not progress):
             started = time.perf_counter()
-            report = generated = None
-            if variant.config is None and base_numbers is not None:
+            kept, generated = {}, None
+            if variant.is_base and base_numbers is not None:
                 numbers = base_numbers  # the base is the same model for every LoRA: measured once
-            elif variant.config is None:
+            elif variant.is_base:
                 numbers, generated = measure_pipeline(model, probe_images, settings, features, batch_size)
                 base_numbers = numbers
             else:
-                result = filter_lora(lora, checkpoint, variant.config, device=device)
-                report = result.report
-                written = write_lora(result.lora, out / "loras" / label / f"{file_safe(variant.key)}.safetensors",
-                                     provenance=provenance(report, lora), protect=inputs)
+                filtered, report, kept = variant_lora(variant, lora, checkpoint, device=device)
+                keys = (provenance(report, lora) if report is not None
+                        else transform_provenance(variant, checkpoint, lora_sha))
+                written = write_lora(filtered, out / "loras" / label / f"{file_safe(variant.key)}.safetensors",
+                                     provenance=keys, protect=inputs)
                 load_lora_weights(model.pipe, written, adapter_name="bench")
                 try:
                     numbers, generated = measure_pipeline(model, probe_images, settings, features, batch_size)
@@ -450,10 +460,7 @@ def run_real_bench(
             row = {"lora": str(lora), "lora_label": label, "lora_sha256": lora_sha, "base": str(base), **identity,
                    "probe": str(manifest.path), "settings": asdict(settings), "variant": variant.key,
                    "method": variant.method, "budget": variant.budget, "level": variant.level,
-                   "seconds": round(time.perf_counter() - started, 1), "numbers": numbers}
-            if report is not None:
-                row |= {"channels_kept": report.channels_kept, "channels_total": report.channels_total,
-                        "energy_kept": round(report.energy_kept, 4)}
+                   "seconds": round(time.perf_counter() - started, 1), "numbers": numbers} | kept
             append_row(results, row)
             done.add((lora_sha, variant.key))
     rows = matching()

@@ -23,12 +23,12 @@ HAND_WRITTEN = "<!-- Everything below this line is written by hand and kept when
 
 #: Variants shown in the image grids, top to bottom.
 GRID_VARIANTS = ("lora", "base", "baf", "baf@energy=0.8", "random@energy=0.8", "magnitude@energy=0.8",
-                 "scale@energy=0.8")
+                 "scale@energy=0.8", "peft-intruder")
 
 #: Marker colours of the Pareto plots, one per method.
 METHOD_COLOURS = {"baf": "tab:blue", "baf-right": "tab:cyan", "inverse-baf": "tab:purple", "random": "tab:grey",
                   "magnitude": "tab:orange", "base-gain": "tab:green", "intruder": "tab:brown", "scale": "tab:pink",
-                  "none": "black", "base": "black"}
+                  "peft-intruder": "tab:red", "none": "black", "base": "black"}
 
 
 def with_retention(rows: list[dict]) -> list[dict]:
@@ -208,7 +208,10 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
         "generations against held-out images (copy-embedder features, 20 or 12 images: compare within a table "
         "only). Budgets: `@energy=e` keeps the best-scoring channels of each module until they hold e of its "
         "update energy; `@fraction=matched` keeps in every module the share of channels that BAF's default "
-        "rule kept over the whole LoRA.\n",
+        "rule kept over the whole LoRA. `peft-intruder` is PEFT's `reduce_intruder_dimension` with PEFT's "
+        "defaults on every module (its own rule, no budget; not our `intruder` channel filter, docs/filter.md): "
+        "its energy kept is the share of the LoRA's update energy that its output holds, and it keeps no "
+        "channels as such.\n",
     ]
     if rows:
         settings = rows[0]["settings"]

@@ -20,7 +20,9 @@ import torch
 from diffmem.bench.evaluate import BenchSettings, Probe, measure
 from diffmem.bench.grid import FinetuneSpec, GridCell, Variant, reference_variants
 from diffmem.errors import DiffmemError
-from diffmem.pipeline import filter_lora
+from diffmem.formats.base import BaseCheckpoint, open_base
+from diffmem.formats.lora import LoraFile, read_lora
+from diffmem.pipeline import FilterReport, filter_lora
 from diffmem.progress import progress_bar
 from diffmem.report import image_grid, save_png
 from diffmem.world.check import EXAMPLE_LORA_SHA256, example_lora_path
@@ -90,19 +92,46 @@ def ensure_finetune(spec: FinetuneSpec, work: Path, progress: bool = True) -> Pa
     return path
 
 
-def variant_row(spec: FinetuneSpec, variant: Variant, report, numbers: dict, settings: BenchSettings,
+def update_energy(lora: LoraFile) -> float:
+    """The LoRA's total update energy: the sum over modules of ``||dW||_F^2`` (what `FilterReport.energy_kept`
+    is a share of)."""
+    return sum(float(module.delta().double().square().sum()) for module in lora.modules.values())
+
+
+def variant_lora(
+    variant: Variant,
+    lora: LoraFile | str | Path,
+    base: BaseCheckpoint | str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[LoraFile, FilterReport | None, dict]:
+    """The LoRA of a variant that is not the base model, the channel filter's report (None for a transform), and
+    what its row records of what was kept: channels and energy for a channel filter; for a transform
+    (`Variant.transform`, run on the CPU) the share of the input's update energy that its output holds
+    (`update_energy`), and no channels."""
+    if variant.transform is None:
+        result = filter_lora(lora, base, variant.config, cache_dir=cache_dir, device=device)
+        report = result.report
+        return result.lora, report, {"channels_kept": report.channels_kept, "channels_total": report.channels_total,
+                                     "energy_kept": round(report.energy_kept, 4)}
+    lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
+    out = variant.transform(lora, base if isinstance(base, BaseCheckpoint) else open_base(base))
+    total = update_energy(lora)
+    return out, None, {"energy_kept": round(update_energy(out) / total, 4) if total > 0 else 1.0}
+
+
+def variant_row(spec: FinetuneSpec, variant: Variant, kept: dict, numbers: dict, settings: BenchSettings,
                 seconds: float) -> dict:
-    """One results row: what was run, what the filter kept, what was measured."""
+    """One results row: what was run, what the variant kept (`variant_lora`'s; empty for the base), what was
+    measured."""
     row = {
         "finetune": spec.name, "setting": spec.setting, "data": spec.data, "rank": spec.rank, "conv": spec.conv,
         "duplicate": list(spec.duplicate), "seed": spec.seed,
         "variant": variant.key, "method": variant.method, "budget": variant.budget, "level": variant.level,
         "settings_id": settings_id(settings), "settings": asdict(settings), "seconds": round(seconds, 1),
     }
-    if report is not None:
-        row |= {"channels_kept": report.channels_kept, "channels_total": report.channels_total,
-                "energy_kept": round(report.energy_kept, 4)}
-    return row | numbers
+    return row | kept | numbers
 
 
 def run_bench(
@@ -140,17 +169,15 @@ def run_bench(
         probe = Probe.from_manifest(json.loads(lora_path.with_suffix(".json").read_text()))
         for variant in progress_bar(todo, desc=spec.name, unit="variant", disable=not progress):
             started = time.perf_counter()
-            report = None
-            if variant.config is None:
+            kept = {}
+            if variant.is_base:
                 unet = base_unet
             else:
-                result = filter_lora(lora_path, base_path, variant.config, cache_dir=work / "anchors")
-                report = result.report
-                unet = apply_lora(base_unet, result.lora)
+                lora, _, kept = variant_lora(variant, lora_path, base_path, cache_dir=work / "anchors")
+                unet = apply_lora(base_unet, lora)
             numbers, generated = measure(unet, probe, settings)
             save_png(image_grid(generated[:: settings.generations], columns=len(probe.duplicated)),
                      work / "images" / spec.name / f"{variant.key}.png")
-            append_row(results, variant_row(spec, variant, report, numbers, settings,
-                                            time.perf_counter() - started))
+            append_row(results, variant_row(spec, variant, kept, numbers, settings, time.perf_counter() - started))
             done.add((spec.name, variant.key))
     return [r for r in read_rows(results) if r.get("settings_id") == sid]
