@@ -298,6 +298,23 @@ def test_anchors_takes_base_as_every_command_does(tmp_path, capsys):
     assert "--base BASE" in capsys.readouterr().err
 
 
+def test_base_world_names_the_committed_world_base_in_the_filter_commands(tmp_path, capsys):
+    import json
+
+    from diffmem.cli import main
+    from diffmem.world.settings import BASE_FILE, assets_dir
+
+    lora = assets_dir() / "example_lora.safetensors"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["inspect", str(lora), "--base", "world", "--json", *cache]) == 0
+    by_name = json.loads(capsys.readouterr().out)
+    assert main(["inspect", str(lora), "--base", str(assets_dir() / BASE_FILE), "--json", *cache]) == 0
+    by_path = json.loads(capsys.readouterr().out)
+    assert by_name["channels_kept"] == by_path["channels_kept"] and by_name["base"] == by_path["base"]
+    out = tmp_path / "filtered.safetensors"
+    assert main(["filter", str(lora), "--base", "world", "-o", str(out), "-q", *cache]) == 0 and out.is_file()
+
+
 def test_every_command_takes_quiet_and_no_progress(tmp_path, capsys):
     import builders_base as bb
     import builders_lora as bl

@@ -150,6 +150,14 @@ def flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def base_path(text: str) -> Path:
+    """A `--base` value as a path; "world" names the committed world base, as it does for scan, audit and the
+    other model commands."""
+    from diffmem.world.settings import world_base_path  # at parse time only: `diffmem --help` stays fast
+
+    return world_base_path(text)
+
+
 def usage_error(error: Exception, flags: Mapping[str, str] | Iterable[str]) -> UsageError:
     """A config's refusal of a value the user typed (the ValueError or DiffmemError of its `__post_init__`) as a
     usage error (exit 2) that names the flags: each config field in `flags` that the message names becomes its flag.
@@ -302,8 +310,9 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
                     "principal subspace, and write a LoRA that every front-end loads like the original.",
     )
     filter_parser.add_argument("lora", type=Path, help="LoRA file (.safetensors) or PEFT adapter folder")
-    filter_parser.add_argument("--base", type=Path, required=True,
-                               help="base checkpoint: single .safetensors/.ckpt file or diffusers folder")
+    filter_parser.add_argument("--base", type=base_path, required=True,
+                               help="base checkpoint: single .safetensors/.ckpt file or diffusers folder ('world': "
+                                    "the embedded world's base)")
     filter_parser.add_argument("-o", "--out", "--output", dest="output", type=Path,
                                help="where to write the filtered LoRA (default: NAME.filtered.safetensors beside it; "
                                     "--output is the old spelling)")
@@ -321,7 +330,8 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
         description="Per-module report of channel alignment with the base model, without writing a file.",
     )
     inspect_parser.add_argument("lora", type=Path, help="LoRA file (.safetensors) or PEFT adapter folder")
-    inspect_parser.add_argument("--base", type=Path, required=True, help="base checkpoint file or diffusers folder")
+    inspect_parser.add_argument("--base", type=base_path, required=True,
+                                help="base checkpoint file or diffusers folder ('world': the embedded world's base)")
     inspect_parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     add_json_out_option(inspect_parser, "the full report")
     inspect_parser.add_argument("--limit", type=int, default=40, help="modules shown in the table (default 40)")
@@ -335,7 +345,8 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
                     "summary.json list every file. Exit code 1 when any file failed.",
     )
     many_parser.add_argument("inputs", type=Path, nargs="+", help="LoRA files, PEFT folders, or folders of them")
-    many_parser.add_argument("--base", type=Path, required=True, help="base checkpoint file or diffusers folder")
+    many_parser.add_argument("--base", type=base_path, required=True,
+                             help="base checkpoint file or diffusers folder ('world': the embedded world's base)")
     many_parser.add_argument("--out", type=Path, required=True, help="output folder")
     many_parser.add_argument("--engine", choices=["process", "ray"], default="process",
                              help="local process pool (default) or a Ray cluster (pip install 'diffmem[ray]')")
@@ -354,7 +365,7 @@ def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
                     "later filters on this base read anchors instead of decomposing the base. Resumes: anchors "
                     "already cached are read, not recomputed.",
     )
-    anchors_parser.add_argument("--base", type=Path, dest="base_option",
+    anchors_parser.add_argument("--base", type=base_path, dest="base_option",
                                 help="base checkpoint file or diffusers folder (as in every other command)")
     anchors_parser.add_argument("base", type=Path, nargs="?", help="the same, as the earlier positional spelling")
     anchors_parser.add_argument("--only", help="only module paths under this prefix, e.g. unet or transformer")

@@ -29,7 +29,7 @@ from diffmem.pipeline import filter_file, filtered_name
 from diffmem.scan.report import render_loop_html
 from diffmem.scan.run import ScanResult, input_paths, scan_lora, write_scan
 from diffmem.scan.score import ScanConfig
-from diffmem.world.settings import BASE_FILE, assets_dir
+from diffmem.world.settings import world_base_path
 
 #: Verdicts of the loop, in the order `loop_verdict` checks them.
 LOOP_VERDICTS = ("nothing to fix", "still memorizing", "images still reachable", "removed", "unsure")
@@ -142,11 +142,6 @@ def loop_verdict(before: str, after: str, attacks: Sequence[AttackRow]) -> str:
     return "removed" if after == "not memorizing" else "unsure"
 
 
-def filter_base(base: str | Path) -> Path:
-    """The base checkpoint the filter decomposes: the committed world UNet for "world", else `base` itself."""
-    return assets_dir() / BASE_FILE if str(base) == "world" else Path(base)
-
-
 def rescan(before: ScanResult, lora: str | Path, **options) -> ScanResult:
     """Scan `lora` (a filtered version of `before`'s LoRA) on exactly `before`'s candidate prompts and settings:
     its candidates come first as given prompts, so a header the filter changed cannot change what is sampled.
@@ -210,7 +205,7 @@ def scan_filter_attack(
                        models=(open_backend(base, lora, device, dtype, model_config), reference))
     with tempfile.TemporaryDirectory(prefix="diffmem-scan-") as scratch:
         output = Path(filtered_output) if filtered_output is not None else Path(scratch) / filtered_name(lora)
-        report = filter_file(lora, filter_base(base), output, filter_config or BAFConfig(), cache_dir=cache_dir,
+        report = filter_file(lora, world_base_path(base), output, filter_config or BAFConfig(), cache_dir=cache_dir,
                              progress=False)
         try:
             filtered = open_backend(base, output, device, dtype, model_config)

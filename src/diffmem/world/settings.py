@@ -25,6 +25,11 @@ def assets_dir() -> Path:
     return Path(str(resources.files("diffmem.world") / "assets"))
 
 
+def world_base_path(base: str | Path) -> Path:
+    """`base` as a checkpoint path: "world" names the committed world base file (`--base world` in every command)."""
+    return assets_dir() / BASE_FILE if str(base) == "world" else Path(base)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Shape of the world's UNet.
