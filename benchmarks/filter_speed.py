@@ -6,7 +6,11 @@
 
 Each measurement runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own:
 - cold: filter with an empty anchor cache (anchors computed, then cached);
-- warm: the same filter again (anchors read from the cache);
+- warm: the same filter again (anchors read from the cache), then the write of its output, timed apart;
+- io: the I/O a warm filter cannot avoid, with plain `safetensors` calls: a load of the LoRA, a load of exactly the
+  cached anchor tensors the warm filter reads (`anchor_reads`) and a save of an output of the filtered LoRA's size
+  (the warm filter keeps the rank, so the loaded LoRA's tensors are that output's size); `warm_over_io` is the warm
+  filter with its write over this;
 - dense: for every module form dW = s * up @ down and take its full SVD, as kohya's resize_lora.py does (no anchors:
   the dense approach cannot even score channels against the base; this is the cost of its decomposition alone).
 Fixtures (random values, real key names and shapes) are built once into --cache (default benchmarks/.cache).
@@ -76,6 +80,56 @@ def write_lora_fixture(path: Path, modules: dict[str, tuple[int, ...]], rank: in
     return write_lora(lora, path)
 
 
+def anchor_reads(lora: Path, base: Path, cache: Path, config=None) -> list[tuple[Path, str]]:
+    """(shard, tensor name) of every cached anchor tensor a warm `filter_lora(lora, base, config, cache_dir=cache)`
+    reads, in the filter's module order: one entry per module, the parts `AnchorStore.get` reads for the config's
+    side, from the shard of its anchor rule. Raises KeyError when an anchor is not cached (the cache is not warm)."""
+    from diffmem.anchors import AnchorStore, target_id
+    from diffmem.filters import BAFConfig
+    from diffmem.formats.base import open_base, resolve_targets
+    from diffmem.formats.lora import read_lora
+
+    config = config or BAFConfig()
+    lora_file, base_file = read_lora(lora), open_base(base)
+    lookups = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora_file.modules.items()}
+    targets = resolve_targets(lookups, base_file, lora_file.path, metadata=lora_file.metadata)
+    store = AnchorStore(base_file, cache_dir=cache)
+    index = store.index(store.rule_name(config.energy, config.anchor_rank))
+    reads = []
+    for name in lora_file.modules:
+        key = target_id(targets[name])
+        reads.extend((index[key].path, f"{key}.{part}") for part in AnchorStore.SIDE_PARTS[config.side])
+    return reads
+
+
+def plain_io(lora: Path, reads: list[tuple[Path, str]], output: Path) -> dict[str, int]:
+    """A plain `safetensors` load of ``lora``, of the tensors ``reads`` names (each shard opened once) and a save of
+    the LoRA's tensors and metadata to ``output``: the bytes read and written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(lora)
+    with safe_open(lora, framework="pt") as handle:
+        metadata = handle.metadata()
+    read = sum(t.numel() * t.element_size() for t in tensors.values())
+    by_shard: dict[Path, list[str]] = {}
+    for shard, name in reads:
+        by_shard.setdefault(shard, []).append(name)
+    for shard, names in by_shard.items():
+        with safe_open(shard, framework="pt") as handle:
+            for name in names:
+                tensor = handle.get_tensor(name)
+                read += tensor.numel() * tensor.element_size()
+    save_file(tensors, output, metadata)
+    return {"read_bytes": read, "written_bytes": output.stat().st_size}
+
+
+def same_output_size(plain: int, filtered: int) -> bool:
+    """Whether the plain save wrote an output the size of the filtered LoRA's: the same tensors, so the sizes differ
+    by the header only (diffmem's provenance keys, a few KB per hundred modules), within 1% or 64 KiB."""
+    return abs(plain - filtered) <= max(0.01 * filtered, 2**16)
+
+
 def measure(argv: list[str]) -> dict:
     """Run one measurement in a fresh interpreter; return its JSON result with its peak RSS."""
     result = subprocess.run([sys.executable, __file__, "--_child", *argv], capture_output=True, text=True, check=True)
@@ -100,12 +154,18 @@ def child(kind: str, lora: Path, base: Path, cache: Path, threads: int, device: 
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
         print(json.dumps({"kind": kind, "profile": text.getvalue()}))
         return
-    from diffmem.anchors import build_anchors
-    from diffmem.formats.lora import read_lora
-    from diffmem.pipeline import filter_lora
+    from diffmem.anchors import AnchorStore, build_anchors
+    from diffmem.filters import BAFConfig
+    from diffmem.formats.lora import read_lora, write_lora
+    from diffmem.pipeline import filter_lora, provenance
 
     if device.startswith("cuda"):
         torch.zeros(1, device=device)  # the CUDA context starts once per process, not once per filter
+    extra = {}
+    if kind == "io":
+        reads = anchor_reads(lora, base, cache)  # before the clock: which tensors, not reading them
+        output = cache / "io-output.safetensors"
+        import safetensors.torch  # noqa: F401  (imported before the clock, like diffmem for the others)
     before = resource.getrusage(resource.RUSAGE_SELF)
     cpu_before = before.ru_utime + before.ru_stime  # excludes interpreter start-up and the imports above
     started = time.perf_counter()
@@ -118,6 +178,10 @@ def child(kind: str, lora: Path, base: Path, cache: Path, threads: int, device: 
             torch.linalg.svd(module.scale * up @ down, full_matrices=False)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+    elif kind == "io":
+        extra = plain_io(lora, reads, output)
+        extra["anchor_entries"] = len(reads) // len(AnchorStore.SIDE_PARTS[BAFConfig().side])
+        output.unlink()
     else:
         result = filter_lora(lora, base, cache_dir=cache, device=device)
         assert result.report.anchors_computed == 0 or kind == "cold", "warm run recomputed anchors"
@@ -126,7 +190,19 @@ def child(kind: str, lora: Path, base: Path, cache: Path, threads: int, device: 
     # CPU time counts only this process's own work, so on a machine shared with other jobs it is the figure that
     # stays comparable (with one thread it approximates the wall time the same run takes on an idle machine).
     cpu_seconds = usage.ru_utime + usage.ru_stime - cpu_before
-    print(json.dumps({"kind": kind, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": usage.ru_maxrss / 1024}))
+    if kind == "warm":
+        # The write `diffmem filter` does after the filter, as `filter_file` does it, timed apart so that the warm
+        # time and peak stay comparable with rows measured without it.
+        output = cache / "warm-output.safetensors"
+        write_started = time.perf_counter()
+        write_lora(result.lora, output, provenance=provenance(result.report, lora), protect=(lora, base))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        extra = {"write_seconds": time.perf_counter() - write_started,
+                 "write_cpu_seconds": after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime,
+                 "written_bytes": output.stat().st_size, "anchors_cached": result.report.anchors_cached}
+        output.unlink()
+    print(json.dumps({"kind": kind, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": usage.ru_maxrss / 1024,
+                      **extra}))
 
 
 def machine_name(device: str) -> str:
@@ -179,7 +255,7 @@ def main() -> None:
                 stale.unlink()
         row = {"family": args.family, "rank": rank, "conv": args.conv, "modules": len(modules), "threads": args.threads,
                "device": args.device, "machine": machine_name(args.device), "exclusive": args.exclusive, "note": args.note or ""}
-        kinds = ("warm",) if args.warm_only else ("cold", "warm") + (() if args.skip_dense else ("dense",))
+        kinds = ("warm", "io") if args.warm_only else ("cold", "warm", "io") + (() if args.skip_dense else ("dense",))
         for kind in kinds:
             runs = [measure([kind, str(lora), str(base), str(anchors), str(args.threads), args.device])
                     for _ in range(args.repeat if kind == "warm" else 1)]
@@ -188,9 +264,22 @@ def main() -> None:
             row[f"{kind}_cpu_s"] = round(result["cpu_seconds"], 3)
             if len(runs) > 1:
                 row[f"{kind}_runs_s"] = [round(r["seconds"], 3) for r in runs]
+            if kind == "warm":
+                row["warm_write_s"], row["warm_write_cpu_s"] = (round(result["write_seconds"], 3),
+                                                                round(result["write_cpu_seconds"], 3))
+                warm_result = result
+            if kind == "io":
+                row["io_read_mb"] = round(result["read_bytes"] / 2**20, 1)
+                row["io_written_mb"] = round(result["written_bytes"] / 2**20, 1)
+                # The same anchors: one cache entry per module the warm filter read from the cache.
+                assert result["anchor_entries"] == warm_result["anchors_cached"], (result, warm_result)
+                assert same_output_size(result["written_bytes"], warm_result["written_bytes"]), (result, warm_result)
             print(f"{args.family} r{rank}: {kind} {result['seconds']:.2f} s ({result['cpu_seconds']:.2f} s CPU), "
                   f"peak {result['peak_mb']:.0f} MB" + (f"; runs {row[f'{kind}_runs_s']}" if len(runs) > 1 else ""),
                   file=sys.stderr)
+        if "io_s" in row:  # the warm filter with its write, over the I/O it cannot avoid
+            row["warm_over_io"] = round((row["warm_s"] + row["warm_write_s"]) / row["io_s"], 2)
+            row["warm_over_io_cpu"] = round((row["warm_cpu_s"] + row["warm_write_cpu_s"]) / row["io_cpu_s"], 2)
         if "dense_s" in row:
             row["dense_over_warm"] = round(row["dense_s"] / row["warm_s"], 1)
             row["dense_over_warm_cpu"] = round(row["dense_cpu_s"] / row["warm_cpu_s"], 1)

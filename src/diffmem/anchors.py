@@ -8,6 +8,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -47,6 +48,9 @@ class AnchorStore:
     """
 
     PARTS = ("u", "v", "spectrum")
+    #: What `get` reads of a cached entry for each scored side (a one-sided score never reads the other side).
+    SIDE_PARTS: ClassVar[dict[str, tuple[str, ...]]] = {"left": ("u", "spectrum"), "right": ("v", "spectrum"),
+                                                        "both": PARTS}
 
     def __init__(
         self, base, cache_dir: str | Path | None = None, use_cache: bool = True, device: str | torch.device = "cpu"
@@ -122,7 +126,7 @@ class AnchorStore:
         without the other side's vectors (half the reading for a one-sided score)."""
         rule = self.rule_name(energy, k)
         key = target_id(target)
-        parts = {"left": ("u", "spectrum"), "right": ("v", "spectrum"), "both": self.PARTS}[side]
+        parts = self.SIDE_PARTS[side]
         with self.lock:  # computed earlier in this run, not yet written
             pending = self.pending.get(rule, {})
             stored = {part: pending[f"{key}.{part}"] for part in parts} if f"{key}.u" in pending else None
