@@ -58,6 +58,21 @@ def test_anchor_reads_are_the_tensors_a_warm_filter_reads(speed, warm, monkeypat
     assert len(reads) == 2 * len(report.modules) and {name.rsplit(".", 1)[1] for _, name in reads} == {"v", "spectrum"}
 
 
+def test_read_exact_reads_what_safetensors_loads(speed, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"half": torch.randn(3, 5).half(), "brain": torch.randn(7).bfloat16(), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4), "ints": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    save_file(tensors, tmp_path / "t.safetensors", {"ss_network_dim": "4"})
+    read, metadata = speed.read_exact(tmp_path / "t.safetensors")
+    expected = load_file(tmp_path / "t.safetensors")
+    assert metadata == {"ss_network_dim": "4"} and set(read) == set(expected)
+    for name, tensor in expected.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor)
+    only, _ = speed.read_exact(tmp_path / "t.safetensors", ["ints"])
+    assert list(only) == ["ints"]
+
+
 def test_plain_io_reads_the_lora_and_anchors_and_writes_an_output_of_the_filtered_size(speed, warm, tmp_path):
     lora, base, cache = warm
     reads = speed.anchor_reads(lora, base, cache)
@@ -83,7 +98,9 @@ def test_the_io_and_warm_children_report_what_the_ratio_needs(speed, warm, capsy
         results[kind] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     warm_result, io_result = results["warm"], results["io"]
     assert io_result["anchor_entries"] == warm_result["anchors_cached"] > 0
-    assert warm_result["write_seconds"] > 0 and io_result["seconds"] > 0
+    assert warm_result["write_seconds"] > 0 and io_result["seconds"] > 0 and io_result["peak_mb"] > 0
+    lora_bytes = sum(t.numel() * t.element_size() for t in SafetensorsFile(lora).values())
+    assert io_result["read_bytes"] > lora_bytes  # the anchors' bytes as well
     assert speed.same_output_size(io_result["written_bytes"], warm_result["written_bytes"])
     assert not speed.same_output_size(io_result["written_bytes"], 2 * warm_result["written_bytes"] + 2**16)
     assert not (cache / "io-output.safetensors").exists() and not (cache / "warm-output.safetensors").exists()
