@@ -10,8 +10,7 @@ Each measurement runs in a fresh subprocess so its peak resident memory (VmHWM) 
 - io: the I/O a warm filter cannot avoid: a read of every tensor of the LoRA and of exactly the cached anchor
   tensors the warm filter reads (`anchor_reads`; one positioned read of each tensor's bytes, `read_exact`) and a
   `safetensors` save of an output of the filtered LoRA's size (the warm filter keeps the rank, so the LoRA's own
-  tensors); `warm_over_io` is the warm filter with its write over this. The same reads by safetensors' own loader
-  (its pread backend) are timed after it for comparison;
+  tensors); `warm_over_io` is the warm filter with its write over this;
 - dense: for every module form dW = s * up @ down and take its full SVD, as kohya's resize_lora.py does (no anchors:
   the dense approach cannot even score channels against the base; this is the cost of its decomposition alone).
 Fixtures (random values, real key names and shapes) are built once into --cache (default benchmarks/.cache).
@@ -113,7 +112,8 @@ def read_exact(path: Path, names: list[str] | None = None) -> tuple[dict[str, to
     """The tensors ``names`` (default all) of a safetensors file and its metadata, each tensor's bytes read by
     positioned reads (`os.preadv`) straight into a tensor of its dtype: the cheapest real read of exactly those
     bytes (no conversion, no check). `safetensors.torch.load_file` is no floor: its default backend maps the file
-    and reads nothing until a tensor is used, and its ``pread`` backend reads several times slower than this."""
+    and reads nothing until a tensor is used (913 MB of SDXL anchors "loaded" in 0.02 s), and its ``pread``
+    backend read those 913 MB in 0.9 s of CPU in a fresh process where this took 0.5 to 0.7 s."""
     with open(path, "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(size))
@@ -146,19 +146,6 @@ def plain_io(lora: Path, reads: list[tuple[Path, str]], output: Path) -> dict[st
         read += sum(t.numel() * t.element_size() for t in read_exact(shard, names)[0].values())
     save_file(tensors, output, metadata)
     return {"read_bytes": read, "written_bytes": output.stat().st_size}
-
-
-def safetensors_pread_load(lora: Path, reads: list[tuple[Path, str]]) -> None:
-    """The reads of `plain_io` with safetensors' own loader, its ``pread`` backend (safetensors 0.7 and later; its
-    default backend maps the files and would read nothing): for comparison only."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    load_file(lora, backend="pread")
-    for shard, names in shard_names(reads).items():
-        with safe_open(shard, framework="pt", backend="pread") as handle:
-            for name in names:
-                handle.get_tensor(name)
 
 
 def shard_names(reads: list[tuple[Path, str]]) -> dict[Path, list[str]]:
@@ -246,15 +233,6 @@ def child(kind: str, lora: Path, base: Path, cache: Path, threads: int, device: 
     # stays comparable (with one thread it approximates the wall time the same run takes on an idle machine).
     cpu_seconds = usage.ru_utime + usage.ru_stime - cpu_before
     peak = peak_mb()
-    if kind == "io":  # for comparison, timed after the figures above: the same reads by safetensors' own loader
-        try:
-            pread_started = time.perf_counter()
-            safetensors_pread_load(lora, reads)
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            extra["safetensors_pread_seconds"] = time.perf_counter() - pread_started
-            extra["safetensors_pread_cpu_seconds"] = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
-        except TypeError:  # a safetensors before 0.7 has no backend argument
-            pass
     if kind == "warm":
         # The write `diffmem filter` does after the filter, as `filter_file` does it, timed apart so that the warm
         # time and peak stay comparable with rows measured without it.
@@ -335,9 +313,6 @@ def main() -> None:
             if kind == "io":
                 row["io_read_mb"] = round(result["read_bytes"] / 2**20, 1)
                 row["io_written_mb"] = round(result["written_bytes"] / 2**20, 1)
-                if "safetensors_pread_seconds" in result:
-                    row["io_safetensors_pread_s"] = round(result["safetensors_pread_seconds"], 3)
-                    row["io_safetensors_pread_cpu_s"] = round(result["safetensors_pread_cpu_seconds"], 3)
                 # The same anchors: one cache entry per module the warm filter read from the cache.
                 assert result["anchor_entries"] == warm_result["anchors_cached"], (result, warm_result)
                 assert same_output_size(result["written_bytes"], warm_result["written_bytes"]), (result, warm_result)
@@ -488,11 +463,14 @@ docstring). Bases and LoRAs have the exact key names and shapes of the released 
 - **warm**: the same filter again, anchors read from the cache (`filter_lora`, without writing its output);
 - **warm write**: the write of the warm filter's output as `diffmem filter` does it (`write_lora` with the
   provenance keys), timed after the warm filter in the same process;
-- **unavoidable I/O**: what no filter can skip, with plain `safetensors` calls in a fresh process after the warm
-  run: a load of the LoRA, a load of exactly the cached anchor tensors the warm filter reads (each module's right
-  basis, float16 at the anchor rank, and its spectrum) and a save of an output of the filtered LoRA's size (the
-  filter keeps the rank, so the LoRA's own tensors); **warm / I/O** is (warm + warm write) over it, issue 19's
-  ratio, with the CPU seconds' ratio in brackets. Both read files the runs before left in the page cache;
+- **unavoidable I/O**: what no filter can skip, in a fresh process after the warm run: a read of every tensor of
+  the LoRA and of exactly the cached anchor tensors the warm filter reads (each module's right basis, float16 at
+  the anchor rank, and its spectrum), one positioned read of each tensor's bytes, and a `safetensors` save of an
+  output of the filtered LoRA's size (the filter keeps the rank, so the LoRA's own tensors). Not
+  `safetensors.torch.load_file`: its default backend maps a file and reads nothing until a tensor is used (the
+  dropped io of #22 measured that), and its `pread` backend is slower than these reads. **warm / I/O** is (warm +
+  warm write) over it, issue 19's ratio, with the CPU seconds' ratio in brackets. Both read files that the runs
+  before left in the page cache;
 - **dense**: forming every `dW = s * up @ down` and taking its full SVD, as kohya's `resize_lora.py` does; it
   decomposes the update only, without scoring against the base;
 - **whole-model anchors**: `diffmem anchors BASE --only unet` (or `transformer`) into an empty cache: every weight
@@ -502,9 +480,12 @@ docstring). Bases and LoRAs have the exact key names and shapes of the released 
   are checked on wall time; on a machine shared with other jobs the CPU time is the comparable figure (with one
   thread it approximates the wall time on an idle machine), and the targets are checked on it; a warm time with
   several runs (`--repeat`) is their median;
-- **peak MB**: the measuring process's peak resident memory (`ru_maxrss`). Rows measured before the move to
-  positioned reads (from 2ce493b on, tensors are read with `preadv` instead of a memory map) count the pages of the
-  memory-mapped base and anchor cache that the process touched; later rows count only what the process holds.
+- **peak MB**: the measuring process's peak resident memory: `VmHWM` from #23 on; before, `ru_maxrss`, which
+  Linux carries over from the parent across fork and exec, so those peaks read at least the benchmark parent's
+  resident size at the time (1180 MB in #22, where warm and whole-model anchors both read exactly that). Rows
+  measured before the move to positioned reads (from 2ce493b on, tensors are read with `preadv` instead of a
+  memory map) count the pages of the memory-mapped base and anchor cache that the process touched; later rows
+  count only what the process holds.
 
 {coverage}
 
@@ -514,6 +495,40 @@ The issue column says where each target comes from: issue 6 (the first speed tar
 speed limit"). The whole-UNet anchors appear twice: issue 6 asked for at most 600 s, issue 19 for at most 120 s.
 
 {targets}
+
+### Issue 19: what stands between the measurements and its targets
+
+**Warm filter / unavoidable I/O** (#23: 3.50 s filter + 2.36 s write over 0.57 s of I/O, CPU seconds, 10.3x). The
+I/O is 1097 MB read (913 MB of it the anchors' right bases) and 184 MB written. A profile of the same warm filter
+on one thread (3.45 s under cProfile) puts 0.22 s in reading (`preadv`) and the rest in computing: the alignment
+products `V0_k^T v_i` with the float16-to-float32 conversion of the bases (about 1 s), the batched channel
+decompositions (0.83 s), finite checks of the channels (0.33 s), rebuilding the factors (0.28 s) and per-module
+Python. The write (3.3 s under the profiler) serializes the tensors twice (1.6 s in `serialize`, each call a
+`safetensors.torch.save` to bytes and a copy to re-sort the header): once in `addnet_hashes` for kohya's
+`sshs_model_hash`, whose data bytes are the file's own, and which also copies the whole file (`BytesIO.getbuffer`,
+0.17 s) to hash 64 KiB of it; then it writes (0.7 s), fsyncs (0.1 s) and hashes the source file for the
+provenance (0.2 s). A plain `safetensors` save of the same tensors is part of the 0.57 s. 1.5x would leave about
+0.3 s for all the compute.
+
+**Whole-UNet anchors** (#22: 478 CPU s on one thread, 500 s wall; issue 19 asks for 120 s). Timing
+`principal_subspace` on each SDXL shape class on one thread and weighting by the 742 largest weights' counts
+(estimate 493 s) puts 341 s in the float64 eigendecomposition of the Gram matrix (`torch.linalg.eigh`, a 1280 x
+1280 matrix for most weights), 75 s in forming the Gram matrix and the rest in the other side's vectors. The anchor
+rule keeps the directions holding half the energy, 18% to 40% of the smaller dimension on these bases (233 of 1280
+for a 1280 x 1280 weight, 457 for the 10240 x 1280 feed-forward, 515 for a 1280 x 23040 conv), so a truncated or
+randomized SVD at the needed rank is no cheaper: `torch.svd_lowrank` at q = k + 16 with 2 power iterations
+(estimate 367 s) saves a quarter and its subspace on a flat spectrum is off (tests/test_spectral.py). Measured
+alternatives per 1280 x 1280 Gram matrix, one thread: float32 `eigh` 0.26 s and float32 eigenvalues alone 0.14 s
+against 0.52 s now; LAPACK's top-k `syevr` (scipy, one OpenBLAS thread) 0.28 s in float64, 0.16 s in float32 but
+it needs k, that is the spectrum, first. Even the Gram matrices (75 s) plus float32 eigenvalues (88 s) exceed 120
+s on one core: the target needs both cores working on separate weights and a float32 (or top-k) eigensolver whose
+scores stay within tests/test_spectral.py's tolerance, which has not been tried.
+
+**Stored anchors** are already no larger than the energy rule needs: each base weight's bases at exactly its anchor
+rank, in float16 (scores within 1.4e-4 of a full float64 SVD's, in units of the chance level:
+tests/test_spectral.py states the tolerance, 1e-3), with the spectrum in float32 (3 MB for the whole UNet). Half of
+the whole-UNet cache (961 of 1890 MB) is the left bases, which the default right-side score never reads (a warm
+filter reads only the right ones); they serve `--side left` and `both`.
 
 What the warm filter does, and what made it fast. A warm filter reads the LoRA, decomposes every module's update
 into channels, reads each module's cached right anchors (several times the LoRA's size for SDXL: the dominant cost,
