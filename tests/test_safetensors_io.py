@@ -10,6 +10,7 @@ import torch
 from diffmem.errors import BadWeightsError, DiffmemError, FileFormatError
 from diffmem.formats.safetensors_io import (
     SafetensorsFile,
+    TensorBytes,
     addnet_hashes,
     load_file,
     read_header,
@@ -131,6 +132,12 @@ def test_addnet_hashes_follow_kohya_definition(tmp_path):
     assert model_hash == hashlib.sha256(only_ss[8 + length :]).hexdigest()
     assert legacy == hashlib.sha256(only_ss[0x100000:0x110000]).hexdigest()[:8]
     assert addnet_hashes(tensors, {"ss_network_dim": "8"}) == (model_hash, legacy)
+    assert addnet_hashes(TensorBytes.of(tensors), metadata) == (model_hash, legacy)  # one serialization serves both
+    # A header reaching into or past the legacy window (a large ss_tag_frequency): the window is cut the same way.
+    for size in (0x100000 - 100, 0x110000 + 10):
+        big = {"ss_tag_frequency": "x" * size}
+        whole = serialize(tensors, big)
+        assert addnet_hashes(TensorBytes.of(tensors), big)[1] == hashlib.sha256(whole[0x100000:0x110000]).hexdigest()[:8]
 
 
 def test_streaming_writer_matches_the_library(tmp_path):

@@ -36,11 +36,11 @@ from diffmem.errors import BadWeightsError, DiffmemError, FileFormatError
 from diffmem.formats import lora_keys, lora_math
 from diffmem.formats.files import check_input, read_text
 from diffmem.formats.safetensors_io import (
+    TensorBytes,
     addnet_hashes,
     check_finite,
     load_file,
     refuse_overwriting,
-    serialize,
     sweep_stale_temps,
     temp_prefix,
     write_atomic,
@@ -589,9 +589,10 @@ def write_lora(
     update_kohya_metadata(metadata, list(lora.modules.values()))
     metadata.update(provenance)
     refuse_non_finite(tensors, lora.path)
+    laid_out = TensorBytes.of(tensors)  # once: kohya's hashes and the file share the data bytes
     if lora.metadata.keys() & {"sshs_model_hash", "sshs_legacy_hash"} or any(k.startswith("ss_") for k in metadata):
-        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
-    data = serialize(tensors, metadata)
+        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(laid_out, metadata)
+    data = laid_out.with_metadata(metadata)
     if lora.format == "peft":
         return write_peft_folder(data, config, path, protected)
     return write_atomic(data, path, protect=protected)

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import glob
 import hashlib
-import io
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -262,20 +262,43 @@ def load_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return {key: handle[key] for key in handle}, dict(handle.metadata)
 
 
+@dataclass(frozen=True)
+class TensorBytes:
+    """The tensor part of a safetensors file, apart from its metadata: the header entries (dtype, shape, offsets)
+    and the data bytes they point into. One serialization serves any number of metadata headers (`with_metadata`),
+    as `write_lora` needs for kohya's hashes and the file itself."""
+
+    entries: dict
+    data: memoryview
+
+    @staticmethod
+    def of(tensors: Mapping[str, torch.Tensor]) -> TensorBytes:
+        """The tensors laid out as the safetensors library lays them out (deterministic), keys sorted."""
+        contiguous = {key: tensors[key].detach().contiguous() for key in sorted(tensors)}
+        raw = safetensors.torch.save(contiguous)
+        (header_len,) = struct.unpack("<Q", raw[:8])
+        entries = json.loads(raw[8 : 8 + header_len])
+        entries.pop("__metadata__", None)
+        return TensorBytes(dict(sorted(entries.items())), memoryview(raw)[8 + header_len :])
+
+    def header(self, metadata: Mapping[str, str] | None = None) -> bytes:
+        """The length prefix and header of the file with `metadata` (sorted keys)."""
+        header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+        header.update(self.entries)
+        return encode_header(header)
+
+    def with_metadata(self, metadata: Mapping[str, str] | None = None) -> bytes:
+        """The whole file's bytes with `metadata`."""
+        return self.header(metadata) + self.data
+
+
 def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """Bytes of a safetensors file; the same tensors and metadata always give the same bytes.
 
     The safetensors library lays out the data deterministically but writes header keys in hash-map order, so the
     header is rewritten here with sorted keys (same offsets, so the data bytes and kohya's data hash are unchanged).
     """
-    contiguous = {key: tensors[key].detach().contiguous() for key in sorted(tensors)}
-    raw = safetensors.torch.save(contiguous)
-    (header_len,) = struct.unpack("<Q", raw[:8])
-    entries = json.loads(raw[8 : 8 + header_len])
-    entries.pop("__metadata__", None)
-    header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
-    header.update((key, entries[key]) for key in sorted(entries))
-    return encode_header(header) + raw[8 + header_len :]
+    return TensorBytes.of(tensors).with_metadata(metadata)
 
 
 def encode_header(header: Mapping) -> bytes:
@@ -452,15 +475,16 @@ def save_file_streaming(
     return path
 
 
-def addnet_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+def addnet_hashes(tensors: Mapping[str, torch.Tensor] | TensorBytes, metadata: Mapping[str, str]) -> tuple[str, str]:
     """kohya's `sshs_model_hash` and `sshs_legacy_hash`: sha256 of the tensor bytes of the file written with
-    only the `ss_*` metadata, and the first 8 hex digits of sha256 over bytes 1 MiB..1 MiB+64 KiB of it."""
-    training_metadata = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    data = serialize(tensors, training_metadata)
-    (header_len,) = struct.unpack("<Q", data[:8])
-    model_hash = hashlib.sha256(data[8 + header_len :]).hexdigest()
-    legacy = hashlib.sha256(io.BytesIO(data).getbuffer()[0x100000 : 0x110000]).hexdigest()[:8]
-    return model_hash, legacy
+    only the `ss_*` metadata, and the first 8 hex digits of sha256 over bytes 1 MiB..1 MiB+64 KiB of it. Given
+    `TensorBytes`, nothing is serialized again (the window is cut from the header and the data as they lie)."""
+    laid_out = tensors if isinstance(tensors, TensorBytes) else TensorBytes.of(tensors)
+    head = laid_out.header({k: v for k, v in metadata.items() if k.startswith("ss_")})
+    model_hash = hashlib.sha256(laid_out.data).hexdigest()
+    start, stop = 0x100000, 0x110000
+    window = head[start:stop] + laid_out.data[max(0, start - len(head)) : max(0, stop - len(head))]
+    return model_hash, hashlib.sha256(window).hexdigest()[:8]
 
 
 def sha256_file(path: str | Path, block: int = 1 << 24) -> str:
