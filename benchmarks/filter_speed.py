@@ -510,6 +510,11 @@ Python. The write (3.3 s under the profiler) serializes the tensors twice (1.6 s
 provenance (0.2 s). A plain `safetensors` save of the same tensors is part of the 0.57 s. 1.5x would leave about
 0.3 s for all the compute.
 
+Since d41907c `write_lora` serializes the tensors once (kohya's hashes and the file share the data bytes, and the
+legacy hash's 64 KiB window is cut without copying the file): #24 measures the write at 0.94 CPU s (2.36 s in #23)
+and the ratio at 6.7x (warm filter 4.2 CPU s, median of 3; I/O 0.77 CPU s), still far from 1.5x. The rest is the
+compute listed above.
+
 **Whole-UNet anchors** (#22: 478 CPU s on one thread, 500 s wall; issue 19 asks for 120 s). Timing
 `principal_subspace` on each SDXL shape class on one thread and weighting by the 742 largest weights' counts
 (estimate 493 s) puts 341 s in the float64 eigendecomposition of the Gram matrix (`torch.linalg.eigh`, a 1280 x
