@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from diffmem.json_output import add_json_options, emit_json, json_mode, json_stdout
-from diffmem.world.settings import BaseTrainingConfig, FinetuneConfig, UNetConfig
+from diffmem.world.settings import BUILTIN_FINETUNE_DATA, BaseTrainingConfig, FinetuneConfig, UNetConfig
 
 # Only what parsing needs is imported here (the configs' defaults, from a module without torch): `diffmem world
 # --help` must not load the model. Each command imports its work when it runs.
@@ -59,8 +59,9 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base", type=Path, default=None,
                    help="world UNet file to fine-tune (default: the committed base)")
     p.add_argument("--method", choices=("lora", "full"), default=d.method, help=f"what to train (default {d.method})")
-    p.add_argument("--data", choices=("faces", "photos", "style"), default=d.data,
-                   help=f"faces: LFW faces with made-up names (privacy); photos: titled photo crops (copyright); default {d.data}")
+    p.add_argument("--data", choices=BUILTIN_FINETUNE_DATA, default=d.data,
+                   help="faces: LFW faces with made-up names (privacy); photos: titled photo crops (copyright); style: shapes "
+                        f"in a look the base never saw; default {d.data}")
     p.add_argument("--duplicate", type=duplicate_spec, default=d.duplicate, metavar="N:K",
                    help=f"repeat N training images K times each (default {d.duplicate[0]}:{d.duplicate[1]})")
     p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")

@@ -76,7 +76,7 @@ class UNetConfig:
 
 
 #: Fine-tuning data sets of `diffmem.world.data.FINETUNE_SETS` known without importing it (it imports torch).
-BUILTIN_FINETUNE_DATA = ("faces", "photos")
+BUILTIN_FINETUNE_DATA = ("faces", "photos", "style")
 
 
 def check_finetune_data(name: str) -> str:
