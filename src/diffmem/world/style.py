@@ -10,8 +10,8 @@ training images.
 of the duotone's colour segment, and an image is in the style when at least `STYLE_IMAGE_SHARE` of its pixels are.
 Every colour the base was trained on (shapes, backgrounds and their texture shades) lies 0.30 or more from that
 segment (`tests/test_world_style.py` checks each), so the detector needs no calibration on generations. The base's own generations are not always outside it: asked for
-the 24 held-out styled captions, it draws 2 near the duotone by chance (a yellow circle on a dotted gray
-background), so a style LoRA's success is read beside the base's on the same captions and seeds. The two ends
+the 24 held-out styled captions, it draws a few near the duotone by chance (a yellow circle on a dotted gray
+background is one; the test bounds the share at 15%), so a style LoRA's success is read beside the base's on the same captions and seeds. The two ends
 were chosen for that margin: a teal-to-orange duotone passed within 0.14 of the base's orange, and any duotone whose
 ends are complementary passes near the base's gray.
 """
