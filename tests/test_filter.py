@@ -215,6 +215,29 @@ def test_whole_base_anchor_build_makes_every_later_filter_warm(tmp_path, capsys)
     assert store.computed == 1 and store.loaded == 0
 
 
+def test_an_anchor_build_on_two_threads_caches_exactly_what_one_thread_does(tmp_path):
+    """Weights are decomposed side by side (one thread each) and shards are written while the other thread works:
+    the same anchors, bit for bit, as a build on one thread."""
+    from diffmem.anchors import AnchorStore, build_anchors, distinct_targets
+    from diffmem.formats.base import open_base
+
+    base, _ = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            build_anchors(base, only="unet", cache_dir=tmp_path / f"threads-{count}")
+            assert torch.get_num_threads() == count  # restored after the build
+    finally:
+        torch.set_num_threads(threads)
+    stores = [AnchorStore(open_base(base), cache_dir=tmp_path / f"threads-{count}") for count in (1, 2)]
+    for target in distinct_targets(open_base(base), "unet"):
+        one, two = (store.get(target) for store in stores)
+        for part in ("u", "v", "spectrum"):
+            assert torch.equal(getattr(one, part), getattr(two, part)), (target, part)
+    assert stores[0].computed == stores[1].computed == 0
+
+
 def test_baselines_run_through_the_same_pipeline(tmp_path):
     base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
     half = filter_lora(lora, base, RandomConfig(selection=Selection(rule="fraction", keep_fraction=0.5)),

