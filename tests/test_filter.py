@@ -302,6 +302,19 @@ def test_nan_weights(tmp_path):
     assert_refused(tmp_path, lora, base, BadWeightsError, "NaN or Inf")
 
 
+def test_finite_factors_too_large_for_float32_name_their_module(tmp_path):
+    """Finite values whose products overflow float32 (a hostile file): the batched decomposition's channels are not
+    finite, and the module at fault is named."""
+    base = bb.build_tiny_base(tmp_path, "sd1", "single_file")
+    lora = tmp_path / "lora.safetensors"
+    tensors = bl.write_kohya_lora(lora, bb.lora_lookups("sd1", "kohya"), rank=4)
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key] = tensors[key].float() * 1e25
+    bl.save(tensors, lora, None)
+    message = assert_refused(tmp_path, lora, base, BadWeightsError, "too large for float32 arithmetic")
+    assert key.removesuffix(".lora_up.weight") in message
+
+
 def test_malicious_pickle_base_is_not_unpickled(tmp_path):
     _, lora = good_pair(tmp_path)
     marker = tmp_path / "pwned"

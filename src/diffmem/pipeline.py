@@ -7,6 +7,7 @@ This is the library behind ``diffmem filter`` and ``diffmem inspect``; the maths
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,8 +147,10 @@ def channels_of(
         scales = torch.tensor([modules[n].scale for n in batch], dtype=torch.float64)
         found = [Channels(u=c.u.cpu(), sigma=c.sigma.cpu(), v=c.v.cpu())
                  for c in lowrank_channels_batch(ups, downs, scales)]
-        if not all(bool(torch.isfinite(c.sigma).all() and torch.isfinite(c.u).all() and torch.isfinite(c.v).all())
-                   for c in found):
+        # One pass per tensor, no boolean copy: the smallest and largest values are finite only if all are (NaN
+        # propagates through both).
+        if not all(math.isfinite(float(bound)) for c in found for t in (c.sigma, c.u, c.v) if t.numel()
+                   for bound in torch.aminmax(t)):
             raise torch.linalg.LinAlgError("non-finite channels")
         return found
 
