@@ -515,8 +515,22 @@ provenance (0.2 s). A plain `safetensors` save of the same tensors is part of th
 
 Since d41907c `write_lora` serializes the tensors once (kohya's hashes and the file share the data bytes, and the
 legacy hash's 64 KiB window is cut without copying the file): #24 measures the write at 0.94 CPU s (2.36 s in #23)
-and the ratio at 6.7x (warm filter 4.2 CPU s, median of 3; I/O 0.77 CPU s), still far from 1.5x. The rest is the
-compute listed above.
+and the ratio at 6.7x (warm filter 4.2 CPU s, median of 3; I/O 0.77 CPU s). #26, on both cores with nothing else
+running, after the channels' finite check became one `aminmax` pass per tensor: warm 2.57 s + write 1.42 s over
+0.68 s of I/O, 5.9x.
+
+**Why 1.5x is out of reach for this computation on this CPU.** The scores need the products `V0_k^T v_i` of every
+module's cached right basis with its channels: 2 x in x k x r multiply-adds summed over the modules, 31 GFLOP for
+this LoRA (479 million anchor values times 2 x 32). One core does float32 products of these shapes at about 60
+GFLOP/s (0.32 ms for one 1280 x 233 basis against 32 channels, measured), so the products alone take 0.6 CPU s
+(`right_alignment` in the profile below: 0.6-0.7 s), as much as all of the unavoidable I/O. A warm filter has to
+read what the I/O row reads and then do those products: even with everything else free (the channel
+decompositions, selection, rebuilding the factors, kohya's hashes and the provenance of the write), on both cores
+it would take 0.68 + 0.6 / 2 = 0.98 s, 1.45x, and on one core 1.9x. Half-precision products are no way out on this
+CPU (float16 12 times slower than float32, bfloat16 4 times: no native kernels); the bases are already stored in
+float16 at exactly the rank the energy rule keeps, and a smaller rank would be another score. The remaining gap, 5.9x against that
+floor of about 1.5x, is the channel decompositions (0.8 CPU s), rebuilding (0.45 s), the write (1.4 s) and
+per-module Python.
 
 **Whole-UNet anchors: met** (#25: 110.7 s on the 2 cores with nothing else running, 210 CPU s; #22, before: 478
 CPU s on one thread, 500 s wall). Three changes, all in `principal_subspace` and `build_anchors`:
