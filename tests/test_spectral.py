@@ -13,6 +13,9 @@ from diffmem.spectral import (
     channel_energy,
     dense_channels,
     energy_rank,
+    every_eigenpair,
+    gram_eigen,
+    gram_matrix,
     left_alignment,
     lowrank_channels,
     lowrank_channels_batch,
@@ -150,6 +153,21 @@ def test_fixed_rank_anchors_of_a_large_matrix_are_its_top_subspace():
     projector = anchors.u @ anchors.u.T
     assert torch.linalg.matrix_norm(projector @ left[:, :10] - left[:, :10]) < 1e-3
     torch.testing.assert_close(anchors.spectrum[:10], s[:10], rtol=1e-4, atol=1e-4)
+
+
+def test_the_gpu_way_to_the_eigenpairs_gives_the_cpu_way_s_result():
+    """On a GPU `gram_eigen` decomposes the full Gram matrix with torch (`every_eigenpair`); run here on the CPU,
+    it agrees with the LAPACK path that reads the upper triangle only."""
+    matrix = torch.randn(60, 90, generator=torch.Generator().manual_seed(8))
+    upper, left = gram_matrix(matrix)
+    assert left
+    full = matrix @ matrix.T
+    rule = lambda values: energy_rank(values.clamp_min(0).sqrt(), 0.5)  # noqa: E731
+    values, vectors = gram_eigen(upper, rule)
+    torch_values, torch_vectors = every_eigenpair(full, rule)
+    torch.testing.assert_close(values, torch_values, rtol=1e-4, atol=1e-3)
+    assert vectors.shape == torch_vectors.shape
+    torch.testing.assert_close(vectors @ vectors.T, torch_vectors @ torch_vectors.T, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("energy", [0.2, 0.5, 0.9, 1.0])

@@ -163,11 +163,17 @@ def gram_eigen(gram: torch.Tensor, count: Callable[[torch.Tensor], int]) -> tupl
     them all.
     """
     if gram.device.type != "cpu":
-        values, vectors = torch.linalg.eigh(gram)
-        values, vectors = values.flip(0), vectors.flip(1)
-        return values, vectors[:, : max(1, min(count(values), values.numel()))]
+        return every_eigenpair(gram, count)
     values, vectors = leading_eigenpairs(gram.numpy(), lambda found: count(torch.from_numpy(found)))
     return torch.from_numpy(values), torch.from_numpy(vectors)
+
+
+def every_eigenpair(gram: torch.Tensor, count: Callable[[torch.Tensor], int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gram_eigen` by torch's ``eigh`` of the full symmetric matrix (every pair, then the leading ones kept): the
+    way on a GPU, where LAPACK's partial solvers are not at hand."""
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0), vectors.flip(1)
+    return values, vectors[:, : max(1, min(count(values), values.numel()))]
 
 
 def principal_subspace(weight: torch.Tensor, energy: float = 0.5, k: int | None = None) -> Anchors:
