@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,18 +13,30 @@ from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, memorizi
 from diffmem.bench.evaluate import BenchSettings, retained
 from diffmem.bench.grid import (
     CORE,
+    EVIDENCE_SETTINGS,
     FULL_PLAN,
+    HELDOUT_EVERY,
+    OVERTRAIN_FACTOR,
     QUICK_PLAN,
     TRANSFORMS,
     VARIATION_PLAN,
+    FinetuneSpec,
     GridCell,
     VariantPlan,
     budget_variant,
+    evidence_grid,
     full_grid,
     quick_grid,
     reference_variants,
 )
-from diffmem.bench.report import HAND_WRITTEN, METHOD_COLOURS, comparison_table, with_retention, write_results
+from diffmem.bench.report import (
+    HAND_WRITTEN,
+    METHOD_COLOURS,
+    comparison_table,
+    setting_table,
+    with_retention,
+    write_results,
+)
 from diffmem.bench.run import (
     append_row,
     ensure_finetune,
@@ -55,6 +68,21 @@ def test_full_grid_puts_core_seeds_first_and_names_are_unique():
     assert {c.spec.rank for c in cells} == {4, 32, 64} and {c.spec.conv for c in cells} == {True, False}
     for cell in cells:
         assert cell.spec.finetune_config().alpha == cell.spec.rank
+
+
+def test_evidence_grid_has_tuned_overtrained_and_style_settings_seed_by_seed():
+    cells = evidence_grid(seeds=5)
+    names = [c.spec.name for c in cells]
+    assert len(set(names)) == len(names) == 5 * len(EVIDENCE_SETTINGS) == 15
+    assert [c.spec.seed for c in cells[:3]] == [0, 0, 0]  # every setting at seed 0 before any at seed 1
+    assert {(c.spec.data, c.spec.stage) for c in cells} == {("faces", "tuned"), ("faces", "over-trained"),
+                                                           ("style", "tuned")}
+    assert all(c.plan == FULL_PLAN for c in cells)
+    tuned = next(c.spec for c in cells if c.spec.stage == "tuned")
+    assert tuned.name == "faces-r32-conv-d5x100-tuned-s0" and tuned.setting == "faces-r32-conv-d5x100-tuned"
+    assert tuned.finetune_config().heldout_every == HELDOUT_EVERY and CORE.finetune_config().heldout_every == 0
+    with pytest.raises(ValueError, match="stage must be one of"):
+        FinetuneSpec(stage="best")
 
 
 def test_variant_keys_are_unique_and_budgets_reach_the_selection():
@@ -186,6 +214,23 @@ def test_retention_is_relative_to_each_finetune():
     assert rows["ft0", "baf@energy=0.8"]["quality_kept"] == pytest.approx(0.6)
 
 
+def test_style_settings_report_the_share_of_the_style_kept():
+    rows = fake_rows()
+    for row in rows:  # the LoRA draws the style on 80% of held-out captions, the base on 10%
+        row["style_success"] = {"lora": 0.8, "base": 0.1, "baf@energy=0.8": 0.45}.get(row["variant"], 0.8)
+    kept = {(r["finetune"], r["variant"]): r for r in with_retention(rows)}
+    assert kept["ft0", "baf@energy=0.8"]["style_kept"] == pytest.approx(0.5)
+    assert kept["ft0", "lora"]["style_kept"] == pytest.approx(1.0)
+    grouped = {}
+    for row in with_retention(rows):
+        grouped.setdefault(row["variant"], []).append(row)
+    assert setting_table(grouped).splitlines()[0].rstrip(" |").endswith("style kept")
+    faces = {}
+    for row in with_retention(fake_rows()):
+        faces.setdefault(row["variant"], []).append(row)
+    assert "style kept" not in setting_table(faces)
+
+
 def test_comparison_is_paired_by_finetune():
     grouped = {}
     for row in with_retention(fake_rows()):
@@ -256,6 +301,48 @@ def test_ensure_finetune_reuses_the_committed_example(tmp_path):
     manifest = json.loads(path.with_suffix(".json").read_text())
     assert manifest["settings"]["seed"] == 0 and len(manifest["duplicated"]) == 5
     assert not list(path.parent.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_tuned_and_overtrained_stages_train_from_the_held_out_curve(tmp_path, monkeypatch):
+    """A tuned stage keeps the best held-out step of a tracked run (kept too); an over-trained one trains
+    OVERTRAIN_FACTOR times that step. Tiny runs: 4 steps, the held-out loss every 2."""
+    recipe = FinetuneSpec.finetune_config
+    monkeypatch.setattr(FinetuneSpec, "finetune_config", lambda spec: replace(
+        recipe(spec), steps=4, heldout_every=2 if spec.stage != "final" else 0))
+    over = replace(CORE, stage="over-trained", rank=4)
+    path = ensure_finetune(over, tmp_path, progress=False)
+    tuned = json.loads(path.with_name(replace(over, stage="tuned").name + ".json").read_text())
+    tracked = json.loads(path.with_name(replace(over, stage="tuned").name.replace("-tuned-", "-tracked-") + ".json")
+                         .read_text())
+    assert tracked["trained_steps"] == 4 and tuned["trained_steps"] == tracked["heldout_loss"]["best_step"] in (2, 4)
+    assert json.loads(path.with_suffix(".json").read_text())["settings"]["steps"] == OVERTRAIN_FACTOR * tuned[
+        "trained_steps"]
+    assert ensure_finetune(over, tmp_path, progress=False) == path  # made once
+
+
+@pytest.mark.slow
+def test_a_style_probe_adds_the_style_s_success_to_the_numbers(tmp_path):
+    from diffmem.bench.evaluate import Probe, measure
+    from diffmem.formats.lora import read_lora
+    from diffmem.world.check import example_lora_path
+    from diffmem.world.data import FINETUNE_SETS
+    from diffmem.world.lora import apply_lora
+    from diffmem.world.model import load_base
+
+    manifest = json.loads(example_lora_path().with_suffix(".json").read_text())
+    faces = Probe.from_manifest(manifest)
+    ids = {split: FINETUNE_SETS["style"](split).ids for split in ("train", "heldout")}
+    style_manifest = {"data": "style", "duplicated": [{"id": i} for i in ids["train"][:5]], "seen_once": [],
+                      "heldout": [{"id": i} for i in ids["heldout"]]}
+    style = Probe.from_manifest(style_manifest, embedder=faces.embedder)
+    assert (faces.data, style.data) == ("faces", "style")
+
+    unet = apply_lora(load_base(), read_lora(example_lora_path()))
+    settings = BenchSettings(generations=1, steps=2)
+    numbers, _ = measure(unet, style, settings)
+    assert 0.0 <= numbers["style_success"] <= 1.0
+    assert "style_success" not in measure(unet, faces, settings)[0]
 
 
 @pytest.mark.slow

@@ -14,6 +14,9 @@ from diffmem.cli import UsageError
 
 QUICK_WORK = Path("runs/bench-quick")
 FULL_WORK = Path("runs/bench")
+EVIDENCE_WORK = Path("runs/bench-evidence")
+#: Seeds per setting when --seeds is not given: the full grid's central setting, and the evidence grid's settings.
+DEFAULT_SEEDS = {"full": 3, "evidence": 5}
 CHANNELS_FILE = "channels.json"
 
 
@@ -28,24 +31,28 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """Train/measure what is missing, run the channel ablations, write the report."""
-    if min(args.generations, args.steps, args.seeds, args.variation_seeds) < 1:
+    seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.grid]
+    if min(args.generations, args.steps, seeds, args.variation_seeds) < 1:
         raise UsageError("--generations, --steps, --seeds and --variation-seeds must be at least 1")
+    if args.quick and args.grid != "full":
+        raise UsageError("--quick runs the example LoRA alone; it takes no --grid")
     import torch
 
     from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, write_truth
-    from diffmem.bench.grid import CORE, full_grid, quick_grid
+    from diffmem.bench.grid import CORE, evidence_grid, full_grid, quick_grid
     from diffmem.bench.report import load_channels, write_results
     from diffmem.bench.run import ensure_finetune, read_rows, run_bench, settings_id
 
-    work = args.work or (QUICK_WORK if args.quick else FULL_WORK)
+    work = args.work or (QUICK_WORK if args.quick else EVIDENCE_WORK if args.grid == "evidence" else FULL_WORK)
     out = args.out or work / "results.md"  # the repository's docs/results.md is written by `make bench`
     settings = BenchSettings(generations=args.generations, steps=args.steps)
     torch.set_num_threads(args.threads)
     if not args.report_only:
-        cells = quick_grid() if args.quick else full_grid(args.seeds, args.variation_seeds)
+        cells = (quick_grid() if args.quick else evidence_grid(seeds) if args.grid == "evidence"
+                 else full_grid(seeds, args.variation_seeds))
         run_bench(work, cells, settings, threads=args.threads, train_missing=not args.no_train)
         channels_path = work / CHANNELS_FILE
-        if not args.no_channels and not channels_path.exists():
+        if not args.no_channels and args.grid == "full" and not channels_path.exists():
             config = ChannelTruthConfig(max_channels=16 if args.quick else None)
             lora = ensure_finetune(CORE, work)
             write_truth(ablate_channels(lora, json.loads(lora.with_suffix(".json").read_text()), config),
@@ -142,8 +149,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=Path, default=None,
                    help="folder of fine-tunes, rows and images (default runs/bench, or runs/bench-quick)")
     p.add_argument("--out", type=Path, default=None, help="report to write (default WORK/results.md)")
-    p.add_argument("--seeds", type=int, default=3,
-                   help="how many fine-tunes (seeds 0, 1, ...) of the central setting (default 3)")
+    p.add_argument("--grid", choices=sorted(DEFAULT_SEEDS), default="full",
+                   help="full: the central setting and the settings varied around it, each trained for the recipe's "
+                        "steps (docs/results.md); evidence: LoRAs stopped at their best held-out step, the same "
+                        "trained three times as long, and a style LoRA (docs/bench.md, 'The evidence grid'; work "
+                        "folder runs/bench-evidence)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="how many fine-tunes (seeds 0, 1, ...) of the central setting, or with --grid evidence of "
+                        "each of its settings (default 3, or 5 with --grid evidence)")
     p.add_argument("--variation-seeds", type=int, default=1,
                    help="how many fine-tunes (seeds 0, 1, ...) of each varied setting (default 1)")
     p.add_argument("--no-channels", action="store_true", help="skip the single-channel ablations")

@@ -16,17 +16,20 @@ from diffmem.metrics.fid import fid_from_features
 from diffmem.world.check import manifest_images, own_reference_rows
 from diffmem.world.data import ImageSet
 from diffmem.world.diffusion import denoising_loss, generate
+from diffmem.world.style import style_success
 
 
 @dataclass
 class Probe:
     """What a fine-tune is measured against, read once from its manifest: the duplicated images (with captions),
-    everything it trained on (the copy test's references), and the held-out images of its data set."""
+    everything it trained on (the copy test's references), the held-out images of its data set, and which data set
+    it is ("style" adds the style's success on held-out captions to the quality numbers)."""
 
     duplicated: ImageSet
     reference: torch.Tensor
     heldout: ImageSet
     embedder: object
+    data: str = "faces"
     reference_features: torch.Tensor = field(init=False)
     heldout_features: torch.Tensor = field(init=False)
     own_index: torch.Tensor = field(init=False)
@@ -45,7 +48,7 @@ class Probe:
             embedder = load_copy_embedder()
         duplicated = manifest_images(manifest, "duplicated")
         reference = ImageSet.concat([duplicated, manifest_images(manifest, "seen_once")]).images
-        return cls(duplicated, reference, manifest_images(manifest, "heldout"), embedder)
+        return cls(duplicated, reference, manifest_images(manifest, "heldout"), embedder, manifest.get("data", "faces"))
 
 
 def duplicated_generations(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> torch.Tensor:
@@ -80,7 +83,9 @@ def measure(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -
       memorized);
     - heldout_loss / duplicated_loss: denoising loss on the held-out images and on the duplicated images (their
       own captions), at fixed noise;
-    - fid: FID of held-out-caption generations against the held-out images, copy-embedder features.
+    - fid: FID of held-out-caption generations against the held-out images, copy-embedder features;
+    - style_success (style fine-tunes only): share of the held-out-caption generations in the style
+      (`diffmem.world.style.style_success`), what a style LoRA is for.
     """
     generated = duplicated_generations(unet, probe, settings)
     decisions = copy_decisions(generated, probe.reference)
@@ -104,6 +109,8 @@ def measure(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -
                                                 timesteps_per_image=settings.timesteps_per_image), 6),
         "fid": round(fid_from_features(probe.heldout_features, embed(probe.embedder, quality)), 3),
     }
+    if probe.data == "style":
+        numbers["style_success"] = round(style_success(quality), 4)
     return numbers, generated
 
 

@@ -19,17 +19,33 @@ from diffmem.formats.base import BaseCheckpoint
 from diffmem.formats.lora import LoraFile
 from diffmem.world.settings import FinetuneConfig
 
+#: The stages of a fine-tune the grid can take (issue 18, "LoRAs trained the way good LoRAs are"): "final" is
+#: the weights after the recipe's steps; "tuned" the step of lowest held-out denoising loss within them; "over-
+#: trained" three times the tuned step.
+STAGES = ("final", "tuned", "over-trained")
+
+#: How many tuned steps an over-trained fine-tune runs.
+OVERTRAIN_FACTOR = 3
+
+#: The held-out loss is measured every this many steps to find the tuned step (25 of 500: a 5% resolution).
+HELDOUT_EVERY = 25
+
 
 @dataclass(frozen=True)
 class FinetuneSpec:
     """One world fine-tune of the grid: the settings that vary; everything else is `FinetuneConfig`'s default.
 
     Args:
-        data: "faces" (privacy case) or "photos" (copyright case).
+        data: "faces" (privacy case), "photos" (copyright case) or "style" (a look the base never saw, on every
+            shape: the LoRA-sharing case, see `diffmem.world.style`).
         rank: LoRA rank; alpha equals the rank, so the LoRA scale is 1 at every rank.
         conv: also adapt the convolutions (LoCon).
         duplicate: (images, repeats) of the duplicated training images that the fine-tune should memorize.
         seed: picks the duplicated images and seeds training.
+        stage: which weights of the run (`STAGES`): "final" after the recipe's steps; "tuned" at the step of lowest
+            held-out loss, measured every `HELDOUT_EVERY` steps of a run of the recipe's steps, the way a careful
+            LoRA author stops; "over-trained" trained `OVERTRAIN_FACTOR` times the tuned step (training has no
+            schedule and tracking changes no weight, so this continues the tuned run's trajectory).
     """
 
     data: str = "faces"
@@ -37,12 +53,18 @@ class FinetuneSpec:
     conv: bool = True
     duplicate: tuple[int, int] = (5, 100)
     seed: int = 0
+    stage: str = "final"
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
 
     @property
     def name(self) -> str:
-        """File-name-safe identifier, e.g. ``faces-r32-conv-d5x100-s0``."""
+        """File-name-safe identifier, e.g. ``faces-r32-conv-d5x100-s0`` or ``faces-r32-conv-d5x100-tuned-s0``."""
         count, repeats = self.duplicate
-        return f"{self.data}-r{self.rank}-{'conv' if self.conv else 'attn'}-d{count}x{repeats}-s{self.seed}"
+        stage = "" if self.stage == "final" else f"-{self.stage}"
+        return f"{self.data}-r{self.rank}-{'conv' if self.conv else 'attn'}-d{count}x{repeats}{stage}-s{self.seed}"
 
     @property
     def setting(self) -> str:
@@ -50,9 +72,11 @@ class FinetuneSpec:
         return self.name.rsplit("-s", 1)[0]
 
     def finetune_config(self) -> FinetuneConfig:
-        """The full training recipe."""
+        """The full training recipe (of the run whose weights give this stage; an over-trained fine-tune's steps
+        are set from its tuned run's best step, `diffmem.bench.run.ensure_finetune`)."""
         return FinetuneConfig(data=self.data, rank=self.rank, alpha=float(self.rank), conv=self.conv,
-                              duplicate=self.duplicate, seed=self.seed)
+                              duplicate=self.duplicate, seed=self.seed,
+                              heldout_every=HELDOUT_EVERY if self.stage != "final" else 0)
 
 
 #: The central setting (the committed example LoRA is its seed 0): faces, rank 32, LoCon, 5 images x 100.
@@ -220,6 +244,21 @@ def full_grid(seeds: int = 3, variation_seeds: int = 1) -> list[GridCell]:
     cells = [GridCell(replace(CORE, seed=s), FULL_PLAN) for s in range(seeds)]
     cells += [GridCell(replace(v, seed=s), VARIATION_PLAN) for s in range(variation_seeds) for v in VARIATIONS]
     return cells
+
+
+#: The settings of the fair test (issue 18): faces stopped at the best held-out step and trained three times as
+#: long, and a style LoRA stopped at its best held-out step. Each memorizes 5 duplicated images (x 100).
+EVIDENCE_SETTINGS = (
+    replace(CORE, stage="tuned"),
+    replace(CORE, stage="over-trained"),
+    replace(CORE, data="style", stage="tuned"),
+)
+
+
+def evidence_grid(seeds: int = 5) -> list[GridCell]:
+    """`EVIDENCE_SETTINGS` at `seeds` seeds each with every variant (`FULL_PLAN`), seed by seed, so an interrupted
+    run has every setting at the seeds it reached."""
+    return [GridCell(replace(spec, seed=s), FULL_PLAN) for s in range(seeds) for spec in EVIDENCE_SETTINGS]
 
 
 def quick_grid() -> list[GridCell]:

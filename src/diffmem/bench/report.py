@@ -32,8 +32,10 @@ METHOD_COLOURS = {"baf": "tab:blue", "baf-right": "tab:cyan", "inverse-baf": "ta
 
 
 def with_retention(rows: list[dict]) -> list[dict]:
-    """Rows plus ``quality_kept`` (share of the fine-tune's held-out-loss gain kept) and ``memorization_kept``
-    (share of its duplicated-image loss gain kept), each relative to its own fine-tune's LoRA and base rows."""
+    """Rows plus ``quality_kept`` (share of the fine-tune's held-out-loss gain kept), ``memorization_kept`` (share
+    of its duplicated-image loss gain kept) and, for style fine-tunes, ``style_kept`` (share of the style's success
+    on held-out captions that the LoRA added over the base), each relative to its own fine-tune's LoRA and base
+    rows."""
     anchors = defaultdict(dict)
     for row in rows:
         if row["variant"] in ("lora", "base"):
@@ -47,6 +49,10 @@ def with_retention(rows: list[dict]) -> list[dict]:
                                              pair["lora"]["heldout_loss"])
             extra["memorization_kept"] = retained(row["duplicated_loss"], pair["base"]["duplicated_loss"],
                                                   pair["lora"]["duplicated_loss"])
+            if all("style_success" in r for r in (row, pair["base"], pair["lora"])):
+                # Higher is better here, and `retained`'s share is the same either way round.
+                extra["style_kept"] = retained(row["style_success"], pair["base"]["style_success"],
+                                               pair["lora"]["style_success"])
         out.append(row | extra)
     return out
 
@@ -75,7 +81,8 @@ TABLE_HEADER = ["variant", "seeds", "energy kept", "channels kept", "copy rate",
 
 
 def setting_table(variants: dict[str, list[dict]]) -> str:
-    """All variants of one setting, one row each."""
+    """All variants of one setting, one row each (with a "style kept" column for a style setting)."""
+    style = any("style_kept" in r for rows in variants.values() for r in rows)
     lines = []
     for key, rows in variants.items():
         kept = (f"{sum(r['channels_kept'] for r in rows) / sum(r['channels_total'] for r in rows):.0%}"
@@ -85,8 +92,8 @@ def setting_table(variants: dict[str, list[dict]]) -> str:
             cell(rows, "captions_copied", 1), cell(rows, "own_distance", 3), cell(rows, "extracted", 1),
             cell(rows, "amd", 3), cell(rows, "quality_kept", 0, True), cell(rows, "memorization_kept", 0, True),
             cell(rows, "fid", 2),
-        ])
-    return markdown_table(TABLE_HEADER, lines)
+        ] + ([cell(rows, "style_kept", 0, True)] if style else []))
+    return markdown_table(TABLE_HEADER + (["style kept"] if style else []), lines)
 
 
 def paired_differences(variants: dict[str, list[dict]], first: str, second: str, key: str) -> list[float]:

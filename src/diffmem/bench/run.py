@@ -12,13 +12,13 @@ import os
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from diffmem.bench.evaluate import BenchSettings, Probe, measure
-from diffmem.bench.grid import FinetuneSpec, GridCell, Variant, reference_variants
+from diffmem.bench.grid import OVERTRAIN_FACTOR, FinetuneSpec, GridCell, Variant, reference_variants
 from diffmem.errors import DiffmemError
 from diffmem.formats.base import BaseCheckpoint, open_base
 from diffmem.formats.lora import LoraFile, read_lora
@@ -73,11 +73,25 @@ def finetune_path(spec: FinetuneSpec, work: Path) -> Path:
 
 def ensure_finetune(spec: FinetuneSpec, work: Path, progress: bool = True) -> Path:
     """The fine-tune's LoRA file: already in `work`, copied from the committed example (same recipe), or trained
-    now (about 15 minutes on one CPU thread)."""
+    now (about 15 minutes on one CPU thread).
+
+    A "tuned" stage trains the recipe's steps with the held-out loss tracked and keeps the best step's weights
+    (the full run is kept too, as the "final" stage of the same recipe with tracking); an "over-trained" stage
+    trains `OVERTRAIN_FACTOR` times its tuned stage's best step (the tuned stage is made first if missing)."""
     path = finetune_path(spec, work)
     if path.exists() and path.with_suffix(".json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    if spec.stage == "tuned":
+        tracked = path.with_name(path.name.replace("-tuned-", "-tracked-"))
+        finetune(tracked, spec.finetune_config(), progress=progress, best_out=path)
+        return path
+    if spec.stage == "over-trained":
+        tuned = json.loads(ensure_finetune(replace(spec, stage="tuned"), work, progress).with_suffix(".json")
+                           .read_text())
+        config = replace(spec.finetune_config(), steps=OVERTRAIN_FACTOR * tuned["trained_steps"], heldout_every=0)
+        finetune(path, config, progress=progress)
+        return path
     if spec.finetune_config() == FinetuneConfig():
         example = example_lora_path()
         from diffmem.formats.safetensors_io import sha256_file
@@ -127,7 +141,7 @@ def variant_row(spec: FinetuneSpec, variant: Variant, kept: dict, numbers: dict,
     measured."""
     row = {
         "finetune": spec.name, "setting": spec.setting, "data": spec.data, "rank": spec.rank, "conv": spec.conv,
-        "duplicate": list(spec.duplicate), "seed": spec.seed,
+        "duplicate": list(spec.duplicate), "seed": spec.seed, "stage": spec.stage,
         "variant": variant.key, "method": variant.method, "budget": variant.budget, "level": variant.level,
         "settings_id": settings_id(settings), "settings": asdict(settings), "seconds": round(seconds, 1),
     }
