@@ -551,6 +551,11 @@ CPU s on one thread, 500 s wall). Three changes, all in `principal_subspace` and
 - the other side's vectors (`M^T u_i / sigma_i`) are numpy products: OpenBLAS is a third faster than torch's MKL
   on this AMD EPYC for these shapes.
 
+A cold filter, which computes the anchors of the LoRA's own 760 modules, gains the same way (#27: 109 s on both
+cores, against 248 s in #18). Two weights in flight instead of one raise its peak memory: a shard of new anchors is
+written once it holds 64 MB (128 MB before), and one thread writes at a time, so the cold peak stays at 1928 MB,
+under issue 6's 2048 MB (with 128 MB shards written side by side it reached 2131 MB).
+
 By shape class on one thread (the 742 largest weights; `principal_subspace` each): 381 weights of 1280 x 1280 take
 89 s (0.23 s each), 60 feed-forward 10240 x 1280 take 61 s (1.0 s each: Gram 0.26 s, eigenpairs 0.28 s, the other
 side 0.17 s), 120 cross-attention 1280 x 2048 take 38 s. scipy and threadpoolctl join the core install for this.

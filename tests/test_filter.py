@@ -238,6 +238,24 @@ def test_an_anchor_build_on_two_threads_caches_exactly_what_one_thread_does(tmp_
     assert stores[0].computed == stores[1].computed == 0
 
 
+def test_a_flush_while_another_thread_writes_a_shard_leaves_its_anchors_pending(tmp_path):
+    from diffmem.anchors import AnchorStore, distinct_targets
+    from diffmem.formats.base import open_base
+
+    base, _ = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
+    store = AnchorStore(open_base(base), cache_dir=tmp_path / "cache")
+    target = distinct_targets(open_base(base), "unet")[0]
+    store.get(target)
+    with store.flushing:  # as if another thread were writing a shard
+        store.flush(wait=False)
+        assert store.unflushed() == 1 and not list(store.folder.glob("*.safetensors"))
+    store.flush()
+    assert store.unflushed() == 0 and len(list(store.folder.glob("*.safetensors"))) == 1
+    fresh = AnchorStore(open_base(base), cache_dir=tmp_path / "cache")
+    fresh.get(target)
+    assert fresh.loaded == 1 and fresh.computed == 0
+
+
 def test_baselines_run_through_the_same_pipeline(tmp_path):
     base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
     half = filter_lora(lora, base, RandomConfig(selection=Selection(rule="fraction", keep_fraction=0.5)),

@@ -30,7 +30,7 @@ STORAGE_DTYPE = torch.float16
 #: `AnchorStore.get` writes a shard after this many new anchors, or once they hold this many bytes (SDXL's and
 #: Flux's big weights), so a run holds a bounded amount in memory and an interrupted run resumes from what it wrote.
 FLUSH_EVERY = 128
-FLUSH_BYTES = 128 * 2**20
+FLUSH_BYTES = 64 * 2**20
 
 
 def target_id(target) -> str:
@@ -68,6 +68,7 @@ class AnchorStore:
         # Filters score modules on several threads: the lock guards the shard index, the pending anchors and the
         # counters; reading a tensor from a shard (a positioned read) and computing anchors happen outside it.
         self.lock = threading.RLock()
+        self.flushing = threading.Lock()  # held while a shard is written (outside `lock`)
 
     @property
     def folder(self) -> Path:
@@ -146,7 +147,7 @@ class AnchorStore:
                     self.pending.setdefault(rule, {}).update({f"{key}.{part}": t for part, t in stored.items()})
                     full = self.unflushed() >= FLUSH_EVERY or self.unflushed_bytes() >= FLUSH_BYTES
             if full:
-                self.flush()  # bounds memory, and an interrupted run keeps what it wrote
+                self.flush(wait=False)  # bounds memory, and an interrupted run keeps what it wrote
         return Anchors(u=stored["u"].float() if "u" in parts else None, v=stored["v"].float() if "v" in parts else None,
                        spectrum=stored["spectrum"].float())  # no-ops for anchors read from a shard
 
@@ -158,14 +159,25 @@ class AnchorStore:
         """Bytes of the anchors computed but not yet written."""
         return sum(t.numel() * t.element_size() for tensors in self.pending.values() for t in tensors.values())
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = True) -> None:
         """Write the anchors computed since the last flush as new shards (atomic writes). `get` flushes by itself
-        every `FLUSH_EVERY` new anchors; call this once at the end.
+        every `FLUSH_EVERY` new anchors (without ``wait``: skipped while another thread writes one); call this once
+        at the end.
 
         The anchors to write are taken from `pending` under the lock and written outside it, so threads computing
-        anchors go on while a shard is written; until its shard is indexed, an entry being written is recomputed if
-        asked for (never read half-written).
+        anchors go on while a shard is written; one shard is written at a time, so memory holds at most one shard
+        being written and one filling. Until its shard is indexed, an entry being written is recomputed if asked for
+        (never read half-written).
         """
+        if not self.flushing.acquire(blocking=wait):
+            return  # another thread is writing a shard: these anchors wait for the next flush
+        try:
+            self.write_pending()
+        finally:
+            self.flushing.release()
+
+    def write_pending(self) -> None:
+        """Write what `pending` holds now as shards (`flush` calls it, one thread at a time)."""
         with self.lock:
             taken, self.pending = self.pending, {}
         for rule, tensors in taken.items():
