@@ -532,8 +532,9 @@ float16 at exactly the rank the energy rule keeps, and a smaller rank would be a
 floor of about 1.5x, is the channel decompositions (0.8 CPU s), rebuilding (0.45 s), the write (1.4 s) and
 per-module Python.
 
-**Whole-UNet anchors: met** (#25: 110.7 s on the 2 cores with nothing else running, 210 CPU s; #22, before: 478
-CPU s on one thread, 500 s wall). Three changes, all in `principal_subspace` and `build_anchors`:
+**Whole-UNet anchors: met** (#25: 110.7 s on the 2 cores with nothing else running, 210 CPU s; #28, after the
+shard changes below: 111.4 s, peak 857 MB; #22, before: 478 CPU s on one thread, 500 s wall). Three changes, all
+in `principal_subspace` and `build_anchors`:
 
 - the Gram matrix is decomposed in float32, and only as far as the anchors need (`diffmem.lapack`): LAPACK
   reduces it to a tridiagonal matrix (`ssytrd`), computes every eigenvalue of that (`ssterf`), the energy rule picks
