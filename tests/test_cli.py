@@ -202,6 +202,8 @@ def test_the_model_commands_usage_errors_exit_2_and_name_the_flag(tmp_path, caps
         (["memcontrol", "table", *out, "--mitigations", "none,prayer"], "--mitigations takes"),
         (["memcontrol", "table", *out, "--lr-scale", "0"], "--lr-scale must be positive"),
         (["bench", "--generations", "0"], "--generations, --steps, --seeds and --variation-seeds"),
+        (["bench", "--grid", "evidence", "--seeds", "0"], "--generations, --steps, --seeds and --variation-seeds"),
+        (["bench", "--quick", "--grid", "evidence"], "--quick runs the example LoRA alone; it takes no --grid"),
         (["bench-real", "--base", "b", "--lora", "l", "--probe", "p", "--steps", "0"], "--generations, --heldout"),
         (["audit", "--base", "world", "--prompts", str(prompts), "--generations", "0"], "--generations and --steps"),
     ):
