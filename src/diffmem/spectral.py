@@ -158,7 +158,7 @@ def gram_eigen(gram: torch.Tensor, count: Callable[[torch.Tensor], int]) -> tupl
     """Every eigenvalue (descending) of a symmetric float32 Gram matrix and the eigenvectors of the leading
     ``count(values)`` of them (on the CPU only its upper triangle is read).
 
-    On the CPU only the kept pairs' vectors are computed (`diffmem.lapack.leading_eigenpairs`), 3 to 4 times
+    On the CPU only the kept pairs' vectors are computed (`diffmem.lapack.leading_eigenpairs`), about 3 times
     faster than torch's float64 ``eigh`` of every pair on a 1280 x 1280 matrix; elsewhere torch's ``eigh`` computes
     them all.
     """
