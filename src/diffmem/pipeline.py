@@ -7,7 +7,6 @@ This is the library behind ``diffmem filter`` and ``diffmem inspect``; the maths
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from diffmem.errors import BadWeightsError, DiffmemError
 from diffmem.filters import BAFConfig, FilterConfig, ModuleView, select
 from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
 from diffmem.formats.lora import LoraFile, LoraModule, read_lora, replace_factors, write_lora
-from diffmem.formats.safetensors_io import refuse_overwriting, sha256_file
+from diffmem.formats.safetensors_io import extremes_finite, refuse_overwriting, sha256_file
 from diffmem.progress import progress_bar
 from diffmem.spectral import Anchors, Channels, dense_channels, lowrank_channels_batch, rebuild_factors
 from diffmem.threads import one_thread_each
@@ -147,10 +146,7 @@ def channels_of(
         scales = torch.tensor([modules[n].scale for n in batch], dtype=torch.float64)
         found = [Channels(u=c.u.cpu(), sigma=c.sigma.cpu(), v=c.v.cpu())
                  for c in lowrank_channels_batch(ups, downs, scales)]
-        # One pass per tensor, no boolean copy: the smallest and largest values are finite only if all are (NaN
-        # propagates through both).
-        if not all(math.isfinite(float(bound)) for c in found for t in (c.sigma, c.u, c.v) if t.numel()
-                   for bound in torch.aminmax(t)):
+        if not all(extremes_finite(t) for c in found for t in (c.sigma, c.u, c.v) if t.numel()):
             raise torch.linalg.LinAlgError("non-finite channels")
         return found
 

@@ -142,6 +142,12 @@ def check_tiling(path: Path, header: Mapping[str, dict], data_len: int) -> None:
         raise FileFormatError(f"bytes {covered}..{data_len} of the data are not covered by any tensor", path)
 
 
+def extremes_finite(tensor: torch.Tensor) -> bool:
+    """Whether a non-empty float tensor holds no NaN or Inf, in one pass without a boolean copy: its minimum and
+    maximum are finite only if every value is (both propagate a NaN, and an Inf is one of them)."""
+    return all(math.isfinite(float(bound)) for bound in torch.aminmax(tensor))
+
+
 def check_finite(tensor: torch.Tensor, name: str, path: str | Path | None) -> torch.Tensor:
     """Return `tensor`, or raise when it holds NaN or Inf (a broken training run or a corrupted file).
 
@@ -153,8 +159,7 @@ def check_finite(tensor: torch.Tensor, name: str, path: str | Path | None) -> to
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return tensor
     if tensor.dtype in (torch.float16, torch.bfloat16):
-        low, high = torch.aminmax(tensor)
-        suspicious = not (math.isfinite(float(low)) and math.isfinite(float(high)))
+        suspicious = not extremes_finite(tensor)
     else:
         total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
         suspicious = not math.isfinite(float(total))
