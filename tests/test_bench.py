@@ -81,6 +81,7 @@ def test_evidence_grid_has_tuned_overtrained_and_style_settings_seed_by_seed():
     tuned = next(c.spec for c in cells if c.spec.stage == "tuned")
     assert tuned.name == "faces-r32-conv-d5x100-tuned-s0" and tuned.setting == "faces-r32-conv-d5x100-tuned"
     assert tuned.finetune_config().heldout_every == HELDOUT_EVERY and CORE.finetune_config().heldout_every == 0
+    assert replace(tuned, stage="over-trained").finetune_config().heldout_every == 0
     with pytest.raises(ValueError, match="stage must be one of"):
         FinetuneSpec(stage="best")
 
@@ -309,7 +310,7 @@ def test_tuned_and_overtrained_stages_train_from_the_held_out_curve(tmp_path, mo
     OVERTRAIN_FACTOR times that step. Tiny runs: 4 steps, the held-out loss every 2."""
     recipe = FinetuneSpec.finetune_config
     monkeypatch.setattr(FinetuneSpec, "finetune_config", lambda spec: replace(
-        recipe(spec), steps=4, heldout_every=2 if spec.stage != "final" else 0))
+        recipe(spec), steps=4, heldout_every=2 if spec.stage == "tuned" else 0))
     over = replace(CORE, stage="over-trained", rank=4)
     path = ensure_finetune(over, tmp_path, progress=False)
     tuned = json.loads(path.with_name(replace(over, stage="tuned").name + ".json").read_text())

@@ -76,7 +76,7 @@ class FinetuneSpec:
         are set from its tuned run's best step, `diffmem.bench.run.ensure_finetune`)."""
         return FinetuneConfig(data=self.data, rank=self.rank, alpha=float(self.rank), conv=self.conv,
                               duplicate=self.duplicate, seed=self.seed,
-                              heldout_every=HELDOUT_EVERY if self.stage != "final" else 0)
+                              heldout_every=HELDOUT_EVERY if self.stage == "tuned" else 0)
 
 
 #: The central setting (the committed example LoRA is its seed 0): faces, rank 32, LoCon, 5 images x 100.

@@ -89,7 +89,7 @@ def ensure_finetune(spec: FinetuneSpec, work: Path, progress: bool = True) -> Pa
     if spec.stage == "over-trained":
         tuned = json.loads(ensure_finetune(replace(spec, stage="tuned"), work, progress).with_suffix(".json")
                            .read_text())
-        config = replace(spec.finetune_config(), steps=OVERTRAIN_FACTOR * tuned["trained_steps"], heldout_every=0)
+        config = replace(spec.finetune_config(), steps=OVERTRAIN_FACTOR * tuned["trained_steps"])
         finetune(path, config, progress=progress)
         return path
     if spec.finetune_config() == FinetuneConfig():
