@@ -14,7 +14,7 @@ from diffmem.attack.commands import register
 from diffmem.attack.dori import reference_row
 from diffmem.errors import DiffmemError
 from diffmem.formats.safetensors_io import load_file, save_file
-from diffmem.metrics.copy import CopyConfig
+from diffmem.metrics.copy import CopyConfig, luminance_tiled_l2
 from diffmem.report import load_image, save_png
 from diffmem.world.check import CheckSettings
 from diffmem.world.model import build_unet, unet_metadata, unet_tensors
@@ -109,6 +109,11 @@ def test_success_counts_fresh_generations_under_an_absolute_threshold(tiny_unet,
     assert everything.generated.shape == (2, 3, 32, 32) and everything.test == "absolute tiled L2"
     assert everything.rate == 1.0 and nothing.rate == 0.0
     assert torch.equal(everything.distance, nothing.distance)
+    # The colour-blind test is measured on the same generations against the same target.
+    assert torch.allclose(everything.luminance_distance,
+                          luminance_tiled_l2(everything.generated.clamp(0, 1), target)[:, 0])
+    assert everything.luminance_rate(threshold=float("inf")) == 1.0
+    assert everything.luminance_rate(threshold=-1.0) == 0.0
     with pytest.raises(DiffmemError, match="distance threshold"):
         attack_success(tiny_unet, embedding, target, settings=FEW)
 
@@ -242,6 +247,10 @@ def test_robustness_rows_cover_every_model_caption_and_start(tiny_unet, target):
     assert 0 <= rows[0].copy_rate_prompt <= 1 and all(0 <= r <= 1 for r in rows[0].copy_rate_dori.values())
     assert rows[0].heldout_loss > 0 and rows[0].fid is not None and rows[0].fid >= 0
     assert all(loss > 0 for loss in rows[0].dori_loss.values())
+    # Both copy tests, over the same captions and starts.
+    assert set(rows[0].copy_rate_dori_luminance) == {"prompt", "random"}
+    assert len(rows[0].per_caption_prompt_luminance) == 2
+    assert all(0 <= r <= 1 for r in [rows[0].copy_rate_prompt_luminance, *rows[0].copy_rate_dori_luminance.values()])
     table = markdown_rows(rows, {"skipped model": "no file"})
     assert table.count("\n") == 4 and "not measured: no file" in table
 
@@ -255,13 +264,20 @@ def test_robustness_settings_refuse_unknown_starts():
         RobustnessSettings(starts=())
 
 
-def row(name, prompt, dori):
+def row(name, prompt, dori, luminance=None):
+    """A table row with RGB rates `prompt` (captions) and `dori` (from the caption; 0 from random tokens), and
+    luminance-test rates `luminance` = (captions, Dori from the caption) when given."""
     from diffmem.attack.table import RobustnessRow
 
+    measured = {} if luminance is None else {
+        "copy_rate_prompt_luminance": luminance[0], "copy_rate_dori_luminance": {"prompt": luminance[1], "random": 0.0},
+        "per_caption_prompt_luminance": [luminance[0]], "per_caption_dori_luminance": {"prompt": [luminance[1]],
+                                                                                       "random": [0.0]}}
     return RobustnessRow(model=name, captions=5, copy_rate_prompt=prompt, copy_rate_dori={"prompt": dori, "random": 0.0},
                          captions_copied_prompt=0, captions_copied_dori={"prompt": 0, "random": 0},
                          per_caption_prompt=[], per_caption_dori={"prompt": [], "random": []},
-                         dori_loss={"prompt": 0.1, "random": 0.1}, heldout_loss=0.05, fid=None, seconds=1.0)
+                         dori_loss={"prompt": 0.1, "random": 0.1}, heldout_loss=0.05, fid=None, seconds=1.0,
+                         **measured)
 
 
 def test_verdicts_say_plainly_when_dori_brings_copies_back():
@@ -276,6 +292,23 @@ def test_verdicts_say_plainly_when_dori_brings_copies_back():
     assert verdict(row("weak", 0.8, 0.9), reference).startswith("does not lower the copies")
     assert verdict(row("odd", 0.8, 0.0), reference).startswith("copies stay low under Dori")
     assert "nothing to mitigate" in verdict(row("x", 0.0, 0.0), row("control", 0.0, 0.0))
+
+
+def test_verdicts_name_copies_only_the_luminance_test_counts():
+    from diffmem.attack.table import markdown_rows, verdict
+
+    reference = row("none", 0.8, 1.0, luminance=(0.8, 1.0))
+    # RGB calls Dori's copies removed; the colour-blind test finds 6 of 8 under a colour cast.
+    cast = row("adversarial", 0.0, 0.0, luminance=(0.0, 0.75))
+    assert verdict(cast, reference) == ("survives Dori at this budget, as the copy test counts: copies stay low from "
+                                        "the captions and under every start; but the luminance test counts 75% "
+                                        "copies under Dori from the caption (the image returns under a colour cast "
+                                        "that RGB tiled L2 misses)")
+    # Both tests agree: no caveat; rows measured before the luminance test have none either.
+    assert "luminance" not in verdict(row("robust", 0.0, 0.0, luminance=(0.0, 0.1)), reference)
+    assert "luminance" not in verdict(row("old", 0.0, 0.0), reference)
+    table = markdown_rows([reference, cast, row("old", 0.0, 0.0)])
+    assert "| 0.0% / 75.0% / 0.0% |" in table and "luminance test (captions / Dori prompt / Dori random)" in table
 
 
 def test_page_keeps_its_notes_block_and_names_unmeasured_models(tiny_unet, target):
@@ -293,7 +326,7 @@ def test_page_keeps_its_notes_block_and_names_unmeasured_models(tiny_unet, targe
     toolkit.notes["MemControl"] = "no model file"
     rows = [row("none", 0.8, 1.0), row("pruned", 0.1, 0.9)]
     previous = f"old text\n{NOTES_START}\nhand-written reading\n{NOTES_END}\nold tail"
-    page = robustness_page(rows, toolkit, RobustnessSettings(), ["diffmem attack table"], "tiny", previous)
+    page = robustness_page(rows, toolkit, RobustnessSettings(starts=("prompt", "random")), ["diffmem attack table"], "tiny", previous)
     assert "hand-written reading" in page and "old text" not in page and "old tail" not in page
     assert "| MemControl | not measured: no model file" in page
     assert "does not survive Dori" in page and "tiny pruned" in page

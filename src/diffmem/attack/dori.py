@@ -22,7 +22,13 @@ from diffmem.attack.settings import START_KINDS, DoriConfig  # noqa: F401 (defin
 from diffmem.backends import Backend, Conditioning, as_backend
 from diffmem.errors import DiffmemError
 from diffmem.evaluation.sampling import SamplingSettings, seeds_for
-from diffmem.metrics.copy import CopyConfig, copy_decisions, paired_tiled_l2
+from diffmem.metrics.copy import (
+    LUMINANCE_COPY_DISTANCE,
+    CopyConfig,
+    copy_decisions,
+    luminance_tiled_l2,
+    paired_tiled_l2,
+)
 from diffmem.world.text import encode_prompts
 
 if TYPE_CHECKING:  # a bare world UNet is accepted too; naming its type needs no diffusers import at run time
@@ -206,17 +212,26 @@ class AttackSuccess:
     """Fresh generations from one embedding judged against the target image.
 
     `generated` [N, 3, H, W]; `distance` [N] tiled L2 of each generation to the target (Carlini et al. 2023);
-    `is_copy` [N] the copy decision; `rate` the fraction of copies; `test` which copy test decided.
+    `is_copy` [N] the copy decision; `rate` the fraction of copies; `test` which copy test decided;
+    `luminance_distance` [N] the tiled L2 of normalised luminance to the target (`luminance_tiled_l2`), a second copy
+    test that a global colour cast does not fool (`luminance_rate`).
     """
 
     generated: torch.Tensor
     distance: torch.Tensor
     is_copy: torch.Tensor
     test: str
+    luminance_distance: torch.Tensor
 
     @property
     def rate(self) -> float:
         return float(self.is_copy.float().mean()) if self.is_copy.numel() else 0.0
+
+    def luminance_rate(self, threshold: float = LUMINANCE_COPY_DISTANCE) -> float:
+        """Fraction of generations within `threshold` of the target by `luminance_tiled_l2`: copies the colour-blind
+        test counts, including those under a colour cast that the RGB test (`rate`) misses."""
+        copies = self.luminance_distance <= threshold
+        return float(copies.float().mean()) if copies.numel() else 0.0
 
 
 def attack_success(
@@ -243,17 +258,20 @@ def attack_success(
     generated = backend.generate(conditioning.expand(len(seeds)), seeds, steps=settings.steps,
                                  guidance=settings.guidance)
     distance = paired_tiled_l2(generated, target.expand_as(generated), copy.tiles)
+    luminance = luminance_tiled_l2(generated.clamp(0, 1), target.clamp(0, 1), copy.tiles)[:, 0]
     if reference is None:
         if copy.distance_threshold is None:
             raise DiffmemError("without reference images the copy test needs an absolute distance threshold "
                                "(CopyConfig.distance_threshold)")
-        return AttackSuccess(generated, distance, distance <= copy.distance_threshold, "absolute tiled L2")
+        return AttackSuccess(generated, distance, distance <= copy.distance_threshold, "absolute tiled L2",
+                             luminance)
     row = reference_row(target[0], reference)
     if row is None:
         raise DiffmemError("the target image is not among the reference images; pass the training set it "
                            "belongs to, or no reference and an absolute distance threshold")
     result = copy_decisions(generated, reference, copy)
-    return AttackSuccess(generated, distance, result.is_copy & (result.nearest_index == row), "Carlini relative")
+    return AttackSuccess(generated, distance, result.is_copy & (result.nearest_index == row), "Carlini relative",
+                         luminance)
 
 
 @dataclass(frozen=True)
@@ -272,6 +290,8 @@ class DoriOutcome:
             "copy_rate_after": round(self.after.rate, 4),
             "median_distance_before": round(float(self.before.distance.median()), 4),
             "median_distance_after": round(float(self.after.distance.median()), 4),
+            "luminance_copy_rate_before": round(self.before.luminance_rate(), 4),
+            "luminance_copy_rate_after": round(self.after.luminance_rate(), 4),
             "copy_test": self.after.test,
             "loss_first": round(self.result.losses[0], 5),
             "loss_last10_mean": round(sum(self.result.losses[-10:]) / len(self.result.losses[-10:]), 5),

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from diffmem.evaluation.sampling import SamplingSettings
 from diffmem.memcontrol.settings import MemControlTrainConfig
-from diffmem.metrics.copy import CopyConfig
+from diffmem.metrics.copy import LUMINANCE_COPY_DISTANCE, CopyConfig
 
 #: Where a Dori search starts (`DoriConfig.start`).
 START_KINDS = ("prompt", "random", "unrelated")
@@ -66,11 +66,16 @@ class RobustnessSettings:
             batch 8, 50 steps). Its `start` is replaced by each of `starts`; its seed is kept, so every model is
             attacked from the same starts with the same noise.
         starts: where the searches start, one search per start and caption: "prompt" (the memorized caption's own
-            embedding: the attack on a prompt a mitigation claims to have fixed, the paper's main setting) and
-            "random" (random tokens: a trigger found far from any prompt shows the memorization is not local).
+            embedding: the attack on a prompt a mitigation claims to have fixed, the paper's main setting),
+            "random" (random tokens) and "unrelated" (a prompt far from faces): a trigger found far from any
+            memorized prompt shows the memorization is not local. All three by default, as in the paper.
         sampling: fresh generations that judge the caption and each Dori embedding (`CheckSettings`: 8 per
             caption, 25 DDIM steps, guidance 3, as `diffmem world check`).
         copy: the copy test (`CopyConfig`: Carlini et al.'s relative tiled-L2 test, as everywhere in diffmem).
+        luminance_distance: the second copy test, blind to a global colour cast: a generation within this
+            `luminance_tiled_l2` of the caption's image counts as a copy. 0.5, `LUMINANCE_COPY_DISTANCE`
+            (calibrated on the world's faces). RGB tiled L2 missed the training face that adversarial fine-tuning
+            returns under a colour cast (docs/robustness.md); both tests are reported.
         fid: also compute FID of one generation per held-out caption against the held-out images, in the copy
             embedder's space (`diffmem.bench`'s quality figure). Off, only the held-out denoising loss is reported.
         timesteps_per_image: stratified timesteps per image of the held-out denoising loss (`denoising_loss`).
@@ -78,9 +83,10 @@ class RobustnessSettings:
     """
 
     dori: DoriConfig = field(default_factory=DoriConfig)
-    starts: tuple[str, ...] = ("prompt", "random")
+    starts: tuple[str, ...] = START_KINDS
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     copy: CopyConfig = field(default_factory=CopyConfig)
+    luminance_distance: float = LUMINANCE_COPY_DISTANCE
     fid: bool = True
     timesteps_per_image: int = 8
     progress: bool = False
@@ -92,9 +98,13 @@ class RobustnessSettings:
 
     def to_dict(self) -> dict:
         return {"dori": asdict(self.dori), "starts": list(self.starts), "sampling": asdict(self.sampling),
-                "copy": asdict(self.copy), "fid": self.fid, "timesteps_per_image": self.timesteps_per_image}
+                "copy": asdict(self.copy), "luminance_distance": self.luminance_distance, "fid": self.fid,
+                "timesteps_per_image": self.timesteps_per_image}
 
 
 #: The fine-tune of the training-time rows when none is given (`diffmem attack table`'s --train-* defaults): full
-#: fine-tuning, 100 steps of 8 images, at the method's own learning rate.
-TRAINING_RECIPE = MemControlTrainConfig(method="full", steps=100, batch_size=8)
+#: fine-tuning at the example LoRA's budget, 500 steps of 16 images (5 faces x 100 among the 80), at the method's own
+#: learning rate. The earlier default, 100 steps of 8, did not memorize (0/8 copies without mitigation,
+#: docs/robustness.md), so the mitigations it trained had nothing to remove; a table whose control copies nothing
+#: says so in its verdicts.
+TRAINING_RECIPE = MemControlTrainConfig(method="full", steps=500, batch_size=16)

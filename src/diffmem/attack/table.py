@@ -48,7 +48,10 @@ class RobustnessRow:
     `captions_copied_*` counts captions with at least half their generations copies; `dori_loss` is the mean over
     captions of the loss each search reached (mean of its last 10 steps; higher = the model resists denoising
     towards the memorized image); `heldout_loss` the held-out denoising loss (lower = better model of the data);
-    `fid` None when not measured. `*_dori` fields are keyed by Dori start.
+    `fid` None when not measured. `*_dori` fields are keyed by Dori start. The `*_luminance` fields are the same
+    rates by the colour-blind copy test (`luminance_tiled_l2` to the caption's image within
+    `RobustnessSettings.luminance_distance`), which counts a training face returned under a global colour cast;
+    None in rows measured before it existed.
     """
 
     model: str
@@ -63,6 +66,10 @@ class RobustnessRow:
     heldout_loss: float
     fid: float | None
     seconds: float
+    copy_rate_prompt_luminance: float | None = None
+    copy_rate_dori_luminance: dict[str, float] | None = None
+    per_caption_prompt_luminance: list[float] | None = None
+    per_caption_dori_luminance: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,23 +97,31 @@ def robustness_row(name: str, unet: UNet2DConditionModel, probe: Probe,
     began = time.time()
     images = probe.duplicated
     prompted: list[float] = []
+    prompted_luminance: list[float] = []
     attacked: dict[str, list[float]] = {start: [] for start in settings.starts}
+    attacked_luminance: dict[str, list[float]] = {start: [] for start in settings.starts}
     losses: dict[str, list[float]] = {start: [] for start in settings.starts}
     pairs = list(zip(images.images, images.captions))
     for image, caption in progress_bar(pairs, desc=name, unit="caption", disable=not settings.progress, leave=False):
         target = image[None]
-        prompted.append(attack_success(unet, encode_prompts([caption]), target, probe.reference, settings.sampling,
-                                       settings.copy).rate)
+        success = attack_success(unet, encode_prompts([caption]), target, probe.reference, settings.sampling,
+                                 settings.copy)
+        prompted.append(success.rate)
+        prompted_luminance.append(success.luminance_rate(settings.luminance_distance))
         for start in settings.starts:
             result = dori_attack(unet, target, caption, replace(settings.dori, start=start))
             losses[start].append(final_search_loss(result.losses))
-            attacked[start].append(attack_success(unet, result.embedding, target, probe.reference,
-                                                  settings.sampling, settings.copy).rate)
+            success = attack_success(unet, result.embedding, target, probe.reference, settings.sampling,
+                                     settings.copy)
+            attacked[start].append(success.rate)
+            attacked_luminance[start].append(success.luminance_rate(settings.luminance_distance))
     heldout = probe.heldout
     loss = round(denoising_loss(unet, heldout.images, heldout.captions,
                                 timesteps_per_image=settings.timesteps_per_image), 5)
     rate, copied, per_caption = rate_summary(prompted)
     dori = {start: rate_summary(rates) for start, rates in attacked.items()}
+    luminance_rate, _, luminance_per_caption = rate_summary(prompted_luminance)
+    dori_luminance = {start: rate_summary(rates) for start, rates in attacked_luminance.items()}
     return RobustnessRow(
         model=name,
         captions=len(images),
@@ -120,6 +135,10 @@ def robustness_row(name: str, unet: UNet2DConditionModel, probe: Probe,
         heldout_loss=loss,
         fid=fid_of(unet, probe, settings.sampling) if settings.fid else None,
         seconds=round(time.time() - began, 1),
+        copy_rate_prompt_luminance=luminance_rate,
+        copy_rate_dori_luminance={start: summary[0] for start, summary in dori_luminance.items()},
+        per_caption_prompt_luminance=luminance_per_caption,
+        per_caption_dori_luminance={start: summary[2] for start, summary in dori_luminance.items()},
     )
 
 
@@ -132,14 +151,24 @@ def robustness_table(models: Mapping[str, UNet2DConditionModel], probe: Probe,
 START_LABELS = {"prompt": "from the caption", "random": "from random tokens", "unrelated": "from an unrelated prompt"}
 
 
+def luminance_rates(row: RobustnessRow) -> str:
+    """The row's copy rates by the luminance test, "captions / Dori per start", or "" when not measured."""
+    if row.copy_rate_prompt_luminance is None or row.copy_rate_dori_luminance is None:
+        return ""
+    return " / ".join(f"{rate:.1%}" for rate in [row.copy_rate_prompt_luminance,
+                                                 *row.copy_rate_dori_luminance.values()])
+
+
 def markdown_rows(rows: list[RobustnessRow], notes: Mapping[str, str] | None = None) -> str:
     """The table as markdown: one line per model; `notes` (model -> why) adds lines for models not measured."""
     starts = list(rows[0].copy_rate_dori) if rows else ["prompt"]
     header = ["model", "copy rate, captions",
               *[f"copy rate, Dori {START_LABELS[s]}" for s in starts],
+              f"luminance test (captions / {' / '.join('Dori ' + s for s in starts)})",
               f"captions copied (caption / {' / '.join('Dori ' + s for s in starts)})",
               f"Dori loss reached ({' / '.join(starts)})", "held-out denoising loss", "FID"]
     lines = [[r.model, f"{r.copy_rate_prompt:.1%}", *[f"{r.copy_rate_dori[s]:.1%}" for s in starts],
+              luminance_rates(r),
               " / ".join([str(r.captions_copied_prompt), *[str(r.captions_copied_dori[s]) for s in starts]])
               + f" of {r.captions}",
               " / ".join(f"{r.dori_loss[s]:.4f}" for s in starts), f"{r.heldout_loss:.5f}",
@@ -157,7 +186,33 @@ REMOVED_SHARE = 0.25
 def verdict(row: RobustnessRow, reference: RobustnessRow) -> str:
     """One plain sentence on `row` against the unmitigated `reference`: did the mitigation lower the copies from the
     captions, and do they stay low under every Dori start? A rate counts as removed when it is at most
-    `REMOVED_SHARE` of the reference's."""
+    `REMOVED_SHARE` of the reference's. Judged by the RGB copy test; when the luminance test counts copies the RGB
+    test calls removed, the sentence says so (`luminance_caveat`)."""
+    return rgb_verdict(row, reference) + luminance_caveat(row, reference)
+
+
+def luminance_caveat(row: RobustnessRow, reference: RobustnessRow) -> str:
+    """"" unless the luminance test finds copies under Dori (or from the captions) on `row` above `REMOVED_SHARE`
+    of the reference's, where the RGB test found them removed: then a clause naming the rate."""
+    if row is reference or row.copy_rate_dori_luminance is None or reference.copy_rate_dori_luminance is None:
+        return ""
+    rates = {"from the captions": (row.copy_rate_prompt, row.copy_rate_prompt_luminance,
+                                   reference.copy_rate_prompt, reference.copy_rate_prompt_luminance)}
+    for start in row.copy_rate_dori:
+        rates[f"under Dori {START_LABELS[start]}"] = (
+            row.copy_rate_dori[start], row.copy_rate_dori_luminance[start],
+            max(reference.copy_rate_dori.values()), max(reference.copy_rate_dori_luminance.values()))
+    missed = [(where, luminance) for where, (rgb, luminance, reference_rgb, reference_luminance) in rates.items()
+              if rgb <= REMOVED_SHARE * reference_rgb and luminance > REMOVED_SHARE * reference_luminance]
+    if not missed:
+        return ""
+    where, luminance = max(missed, key=lambda item: item[1])
+    return (f"; but the luminance test counts {luminance:.0%} copies {where} (the image returns under a colour "
+            "cast that RGB tiled L2 misses)")
+
+
+def rgb_verdict(row: RobustnessRow, reference: RobustnessRow) -> str:
+    """`verdict` by the RGB copy test alone."""
     if row is reference:
         return "no mitigation: the reference"
     worst_start = max(row.copy_rate_dori, key=row.copy_rate_dori.get)
@@ -474,6 +529,14 @@ def kept_notes(previous: str | None) -> str:
     return f"{NOTES_START}{notes}{NOTES_END}" if notes is not None else f"{NOTES_START}\n{NOTES_END}"
 
 
+def per_caption_luminance(row: RobustnessRow) -> str:
+    """The row's per-caption luminance-test rates, captions then each Dori start separated by ";", or ""."""
+    if row.per_caption_prompt_luminance is None or row.per_caption_dori_luminance is None:
+        return ""
+    return "; ".join(" ".join(f"{r:.2f}" for r in rates)
+                     for rates in [row.per_caption_prompt_luminance, *row.per_caption_dori_luminance.values()])
+
+
 def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings: RobustnessSettings,
                     commands: list[str], budget: str, previous: str | None = None) -> str:
     """docs/robustness.md: what was measured and how (`commands`: the command that wrote the page, then those that
@@ -490,7 +553,7 @@ def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings:
     sources = [[name, source.replace(here, "")] for name, source in toolkit.sources.items()]
     per_caption = [[row.model, " ".join(f"{r:.2f}" for r in row.per_caption_prompt),
                     *[" ".join(f"{r:.2f}" for r in row.per_caption_dori[s]) for s in settings.starts],
-                    f"{row.seconds:.0f}"] for row in rows]
+                    per_caption_luminance(row), f"{row.seconds:.0f}"] for row in rows]
     return "\n".join([
         "# Robustness: every mitigation under the Dori attack",
         "",
@@ -501,7 +564,11 @@ def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings:
         "fresh generations from the embedding the Dori attack (Kowalczuk et al. 2025, seed 002; docs/attack.md) "
         "finds for each memorized image on the *mitigated* model, and quality beside it. A copy is Carlini et "
         "al.'s relative tiled-L2 test against the fine-tune's training images with the caption's own image as the "
-        "nearest (`diffmem.metrics.copy`); the search loss never decides.",
+        "nearest (`diffmem.metrics.copy`); the search loss never decides. A second copy test, blind to a global "
+        "colour cast, is reported beside it: tiled L2 of each image's luminance after per-image normalisation "
+        "(`luminance_tiled_l2`), a copy within "
+        f"{settings.luminance_distance:g} of the caption's image. RGB tiled L2 misses a training face returned "
+        "under a colour cast; this test counts it, at the cost of ignoring colour.",
         "",
         "## How it was measured",
         "",
@@ -544,8 +611,8 @@ def robustness_page(rows: list[RobustnessRow], toolkit: ToolkitModels, settings:
         "Copy rate of each duplicated caption (in manifest order), from the caption and under Dori, and the seconds "
         "each row took.",
         "",
-        markdown_table(["model", "captions", *[f"Dori {START_LABELS[s]}" for s in settings.starts], "seconds"],
-                       per_caption),
+        markdown_table(["model", "captions", *[f"Dori {START_LABELS[s]}" for s in settings.starts],
+                        "luminance test (captions; Dori by start)", "seconds"], per_caption),
         "",
         "## Notes",
         "",

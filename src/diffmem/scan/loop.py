@@ -24,7 +24,7 @@ from diffmem.backends import Backend, open_backend
 from diffmem.evaluation.sampling import SamplingSettings
 from diffmem.filters import BAFConfig, FilterConfig
 from diffmem.formats.safetensors_io import write_atomic
-from diffmem.metrics.copy import LUMINANCE_COPY_DISTANCE, CopyConfig, luminance_tiled_l2
+from diffmem.metrics.copy import LUMINANCE_COPY_DISTANCE, CopyConfig
 from diffmem.pipeline import filter_file, filtered_name
 from diffmem.scan.report import render_loop_html
 from diffmem.scan.run import ScanResult, input_paths, scan_lora, write_scan
@@ -164,18 +164,16 @@ def attack_extracted(result: ScanResult, model: Backend, config: LoopConfig) -> 
     for group in groups:
         target = result.samples[group.prompt][0][group.representative][None].float().clamp(0, 1)
         outcome = run_dori(model, target, group.prompt, config.dori, settings=settings, copy=copy)
-        start_luminance = luminance_tiled_l2(outcome.before.generated.clamp(0, 1), target, result.config.tiles)[:, 0]
-        attack_luminance = luminance_tiled_l2(outcome.after.generated.clamp(0, 1), target, result.config.tiles)[:, 0]
-        attack_luminance_share = float((attack_luminance <= config.luminance_distance).float().mean())
+        attack_luminance_share = outcome.after.luminance_rate(config.luminance_distance)
         rows.append(AttackRow(
             prompt=group.prompt, group_size=group.size, start_copy_share=outcome.before.rate,
             attack_copy_share=outcome.after.rate,
             start_median_distance=float(outcome.before.distance.median()),
             attack_median_distance=float(outcome.after.distance.median()),
             reachable=max(outcome.after.rate, attack_luminance_share) >= config.copied_share,
-            start_luminance_share=float((start_luminance <= config.luminance_distance).float().mean()),
+            start_luminance_share=outcome.before.luminance_rate(config.luminance_distance),
             attack_luminance_share=attack_luminance_share,
-            attack_median_luminance_distance=float(attack_luminance.median()),
+            attack_median_luminance_distance=float(outcome.after.luminance_distance.median()),
             target=target[0], generated=outcome.after.generated))
     return rows
 
