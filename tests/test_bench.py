@@ -314,8 +314,8 @@ def test_tuned_and_overtrained_stages_train_from_the_held_out_curve(tmp_path, mo
     over = replace(CORE, stage="over-trained", rank=4)
     path = ensure_finetune(over, tmp_path, progress=False)
     tuned = json.loads(path.with_name(replace(over, stage="tuned").name + ".json").read_text())
-    tracked = json.loads(path.with_name(replace(over, stage="tuned").name.replace("-tuned-", "-tracked-") + ".json")
-                         .read_text())
+    assert over.tracked_name == "faces-r4-conv-d5x100-tracked-s0"
+    tracked = json.loads(path.with_name(over.tracked_name + ".json").read_text())
     assert tracked["trained_steps"] == 4 and tuned["trained_steps"] == tracked["heldout_loss"]["best_step"] in (2, 4)
     assert json.loads(path.with_suffix(".json").read_text())["settings"]["steps"] == OVERTRAIN_FACTOR * tuned[
         "trained_steps"]

@@ -247,6 +247,7 @@ def build_anchors(
     # One weight per core: an eigendecomposition is mostly sequential work that its own threads barely speed up.
     with one_thread_each(device) as run:
         done = run(lambda target: store.get(target, energy, k, side="right"), targets)
+        # Taking every result waits for every weight, raises the first worker's error here, and moves the bar.
         for _ in progress_bar(done, total=len(targets), desc="anchors", unit="weight", disable=not progress):
             pass
     store.flush()

@@ -62,8 +62,18 @@ class FinetuneSpec:
     @property
     def name(self) -> str:
         """File-name-safe identifier, e.g. ``faces-r32-conv-d5x100-s0`` or ``faces-r32-conv-d5x100-tuned-s0``."""
+        return self.named("" if self.stage == "final" else self.stage)
+
+    @property
+    def tracked_name(self) -> str:
+        """The identifier of the whole run a "tuned" stage is taken from (every step trained, the held-out loss
+        tracked), e.g. ``faces-r32-conv-d5x100-tracked-s0``."""
+        return self.named("tracked")
+
+    def named(self, stage: str) -> str:
+        """The identifier with `stage` ("" for none) between the recipe and the seed."""
         count, repeats = self.duplicate
-        stage = "" if self.stage == "final" else f"-{self.stage}"
+        stage = f"-{stage}" if stage else ""
         return f"{self.data}-r{self.rank}-{'conv' if self.conv else 'attn'}-d{count}x{repeats}{stage}-s{self.seed}"
 
     @property

@@ -83,7 +83,7 @@ def ensure_finetune(spec: FinetuneSpec, work: Path, progress: bool = True) -> Pa
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     if spec.stage == "tuned":
-        tracked = path.with_name(path.name.replace("-tuned-", "-tracked-"))
+        tracked = path.with_name(f"{spec.tracked_name}.safetensors")
         finetune(tracked, spec.finetune_config(), progress=progress, best_out=path)
         return path
     if spec.stage == "over-trained":

@@ -20,6 +20,7 @@ from diffmem.memcontrol.settings import (
     BASELINES,
     GRANULARITIES,
     MASKED_METHODS,
+    MEMCONTROL_DATA,
     METHOD_NAMES,
     MITIGATIONS,
     TABLE_MITIGATIONS,
@@ -32,7 +33,7 @@ def add_training_options(p: argparse.ArgumentParser, steps: int | None, batch_si
     """Options of the inner fine-tune shared by `train`, `search` and `table` (None: the command's default)."""
     from diffmem.world.commands import duplicate_spec
 
-    p.add_argument("--data", choices=("faces", "photos"), default="faces", help="fine-tuning data (default faces)")
+    p.add_argument("--data", choices=MEMCONTROL_DATA, default="faces", help="fine-tuning data (default faces)")
     p.add_argument("--duplicate", type=duplicate_spec, metavar="N:K", help="repeat N training images K times")
     p.add_argument("--rest-share", type=float, help="share of the other training images seen once")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's)")

@@ -64,6 +64,11 @@ class MitigationConfig:
             raise DiffmemError(f"threshold must be positive, got {self.threshold}")
 
 
+#: The data sets MemControl's experiments fine-tune on: the private domain (seed Table 1) and the transfer
+#: experiment (seed Table 2). The style set is left out: no MemControl experiment uses it.
+MEMCONTROL_DATA = ("faces", "photos")
+
+
 @dataclass(frozen=True)
 class MemControlTrainConfig:
     """A masked fine-tune of the world base (MemControl's inner loop, and its retraining on the full data).
