@@ -181,11 +181,23 @@ def baf_rule_variants() -> list[Variant]:
 
 RULE_KEYS = tuple(v.key for v in baf_rule_variants())
 
-#: Methods that rewrite the LoRA through a library's own function, each with its own rule (no budget), by key:
+
+def extraction_guided(lora: LoraFile, base: BaseCheckpoint) -> LoraFile:
+    """`diffmem.mitigations.extraction_guided.extraction_guided_lora` at its defaults (imported when run: it loads
+    diffusers, which the grid's definitions and `diffmem bench --help` do not need)."""
+    from diffmem.mitigations.extraction_guided import extraction_guided_lora
+
+    return extraction_guided_lora(lora, base)
+
+
+#: Methods that rewrite the LoRA by a function of their own, each with its own rule (no budget), by key:
 #: ``peft-intruder`` is PEFT's ``reduce_intruder_dimension`` with PEFT's defaults, run on every module
-#: (`diffmem.filters.peft_intruder`; not our `intruder` channel filter: docs/filter.md).
+#: (`diffmem.filters.peft_intruder`; not our `intruder` channel filter: docs/filter.md); ``extraction-guided`` drops
+#: the channels the LoRA's own scan-extracted images lean on (`diffmem.mitigations.extraction_guided`, issue 18).
 TRANSFORMS = {
     "peft-intruder": Variant("peft-intruder", "peft-intruder", "default", None, None, transform=peft_intruder_lora),
+    "extraction-guided": Variant("extraction-guided", "extraction-guided", "default", None, None,
+                                 transform=extraction_guided),
 }
 
 ENERGY_METHODS = ("baf", "baf-right", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")

@@ -23,6 +23,44 @@ def evaluation_timesteps(num_samples: int, per_sample: int, num_train_timesteps:
     return grid.floor().long().clamp(0, num_train_timesteps - 1)
 
 
+def denoising_inputs(
+    scheduler,
+    samples: torch.Tensor,
+    embeds: torch.Tensor,
+    timesteps_per_sample: int = 8,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy inputs, timesteps, text states, targets) of the DDPM training objective (Ho et al. 2020) for every
+    sample at `timesteps_per_sample` stratified timesteps (`evaluation_timesteps`), noise fixed by `seed`: the same
+    arguments give the same noisy inputs, so models compared on them see exactly the same data. Arguments as
+    `denoising_loss`."""
+    if samples.ndim != 4 or embeds.ndim != 3 or samples.shape[0] != embeds.shape[0] or samples.shape[0] == 0:
+        raise ValueError(
+            f"need samples [N, C, H, W] and embeds [N, L, D] with the same N >= 1, got {tuple(samples.shape)} "
+            f"and {tuple(embeds.shape)}"
+        )
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+    count = samples.shape[0]
+    timesteps = evaluation_timesteps(count, timesteps_per_sample, scheduler.config.num_train_timesteps).flatten()
+    x0 = samples.float().repeat_interleave(timesteps_per_sample, dim=0)
+    context = embeds.repeat_interleave(timesteps_per_sample, dim=0)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+    return noisy, timesteps, context, target
+
+
+def prediction_errors(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                      target: torch.Tensor) -> torch.Tensor:
+    """Per-input mean squared error of the UNet's prediction, [N], differentiable (`denoising_inputs`' outputs)."""
+    parameter = next(unet.parameters())
+    prediction = unet(noisy.to(parameter.device, parameter.dtype), timesteps.to(parameter.device),
+                      encoder_hidden_states=context.to(parameter.device, parameter.dtype)).sample
+    return F.mse_loss(prediction.float().cpu(), target, reduction="none").flatten(1).mean(dim=1)
+
+
 @torch.no_grad()
 def denoising_loss(
     unet: torch.nn.Module,
@@ -44,32 +82,12 @@ def denoising_loss(
         timesteps_per_sample: stratified timesteps per sample (see `evaluation_timesteps`).
         seed: seed of the noise; the same seed gives the same noisy inputs for every model.
     """
-    if samples.ndim != 4 or embeds.ndim != 3 or samples.shape[0] != embeds.shape[0] or samples.shape[0] == 0:
-        raise ValueError(
-            f"need samples [N, C, H, W] and embeds [N, L, D] with the same N >= 1, got {tuple(samples.shape)} "
-            f"and {tuple(embeds.shape)}"
-        )
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
-    device = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
-    count = samples.shape[0]
-    timesteps = evaluation_timesteps(count, timesteps_per_sample, scheduler.config.num_train_timesteps).flatten()
-    x0 = samples.float().repeat_interleave(timesteps_per_sample, dim=0)
-    context = embeds.repeat_interleave(timesteps_per_sample, dim=0)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    total, n = 0.0, 0
-    for start in range(0, x0.shape[0], batch_size):
+    noisy, timesteps, context, target = denoising_inputs(scheduler, samples, embeds, timesteps_per_sample, seed)
+    total = 0.0
+    for start in range(0, noisy.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        t = timesteps[sl]
-        noisy = scheduler.add_noise(x0[sl], noise[sl], t)
-        target = noise[sl] if prediction_type == "epsilon" else scheduler.get_velocity(x0[sl], noise[sl], t)
-        prediction = unet(noisy.to(device, dtype), t.to(device), encoder_hidden_states=context[sl].to(device, dtype))
-        error = F.mse_loss(prediction.sample.float().cpu(), target, reduction="none")
-        total += float(error.flatten(1).mean(dim=1).sum())
-        n += error.shape[0]
-    return total / n
+        total += float(prediction_errors(unet, noisy[sl], timesteps[sl], context[sl], target[sl]).sum())
+    return total / noisy.shape[0]
 
 
 def clip_score_from_features(
