@@ -9,10 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from diffmem.bench import grid
 from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, memorizing_labels, separation, share
 from diffmem.bench.evaluate import BenchSettings, retained
 from diffmem.bench.grid import (
     CORE,
+    EVIDENCE_PLAN,
     EVIDENCE_SETTINGS,
     FULL_PLAN,
     HELDOUT_EVERY,
@@ -77,7 +79,7 @@ def test_evidence_grid_has_tuned_overtrained_and_style_settings_seed_by_seed():
     assert [c.spec.seed for c in cells[:3]] == [0, 0, 0]  # every setting at seed 0 before any at seed 1
     assert {(c.spec.data, c.spec.stage) for c in cells} == {("faces", "tuned"), ("faces", "over-trained"),
                                                            ("style", "tuned")}
-    assert all(c.plan == FULL_PLAN for c in cells)
+    assert all(c.plan == EVIDENCE_PLAN for c in cells)
     tuned = next(c.spec for c in cells if c.spec.stage == "tuned")
     assert tuned.name == "faces-r32-conv-d5x100-tuned-s0" and tuned.setting == "faces-r32-conv-d5x100-tuned"
     assert tuned.finetune_config().heldout_every == HELDOUT_EVERY and CORE.finetune_config().heldout_every == 0
@@ -109,6 +111,39 @@ def test_peft_intruder_is_a_transform_of_the_full_and_variation_plans_not_the_qu
     assert variant.config is None and variant.transform is not None and not variant.is_base
     assert [v.is_base for v in reference_variants()] == [False, True, False]
     assert "peft-intruder" in METHOD_COLOURS
+
+
+def test_extraction_guided_variants_score_each_lora_once_and_keep_their_energy(monkeypatch):
+    """The evidence plan's two extraction-guided budgets on the world's example LoRA: one scan-and-score per LoRA
+    file (scores from a stand-in here: the scan takes minutes), and each output holds its budget of the energy."""
+    import diffmem.mitigations.extraction_guided as extraction_guided
+    from diffmem.formats.lora import read_lora
+    from diffmem.pipeline import channels_of
+    from diffmem.world.check import example_lora_path
+    from diffmem.world.model import BASE_FILE, assets_dir
+
+    calls = []
+
+    def stand_in(lora, base, config):
+        calls.append(lora.path)
+        channels = channels_of(dict(lora.modules))
+        return {name: -torch.arange(c.count, dtype=torch.float32) for name, c in channels.items()}  # small first
+
+    monkeypatch.setattr(extraction_guided, "scan_and_score", stand_in)
+    monkeypatch.setattr(grid, "EXTRACTION_SCORES", {})
+    variants = [v for v in EVIDENCE_PLAN.variants(0.5) if v.method == "extraction-guided"]
+    assert [(v.key, v.budget, v.level) for v in variants] == [("extraction-guided@energy=0.9", "energy", 0.9),
+                                                            ("extraction-guided@energy=0.8", "energy", 0.8)]
+    assert not any(v.method == "extraction-guided" for v in FULL_PLAN.variants(0.5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kept = [variant_lora(v, example_lora_path(), assets_dir() / BASE_FILE)[2]["energy_kept"] for v in variants]
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [example_lora_path()]
+    assert 0.9 <= kept[0] < 0.92 and 0.8 <= kept[1] < 0.82
+    assert update_energy(read_lora(example_lora_path())) > 0
 
 
 def test_the_peft_intruder_variant_rewrites_the_example_lora_as_peft_does():

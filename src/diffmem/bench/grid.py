@@ -182,22 +182,46 @@ def baf_rule_variants() -> list[Variant]:
 RULE_KEYS = tuple(v.key for v in baf_rule_variants())
 
 
-def extraction_guided(lora: LoraFile, base: BaseCheckpoint) -> LoraFile:
-    """`diffmem.mitigations.extraction_guided.extraction_guided_lora` at its defaults (imported when run: it loads
-    diffusers, which the grid's definitions and `diffmem bench --help` do not need)."""
-    from diffmem.mitigations.extraction_guided import extraction_guided_lora
-
-    return extraction_guided_lora(lora, base)
+#: Extraction-guided scores of the LoRA files measured so far in this process, by path and modification time: each
+#: budget of the ``extraction-guided`` transforms reuses its LoRA's scan and scores (minutes each).
+EXTRACTION_SCORES: dict[tuple[str, int], dict] = {}
 
 
-#: Methods that rewrite the LoRA by a function of their own, each with its own rule (no budget), by key:
-#: ``peft-intruder`` is PEFT's ``reduce_intruder_dimension`` with PEFT's defaults, run on every module
-#: (`diffmem.filters.peft_intruder`; not our `intruder` channel filter: docs/filter.md); ``extraction-guided`` drops
-#: the channels the LoRA's own scan-extracted images lean on (`diffmem.mitigations.extraction_guided`, issue 18).
+def extraction_guided_at(energy: float) -> Callable[[LoraFile, BaseCheckpoint], LoraFile]:
+    """The ``extraction-guided@energy=...`` transform: `diffmem.mitigations.extraction_guided` keeping the
+    highest-scoring channels of the whole LoRA that hold `energy` of its update energy. The module is imported when
+    the transform runs: it loads diffusers, which the grid's definitions and `diffmem bench --help` do not need."""
+
+    def transform(lora: LoraFile, base: BaseCheckpoint) -> LoraFile:
+        from diffmem.mitigations.extraction_guided import (
+            ExtractionGuidedConfig,
+            extraction_guided_lora,
+            scan_and_score,
+        )
+
+        config = ExtractionGuidedConfig(selection=Selection(rule="energy", keep_fraction=energy, scope="global"))
+        key = (str(lora.path), lora.path.stat().st_mtime_ns if lora.path is not None else 0)
+        if key not in EXTRACTION_SCORES:
+            EXTRACTION_SCORES[key] = scan_and_score(lora, base, config)
+        return extraction_guided_lora(lora, base, config, EXTRACTION_SCORES[key])
+
+    return transform
+
+
+def extraction_guided_variant(energy: float) -> Variant:
+    """`extraction_guided_at(energy)` as a variant of the grid."""
+    key = f"extraction-guided@energy={energy:g}"
+    return Variant(key, "extraction-guided", "energy", energy, None, transform=extraction_guided_at(energy))
+
+
+#: Methods that rewrite the LoRA by a function of their own, each with its own rule, by key: ``peft-intruder`` is
+#: PEFT's ``reduce_intruder_dimension`` with PEFT's defaults, run on every module (`diffmem.filters.peft_intruder`;
+#: not our `intruder` channel filter: docs/filter.md); ``extraction-guided@energy=E`` drops the channels the LoRA's
+#: own scan-extracted images lean on, keeping E of the update energy (`diffmem.mitigations.extraction_guided`,
+#: issue 18).
 TRANSFORMS = {
     "peft-intruder": Variant("peft-intruder", "peft-intruder", "default", None, None, transform=peft_intruder_lora),
-    "extraction-guided": Variant("extraction-guided", "extraction-guided", "default", None, None,
-                                 transform=extraction_guided),
+    **{variant.key: variant for variant in map(extraction_guided_variant, (0.9, 0.8))},
 }
 
 ENERGY_METHODS = ("baf", "baf-right", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")
@@ -277,10 +301,15 @@ EVIDENCE_SETTINGS = (
 )
 
 
+#: The evidence grid's variants: the full plan and the extraction-guided filter at two budgets (issue 18, section 5).
+EVIDENCE_PLAN = replace(FULL_PLAN, transforms=(*FULL_PLAN.transforms, "extraction-guided@energy=0.9",
+                                               "extraction-guided@energy=0.8"))
+
+
 def evidence_grid(seeds: int = 5) -> list[GridCell]:
-    """`EVIDENCE_SETTINGS` at `seeds` seeds each with every variant (`FULL_PLAN`), seed by seed, so an interrupted
-    run has every setting at the seeds it reached."""
-    return [GridCell(replace(spec, seed=s), FULL_PLAN) for s in range(seeds) for spec in EVIDENCE_SETTINGS]
+    """`EVIDENCE_SETTINGS` at `seeds` seeds each with every variant (`EVIDENCE_PLAN`), seed by seed, so an
+    interrupted run has every setting at the seeds it reached."""
+    return [GridCell(replace(spec, seed=s), EVIDENCE_PLAN) for s in range(seeds) for spec in EVIDENCE_SETTINGS]
 
 
 def quick_grid() -> list[GridCell]:

@@ -103,9 +103,12 @@ def paired_differences(variants: dict[str, list[dict]], first: str, second: str,
             if r["finetune"] in seconds and r.get(key) is not None and seconds[r["finetune"]].get(key) is not None]
 
 
-def comparison_table(variants: dict[str, list[dict]], budgets: list[str], ours: tuple[str, ...] = ("baf", "baf-right")
-                     ) -> str:
-    """Each BAF score minus each baseline at the same budget: copy rate and quality kept, paired by fine-tune."""
+#: The methods the comparison table sets against each baseline at the same budget.
+COMPARED = ("baf", "baf-right", "extraction-guided")
+
+
+def comparison_table(variants: dict[str, list[dict]], budgets: list[str], ours: tuple[str, ...] = COMPARED) -> str:
+    """Each of `ours` minus each baseline at the same budget: copy rate and quality kept, paired by fine-tune."""
     lines = []
     for budget in budgets:
         for score in ours:
@@ -123,9 +126,9 @@ def comparison_table(variants: dict[str, list[dict]], budgets: list[str], ours: 
                                   format_interval(quality, 0, True) if quality else "-"])
     if not lines:
         return ""
-    return markdown_table(["budget", "difference", "fine-tunes", "energy kept (BAF / other)",
-                           "copy rate (lower = BAF removes more)",
-                           "quality kept (higher = BAF keeps more)"], lines)
+    return markdown_table(["budget", "difference", "fine-tunes", "energy kept (method / baseline)",
+                           "copy rate (lower = the method removes more)",
+                           "quality kept (higher = the method keeps more)"], lines)
 
 
 #: Quality axes of the Pareto plots: row key -> axis label.
@@ -229,11 +232,11 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
         finetunes = sorted({r["finetune"] for rs in variants.values() for r in rs})
         parts.append(f"## {setting}\n")
         parts.append(f"Fine-tunes: {', '.join(f'`{f}`' for f in finetunes)}.\n")
-        budgets = sorted({k.split("@", 1)[1] for k in variants if "@" in k and k.startswith("baf@")})
+        budgets = sorted({k.split("@", 1)[1] for k in variants if "@" in k and k.split("@", 1)[0] in COMPARED})
         comparison = comparison_table(variants, budgets)
         if comparison:
-            parts.append("BAF (two-sided, and right side only) against each baseline at the same budget, paired by "
-                         "fine-tune:\n\n" + comparison + "\n")
+            parts.append("BAF (two-sided, and right side only) and the extraction-guided filter against each "
+                         "baseline at the same budget, paired by fine-tune:\n\n" + comparison + "\n")
         parts.append(setting_table(variants) + "\n")
         plot = pareto_plot(variants, setting, figures / f"pareto-{setting}.png")
         fid_plot = pareto_plot(variants, setting, figures / f"pareto-fid-{setting}.png", "fid")
