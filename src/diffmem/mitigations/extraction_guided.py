@@ -62,9 +62,9 @@ class ExtractionGuidedConfig:
             ordinary set (spread over its prompts). 32.
         selection: which channels are kept by score (ordinary share - extracted share). Default: the highest
             scoring channels of the whole LoRA that hold 90% of its update energy (the lowest-scoring 10% of the
-            energy dropped). Chosen on two world LoRAs that are not in the bench (docs/extraction-guided.md): the
-            threshold 0, which mirrors the memorizing label, dropped 56% of the example LoRA's energy and left a
-            held-out loss worse than the base's.
+            energy dropped). A budget, not the threshold 0 that mirrors the memorizing label: on the example LoRA
+            that threshold dropped 56% of the energy and left a held-out loss worse than the base's
+            (docs/extraction-guided.md, which also measures this default against scale and random channels).
         scan: the scan that extracts the images (`diffmem scan`'s defaults).
         seed: the noise of the denoising losses.
     """
