@@ -37,7 +37,7 @@ from diffmem.mitigations.registry import (
 )
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "diffmem"
-POST_HOC = {"nemo", "wanda", "baf", "adversarial"}
+POST_HOC = {"nemo", "wanda", "baf", "extraction-guided", "adversarial"}
 TRAINING = {"memcontrol", "rwa", "threshold"}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,8 +64,8 @@ def test_every_registered_name_resolves_with_its_kind_config_and_entry_function(
         assert list(inspect.signature(mitigation.apply).parameters) == ["inputs", "config"], name
         # The description cites the paper: a year, or an arXiv number.
         assert re.search(r"\b20\d\d\b|arXiv \d{4}\.\d+", mitigation.description), mitigation.description
-    assert registry.registered(kind="post-hoc") == [registry.MITIGATIONS[n] for n in ("nemo", "wanda", "baf",
-                                                                                       "adversarial")]
+    assert registry.registered(kind="post-hoc") == [registry.MITIGATIONS[n] for n in (
+        "nemo", "wanda", "baf", "extraction-guided", "adversarial")]
     assert get_mitigation("rwa").default_config().kind == "rwa"
     assert get_mitigation("threshold").default_config().kind == "threshold"
 
@@ -99,13 +99,15 @@ def test_memcontrol_table_crosses_the_registered_training_loop_mitigations():
 
 def test_robustness_rows_come_from_the_registry(monkeypatch):
     assert planned_rows() == {
-        "posthoc": [NO_MITIGATION, "NeMo (default)", "Wanda (default)", "BAF (default)"],
+        "posthoc": [NO_MITIGATION, "NeMo (default)", "Wanda (default)", "BAF (default)",
+                    "extraction-guided filter (default)"],
         "adversarial": ["adversarial fine-tuning"],
         "training": [TRAINING_CONTROL, "MemControl (SV-DIFF under a mask)", "random word addition (training)",
                      "threshold mitigation (training)"]}
     monkeypatch.setitem(registry.MITIGATIONS, "dummy", DUMMY)
     planned = planned_rows(("posthoc", "training"), done={"NeMo (default)"})
-    assert planned["posthoc"] == [NO_MITIGATION, "Wanda (default)", "BAF (default)", DUMMY.row]
+    assert planned["posthoc"] == [NO_MITIGATION, "Wanda (default)", "BAF (default)",
+                                  "extraction-guided filter (default)", DUMMY.row]
     assert "adversarial" not in planned and planned["training"][0] == TRAINING_CONTROL
 
 
@@ -132,7 +134,7 @@ def test_table_command_options_and_arguments_come_from_the_registry(monkeypatch,
     (_, kwargs), = calls
     assert kwargs["command"] == "diffmem attack table --faces 1 --groups posthoc --rwa 'my rwa.safetensors'"
     assert kwargs["files"]["rwa"] == Path("my rwa.safetensors") and kwargs["files"]["dummy"] is None
-    assert set(kwargs["files"]) == {"control", "dummy", *registry.MITIGATIONS} - {"baf"}
+    assert set(kwargs["files"]) == {"control", "dummy", *registry.MITIGATIONS} - {"baf", "extraction-guided"}
     assert set(kwargs["groups"]) == {"posthoc"} and kwargs["faces"] == 1
     assert "| model |" in capsys.readouterr().out
     # --json prints the rows and settings on stdout, and nothing else there (the table goes to stderr).
@@ -208,7 +210,7 @@ def test_the_registry_imports_no_torch():
 
 def test_docs_page_lists_every_entry_and_its_example_runs(capsys):
     page = (SRC.parent.parent / "docs" / "mitigations.md").read_text()
-    listed = re.findall(r"^\| `([a-z_]+)` \| (post-hoc|training) \|", page, flags=re.M)
+    listed = re.findall(r"^\| `([a-z_-]+)` \| (post-hoc|training) \|", page, flags=re.M)
     assert listed == [(name, m.kind) for name, m in registry.MITIGATIONS.items()]
     (example,) = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     exec(compile(example, "docs/mitigations.md", "exec"), {})

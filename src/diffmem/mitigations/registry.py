@@ -276,6 +276,23 @@ def apply_baf(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
                           f"diffmem.pipeline.filter_lora, {config_text(config, BAFConfig())}")
 
 
+def apply_extraction_guided(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
+    """The LoRA without the channels its own scan's extracted images lean on (`extraction_guided_lora`: a scan of the
+    LoRA file, then integrated gradients per channel), merged into the base. Data-free: the manifest is not read."""
+    from diffmem.formats.base import open_base
+    from diffmem.formats.lora import read_lora
+    from diffmem.mitigations.extraction_guided import ExtractionGuidedConfig, extraction_guided_lora
+    from diffmem.world.lora import apply_lora
+    from diffmem.world.model import BASE_FILE, assets_dir
+
+    config = config or ExtractionGuidedConfig()
+    inputs.log("extraction-guided filter (a scan, then the channels' attributions) ...")
+    filtered = extraction_guided_lora(read_lora(inputs.required("lora")),
+                                      open_base(inputs.base or assets_dir() / BASE_FILE), config)
+    return MitigatedModel(apply_lora(inputs.world_base(), filtered),
+                          f"diffmem.mitigations.extraction_guided, {config_text(config, ExtractionGuidedConfig())}")
+
+
 def apply_adversarial(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
     """Adversarial fine-tuning of the LoRA's model (`adversarial_finetune_files`), written to
     `<work>/adversarial.safetensors`; or the model file `files["adversarial"]` of an earlier run."""
@@ -366,6 +383,12 @@ register_mitigation(Mitigation(
     description="drop the LoRA's spectral channels weakly aligned with the base's principal subspace (Base-Anchored "
                 "Filtering, arXiv 2605.10439)",
     config="diffmem.filters.baf:BAFConfig", apply=apply_baf))
+register_mitigation(Mitigation(
+    name="extraction-guided", kind="post-hoc", label="extraction-guided", row="extraction-guided filter (default)",
+    description="drop the LoRA channels that the images its own scan extracts lean on, by integrated gradients "
+                "(Sundararajan et al. 2017) on the scan's output (FineXtract, Wu et al. 2025); a research candidate, "
+                "docs/extraction-guided.md",
+    config="diffmem.mitigations.extraction_guided:ExtractionGuidedConfig", apply=apply_extraction_guided))
 register_mitigation(Mitigation(
     name="adversarial", kind="post-hoc", label="adversarial fine-tuning", row="adversarial fine-tuning",
     table_group="adversarial",
