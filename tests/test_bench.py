@@ -81,11 +81,30 @@ def test_evidence_grid_has_tuned_overtrained_and_style_settings_seed_by_seed():
                                                            ("style", "tuned")}
     assert all(c.plan == EVIDENCE_PLAN for c in cells)
     tuned = next(c.spec for c in cells if c.spec.stage == "tuned")
-    assert tuned.name == "faces-r32-conv-d5x100-tuned-s0" and tuned.setting == "faces-r32-conv-d5x100-tuned"
+    assert tuned.name == "faces-r32-conv-d5x100-cos-tuned-s0" and tuned.setting == "faces-r32-conv-d5x100-cos-tuned"
     assert tuned.finetune_config().heldout_every == HELDOUT_EVERY and CORE.finetune_config().heldout_every == 0
+    assert tuned.finetune_config().lr_schedule == "cosine" and CORE.finetune_config().lr_schedule == "constant"
     assert replace(tuned, stage="over-trained").finetune_config().heldout_every == 0
+    assert replace(tuned, lr_schedule="constant").name == "faces-r32-conv-d5x100-tuned-s0"
     with pytest.raises(ValueError, match="stage must be one of"):
         FinetuneSpec(stage="best")
+    with pytest.raises(DiffmemError, match="learning-rate schedule"):
+        FinetuneSpec(lr_schedule="step")
+    # Two processes can split the seeds of one setting.
+    split = evidence_grid(seeds=2, first_seed=3, only=[tuned.setting])
+    assert [c.spec.name for c in split] == ["faces-r32-conv-d5x100-cos-tuned-s3", "faces-r32-conv-d5x100-cos-tuned-s4"]
+    with pytest.raises(ValueError, match="not a setting of the evidence grid: faces-tuned"):
+        evidence_grid(only=["faces-tuned"])
+
+
+def test_bench_refuses_evidence_options_outside_the_evidence_grid(capsys):
+    from diffmem.cli import main
+
+    for argv, said in ((["--first-seed", "1"], "--first-seed and --only choose cells of --grid evidence"),
+                       (["--grid", "evidence", "--first-seed", "-1"], "--first-seed must be at least 0"),
+                       (["--grid", "evidence", "--only", "nope"], "--only: not a setting of the evidence grid")):
+        assert main(["bench", "--work", "/nonexistent/diffmem-bench", *argv]) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_variant_keys_are_unique_and_budgets_reach_the_selection():

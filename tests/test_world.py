@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from diffmem.world.lora import target_pattern
 from diffmem.world.model import load_unet_file, unet_metadata, unet_tensors
 from diffmem.world.style import STYLE_TRIGGER, style_success
 from diffmem.world.text import MAX_TOKENS, TEXT_DIM, TextEncoder
-from diffmem.world.train import finetune_loop
+from diffmem.world.train import finetune_loop, scheduled_lr
 
 TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
 
@@ -259,6 +260,23 @@ def test_finetune_loop_calls_after_step_with_each_trained_step():
     assert torch.equal(seen[-1][1], first.detach())
 
 
+def test_cosine_schedule_decays_the_learning_rate_and_is_recorded(tiny_unet, tmp_path):
+    assert [scheduled_lr(0.1, step, 4, "constant") for step in range(4)] == [0.1] * 4
+    cosine = [scheduled_lr(0.1, step, 4, "cosine") for step in range(4)]
+    assert cosine[0] == pytest.approx(0.1) and cosine[2] == pytest.approx(0.05)
+    assert all(a > b > 0 for a, b in pairwise(cosine))  # every step takes a smaller one, none is zero
+    with pytest.raises(DiffmemError, match="learning-rate schedule 'linear'"):
+        FinetuneConfig(lr_schedule="linear")
+    config = dict(steps=3, batch_size=2, duplicate=(1, 2), rank=2, alpha=2.0, lr=1e-2)
+    (tmp_path / "c").mkdir(), (tmp_path / "k").mkdir()
+    constant = finetune(tmp_path / "k" / "l.safetensors", FinetuneConfig(**config), base=tiny_unet, progress=False)
+    cosine_run = finetune(tmp_path / "c" / "l.safetensors", FinetuneConfig(**config, lr_schedule="cosine"),
+                          base=tiny_unet, progress=False)
+    # A constant run writes the manifest it always wrote; a cosine run says so, and trains other weights.
+    assert "lr_schedule" not in constant["settings"] and cosine_run["settings"]["lr_schedule"] == "cosine"
+    assert constant["sha256"] != cosine_run["sha256"]
+
+
 TRACKED = dict(steps=5, batch_size=2, duplicate=(2, 3), rank=4, alpha=2.0, lr=1e-2)
 
 
@@ -274,13 +292,15 @@ def test_heldout_tracking_records_the_curve_and_changes_no_weight(tiny_unet, tmp
     track = on["heldout_loss"]
     assert on["settings"]["heldout_every"] == 2 and on["trained_steps"] == 5
     assert [step for step, _ in track["curve"]] == [0, 2, 4, 5]  # before training, every 2 steps, the last
-    assert (track["seed"], track["timesteps_per_image"], track["images"]) == (0, 8, 20)
+    assert (track["seed"], track["timesteps_per_image"], track["images"]) == (1, 8, 20)  # not the report's noise
     trained = [(loss, step) for step, loss in track["curve"] if step > 0]
     assert (track["best_loss"], track["best_step"]) == min(trained)
     # Step 0 is the base (a fresh LoRA adds zero); the last point is the saved LoRA (up to its fp16 rounding).
     heldout = faces_dataset("heldout")
-    assert track["curve"][0][1] == pytest.approx(denoising_loss(tiny_unet, heldout.images, heldout.captions), rel=1e-6)
-    final = denoising_loss(apply_lora(tiny_unet, tmp_path / "on" / "k.safetensors"), heldout.images, heldout.captions)
+    assert track["curve"][0][1] == pytest.approx(denoising_loss(tiny_unet, heldout.images, heldout.captions, seed=1),
+                                                 rel=1e-6)
+    final = denoising_loss(apply_lora(tiny_unet, tmp_path / "on" / "k.safetensors"), heldout.images, heldout.captions,
+                           seed=1)
     assert track["curve"][-1][1] == pytest.approx(final, rel=1e-3)
     assert json.loads((tmp_path / "on" / "k.json").read_text()) == on
     best = json.loads((tmp_path / "on" / "best.json").read_text())

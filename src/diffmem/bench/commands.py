@@ -36,6 +36,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise UsageError("--generations, --steps, --seeds and --variation-seeds must be at least 1")
     if args.quick and args.grid != "full":
         raise UsageError("--quick runs the example LoRA alone; it takes no --grid")
+    if (args.first_seed or args.only) and args.grid != "evidence":
+        raise UsageError("--first-seed and --only choose cells of --grid evidence")
+    if args.first_seed < 0:
+        raise UsageError("--first-seed must be at least 0")
     import torch
 
     from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, write_truth
@@ -48,8 +52,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     settings = BenchSettings(generations=args.generations, steps=args.steps)
     torch.set_num_threads(args.threads)
     if not args.report_only:
-        cells = (quick_grid() if args.quick else evidence_grid(seeds) if args.grid == "evidence"
-                 else full_grid(seeds, args.variation_seeds))
+        try:
+            cells = (quick_grid() if args.quick else evidence_grid(seeds, args.first_seed, args.only)
+                     if args.grid == "evidence" else full_grid(seeds, args.variation_seeds))
+        except ValueError as error:  # a setting name the grid does not have
+            raise UsageError(f"--only: {error}") from None
         run_bench(work, cells, settings, threads=args.threads, train_missing=not args.no_train)
         channels_path = work / CHANNELS_FILE
         if not args.no_channels and args.grid == "full" and not channels_path.exists():
@@ -157,6 +164,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=None,
                    help="how many fine-tunes (seeds 0, 1, ...) of the central setting, or with --grid evidence of "
                         "each of its settings (default 3, or 5 with --grid evidence)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="with --grid evidence: the first seed (seeds FIRST to FIRST + SEEDS - 1), so that two "
+                        "processes can share the work folder with different seeds (default 0)")
+    p.add_argument("--only", action="append", default=[], metavar="SETTING",
+                   help="with --grid evidence: only this setting (repeatable), e.g. "
+                        "faces-r32-conv-d5x100-cos-tuned")
     p.add_argument("--variation-seeds", type=int, default=1,
                    help="how many fine-tunes (seeds 0, 1, ...) of each varied setting (default 1)")
     p.add_argument("--no-channels", action="store_true", help="skip the single-channel ablations")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from diffmem.filters import (
@@ -17,7 +17,7 @@ from diffmem.filters import (
 from diffmem.filters.peft_intruder import peft_intruder_lora
 from diffmem.formats.base import BaseCheckpoint
 from diffmem.formats.lora import LoraFile
-from diffmem.world.settings import FinetuneConfig
+from diffmem.world.settings import FinetuneConfig, check_lr_schedule
 
 #: The stages of a fine-tune the grid can take (issue 18, "LoRAs trained the way good LoRAs are"): "final" is
 #: the weights after the recipe's steps; "tuned" the step of lowest held-out denoising loss within them; "over-
@@ -44,8 +44,11 @@ class FinetuneSpec:
         seed: picks the duplicated images and seeds training.
         stage: which weights of the run (`STAGES`): "final" after the recipe's steps; "tuned" at the step of lowest
             held-out loss, measured every `HELDOUT_EVERY` steps of a run of the recipe's steps, the way a careful
-            LoRA author stops; "over-trained" trained `OVERTRAIN_FACTOR` times the tuned step (training has no
-            schedule and tracking changes no weight, so this continues the tuned run's trajectory).
+            LoRA author stops; "over-trained" trained `OVERTRAIN_FACTOR` times the tuned step (at a constant
+            learning rate this continues the tuned run's trajectory; with a cosine schedule it is a run three
+            times as long with the same recipe).
+        lr_schedule: "constant" (the example LoRA's recipe) or "cosine" (`FinetuneConfig.lr_schedule`); a cosine
+            fine-tune's name carries ``-cos``.
     """
 
     data: str = "faces"
@@ -54,14 +57,16 @@ class FinetuneSpec:
     duplicate: tuple[int, int] = (5, 100)
     seed: int = 0
     stage: str = "final"
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        check_lr_schedule(self.lr_schedule)
 
     @property
     def name(self) -> str:
-        """File-name-safe identifier, e.g. ``faces-r32-conv-d5x100-s0`` or ``faces-r32-conv-d5x100-tuned-s0``."""
+        """File-name-safe identifier, e.g. ``faces-r32-conv-d5x100-s0`` or ``faces-r32-conv-d5x100-cos-tuned-s0``."""
         return self.named("" if self.stage == "final" else self.stage)
 
     @property
@@ -74,7 +79,9 @@ class FinetuneSpec:
         """The identifier with `stage` ("" for none) between the recipe and the seed."""
         count, repeats = self.duplicate
         stage = f"-{stage}" if stage else ""
-        return f"{self.data}-r{self.rank}-{'conv' if self.conv else 'attn'}-d{count}x{repeats}{stage}-s{self.seed}"
+        schedule = "-cos" if self.lr_schedule == "cosine" else ""
+        return (f"{self.data}-r{self.rank}-{'conv' if self.conv else 'attn'}-d{count}x{repeats}{schedule}{stage}"
+                f"-s{self.seed}")
 
     @property
     def setting(self) -> str:
@@ -85,7 +92,7 @@ class FinetuneSpec:
         """The full training recipe (of the run whose weights give this stage; an over-trained fine-tune's steps
         are set from its tuned run's best step, `diffmem.bench.run.ensure_finetune`)."""
         return FinetuneConfig(data=self.data, rank=self.rank, alpha=float(self.rank), conv=self.conv,
-                              duplicate=self.duplicate, seed=self.seed,
+                              duplicate=self.duplicate, seed=self.seed, lr_schedule=self.lr_schedule,
                               heldout_every=HELDOUT_EVERY if self.stage == "tuned" else 0)
 
 
@@ -293,11 +300,13 @@ def full_grid(seeds: int = 3, variation_seeds: int = 1) -> list[GridCell]:
 
 
 #: The settings of the fair test (issue 18): faces stopped at the best held-out step and trained three times as
-#: long, and a style LoRA stopped at its best held-out step. Each memorizes 5 duplicated images (x 100).
+#: long, and a style LoRA stopped at its best held-out step. Each memorizes 5 duplicated images (x 100), with the
+#: learning rate decayed along a cosine: at the example's constant rate the stopped LoRA still gained held-out
+#: loss from being turned down, which hands the comparison to `scale` (docs/bench.md, "The training recipe").
 EVIDENCE_SETTINGS = (
-    replace(CORE, stage="tuned"),
-    replace(CORE, stage="over-trained"),
-    replace(CORE, data="style", stage="tuned"),
+    replace(CORE, stage="tuned", lr_schedule="cosine"),
+    replace(CORE, stage="over-trained", lr_schedule="cosine"),
+    replace(CORE, data="style", stage="tuned", lr_schedule="cosine"),
 )
 
 
@@ -306,10 +315,17 @@ EVIDENCE_PLAN = replace(FULL_PLAN, transforms=(*FULL_PLAN.transforms, "extractio
                                                "extraction-guided@energy=0.8"))
 
 
-def evidence_grid(seeds: int = 5) -> list[GridCell]:
-    """`EVIDENCE_SETTINGS` at `seeds` seeds each with every variant (`EVIDENCE_PLAN`), seed by seed, so an
-    interrupted run has every setting at the seeds it reached."""
-    return [GridCell(replace(spec, seed=s), EVIDENCE_PLAN) for s in range(seeds) for spec in EVIDENCE_SETTINGS]
+def evidence_grid(seeds: int = 5, first_seed: int = 0, only: Sequence[str] = ()) -> list[GridCell]:
+    """`EVIDENCE_SETTINGS` at `seeds` seeds each (from `first_seed` on) with every variant (`EVIDENCE_PLAN`), seed by
+    seed, so an interrupted run has every setting at the seeds it reached. `only` keeps the settings of these names
+    (`FinetuneSpec.setting`), e.g. to give two processes different seeds of one setting."""
+    unknown = set(only) - {spec.setting for spec in EVIDENCE_SETTINGS}
+    if unknown:
+        names = ", ".join(spec.setting for spec in EVIDENCE_SETTINGS)
+        raise ValueError(f"not a setting of the evidence grid: {', '.join(sorted(unknown))} (it has {names})")
+    settings = [spec for spec in EVIDENCE_SETTINGS if not only or spec.setting in only]
+    return [GridCell(replace(spec, seed=s), EVIDENCE_PLAN) for s in range(first_seed, first_seed + seeds)
+            for spec in settings]
 
 
 def quick_grid() -> list[GridCell]:

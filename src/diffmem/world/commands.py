@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 
 from diffmem.json_output import add_json_options, emit_json, json_mode, json_stdout
-from diffmem.world.settings import BUILTIN_FINETUNE_DATA, BaseTrainingConfig, FinetuneConfig, UNetConfig
+from diffmem.world.settings import (
+    BUILTIN_FINETUNE_DATA,
+    LR_SCHEDULES,
+    BaseTrainingConfig,
+    FinetuneConfig,
+    UNetConfig,
+)
 
 # Only what parsing needs is imported here (the configs' defaults, from a module without torch): `diffmem world
 # --help` must not load the model. Each command imports its work when it runs.
@@ -69,6 +75,8 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--conv", action=argparse.BooleanOptionalAction, default=d.conv,
                    help=f"also adapt resnet and resampler convolutions (LoCon; default {'on' if d.conv else 'off'})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g}; use ~1e-4 for full)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help=f"keep the learning rate constant or decay it along a cosine (default {d.lr_schedule})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per step (default {d.batch_size})")
     p.add_argument("--noise-offset", type=float, default=d.noise_offset,
@@ -99,7 +107,8 @@ def run_finetune(args: argparse.Namespace) -> int:
                                 alpha=args.alpha, conv=args.conv, lr=args.lr, steps=args.steps,
                                 batch_size=args.batch_size, include_rest=not args.no_rest, seed=args.seed,
                                 noise_offset=args.noise_offset,
-                                threads=args.threads, heldout_every=args.heldout_every)
+                                threads=args.threads, heldout_every=args.heldout_every,
+                                lr_schedule=args.lr_schedule)
     except DiffmemError as error:  # a value the config refuses: a usage error naming the flag
         raise usage_error(error, ("duplicate", "heldout_every")) from None
     if args.save_best is not None:
