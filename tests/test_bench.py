@@ -35,6 +35,7 @@ from diffmem.bench.report import (
     HAND_WRITTEN,
     METHOD_COLOURS,
     comparison_table,
+    equal_quality_table,
     setting_table,
     with_retention,
     write_results,
@@ -48,7 +49,7 @@ from diffmem.bench.run import (
     update_energy,
     variant_lora,
 )
-from diffmem.bench.stats import format_interval, mean_interval
+from diffmem.bench.stats import copy_rate_at_quality, format_interval, mean_interval
 from diffmem.errors import DiffmemError
 from diffmem.filters import BAFConfig
 from diffmem.world.train import FinetuneConfig
@@ -294,6 +295,27 @@ def test_comparison_is_paired_by_finetune():
     line = next(line for line in table.splitlines() if "baf - random" in line)
     # copy differences -0.3 and -0.1: mean -20%; quality differences -0.2 and -0.2: mean -20%, no spread.
     assert "-20% ±" in line.split("|")[5] and "-20% ± 0%" in line.split("|")[6]
+
+
+def test_a_baselines_copy_rate_is_read_off_its_curve_at_the_filters_quality():
+    # A scale-like curve: turning the LoRA halfway down improves quality (1.2 > 1) before the base's 0.
+    curve = [(0.0, 0.0), (0.5, 0.1), (1.2, 0.3), (1.0, 0.6)]
+    # At 1.1 the rising segment crosses 6/7 of the way up (copy 0.1 + 6/7 * 0.2), lower than any point keeping 1.1.
+    assert copy_rate_at_quality(curve, 1.1) == pytest.approx(0.1 + 6 / 7 * 0.2)
+    assert copy_rate_at_quality(curve, 0.0) == 0.0 and copy_rate_at_quality(curve, 1.3) is None
+    assert copy_rate_at_quality(curve, 1.0) == pytest.approx(0.1 + 5 / 7 * 0.2)
+
+
+def test_equal_quality_table_pairs_each_filter_with_the_baseline_at_its_quality():
+    grouped = {}
+    for row in with_retention(fake_rows()):
+        grouped.setdefault(row["variant"], []).append(row)
+    table = equal_quality_table(grouped, baselines=("random",))
+    line = next(line for line in table.splitlines() if line.startswith("| baf@energy=0.8"))
+    # BAF keeps 60% of the gain; random's line from the base (0, 0) to its 80% point reaches 60% at copy 0.375
+    # (ft0) and 0.3 (ft1): differences 0.2 - 0.375 and 0.3 - 0.3, a mean of -8.75%.
+    assert [c.strip() for c in line.split("|")[2:5]] == ["random", "2", "0"] and "-9% ±" in line
+    assert "random@energy=0.8" not in table  # a baseline is not matched against itself
 
 
 def test_write_results_keeps_the_hand_written_tail(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from diffmem.bench.evaluate import retained
-from diffmem.bench.stats import format_interval, mean_interval
+from diffmem.bench.stats import copy_rate_at_quality, format_interval, mean_interval
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.report import between_markers, image_grid, markdown_table, save_png
 
@@ -131,6 +131,49 @@ def comparison_table(variants: dict[str, list[dict]], budgets: list[str], ours: 
                            "quality kept (higher = the method keeps more)"], lines)
 
 
+#: The baselines each filter is matched against at equal quality: turning the whole LoRA down, and random channels.
+EQUAL_QUALITY_BASELINES = ("scale", "random")
+
+
+def trade_off_curve(variants: dict[str, list[dict]], method: str, finetune: str) -> list[tuple[float, float]]:
+    """``(quality kept, copy rate)`` of `method`'s variants on one fine-tune, with the base (no energy) and the
+    LoRA (all of it) at the ends, in the order of the update energy kept."""
+    rows = [r for rs in variants.values() for r in rs if r["finetune"] == finetune and r.get("quality_kept") is not None
+            and (r["method"] == method or r["variant"] in ("base", "lora"))]
+    ordered = sorted(rows, key=lambda r: 0.0 if r["variant"] == "base" else r.get("energy_kept", 1.0))
+    return [(r["quality_kept"], r["copy_rate"]) for r in ordered]
+
+
+def equal_quality_table(variants: dict[str, list[dict]], baselines: tuple[str, ...] = EQUAL_QUALITY_BASELINES) -> str:
+    """Every filter's copy rate minus each baseline's at the same quality kept (the baseline's curve read at the
+    filter's quality, `copy_rate_at_quality`), paired by fine-tune. A fine-tune where the baseline never keeps that
+    much quality is left out of the difference and counted."""
+    lines = []
+    for key, rows in variants.items():
+        method = rows[0]["method"]
+        if key in ("lora", "base") or method in baselines:
+            continue
+        for baseline in baselines:
+            differences, unmatched = [], 0
+            for row in rows:
+                if row.get("quality_kept") is None:
+                    continue
+                matched = copy_rate_at_quality(trade_off_curve(variants, baseline, row["finetune"]),
+                                               row["quality_kept"])
+                if matched is None:
+                    unmatched += 1
+                else:
+                    differences.append(row["copy_rate"] - matched)
+            if differences or unmatched:
+                lines.append([key, baseline, len(differences), unmatched, cell(rows, "quality_kept", 0, True),
+                              format_interval(differences, 0, True) if differences else "-"])
+    if not lines:
+        return ""
+    return markdown_table(["variant", "baseline", "fine-tunes", "baseline never that good", "quality kept",
+                           "copy rate minus the baseline's at that quality (below 0: the filter removes more)"],
+                          lines)
+
+
 #: Quality axes of the Pareto plots: row key -> axis label.
 QUALITY_AXES = {
     "quality_kept": "quality kept: share of the LoRA's held-out-loss gain (1 = LoRA, 0 = base)",
@@ -238,6 +281,11 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
             parts.append("BAF (two-sided, and right side only) and the extraction-guided filter against each "
                          "baseline at the same budget, paired by fine-tune:\n\n" + comparison + "\n")
         parts.append(setting_table(variants) + "\n")
+        equal = equal_quality_table(variants)
+        if equal:
+            parts.append("Each filter against `scale` and `random` at equal quality: the baseline's copy rate where "
+                         "its measured budgets, joined by straight lines, keep the filter's share of the held-out "
+                         "gain (the lowest such copy rate), paired by fine-tune:\n\n" + equal + "\n")
         plot = pareto_plot(variants, setting, figures / f"pareto-{setting}.png")
         fid_plot = pareto_plot(variants, setting, figures / f"pareto-fid-{setting}.png", "fid")
         parts.append(f"![memorization against held-out loss, {setting}](results/{plot.name}) "
