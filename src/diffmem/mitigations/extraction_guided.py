@@ -40,7 +40,7 @@ from diffmem.scan.run import ScanResult, scan_lora
 from diffmem.scan.score import ScanConfig
 from diffmem.spectral import Channels
 from diffmem.world.diffusion import noise_scheduler, to_model_range
-from diffmem.world.lora import module_paths
+from diffmem.world.lora import lora_targets
 from diffmem.world.model import load_unet_file
 from diffmem.world.text import encode_prompts
 
@@ -101,13 +101,8 @@ def gated_unet(base: UNet2DConditionModel, lora: LoraFile, channels: dict[str, C
     """A copy of `base` with every channel of `lora` merged at `gate` (``W0 + gate * dW``), and the merged weights by
     LoRA module name, the only parameters that require gradients."""
     unet = copy.deepcopy(base).requires_grad_(False)
-    paths, modules = module_paths(unet), dict(unet.named_modules())
     weights = {}
-    for name, lora_module in lora.modules.items():
-        path = paths.get(lora_module.lookup)
-        if path is None:
-            raise DiffmemError(f"LoRA module {name!r} has no counterpart in the world UNet", lora.path)
-        weight = modules[path].weight
+    for name, (_, weight) in lora_targets(unet, lora).items():
         with torch.no_grad():
             weight += gate * channels[name].dense().reshape(weight.shape).to(weight.dtype)
         weights[name] = weight.requires_grad_(True)

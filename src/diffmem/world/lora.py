@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,26 +101,31 @@ def module_paths(unet: torch.nn.Module) -> dict[str, str]:
     return names
 
 
-def lora_deltas(unet: torch.nn.Module, lora: LoraFile) -> dict[str, torch.Tensor]:
-    """{module path: dense weight update} of `lora` on the world UNet; a module the UNet lacks, or a shape that
-    does not fit, is a `BaseMismatchError` (a LoRA for another base)."""
+def lora_targets(unet: torch.nn.Module, lora: LoraFile) -> dict[str, tuple[str, torch.nn.Parameter]]:
+    """{LoRA module name: (module path, weight)} of the world UNet weights `lora` updates; a module the UNet lacks,
+    or a shape that does not fit, is a `BaseMismatchError` (a LoRA for another base)."""
     names = module_paths(unet)
     modules = dict(unet.named_modules())
-    deltas = {}
-    for module in lora.modules.values():
+    targets = {}
+    for name, module in lora.modules.items():
         path = names.get(module.lookup)
         if path is None:
             raise BaseMismatchError(
                 f"LoRA module {module.name!r} has no counterpart in the world UNet: this LoRA was trained for "
                 "another base model", lora.path)
         weight = modules[path].weight
-        delta = module.delta()
-        if delta.numel() != weight.numel():
+        if math.prod(module.weight_shape) != weight.numel():
             raise BaseMismatchError(
-                f"LoRA module {module.name!r} updates a {tuple(delta.shape)} weight but the world UNet's "
+                f"LoRA module {module.name!r} updates a {tuple(module.weight_shape)} weight but the world UNet's "
                 f"{path} is {tuple(weight.shape)}: this LoRA was trained for another base model", lora.path)
-        deltas[path] = delta.reshape(weight.shape)
-    return deltas
+        targets[name] = (path, weight)
+    return targets
+
+
+def lora_deltas(unet: torch.nn.Module, lora: LoraFile) -> dict[str, torch.Tensor]:
+    """{module path: dense weight update} of `lora` on the world UNet (`lora_targets` checks that it fits)."""
+    return {path: lora.modules[name].delta().reshape(weight.shape)
+            for name, (path, weight) in lora_targets(unet, lora).items()}
 
 
 def apply_lora(unet: UNet2DConditionModel, lora: str | Path | LoraFile, scale: float = 1.0) -> UNet2DConditionModel:
