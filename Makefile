@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint fuzz bench bench-quick clean
+.PHONY: install demo test test-fast lint fuzz bench bench-quick bench-evidence clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ bench: install
 
 bench-quick: install
 	$(PY) -m diffmem bench --quick
+
+# Issue 18's evidence grid (9 to 12 core-hours for 5 seeds; resumable), its report and the rows behind it in docs/.
+bench-evidence: install
+	$(PY) -m diffmem bench --grid evidence --out docs/evidence/results.md
+	cp runs/bench-evidence/results.jsonl docs/evidence/results/results.jsonl
 
 clean:
 	rm -rf demo-out .pytest_cache .ruff_cache

@@ -36,6 +36,8 @@ from diffmem.bench.report import (
     METHOD_COLOURS,
     comparison_table,
     equal_quality_table,
+    goal_table,
+    meets_goal,
     setting_table,
     with_retention,
     write_results,
@@ -316,6 +318,22 @@ def test_equal_quality_table_pairs_each_filter_with_the_baseline_at_its_quality(
     # (ft0) and 0.3 (ft1): differences 0.2 - 0.375 and 0.3 - 0.3, a mean of -8.75%.
     assert [c.strip() for c in line.split("|")[2:5]] == ["random", "2", "0"] and "-9% ±" in line
     assert "random@energy=0.8" not in table  # a baseline is not matched against itself
+
+
+def test_goal_counts_finetunes_where_a_filter_removes_copies_and_keeps_quality():
+    rows = with_retention(fake_rows())
+    lora = next(r for r in rows if r["variant"] == "lora")
+    # BAF at 0.8 keeps 60% of the held-out gain: short of 90% whatever it copies.
+    baf = next(r for r in rows if r["variant"] == "baf@energy=0.8")
+    assert not meets_goal(baf, lora)
+    assert meets_goal(baf | {"quality_kept": 0.95, "copy_rate": 0.06}, lora)  # 0.06 <= 10% of 0.6
+    assert not meets_goal(baf | {"quality_kept": 0.95, "copy_rate": 0.07}, lora)
+    assert not meets_goal(baf | {"quality_kept": 0.95, "copy_rate": 0.06, "style_kept": 0.5}, lora)
+    assert not meets_goal(baf | {"quality_kept": 1.0, "copy_rate": 0.0}, lora | {"copy_rate": 0.0})
+    grouped = {}
+    for row in rows:
+        grouped.setdefault(row["variant"], []).append(row)
+    assert "| baf@energy=0.8 | 0 of 2 |" in goal_table(grouped)
 
 
 def test_write_results_keeps_the_hand_written_tail(tmp_path):

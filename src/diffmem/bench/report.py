@@ -174,6 +174,31 @@ def equal_quality_table(variants: dict[str, list[dict]], baselines: tuple[str, .
                           lines)
 
 
+#: Issue 18's goal for a data-free filter: remove at least this share of the LoRA's near-copies while keeping at
+#: least this share of its held-out gain (and of its style, on a style LoRA).
+GOAL_SHARE = 0.9
+
+
+def meets_goal(row: dict, lora: dict, share: float = GOAL_SHARE) -> bool:
+    """Whether `row` removes `share` of the copy rate of its fine-tune's `lora` row and keeps `share` of the held-out
+    gain (and of the style, where measured). A LoRA that copies nothing has nothing to remove: never met."""
+    if lora["copy_rate"] <= 0 or row.get("quality_kept") is None:
+        return False
+    kept = [row["quality_kept"]] + ([row["style_kept"]] if row.get("style_kept") is not None else [])
+    removed = 1 - row["copy_rate"] / lora["copy_rate"]
+    return removed >= share - 1e-9 and min(kept) >= share  # rates are counts over 30: round-off, not a margin
+
+
+def goal_table(variants: dict[str, list[dict]], share: float = GOAL_SHARE) -> str:
+    """For each variant, on how many of its fine-tunes it `meets_goal`."""
+    loras = {r["finetune"]: r for r in variants.get("lora", [])}
+    lines = [[key, f"{sum(meets_goal(r, loras[r['finetune']], share) for r in rows)} of {len(rows)}"]
+             for key, rows in variants.items() if key not in ("lora", "base")
+             and all(r["finetune"] in loras for r in rows)]
+    return markdown_table(["variant", f"fine-tunes where it removes {share:.0%} of the copies and keeps {share:.0%} of "
+                                      "the quality"], lines) if lines else ""
+
+
 #: Quality axes of the Pareto plots: row key -> axis label.
 QUALITY_AXES = {
     "quality_kept": "quality kept: share of the LoRA's held-out-loss gain (1 = LoRA, 0 = base)",
@@ -286,6 +311,10 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
             parts.append("Each filter against `scale` and `random` at equal quality: the baseline's copy rate where "
                          "its measured budgets, joined by straight lines, keep the filter's share of the held-out "
                          "gain (the lowest such copy rate), paired by fine-tune:\n\n" + equal + "\n")
+        goal = goal_table(variants)
+        if goal:
+            parts.append("Issue 18's goal, fine-tune by fine-tune (a share of the LoRA's own copy rate removed, a "
+                         "share of its held-out gain kept, and of its style on a style LoRA):\n\n" + goal + "\n")
         plot = pareto_plot(variants, setting, figures / f"pareto-{setting}.png")
         fid_plot = pareto_plot(variants, setting, figures / f"pareto-fid-{setting}.png", "fid")
         parts.append(f"![memorization against held-out loss, {setting}](results/{plot.name}) "
