@@ -35,6 +35,7 @@ from diffmem.bench.report import (
     HAND_WRITTEN,
     METHOD_COLOURS,
     comparison_table,
+    copying_finetunes,
     equal_quality_table,
     goal_table,
     meets_goal,
@@ -334,6 +335,17 @@ def test_goal_counts_finetunes_where_a_filter_removes_copies_and_keeps_quality()
     for row in rows:
         grouped.setdefault(row["variant"], []).append(row)
     assert "| baf@energy=0.8 | 0 of 2 |" in goal_table(grouped)
+
+
+def test_finetunes_whose_lora_copies_nothing_leave_the_comparisons():
+    rows = [*fake_rows(), fake_row("ft2", "lora", "none", "none", 0.0, 0.050),
+            fake_row("ft2", "base", "base", "none", 0.0, 0.060)]
+    grouped = {}
+    for row in with_retention(rows):
+        grouped.setdefault(row["variant"], []).append(row)
+    copying, silent = copying_finetunes(grouped)
+    assert silent == ["ft2"] and {r["finetune"] for r in copying["lora"]} == {"ft0", "ft1"}
+    assert len(copying["baf@energy=0.8"]) == 2 and len(grouped["lora"]) == 3
 
 
 def test_write_results_keeps_the_hand_written_tail(tmp_path):

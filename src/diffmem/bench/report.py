@@ -96,6 +96,14 @@ def setting_table(variants: dict[str, list[dict]]) -> str:
     return markdown_table(TABLE_HEADER + (["style kept"] if style else []), lines)
 
 
+def copying_finetunes(variants: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], list[str]]:
+    """`variants` without the fine-tunes whose LoRA copies nothing (a filter has nothing to remove there), and
+    those fine-tunes' names."""
+    silent = sorted(r["finetune"] for r in variants.get("lora", []) if r["copy_rate"] <= 0)
+    kept = {key: [r for r in rows if r["finetune"] not in silent] for key, rows in variants.items()}
+    return {key: rows for key, rows in kept.items() if rows}, silent
+
+
 def paired_differences(variants: dict[str, list[dict]], first: str, second: str, key: str) -> list[float]:
     """`key` of variant `first` minus that of `second`, per fine-tune that has both."""
     seconds = {r["finetune"]: r for r in variants.get(second, [])}
@@ -300,18 +308,22 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
         finetunes = sorted({r["finetune"] for rs in variants.values() for r in rs})
         parts.append(f"## {setting}\n")
         parts.append(f"Fine-tunes: {', '.join(f'`{f}`' for f in finetunes)}.\n")
+        copying, silent = copying_finetunes(variants)
+        if silent:
+            parts.append(f"Left out of the comparisons below (their LoRA copies nothing, so there is nothing to "
+                         f"remove; the table of all variants keeps them): {', '.join(f'`{f}`' for f in silent)}.\n")
         budgets = sorted({k.split("@", 1)[1] for k in variants if "@" in k and k.split("@", 1)[0] in COMPARED})
-        comparison = comparison_table(variants, budgets)
+        comparison = comparison_table(copying, budgets)
         if comparison:
             parts.append("BAF (two-sided, and right side only) and the extraction-guided filter against each "
                          "baseline at the same budget, paired by fine-tune:\n\n" + comparison + "\n")
         parts.append(setting_table(variants) + "\n")
-        equal = equal_quality_table(variants)
+        equal = equal_quality_table(copying)
         if equal:
             parts.append("Each filter against `scale` and `random` at equal quality: the baseline's copy rate where "
                          "its measured budgets, joined by straight lines, keep the filter's share of the held-out "
                          "gain (the lowest such copy rate), paired by fine-tune:\n\n" + equal + "\n")
-        goal = goal_table(variants)
+        goal = goal_table(copying)
         if goal:
             parts.append("Issue 18's goal, fine-tune by fine-tune (a share of the LoRA's own copy rate removed, a "
                          "share of its held-out gain kept, and of its style on a style LoRA):\n\n" + goal + "\n")
