@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from diffmem.bench.evaluate import Probe, measure
+from diffmem.bench.run import append_row
 from diffmem.bench.settings import BenchSettings
 from diffmem.filters import ScaleConfig, Selection
 from diffmem.formats.base import open_base
@@ -51,6 +52,15 @@ def trained(schedule: str, seed: int, lr: float, out: Path, threads: int) -> dic
         config = FinetuneConfig(seed=seed, lr=lr, lr_schedule=schedule, heldout_every=25, threads=threads)
         finetune(final, config, best_out=tuned, progress=False)
     return {"final": final, "tuned": tuned}
+
+
+def measured(unet, probe: Probe, settings: BenchSettings) -> dict:
+    """`diffmem bench`'s numbers for `unet`, plus its held-out loss under `EXTRA_NOISE_SEEDS`."""
+    numbers, _ = measure(unet, probe, settings)
+    extra = {str(s): round(denoising_loss(unet, probe.heldout.images, probe.heldout.captions, seed=s,
+                                          timesteps_per_image=settings.timesteps_per_image), 6)
+             for s in EXTRA_NOISE_SEEDS}
+    return {**numbers, "heldout_loss_other_noise": extra}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,35 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     for stage, path in paths.items():
         manifest = json.loads(path.with_suffix(".json").read_text())
         lora, probe = read_lora(path), Probe.from_manifest(manifest)
+        run = {"lora": path.stem, "schedule": args.schedule, "lr": args.lr, "seed": args.seed, "command": command}
         for level in (1.0, *args.scales):
             variant = "lora" if level == 1.0 else f"scale@energy={level:g}"
             if (path.stem, variant) in done:
                 continue
             scaled = lora if level == 1.0 else filter_lora(
                 lora, base, ScaleConfig(selection=Selection(rule="uniform", keep_fraction=level))).lora
-            unet = apply_lora(base_unet, scaled)
             started = time.perf_counter()
-            numbers, _ = measure(unet, probe, settings)
-            extra = {str(s): round(denoising_loss(unet, probe.heldout.images, probe.heldout.captions, seed=s,
-                                                  timesteps_per_image=settings.timesteps_per_image), 6)
-                     for s in EXTRA_NOISE_SEEDS}
-            row = {"lora": path.stem, "schedule": args.schedule, "lr": args.lr, "seed": args.seed, "stage": stage,
-                   "trained_steps": manifest["trained_steps"], "variant": variant, "energy_kept": level, **numbers,
-                   "heldout_loss_other_noise": extra, "command": command,
+            row = {**run, "stage": stage, "trained_steps": manifest["trained_steps"], "variant": variant,
+                   "energy_kept": level, **measured(apply_lora(base_unet, scaled), probe, settings),
                    "seconds": round(time.perf_counter() - started)}
             print(json.dumps(row), flush=True)
-            with open(rows_path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_row(rows_path, row)
         if stage == "final" and (path.stem, "base") not in done:
-            numbers, _ = measure(base_unet, probe, settings)
-            extra = {str(s): round(denoising_loss(base_unet, probe.heldout.images, probe.heldout.captions, seed=s,
-                                                  timesteps_per_image=settings.timesteps_per_image), 6)
-                     for s in EXTRA_NOISE_SEEDS}
-            row = {"lora": path.stem, "schedule": args.schedule, "lr": args.lr, "seed": args.seed, "stage": "base",
-                   "trained_steps": 0, "variant": "base", "energy_kept": 0.0, **numbers,
-                   "heldout_loss_other_noise": extra, "command": command, "seconds": 0}
-            with open(rows_path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_row(rows_path, {**run, "stage": "base", "trained_steps": 0, "variant": "base", "energy_kept": 0.0,
+                                   **measured(base_unet, probe, settings), "seconds": 0})
     return 0
 
 
