@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from itertools import pairwise
 from pathlib import Path
 
@@ -28,11 +29,11 @@ from diffmem.world import (
 )
 from diffmem.world.check import manifest_images
 from diffmem.world.commands import duplicate_spec
-from diffmem.world.data import style_dataset
+from diffmem.world.data import FINETUNE_SETS, base_dataset, style_dataset
 from diffmem.world.lora import target_pattern
 from diffmem.world.model import load_unet_file, unet_metadata, unet_tensors
 from diffmem.world.style import STYLE_TRIGGER, style_success
-from diffmem.world.text import MAX_TOKENS, TEXT_DIM, TextEncoder
+from diffmem.world.text import MAX_TOKENS, TEXT_DIM, TextEncoder, text_encoder
 from diffmem.world.train import finetune_loop, scheduled_lr
 
 TINY = UNetConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8)
@@ -49,6 +50,27 @@ def test_text_encoder_gives_token_states_and_caches():
     assert context.shape == (3, MAX_TOKENS, TEXT_DIM)
     assert torch.equal(context[0], context[2])
     assert not torch.allclose(context[0], context[1])
+
+
+def test_a_prompt_past_the_token_limit_warns_what_it_loses():
+    long = "a small green circle in the center on a dotted black background, velloran style"
+    with pytest.warns(UserWarning, match="losing 'lloran style'"):
+        encode_prompts([long])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_prompts(["a red circle in the center"])
+
+
+def test_every_world_caption_fits_the_text_encoder_whole():
+    # The style set's trigger once came after the caption and was cut off every one of them (`STYLE_TRIGGER`).
+    encoder = text_encoder()
+    sets = [base_dataset(), *(FINETUNE_SETS[name]("all") for name in FINETUNE_SETS)]
+    assert not [c for data in sets for c in sorted(set(data.captions)) if encoder.truncated_part(c)]
+    trigger = encoder.tokenizer(STYLE_TRIGGER, add_special_tokens=False)["input_ids"]
+    assert len(trigger) == 1
+    styled = encoder.tokenizer(FINETUNE_SETS["style"]("all").captions, truncation=True, max_length=MAX_TOKENS)
+    assert all(trigger[0] in ids for ids in styled["input_ids"])
+    assert not any(STYLE_TRIGGER in c for data in sets[:-1] for c in data.captions)
 
 
 def test_text_encoder_refuses_weights_with_another_sha256(tmp_path):
@@ -197,7 +219,7 @@ def test_a_style_finetune_records_its_images(tiny_unet, tmp_path):
     manifest = finetune(tmp_path / "style.safetensors", config, base=tiny_unet, progress=False)
     assert len(manifest["duplicated"]) == 2 and len(manifest["seen_once"]) == 94 and len(manifest["heldout"]) == 24
     duplicated = manifest_images(manifest, "duplicated")
-    assert all(caption.endswith(STYLE_TRIGGER) for caption in duplicated.captions)
+    assert all(caption.startswith(STYLE_TRIGGER) for caption in duplicated.captions)
     assert style_success(duplicated.images) == 1.0
     assert json.loads((tmp_path / "style.json").read_text())["settings"]["data"] == "style"
 

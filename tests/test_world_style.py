@@ -26,7 +26,7 @@ def test_the_style_set_is_fixed_split_and_all_in_the_style():
     train, heldout, everything = style_dataset("train"), style_dataset("heldout"), style_dataset("all")
     assert (len(train), len(heldout), len(everything)) == (96, 24, 120) and FINETUNE_SETS["style"] is style_dataset
     assert not set(train.ids) & set(heldout.ids) and len(set(everything.captions)) == 120
-    assert all(caption.endswith(f", {STYLE_TRIGGER}") and " on " in caption for caption in everything.captions)
+    assert all(caption.startswith(f"{STYLE_TRIGGER} a ") and " on " in caption for caption in everything.captions)
     assert torch.equal(style_dataset("train").images, train.images)
     assert float(style_share(everything.images).min()) == 1.0 and style_success(heldout.images) == 1.0
     with pytest.raises(DiffmemError, match="split"):

@@ -264,7 +264,7 @@ def _styled() -> ImageSet:
     for _ in range(STYLE_COUNT):
         image, mask, caption = shape_scene(rng)
         images.append(apply_style(image, mask))
-        captions.append(f"{caption}, {STYLE_TRIGGER}")
+        captions.append(f"{STYLE_TRIGGER} {caption}")
     return ImageSet(to_tensor(images), captions, [f"style/{i}" for i in range(STYLE_COUNT)])
 
 
@@ -308,9 +308,10 @@ def photos_dataset(split: str = "train") -> ImageSet:
 
 
 def style_dataset(split: str = "train") -> ImageSet:
-    """120 shape pictures in a look the base never saw (the style case; `diffmem.world.style`): a teal-to-orange
-    duotone and a dark outline, captioned as the base's shapes are, plus ", velloran style". Its distinct captions
-    make a style fine-tune learn the look on every shape without repeating any picture, unless duplicated.
+    """120 shape pictures in a look the base never saw (the style case; `diffmem.world.style`): a sepia duotone
+    and a dark outline, captioned as the base's shapes are after the trigger word (`STYLE_TRIGGER`, "vintage a small
+    red circle at the left on a gray background"). Its distinct captions make a style fine-tune learn the look on
+    every shape without repeating any picture, unless duplicated.
 
     Rows 96..119 form the `heldout` split that no diffmem fine-tune ever trains on: their captions measure whether
     the look carries over to shapes the fine-tune did not see (`diffmem.world.style.style_success`).

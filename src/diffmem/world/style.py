@@ -21,8 +21,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: The words that name the look in every caption of the style set (a made-up word, as a LoRA's trigger word is).
-STYLE_TRIGGER = "velloran style"
+#: The word that names the look, first in every caption of the style set, as a LoRA's trigger word is. One token of
+#: the world's text encoder, because the base's longest shape captions take 15 of its 16 (`diffmem.world.text.
+#: MAX_TOKENS`): the earlier trigger "velloran style" (five tokens, after the caption) was cut off every caption, so
+#: a style fine-tune never saw it. The base's captions never contain the word, so to the base it is as new as a
+#: made-up one (a made-up word is several tokens here).
+STYLE_TRIGGER = "vintage"
 #: The duotone's two ends: luminance 0 maps to the brown, luminance 1 to the pale yellow.
 STYLE_DARK = (0.45, 0.3, 0.0)
 STYLE_LIGHT = (1.0, 1.0, 0.6)

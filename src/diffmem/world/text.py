@@ -8,6 +8,7 @@ all-MiniLM-L6-v2 weights), 384 channels per token, a fixed number of tokens, loa
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,10 +73,25 @@ class TextEncoder:
                 transformers_logging.enable_progress_bar()
         self.cache: dict[str, torch.Tensor] = {}
 
+    def truncated_part(self, prompt: str) -> str:
+        """The end of `prompt` that `MAX_TOKENS` cuts off ("" when it fits), as written in `prompt` (the cut may
+        fall inside a word)."""
+        offsets = self.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) <= MAX_TOKENS:
+            return ""
+        return prompt[offsets[MAX_TOKENS - 1][0] :]  # [SEP] takes the last place: the token there is the first lost
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token-level last hidden states, [len(prompts), MAX_TOKENS, 384], float32; cached per prompt."""
+        """Token-level last hidden states, [len(prompts), MAX_TOKENS, 384], float32; cached per prompt. A prompt
+        longer than `MAX_TOKENS` is cut, as CLIP's 77 tokens cut Stable Diffusion's, with a warning naming what was
+        lost (once per prompt): a trigger word past the limit never reaches the model."""
         missing = sorted({p for p in prompts if p not in self.cache})
+        for prompt in missing:
+            lost = self.truncated_part(prompt)
+            if lost:
+                warnings.warn(f"prompt cut to the world text encoder's {MAX_TOKENS} tokens, losing {lost!r}: "
+                              f"{prompt!r}", stacklevel=3)
         for start in range(0, len(missing), 256):
             chunk = missing[start : start + 256]
             tokens = self.tokenizer(
