@@ -4,7 +4,7 @@ docs/filter.md quotes ("The intruder test and PEFT's"), written to docs/intruder
     python benchmarks/intruder_vs_peft.py --out docs/intruder-peft.json
 
 For each rule: the share of the LoRA's update energy the result keeps (sum over modules of ||dW'||^2 over the same
-sum of the input, as `diffmem.bench.run.update_energy`), the modules it changed, and how far it moved the update
+sum of the input, as `LoraFile.update_energy`), the modules it changed, and how far it moved the update
 (||dW' - dW|| over ||dW||, over all modules together). A second of CPU or so; one thread.
 """
 

@@ -30,6 +30,7 @@ from diffmem.bench.grid import (
     full_grid,
     quick_grid,
     reference_variants,
+    scaled_after,
 )
 from diffmem.bench.report import (
     HAND_WRITTEN,
@@ -49,7 +50,6 @@ from diffmem.bench.run import (
     read_rows,
     run_bench,
     settings_id,
-    update_energy,
     variant_lora,
 )
 from diffmem.bench.stats import copy_rate_at_quality, format_interval, mean_interval
@@ -166,7 +166,35 @@ def test_extraction_guided_variants_score_each_lora_once_and_keep_their_energy(m
         torch.set_num_threads(threads)
     assert calls == [example_lora_path()]
     assert 0.9 <= kept[0] < 0.92 and 0.8 <= kept[1] < 0.82
-    assert update_energy(read_lora(example_lora_path())) > 0
+    assert read_lora(example_lora_path()).update_energy() > 0
+
+
+def test_a_filter_then_scale_holds_the_total_energy_it_names():
+    """`scaled_after`: random channels at 90% of each module's energy, then the whole LoRA down to 50% of the input's
+    energy; a first step that already keeps less is left as it is; the evidence plan runs both hybrids at 50% and
+    35% with random channels as the control."""
+    from diffmem.formats.base import open_base
+    from diffmem.formats.lora import read_lora
+    from diffmem.pipeline import filter_lora
+    from diffmem.world.check import example_lora_path
+    from diffmem.world.model import BASE_FILE, assets_dir
+
+    lora, base = read_lora(example_lora_path()), open_base(assets_dir() / BASE_FILE)
+    first = budget_variant("random", "energy", 0.9)
+    hybrid = scaled_after(first, 0.5)
+    assert (hybrid.key, hybrid.method, hybrid.budget, hybrid.level) == (
+        "random@energy=0.9+scale@energy=0.5", "random+scale", "energy", 0.5)
+    out = hybrid.transform(lora, base)
+    filtered = filter_lora(lora, base, first.config).lora
+    assert out.update_energy() == pytest.approx(0.5 * lora.update_energy(), rel=1e-4)
+    for name, module in out.modules.items():  # the same channels as the filter alone, each turned down alike
+        factor = (module.delta().norm() / filtered.modules[name].delta().norm()).item()
+        assert factor == pytest.approx((0.5 * lora.update_energy() / filtered.update_energy()) ** 0.5, rel=1e-3) \
+            or filtered.modules[name].delta().norm() == 0
+    weak = scaled_after(budget_variant("scale", "energy", 0.25), 0.5).transform(lora, base)
+    assert weak.update_energy() == pytest.approx(0.25 * lora.update_energy(), rel=1e-4)
+    hybrids = [v.key for v in EVIDENCE_PLAN.variants(0.5) if "+scale@" in v.key]
+    assert hybrids == [f"{f}@energy=0.9+scale@energy={e}" for f in ("extraction-guided", "random") for e in (0.5, 0.35)]
 
 
 def test_the_peft_intruder_variant_rewrites_the_example_lora_as_peft_does():
@@ -189,7 +217,7 @@ def test_the_peft_intruder_variant_rewrites_the_example_lora_as_peft_does():
     finally:
         torch.set_num_threads(threads)
     assert report is None and set(kept) == {"energy_kept"} and 0 < kept["energy_kept"] < 1
-    assert kept["energy_kept"] == round(update_energy(out) / update_energy(lora), 4)
+    assert kept["energy_kept"] == round(out.update_energy() / lora.update_energy(), 4)
     assert out.format == lora.format and list(out.modules) == list(expected.modules) == list(lora.modules)
     changed = 0
     for name, module in out.modules.items():

@@ -17,6 +17,7 @@ from diffmem.filters import (
 from diffmem.filters.peft_intruder import peft_intruder_lora
 from diffmem.formats.base import BaseCheckpoint
 from diffmem.formats.lora import LoraFile
+from diffmem.pipeline import filter_lora
 from diffmem.world.settings import FinetuneConfig, check_lr_schedule
 
 #: The stages of a fine-tune the grid can take (issue 18, "LoRAs trained the way good LoRAs are"): "final" is
@@ -221,6 +222,27 @@ def extraction_guided_variant(energy: float) -> Variant:
     return Variant(key, "extraction-guided", "energy", energy, None, transform=extraction_guided_at(energy))
 
 
+def scaled_after(first: Variant, energy: float) -> Variant:
+    """`first`, then the whole result turned down (`scale`) so that it holds `energy` of the input's update energy
+    (issue 18, section 5: a channel filter and scale-down together). Turning a LoRA down removes its copies sooner
+    than its held-out gain; dropping the channels a data-free score blames could remove what survives the turning
+    down. Against `scale` at the same quality this says whether the channels add anything; the same with random
+    channels is the control. Keyed ``<first>+scale@energy=<energy>``; a `first` keeping less than `energy` is
+    left as it is."""
+
+    def transform(lora: LoraFile, base: BaseCheckpoint) -> LoraFile:
+        filtered = (first.transform(lora, base) if first.transform is not None
+                    else filter_lora(lora, base, first.config).lora)
+        kept, total = filtered.update_energy(), lora.update_energy()
+        if kept <= energy * total:
+            return filtered
+        down = ScaleConfig(selection=Selection(rule="uniform", keep_fraction=energy * total / kept))
+        return filter_lora(filtered, base, down).lora
+
+    return Variant(f"{first.key}+scale@energy={energy:g}", f"{first.method}+scale", "energy", energy,
+                   None, transform=transform)
+
+
 #: Methods that rewrite the LoRA by a function of their own, each with its own rule, by key: ``peft-intruder`` is
 #: PEFT's ``reduce_intruder_dimension`` with PEFT's defaults, run on every module (`diffmem.filters.peft_intruder`;
 #: not our `intruder` channel filter: docs/filter.md); ``extraction-guided@energy=E`` drops the channels the LoRA's
@@ -230,6 +252,12 @@ TRANSFORMS = {
     "peft-intruder": Variant("peft-intruder", "peft-intruder", "default", None, None, transform=peft_intruder_lora),
     **{variant.key: variant for variant in map(extraction_guided_variant, (0.9, 0.8))},
 }
+#: Channel filters followed by scale-down (`scaled_after`): the extraction-guided filter at 90% of the energy and
+#: random channels at the same share (the control), each turned down to 50% and 35% of the LoRA's energy, the
+#: budgets around which `scale` met issue 18's goal on the tuned LoRAs.
+TRANSFORMS |= {variant.key: variant for first in (TRANSFORMS["extraction-guided@energy=0.9"],
+                                                   budget_variant("random", "energy", 0.9))
+               for variant in (scaled_after(first, 0.5), scaled_after(first, 0.35))}
 
 ENERGY_METHODS = ("baf", "baf-right", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")
 
@@ -310,9 +338,11 @@ EVIDENCE_SETTINGS = (
 )
 
 
-#: The evidence grid's variants: the full plan and the extraction-guided filter at two budgets (issue 18, section 5).
-EVIDENCE_PLAN = replace(FULL_PLAN, transforms=(*FULL_PLAN.transforms, "extraction-guided@energy=0.9",
-                                               "extraction-guided@energy=0.8"))
+#: The evidence grid's variants: the full plan, the extraction-guided filter at two budgets, and it and random
+#: channels each followed by scale-down (issue 18, section 5).
+EVIDENCE_PLAN = replace(FULL_PLAN, transforms=(
+    *FULL_PLAN.transforms, "extraction-guided@energy=0.9", "extraction-guided@energy=0.8",
+    *(key for key in TRANSFORMS if "+scale@" in key)))
 
 
 def evidence_grid(seeds: int = 5, first_seed: int = 0, only: Sequence[str] = ()) -> list[GridCell]:

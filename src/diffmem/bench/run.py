@@ -106,12 +106,6 @@ def ensure_finetune(spec: FinetuneSpec, work: Path, progress: bool = True) -> Pa
     return path
 
 
-def update_energy(lora: LoraFile) -> float:
-    """The LoRA's total update energy: the sum over modules of ``||dW||_F^2`` (what `FilterReport.energy_kept`
-    is a share of)."""
-    return sum(float(module.delta().double().square().sum()) for module in lora.modules.values())
-
-
 def variant_lora(
     variant: Variant,
     lora: LoraFile | str | Path,
@@ -123,7 +117,7 @@ def variant_lora(
     """The LoRA of a variant that is not the base model, the channel filter's report (None for a transform), and
     what its row records of what was kept: channels and energy for a channel filter; for a transform
     (`Variant.transform`, run on the CPU) the share of the input's update energy that its output holds
-    (`update_energy`), and no channels."""
+    (`LoraFile.update_energy`), and no channels."""
     if variant.transform is None:
         result = filter_lora(lora, base, variant.config, cache_dir=cache_dir, device=device)
         report = result.report
@@ -131,8 +125,8 @@ def variant_lora(
                                      "energy_kept": round(report.energy_kept, 4)}
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
     out = variant.transform(lora, base if isinstance(base, BaseCheckpoint) else open_base(base))
-    total = update_energy(lora)
-    return out, None, {"energy_kept": round(update_energy(out) / total, 4) if total > 0 else 1.0}
+    total = lora.update_energy()
+    return out, None, {"energy_kept": round(out.update_energy() / total, 4) if total > 0 else 1.0}
 
 
 def variant_row(spec: FinetuneSpec, variant: Variant, kept: dict, numbers: dict, settings: BenchSettings,

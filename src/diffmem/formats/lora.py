@@ -144,6 +144,11 @@ class LoraFile:
         sources = (self.path,) if self.path is not None else ()
         return write_lora(self, path, protect=(*sources, *protect))
 
+    def update_energy(self) -> float:
+        """The total update energy: the sum over modules of ``||dW||_F^2`` (what `FilterReport.energy_kept` is a
+        share of)."""
+        return sum(float(module.delta().double().square().sum()) for module in self.modules.values())
+
     def __repr__(self) -> str:
         # The generated repr would print every tensor of every module.
         kinds = collections.Counter(module.kind for module in self.modules.values())
