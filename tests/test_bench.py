@@ -458,12 +458,13 @@ def test_tuned_and_overtrained_stages_train_from_the_held_out_curve(tmp_path, mo
 
 @pytest.mark.slow
 def test_a_style_probe_adds_the_style_s_success_to_the_numbers(tmp_path):
-    from diffmem.bench.evaluate import Probe, measure
+    from diffmem.bench.evaluate import STYLE_GENERATIONS, Probe, measure, style_generations
     from diffmem.formats.lora import read_lora
     from diffmem.world.check import example_lora_path
     from diffmem.world.data import FINETUNE_SETS
     from diffmem.world.lora import apply_lora
     from diffmem.world.model import load_base
+    from diffmem.world.style import style_success
 
     manifest = json.loads(example_lora_path().with_suffix(".json").read_text())
     faces = Probe.from_manifest(manifest)
@@ -477,6 +478,9 @@ def test_a_style_probe_adds_the_style_s_success_to_the_numbers(tmp_path):
     settings = BenchSettings(generations=1, steps=2)
     numbers, _ = measure(unet, style, settings)
     assert 0.0 <= numbers["style_success"] <= 1.0
+    styled = style_generations(unet, style, settings)  # what the success is read on: 4 per held-out caption
+    assert styled.shape[0] == STYLE_GENERATIONS * len(style.heldout) == 96
+    assert numbers["style_success"] == round(style_success(styled), 4)
     assert "style_success" not in measure(unet, faces, settings)[0]
 
 
