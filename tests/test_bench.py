@@ -81,8 +81,8 @@ def test_evidence_grid_has_tuned_overtrained_and_style_settings_seed_by_seed():
     names = [c.spec.name for c in cells]
     assert len(set(names)) == len(names) == 5 * len(EVIDENCE_SETTINGS) == 15
     assert [c.spec.seed for c in cells[:3]] == [0, 0, 0]  # every setting at seed 0 before any at seed 1
-    assert {(c.spec.data, c.spec.stage) for c in cells} == {("faces", "tuned"), ("faces", "over-trained"),
-                                                           ("style", "tuned")}
+    assert {(c.spec.data, c.spec.stage, c.spec.duplicate) for c in cells} == {
+        ("faces", "tuned", (5, 100)), ("faces", "over-trained", (5, 100)), ("style", "tuned", (5, 20))}
     assert all(c.plan == EVIDENCE_PLAN for c in cells)
     tuned = next(c.spec for c in cells if c.spec.stage == "tuned")
     assert tuned.name == "faces-r32-conv-d5x100-cos-tuned-s0" and tuned.setting == "faces-r32-conv-d5x100-cos-tuned"
