@@ -21,18 +21,16 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from diffmem.bench.evaluate import Probe, measure
-from diffmem.bench.run import append_row
+from diffmem.bench.run import append_row, collect_probe
 from diffmem.bench.settings import BenchSettings
 from diffmem.filters import ScaleConfig, Selection
 from diffmem.formats.base import open_base
 from diffmem.formats.lora import read_lora
-from diffmem.formats.safetensors_io import write_atomic
 from diffmem.pipeline import filter_lora
 from diffmem.world.diffusion import denoising_loss
 from diffmem.world.lora import apply_lora
@@ -76,15 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="with --collect: write the rows here")
     args = parser.parse_args(argv)
     if args.collect is not None:
-        rows = [json.loads(line) for line in (args.collect / "rows.jsonl").read_text().splitlines()]
-        if args.json is not None:
-            commands = sorted({r["command"] for r in rows})
-            curves = {path.stem: json.loads(path.read_text())["heldout_loss"]
-                      for path in sorted(args.collect.glob("*-final.json"))}
-            record = {"commands": commands, "settings": asdict(BenchSettings()), "rows": rows,
-                      "heldout_curves": curves}
-            write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json)
-        print(markdown(rows))
+        print(markdown(collect_probe(args.collect, args.json)))
         return 0
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

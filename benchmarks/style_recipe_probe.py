@@ -22,16 +22,14 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from diffmem.bench.evaluate import STYLE_GENERATIONS, Probe, measure
-from diffmem.bench.run import append_row
+from diffmem.bench.run import append_row, collect_probe
 from diffmem.bench.settings import BenchSettings
 from diffmem.formats.lora import read_lora
-from diffmem.formats.safetensors_io import write_atomic
 from diffmem.world.commands import duplicate_spec
 from diffmem.world.lora import apply_lora
 from diffmem.world.model import load_base
@@ -61,14 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="with --collect: write the rows here")
     args = parser.parse_args(argv)
     if args.collect is not None:
-        rows = [json.loads(line) for line in (args.collect / "rows.jsonl").read_text().splitlines()]
-        if args.json is not None:
-            curves = {path.stem: json.loads(path.read_text())["heldout_loss"]
-                      for path in sorted(args.collect.glob("*-final.json"))}
-            record = {"commands": sorted({r["command"] for r in rows}), "settings": asdict(BenchSettings()),
-                      "style_generations_per_caption": STYLE_GENERATIONS, "rows": rows, "heldout_curves": curves}
-            write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json)
-        print(markdown(rows))
+        print(markdown(collect_probe(args.collect, args.json, {"style_generations_per_caption": STYLE_GENERATIONS})))
         return 0
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

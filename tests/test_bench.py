@@ -169,6 +169,23 @@ def test_extraction_guided_variants_score_each_lora_once_and_keep_their_energy(m
     assert read_lora(example_lora_path()).update_energy() > 0
 
 
+def test_collect_probe_writes_the_rows_commands_and_curves_of_a_probe_folder(tmp_path):
+    from diffmem.bench.run import collect_probe
+
+    rows = [{"command": "python b.py --seed 1", "lora": "x-final"}, {"command": "python a.py", "lora": "base"}]
+    for row in rows:
+        append_row(tmp_path / "rows.jsonl", row)
+    curve = {"every": 25, "curve": [[0, 0.07], [25, 0.05]], "best_step": 25}
+    (tmp_path / "x-final.json").write_text(json.dumps({"heldout_loss": curve}))
+    (tmp_path / "x-tuned.json").write_text(json.dumps({"heldout_loss": {}}))  # a best step's manifest: not a run
+    assert collect_probe(tmp_path) == rows and not (tmp_path / "out.json").exists()
+    assert collect_probe(tmp_path, tmp_path / "out.json", {"note": 4}) == rows
+    record = json.loads((tmp_path / "out.json").read_text())
+    assert list(record) == ["commands", "settings", "note", "rows", "heldout_curves"]
+    assert record["commands"] == ["python a.py", "python b.py --seed 1"] and record["rows"] == rows
+    assert record["heldout_curves"] == {"x-final": curve} and record["settings"]["generations"] == 6
+
+
 def test_a_filter_then_scale_holds_the_total_energy_it_names():
     """`scaled_after`: random channels at 90% of each module's energy, then the whole LoRA down to 50% of the input's
     energy; a first step that already keeps less is left as it is; the evidence plan runs both hybrids at 50% and

@@ -22,6 +22,7 @@ from diffmem.bench.grid import OVERTRAIN_FACTOR, FinetuneSpec, GridCell, Variant
 from diffmem.errors import DiffmemError
 from diffmem.formats.base import BaseCheckpoint, open_base
 from diffmem.formats.lora import LoraFile, read_lora
+from diffmem.formats.safetensors_io import write_atomic
 from diffmem.pipeline import FilterReport, filter_lora
 from diffmem.progress import progress_bar
 from diffmem.report import image_grid, save_png
@@ -64,6 +65,19 @@ def append_row(path: Path, row: dict) -> None:
         handle.write(json.dumps(row, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def collect_probe(folder: Path, json_out: Path | None = None, extra: dict | None = None) -> list[dict]:
+    """The rows a benchmark probe appended to `folder`/rows.jsonl. With `json_out` they are also written there as
+    one JSON file: the commands that made them, the bench's measurement settings, `extra`, the rows, and the held-out
+    curve each tracked run recorded (its ``*-final.json`` manifest), so a doc's table can be derived again."""
+    rows = read_rows(folder / "rows.jsonl")
+    if json_out is not None:
+        curves = {path.stem: json.loads(path.read_text())["heldout_loss"] for path in sorted(folder.glob("*-final.json"))}
+        record = {"commands": sorted({r["command"] for r in rows}), "settings": asdict(BenchSettings()),
+                  **(extra or {}), "rows": rows, "heldout_curves": curves}
+        write_atomic((json.dumps(record, indent=2) + "\n").encode(), json_out)
+    return rows
 
 
 def finetune_path(spec: FinetuneSpec, work: Path) -> Path:
