@@ -63,12 +63,17 @@ def own_distances(generated: torch.Tensor, probe: Probe, generations: int) -> to
     return paired_tiled_l2(generated, probe.duplicated.images.repeat_interleave(generations, dim=0))
 
 
+def heldout_generations(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings, per_caption: int,
+                        first_seed: int) -> torch.Tensor:
+    """`per_caption` images of each held-out caption (caption-major), from seeds `first_seed`, `first_seed` + 1, ..."""
+    prompts = [c for c in probe.heldout.captions for _ in range(per_caption)]
+    return generate(unet, prompts, [first_seed + i for i in range(len(prompts))], steps=settings.steps,
+                    guidance=settings.guidance)
+
+
 def quality_generations(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> torch.Tensor:
     """`settings.quality_generations` images per held-out caption (seeds after those of the copy test)."""
-    prompts = [c for c in probe.heldout.captions for _ in range(settings.quality_generations)]
-    first = settings.seed + 100_000
-    return generate(unet, prompts, [first + i for i in range(len(prompts))], steps=settings.steps,
-                    guidance=settings.guidance)
+    return heldout_generations(unet, probe, settings, settings.quality_generations, settings.seed + 100_000)
 
 
 #: Generations per held-out caption that a style fine-tune's style success is read on (96 images for the style
@@ -80,10 +85,7 @@ STYLE_GENERATIONS = 4
 
 def style_generations(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> torch.Tensor:
     """`STYLE_GENERATIONS` images per held-out caption (seeds after those of `quality_generations`)."""
-    prompts = [c for c in probe.heldout.captions for _ in range(STYLE_GENERATIONS)]
-    first = settings.seed + 200_000
-    return generate(unet, prompts, [first + i for i in range(len(prompts))], steps=settings.steps,
-                    guidance=settings.guidance)
+    return heldout_generations(unet, probe, settings, STYLE_GENERATIONS, settings.seed + 200_000)
 
 
 def measure(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> tuple[dict, torch.Tensor]:
