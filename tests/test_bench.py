@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 
 from diffmem.bench import grid
 from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, memorizing_labels, separation, share
@@ -39,6 +41,7 @@ from diffmem.bench.report import (
     copying_finetunes,
     equal_quality_table,
     goal_table,
+    image_panel,
     meets_goal,
     setting_table,
     with_retention,
@@ -55,6 +58,7 @@ from diffmem.bench.run import (
 from diffmem.bench.stats import copy_rate_at_quality, format_interval, mean_interval
 from diffmem.errors import DiffmemError
 from diffmem.filters import BAFConfig
+from diffmem.report import png_description, save_png
 from diffmem.world.train import FinetuneConfig
 
 # --- grid -----------------------------------------------------------------------------------------------------
@@ -403,6 +407,19 @@ def test_write_results_keeps_the_hand_written_tail(tmp_path):
     text = out.read_text()
     assert text.count(HAND_WRITTEN) == 1 and text.endswith("Our reasoning.\n")
     assert "ft1" not in text.split(HAND_WRITTEN)[0]
+
+
+def test_sample_panel_comes_from_the_first_finetune_with_images_and_survives_their_loss(tmp_path):
+    images, panel = tmp_path / "images", tmp_path / "results" / "samples-s.png"
+    for key in ("lora", "base"):
+        save_png(torch.full((3, 4, 8), 0.5), images / "ft1" / f"{key}.png")
+    caption = image_panel(images, ["ft0", "ft1"], panel)  # ft0's images are gone: ft1 is drawn
+    assert caption == "First generation of each duplicated caption, `ft1`; rows top to bottom: lora, base."
+    assert png_description(panel) == caption and Image.open(panel).width >= 8 * 3
+    shutil.rmtree(images)  # a later session's work folder holds only the rows
+    assert image_panel(images, ["ft0", "ft1"], panel) == caption and panel.exists()
+    panel.unlink()
+    assert image_panel(images, ["ft0", "ft1"], panel) is None
 
 
 # --- channel truth (pure parts) -------------------------------------------------------------------------------

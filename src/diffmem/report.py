@@ -66,15 +66,32 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> torch.Te
     return grid
 
 
-def save_png(image: torch.Tensor, path: str | Path, scale: int = 1) -> Path:
-    """Write a [3, H, W] image as a PNG file."""
+def save_png(image: torch.Tensor, path: str | Path, scale: int = 1, description: str | None = None) -> Path:
+    """Write a [3, H, W] image as a PNG file; `description` goes into its standard "Description" text chunk (what
+    the picture shows, read back by `png_description`)."""
+    from PIL.PngImagePlugin import PngInfo
+
     picture = to_pil(image)
     if scale != 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    info = None
+    if description is not None:
+        info = PngInfo()
+        info.add_itxt("Description", description)
+    picture.save(path, pnginfo=info)
     return path
+
+
+def png_description(path: str | Path) -> str | None:
+    """The "Description" text chunk of a PNG written by `save_png`; None when the file or the chunk is absent or
+    the file is not a readable PNG."""
+    try:
+        with Image.open(path) as picture:
+            return picture.text.get("Description") if hasattr(picture, "text") else None
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def load_image(path: str | Path) -> torch.Tensor:

@@ -17,7 +17,7 @@ from PIL import Image
 from diffmem.bench.evaluate import retained
 from diffmem.bench.stats import copy_rate_at_quality, format_interval, mean_interval
 from diffmem.formats.safetensors_io import write_atomic
-from diffmem.report import between_markers, image_grid, markdown_table, save_png
+from diffmem.report import between_markers, image_grid, markdown_table, png_description, save_png
 
 HAND_WRITTEN = "<!-- Everything below this line is written by hand and kept when `diffmem bench` regenerates the file. -->"
 
@@ -259,19 +259,26 @@ def pareto_plot(variants: dict[str, list[dict]], title: str, path: Path, quality
     return path
 
 
-def image_panel(images_dir: Path, finetune: str, path: Path) -> Path | None:
-    """One strip per `GRID_VARIANTS` entry (first generation of each duplicated caption), stacked."""
-    strips = []
-    for key in GRID_VARIANTS:
-        file = images_dir / finetune / f"{key}.png"
-        if file.exists():
-            pixels = np.asarray(Image.open(file).convert("RGB"))
-            strips.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255)
-    if not strips:
-        return None
-    width = max(s.shape[2] for s in strips)
-    padded = torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[2]), value=1.0) for s in strips])
-    return save_png(image_grid(padded, columns=1), path, scale=3)
+def image_panel(images_dir: Path, finetunes: list[str], path: Path) -> str | None:
+    """The sample figure of a setting at `path`, one strip per `GRID_VARIANTS` entry (first generation of each
+    duplicated caption) stacked, drawn from the first of `finetunes` whose images are in `images_dir`; returns
+    its caption, which the PNG also carries. When none of them has images (the work folder of a later session
+    holds only the committed rows), a figure already at `path` that carries its caption is kept as it is: it
+    shows rows the report still holds. None when there is nothing to show."""
+    for finetune in finetunes:
+        files = [images_dir / finetune / f"{key}.png" for key in GRID_VARIANTS]
+        shown = [key for key, file in zip(GRID_VARIANTS, files) if file.exists()]
+        if not shown:
+            continue
+        strips = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+                  for f in files if f.exists()]
+        width = max(s.shape[2] for s in strips)
+        padded = torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[2]), value=1.0) for s in strips])
+        caption = (f"First generation of each duplicated caption, `{finetune}`; rows top to bottom: "
+                   f"{', '.join(shown)}.")
+        save_png(image_grid(padded, columns=1), path, scale=3, description=caption)
+        return caption
+    return png_description(path)
 
 
 def render_results(rows: list[dict], work: Path, out: Path, channels: dict | None = None) -> str:
@@ -331,11 +338,10 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
         fid_plot = pareto_plot(variants, setting, figures / f"pareto-fid-{setting}.png", "fid")
         parts.append(f"![memorization against held-out loss, {setting}](results/{plot.name}) "
                      f"![memorization against FID, {setting}](results/{fid_plot.name})\n")
-        panel = image_panel(work / "images", finetunes[0], figures / f"samples-{setting}.png")
-        if panel is not None:
-            shown = [k for k in GRID_VARIANTS if (work / "images" / finetunes[0] / f"{k}.png").exists()]
-            parts.append(f"First generation of each duplicated caption, `{finetunes[0]}`; rows top to bottom: "
-                         f"{', '.join(shown)}.\n\n![samples, {setting}](results/{panel.name})\n")
+        panel = figures / f"samples-{setting}.png"
+        caption = image_panel(work / "images", finetunes, panel)
+        if caption is not None:
+            parts.append(f"{caption}\n\n![samples, {setting}](results/{panel.name})\n")
     if channels:
         parts.append(render_channels(channels, figures))
     return "\n".join(parts)
