@@ -80,6 +80,13 @@ def test_full_grid_puts_core_seeds_first_and_names_are_unique():
         assert cell.spec.finetune_config().alpha == cell.spec.rank
 
 
+def test_a_recipe_length_other_than_the_default_is_in_the_name_and_the_config():
+    long = replace(CORE, data="style", steps=1500, lr_schedule="cosine", stage="tuned")
+    assert long.name == "style-r32-conv-d5x100-1500steps-cos-tuned-s0" and long.finetune_config().steps == 1500
+    assert CORE.name == "faces-r32-conv-d5x100-s0" and CORE.finetune_config() == FinetuneConfig()
+    with pytest.raises(ValueError, match="steps"):
+        replace(CORE, steps=0)
+
 def test_evidence_grid_has_tuned_overtrained_and_style_settings_seed_by_seed():
     cells = evidence_grid(seeds=5)
     names = [c.spec.name for c in cells]

@@ -503,3 +503,56 @@ def test_several_threads_give_the_same_filter_and_leave_torch_threads_as_they_we
     for name, module in serial.lora.modules.items():
         for role, tensor in module.tensors.items():
             assert torch.equal(parallel.lora.modules[name].tensors[role], tensor), (name, role)
+
+
+# --- the caption-readers filter (by module role) ----------------------------------------------------------------
+
+
+def test_only_cross_attention_keys_and_values_read_the_caption():
+    from diffmem.filters.caption_readers import reads_caption
+
+    block = "unet.mid_block.attentions.0.transformer_blocks.0"
+    assert reads_caption(f"{block}.attn2.to_k") and reads_caption(f"{block}.attn2.to_v")
+    assert not any(reads_caption(f"{block}.{m}") for m in ("attn2.to_q", "attn2.to_out.0", "attn1.to_k", "ff.net.2"))
+    assert reads_caption("transformer.transformer_blocks.3.attn.add_v_proj")
+    assert not reads_caption("transformer.transformer_blocks.3.attn.add_q_proj")
+    assert not reads_caption("transformer.double_blocks.0.txt_attn.qkv")  # fused with the text queries
+
+
+@pytest.mark.parametrize("case", ["kohya-sd1", "diffusers-sdxl-rslora", "diffusers-flux", "loha", "peft-folder"])
+def test_caption_readers_turns_down_exactly_the_modules_that_read_the_caption(tmp_path, case):
+    from diffmem.filters import CaptionReadersConfig
+    from diffmem.filters.caption_readers import reads_caption
+
+    _, family, layout, writer, folder = next(c for c in CASES if c[0] == case)
+    base, lora = build(tmp_path, family, layout, writer, folder)
+    out = tmp_path / ("out" if folder else "out.safetensors")
+    report = filter_file(lora, base, out, CaptionReadersConfig(factor=0.5), cache_dir=tmp_path / "cache")
+    module_of = {m.name: m.module for m in report.modules}
+    before, after = updates(lora), updates(out)
+    readers = [name for name in before if reads_caption(module_of[name])]
+    assert 0 < len(readers) < len(before)
+    for name in before:
+        factor = 0.5 if name in readers else 1.0
+        torch.testing.assert_close(after[name], factor * before[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_caption_readers_refuses_a_lora_with_no_separable_caption_reader(tmp_path, capsys):
+    _, family, layout, writer, folder = next(c for c in CASES if c[0] == "kohya-flux")  # BFL's fused txt_attn.qkv
+    base, lora = build(tmp_path, family, layout, writer, folder)
+    out = tmp_path / "out.safetensors"
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--method", "caption-readers"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and str(lora) in error and "reads the caption" in error
+    assert not out.exists()
+
+
+def test_caption_readers_factor_is_an_option_of_that_method_only(tmp_path):
+    base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
+    out = tmp_path / "out.safetensors"
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--method", "caption-readers",
+                 "--factor", "0", "--cache-dir", str(tmp_path / "c")]) == 0
+    dropped = [m for m in read_lora(out).modules.values() if float(m.delta().abs().max()) == 0.0]
+    assert dropped and all("attn2_to_k" in m.name or "attn2_to_v" in m.name for m in dropped)
+    for argv in (["--method", "baf", "--factor", "0.5"], ["--method", "caption-readers", "--factor", "2"]):
+        assert main(["filter", str(lora), "--base", str(base), "-o", str(tmp_path / "x.safetensors"), *argv]) == 2

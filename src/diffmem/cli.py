@@ -47,7 +47,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in LAZY_COMMANDS.values()))
 # `diffmem.filters.FILTERS` names, here so the filter commands' options need no torch import (tests/test_cli.py
 # checks they agree).
-FILTER_METHODS = ("baf", "base-gain", "intruder", "inverse-baf", "magnitude", "none", "random", "scale")
+FILTER_METHODS = ("baf", "base-gain", "caption-readers", "intruder", "inverse-baf", "magnitude", "none", "random",
+                  "scale")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -86,6 +87,9 @@ def add_filter_method_options(parser: argparse.ArgumentParser, seed_flag: str = 
     group.add_argument("--anchor-rank", type=int, help="BAF: a fixed number of anchor directions instead of --energy")
     group.add_argument(seed_flag, dest="filter_seed", type=int,
                        help="--method random: seed of its draw of channels (default 0)")
+    group.add_argument("--factor", type=float,
+                       help="--method caption-readers: what the updates of the modules that read the caption are "
+                            "multiplied by (default 0: dropped)")
     group = parser.add_argument_group("selection rule")
     group.add_argument("--rule", choices=["threshold", "fraction", "energy", "soft", "uniform", "all"],
                        help="keep channels scoring >= --threshold, the top --keep-fraction of channels or of energy, "
@@ -121,8 +125,8 @@ def build_config(args: argparse.Namespace, seed_flag: str = "--seed"):
     fields = {f.name for f in dataclasses.fields(config)}
     changes = {}
     for option, dest in (("side", "side"), ("combine", "combine"), ("energy", "energy"),
-                         ("anchor_rank", "anchor_rank"), ("seed", "filter_seed")):
-        value = getattr(args, dest)
+                         ("anchor_rank", "anchor_rank"), ("seed", "filter_seed"), ("factor", "factor")):
+        value = getattr(args, dest, None)
         if value is None:
             continue
         if option not in fields:

@@ -223,6 +223,10 @@ def filter_lora(
     store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache, device=device)
 
     names = [name for name in lora.modules if name in targets]  # the others are skipped, unchanged
+    try:
+        config.check_modules([targets[name].module for name in names])
+    except DiffmemError as error:
+        raise DiffmemError(error.problem, error.path or lora.path) from None
     channels = channels_of({name: lora.modules[name] for name in names}, device, lora.path)
     anchor_ranks: dict[str, int] = {}
 
@@ -237,7 +241,7 @@ def filter_lora(
             return module_anchors[(energy, k, side)]
 
         view = ModuleView(name=name, channels=channels[name], anchors=anchors,
-                          weight=lambda: base.weight(target).reshape(target.shape[0], -1))
+                          weight=lambda: base.weight(target).reshape(target.shape[0], -1), module=target.module)
         score = config.score(view).float()
         if not bool(torch.isfinite(score).all()):
             # The LoRA and base tensors were checked when read; cached anchors are checked here, through the scores:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from diffmem.filters import (
     FILTERS,
     BAFConfig,
+    CaptionReadersConfig,
     FilterConfig,
     InverseBAFConfig,
     KeepAllConfig,
@@ -50,6 +51,9 @@ class FinetuneSpec:
             times as long with the same recipe).
         lr_schedule: "constant" (the example LoRA's recipe) or "cosine" (`FinetuneConfig.lr_schedule`); a cosine
             fine-tune's name carries ``-cos``.
+        steps: the recipe's optimizer steps (for "tuned", the length of the tracked run the best step is picked
+            from; with a cosine schedule also the length its learning rate decays over). `FinetuneConfig`'s
+            default (500) unless a setting needs a longer run; any other length is in the name (``-1500steps``).
     """
 
     data: str = "faces"
@@ -59,8 +63,11 @@ class FinetuneSpec:
     seed: int = 0
     stage: str = "final"
     lr_schedule: str = "constant"
+    steps: int = FinetuneConfig.steps
 
     def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         check_lr_schedule(self.lr_schedule)
@@ -81,8 +88,9 @@ class FinetuneSpec:
         count, repeats = self.duplicate
         stage = f"-{stage}" if stage else ""
         schedule = "-cos" if self.lr_schedule == "cosine" else ""
-        return (f"{self.data}-r{self.rank}-{'conv' if self.conv else 'attn'}-d{count}x{repeats}{schedule}{stage}"
-                f"-s{self.seed}")
+        steps = "" if self.steps == FinetuneConfig.steps else f"-{self.steps}steps"
+        return (f"{self.data}-r{self.rank}-{'conv' if self.conv else 'attn'}-d{count}x{repeats}{steps}{schedule}"
+                f"{stage}-s{self.seed}")
 
     @property
     def setting(self) -> str:
@@ -94,7 +102,7 @@ class FinetuneSpec:
         are set from its tuned run's best step, `diffmem.bench.run.ensure_finetune`)."""
         return FinetuneConfig(data=self.data, rank=self.rank, alpha=float(self.rank), conv=self.conv,
                               duplicate=self.duplicate, seed=self.seed, lr_schedule=self.lr_schedule,
-                              heldout_every=HELDOUT_EVERY if self.stage == "tuned" else 0)
+                              steps=self.steps, heldout_every=HELDOUT_EVERY if self.stage == "tuned" else 0)
 
 
 #: The central setting (the committed example LoRA is its seed 0): faces, rank 32, LoCon, 5 images x 100.
@@ -259,6 +267,10 @@ TRANSFORMS |= {variant.key: variant for first in (TRANSFORMS["extraction-guided@
                                                    budget_variant("random", "energy", 0.9))
                for variant in (scaled_after(first, 0.5), scaled_after(first, 0.35))}
 
+#: Dropping the update of every module that reads the caption (the cross-attention keys and values,
+#: `diffmem.filters.CaptionReadersConfig`): a filter by module role, with its own rule and no budget.
+TRANSFORMS["caption-readers"] = Variant("caption-readers", "caption-readers", "default", None, CaptionReadersConfig())
+
 ENERGY_METHODS = ("baf", "baf-right", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")
 
 
@@ -340,11 +352,11 @@ EVIDENCE_SETTINGS = (
 )
 
 
-#: The evidence grid's variants: the full plan, the extraction-guided filter at two budgets, and it and random
-#: channels each followed by scale-down (issue 18, section 5).
+#: The evidence grid's variants: the full plan, the extraction-guided filter at two budgets, it and random
+#: channels each followed by scale-down, and the caption readers dropped (issue 18, section 5).
 EVIDENCE_PLAN = replace(FULL_PLAN, transforms=(
     *FULL_PLAN.transforms, "extraction-guided@energy=0.9", "extraction-guided@energy=0.8",
-    *(key for key in TRANSFORMS if "+scale@" in key)))
+    *(key for key in TRANSFORMS if "+scale@" in key), "caption-readers"))
 
 
 def evidence_grid(seeds: int = 5, first_seed: int = 0, only: Sequence[str] = ()) -> list[GridCell]:

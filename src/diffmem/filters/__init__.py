@@ -14,6 +14,7 @@ from diffmem.filters.baselines import (
     RandomConfig,
     ScaleConfig,
 )
+from diffmem.filters.caption_readers import CaptionReadersConfig
 from diffmem.filters.core import FilterConfig, ModuleView
 from diffmem.filters.selection import Selection, select
 
@@ -25,6 +26,7 @@ FILTERS: dict[str, type[FilterConfig]] = {
     "base-gain": BaseGainConfig,
     "intruder": IntruderConfig,
     "scale": ScaleConfig,
+    "caption-readers": CaptionReadersConfig,
     "none": KeepAllConfig,
 }
 
@@ -32,6 +34,7 @@ __all__ = [
     "FILTERS",
     "BAFConfig",
     "BaseGainConfig",
+    "CaptionReadersConfig",
     "FilterConfig",
     "IntruderConfig",
     "InverseBAFConfig",

@@ -20,6 +20,7 @@ class ModuleView:
     channels: Channels
     anchors: Callable[[float, int | None, str], Anchors]  # (energy, k, side) -> anchors of the base weight
     weight: Callable[[], torch.Tensor]  # the base weight, float32, flattened to 2-D
+    module: str = ""  # the base module it updates, in diffusers naming, e.g. "unet.mid_block.attentions.0.proj_in"
 
 
 @dataclass
@@ -32,6 +33,10 @@ class FilterConfig:
     def score(self, view: ModuleView) -> torch.Tensor:
         """Per-channel scores of one module; higher means keep."""
         raise NotImplementedError
+
+    def check_modules(self, modules: list[str]) -> None:
+        """Called once with the base modules (diffusers naming) the LoRA updates, before any is scored: a filter
+        that cannot act on this LoRA raises a `DiffmemError` here rather than return it unchanged."""
 
     def to_dict(self) -> dict:
         """The config as plain data, for reports and file provenance."""

@@ -1,0 +1,134 @@
+"""Where in the UNet does a LoRA's copying sit? (issue 18, section 5: "soft scaling tuned per layer".) Each group of
+a world LoRA's modules (a UNet block, or a role: the cross-attention keys and values that read the caption, the
+rest of the transformer blocks, the convolutions) is turned down to `--factor` of its update while the rest of the
+LoRA stays whole, and the model is measured as `diffmem bench` measures a variant (copy rate of the duplicated
+captions, held-out denoising loss; `diffmem.bench.evaluate.measure`), beside the whole LoRA and the base.
+
+This is an oracle look, not a filter: it reads the copy rate on the training captions, which a data-free filter
+cannot. If no group carries the copies while leaving the held-out gain (quality kept >= 90% with the copy rate
+down by >= 90%), no per-layer turn-down chosen data-free can beat turning the whole LoRA down either, on this LoRA.
+
+    python benchmarks/layer_scale_probe.py --lora runs/bench-evidence/finetunes/faces-r32-conv-d5x100-cos-tuned-s5.safetensors \
+        --out runs/layer-probe [--factor 0] [--threads 1]
+    python benchmarks/layer_scale_probe.py --collect runs/layer-probe --json docs/layer-scale.json
+
+Any LoRA of the world with its training manifest (.json) beside it. Rows are appended to `--out`/rows.jsonl as
+they are measured (a rerun skips what is there); `--collect` writes them with the commands into one JSON file and
+prints the table (docs/bench.md shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from diffmem.bench.evaluate import Probe, measure, retained
+from diffmem.bench.run import append_row, collect_probe, read_rows
+from diffmem.bench.settings import BenchSettings
+from diffmem.formats.lora import LoraFile, read_lora
+from diffmem.world.lora import apply_lora
+from diffmem.world.model import load_base
+
+#: Roles by what a module reads: the cross-attention keys and values are the only weights that see the caption.
+CAPTION_READERS = re.compile(r"attn2_to_[kv]$")
+
+
+def module_groups(lora: LoraFile) -> dict[str, list[str]]:
+    """The probe's groups of module names: one per UNet block (``down_blocks_1``, ``mid_block``, ...) in file
+    order, then the three roles (caption readers, the rest of the transformer blocks, the convolutions)."""
+    groups: dict[str, list[str]] = {}
+    for name in lora.modules:
+        block = re.search(r"(down_blocks_\d+|up_blocks_\d+|mid_block)", name)
+        groups.setdefault(block.group(1) if block else "outside the blocks", []).append(name)
+    roles = {"cross-attention k,v": [], "rest of the transformer": [], "convolutions": []}
+    for name in lora.modules:
+        role = ("cross-attention k,v" if CAPTION_READERS.search(name) else
+                "rest of the transformer" if "_attentions_" in name else "convolutions")
+        roles[role].append(name)
+    return groups | {role: names for role, names in roles.items() if names}
+
+
+def turned_down(base_unet: torch.nn.Module, lora: LoraFile, names: list[str], factor: float) -> torch.nn.Module:
+    """The base with `lora` merged whole except the modules `names`, merged at `factor`."""
+    chosen = set(names)
+    whole = replace(lora, modules={n: m for n, m in lora.modules.items() if n not in chosen})
+    unet = apply_lora(base_unet, whole)
+    if factor:
+        unet = apply_lora(unet, replace(lora, modules={n: lora.modules[n] for n in names}), scale=factor)
+    return unet
+
+
+def energy_share(lora: LoraFile, names: list[str]) -> float:
+    """The share of the LoRA's update energy held by the modules `names`."""
+    return sum(float(lora.modules[n].delta().double().square().sum()) for n in names) / lora.update_energy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lora", type=Path, help="a world LoRA with its manifest (.json) beside it")
+    parser.add_argument("--factor", type=float, default=0.0, help="what each group is turned down to (0: dropped)")
+    parser.add_argument("--out", type=Path, default=Path("runs/layer-probe"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--collect", type=Path, default=None, help="only gather the rows of this folder")
+    parser.add_argument("--json", type=Path, default=None, help="with --collect: write the rows here")
+    args = parser.parse_args(argv)
+    if args.collect is not None:
+        print(markdown(collect_probe(args.collect, args.json)))
+        return 0
+    if args.lora is None:
+        parser.error("--lora is required (or --collect)")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_path = args.out / "rows.jsonl"
+    done = {(r["lora"], r["group"], r["factor"]) for r in read_rows(rows_path)}
+    command = shlex.join(["python", "benchmarks/layer_scale_probe.py", *(sys.argv[1:] if argv is None else argv)])
+    lora, base_unet, settings = read_lora(args.lora), load_base(), BenchSettings()
+    probe = Probe.from_manifest(json.loads(args.lora.with_suffix(".json").read_text()))
+    plan = [("lora", [], 1.0), ("base", list(lora.modules), 0.0)]
+    plan += [(group, names, args.factor) for group, names in module_groups(lora).items()]
+    for group, names, factor in plan:
+        if (args.lora.stem, group, factor) in done:
+            continue
+        started = time.perf_counter()
+        unet = base_unet if group == "base" else turned_down(base_unet, lora, names, factor)
+        row = {"lora": args.lora.stem, "group": group, "factor": factor, "modules": len(names),
+               "energy_share": round(energy_share(lora, names), 4), "command": command,
+               **measure(unet, probe, settings)[0], "seconds": round(time.perf_counter() - started)}
+        print(json.dumps(row), flush=True)
+        append_row(rows_path, row)
+    return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per LoRA, one line per group turned down: its modules and share of the update energy, the copy rate, and
+    the share of the LoRA's held-out gain and copy rate kept (the LoRA's own line is 100%, the base's 0%)."""
+    lines = ["| LoRA | group turned down (to factor) | modules | energy share | copy rate | copy rate kept | "
+             "quality kept | meets the goal |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for stem in sorted({r["lora"] for r in rows}):
+        mine = [r for r in rows if r["lora"] == stem]
+        whole = next(r for r in mine if r["group"] == "lora")
+        base = next(r for r in mine if r["group"] == "base")
+        for row in mine:
+            if row["group"] == "lora":
+                continue
+            quality = retained(row["heldout_loss"], base["heldout_loss"], whole["heldout_loss"])
+            copies = row["copy_rate"] / whole["copy_rate"] if whole["copy_rate"] else None
+            goal = quality is not None and copies is not None and quality >= 0.9 and copies <= 0.1
+            label = "all (the base)" if row["group"] == "base" else f"{row['group']} (to {row['factor']:g})"
+            lines.append(f"| {stem} | {label} | {row['modules']} | {row['energy_share']:.0%} | "
+                         f"{row['copy_rate']:.0%} | {'-' if copies is None else f'{copies:.0%}'} | "
+                         f"{'-' if quality is None else f'{quality:.0%}'} | {'yes' if goal else 'no'} |")
+        lines.append(f"| {stem} | none (the LoRA) | 0 | 0% | {whole['copy_rate']:.0%} | 100% | 100% | no |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
