@@ -94,6 +94,8 @@ def test_evidence_grid_has_tuned_overtrained_and_style_settings_seed_by_seed():
     assert [c.spec.seed for c in cells[:3]] == [0, 0, 0]  # every setting at seed 0 before any at seed 1
     assert {(c.spec.data, c.spec.stage, c.spec.duplicate) for c in cells} == {
         ("faces", "tuned", (5, 100)), ("faces", "over-trained", (5, 100)), ("style", "tuned", (5, 20))}
+    style = next(c.spec for c in cells if c.spec.data == "style")
+    assert style.setting == "style-r32-conv-d5x20-1500steps-cos-tuned" and style.finetune_config().steps == 1500
     assert all(c.plan == EVIDENCE_PLAN for c in cells)
     tuned = next(c.spec for c in cells if c.spec.stage == "tuned")
     assert tuned.name == "faces-r32-conv-d5x100-cos-tuned-s0" and tuned.setting == "faces-r32-conv-d5x100-cos-tuned"
@@ -195,6 +197,15 @@ def test_collect_probe_writes_the_rows_commands_and_curves_of_a_probe_folder(tmp
     assert list(record) == ["commands", "settings", "note", "rows", "heldout_curves"]
     assert record["commands"] == ["python a.py", "python b.py --seed 1"] and record["rows"] == rows
     assert record["heldout_curves"] == {"x-final": curve} and record["settings"]["generations"] == 6
+    # A later session's folder holds only its own run: the earlier rows and curves stay in the JSON, a repeated
+    # measurement once.
+    later = tmp_path / "later"
+    later.mkdir()
+    for row in ({"command": "python b.py --seed 2", "lora": "y-final"}, rows[1] | {"seconds": 3}):
+        append_row(later / "rows.jsonl", row)
+    (later / "y-final.json").write_text(json.dumps({"heldout_loss": {"best_step": 50}}))
+    assert [r["lora"] for r in collect_probe(later, tmp_path / "out.json")] == ["x-final", "y-final", "base"]
+    assert set(json.loads((tmp_path / "out.json").read_text())["heldout_curves"]) == {"x-final", "y-final"}
 
 
 def test_a_filter_then_scale_holds_the_total_energy_it_names():

@@ -70,13 +70,27 @@ def append_row(path: Path, row: dict) -> None:
 def collect_probe(folder: Path, json_out: Path | None = None, extra: dict | None = None) -> list[dict]:
     """The rows a benchmark probe appended to `folder`/rows.jsonl. With `json_out` they are also written there as
     one JSON file: the commands that made them, the bench's measurement settings, `extra`, the rows, and the held-out
-    curve each tracked run recorded (its ``*-final.json`` manifest), so a doc's table can be derived again."""
+    curve each tracked run recorded (its ``*-final.json`` manifest), so a doc's table can be derived again.
+
+    Rows already in `json_out` that no row of the folder repeats (the same fields, the seconds aside) are kept
+    before the folder's, and so are curves of runs the folder does not hold: a later session's folder holds only
+    its own runs, and the doc's table keeps the earlier ones. Returns the rows written (the folder's alone without
+    `json_out`)."""
     rows = read_rows(folder / "rows.jsonl")
-    if json_out is not None:
-        curves = {path.stem: json.loads(path.read_text())["heldout_loss"] for path in sorted(folder.glob("*-final.json"))}
-        record = {"commands": sorted({r["command"] for r in rows}), "settings": asdict(BenchSettings()),
-                  **(extra or {}), "rows": rows, "heldout_curves": curves}
-        write_atomic((json.dumps(record, indent=2) + "\n").encode(), json_out)
+    if json_out is None:
+        return rows
+    curves = {path.stem: json.loads(path.read_text())["heldout_loss"] for path in sorted(folder.glob("*-final.json"))}
+    if json_out.exists():
+        earlier = json.loads(json_out.read_text())
+        def measured(row: dict) -> str:
+            return json.dumps({k: v for k, v in row.items() if k != "seconds"}, sort_keys=True)
+
+        mine = set(map(measured, rows))
+        rows = [r for r in earlier["rows"] if measured(r) not in mine] + rows
+        curves = {stem: curve for stem, curve in earlier["heldout_curves"].items() if stem not in curves} | curves
+    record = {"commands": sorted({r["command"] for r in rows}), "settings": asdict(BenchSettings()),
+              **(extra or {}), "rows": rows, "heldout_curves": curves}
+    write_atomic((json.dumps(record, indent=2) + "\n").encode(), json_out)
     return rows
 
 
