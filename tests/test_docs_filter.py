@@ -1,4 +1,4 @@
-"""The Python examples in docs/filter.md and docs/batch.md run as written, on tiny files with the names they use."""
+"""The Python examples in docs/filter.md, docs/batch.md and docs/caption-readers.md run as written, on tiny files with the names they use."""
 
 import re
 import shutil
@@ -39,3 +39,14 @@ def test_batch_page_example(tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "filtered").glob("*.filtered.safetensors"))) == 2
     exec(compile(anchors, "docs/batch.md", "exec"), {})
     assert re.search(r"base weights: \d+ anchors computed, \d+ already cached", capsys.readouterr().out)
+
+
+def test_caption_readers_page_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
+    shutil.move(bb.build_tiny_base(tmp_path, "sdxl", "single_file"), tmp_path / "sd_xl_base_1.0.safetensors")
+    bl.write_kohya_lora(tmp_path / "my_lora.safetensors", bb.lora_lookups("sdxl", "kohya"), rank=4)
+    (block,) = python_blocks("caption-readers.md")
+    exec(compile(block, "docs/caption-readers.md", "exec"), {})
+    assert "channels" in capsys.readouterr().out
+    assert (tmp_path / "my_lora.caption-readers.safetensors").is_file()
