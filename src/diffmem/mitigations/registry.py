@@ -260,20 +260,34 @@ def apply_wanda(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
                         lambda model, prompts, config: wanda_mitigate(model, prompts.memorized, config=config))
 
 
-def apply_baf(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
-    """The LoRA filtered by BAF against its base (`diffmem.pipeline.filter_lora`), merged into the base."""
-    from diffmem.filters import BAFConfig
+def filtered_model(inputs: MitigationInputs, config: Any, label: str) -> MitigatedModel:
+    """The LoRA filtered by the channel filter `config` against its base (`diffmem.pipeline.filter_lora`), merged
+    into the base."""
     from diffmem.pipeline import filter_lora
     from diffmem.world.lora import apply_lora
     from diffmem.world.model import BASE_FILE, assets_dir
 
-    config = config or BAFConfig()
-    inputs.log("BAF ...")
+    inputs.log(f"{label} ...")
     # No anchor cache: the world base is small, and a table run should not depend on what an earlier run cached.
     filtered = filter_lora(inputs.required("lora"), inputs.base or assets_dir() / BASE_FILE, config,
                            use_cache=False).lora
     return MitigatedModel(apply_lora(inputs.world_base(), filtered),
-                          f"diffmem.pipeline.filter_lora, {config_text(config, BAFConfig())}")
+                          f"diffmem.pipeline.filter_lora, {config_text(config, type(config)())}")
+
+
+def apply_baf(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
+    """The LoRA filtered by BAF against its base, merged into the base."""
+    from diffmem.filters import BAFConfig
+
+    return filtered_model(inputs, config or BAFConfig(), "BAF")
+
+
+def apply_caption_readers(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
+    """The LoRA without the updates of the modules that read the caption (`CaptionReadersConfig`), merged into the
+    base. Data-free: only the module names are read."""
+    from diffmem.filters import CaptionReadersConfig
+
+    return filtered_model(inputs, config or CaptionReadersConfig(), "caption-readers filter")
 
 
 def apply_extraction_guided(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
@@ -389,6 +403,11 @@ register_mitigation(Mitigation(
                 "(Sundararajan et al. 2017) on the scan's output (FineXtract, Wu et al. 2025); a research candidate, "
                 "docs/extraction-guided.md",
     config="diffmem.mitigations.extraction_guided:ExtractionGuidedConfig", apply=apply_extraction_guided))
+register_mitigation(Mitigation(
+    name="caption-readers", kind="post-hoc", label="caption-readers", row="caption-readers filter (default)",
+    description="drop the LoRA's cross-attention keys and values, the modules that read the caption (where Finding "
+                "NeMo, Hintersdorf et al. 2024, locates memorization neurons); docs/caption-readers.md",
+    config="diffmem.filters.caption_readers:CaptionReadersConfig", apply=apply_caption_readers))
 register_mitigation(Mitigation(
     name="adversarial", kind="post-hoc", label="adversarial fine-tuning", row="adversarial fine-tuning",
     table_group="adversarial",
