@@ -578,3 +578,21 @@ def test_auc_interval_brackets_the_auc():
     auc = separation(records)["s"]
     low, high = auc_interval(records, "s", resamples=300)
     assert low <= auc <= high and low > 0.5 and high <= 1.0
+
+
+def test_new_rows_of_a_finetune_trained_again_must_measure_the_same_weights():
+    from diffmem.bench.run import other_weights
+
+    def never() -> dict:
+        raise AssertionError("measured although the rows record the file")
+
+    lora_row = {"variant": "lora", "copy_rate": 0.6333, "heldout_loss": 0.055587, "amd": 0.1918}
+    assert other_weights([], "abc", never) is None
+    assert other_weights([lora_row | {"lora_sha256": "abc"}], "abc", never) is None
+    assert "another file" in other_weights([lora_row | {"lora_sha256": "abc"}], "def", never)
+    # Rows from before the sha256 was recorded: the file's own LoRA row is measured again. Float rounding on
+    # another machine passes; a fine-tune that stopped at another step does not.
+    same = {"copy_rate": 0.6333, "heldout_loss": 0.055588, "amd": 0.1917}
+    assert other_weights([lora_row], "abc", lambda: same) is None
+    moved = other_weights([lora_row], "abc", lambda: same | {"heldout_loss": 0.055474, "amd": 0.1663})
+    assert "heldout_loss 0.055587 then, 0.055474 now" in moved and "amd" in moved and "copy_rate" not in moved

@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -170,6 +171,34 @@ def variant_row(spec: FinetuneSpec, variant: Variant, kept: dict, numbers: dict,
     return row | kept | numbers
 
 
+#: How far a LoRA file's own measurement may move and still count as the weights its earlier rows measured: the
+#: training is seeded but not bit-for-bit the same on another machine (float rounding in the kernels), which moves
+#: the numbers of the same weights by about 1e-6 in held-out loss and 1e-4 in AMD; a fine-tune stopped at another
+#: step (its held-out curve's minimum moved) differs by far more.
+SAME_WEIGHTS = {"copy_rate": 0.0, "heldout_loss": 5e-5, "amd": 5e-3}
+
+
+def other_weights(earlier: list[dict], sha256: str, lora_numbers: Callable[[], dict]) -> str | None:
+    """Why a fine-tune's new rows would measure other weights than its `earlier` rows did, or None when they would
+    not. Rows that record the file's sha256 are compared by it; older rows without one, by measuring the file's
+    LoRA again (`lora_numbers()`, only then) against their ``lora`` row within `SAME_WEIGHTS`: a fine-tune trained
+    again in a later session (its file is not committed) may have stopped at another step."""
+    if not earlier:
+        return None
+    recorded = {r["lora_sha256"] for r in earlier if "lora_sha256" in r}
+    if recorded:
+        return None if recorded == {sha256} else f"its earlier rows measured another file (sha256 {sorted(recorded)})"
+    lora_row = next((r for r in earlier if r["variant"] == "lora"), None)
+    if lora_row is None:
+        return None
+    now = lora_numbers()
+    moved = {k: (lora_row[k], now[k]) for k, tolerance in SAME_WEIGHTS.items() if abs(now[k] - lora_row[k]) > tolerance}
+    if moved:
+        return ("the LoRA file does not reproduce its earlier rows' measurement (" +
+                ", ".join(f"{k} {old} then, {new} now" for k, (old, new) in moved.items()) + ")")
+    return None
+
+
 def run_bench(
     work: str | Path,
     cells: Iterable[GridCell],
@@ -202,7 +231,16 @@ def run_bench(
         todo = [v for v in variants if (spec.name, v.key) not in done]
         if not todo:
             continue
-        probe = Probe.from_manifest(json.loads(lora_path.with_suffix(".json").read_text()))
+        manifest = json.loads(lora_path.with_suffix(".json").read_text())
+        probe = Probe.from_manifest(manifest)
+        earlier = [r for r in read_rows(results) if r["finetune"] == spec.name and r.get("settings_id") == sid]
+        problem = other_weights(earlier, manifest["sha256"],
+                                lambda path=lora_path, probe=probe: measure(apply_lora(base_unet, path), probe,
+                                                                           settings)[0])
+        if problem is not None:
+            warnings.warn(f"{spec.name}: {problem}; its new variants are not measured (move its rows aside to "
+                          f"measure it afresh)", stacklevel=1)
+            continue
         for variant in progress_bar(todo, desc=spec.name, unit="variant", disable=not progress):
             started = time.perf_counter()
             kept = {}
@@ -214,6 +252,7 @@ def run_bench(
             numbers, generated = measure(unet, probe, settings)
             save_png(image_grid(generated[:: settings.generations], columns=len(probe.duplicated)),
                      work / "images" / spec.name / f"{variant.key}.png")
-            append_row(results, variant_row(spec, variant, kept, numbers, settings, time.perf_counter() - started))
+            row = variant_row(spec, variant, kept, numbers, settings, time.perf_counter() - started)
+            append_row(results, row | {"lora_sha256": manifest["sha256"]})
             done.add((spec.name, variant.key))
     return [r for r in read_rows(results) if r.get("settings_id") == sid]
