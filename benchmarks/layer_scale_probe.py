@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from diffmem.bench.evaluate import Probe, measure, retained
-from diffmem.bench.run import append_row, collect_probe, read_rows
+from diffmem.bench.run import add_probe_arguments, append_row, collect_probe, read_rows
 from diffmem.bench.settings import BenchSettings
 from diffmem.formats.lora import LoraFile, read_lora
 from diffmem.world.lora import apply_lora
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lora", type=Path, help="a world LoRA with its manifest (.json) beside it")
     parser.add_argument("--factor", type=float, default=0.0, help="what each group is turned down to (0: dropped)")
-    parser.add_argument("--out", type=Path, default=Path("runs/layer-probe"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--collect", type=Path, default=None, help="only gather the rows of this folder")
-    parser.add_argument("--json", type=Path, default=None, help="with --collect: write the rows here")
+    add_probe_arguments(parser, "runs/layer-probe")
     args = parser.parse_args(argv)
     if args.collect is not None:
         print(markdown(collect_probe(args.collect, args.json)))

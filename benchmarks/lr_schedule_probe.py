@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from diffmem.bench.evaluate import Probe, measure
-from diffmem.bench.run import append_row, collect_probe
+from diffmem.bench.run import add_probe_arguments, append_row, collect_probe
 from diffmem.bench.settings import BenchSettings
 from diffmem.filters import ScaleConfig, Selection
 from diffmem.formats.base import open_base
@@ -68,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.7, 0.5, 0.25],
                         help="shares of the update energy `scale` keeps")
-    parser.add_argument("--out", type=Path, default=Path("runs/lr-schedule"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--collect", type=Path, default=None, help="only gather the rows of this folder")
-    parser.add_argument("--json", type=Path, default=None, help="with --collect: write the rows here")
+    add_probe_arguments(parser, "runs/lr-schedule")
     args = parser.parse_args(argv)
     if args.collect is not None:
         print(markdown(collect_probe(args.collect, args.json)))

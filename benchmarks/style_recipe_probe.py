@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from diffmem.bench.evaluate import STYLE_GENERATIONS, Probe, measure
-from diffmem.bench.run import append_row, collect_probe
+from diffmem.bench.run import add_probe_arguments, append_row, collect_probe
 from diffmem.bench.settings import BenchSettings
 from diffmem.formats.lora import read_lora
 from diffmem.world.commands import duplicate_spec
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duplicate", type=duplicate_spec, default=(5, 100), metavar="N:K")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/style-probe"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--collect", type=Path, default=None, help="only gather the rows of this folder")
-    parser.add_argument("--json", type=Path, default=None, help="with --collect: write the rows here")
+    add_probe_arguments(parser, "runs/style-probe")
     args = parser.parse_args(argv)
     if args.collect is not None:
         print(markdown(collect_probe(args.collect, args.json, {"style_generations_per_caption": STYLE_GENERATIONS})))

@@ -1,8 +1,11 @@
-"""The Python examples in docs/filter.md, docs/batch.md and docs/caption-readers.md run as written, on tiny files with the names they use."""
+"""The Python examples in docs/filter.md, docs/caption-readers.md and docs/batch.md run as written, on tiny files
+with the names they use."""
 
 import re
 import shutil
 from pathlib import Path
+
+import pytest
 
 import builders_base as bb
 import builders_lora as bl
@@ -14,15 +17,17 @@ def python_blocks(page: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
 
 
-def test_filter_page_example(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("page", "written"), [("filter.md", "my_lora.filtered.safetensors"),
+                                              ("caption-readers.md", "my_lora.caption-readers.safetensors")])
+def test_filter_pages_example(tmp_path, monkeypatch, capsys, page, written):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
     shutil.move(bb.build_tiny_base(tmp_path, "sdxl", "single_file"), tmp_path / "sd_xl_base_1.0.safetensors")
     bl.write_kohya_lora(tmp_path / "my_lora.safetensors", bb.lora_lookups("sdxl", "kohya"), rank=4)
-    (block,) = python_blocks("filter.md")
-    exec(compile(block, "docs/filter.md", "exec"), {})
+    (block,) = python_blocks(page)
+    exec(compile(block, f"docs/{page}", "exec"), {})
     assert "channels" in capsys.readouterr().out
-    assert (tmp_path / "my_lora.filtered.safetensors").is_file()
+    assert (tmp_path / written).is_file()
 
 
 def test_batch_page_example(tmp_path, monkeypatch, capsys):
@@ -40,13 +45,3 @@ def test_batch_page_example(tmp_path, monkeypatch, capsys):
     exec(compile(anchors, "docs/batch.md", "exec"), {})
     assert re.search(r"base weights: \d+ anchors computed, \d+ already cached", capsys.readouterr().out)
 
-
-def test_caption_readers_page_example(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))
-    shutil.move(bb.build_tiny_base(tmp_path, "sdxl", "single_file"), tmp_path / "sd_xl_base_1.0.safetensors")
-    bl.write_kohya_lora(tmp_path / "my_lora.safetensors", bb.lora_lookups("sdxl", "kohya"), rank=4)
-    (block,) = python_blocks("caption-readers.md")
-    exec(compile(block, "docs/caption-readers.md", "exec"), {})
-    assert "channels" in capsys.readouterr().out
-    assert (tmp_path / "my_lora.caption-readers.safetensors").is_file()

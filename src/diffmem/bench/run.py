@@ -6,6 +6,7 @@ that stops resumes where it was and a longer grid extends a shorter one.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -66,6 +67,15 @@ def append_row(path: Path, row: dict) -> None:
         handle.write(json.dumps(row, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every benchmark probe takes: where its rows go (`out` by default), its torch threads, and
+    `--collect FOLDER [--json FILE]` to gather a folder's rows instead of measuring (`collect_probe`)."""
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--collect", type=Path, default=None, help="only gather the rows of this folder")
+    parser.add_argument("--json", type=Path, default=None, help="with --collect: write the rows here")
 
 
 def collect_probe(folder: Path, json_out: Path | None = None, extra: dict | None = None) -> list[dict]:
