@@ -268,7 +268,8 @@ TRANSFORMS |= {variant.key: variant for first in (TRANSFORMS["extraction-guided@
                for variant in (scaled_after(first, 0.5), scaled_after(first, 0.35))}
 
 #: Dropping the update of every module that reads the caption (the cross-attention keys and values,
-#: `diffmem.filters.CaptionReadersConfig`): a filter by module role, with its own rule and no budget.
+#: `diffmem.filters.CaptionReadersConfig`): a filter by module role, with its own rule and no budget. The grid's
+#: own-caption copy rate flatters it: the generations go on copying other training images (docs/caption-readers.md).
 TRANSFORMS["caption-readers"] = Variant("caption-readers", "caption-readers", "default", None, CaptionReadersConfig())
 
 ENERGY_METHODS = ("baf", "baf-right", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")

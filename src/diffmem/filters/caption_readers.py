@@ -5,9 +5,10 @@ In a text-to-image UNet the caption enters only through the cross-attention keys
 through the text stream's own projections (`attn.add_k_proj`, `attn.add_v_proj`). A LoRA that copies a training
 image for its caption has to tie the caption to the image somewhere, and these are the modules that see it; what it
 learned of the images in general (faces, a look) the other modules can carry. `benchmarks/layer_scale_probe.py`
-measured the world's LoRAs module group by module group (docs/bench.md, "Where the copying sits"), and the Finding
-NeMo paper (Hintersdorf et al., NeurIPS 2024) locates memorization neurons in the cross-attention value layers of
-Stable Diffusion. Data-free: it needs only the module names.
+measured the world's LoRAs module group by module group (docs/caption-readers.md), and the Finding NeMo paper
+(Hintersdorf et al., NeurIPS 2024) locates memorization neurons in the cross-attention value layers of Stable
+Diffusion. Data-free: it needs only the module names. A research candidate: on the world it unbinds memorized
+images from their captions more than it removes them (docs/caption-readers.md).
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ class CaptionReadersConfig(FilterConfig):
     """Multiply the update of every module that reads the caption (`reads_caption`) by `factor`; keep the others.
 
     Args:
-        factor: what the caption readers' updates are multiplied by. 0 (default) drops them: on the world's faces
-            LoRAs dropping them removed the copies while the rest kept the held-out gain (docs/bench.md).
+        factor: what the caption readers' updates are multiplied by. 0 (default) drops them. On the world's faces
+            LoRAs that removed most copies of each caption's own image and kept most of the held-out gain, but the
+            generations still copied other training images (one face for every caption on an over-trained
+            LoRA): it unbinds memorized images from their captions more than it removes them
+            (docs/caption-readers.md).
         selection: "soft" at threshold 1, so a channel's weight is its score: `factor` for a caption reader's
             channels, 1 for the rest. Under an "energy" or "fraction" rule the caption readers' channels go first.
     """

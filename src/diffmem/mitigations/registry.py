@@ -406,7 +406,8 @@ register_mitigation(Mitigation(
 register_mitigation(Mitigation(
     name="caption-readers", kind="post-hoc", label="caption-readers", row="caption-readers filter (default)",
     description="drop the LoRA's cross-attention keys and values, the modules that read the caption (where Finding "
-                "NeMo, Hintersdorf et al. 2024, locates memorization neurons); docs/caption-readers.md",
+                "NeMo, Hintersdorf et al. 2024, locates memorization neurons); a research candidate that unbinds "
+                "memorized images from their captions more than it removes them, docs/caption-readers.md",
     config="diffmem.filters.caption_readers:CaptionReadersConfig", apply=apply_caption_readers))
 register_mitigation(Mitigation(
     name="adversarial", kind="post-hoc", label="adversarial fine-tuning", row="adversarial fine-tuning",
