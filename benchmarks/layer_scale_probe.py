@@ -33,25 +33,25 @@ import torch
 from diffmem.bench.evaluate import Probe, measure, retained
 from diffmem.bench.run import add_probe_arguments, append_row, collect_probe, read_rows
 from diffmem.bench.settings import BenchSettings
+from diffmem.filters.caption_readers import reads_caption
 from diffmem.formats.lora import LoraFile, read_lora
-from diffmem.world.lora import apply_lora
+from diffmem.world.lora import apply_lora, lora_targets
 from diffmem.world.model import load_base
 
-#: Roles by what a module reads: the cross-attention keys and values are the only weights that see the caption.
-CAPTION_READERS = re.compile(r"attn2_to_[kv]$")
 
-
-def module_groups(lora: LoraFile) -> dict[str, list[str]]:
+def module_groups(lora: LoraFile, unet: torch.nn.Module) -> dict[str, list[str]]:
     """The probe's groups of module names: one per UNet block (``down_blocks_1``, ``mid_block``, ...) in file
-    order, then the three roles (caption readers, the rest of the transformer blocks, the convolutions)."""
+    order, then the three roles by the world `unet` module each updates: the caption readers (the cross-attention
+    keys and values, the only weights that see the caption; `reads_caption`, what the caption-readers filter
+    drops), the rest of the transformer blocks, the convolutions."""
     groups: dict[str, list[str]] = {}
     for name in lora.modules:
         block = re.search(r"(down_blocks_\d+|up_blocks_\d+|mid_block)", name)
         groups.setdefault(block.group(1) if block else "outside the blocks", []).append(name)
     roles = {"cross-attention k,v": [], "rest of the transformer": [], "convolutions": []}
-    for name in lora.modules:
-        role = ("cross-attention k,v" if CAPTION_READERS.search(name) else
-                "rest of the transformer" if "_attentions_" in name else "convolutions")
+    for name, (path, _) in lora_targets(unet, lora).items():
+        role = ("cross-attention k,v" if reads_caption(path) else
+                "rest of the transformer" if ".attentions." in path else "convolutions")
         roles[role].append(name)
     return groups | {role: names for role, names in roles.items() if names}
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     lora, base_unet, settings = read_lora(args.lora), load_base(), BenchSettings()
     probe = Probe.from_manifest(json.loads(args.lora.with_suffix(".json").read_text()))
     plan = [("lora", [], 1.0), ("base", list(lora.modules), 0.0)]
-    plan += [(group, names, args.factor) for group, names in module_groups(lora).items()]
+    plan += [(group, names, args.factor) for group, names in module_groups(lora, base_unet).items()]
     for group, names, factor in plan:
         if (args.lora.stem, group, factor) in done:
             continue

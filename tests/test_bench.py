@@ -13,7 +13,7 @@ from PIL import Image
 
 from diffmem.bench import grid
 from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, memorizing_labels, separation, share
-from diffmem.bench.evaluate import BenchSettings, retained
+from diffmem.bench.evaluate import MEASUREMENTS, BenchSettings, retained
 from diffmem.bench.grid import (
     CORE,
     EVIDENCE_PLAN,
@@ -49,6 +49,7 @@ from diffmem.bench.report import (
 )
 from diffmem.bench.run import (
     append_row,
+    current_rows,
     ensure_finetune,
     read_rows,
     run_bench,
@@ -119,7 +120,9 @@ def test_bench_refuses_evidence_options_outside_the_evidence_grid(capsys):
 
     for argv, said in ((["--first-seed", "1"], "--first-seed and --only choose cells of --grid evidence"),
                        (["--grid", "evidence", "--first-seed", "-1"], "--first-seed must be at least 0"),
-                       (["--grid", "evidence", "--only", "nope"], "--only: not a setting of the evidence grid")):
+                       (["--grid", "evidence", "--only", "nope"], "--only: not a setting of the evidence grid"),
+                       (["--grid", "evidence", "--fill-missing", "any_copy"],
+                        "--fill-missing: not a measurement of the bench: any_copy")):
         assert main(["bench", "--work", "/nonexistent/diffmem-bench", *argv]) == 2
         assert said in capsys.readouterr().err
 
@@ -404,6 +407,43 @@ def test_goal_counts_finetunes_where_a_filter_removes_copies_and_keeps_quality()
     assert "| baf@energy=0.8 | 0 of 2 |" in goal_table(grouped)
 
 
+def test_the_goal_and_the_tables_also_count_copies_of_any_training_image():
+    """A filter that unbinds memorized images from their captions (its generations copy other captions' images)
+    meets the goal on the own-caption copy rate and not on copies of any image; rows measured before
+    ``any_copy_rate`` existed are counted apart, never as zero."""
+    rows = fake_rows()
+    for row in rows:
+        if row["finetune"] == "ft0":
+            row |= {"any_copy_rate": {"lora": 0.7, "base": 0.0, "random@energy=0.8": 0.5}.get(row["variant"], 0.6),
+                    "images_copied": 2}
+    rows += [fake_row("ft0", "unbind", "unbind", "none", 0.0, 0.0505, any_copy_rate=0.6, images_copied=1),
+             fake_row("ft1", "unbind", "unbind", "none", 0.0, 0.0505)]  # ft1: measured before any_copy_rate was
+    grouped = {}
+    for row in with_retention(rows):
+        grouped.setdefault(row["variant"], []).append(row)
+    assert "| unbind | 2 of 2 | 0 of 1 |" in goal_table(grouped)
+    table = setting_table(grouped)
+    line = next(line for line in table.splitlines() if line.startswith("| unbind"))
+    assert "60% (1 of 2)" in line and "0%" in line.split("|")[5]
+    equal_any = equal_quality_table(grouped, baselines=("random",), copy_key="any_copy_rate")
+    line = next(line for line in equal_any.splitlines() if line.startswith("| unbind"))
+    # ft0 alone: unbind keeps 95% of the gain; random's curve runs from its 80% point (0.5) to the LoRA's (1.0, 0.7)
+    # and reads 0.65 there: 60% - 65%.
+    assert [c.strip() for c in line.split("|")[2:5]] == ["random", "1", "0"] and "| -5%" in line
+
+
+def test_the_last_row_of_a_cell_is_the_one_that_counts(tmp_path):
+    path = tmp_path / "results.jsonl"
+    settings = BenchSettings()
+    sid = settings_id(settings)
+    for row in ({"finetune": "a", "variant": "lora", "copy_rate": 0.5}, {"finetune": "a", "variant": "base"},
+                {"finetune": "a", "variant": "lora", "copy_rate": 0.6, "any_copy_rate": 0.7},
+                {"finetune": "a", "variant": "lora", "copy_rate": 0.1, "settings_id": "other"}):
+        append_row(path, {"settings_id": sid} | row)
+    rows = current_rows(path, settings)
+    assert [(r["variant"], r.get("any_copy_rate")) for r in rows] == [("lora", 0.7), ("base", None)]
+
+
 def test_finetunes_whose_lora_copies_nothing_leave_the_comparisons():
     rows = [*fake_rows(), fake_row("ft2", "lora", "none", "none", 0.0, 0.050),
             fake_row("ft2", "base", "base", "none", 0.0, 0.060)]
@@ -475,9 +515,20 @@ def test_run_bench_measures_resumes_and_reports(tmp_path):
     # The LoRA learned the faces: lower held-out loss than the base.
     assert by_key["lora"]["heldout_loss"] < by_key["base"]["heldout_loss"]
     assert (tmp_path / "images" / CORE.name / "baf.png").exists()
+    assert set(MEASUREMENTS) - {"style_success"} <= set(by_key["lora"])
+    assert by_key["lora"]["any_copy_rate"] >= by_key["lora"]["copy_rate"]
     before = (tmp_path / "results.jsonl").read_text()
     again = run_bench(tmp_path, [GridCell(CORE, plan)], settings, progress=False)
     assert (tmp_path / "results.jsonl").read_text() == before and len(again) == len(rows)
+    # A row from before a measurement existed is measured again with --fill-missing, and the new row replaces it.
+    lines = before.splitlines()
+    old = json.loads(lines[1])
+    del old["any_copy_rate"]
+    (tmp_path / "results.jsonl").write_text("\n".join([lines[0], json.dumps(old), *lines[2:]]) + "\n")
+    again = run_bench(tmp_path, [GridCell(CORE, plan)], settings, progress=False, fill_missing=("any_copy_rate",))
+    appended = (tmp_path / "results.jsonl").read_text().splitlines()[len(lines):]
+    assert [json.loads(line)["variant"] for line in appended] == [old["variant"]]
+    assert len(again) == len(rows) and all("any_copy_rate" in r for r in again)
     out = write_results(again, tmp_path, tmp_path / "results.md")
     assert "faces-r32-conv-d5x100" in out.read_text()
 

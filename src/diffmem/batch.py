@@ -36,7 +36,7 @@ from diffmem import __version__
 from diffmem.anchors import AnchorStore
 from diffmem.errors import DiffmemError, one_line
 from diffmem.filters import FilterConfig
-from diffmem.formats.base import open_base, resolve_targets
+from diffmem.formats.base import open_base, resolve_lora_targets
 from diffmem.formats.files import read_text
 from diffmem.formats.lora import PEFT_CONFIG, PEFT_WEIGHTS, read_lora
 from diffmem.formats.safetensors_io import SafetensorsFile, sha256_file, write_atomic
@@ -185,8 +185,7 @@ def warm_anchors(
     for source in progress_bar(inputs, desc="anchors", unit="file", disable=not progress, leave=False):
         try:
             lora = read_lora(source)
-            lookups = {name: (m.lookup, tuple(m.weight_shape)) for name, m in lora.modules.items()}
-            targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata, skip_unmapped=skip_unmapped)
+            targets = resolve_lora_targets(lora, base, skip_unmapped=skip_unmapped)
         except Exception:  # any bad file is reported by the worker that processes it
             continue
         for target in targets.values():

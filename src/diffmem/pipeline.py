@@ -17,7 +17,7 @@ from diffmem import __version__
 from diffmem.anchors import AnchorStore
 from diffmem.errors import BadWeightsError, DiffmemError
 from diffmem.filters import BAFConfig, FilterConfig, ModuleView, select
-from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
+from diffmem.formats.base import BaseCheckpoint, open_base, resolve_lora_targets
 from diffmem.formats.lora import LoraFile, LoraModule, read_lora, replace_factors, write_lora
 from diffmem.formats.safetensors_io import extremes_finite, refuse_overwriting, sha256_file
 from diffmem.progress import progress_bar
@@ -217,8 +217,7 @@ def filter_lora(
     config = config or BAFConfig()
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
     base = base if isinstance(base, BaseCheckpoint) else open_base(base)
-    lookups = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora.modules.items()}
-    targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata, skip_unmapped=skip_unmapped)
+    targets = resolve_lora_targets(lora, base, skip_unmapped=skip_unmapped)
     # Each module's anchors serve its own scores only: holding all of them would cost gigabytes on SDXL.
     store = AnchorStore(base, cache_dir=cache_dir, use_cache=use_cache, device=device)
 

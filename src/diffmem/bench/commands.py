@@ -43,10 +43,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import torch
 
     from diffmem.bench.channels import ChannelTruthConfig, ablate_channels, write_truth
+    from diffmem.bench.evaluate import MEASUREMENTS
     from diffmem.bench.grid import CORE, evidence_grid, full_grid, quick_grid
     from diffmem.bench.report import load_channels, write_results
-    from diffmem.bench.run import ensure_finetune, read_rows, run_bench, settings_id
+    from diffmem.bench.run import current_rows, ensure_finetune, run_bench
 
+    unknown = sorted(set(args.fill_missing) - set(MEASUREMENTS))
+    if unknown:
+        raise UsageError(f"--fill-missing: not a measurement of the bench: {', '.join(unknown)} "
+                         f"(it measures {', '.join(MEASUREMENTS)})")
     work = args.work or (QUICK_WORK if args.quick else EVIDENCE_WORK if args.grid == "evidence" else FULL_WORK)
     out = args.out or work / "results.md"  # the repository's docs/results.md is written by `make bench`
     settings = BenchSettings(generations=args.generations, steps=args.steps)
@@ -57,14 +62,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
                      if args.grid == "evidence" else full_grid(seeds, args.variation_seeds))
         except ValueError as error:  # a setting name the grid does not have
             raise UsageError(f"--only: {error}") from None
-        run_bench(work, cells, settings, threads=args.threads, train_missing=not args.no_train)
+        run_bench(work, cells, settings, threads=args.threads, train_missing=not args.no_train,
+                  fill_missing=args.fill_missing)
         channels_path = work / CHANNELS_FILE
         if not args.no_channels and args.grid == "full" and not channels_path.exists():
             config = ChannelTruthConfig(max_channels=16 if args.quick else None)
             lora = ensure_finetune(CORE, work)
             write_truth(ablate_channels(lora, json.loads(lora.with_suffix(".json").read_text()), config),
                         channels_path)
-    rows = [r for r in read_rows(work / "results.jsonl") if r.get("settings_id") == settings_id(settings)]
+    rows = current_rows(work / "results.jsonl", settings)
     path = write_results(rows, work, out, load_channels(work / CHANNELS_FILE))
     print(f"wrote {path} ({len(rows)} measurements)")
     return 0
@@ -176,6 +182,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-train", action="store_true",
                    help="skip grid cells whose fine-tune is not in the work folder yet instead of training it")
     p.add_argument("--report-only", action="store_true", help="only regenerate the report from measured rows")
+    p.add_argument("--fill-missing", action="append", default=[], metavar="FIELD",
+                   help="measure again the cells whose rows lack this measurement (one added to the bench after they "
+                        "were measured, e.g. any_copy_rate; repeatable); the new row replaces the old, and a "
+                        "fine-tune trained again must reproduce its earlier rows")
     add_sampling_options(p)
     p.set_defaults(handler=run_bench_command)
     register_real(subparsers)

@@ -88,11 +88,20 @@ def style_generations(unet: UNet2DConditionModel, probe: Probe, settings: BenchS
     return heldout_generations(unet, probe, settings, STYLE_GENERATIONS, settings.seed + 200_000)
 
 
+#: What `measure` reports, the keys of its numbers (``style_success`` for style fine-tunes only).
+MEASUREMENTS = ("copy_rate", "any_copy_rate", "images_copied", "captions_copied", "own_distance", "extracted", "amd",
+                "heldout_loss", "duplicated_loss", "fid", "style_success")
+
+
 def measure(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> tuple[dict, torch.Tensor]:
     """Memorization and quality numbers of one model, and its duplicated-caption generations.
 
     - copy_rate: share of duplicated-caption generations that pass Carlini's relative tiled-L2 test against the
       training images with their own caption's image as nearest (`diffmem.metrics.copy`);
+    - any_copy_rate: share that pass the same test with any training image as nearest: a model that draws a
+      memorized image for another caption (a filter that unbinds images from their captions, docs/caption-readers.md)
+      copies no less for it;
+    - images_copied: how many different training images those copies are of;
     - captions_copied: duplicated captions copied in at least half of their generations;
     - own_distance: median tiled-L2 distance of a generation to its own caption's training image;
     - extracted: training images the extraction attack recovers from those generations (Carlini et al. 2023);
@@ -116,6 +125,8 @@ def measure(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -
     quality = quality_generations(unet, probe, settings)
     numbers = {
         "copy_rate": round(float(own_copy.float().mean()), 4),
+        "any_copy_rate": round(decisions.rate, 4),
+        "images_copied": len(set(decisions.nearest_index[decisions.is_copy].tolist())),
         "captions_copied": int((per_caption >= 0.5).sum()),
         "own_distance": round(float(own_distance.median()), 4),
         "extracted": extraction.extracted_images,

@@ -76,8 +76,16 @@ def cell(rows: list[dict], key: str, digits: int = 2, percent: bool = False) -> 
     return format_interval(values, digits, percent) if values else "-"
 
 
-TABLE_HEADER = ["variant", "seeds", "energy kept", "channels kept", "copy rate", "captions copied (of 5)",
-                "own distance", "extracted", "AMD", "quality kept", "memorization kept", "FID"]
+def measured_cell(rows: list[dict], key: str, digits: int = 2, percent: bool = False) -> str:
+    """`cell`, saying over how many of the rows when only some of them have `key` (a measurement added to the bench
+    after the others were measured)."""
+    count = len(column(rows, key))
+    return cell(rows, key, digits, percent) + (f" ({count} of {len(rows)})" if 0 < count < len(rows) else "")
+
+
+TABLE_HEADER = ["variant", "seeds", "energy kept", "channels kept", "copy rate", "copies of any image",
+                "images copied", "captions copied (of 5)", "own distance", "extracted", "AMD", "quality kept",
+                "memorization kept", "FID"]
 
 
 def setting_table(variants: dict[str, list[dict]]) -> str:
@@ -89,6 +97,7 @@ def setting_table(variants: dict[str, list[dict]]) -> str:
                 if "channels_kept" in rows[0] else "-")
         lines.append([
             key, len(rows), cell(rows, "energy_kept", 0, True), kept, cell(rows, "copy_rate", 0, True),
+            measured_cell(rows, "any_copy_rate", 0, True), measured_cell(rows, "images_copied", 1),
             cell(rows, "captions_copied", 1), cell(rows, "own_distance", 3), cell(rows, "extracted", 1),
             cell(rows, "amd", 3), cell(rows, "quality_kept", 0, True), cell(rows, "memorization_kept", 0, True),
             cell(rows, "fid", 2),
@@ -143,19 +152,22 @@ def comparison_table(variants: dict[str, list[dict]], budgets: list[str], ours: 
 EQUAL_QUALITY_BASELINES = ("scale", "random")
 
 
-def trade_off_curve(variants: dict[str, list[dict]], method: str, finetune: str) -> list[tuple[float, float]]:
+def trade_off_curve(variants: dict[str, list[dict]], method: str, finetune: str,
+                    copy_key: str = "copy_rate") -> list[tuple[float, float]]:
     """``(quality kept, copy rate)`` of `method`'s variants on one fine-tune, with the base (no energy) and the
-    LoRA (all of it) at the ends, in the order of the update energy kept."""
+    LoRA (all of it) at the ends, in the order of the update energy kept; `copy_key` names the copy rate
+    (``any_copy_rate``: copies of any training image), and rows without it are left out."""
     rows = [r for rs in variants.values() for r in rs if r["finetune"] == finetune and r.get("quality_kept") is not None
-            and (r["method"] == method or r["variant"] in ("base", "lora"))]
+            and r.get(copy_key) is not None and (r["method"] == method or r["variant"] in ("base", "lora"))]
     ordered = sorted(rows, key=lambda r: 0.0 if r["variant"] == "base" else r.get("energy_kept", 1.0))
-    return [(r["quality_kept"], r["copy_rate"]) for r in ordered]
+    return [(r["quality_kept"], r[copy_key]) for r in ordered]
 
 
-def equal_quality_table(variants: dict[str, list[dict]], baselines: tuple[str, ...] = EQUAL_QUALITY_BASELINES) -> str:
-    """Every filter's copy rate minus each baseline's at the same quality kept (the baseline's curve read at the
-    filter's quality, `copy_rate_at_quality`), paired by fine-tune. A fine-tune where the baseline never keeps that
-    much quality is left out of the difference and counted."""
+def equal_quality_table(variants: dict[str, list[dict]], baselines: tuple[str, ...] = EQUAL_QUALITY_BASELINES,
+                        copy_key: str = "copy_rate") -> str:
+    """Every filter's copy rate (`copy_key`) minus each baseline's at the same quality kept (the baseline's curve
+    read at the filter's quality, `copy_rate_at_quality`), paired by fine-tune. A fine-tune where the baseline never
+    keeps that much quality is left out of the difference and counted."""
     lines = []
     for key, rows in variants.items():
         method = rows[0]["method"]
@@ -164,14 +176,14 @@ def equal_quality_table(variants: dict[str, list[dict]], baselines: tuple[str, .
         for baseline in baselines:
             differences, unmatched = [], 0
             for row in rows:
-                if row.get("quality_kept") is None:
+                if row.get("quality_kept") is None or row.get(copy_key) is None:
                     continue
-                matched = copy_rate_at_quality(trade_off_curve(variants, baseline, row["finetune"]),
+                matched = copy_rate_at_quality(trade_off_curve(variants, baseline, row["finetune"], copy_key),
                                                row["quality_kept"])
                 if matched is None:
                     unmatched += 1
                 else:
-                    differences.append(row["copy_rate"] - matched)
+                    differences.append(row[copy_key] - matched)
             if differences or unmatched:
                 lines.append([key, baseline, len(differences), unmatched, cell(rows, "quality_kept", 0, True),
                               format_interval(differences, 0, True) if differences else "-"])
@@ -187,24 +199,32 @@ def equal_quality_table(variants: dict[str, list[dict]], baselines: tuple[str, .
 GOAL_SHARE = 0.9
 
 
-def meets_goal(row: dict, lora: dict, share: float = GOAL_SHARE) -> bool:
-    """Whether `row` removes `share` of the copy rate of its fine-tune's `lora` row and keeps `share` of the held-out
-    gain (and of the style, where measured). A LoRA that copies nothing has nothing to remove: never met."""
-    if lora["copy_rate"] <= 0 or row.get("quality_kept") is None:
+def meets_goal(row: dict, lora: dict, share: float = GOAL_SHARE, copy_key: str = "copy_rate") -> bool:
+    """Whether `row` removes `share` of the copy rate (`copy_key`) of its fine-tune's `lora` row and keeps `share` of
+    the held-out gain (and of the style, where measured). A LoRA that copies nothing has nothing to remove: never
+    met."""
+    if lora[copy_key] <= 0 or row.get("quality_kept") is None:
         return False
     kept = [row["quality_kept"]] + ([row["style_kept"]] if row.get("style_kept") is not None else [])
-    removed = 1 - row["copy_rate"] / lora["copy_rate"]
+    removed = 1 - row[copy_key] / lora[copy_key]
     return removed >= share - 1e-9 and min(kept) >= share  # rates are counts over 30: round-off, not a margin
 
 
 def goal_table(variants: dict[str, list[dict]], share: float = GOAL_SHARE) -> str:
-    """For each variant, on how many of its fine-tunes it `meets_goal`."""
+    """For each variant, on how many of its fine-tunes it `meets_goal`: counting copies of the caption's own image,
+    and, on the fine-tunes where both the variant and the LoRA were measured for it, copies of any training image."""
     loras = {r["finetune"]: r for r in variants.get("lora", [])}
-    lines = [[key, f"{sum(meets_goal(r, loras[r['finetune']], share) for r in rows)} of {len(rows)}"]
-             for key, rows in variants.items() if key not in ("lora", "base")
-             and all(r["finetune"] in loras for r in rows)]
+    lines = []
+    for key, rows in variants.items():
+        if key in ("lora", "base") or not all(r["finetune"] in loras for r in rows):
+            continue
+        own = sum(meets_goal(r, loras[r["finetune"]], share) for r in rows)
+        measured = [r for r in rows if "any_copy_rate" in r and "any_copy_rate" in loras[r["finetune"]]]
+        any_image = sum(meets_goal(r, loras[r["finetune"]], share, "any_copy_rate") for r in measured)
+        lines.append([key, f"{own} of {len(rows)}", f"{any_image} of {len(measured)}" if measured else "-"])
     return markdown_table(["variant", f"fine-tunes where it removes {share:.0%} of the copies and keeps {share:.0%} of "
-                                      "the quality"], lines) if lines else ""
+                                      "the quality", "the same, counting copies of any training image"],
+                          lines) if lines else ""
 
 
 #: Quality axes of the Pareto plots: row key -> axis label.
@@ -292,7 +312,10 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
         "above the hand-written marker. Every number is a mean over the fine-tunes (seeds) of a setting, with the "
         "half-width of its 95% Student-t interval when there are two seeds or more.\n",
         "Columns: **copy rate**, share of duplicated-caption generations that are near-copies of their own "
-        "training image (Carlini's tiled-L2 relative test); **captions copied**, duplicated captions copied in at "
+        "training image (Carlini's tiled-L2 relative test); **copies of any image**, share that are near-copies "
+        "of any training image (the same test; a model that draws a memorized image for another caption copies no "
+        "less; \"(k of n)\": measured on k of the n fine-tunes, rows older than this measurement lack it); "
+        "**images copied**, how many different training images those copies are of; **captions copied**, duplicated captions copied in at "
         "least half their generations; **own distance**, median tiled-L2 distance to that image; **extracted**, "
         "training images the extraction attack recovers; **AMD**, average minimum cosine distance to the training "
         "images (copy embedder; low = memorized); **quality kept**, share of the LoRA's held-out denoising-loss "
@@ -330,6 +353,10 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
             parts.append("Each filter against `scale` and `random` at equal quality: the baseline's copy rate where "
                          "its measured budgets, joined by straight lines, keep the filter's share of the held-out "
                          "gain (the lowest such copy rate), paired by fine-tune:\n\n" + equal + "\n")
+        equal_any = equal_quality_table(copying, copy_key="any_copy_rate")
+        if equal_any:
+            parts.append("The same, counting copies of any training image (on the fine-tunes measured for it):\n\n"
+                         + equal_any + "\n")
         goal = goal_table(copying)
         if goal:
             parts.append("Issue 18's goal, fine-tune by fine-tune (a share of the LoRA's own copy rate removed, a "

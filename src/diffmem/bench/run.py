@@ -1,7 +1,9 @@
 """Run the benchmark: train (or reuse) each fine-tune of the grid, apply every variant, measure, append a row.
 
 Rows go to ``<work>/results.jsonl`` one per (fine-tune, variant, settings), written as soon as measured, so a run
-that stops resumes where it was and a longer grid extends a shorter one.
+that stops resumes where it was and a longer grid extends a shorter one. A cell measured again (to add a measurement
+that its row lacks, `run_bench(fill_missing=...)`) appends a new row, and the last row of a cell is the one that
+counts (`current_rows`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -59,6 +61,17 @@ def read_rows(path: str | Path) -> list[dict]:
                 break
             raise DiffmemError(f"line {number} is not JSON: the results file is damaged", path) from None
     return rows
+
+
+def current_rows(path: str | Path, settings: BenchSettings) -> list[dict]:
+    """The rows of a results file measured with `settings`, the last of each (fine-tune, variant) only, in the order
+    the cells were first measured."""
+    sid = settings_id(settings)
+    latest: dict[tuple[str, str], dict] = {}
+    for row in read_rows(path):
+        if row.get("settings_id") == sid:
+            latest[row["finetune"], row["variant"]] = row
+    return list(latest.values())
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -216,18 +229,21 @@ def run_bench(
     threads: int = 1,
     progress: bool = True,
     train_missing: bool = True,
+    fill_missing: Sequence[str] = (),
 ) -> list[dict]:
     """Measure every cell's variants on its fine-tune (training missing fine-tunes), skipping rows already in
-    ``<work>/results.jsonl``. Returns all rows of the file measured with `settings` (default `BenchSettings()`).
-    Without `train_missing`, cells whose fine-tune is not in `work` yet are skipped (e.g. while another process
-    trains them)."""
+    ``<work>/results.jsonl``. Returns the file's rows measured with `settings` (default `BenchSettings()`),
+    `current_rows`. Without `train_missing`, cells whose fine-tune is not in `work` yet are skipped (e.g. while
+    another process trains them). A row that lacks one of the `fill_missing` fields (a measurement added to
+    `measure` after it was made, e.g. ``any_copy_rate``) does not count as done: its cell is measured again and the
+    new row replaces it, provided the fine-tune's file reproduces the earlier rows (`other_weights`)."""
     settings = settings or BenchSettings()
     torch.set_num_threads(threads)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     results = work / RESULTS_FILE
-    sid = settings_id(settings)
-    done = {(r["finetune"], r["variant"]) for r in read_rows(results) if r.get("settings_id") == sid}
+    done = {(r["finetune"], r["variant"]) for r in current_rows(results, settings)
+            if all(field in r for field in fill_missing)}
     base_path = assets_dir() / BASE_FILE
     base_unet = load_base()
     for cell in cells:
@@ -243,7 +259,7 @@ def run_bench(
             continue
         manifest = json.loads(lora_path.with_suffix(".json").read_text())
         probe = Probe.from_manifest(manifest)
-        earlier = [r for r in read_rows(results) if r["finetune"] == spec.name and r.get("settings_id") == sid]
+        earlier = [r for r in current_rows(results, settings) if r["finetune"] == spec.name]
         problem = other_weights(earlier, manifest["sha256"],
                                 lambda path=lora_path, probe=probe: measure(apply_lora(base_unet, path), probe,
                                                                            settings)[0])
@@ -265,4 +281,4 @@ def run_bench(
             row = variant_row(spec, variant, kept, numbers, settings, time.perf_counter() - started)
             append_row(results, row | {"lora_sha256": manifest["sha256"]})
             done.add((spec.name, variant.key))
-    return [r for r in read_rows(results) if r.get("settings_id") == sid]
+    return current_rows(results, settings)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from diffmem.errors import DiffmemError
-from diffmem.formats.base import BaseCheckpoint, open_base, resolve_targets
+from diffmem.formats.base import BaseCheckpoint, open_base, resolve_lora_targets
 from diffmem.formats.lora import LoraFile, read_lora, replace_factors
 
 
@@ -97,8 +97,7 @@ def peft_intruder_lora(
             kind = "DoRA" if "dora_scale" in module.tensors else module.kind
             raise DiffmemError(f"module {name}: PEFT's intruder reduction takes plain LoRA factors, not {kind}",
                                lora.path)
-    lookups = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora.modules.items()}
-    targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata, skip_unmapped=skip_unmapped)
+    targets = resolve_lora_targets(lora, base, skip_unmapped=skip_unmapped)
     new = {name: peft_intruder_factors(base.weight(target), *lora.modules[name].factors(), lora.modules[name].scale,
                                        config)
            for name, target in targets.items()}

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from diffmem.formats.safetensors_io import (
     sha256_file,
     write_atomic,
 )
+
+if TYPE_CHECKING:  # formats.lora reads files; this module only takes its LoraFile
+    from diffmem.formats.lora import LoraFile
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DENOISER_KINDS = ("unet", "flux", "sd3")  # components whose original names LoRAs use (`lora_unet_...`)
@@ -854,3 +858,9 @@ def resolve_targets(
             "unchanged"
         )
     raise BaseMismatchError(". ".join(problems), lora_path)
+
+
+def resolve_lora_targets(lora: LoraFile, base: BaseCheckpoint, *, skip_unmapped: bool = False) -> dict[str, Target]:
+    """`resolve_targets` of every module of a read LoRA file (its lookups, weight shapes, path and metadata)."""
+    lookups = {name: (module.lookup, tuple(module.weight_shape)) for name, module in lora.modules.items()}
+    return resolve_targets(lookups, base, lora.path, metadata=lora.metadata, skip_unmapped=skip_unmapped)

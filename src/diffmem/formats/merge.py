@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from diffmem.errors import FileFormatError
-from diffmem.formats.base import BaseCheckpoint, TensorStore, assemble, diffusers_component, resolve_targets
+from diffmem.formats.base import (
+    BaseCheckpoint,
+    TensorStore,
+    assemble,
+    diffusers_component,
+    resolve_lora_targets,
+)
 from diffmem.formats.lora import LoraFile, read_lora
 
 #: Pipeline attributes whose weights a LoRA may update, in diffusers' own component names.
@@ -83,8 +89,7 @@ def merge_lora(
     `skip_unmapped`, modules that name no weight of the model are left out (as `diffmem filter --skip-unmapped`)."""
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
     base = module_checkpoint(components, name)
-    lookups = {key: (module.lookup, tuple(module.weight_shape)) for key, module in lora.modules.items()}
-    targets = resolve_targets(lookups, base, lora.path, metadata=lora.metadata, skip_unmapped=skip_unmapped)
+    targets = resolve_lora_targets(lora, base, skip_unmapped=skip_unmapped)
     for key, target in targets.items():
         delta = lora.modules[key].delta().reshape(target.shape)
         row = 0
