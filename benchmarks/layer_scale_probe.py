@@ -10,7 +10,11 @@ down by >= 90%), no per-layer turn-down chosen data-free can beat turning the wh
 
     python benchmarks/layer_scale_probe.py --lora runs/bench-evidence/finetunes/faces-r32-conv-d5x100-cos-tuned-s5.safetensors \
         --out runs/layer-probe [--factor 0] [--threads 1]
+    python benchmarks/layer_scale_probe.py --lora ... --out runs/layer-probe --group up_blocks_0 --group all --factor 0.6
     python benchmarks/layer_scale_probe.py --collect runs/layer-probe --json docs/layer-scale.json
+
+`--group` (repeatable) measures only the groups named; "all" (every module, so `scale` at the factor squared of the
+update energy) is measured only when named, the baseline a group's turn-down is read against.
 
 Any LoRA of the world with its training manifest (.json) beside it. Rows are appended to `--out`/rows.jsonl as
 they are measured (a rerun skips what is there); `--collect` writes them with the commands into one JSON file and
@@ -43,7 +47,8 @@ def module_groups(lora: LoraFile, unet: torch.nn.Module) -> dict[str, list[str]]
     """The probe's groups of module names: one per UNet block (``down_blocks_1``, ``mid_block``, ...) in file
     order, then the three roles by the world `unet` module each updates: the caption readers (the cross-attention
     keys and values, the only weights that see the caption; `reads_caption`, what the caption-readers filter
-    drops), the rest of the transformer blocks, the convolutions."""
+    drops), the rest of the transformer blocks, the convolutions; then "all" (measured only when asked for by
+    `--group`)."""
     groups: dict[str, list[str]] = {}
     for name in lora.modules:
         block = re.search(r"(down_blocks_\d+|up_blocks_\d+|mid_block)", name)
@@ -53,7 +58,8 @@ def module_groups(lora: LoraFile, unet: torch.nn.Module) -> dict[str, list[str]]
         role = ("cross-attention k,v" if reads_caption(path) else
                 "rest of the transformer" if ".attentions." in path else "convolutions")
         roles[role].append(name)
-    return groups | {role: names for role, names in roles.items() if names}
+    # "all" at a factor f is `scale` at f squared of the energy: the baseline a group's turn-down must beat.
+    return groups | {role: names for role, names in roles.items() if names} | {"all": list(lora.modules)}
 
 
 def turned_down(base_unet: torch.nn.Module, lora: LoraFile, names: list[str], factor: float) -> torch.nn.Module:
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.group) - set(groups))
     if unknown:
         parser.error(f"--group: {', '.join(unknown)} is not a group of this LoRA (it has {', '.join(groups)})")
-    plan += [(group, names, args.factor) for group, names in groups.items() if not args.group or group in args.group]
+    plan += [(group, names, args.factor) for group, names in groups.items()
+             if group in args.group or (not args.group and group != "all")]
     for group, names, factor in plan:
         if (args.lora.stem, group, factor) in done:
             continue
