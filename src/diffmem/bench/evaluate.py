@@ -88,9 +88,9 @@ def style_generations(unet: UNet2DConditionModel, probe: Probe, settings: BenchS
     return heldout_generations(unet, probe, settings, STYLE_GENERATIONS, settings.seed + 200_000)
 
 
-#: What `measure` reports, the keys of its numbers (``style_success`` for style fine-tunes only).
+#: What `measure` reports of every model, the keys of its numbers (a style fine-tune's rows add ``style_success``).
 MEASUREMENTS = ("copy_rate", "any_copy_rate", "images_copied", "captions_copied", "own_distance", "extracted", "amd",
-                "heldout_loss", "duplicated_loss", "fid", "style_success")
+                "heldout_loss", "duplicated_loss", "fid")
 
 
 def measure(unet: UNet2DConditionModel, probe: Probe, settings: BenchSettings) -> tuple[dict, torch.Tensor]:
