@@ -556,3 +556,63 @@ def test_caption_readers_factor_is_an_option_of_that_method_only(tmp_path):
     assert dropped and all("attn2_to_k" in m.name or "attn2_to_v" in m.name for m in dropped)
     for argv in (["--method", "baf", "--factor", "0.5"], ["--method", "caption-readers", "--factor", "2"]):
         assert main(["filter", str(lora), "--base", str(base), "-o", str(tmp_path / "x.safetensors"), *argv]) == 2
+
+
+# --- the unet-blocks filter (by UNet block) ---------------------------------------------------------------------
+
+
+def test_a_module_s_unet_block_is_read_from_its_diffusers_path():
+    from diffmem.filters.unet_blocks import unet_block
+
+    assert unet_block("unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k") == "up_blocks.0"
+    assert unet_block("up_blocks.12.resnets.0.conv1") == "up_blocks.12"
+    assert unet_block("unet.mid_block.resnets.1.conv2") == "mid_block"
+    assert unet_block("unet.down_blocks.2.downsamplers.0.conv") == "down_blocks.2"
+    for outside in ("unet.conv_in", "unet.time_embedding.linear_1", "text_encoder.text_model.encoder.layers.0.mlp.fc1",
+                    "transformer.transformer_blocks.0.attn.to_out.0", "unet.up_blocks_0.resnets.0.conv1"):
+        assert unet_block(outside) is None, outside
+
+
+@pytest.mark.parametrize("case", ["kohya-sdxl", "locon", "peft-folder"])
+def test_unet_blocks_turns_down_exactly_the_modules_of_the_named_block(tmp_path, case):
+    from diffmem.filters import UNetBlocksConfig
+    from diffmem.filters.unet_blocks import unet_block
+
+    _, family, layout, writer, folder = next(c for c in CASES if c[0] == case)
+    base, lora = build(tmp_path, family, layout, writer, folder)
+    out = tmp_path / ("out" if folder else "out.safetensors")
+    report = filter_file(lora, base, out, UNetBlocksConfig(factor=0.5), cache_dir=tmp_path / "cache")
+    module_of = {m.name: m.module for m in report.modules}
+    before, after = updates(lora), updates(out)
+    inside = [name for name in before if unet_block(module_of[name]) == "up_blocks.0"]
+    assert 0 < len(inside) < len(before)
+    for name in before:
+        factor = 0.5 if name in inside else 1.0
+        torch.testing.assert_close(after[name], factor * before[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("case", ["kohya-sd1", "kohya-flux"])
+def test_unet_blocks_refuses_a_lora_that_updates_none_of_the_named_blocks(tmp_path, capsys, case):
+    # SD1's up_blocks.0 has no attention, so an attention-only LoRA never touches it; a Flux LoRA has no UNet.
+    _, family, layout, writer, folder = next(c for c in CASES if c[0] == case)
+    base, lora = build(tmp_path, family, layout, writer, folder)
+    out = tmp_path / "out.safetensors"
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--method", "unet-blocks"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and str(lora) in error and "updates no module of up_blocks.0" in error
+    assert not out.exists()
+
+
+def test_unet_blocks_takes_the_blocks_and_factor_from_the_command_line(tmp_path):
+    base, lora = build(tmp_path, "sd1", "single_file", kohya("sd1", rank=4), False)
+    out = tmp_path / "out.safetensors"
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--method", "unet-blocks",
+                 "--block", "up_blocks.1", "--block", "mid_block", "--cache-dir", str(tmp_path / "c")]) == 0
+    modules = read_lora(out).modules.values()
+    dropped = [m.name for m in modules if float(m.delta().abs().max()) == 0.0]
+    assert dropped and all("up_blocks_1_" in name or "mid_block_" in name for name in dropped)
+    assert len(dropped) == sum("up_blocks_1_" in m.name or "mid_block_" in m.name for m in modules)
+    for argv in (["--method", "baf", "--block", "up_blocks.0"], ["--method", "unet-blocks", "--block", "up.0"],
+                 ["--method", "unet-blocks", "--factor", "1.5"]):
+        assert main(["filter", str(lora), "--base", str(base), "-o", str(tmp_path / "x.safetensors"), *argv]) == 2
+    assert not (tmp_path / "x.safetensors").exists()

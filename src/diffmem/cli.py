@@ -48,7 +48,7 @@ COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in LAZY_COMMANDS.valu
 # `diffmem.filters.FILTERS` names, here so the filter commands' options need no torch import (tests/test_cli.py
 # checks they agree).
 FILTER_METHODS = ("baf", "base-gain", "caption-readers", "intruder", "inverse-baf", "magnitude", "none", "random",
-                  "scale")
+                  "scale", "unet-blocks")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -88,8 +88,11 @@ def add_filter_method_options(parser: argparse.ArgumentParser, seed_flag: str = 
     group.add_argument(seed_flag, dest="filter_seed", type=int,
                        help="--method random: seed of its draw of channels (default 0)")
     group.add_argument("--factor", type=float,
-                       help="--method caption-readers: what the updates of the modules that read the caption are "
-                            "multiplied by (default 0: dropped)")
+                       help="--method caption-readers or unet-blocks: what the updates of the modules that read the "
+                            "caption, or of the named UNet blocks, are multiplied by (default 0: dropped)")
+    group.add_argument("--block", dest="blocks", action="append",
+                       help="--method unet-blocks: a UNet block in diffusers naming, e.g. up_blocks.1 or mid_block "
+                            "(repeatable; default up_blocks.0, the first up block; docs/caption-readers.md)")
     group = parser.add_argument_group("selection rule")
     group.add_argument("--rule", choices=["threshold", "fraction", "energy", "soft", "uniform", "all"],
                        help="keep channels scoring >= --threshold, the top --keep-fraction of channels or of energy, "
@@ -124,15 +127,16 @@ def build_config(args: argparse.Namespace, seed_flag: str = "--seed"):
     config = FILTERS[args.method]()
     fields = {f.name for f in dataclasses.fields(config)}
     changes = {}
+    spelled = {"seed": seed_flag, "blocks": "--block"}  # the flags not spelled `flag(field)`
     for option, dest in (("side", "side"), ("combine", "combine"), ("energy", "energy"),
-                         ("anchor_rank", "anchor_rank"), ("seed", "filter_seed"), ("factor", "factor")):
+                         ("anchor_rank", "anchor_rank"), ("seed", "filter_seed"), ("factor", "factor"),
+                         ("blocks", "blocks")):
         value = getattr(args, dest, None)
         if value is None:
             continue
         if option not in fields:
-            raise UsageError(f"{seed_flag if option == 'seed' else flag(option)} does not apply to --method "
-                             f"{args.method}")
-        changes[option] = value
+            raise UsageError(f"{spelled.get(option, flag(option))} does not apply to --method {args.method}")
+        changes[option] = tuple(value) if isinstance(value, list) else value
     selection = {
         name: getattr(args, name) for name in ("rule", "threshold", "keep_fraction", "scope") if getattr(args, name) is not None
     }
@@ -141,7 +145,7 @@ def build_config(args: argparse.Namespace, seed_flag: str = "--seed"):
         return dataclasses.replace(config, **changes, selection=dataclasses.replace(config.selection, **selection))
     except ValueError as exc:
         # The configs name their fields ("keep_fraction must be in [0, 1]"); the user typed the flag.
-        raise UsageError(re.sub(r"^([a-z_]+)", lambda m: flag(m.group(1)), str(exc))) from None
+        raise UsageError(re.sub(r"^([a-z_]+)", lambda m: spelled.get(m.group(1), flag(m.group(1))), str(exc))) from None
 
 
 class UsageError(DiffmemError):

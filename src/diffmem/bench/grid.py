@@ -14,6 +14,7 @@ from diffmem.filters import (
     KeepAllConfig,
     ScaleConfig,
     Selection,
+    UNetBlocksConfig,
 )
 from diffmem.filters.peft_intruder import peft_intruder_lora
 from diffmem.formats.base import BaseCheckpoint
@@ -271,6 +272,10 @@ TRANSFORMS |= {variant.key: variant for first in (TRANSFORMS["extraction-guided@
 #: `diffmem.filters.CaptionReadersConfig`): a filter by module role, with its own rule and no budget. The grid's
 #: own-caption copy rate flatters it: the generations go on copying other training images (docs/caption-readers.md).
 TRANSFORMS["caption-readers"] = Variant("caption-readers", "caption-readers", "default", None, CaptionReadersConfig())
+#: Dropping the update of the first up block (`diffmem.filters.UNetBlocksConfig`'s default): the one per-block rule
+#: the layer probe found ahead of `scale`, on over-trained LoRAs only (docs/caption-readers.md); measured here on
+#: every fine-tune, the LoRAs the rule was not chosen on included.
+TRANSFORMS["first-up-block"] = Variant("first-up-block", "unet-blocks", "default", None, UNetBlocksConfig())
 
 ENERGY_METHODS = ("baf", "baf-right", "inverse-baf", "random", "magnitude", "base-gain", "intruder", "scale")
 
@@ -355,10 +360,11 @@ EVIDENCE_SETTINGS = (
 
 
 #: The evidence grid's variants: the full plan, the extraction-guided filter at two budgets, it and random
-#: channels each followed by scale-down, and the caption readers dropped (issue 18, section 5).
+#: channels each followed by scale-down, the caption readers dropped and the first up block dropped (issue 18,
+#: section 5).
 EVIDENCE_PLAN = replace(FULL_PLAN, transforms=(
     *FULL_PLAN.transforms, "extraction-guided@energy=0.9", "extraction-guided@energy=0.8",
-    *(key for key in TRANSFORMS if "+scale@" in key), "caption-readers"))
+    *(key for key in TRANSFORMS if "+scale@" in key), "caption-readers", "first-up-block"))
 
 
 def evidence_grid(seeds: int = 5, first_seed: int = 0, only: Sequence[str] = ()) -> list[GridCell]:

@@ -17,6 +17,7 @@ from diffmem.filters.baselines import (
 from diffmem.filters.caption_readers import CaptionReadersConfig
 from diffmem.filters.core import FilterConfig, ModuleView
 from diffmem.filters.selection import Selection, select
+from diffmem.filters.unet_blocks import UNetBlocksConfig
 
 FILTERS: dict[str, type[FilterConfig]] = {
     "baf": BAFConfig,
@@ -27,6 +28,7 @@ FILTERS: dict[str, type[FilterConfig]] = {
     "intruder": IntruderConfig,
     "scale": ScaleConfig,
     "caption-readers": CaptionReadersConfig,
+    "unet-blocks": UNetBlocksConfig,
     "none": KeepAllConfig,
 }
 
@@ -44,5 +46,6 @@ __all__ = [
     "RandomConfig",
     "ScaleConfig",
     "Selection",
+    "UNetBlocksConfig",
     "select",
 ]
