@@ -37,6 +37,7 @@ from diffmem.bench.grid import (
 from diffmem.bench.report import (
     HAND_WRITTEN,
     METHOD_COLOURS,
+    by_finetune_table,
     comparison_table,
     copying_finetunes,
     equal_quality_table,
@@ -430,6 +431,29 @@ def test_the_goal_and_the_tables_also_count_copies_of_any_training_image():
     # ft0 alone: unbind keeps 95% of the gain; random's curve runs from its 80% point (0.5) to the LoRA's (1.0, 0.7)
     # and reads 0.65 there: 60% - 65%.
     assert [c.strip() for c in line.split("|")[2:5]] == ["random", "1", "0"] and "| -5%" in line
+
+
+def test_rules_without_a_budget_are_shown_fine_tune_by_fine_tune_beside_scale_at_their_quality():
+    rows = [
+        fake_row("ft0", "lora", "none", "none", 0.6, 0.050, any_copy_rate=0.6),
+        fake_row("ft0", "base", "base", "none", 0.0, 0.060, any_copy_rate=0.0),
+        fake_row("ft0", "scale@energy=0.5", "scale", "energy", 0.2, 0.052, energy_kept=0.5, any_copy_rate=0.2),
+        fake_row("ft0", "first-up-block", "unet-blocks", "default", 0.0, 0.0505, any_copy_rate=0.3),
+        fake_row("ft1", "lora", "none", "none", 0.6, 0.050),  # measured before copies of any image were counted
+        fake_row("ft1", "base", "base", "none", 0.0, 0.060),
+        fake_row("ft1", "first-up-block", "unet-blocks", "default", 0.3, 0.055),
+        fake_row("ft0", "random@energy=0.8", "random", "energy", 0.5, 0.052, energy_kept=0.8),
+    ]
+    grouped = {}
+    for row in with_retention(rows):
+        grouped.setdefault(row["variant"], []).append(row)
+    lines = by_finetune_table(grouped, keys=("first-up-block",)).splitlines()
+    # ft0 keeps 95% of the gain; scale's curve from its 50%-energy point (80%, 0.2) to the LoRA's (100%, 0.6) reads
+    # 0.5 there, both ways. It removes every own-caption copy but half of the copies of any image.
+    assert lines[2] == "| first-up-block | ft0 | 60% -> 0% | 60% -> 30% | 95% | 50% / 50% | yes / no |"
+    # ft1: scale was not measured, so its curve runs from the base straight to the LoRA.
+    assert lines[3] == "| first-up-block | ft1 | 60% -> 30% | - | 50% | 30% / - | no / - |"
+    assert len(lines) == 4 and by_finetune_table(grouped, keys=("caption-readers",)) == ""
 
 
 def test_the_last_row_of_a_cell_is_the_one_that_counts(tmp_path):

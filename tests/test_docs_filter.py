@@ -1,4 +1,4 @@
-"""The Python examples in docs/filter.md, docs/caption-readers.md and docs/batch.md run as written, on tiny files
+"""The Python examples in docs/filter.md, docs/caption-readers.md, docs/unet-blocks.md and docs/batch.md run as written, on tiny files
 with the names they use."""
 
 import re
@@ -18,7 +18,8 @@ def python_blocks(page: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("page", "written"), [("filter.md", "my_lora.filtered.safetensors"),
-                                              ("caption-readers.md", "my_lora.caption-readers.safetensors")])
+                                              ("caption-readers.md", "my_lora.caption-readers.safetensors"),
+                                              ("unet-blocks.md", "my_lora.first-up-block.safetensors")])
 def test_filter_pages_example(tmp_path, monkeypatch, capsys, page, written):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path / "cache"))

@@ -301,6 +301,45 @@ def image_panel(images_dir: Path, finetunes: list[str], path: Path) -> str | Non
     return png_description(path)
 
 
+#: Filters with a rule of their own and no budget (issue 18, section 5's candidates), shown fine-tune by fine-tune
+#: beside `scale` at the same quality: means over seeds hide where a rule works and where it does not.
+BY_FINETUNE = ("caption-readers", "first-up-block")
+
+
+def by_finetune_table(variants: dict[str, list[dict]], keys: tuple[str, ...] = BY_FINETUNE) -> str:
+    """For each of `keys`, one line per fine-tune: the LoRA's and the variant's copy rates (own image, any image),
+    the held-out gain (and style) kept, `scale`'s copy rates at that quality (its curve read at the variant's
+    quality, `copy_rate_at_quality`; "-" where `scale` never keeps that much) and whether the variant `meets_goal`
+    both ways."""
+    loras = {r["finetune"]: r for r in variants.get("lora", [])}
+    style = any("style_kept" in r for rows in variants.values() for r in rows)
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    lines = []
+    for key in keys:
+        for row in sorted(variants.get(key, []), key=lambda r: r["finetune"]):
+            lora = loras.get(row["finetune"])
+            if lora is None or row.get("quality_kept") is None:
+                continue
+            rates, at_quality, goals = [], [], []
+            for copy_key in ("copy_rate", "any_copy_rate"):
+                measured = row.get(copy_key) is not None and lora.get(copy_key) is not None
+                rates.append(f"{percent(lora[copy_key])} -> {percent(row[copy_key])}" if measured else "-")
+                curve = trade_off_curve(variants, "scale", row["finetune"], copy_key)
+                at_quality.append(percent(copy_rate_at_quality(curve, row["quality_kept"])) if measured else "-")
+                goals.append(("yes" if meets_goal(row, lora, copy_key=copy_key) else "no") if measured else "-")
+            lines.append([key, row["finetune"], *rates, percent(row["quality_kept"])]
+                         + ([percent(row.get("style_kept"))] if style else [])
+                         + [" / ".join(at_quality), " / ".join(goals)])
+    if not lines:
+        return ""
+    return markdown_table(["variant", "fine-tune", "copy rate, LoRA -> variant", "copies of any image, LoRA -> variant",
+                           "quality kept"] + (["style kept"] if style else [])
+                          + ["scale at that quality: copy rate / any image", "goal: own / any image"], lines)
+
+
 def render_results(rows: list[dict], work: Path, out: Path, channels: dict | None = None) -> str:
     """The generated part of docs/results.md; figures are written next to it under ``results/``."""
     rows = with_retention(rows)
@@ -357,6 +396,11 @@ def render_results(rows: list[dict], work: Path, out: Path, channels: dict | Non
         if equal_any:
             parts.append("The same, counting copies of any training image (on the fine-tunes measured for it):\n\n"
                          + equal_any + "\n")
+        finetune_by_finetune = by_finetune_table(copying)
+        if finetune_by_finetune:
+            parts.append("The filters with a rule of their own and no budget, fine-tune by fine-tune, beside `scale` "
+                         "read at the same quality (as in the equal-quality tables):\n\n" + finetune_by_finetune
+                         + "\n")
         goal = goal_table(copying)
         if goal:
             parts.append("Issue 18's goal, fine-tune by fine-tune (a share of the LoRA's own copy rate removed, a "
