@@ -1,10 +1,10 @@
-"""Does dropping the caption readers stop an attacker who chooses the text embedding? (issue 18, section 5.) One
+"""Does a module-role filter stop an attacker who chooses the text embedding? (issue 18, section 5.) One
 duplicated face of a world LoRA, attacked with Dori (`diffmem attack dori`, the robustness table's quick settings:
 15 Adam steps, 8 generations of 10 DDIM steps) from its caption and from random tokens, on the LoRA as trained and
-on the LoRA filtered by `--method caption-readers`.
+on the LoRA filtered by `--method` (caption-readers, the default, or unet-blocks: the first up block dropped).
 
     python benchmarks/caption_readers_dori.py --lora runs/bench-evidence/finetunes/faces-r32-conv-d5x100-cos-tuned-s5.safetensors \
-        --out runs/cr-dori --json docs/caption-readers-dori.json [--face 0]
+        --out runs/cr-dori --json docs/caption-readers-dori.json [--face 0] [--method unet-blocks]
 
 Each attack writes its folder under `--out` (a rerun skips the ones whose summary is there); `--json` gathers the
 summaries (docs/caption-readers.md shows them). About 2 minutes an attack on one busy core.
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from diffmem.filters import CaptionReadersConfig
+from diffmem.filters import FILTERS
 from diffmem.formats.safetensors_io import write_atomic
 from diffmem.pipeline import filter_lora
 from diffmem.report import save_png
@@ -29,18 +29,22 @@ from diffmem.world.model import BASE_FILE, assets_dir
 DORI = ["--steps", "15", "--generations", "8", "--sample-steps", "10", "--no-progress"]
 
 
-def prepare(lora: Path, face: int, out: Path) -> tuple[Path, str, dict[str, Path]]:
-    """The face's training image as a PNG, its caption, and the two LoRAs (as trained, caption readers dropped),
-    each with the training manifest beside it (the copy test's reference images)."""
+#: The filters this probe attacks, and the suffix of the filtered LoRA's file name.
+METHODS = {"caption-readers": "cr", "unet-blocks": "unet-blocks"}
+
+
+def prepare(lora: Path, face: int, out: Path, method: str) -> tuple[Path, str, dict[str, Path]]:
+    """The face's training image as a PNG, its caption, and the two LoRAs (as trained, filtered by `method` at its
+    defaults), each with the training manifest beside it (the copy test's reference images)."""
     manifest = json.loads(lora.with_suffix(".json").read_text())
     record = manifest["duplicated"][face]
     train = FINETUNE_SETS[manifest["data"]]("train")
     target = save_png(train.images[train.ids.index(record["id"])], out / f"face{face}.png")
-    loras = {"lora": out / f"{lora.stem}.safetensors", "caption-readers": out / f"{lora.stem}-cr.safetensors"}
+    loras = {"lora": out / f"{lora.stem}.safetensors", method: out / f"{lora.stem}-{METHODS[method]}.safetensors"}
     if not loras["lora"].exists():
         shutil.copyfile(lora, loras["lora"])
-    if not loras["caption-readers"].exists():
-        filter_lora(lora, assets_dir() / BASE_FILE, CaptionReadersConfig()).lora.save(loras["caption-readers"])
+    if not loras[method].exists():
+        filter_lora(lora, assets_dir() / BASE_FILE, FILTERS[method]()).lora.save(loras[method])
     for path in loras.values():
         shutil.copyfile(lora.with_suffix(".json"), path.with_suffix(".json"))
     return target, record["caption"], loras
@@ -52,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--face", type=int, default=0, help="which duplicated face (manifest order)")
     parser.add_argument("--out", type=Path, default=Path("runs/cr-dori"))
     parser.add_argument("--json", type=Path, default=None, help="gather the summaries here")
+    parser.add_argument("--method", choices=sorted(METHODS), default="caption-readers",
+                        help="the filter attacked, at its defaults (default caption-readers)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    target, caption, loras = prepare(args.lora, args.face, args.out)
+    target, caption, loras = prepare(args.lora, args.face, args.out, args.method)
     summaries = []
     for model, path in loras.items():
         for start in ("prompt", "random"):
-            folder = args.out / f"{path.stem}-{start}"
+            folder = args.out / f"{path.stem}-face{args.face}-{start}"
             if not (folder / "summary.json").exists():
                 subprocess.run([sys.executable, "-m", "diffmem", "attack", "dori", "--target", str(target),
                                 "--prompt", caption, "--lora", str(path), "--start", start, *DORI, "-o", str(folder)],
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         record = {"command": "python benchmarks/caption_readers_dori.py " + " ".join(sys.argv[1:] if argv is None
                                                                                     else argv),
-                  "lora": args.lora.stem, "face": args.face, "attacks": summaries}
+                  "lora": args.lora.stem, "face": args.face, "method": args.method, "attacks": summaries}
         write_atomic((json.dumps(record, indent=2) + "\n").encode(), args.json)
     return 0
 

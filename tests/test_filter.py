@@ -14,7 +14,17 @@ import builders_base as bb
 import builders_lora as bl
 from diffmem.cli import main
 from diffmem.errors import BadWeightsError, BaseMismatchError, DiffmemError, FileFormatError
-from diffmem.filters import BAFConfig, KeepAllConfig, MagnitudeConfig, RandomConfig, Selection
+from diffmem.filters import (
+    BAFConfig,
+    CaptionReadersConfig,
+    KeepAllConfig,
+    MagnitudeConfig,
+    RandomConfig,
+    Selection,
+    UNetBlocksConfig,
+)
+from diffmem.filters.caption_readers import reads_caption
+from diffmem.filters.unet_blocks import unet_block
 from diffmem.formats.lora import read_lora
 from diffmem.formats.safetensors_io import load_file, save_file
 from diffmem.pipeline import filter_file, filter_lora, module_channels
@@ -509,8 +519,6 @@ def test_several_threads_give_the_same_filter_and_leave_torch_threads_as_they_we
 
 
 def test_only_cross_attention_keys_and_values_read_the_caption():
-    from diffmem.filters.caption_readers import reads_caption
-
     block = "unet.mid_block.attentions.0.transformer_blocks.0"
     assert reads_caption(f"{block}.attn2.to_k") and reads_caption(f"{block}.attn2.to_v")
     assert not any(reads_caption(f"{block}.{m}") for m in ("attn2.to_q", "attn2.to_out.0", "attn1.to_k", "ff.net.2"))
@@ -519,31 +527,46 @@ def test_only_cross_attention_keys_and_values_read_the_caption():
     assert not reads_caption("transformer.double_blocks.0.txt_attn.qkv")  # fused with the text queries
 
 
-@pytest.mark.parametrize("case", ["kohya-sd1", "diffusers-sdxl-rslora", "diffusers-flux", "loha", "peft-folder"])
-def test_caption_readers_turns_down_exactly_the_modules_that_read_the_caption(tmp_path, case):
-    from diffmem.filters import CaptionReadersConfig
-    from diffmem.filters.caption_readers import reads_caption
+#: The filters by module role, each at factor 0.5 with the test of the base modules it turns down.
+ROLE_FILTERS = {
+    "caption-readers": (CaptionReadersConfig(factor=0.5), reads_caption),
+    "unet-blocks": (UNetBlocksConfig(factor=0.5), lambda module: unet_block(module) == "up_blocks.0"),
+}
 
+
+@pytest.mark.parametrize(("method", "case"), [
+    *(("caption-readers", case) for case in ("kohya-sd1", "diffusers-sdxl-rslora", "diffusers-flux", "loha",
+                                             "peft-folder")),
+    *(("unet-blocks", case) for case in ("kohya-sdxl", "locon", "peft-folder")),
+])
+def test_a_module_role_filter_turns_down_exactly_its_modules(tmp_path, method, case):
+    config, chosen = ROLE_FILTERS[method]
     _, family, layout, writer, folder = next(c for c in CASES if c[0] == case)
     base, lora = build(tmp_path, family, layout, writer, folder)
     out = tmp_path / ("out" if folder else "out.safetensors")
-    report = filter_file(lora, base, out, CaptionReadersConfig(factor=0.5), cache_dir=tmp_path / "cache")
+    report = filter_file(lora, base, out, config, cache_dir=tmp_path / "cache")
     module_of = {m.name: m.module for m in report.modules}
     before, after = updates(lora), updates(out)
-    readers = [name for name in before if reads_caption(module_of[name])]
-    assert 0 < len(readers) < len(before)
+    turned_down = [name for name in before if chosen(module_of[name])]
+    assert 0 < len(turned_down) < len(before)
     for name in before:
-        factor = 0.5 if name in readers else 1.0
+        factor = 0.5 if name in turned_down else 1.0
         torch.testing.assert_close(after[name], factor * before[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_caption_readers_refuses_a_lora_with_no_separable_caption_reader(tmp_path, capsys):
-    _, family, layout, writer, folder = next(c for c in CASES if c[0] == "kohya-flux")  # BFL's fused txt_attn.qkv
+@pytest.mark.parametrize(("method", "case", "problem"), [
+    ("caption-readers", "kohya-flux", "reads the caption"),  # BFL's fused txt_attn.qkv: no separable caption reader
+    # SD1's up_blocks.0 has no attention, so an attention-only LoRA never touches it; a Flux LoRA has no UNet.
+    ("unet-blocks", "kohya-sd1", "updates no module of up_blocks.0"),
+    ("unet-blocks", "kohya-flux", "updates no module of up_blocks.0"),
+])
+def test_a_module_role_filter_refuses_a_lora_it_would_leave_unchanged(tmp_path, capsys, method, case, problem):
+    _, family, layout, writer, folder = next(c for c in CASES if c[0] == case)
     base, lora = build(tmp_path, family, layout, writer, folder)
     out = tmp_path / "out.safetensors"
-    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--method", "caption-readers"]) == 1
+    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--method", method]) == 1
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and str(lora) in error and "reads the caption" in error
+    assert len(error.splitlines()) == 1 and str(lora) in error and problem in error
     assert not out.exists()
 
 
@@ -562,8 +585,6 @@ def test_caption_readers_factor_is_an_option_of_that_method_only(tmp_path):
 
 
 def test_a_module_s_unet_block_is_read_from_its_diffusers_path():
-    from diffmem.filters.unet_blocks import unet_block
-
     assert unet_block("unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k") == "up_blocks.0"
     assert unet_block("up_blocks.12.resnets.0.conv1") == "up_blocks.12"
     assert unet_block("unet.mid_block.resnets.1.conv2") == "mid_block"
@@ -571,36 +592,6 @@ def test_a_module_s_unet_block_is_read_from_its_diffusers_path():
     for outside in ("unet.conv_in", "unet.time_embedding.linear_1", "text_encoder.text_model.encoder.layers.0.mlp.fc1",
                     "transformer.transformer_blocks.0.attn.to_out.0", "unet.up_blocks_0.resnets.0.conv1"):
         assert unet_block(outside) is None, outside
-
-
-@pytest.mark.parametrize("case", ["kohya-sdxl", "locon", "peft-folder"])
-def test_unet_blocks_turns_down_exactly_the_modules_of_the_named_block(tmp_path, case):
-    from diffmem.filters import UNetBlocksConfig
-    from diffmem.filters.unet_blocks import unet_block
-
-    _, family, layout, writer, folder = next(c for c in CASES if c[0] == case)
-    base, lora = build(tmp_path, family, layout, writer, folder)
-    out = tmp_path / ("out" if folder else "out.safetensors")
-    report = filter_file(lora, base, out, UNetBlocksConfig(factor=0.5), cache_dir=tmp_path / "cache")
-    module_of = {m.name: m.module for m in report.modules}
-    before, after = updates(lora), updates(out)
-    inside = [name for name in before if unet_block(module_of[name]) == "up_blocks.0"]
-    assert 0 < len(inside) < len(before)
-    for name in before:
-        factor = 0.5 if name in inside else 1.0
-        torch.testing.assert_close(after[name], factor * before[name], atol=1e-5, rtol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize("case", ["kohya-sd1", "kohya-flux"])
-def test_unet_blocks_refuses_a_lora_that_updates_none_of_the_named_blocks(tmp_path, capsys, case):
-    # SD1's up_blocks.0 has no attention, so an attention-only LoRA never touches it; a Flux LoRA has no UNet.
-    _, family, layout, writer, folder = next(c for c in CASES if c[0] == case)
-    base, lora = build(tmp_path, family, layout, writer, folder)
-    out = tmp_path / "out.safetensors"
-    assert main(["filter", str(lora), "--base", str(base), "-o", str(out), "--method", "unet-blocks"]) == 1
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and str(lora) in error and "updates no module of up_blocks.0" in error
-    assert not out.exists()
 
 
 def test_unet_blocks_takes_the_blocks_and_factor_from_the_command_line(tmp_path):
