@@ -1,6 +1,6 @@
 """Does a module-role filter stop an attacker who chooses the text embedding? (issue 18, section 5.) One
 duplicated face of a world LoRA, attacked with Dori (`diffmem attack dori`, the robustness table's quick settings:
-15 Adam steps, 8 generations of 10 DDIM steps) from its caption and from random tokens, on the LoRA as trained and
+15 Adam steps unless `--dori-steps`, 8 generations of 10 DDIM steps) from its caption and from random tokens, on the LoRA as trained and
 on the LoRA filtered by `--method` (caption-readers, the default, or unet-blocks: the first up block dropped).
 
     python benchmarks/caption_readers_dori.py --lora runs/bench-evidence/finetunes/faces-r32-conv-d5x100-cos-tuned-s5.safetensors \
@@ -26,7 +26,8 @@ from diffmem.report import save_png
 from diffmem.world.data import FINETUNE_SETS
 from diffmem.world.model import BASE_FILE, assets_dir
 
-DORI = ["--steps", "15", "--generations", "8", "--sample-steps", "10", "--no-progress"]
+#: The robustness table's quick Dori settings but its steps (`--dori-steps`, default 15).
+DORI = ["--generations", "8", "--sample-steps", "10", "--no-progress"]
 
 
 #: The filters this probe attacks, and the suffix of the filtered LoRA's file name.
@@ -58,16 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="gather the summaries here")
     parser.add_argument("--method", choices=sorted(METHODS), default="caption-readers",
                         help="the filter attacked, at its defaults (default caption-readers)")
+    parser.add_argument("--dori-steps", type=int, default=15, help="Dori's Adam steps (default 15)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     target, caption, loras = prepare(args.lora, args.face, args.out, args.method)
     summaries = []
     for model, path in loras.items():
         for start in ("prompt", "random"):
-            folder = args.out / f"{path.stem}-face{args.face}-{start}"
+            steps = "" if args.dori_steps == 15 else f"-{args.dori_steps}steps"
+            folder = args.out / f"{path.stem}-face{args.face}-{start}{steps}"
             if not (folder / "summary.json").exists():
                 subprocess.run([sys.executable, "-m", "diffmem", "attack", "dori", "--target", str(target),
-                                "--prompt", caption, "--lora", str(path), "--start", start, *DORI, "-o", str(folder)],
+                                "--prompt", caption, "--lora", str(path), "--start", start, "--steps", str(args.dori_steps), *DORI, "-o", str(folder)],
                                check=True)
             summary = json.loads((folder / "summary.json").read_text())
             summaries.append({"model": model, "start": start, **{k: summary[k] for k in (
