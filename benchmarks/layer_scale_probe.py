@@ -14,7 +14,8 @@ down by >= 90%), no per-layer turn-down chosen data-free can beat turning the wh
     python benchmarks/layer_scale_probe.py --collect runs/layer-probe --json docs/layer-scale.json
 
 `--group` (repeatable) measures only the groups named; "all" (every module, so `scale` at the factor squared of the
-update energy) is measured only when named, the baseline a group's turn-down is read against.
+update energy) is measured only when named, the baseline a group's turn-down is read against, and so are a block's
+parts (``up_blocks_0.attentions``, ``up_blocks_0.resnets``, ``up_blocks_0.upsamplers``).
 
 Any LoRA of the world with its training manifest (.json) beside it. Rows are appended to `--out`/rows.jsonl as
 they are measured (a rerun skips what is there); `--collect` writes them with the commands into one JSON file and
@@ -47,19 +48,24 @@ def module_groups(lora: LoraFile, unet: torch.nn.Module) -> dict[str, list[str]]
     """The probe's groups of module names: one per UNet block (``down_blocks_1``, ``mid_block``, ...) in file
     order, then the three roles by the world `unet` module each updates: the caption readers (the cross-attention
     keys and values, the only weights that see the caption; `reads_caption`, what the caption-readers filter
-    drops), the rest of the transformer blocks, the convolutions; then "all" (measured only when asked for by
-    `--group`)."""
+    drops), the rest of the transformer blocks, the convolutions; then "all" and each block's parts
+    (``up_blocks_0.attentions``, ``up_blocks_0.resnets``, ...), measured only when asked for by `--group`)."""
     groups: dict[str, list[str]] = {}
+    parts: dict[str, list[str]] = {}
     for name in lora.modules:
-        block = re.search(r"(down_blocks_\d+|up_blocks_\d+|mid_block)", name)
+        block = re.search(r"(down_blocks_\d+|up_blocks_\d+|mid_block)(?:_(attentions|resnets|upsamplers|downsamplers))?",
+                          name)
         groups.setdefault(block.group(1) if block else "outside the blocks", []).append(name)
+        if block and block.group(2):
+            parts.setdefault(f"{block.group(1)}.{block.group(2)}", []).append(name)
     roles = {"cross-attention k,v": [], "rest of the transformer": [], "convolutions": []}
     for name, (path, _) in lora_targets(unet, lora).items():
         role = ("cross-attention k,v" if reads_caption(path) else
                 "rest of the transformer" if ".attentions." in path else "convolutions")
         roles[role].append(name)
     # "all" at a factor f is `scale` at f squared of the energy: the baseline a group's turn-down must beat.
-    return groups | {role: names for role, names in roles.items() if names} | {"all": list(lora.modules)}
+    return (groups | {role: names for role, names in roles.items() if names} | {"all": list(lora.modules)}
+            | dict(sorted(parts.items())))
 
 
 def turned_down(base_unet: torch.nn.Module, lora: LoraFile, names: list[str], factor: float) -> torch.nn.Module:
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--group: {', '.join(unknown)} is not a group of this LoRA (it has {', '.join(groups)})")
     plan += [(group, names, args.factor) for group, names in groups.items()
-             if group in args.group or (not args.group and group != "all")]
+             if group in args.group or (not args.group and group != "all" and "." not in group)]
     for group, names, factor in plan:
         if (args.lora.stem, group, factor) in done:
             continue

@@ -37,7 +37,7 @@ from diffmem.mitigations.registry import (
 )
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "diffmem"
-POST_HOC = {"nemo", "wanda", "baf", "extraction-guided", "caption-readers", "adversarial"}
+POST_HOC = {"nemo", "wanda", "baf", "extraction-guided", "caption-readers", "unet-blocks", "adversarial"}
 TRAINING = {"memcontrol", "rwa", "threshold"}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -65,7 +65,7 @@ def test_every_registered_name_resolves_with_its_kind_config_and_entry_function(
         # The description cites the paper: a year, or an arXiv number.
         assert re.search(r"\b20\d\d\b|arXiv \d{4}\.\d+", mitigation.description), mitigation.description
     assert registry.registered(kind="post-hoc") == [registry.MITIGATIONS[n] for n in (
-        "nemo", "wanda", "baf", "extraction-guided", "caption-readers", "adversarial")]
+        "nemo", "wanda", "baf", "extraction-guided", "caption-readers", "unet-blocks", "adversarial")]
     assert get_mitigation("rwa").default_config().kind == "rwa"
     assert get_mitigation("threshold").default_config().kind == "threshold"
 
@@ -100,14 +100,16 @@ def test_memcontrol_table_crosses_the_registered_training_loop_mitigations():
 def test_robustness_rows_come_from_the_registry(monkeypatch):
     assert planned_rows() == {
         "posthoc": [NO_MITIGATION, "NeMo (default)", "Wanda (default)", "BAF (default)",
-                    "extraction-guided filter (default)", "caption-readers filter (default)"],
+                    "extraction-guided filter (default)", "caption-readers filter (default)",
+                    "first-up-block filter (default)"],
         "adversarial": ["adversarial fine-tuning"],
         "training": [TRAINING_CONTROL, "MemControl (SV-DIFF under a mask)", "random word addition (training)",
                      "threshold mitigation (training)"]}
     monkeypatch.setitem(registry.MITIGATIONS, "dummy", DUMMY)
     planned = planned_rows(("posthoc", "training"), done={"NeMo (default)"})
     assert planned["posthoc"] == [NO_MITIGATION, "Wanda (default)", "BAF (default)",
-                                  "extraction-guided filter (default)", "caption-readers filter (default)", DUMMY.row]
+                                  "extraction-guided filter (default)", "caption-readers filter (default)",
+                                  "first-up-block filter (default)", DUMMY.row]
     assert "adversarial" not in planned and planned["training"][0] == TRAINING_CONTROL
 
 
@@ -135,7 +137,7 @@ def test_table_command_options_and_arguments_come_from_the_registry(monkeypatch,
     assert kwargs["command"] == "diffmem attack table --faces 1 --groups posthoc --rwa 'my rwa.safetensors'"
     assert kwargs["files"]["rwa"] == Path("my rwa.safetensors") and kwargs["files"]["dummy"] is None
     assert set(kwargs["files"]) == {"control", "dummy", *registry.MITIGATIONS} - {"baf", "extraction-guided",
-                                                                                    "caption-readers"}
+                                                                                    "caption-readers", "unet-blocks"}
     assert set(kwargs["groups"]) == {"posthoc"} and kwargs["faces"] == 1
     assert "| model |" in capsys.readouterr().out
     # --json prints the rows and settings on stdout, and nothing else there (the table goes to stderr).

@@ -290,6 +290,14 @@ def apply_caption_readers(inputs: MitigationInputs, config: Any = None) -> Mitig
     return filtered_model(inputs, config or CaptionReadersConfig(), "caption-readers filter")
 
 
+def apply_unet_blocks(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
+    """The LoRA without the updates of its UNet's first up block (`UNetBlocksConfig`), merged into the base.
+    Data-free: only the module names are read."""
+    from diffmem.filters import UNetBlocksConfig
+
+    return filtered_model(inputs, config or UNetBlocksConfig(), "unet-blocks filter")
+
+
 def apply_extraction_guided(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
     """The LoRA without the channels its own scan's extracted images lean on (`extraction_guided_lora`: a scan of the
     LoRA file, then integrated gradients per channel), merged into the base. Data-free: the manifest is not read."""
@@ -409,6 +417,12 @@ register_mitigation(Mitigation(
                 "NeMo, Hintersdorf et al. 2024, locates memorization neurons); a research candidate that unbinds "
                 "memorized images from their captions more than it removes them, docs/caption-readers.md",
     config="diffmem.filters.caption_readers:CaptionReadersConfig", apply=apply_caption_readers))
+register_mitigation(Mitigation(
+    name="unet-blocks", kind="post-hoc", label="first up block", row="first-up-block filter (default)",
+    description="drop the LoRA's update in the UNet's first up block, the lowest-resolution decoder block (the one "
+                "per-block rule diffmem's layer probe found, 2026); a research candidate, ahead of turning down "
+                "on over-trained world LoRAs only, docs/unet-blocks.md",
+    config="diffmem.filters.unet_blocks:UNetBlocksConfig", apply=apply_unet_blocks))
 register_mitigation(Mitigation(
     name="adversarial", kind="post-hoc", label="adversarial fine-tuning", row="adversarial fine-tuning",
     table_group="adversarial",
