@@ -275,27 +275,22 @@ def filtered_model(inputs: MitigationInputs, config: Any, label: str) -> Mitigat
                           f"diffmem.pipeline.filter_lora, {config_text(config, type(config)())}")
 
 
-def apply_baf(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
-    """The LoRA filtered by BAF against its base, merged into the base."""
-    from diffmem.filters import BAFConfig
+def channel_filter(config_path: str, label: str) -> MitigationFn:
+    """The entry function of a post-hoc channel filter whose config dataclass is `config_path` ("module:Class"): the
+    LoRA filtered by it (at its defaults when given no config) against its base, merged into the base
+    (`filtered_model`). Data-free: BAF reads the base, the module-role filters only the module names."""
+    module, _, name = config_path.partition(":")
 
-    return filtered_model(inputs, config or BAFConfig(), "BAF")
+    def apply(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
+        return filtered_model(inputs, config or getattr(importlib.import_module(module), name)(), label)
 
-
-def apply_caption_readers(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
-    """The LoRA without the updates of the modules that read the caption (`CaptionReadersConfig`), merged into the
-    base. Data-free: only the module names are read."""
-    from diffmem.filters import CaptionReadersConfig
-
-    return filtered_model(inputs, config or CaptionReadersConfig(), "caption-readers filter")
+    return apply
 
 
-def apply_unet_blocks(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
-    """The LoRA without the updates of its UNet's first up block (`UNetBlocksConfig`), merged into the base.
-    Data-free: only the module names are read."""
-    from diffmem.filters import UNetBlocksConfig
-
-    return filtered_model(inputs, config or UNetBlocksConfig(), "unet-blocks filter")
+def register_channel_filter(name: str, label: str, row: str, description: str, config: str) -> None:
+    """Register a post-hoc channel filter (`channel_filter`) whose config dataclass is `config` ("module:Class")."""
+    register_mitigation(Mitigation(name=name, kind="post-hoc", label=label, row=row, description=description,
+                                   config=config, apply=channel_filter(config, label)))
 
 
 def apply_extraction_guided(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
@@ -400,29 +395,29 @@ register_mitigation(Mitigation(
                 "2024, Wanda-style pruning)",
     config="diffmem.mitigations.wanda:WandaConfig", apply=apply_wanda, file_option="wanda-masks",
     file_help="Wanda mask file for this LoRA (`diffmem mitigate wanda --out`) instead of running Wanda"))
-register_mitigation(Mitigation(
-    name="baf", kind="post-hoc", label="BAF", row="BAF (default)",
+register_channel_filter(
+    name="baf", label="BAF", row="BAF (default)",
     description="drop the LoRA's spectral channels weakly aligned with the base's principal subspace (Base-Anchored "
                 "Filtering, arXiv 2605.10439)",
-    config="diffmem.filters.baf:BAFConfig", apply=apply_baf))
+    config="diffmem.filters.baf:BAFConfig")
 register_mitigation(Mitigation(
     name="extraction-guided", kind="post-hoc", label="extraction-guided", row="extraction-guided filter (default)",
     description="drop the LoRA channels that the images its own scan extracts lean on, by integrated gradients "
                 "(Sundararajan et al. 2017) on the scan's output (FineXtract, Wu et al. 2025); a research candidate, "
                 "docs/extraction-guided.md",
     config="diffmem.mitigations.extraction_guided:ExtractionGuidedConfig", apply=apply_extraction_guided))
-register_mitigation(Mitigation(
-    name="caption-readers", kind="post-hoc", label="caption-readers", row="caption-readers filter (default)",
+register_channel_filter(
+    name="caption-readers", label="caption-readers", row="caption-readers filter (default)",
     description="drop the LoRA's cross-attention keys and values, the modules that read the caption (where Finding "
                 "NeMo, Hintersdorf et al. 2024, locates memorization neurons); a research candidate that unbinds "
                 "memorized images from their captions more than it removes them, docs/caption-readers.md",
-    config="diffmem.filters.caption_readers:CaptionReadersConfig", apply=apply_caption_readers))
-register_mitigation(Mitigation(
-    name="unet-blocks", kind="post-hoc", label="first up block", row="first-up-block filter (default)",
+    config="diffmem.filters.caption_readers:CaptionReadersConfig")
+register_channel_filter(
+    name="unet-blocks", label="first up block", row="first-up-block filter (default)",
     description="drop the LoRA's update in the UNet's first up block, the lowest-resolution decoder block (the one "
                 "per-block rule diffmem's layer probe found, 2026); a research candidate, ahead of turning down "
                 "on over-trained world LoRAs only, docs/unet-blocks.md",
-    config="diffmem.filters.unet_blocks:UNetBlocksConfig", apply=apply_unet_blocks))
+    config="diffmem.filters.unet_blocks:UNetBlocksConfig")
 register_mitigation(Mitigation(
     name="adversarial", kind="post-hoc", label="adversarial fine-tuning", row="adversarial fine-tuning",
     table_group="adversarial",
