@@ -1,7 +1,8 @@
 """Does a module-role filter stop an attacker who chooses the text embedding? (issue 18, section 5.) One
 duplicated face of a world LoRA, attacked with Dori (`diffmem attack dori`, the robustness table's quick settings:
-15 Adam steps unless `--dori-steps`, 8 generations of 10 DDIM steps) from its caption and from random tokens, on the LoRA as trained and
-on the LoRA filtered by `--method` (caption-readers, the default, or unet-blocks: the first up block dropped).
+15 Adam steps unless `--dori-steps`, 8 generations of 10 DDIM steps) from its caption and from random tokens, on
+the LoRA as trained and on the LoRA filtered by `--method` (caption-readers, the default, or unet-blocks: the first
+up block dropped).
 
     python benchmarks/caption_readers_dori.py --lora runs/bench-evidence/finetunes/faces-r32-conv-d5x100-cos-tuned-s5.safetensors \
         --out runs/cr-dori --json docs/caption-readers-dori.json [--face 0] [--method unet-blocks]
@@ -64,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     target, caption, loras = prepare(args.lora, args.face, args.out, args.method)
     summaries = []
+    steps = "" if args.dori_steps == 15 else f"-{args.dori_steps}steps"
     for model, path in loras.items():
         for start in ("prompt", "random"):
-            steps = "" if args.dori_steps == 15 else f"-{args.dori_steps}steps"
             folder = args.out / f"{path.stem}-face{args.face}-{start}{steps}"
             if not (folder / "summary.json").exists():
                 subprocess.run([sys.executable, "-m", "diffmem", "attack", "dori", "--target", str(target),
-                                "--prompt", caption, "--lora", str(path), "--start", start, "--steps", str(args.dori_steps), *DORI, "-o", str(folder)],
-                               check=True)
+                                "--prompt", caption, "--lora", str(path), "--start", start,
+                                "--steps", str(args.dori_steps), *DORI, "-o", str(folder)], check=True)
             summary = json.loads((folder / "summary.json").read_text())
             summaries.append({"model": model, "start": start, **{k: summary[k] for k in (
                 "prompt", "copy_rate_before", "copy_rate_after", "luminance_copy_rate_before",

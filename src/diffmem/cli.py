@@ -136,7 +136,7 @@ def build_config(args: argparse.Namespace, seed_flag: str = "--seed"):
             continue
         if option not in fields:
             raise UsageError(f"{spelled.get(option, flag(option))} does not apply to --method {args.method}")
-        changes[option] = tuple(value) if isinstance(value, list) else value
+        changes[option] = value  # a list of --block values: UNetBlocksConfig makes it a tuple
     selection = {
         name: getattr(args, name) for name in ("rule", "threshold", "keep_fraction", "scope") if getattr(args, name) is not None
     }
@@ -145,7 +145,8 @@ def build_config(args: argparse.Namespace, seed_flag: str = "--seed"):
         return dataclasses.replace(config, **changes, selection=dataclasses.replace(config.selection, **selection))
     except ValueError as exc:
         # The configs name their fields ("keep_fraction must be in [0, 1]"); the user typed the flag.
-        raise UsageError(re.sub(r"^([a-z_]+)", lambda m: spelled.get(m.group(1), flag(m.group(1))), str(exc))) from None
+        raise UsageError(re.sub(r"^([a-z_]+)", lambda m: spelled.get(m.group(1), flag(m.group(1))),
+                                str(exc))) from None
 
 
 class UsageError(DiffmemError):

@@ -88,9 +88,14 @@ TABLE_HEADER = ["variant", "seeds", "energy kept", "channels kept", "copy rate",
                 "memorization kept", "FID"]
 
 
+def is_style(variants: dict[str, list[dict]]) -> bool:
+    """Whether a setting's rows measure a style's success (its tables get a "style kept" column)."""
+    return any("style_kept" in r for rows in variants.values() for r in rows)
+
+
 def setting_table(variants: dict[str, list[dict]]) -> str:
     """All variants of one setting, one row each (with a "style kept" column for a style setting)."""
-    style = any("style_kept" in r for rows in variants.values() for r in rows)
+    style = is_style(variants)
     lines = []
     for key, rows in variants.items():
         kept = (f"{sum(r['channels_kept'] for r in rows) / sum(r['channels_total'] for r in rows):.0%}"
@@ -312,7 +317,7 @@ def by_finetune_table(variants: dict[str, list[dict]], keys: tuple[str, ...] = B
     quality, `copy_rate_at_quality`; "-" where `scale` never keeps that much) and whether the variant `meets_goal`
     both ways."""
     loras = {r["finetune"]: r for r in variants.get("lora", [])}
-    style = any("style_kept" in r for rows in variants.values() for r in rows)
+    style = is_style(variants)
 
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{value:.0%}"
@@ -325,18 +330,21 @@ def by_finetune_table(variants: dict[str, list[dict]], keys: tuple[str, ...] = B
                 continue
             rates, at_quality, goals = [], [], []
             for copy_key in ("copy_rate", "any_copy_rate"):
-                measured = row.get(copy_key) is not None and lora.get(copy_key) is not None
-                rates.append(f"{percent(lora[copy_key])} -> {percent(row[copy_key])}" if measured else "-")
+                if row.get(copy_key) is None or lora.get(copy_key) is None:  # a row older than this measurement
+                    for column in (rates, at_quality, goals):
+                        column.append("-")
+                    continue
+                rates.append(f"{percent(lora[copy_key])} -> {percent(row[copy_key])}")
                 curve = trade_off_curve(variants, "scale", row["finetune"], copy_key)
-                at_quality.append(percent(copy_rate_at_quality(curve, row["quality_kept"])) if measured else "-")
-                goals.append(("yes" if meets_goal(row, lora, copy_key=copy_key) else "no") if measured else "-")
+                at_quality.append(percent(copy_rate_at_quality(curve, row["quality_kept"])))
+                goals.append("yes" if meets_goal(row, lora, copy_key=copy_key) else "no")
             lines.append([key, row["finetune"], *rates, percent(row["quality_kept"])]
                          + ([percent(row.get("style_kept"))] if style else [])
                          + [" / ".join(at_quality), " / ".join(goals)])
     if not lines:
         return ""
-    return markdown_table(["variant", "fine-tune", "copy rate, LoRA -> variant", "copies of any image, LoRA -> variant",
-                           "quality kept"] + (["style kept"] if style else [])
+    return markdown_table(["variant", "fine-tune", "copy rate, LoRA -> variant",
+                           "copies of any image, LoRA -> variant", "quality kept"] + (["style kept"] if style else [])
                           + ["scale at that quality: copy rate / any image", "goal: own / any image"], lines)
 
 

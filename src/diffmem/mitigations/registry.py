@@ -275,22 +275,17 @@ def filtered_model(inputs: MitigationInputs, config: Any, label: str) -> Mitigat
                           f"diffmem.pipeline.filter_lora, {config_text(config, type(config)())}")
 
 
-def channel_filter(config_path: str, label: str) -> MitigationFn:
-    """The entry function of a post-hoc channel filter whose config dataclass is `config_path` ("module:Class"): the
-    LoRA filtered by it (at its defaults when given no config) against its base, merged into the base
-    (`filtered_model`). Data-free: BAF reads the base, the module-role filters only the module names."""
-    module, _, name = config_path.partition(":")
+def register_channel_filter(name: str, label: str, row: str, description: str, config: str) -> None:
+    """Register a post-hoc channel filter whose config dataclass is `config` ("module:Class"). Its entry function
+    filters the LoRA against its base with the config it is given, or the entry's `Mitigation.default_config`, and
+    merges the result into the base (`filtered_model`). Data-free: BAF reads the base, the module-role filters only
+    the module names."""
 
     def apply(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
-        return filtered_model(inputs, config or getattr(importlib.import_module(module), name)(), label)
+        return filtered_model(inputs, config or MITIGATIONS[name].default_config(), label)
 
-    return apply
-
-
-def register_channel_filter(name: str, label: str, row: str, description: str, config: str) -> None:
-    """Register a post-hoc channel filter (`channel_filter`) whose config dataclass is `config` ("module:Class")."""
     register_mitigation(Mitigation(name=name, kind="post-hoc", label=label, row=row, description=description,
-                                   config=config, apply=channel_filter(config, label)))
+                                   config=config, apply=apply))
 
 
 def apply_extraction_guided(inputs: MitigationInputs, config: Any = None) -> MitigatedModel:
