@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -392,3 +393,51 @@ def test_table_run_measures_each_row_and_reuses_a_repeated_training(tmp_path):
     assert json.loads((tmp_path / "t2" / "rows.json").read_text())["rows"] == parallel
     with pytest.raises(DiffmemError, match="workers"):
         run_table(tmp_path / "t3", config, tmp_path / "mask.json", progress=False, workers=0)
+
+
+def test_a_stopped_table_resumes_with_only_the_rows_it_had_not_finished(tmp_path, monkeypatch):
+    from diffmem.memcontrol import table
+    from diffmem.memcontrol.train import MemControlTrainConfig
+    from diffmem.world.model import load_base
+
+    trained = []
+
+    def fake_row(config, method, mitigation, mask):
+        trained.append((method, mitigation, None if mask is None else mask.bits))
+        return {"method": method, "mitigation": mitigation, "mask": None if mask is None else mask.bits, "lr": None,
+                "fid": float(len(trained)), "amd": 0.5, "extracted": 0, "copy_rate": 0.0, "own_distance": 0.5,
+                "wen": 1.0, "heldout_loss": 0.06, "trainable_parameters": 0}
+
+    monkeypatch.setattr(table, "train_and_measure", fake_row)
+    save_mask(derive_mask(load_base(), "blocks", "10101"), tmp_path / "mask.json",
+              {"search": {"method": "svdiff"}})
+    config = table.TableConfig(train=MemControlTrainConfig(steps=1, batch_size=2, duplicate=(2, 2)),
+                               methods=("none", "svdiff"), mitigations=("none",))
+    first = table.run_table(tmp_path / "t", config, tmp_path / "mask.json", progress=False)
+    assert len(trained) == 3 and [r["label"] for r in first][1] == "SV-DIFF"
+
+    # everything finished: nothing trains again, the same rows come back
+    assert table.run_table(tmp_path / "t", config, tmp_path / "mask.json", progress=False) == first
+    assert len(trained) == 3
+
+    # a run stopped before its SV-DIFF row: only that row trains, the others keep their numbers
+    rows_file = tmp_path / "t" / "rows.json"
+    record = json.loads(rows_file.read_text())
+    record["rows"] = [r for r in record["rows"] if r["label"] != "SV-DIFF"]
+    rows_file.write_text(json.dumps(record))
+    resumed = table.run_table(tmp_path / "t", config, tmp_path / "mask.json", progress=False)
+    assert trained[3:] == [("svdiff", "none", None)]
+    assert [r["label"] for r in resumed] == [r["label"] for r in first]
+    assert resumed[0] == first[0] and resumed[2] == first[2] and resumed[1]["fid"] == 4.0
+
+    # another budget, another mask or a broken file in the folder is refused, not mixed in
+    with pytest.raises(DiffmemError, match=r"rows\.json.*other settings"):
+        table.run_table(tmp_path / "t", replace(config, wen_steps=3), tmp_path / "mask.json", progress=False)
+    save_mask(derive_mask(load_base(), "blocks", "11100"), tmp_path / "other.json",
+              {"search": {"method": "svdiff"}})
+    with pytest.raises(DiffmemError, match="mask 10101, not 11100"):
+        table.run_table(tmp_path / "t", config, tmp_path / "other.json", progress=False)
+    rows_file.write_text("[1, 2]")
+    with pytest.raises(DiffmemError, match="cannot resume"):
+        table.run_table(tmp_path / "t", config, tmp_path / "mask.json", progress=False)
+    assert len(trained) == 4

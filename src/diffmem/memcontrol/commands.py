@@ -163,7 +163,9 @@ def run_search(args: argparse.Namespace) -> int:
 def add_table(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("table", help="Table 1 of the MemControl paper (Dutt et al. 2025) on the world: every "
                                             "fine-tuning method x mitigation, measured")
-    p.add_argument("--out", type=Path, required=True, help="folder for rows.json and table.md")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for rows.json and table.md; run again into it, a stopped table trains only the rows "
+                        "it had not finished")
     p.add_argument("--mask", type=Path, help="mask from `memcontrol search` for the MemControl rows")
     p.add_argument("--quick", action="store_true",
                    help="the quick budget: 2 faces x 300, 200 steps of 8 images per row at 10x each method's "

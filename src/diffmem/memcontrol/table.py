@@ -175,7 +175,7 @@ def expected_cost(method: str, mitigation: str) -> int:
 def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str | Path | None = None,
               progress: bool = True, workers: int = 1) -> list[dict]:
     """Train and measure every row; write `rows.json` and `table.md` to `out` as rows finish, in the seed's order
-    (a stopped run keeps the rows it finished). `mask_path`: a mask from `diffmem memcontrol search` (its method is
+    (a stopped run keeps the rows it finished, and running it again into the same `out` trains only the rest). `mask_path`: a mask from `diffmem memcontrol search` (its method is
     read from it). A row that would train the same modules with the same method and mitigation as an earlier one
     (MemControl's row when the searched mask is all on) reuses that row's numbers instead of training again, with
     0 seconds. `workers` > 1 trains rows side by side in that many processes (each on `config.train.threads`
@@ -202,9 +202,9 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
     first_row = {}
     for index, key in enumerate(keys):
         first_row.setdefault(key, index)
-    jobs = sorted(first_row.values(), key=lambda i: -expected_cost(*planned[i][:2]))
-    finished: dict[int, dict] = {}
     mask_bits = None if mask is None else mask.bits
+    finished = finished_rows(out / "rows.json", config, planned, mask_bits, set(first_row.values()))
+    jobs = sorted((i for i in first_row.values() if i not in finished), key=lambda i: -expected_cost(*planned[i][:2]))
 
     def record(index: int, numbers: dict) -> None:
         finished[index] = {"label": row_label(*planned[index]), **numbers}
@@ -231,6 +231,38 @@ def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str
                     pool.shutdown(wait=False, cancel_futures=True)
                 record(futures[future], future.result())
     return table_so_far(planned, keys, first_row, finished, mask_bits)
+
+
+def finished_rows(path: Path, config: TableConfig, planned: list[tuple[str, str, bool]], mask_bits: str | None,
+                  trained: set[int]) -> dict[int, dict]:
+    """The rows an earlier run into the same folder finished (its `rows.json`), by their index in `planned`, so that
+    a stopped table resumes where it stopped. Only rows that train here (`trained`: not a repeat of an earlier row)
+    are taken, only from a run with the same settings (rows included) and the same mask bits for the MemControl rows;
+    a `rows.json` written otherwise is refused rather than mixed into this table."""
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+        settings, rows = record["settings"], record["rows"]
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise TypeError("its rows are not a list of objects")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DiffmemError(f"cannot resume from it ({error}); move it away or pass another --out", path) from None
+    if settings != json.loads(json.dumps(asdict(config))):
+        # resuming would rewrite this file with this run's rows only: another table belongs in another folder
+        raise DiffmemError("written by a table with other settings or rows; pass another --out (`diffmem memcontrol "
+                           "collect` merges tables)", path)
+    labels = {row_label(*planned[i]): i for i in trained}
+    finished = {}
+    for row in rows:
+        index = labels.get(row.get("label"))
+        if index is None or "same_as" in row:
+            continue
+        if planned[index][2] and row.get("mask") != mask_bits:
+            raise DiffmemError(f"its {row['label']} row was trained with mask {row.get('mask')}, not {mask_bits}; "
+                               "pass another --out", path)
+        finished[index] = row
+    return finished
 
 
 def table_so_far(planned: list[tuple[str, str, bool]], keys: list[tuple], first_row: dict[tuple, int],
