@@ -438,6 +438,6 @@ def test_a_stopped_table_resumes_with_only_the_rows_it_had_not_finished(tmp_path
     with pytest.raises(DiffmemError, match="mask 10101, not 11100"):
         table.run_table(tmp_path / "t", config, tmp_path / "other.json", progress=False)
     rows_file.write_text("[1, 2]")
-    with pytest.raises(DiffmemError, match="cannot resume"):
+    with pytest.raises(DiffmemError, match="cannot read a table"):
         table.run_table(tmp_path / "t", config, tmp_path / "mask.json", progress=False)
     assert len(trained) == 4

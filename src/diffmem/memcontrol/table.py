@@ -241,21 +241,15 @@ def finished_rows(path: Path, config: TableConfig, planned: list[tuple[str, str,
     a `rows.json` written otherwise is refused rather than mixed into this table."""
     if not path.exists():
         return {}
-    try:
-        record = json.loads(path.read_text())
-        settings, rows = record["settings"], record["rows"]
-        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-            raise TypeError("its rows are not a list of objects")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DiffmemError(f"cannot resume from it ({error}); move it away or pass another --out", path) from None
-    if settings != json.loads(json.dumps(asdict(config))):
+    run = read_table_run(path)
+    if run["settings"] != json.loads(json.dumps(asdict(config))):
         # resuming would rewrite this file with this run's rows only: another table belongs in another folder
         raise DiffmemError("written by a table with other settings or rows; pass another --out (`diffmem memcontrol "
                            "collect` merges tables)", path)
     labels = {row_label(*planned[i]): i for i in trained}
     finished = {}
-    for row in rows:
-        index = labels.get(row.get("label"))
+    for row in run["rows"]:
+        index = labels.get(row["label"])
         if index is None or "same_as" in row:
             continue
         if planned[index][2] and row.get("mask") != mask_bits:
@@ -319,7 +313,10 @@ def read_table_run(path: str | Path) -> dict:
     """A `run_table` output (`rows.json`): its settings and rows; errors name the file."""
     try:
         record = json.loads(Path(path).read_text())
-        return {"settings": dict(record["settings"]), "rows": list(record["rows"])}
+        run = {"settings": dict(record["settings"]), "rows": list(record["rows"])}
+        if not all(isinstance(row, dict) and "label" in row for row in run["rows"]):
+            raise ValueError("a row without a label")
+        return run
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DiffmemError(f"cannot read a table's rows: {error!r}", path) from None
 
