@@ -175,10 +175,10 @@ def expected_cost(method: str, mitigation: str) -> int:
 def run_table(out: str | Path, config: TableConfig | None = None, mask_path: str | Path | None = None,
               progress: bool = True, workers: int = 1) -> list[dict]:
     """Train and measure every row; write `rows.json` and `table.md` to `out` as rows finish, in the seed's order
-    (a stopped run keeps the rows it finished, and running it again into the same `out` trains only the rest). `mask_path`: a mask from `diffmem memcontrol search` (its method is
-    read from it). A row that would train the same modules with the same method and mitigation as an earlier one
-    (MemControl's row when the searched mask is all on) reuses that row's numbers instead of training again, with
-    0 seconds. `workers` > 1 trains rows side by side in that many processes (each on `config.train.threads`
+    (a stopped run keeps the rows it finished, and running it again into the same `out` trains only the rest,
+    `finished_rows`). `mask_path`: a mask from `diffmem memcontrol search` (its method is read from it). A row
+    that would train the same modules with the same method and mitigation as an earlier one (MemControl's row when
+    the searched mask is all on) reuses that row's numbers instead of training again, with 0 seconds. `workers` > 1 trains rows side by side in that many processes (each on `config.train.threads`
     threads), dearest first; every row is deterministic, so its numbers do not depend on the worker count."""
     config = config or TableConfig()
     if workers < 1:
